@@ -1,0 +1,85 @@
+"""Synthetic DICOM instances for tests: made with pydicom, small and deterministic."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    PYDICOM_IMPLEMENTATION_UID,
+    RLELossless,
+    generate_uid,
+)
+
+
+def make_dataset(
+    *,
+    rows: int = 64,
+    columns: int = 64,
+    sop_class_uid: str = CTImageStorage,
+    sop_instance_uid: str | None = None,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    modality: str = "CT",
+    patient_id: str = "PID001",
+    patient_name: str = "DOE^JANE",
+    accession: str = "ACC001",
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    seed: int = 0,
+) -> Dataset:
+    """A CT-like image dataset with file meta, ready for `to_part10_bytes`."""
+    ds = Dataset()
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = sop_instance_uid or generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.Modality = modality
+    ds.PatientID = patient_id
+    ds.PatientName = patient_name
+    ds.AccessionNumber = accession
+    ds.StudyDate = "20261128"
+    ds.InstanceNumber = seed + 1
+    ds.Rows = rows
+    ds.Columns = columns
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    pixels = bytes((i * 7 + seed) & 0xFF for i in range(rows * columns * 2))
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    if transfer_syntax == RLELossless:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        import numpy as np  # optional: only the RLE path needs it
+
+        arr = np.frombuffer(pixels, dtype="<u2").reshape(rows, columns)
+        ds.PixelData = arr.tobytes()
+        ds.compress(RLELossless, arr, encoding_plugin="pydicom")
+    else:
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+        ds.PixelData = pixels
+    return ds
+
+
+def to_part10_bytes(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True, implicit_vr=ds.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian, little_endian=True)
+    return buf.getvalue()
+
+
+def write_dataset(path: Path, ds: Dataset) -> Path:
+    path.write_bytes(to_part10_bytes(ds))
+    return path
+
+
+def read_dataset(path: Path) -> Dataset:
+    return pydicom.dcmread(path)
