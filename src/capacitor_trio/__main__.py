@@ -1,0 +1,3 @@
+from capacitor_trio.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""The `capacitor-trio` command: run the daemon, check a configuration, print the version."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from capacitor_trio import __version__
+from capacitor_trio.config import ConfigError, ensure_data_dir, load_settings
+from capacitor_trio.config.load import redacted
+
+EXIT_CONFIG = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="capacitor-trio",
+        description="A store-and-forward DICOM router (DICOM Capacitor compatible configuration).",
+        epilog="Any global key can be overridden with --config.<key>=<value>, e.g. --config.scpPort=11112 "
+        "or --config.api.port=8080.",
+    )
+    p.add_argument("--version", action="version", version=f"capacitor-trio {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the router in the foreground until SIGINT/SIGTERM")
+    check = sub.add_parser("check-config", help="validate the configuration and print the effective settings")
+    for sp in (run, check):
+        sp.add_argument(
+            "--path", type=Path, default=Path("capacitor-data"),
+            help="data directory holding config.yml and nodes.yml (default: ./capacitor-data)",
+        )
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Pull `--config.<key>=<value>` (or `--config.<key> <value>`) out of argv."""
+    rest: list[str] = []
+    overrides: dict[str, str] = {}
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--config."):
+            key, eq, value = arg[len("--config."):].partition("=")
+            if not eq:
+                if i + 1 >= len(args):
+                    raise ConfigError("command line", arg, "", "needs a value: --config.<key>=<value>")
+                i += 1
+                value = args[i]
+            overrides[key] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        rest, overrides = split_overrides(argv)
+        args = _parser().parse_args(rest)
+        data_dir: Path = args.path.resolve()
+        if args.command == "run" and ensure_data_dir(data_dir):
+            print(f"INFO: created a default configuration in {data_dir}", file=sys.stderr)
+        settings = load_settings(data_dir, overrides=overrides)
+    except ConfigError as e:
+        print(f"capacitor-trio: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check-config":
+        for w in settings.warnings:
+            print(f"WARNING: {w}", file=sys.stderr)
+        print(json.dumps(redacted(settings), indent=2))
+        print("configuration OK", file=sys.stderr)
+        return 0
+    from capacitor_trio.runtime import run_daemon
+
+    return run_daemon(settings, log_level=args.log_level)

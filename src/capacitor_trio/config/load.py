@@ -1,0 +1,527 @@
+"""Reading config.yml and nodes.yml: the one place that knows Capacitor's spellings.
+
+Precedence for global keys: `--config.<key>=<value>` on the command line > environment variable
+`CAPACITOR_<UPPER_SNAKE_KEY>` > config.yml > defaults. Any error raises `ConfigError`, whose text
+is one line naming the file, the key and the value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zoneinfo
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+
+from capacitor_trio.config.models import (
+    NODE_ROLES,
+    TRANSFER_SYNTAX_NAMES,
+    ApiConfig,
+    ChaosConfig,
+    Config,
+    Node,
+    Settings,
+)
+from capacitor_trio.domain.schedule import ScheduleError, parse_schedule
+
+
+class ConfigError(Exception):
+    """A configuration problem; str() is the one line shown to the operator."""
+
+    def __init__(self, source: str, key: str, value: object, reason: str) -> None:
+        self.source, self.key, self.value, self.reason = source, key, value, reason
+        shown = "" if value is _MISSING else f" = {_show(value)}"
+        super().__init__(f"{source}: {key}{shown}: {reason}")
+
+
+_MISSING = object()
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# value checkers: (raw value) -> python value, or raise ValueError(reason)
+
+
+def _int(lo: int | None = 0, hi: int | None = None) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError("must be a whole number")
+        if lo is not None and v < lo:
+            raise ValueError(f"must be at least {lo}" if hi is None else f"must be {lo}..{hi}")
+        if hi is not None and v > hi:
+            raise ValueError(f"must be {lo}..{hi}")
+        return v
+
+    return check
+
+
+def _float(lo: float = 0.0) -> Callable[[Any], float]:
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ValueError("must be a number")
+        if v < lo:
+            raise ValueError(f"must be at least {lo:g}")
+        return float(v)
+
+    return check
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("must be true or false")
+    return v
+
+
+def _str(v: Any) -> str:
+    if isinstance(v, bool) or not isinstance(v, str | int | float):
+        raise ValueError("must be a string")
+    return str(v)
+
+
+def check_ae_title(v: Any) -> str:
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = str(v)
+    if not isinstance(v, str):
+        raise ValueError("must be a string")
+    title = v.strip()
+    if not title:
+        raise ValueError("an AE title cannot be empty")
+    if len(title) > 16:
+        raise ValueError("an AE title has at most 16 characters")
+    if "\\" in title or any(ord(c) < 32 or ord(c) > 126 for c in title):
+        raise ValueError("an AE title may not contain backslashes or control characters")
+    return title
+
+
+def _port(v: Any) -> int:
+    return _int(1, 65535)(v)
+
+
+def _port_or_off(v: Any) -> int:
+    return _int(0, 65535)(v)
+
+
+def _list(item: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, ...]]:
+    def check(v: Any) -> tuple[Any, ...]:
+        if isinstance(v, str):  # from the environment or the command line: comma separated
+            v = [part.strip() for part in v.split(",") if part.strip()]
+        if not isinstance(v, list):
+            raise ValueError("must be a list")
+        return tuple(item(x) for x in v)
+
+    return check
+
+
+def check_schedule(v: Any) -> tuple[str, ...]:
+    entries = _list(_str)(v)
+    try:
+        parse_schedule(entries)
+    except ScheduleError as e:
+        raise ValueError(str(e)) from None
+    return entries
+
+
+def _transfer_syntax(v: Any) -> str:
+    name = _str(v).strip()
+    if name and name not in TRANSFER_SYNTAX_NAMES and name not in TRANSFER_SYNTAX_NAMES.values():
+        raise ValueError("unknown transfer syntax; use one of " + ", ".join(TRANSFER_SYNTAX_NAMES))
+    return name
+
+
+def _time_zone(v: Any) -> str:
+    name = _str(v).strip()
+    if name:
+        try:
+            zoneinfo.ZoneInfo(name)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError("unknown IANA time zone") from None
+    return name
+
+
+def _uid(v: Any) -> str:
+    uid = _str(v).strip()
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid) or len(uid) > 64:
+        raise ValueError("must be a UID (digits and dots, at most 64 characters)")
+    return uid
+
+
+def _sop_class_priority(v: Any) -> str:
+    text = _str(v).strip()
+    return "default" if text.lower() == "default" else _uid(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# config.yml
+
+
+@attrs.frozen
+class Key:
+    name: str  # Capacitor's spelling, dotted for nested keys ("api.port")
+    field: str  # our attribute path ("api.port")
+    check: Callable[[Any], Any]
+
+    @property
+    def env(self) -> str:
+        return "CAPACITOR_" + env_name(self.name)
+
+
+def env_name(key: str) -> str:
+    """`myAeTitle` -> `MY_AE_TITLE`, `api.port` -> `API_PORT`, `redactedCFindLogging` ->
+    `REDACTED_C_FIND_LOGGING` (Capacitor's rule: an underscore before every capital)."""
+    return "_".join(re.sub(r"(?<=.)([A-Z])", r"_\1", part).upper() for part in key.split("."))
+
+
+GLOBAL_KEYS: tuple[Key, ...] = (
+    Key("myAeTitle", "my_ae_title", check_ae_title),
+    Key("scpPort", "scp_port", _port_or_off),
+    Key("aeTitlePrefix", "ae_title_prefix", _str),
+    Key("cachePath", "cache_path", _str),
+    Key("batchSize", "batch_size", _int(0)),
+    Key("processDelay", "process_delay", _int(0)),
+    Key("processDelayWindowMultiplier", "process_delay_window_multiplier", _float(0)),
+    Key("processSchedule", "process_schedule", check_schedule),
+    Key("minimumLineSpeed", "minimum_line_speed", _int(0)),
+    Key("stallThresholdSeconds", "stall_threshold_seconds", _int(0)),
+    Key("connectTimeoutSeconds", "connect_timeout_seconds", _int(0)),
+    Key("clientTimeout", "client_timeout", _int(1)),
+    Key("expiryThreshold", "expiry_threshold", _int(1)),
+    Key("minFreeSpace", "min_free_space", _int(0, 100)),
+    Key("minimumAge", "minimum_age", _int(0)),
+    Key("storageInterval", "storage_interval", _int(0)),
+    Key("rejectAbstractSyntaxes", "reject_abstract_syntaxes", _list(_uid)),
+    Key("maxClientsPerServer", "max_clients_per_server", _int(0)),
+    Key("cycleRejectedFilesOnStartup", "cycle_rejected_files_on_startup", _bool),
+    Key("defaultTransferSyntax", "default_transfer_syntax", _transfer_syntax),
+    Key("api.enabled", "api.enabled", _bool),
+    Key("api.port", "api.port", _port),
+    Key("api.token", "api.token", _str),
+    Key("api.servicePassword", "api.service_password", _str),
+    Key("durableWrites", "durable_writes", _bool),
+    Key("maxPduSize", "max_pdu_size", _int(4096, 16 * 1024 * 1024)),
+    Key("retryDelaySeconds", "retry_delay_seconds", _int(1)),
+    Key("retryMaxDelaySeconds", "retry_max_delay_seconds", _int(1)),
+    Key("maxAttempts", "max_attempts", _int(0)),
+    Key("timeZone", "time_zone", _time_zone),
+    Key("chaos.killNodeActorsEverySeconds", "chaos.kill_node_actors_every_seconds", _float(0)),
+)
+_KEYS_BY_NAME = {k.name: k for k in GLOBAL_KEYS}
+
+# Renamed keys from older Capacitor versions, still accepted.
+LEGACY_ALIASES = {"aeTitle": "myAeTitle"}
+
+# Keys DICOM Capacitor documents that capacitor-trio does not implement yet: accepted, warned about.
+NOT_IMPLEMENTED_KEYS = frozenset(
+    """activationCode autoAdjustLineSpeed autoSaveLineSpeed ctoConvert ctoExpiryMinutes ctoOnExpire
+    daysToKeepLogs dropUnfilteredInstances duplicateBehavior duplicateThreshold echoInterval filters
+    findScpPort holdIncomingStorageAssociations limitMaxCMoveResponseRemainingCount logSuffix
+    maxDataBuffer maxEnumeratedFiles maxEnumeratedItems maxPDVsPerPDU moveRejectedCachedFiles
+    prefetchConcurrency prefetchQueueSize queryRetrieveScpPort redactedCFindLogging
+    redactedCFindLoggingExtraTags removeOrphanedIncomingFiles sendAbandonGraceSeconds
+    storageAssociationHoldExpectedTtlSeconds storageCommitAeTitle
+    storageCommitPendingNEventReportRequestExpiry storageCommitScpPort storageCommitSendTimeout
+    storageReceiptExpiryHours storageTimeoutFloorSeconds supervisionFloorMinutes suppressLogAeTitles
+    suppressWebLog worklistAutomationEnabled worklistDays worklistFilterStored worklistInterval
+    studyThreshold prefetchEnabled""".split()
+)
+
+NODE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "AeTitle": ("ae_title", check_ae_title),
+    "HostName": ("host_name", _str),
+    "Port": ("port", _port),
+    "NodeRole": ("role", _str),  # checked against NODE_ROLES below
+    "Aliases": ("aliases", _list(check_ae_title)),
+    "Priority": ("priority", _int(0, 2)),
+    "ProcessDelay": ("process_delay", _int(0)),
+    "Impersonate": ("impersonate", _bool),
+    "TransferSyntax": ("transfer_syntax", _transfer_syntax),
+    "BatchSize": ("batch_size", _int(0)),
+    "MinimumLineSpeed": ("minimum_line_speed", _int(0)),
+    "StallThreshold": ("stall_threshold", _int(0)),
+    "ProcessSchedule": ("process_schedule", check_schedule),
+    "SopClassPriorities": ("sop_class_priorities", _list(_sop_class_priority)),
+}
+NODE_KEY_ALIASES = {"Role": "NodeRole"}
+NODE_NOT_IMPLEMENTED = frozenset({"ProcessNetworks", "CFindFailureBehavior"})
+# Fields whose blank value means "inherit the global value" (kept as None on the Node).
+_NODE_NULLABLE = {"process_delay", "batch_size", "minimum_line_speed", "stall_threshold", "sop_class_priorities"}
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), "file", _MISSING, "not found") from None
+    except OSError as e:
+        raise ConfigError(str(path), "file", _MISSING, f"cannot be read: {e.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(str(path), where, _MISSING, f"invalid YAML: {problem}") from None
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and name in ("api", "chaos"):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _parse_cli_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        return raw
+
+
+def load_settings(
+    data_dir: Path,
+    *,
+    overrides: Mapping[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Read `config.yml` and `nodes.yml` from `data_dir` and apply env and CLI overrides."""
+    environ = os.environ if environ is None else environ
+    overrides = overrides or {}
+    warnings: list[str] = []
+    config_file = data_dir / "config.yml"
+    raw = _read_yaml(config_file)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(str(config_file), "file", _MISSING, "must be a mapping of keys to values")
+    for old, new in LEGACY_ALIASES.items():
+        if old in raw:
+            if new not in raw:
+                raw[new] = raw[old]
+            del raw[old]
+            warnings.append(f"{config_file}: {old} is the old name of {new}; please rename it")
+    flat = _flatten(raw)
+
+    values: dict[str, Any] = {}
+    unknown: list[str] = []
+    unimplemented: list[str] = []
+    for name, value in flat.items():
+        key = _KEYS_BY_NAME.get(name)
+        if key is None:
+            (unimplemented if name in NOT_IMPLEMENTED_KEYS else unknown).append(name)
+            continue
+        values[name] = (str(config_file), value)
+    for key in GLOBAL_KEYS:
+        if key.env in environ:
+            values[key.name] = (f"environment {key.env}", _parse_cli_value(environ[key.env]))
+    for name, raw_value in overrides.items():
+        name = LEGACY_ALIASES.get(name, name)
+        if name not in _KEYS_BY_NAME:
+            raise ConfigError("command line", f"--config.{name}", raw_value, "unknown configuration key")
+        values[name] = (f"command line --config.{name}", _parse_cli_value(raw_value))
+    if unimplemented:
+        warnings.append(
+            f"{config_file}: keys accepted but not implemented yet (ignored): {', '.join(sorted(unimplemented))}"
+        )
+    if unknown:
+        warnings.append(f"{config_file}: unknown keys (ignored): {', '.join(sorted(unknown))}")
+
+    fields: dict[str, Any] = {}
+    api_fields: dict[str, Any] = {}
+    chaos_fields: dict[str, Any] = {}
+    for name, (source, value) in values.items():
+        key = _KEYS_BY_NAME[name]
+        if value is None:  # blank: keep the default
+            continue
+        try:
+            checked = key.check(value)
+        except ValueError as e:
+            raise ConfigError(source, name, value, str(e)) from None
+        target, _, attr = key.field.rpartition(".")
+        {"": fields, "api": api_fields, "chaos": chaos_fields}[target][attr or key.field] = checked
+
+    cache = fields.pop("cache_path", "")
+    cache_path = Path(cache) if cache else data_dir / "cache"
+    if not cache_path.is_absolute():
+        cache_path = data_dir / cache_path
+    config = Config(
+        data_dir=data_dir,
+        cache_path=cache_path,
+        api=ApiConfig(**api_fields),
+        chaos=ChaosConfig(**chaos_fields),
+        **fields,
+    )
+    if config.retry_max_delay_seconds < config.retry_delay_seconds:
+        raise ConfigError(
+            str(config_file), "retryMaxDelaySeconds", config.retry_max_delay_seconds,
+            "must not be smaller than retryDelaySeconds",
+        )
+    if config.default_transfer_syntax:
+        warnings.append(
+            "defaultTransferSyntax is accepted but transcoding is not implemented yet: "
+            "instances are sent in the syntax they were received in"
+        )
+    nodes = load_nodes(data_dir / "nodes.yml", warnings)
+    return Settings(config=config, nodes=nodes, warnings=tuple(warnings))
+
+
+def parse_node(entry: Any, source: str, index: int, warnings: list[str] | None = None) -> Node:
+    """One nodes.yml mapping -> Node. Used by the loader and by the API's PUT."""
+    where = f"{source}: node {index + 1}"
+    if not isinstance(entry, dict):
+        raise ConfigError(where, "entry", entry, "each node must be a mapping (AeTitle: ..., HostName: ...)")
+    entry = {NODE_KEY_ALIASES.get(k, k): v for k, v in entry.items()}
+    if "AeTitle" in entry:
+        try:
+            where = f"{source}: node {check_ae_title(entry['AeTitle'])}"
+        except ValueError:
+            pass
+    fields: dict[str, Any] = {}
+    ignored = []
+    for key, value in entry.items():
+        if key not in NODE_KEYS:
+            ignored.append(key)
+            continue
+        attr, check = NODE_KEYS[key]
+        if value is None or (value == "" and attr in _NODE_NULLABLE):
+            continue  # blank: inherit / default
+        try:
+            fields[attr] = check(value)
+        except ValueError as e:
+            raise ConfigError(where, key, value, str(e)) from None
+    if "ae_title" not in fields:
+        raise ConfigError(where, "AeTitle", _MISSING, "is required")
+    role = fields.get("role", "Storage")
+    if role not in NODE_ROLES:
+        raise ConfigError(where, "NodeRole", role, "must be one of " + ", ".join(NODE_ROLES))
+    if ignored and warnings is not None:
+        known = [k for k in ignored if k in NODE_NOT_IMPLEMENTED]
+        other = [k for k in ignored if k not in NODE_NOT_IMPLEMENTED]
+        if known:
+            warnings.append(f"{where}: keys accepted but not implemented yet (ignored): {', '.join(sorted(known))}")
+        if other:
+            warnings.append(f"{where}: unknown keys (ignored): {', '.join(sorted(other))}")
+    if fields.get("transfer_syntax") and warnings is not None:
+        warnings.append(f"{where}: TransferSyntax is accepted but transcoding is not implemented yet")
+    return Node(**fields)
+
+
+def load_nodes(path: Path, warnings: list[str]) -> tuple[Node, ...]:
+    raw = _read_yaml(path)
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(str(path), "file", _MISSING, "must be a YAML list of nodes")
+    nodes = tuple(parse_node(entry, str(path), i, warnings) for i, entry in enumerate(raw))
+    check_node_set(nodes, str(path))
+    return nodes
+
+
+def check_node_set(nodes: Sequence[Node], source: str) -> None:
+    """Node identities must be unambiguous: (AeTitle, NodeRole) unique, and every called AE a
+    Storage node answers to (its title, aliases) names one Storage node only."""
+    seen: set[tuple[str, str]] = set()
+    called: dict[str, str] = {}
+    for node in nodes:
+        if node.key in seen:
+            raise ConfigError(
+                f"{source}: node {node.ae_title}", "AeTitle", node.ae_title,
+                f"duplicate node: AeTitle and NodeRole {node.role} already used by another node",
+            )
+        seen.add(node.key)
+        if node.role != "Storage":
+            continue
+        for title in (node.ae_title, *node.aliases):
+            other = called.get(title)
+            if other is not None and other != node.ae_title:
+                raise ConfigError(
+                    f"{source}: node {node.ae_title}", "Aliases", title,
+                    f"already names Storage node {other}",
+                )
+            called[title] = node.ae_title
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+
+DEFAULT_CONFIG_YML = """\
+# capacitor-trio configuration (DICOM Capacitor compatible). See config.yml.example for every key.
+myAeTitle: CAPACITOR
+scpPort: 1040
+api:
+  enabled: true
+  port: 1080
+"""
+
+
+def ensure_data_dir(data_dir: Path) -> bool:
+    """Create a data directory with a default config.yml and an empty nodes.yml when missing.
+    Returns True when anything was created."""
+    created = False
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if not (data_dir / "config.yml").exists():
+        (data_dir / "config.yml").write_text(DEFAULT_CONFIG_YML, encoding="utf-8")
+        created = True
+    if not (data_dir / "nodes.yml").exists():
+        (data_dir / "nodes.yml").write_text("[]\n", encoding="utf-8")
+        created = True
+    return created
+
+
+def node_to_yaml(node: Node) -> dict[str, Any]:
+    """A Node as a nodes.yml mapping (PascalCase), leaving blank overrides out."""
+    out: dict[str, Any] = {}
+    for key, (attr, _check) in NODE_KEYS.items():
+        value = getattr(node, attr)
+        if value is None or value == () and attr != "aliases" or value == "" and attr == "transfer_syntax":
+            continue
+        out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def write_nodes(path: Path, nodes: Sequence[Node]) -> None:
+    """Replace nodes.yml atomically (temp file, fsync, rename, fsync of the directory)."""
+    text = yaml.safe_dump([node_to_yaml(n) for n in nodes], sort_keys=False, default_flow_style=False)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The effective settings in Capacitor's spelling, secrets redacted (for check-config)."""
+    c = settings.config
+    out: dict[str, Any] = {}
+    for key in GLOBAL_KEYS:
+        obj: Any = c
+        for part in key.field.split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, tuple):
+            obj = list(obj)
+        if isinstance(obj, Path):
+            obj = str(obj)
+        if key.name in ("api.token", "api.servicePassword") and obj:
+            obj = "<redacted>"
+        head, _, tail = key.name.partition(".")
+        if tail:
+            out.setdefault(head, {})[tail] = obj
+        else:
+            out[head] = obj
+    return {"config": out, "nodes": [node_to_yaml(n) for n in settings.nodes]}

@@ -1,0 +1,151 @@
+"""Configuration values: frozen attrs models with snake_case fields.
+
+`load.py` is the only module that reads YAML and knows Capacitor's spellings (`scpPort`,
+`AeTitle`, ...); everything else in the router sees these values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+NODE_ROLES = ("Storage", "QueryRetrieve", "Worklist", "StorageCommitSCP", "StorageCommitSCU")
+
+# Transfer syntax names Capacitor accepts for `defaultTransferSyntax` and node `TransferSyntax`.
+TRANSFER_SYNTAX_NAMES = {
+    "ImplicitVRLittleEndian": "1.2.840.10008.1.2",
+    "ExplicitVRLittleEndian": "1.2.840.10008.1.2.1",
+    "ExplicitVRBigEndian": "1.2.840.10008.1.2.2",
+    "JPEGProcess14SV1": "1.2.840.10008.1.2.4.70",
+    "JPEGLossless": "1.2.840.10008.1.2.4.70",
+    "JPEGProcess14": "1.2.840.10008.1.2.4.57",
+    "JPEG2000Lossless": "1.2.840.10008.1.2.4.90",
+    "RLELossless": "1.2.840.10008.1.2.5",
+    "JPEG2000Lossy": "1.2.840.10008.1.2.4.91",
+    "JPEGLSNearLossless": "1.2.840.10008.1.2.4.81",
+    "JPEGProcess1": "1.2.840.10008.1.2.4.50",
+    "JPEGProcess2_4": "1.2.840.10008.1.2.4.51",
+}
+
+
+@attrs.frozen
+class ApiConfig:
+    enabled: bool = False
+    port: int = 1080
+    token: str = ""
+    service_password: str = ""
+
+    @property
+    def auth_required(self) -> bool:
+        """Write endpoints are open only when neither credential is configured."""
+        return bool(self.token or self.service_password)
+
+
+@attrs.frozen
+class ChaosConfig:
+    """Fault injection for soak tests. Never on by default."""
+
+    kill_node_actors_every_seconds: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.kill_node_actors_every_seconds > 0
+
+
+@attrs.frozen
+class Config:
+    """Effective global settings (config.yml after env and command-line overrides)."""
+
+    data_dir: Path
+    cache_path: Path
+    my_ae_title: str = "CAPACITOR"
+    scp_port: int = 1040
+    ae_title_prefix: str = "DCP_"
+    batch_size: int = 0
+    process_delay: int = 0  # ms
+    process_delay_window_multiplier: float = 1.0
+    process_schedule: tuple[str, ...] = ()
+    minimum_line_speed: int = 500  # KB/s, 0 disables
+    stall_threshold_seconds: int = 90  # 0 disables
+    connect_timeout_seconds: int = 30  # 0 = OS default
+    client_timeout: int = 600  # s
+    expiry_threshold: int = 604800  # s
+    min_free_space: int = 10  # percent
+    minimum_age: int = 2  # s
+    storage_interval: int = 250  # ms between batches
+    reject_abstract_syntaxes: tuple[str, ...] = ()
+    max_clients_per_server: int = 0  # 0 = unlimited
+    cycle_rejected_files_on_startup: bool = True
+    default_transfer_syntax: str = ""
+    api: ApiConfig = ApiConfig()
+    # capacitor-trio's own keys
+    durable_writes: bool = True
+    max_pdu_size: int = 1_048_576
+    retry_delay_seconds: int = 30
+    retry_max_delay_seconds: int = 900
+    max_attempts: int = 0  # 0 = retry until expiry
+    time_zone: str = ""  # IANA name; "" = the system's
+    chaos: ChaosConfig = ChaosConfig()
+
+
+@attrs.frozen
+class Node:
+    """One entry of nodes.yml. `None` in an override field means blank: inherit the global value."""
+
+    ae_title: str
+    host_name: str = "127.0.0.1"
+    port: int = 104
+    role: str = "Storage"
+    aliases: tuple[str, ...] = ()
+    priority: int = 0
+    process_delay: int | None = None
+    impersonate: bool = False
+    transfer_syntax: str = ""
+    batch_size: int | None = None
+    minimum_line_speed: int | None = None
+    stall_threshold: int | None = None
+    process_schedule: tuple[str, ...] = ()
+    sop_class_priorities: tuple[str, ...] | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.ae_title, self.role)
+
+
+@attrs.frozen
+class NodeSettings:
+    """A node's effective delivery settings: its overrides, or the global values where blank."""
+
+    batch_size: int
+    process_delay_ms: int
+    minimum_line_speed: int
+    stall_threshold: int
+    process_schedule: tuple[str, ...]
+    transfer_syntax: str
+
+
+def effective(node: Node, config: Config) -> NodeSettings:
+    def pick(value: int | None, default: int) -> int:
+        return default if value is None else value
+
+    return NodeSettings(
+        batch_size=pick(node.batch_size, config.batch_size),
+        process_delay_ms=pick(node.process_delay, config.process_delay),
+        minimum_line_speed=pick(node.minimum_line_speed, config.minimum_line_speed),
+        stall_threshold=pick(node.stall_threshold, config.stall_threshold_seconds),
+        process_schedule=node.process_schedule or config.process_schedule,
+        transfer_syntax=node.transfer_syntax or config.default_transfer_syntax,
+    )
+
+
+@attrs.frozen
+class Settings:
+    """Everything the router runs with: global config and the node list."""
+
+    config: Config
+    nodes: tuple[Node, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+    def storage_nodes(self) -> tuple[Node, ...]:
+        return tuple(n for n in self.nodes if n.role == "Storage")

@@ -1,0 +1,264 @@
+"""Config loading: every implemented key, defaults, node inheritance, precedence, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from capacitor_trio.config import ConfigError, effective, load_settings
+from capacitor_trio.config.load import GLOBAL_KEYS, env_name, node_to_yaml, parse_node, write_nodes
+from capacitor_trio.config.models import Config, Node
+
+
+def write(d: Path, config: str = "", nodes: str = "[]\n") -> Path:
+    (d / "config.yml").write_text(config)
+    (d / "nodes.yml").write_text(nodes)
+    return d
+
+
+def test_defaults(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path), environ={})
+    c = s.config
+    assert c.my_ae_title == "CAPACITOR"
+    assert c.scp_port == 1040
+    assert c.ae_title_prefix == "DCP_"
+    assert c.cache_path == tmp_path / "cache"
+    assert (c.batch_size, c.process_delay, c.process_schedule) == (0, 0, ())
+    assert (c.minimum_line_speed, c.stall_threshold_seconds, c.connect_timeout_seconds) == (500, 90, 30)
+    assert (c.client_timeout, c.expiry_threshold, c.min_free_space, c.minimum_age) == (600, 604800, 10, 2)
+    assert (c.storage_interval, c.reject_abstract_syntaxes, c.max_clients_per_server) == (250, (), 0)
+    assert c.cycle_rejected_files_on_startup is True
+    assert (c.api.enabled, c.api.port, c.api.token, c.api.service_password) == (False, 1080, "", "")
+    assert (c.durable_writes, c.max_pdu_size) == (True, 1048576)
+    assert (c.retry_delay_seconds, c.retry_max_delay_seconds, c.max_attempts, c.time_zone) == (30, 900, 0, "")
+    assert not c.chaos.enabled
+    assert s.nodes == () and s.warnings == ()
+
+
+EVERY_KEY = """
+myAeTitle: ROUTER1
+scpPort: 11112
+aeTitlePrefix: FWD_
+cachePath: spool
+batchSize: 25
+processDelay: 1500
+processDelayWindowMultiplier: 2.5
+processSchedule: ["19:00 - 23:59", "00:00 - 06:00"]
+minimumLineSpeed: 100
+stallThresholdSeconds: 45
+connectTimeoutSeconds: 5
+clientTimeout: 120
+expiryThreshold: 86400
+minFreeSpace: 5
+minimumAge: 0
+storageInterval: 10
+rejectAbstractSyntaxes: [1.2.840.10008.5.1.4.1.1.104.1]
+maxClientsPerServer: 8
+cycleRejectedFilesOnStartup: false
+api:
+  enabled: true
+  port: 8081
+  token: tok
+  servicePassword: pw
+durableWrites: false
+maxPduSize: 65536
+retryDelaySeconds: 10
+retryMaxDelaySeconds: 600
+maxAttempts: 5
+timeZone: Europe/Berlin
+defaultTransferSyntax: ""
+chaos:
+  killNodeActorsEverySeconds: 3
+"""
+
+
+def test_every_implemented_key(tmp_path: Path) -> None:
+    c = load_settings(write(tmp_path, EVERY_KEY), environ={}).config
+    assert c.my_ae_title == "ROUTER1" and c.scp_port == 11112 and c.ae_title_prefix == "FWD_"
+    assert c.cache_path == tmp_path / "spool"
+    assert (c.batch_size, c.process_delay, c.process_delay_window_multiplier) == (25, 1500, 2.5)
+    assert c.process_schedule == ("19:00 - 23:59", "00:00 - 06:00")
+    assert (c.minimum_line_speed, c.stall_threshold_seconds, c.connect_timeout_seconds) == (100, 45, 5)
+    assert (c.client_timeout, c.expiry_threshold, c.min_free_space, c.minimum_age) == (120, 86400, 5, 0)
+    assert (c.storage_interval, c.max_clients_per_server) == (10, 8)
+    assert c.reject_abstract_syntaxes == ("1.2.840.10008.5.1.4.1.1.104.1",)
+    assert c.cycle_rejected_files_on_startup is False
+    assert (c.api.enabled, c.api.port, c.api.token, c.api.service_password) == (True, 8081, "tok", "pw")
+    assert c.api.auth_required
+    assert (c.durable_writes, c.max_pdu_size) == (False, 65536)
+    assert (c.retry_delay_seconds, c.retry_max_delay_seconds, c.max_attempts) == (10, 600, 5)
+    assert c.time_zone == "Europe/Berlin"
+    assert c.chaos.enabled and c.chaos.kill_node_actors_every_seconds == 3
+    # every key in the table is exercised by EVERY_KEY
+    for key in GLOBAL_KEYS:
+        assert key.name.split(".")[-1] in EVERY_KEY, key.name
+
+
+def test_absolute_cache_path_and_blank_values(tmp_path: Path) -> None:
+    c = load_settings(write(tmp_path, f"cachePath: {tmp_path}/abs\nbatchSize:\napi:\n"), environ={}).config
+    assert c.cache_path == tmp_path / "abs"
+    assert c.batch_size == 0
+
+
+def test_legacy_ae_title_alias(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, "aeTitle: OLDNAME\n"), environ={})
+    assert s.config.my_ae_title == "OLDNAME"
+    assert any("aeTitle" in w for w in s.warnings)
+
+
+def test_unimplemented_and_unknown_keys_warn_once(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, "findScpPort: 1041\nfilters: route\nfooBar: 1\n"), environ={})
+    assert len(s.warnings) == 2
+    assert "filters, findScpPort" in s.warnings[0] and "not implemented" in s.warnings[0]
+    assert "fooBar" in s.warnings[1] and "unknown" in s.warnings[1]
+
+
+NODES = """
+- AeTitle: PACS
+  HostName: pacs.example
+  Port: 11112
+  NodeRole: Storage
+  Aliases: [ARCHIVE, LONGTERM]
+  Priority: 1
+  ProcessDelay: 2000
+  Impersonate: true
+  BatchSize:
+  MinimumLineSpeed: 0
+  StallThreshold: 30
+  ProcessSchedule: ["22:00 - 06:00"]
+  SopClassPriorities: [1.2.840.10008.5.1.4.1.1.1, default, 1.2.840.10008.5.1.4.1.1.7]
+- AeTitle: PACS
+  Role: QueryRetrieve
+  HostName: pacs.example
+  Port: 11112
+- AeTitle: 12345
+"""
+
+
+def test_nodes_and_inheritance(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, "batchSize: 7\nprocessSchedule: ['08:00 - 17:00']\n", NODES), environ={})
+    pacs, qr, numeric = s.nodes
+    assert pacs.ae_title == "PACS" and pacs.host_name == "pacs.example" and pacs.port == 11112
+    assert pacs.aliases == ("ARCHIVE", "LONGTERM") and pacs.priority == 1 and pacs.impersonate
+    assert pacs.sop_class_priorities == ("1.2.840.10008.5.1.4.1.1.1", "default", "1.2.840.10008.5.1.4.1.1.7")
+    eff = effective(pacs, s.config)
+    assert eff.batch_size == 7  # blank: inherited
+    assert eff.minimum_line_speed == 0  # explicit 0 overrides (disables)
+    assert eff.stall_threshold == 30 and eff.process_delay_ms == 2000
+    assert eff.process_schedule == ("22:00 - 06:00",)
+    assert qr.role == "QueryRetrieve"
+    assert numeric == Node(ae_title="12345")  # defaults: 127.0.0.1:104 Storage
+    eff = effective(numeric, s.config)
+    assert eff.process_schedule == ("08:00 - 17:00",) and eff.stall_threshold == 90
+    assert s.storage_nodes() == (pacs, numeric)
+
+
+def test_precedence_cli_over_env_over_file(tmp_path: Path) -> None:
+    d = write(tmp_path, "scpPort: 2000\napi:\n  port: 3000\nmyAeTitle: FILE\n")
+    env = {"CAPACITOR_SCP_PORT": "2001", "CAPACITOR_API_PORT": "3001"}
+    c = load_settings(d, environ=env, overrides={"scpPort": "2002"}).config
+    assert c.scp_port == 2002  # command line wins
+    assert c.api.port == 3001  # environment beats the file
+    assert c.my_ae_title == "FILE"
+    c = load_settings(d, environ={"CAPACITOR_REJECT_ABSTRACT_SYNTAXES": "1.2.3, 1.2.4"}).config
+    assert c.reject_abstract_syntaxes == ("1.2.3", "1.2.4")
+    c = load_settings(d, environ={}, overrides={"api.enabled": "true", "processSchedule": "[]"}).config
+    assert c.api.enabled and c.process_schedule == ()
+
+
+def test_env_names() -> None:
+    assert env_name("myAeTitle") == "MY_AE_TITLE"
+    assert env_name("api.port") == "API_PORT"
+    assert env_name("redactedCFindLogging") == "REDACTED_C_FIND_LOGGING"
+    assert env_name("chaos.killNodeActorsEverySeconds") == "CHAOS_KILL_NODE_ACTORS_EVERY_SECONDS"
+
+
+def test_write_nodes_round_trip(tmp_path: Path) -> None:
+    s = load_settings(write(tmp_path, "", NODES), environ={})
+    write_nodes(tmp_path / "nodes.yml", s.nodes)
+    again = load_settings(tmp_path, environ={})
+    assert again.nodes == s.nodes
+    assert "BatchSize" not in node_to_yaml(s.nodes[0])  # blank stays blank
+
+
+def test_parse_node_errors_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="Port = 0"):
+        parse_node({"AeTitle": "X", "Port": 0}, "api", 0)
+
+
+def test_config_defaults_match_dataclass(tmp_path: Path) -> None:
+    c = load_settings(write(tmp_path), environ={}).config
+    assert c == Config(data_dir=tmp_path, cache_path=tmp_path / "cache")
+
+
+# ---- bad input: one clear line, exit code 2, no traceback (run as a subprocess) ----
+
+BAD = [
+    ("scpPort: [1\n", "[]", "config.yml: line", "invalid YAML"),
+    ("scpPort: abc\n", "[]", "config.yml: scpPort = 'abc'", "whole number"),
+    ("scpPort: 70000\n", "[]", "config.yml: scpPort = 70000", "0..65535"),
+    ("api:\n  port: 0\n", "[]", "config.yml: api.port = 0", "1..65535"),
+    ("myAeTitle: WAY_TOO_LONG_AE_TITLE\n", "[]", "myAeTitle", "at most 16"),
+    ("myAeTitle: 'A\\\\B'\n", "[]", "myAeTitle", "backslashes"),
+    ("durableWrites: yes please\n", "[]", "durableWrites", "true or false"),
+    ("processSchedule: ['25:00 - 26:00']\n", "[]", "processSchedule", "25:00"),
+    ("timeZone: Mars/Olympus\n", "[]", "timeZone", "time zone"),
+    ("", "- AeTitle: PACS\n  Port: 99999\n", "nodes.yml: node PACS: Port = 99999", "1..65535"),
+    ("", "- AeTitle: PACS\n  NodeRole: Printer\n", "nodes.yml: node PACS: NodeRole = 'Printer'", "must be one of"),
+    ("", "- AeTitle: THIS_IS_SEVENTEEN\n", "nodes.yml: node 1: AeTitle", "at most 16"),
+    ("", "- AeTitle: PACS\n  ProcessSchedule: ['9 to 5']\n", "ProcessSchedule", "9 to 5"),
+    ("", "- AeTitle: PACS\n- AeTitle: PACS\n", "nodes.yml: node PACS: AeTitle = 'PACS'", "duplicate"),
+    ("", "- AeTitle: A\n- AeTitle: B\n  Aliases: [A]\n", "Aliases = 'A'", "already names"),
+    ("", "- HostName: x\n", "nodes.yml: node 1: AeTitle", "required"),
+    ("", "PACS: 1\n", "nodes.yml: file", "list"),
+]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "capacitor_trio", *args],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(("config", "nodes", "where", "why"), BAD)
+def test_bad_config_one_line_exit_2(tmp_path: Path, config: str, nodes: str, where: str, why: str) -> None:
+    write(tmp_path, config, nodes)
+    r = run_cli("check-config", "--path", str(tmp_path))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert where in lines[0] and why in lines[0], lines[0]
+
+
+def test_bad_env_and_cli_values_name_their_source(tmp_path: Path) -> None:
+    write(tmp_path)
+    r = run_cli("check-config", "--path", str(tmp_path), env={"CAPACITOR_API_PORT": "x"})
+    assert r.returncode == 2 and "environment CAPACITOR_API_PORT: api.port = 'x'" in r.stderr
+    r = run_cli("check-config", "--path", str(tmp_path), "--config.scpPort=-1")
+    assert r.returncode == 2 and "command line --config.scpPort: scpPort = -1" in r.stderr
+    r = run_cli("check-config", "--path", str(tmp_path), "--config.noSuchKey=1")
+    assert r.returncode == 2 and "unknown configuration key" in r.stderr
+
+
+def test_missing_files(tmp_path: Path) -> None:
+    r = run_cli("check-config", "--path", str(tmp_path / "nowhere"))
+    assert r.returncode == 2 and "config.yml: file: not found" in r.stderr
+
+
+def test_check_config_prints_effective_settings_redacted(tmp_path: Path) -> None:
+    write(tmp_path, "api:\n  token: s3cret\n  servicePassword: hunter2\n", "- AeTitle: PACS\n")
+    r = run_cli("check-config", "--path", str(tmp_path), "--config.scpPort=2222")
+    assert r.returncode == 0, r.stderr
+    assert "s3cret" not in r.stdout and "hunter2" not in r.stdout and "<redacted>" in r.stdout
+    assert '"scpPort": 2222' in r.stdout and '"AeTitle": "PACS"' in r.stdout
+
+
+def test_version() -> None:
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("capacitor-trio ")
