@@ -77,11 +77,15 @@ class Window:
         return f"{_fmt(self.start)} - {_fmt(self.end)}"
 
 
+def _to_windows(windows: Iterable[Window]) -> tuple[Window, ...]:
+    return tuple(windows)
+
+
 @attrs.frozen
 class Schedule:
     """A union of daily windows; no windows means always open."""
 
-    windows: tuple[Window, ...] = attrs.field(default=(), converter=tuple)
+    windows: tuple[Window, ...] = attrs.field(default=(), converter=_to_windows)
 
     @property
     def always_open(self) -> bool:
