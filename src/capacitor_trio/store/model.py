@@ -1,0 +1,86 @@
+"""Values the store hands out: items, filters, counts, the recovery report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+STATES: tuple[str, ...] = ("new", "prepared", "failed", "rejected", "expired")
+#: States an item waits in to be delivered (expiry applies to these).
+QUEUED_STATES: tuple[str, ...] = ("new", "prepared", "failed")
+
+
+def _check_state(_inst: object, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    if value is not None and value not in STATES:
+        raise ValueError(f"{attribute.name}: unknown state {value!r}")
+
+
+@attrs.frozen
+class Item:
+    """One queue item: an instance queued for one destination (snapshot, never live)."""
+
+    id: int
+    state: str
+    checked_out: bool
+    source_ae: str
+    destination_ae: str
+    destination_role: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    modality: str
+    patient_id: str
+    patient_name: str
+    accession_number: str
+    transfer_syntax_uid: str
+    size_bytes: int
+    attempt_count: int
+    last_error: str
+    next_attempt_at: float | None
+    created_at: float
+    updated_at: float
+    path: Path
+    instance_id: int = 0
+
+
+@attrs.frozen
+class ItemFilter:
+    """Which items an API listing or bulk operation applies to; None means "any".
+
+    `search` is a case-insensitive substring match over study/series/SOP instance UIDs, source and
+    destination AE titles, accession number and patient ID.
+    """
+
+    state: str | None = attrs.field(default=None, validator=_check_state)
+    source: str | None = None
+    destination: str | None = None
+    role: str | None = None
+    modality: str | None = None
+    search: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+
+
+@attrs.frozen
+class Counts:
+    new: int = 0
+    prepared: int = 0
+    failed: int = 0
+    rejected: int = 0
+    expired: int = 0
+    checked_out: int = 0
+    total: int = 0
+
+
+@attrs.frozen
+class RecoveryReport:
+    """What recovery found and did when the store was opened."""
+
+    released: int = 0
+    incoming_removed: int = 0
+    trash_removed: int = 0
+    orphans: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+    rejected_cycled: int = 0

@@ -1,0 +1,120 @@
+"""Restart recovery: bring the spool and the index back into agreement before anything runs.
+
+Runs in a worker thread on the write connection, before the writer thread starts, in one
+transaction. Every step is idempotent, so a crash during recovery is recovered by the next open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+from pathlib import Path
+
+from .fsops import FileOps
+from .model import RecoveryReport
+
+log = logging.getLogger("capacitor_trio.store")
+
+
+def spool_buckets(spool: Path) -> list[int]:
+    out = []
+    for entry in os.scandir(spool):
+        if entry.is_dir() and entry.name.isdigit():
+            out.append(int(entry.name))
+    return out
+
+
+def recover(
+    conn: sqlite3.Connection,
+    root: Path,
+    ops: FileOps,
+    *,
+    now: float,
+    cycle_rejected: bool,
+) -> RecoveryReport:
+    incoming, spool, orphans_dir = root / "incoming", root / "spool", root / "orphans"
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # 1. items left checked out by a dead process go back to their queue
+        released = conn.execute("UPDATE items SET checked_out = 0 WHERE checked_out = 1").rowcount
+
+        # 2. files whose last item went away in a committed transaction
+        trash = [r[0] for r in conn.execute("SELECT rel_path FROM trash")]
+        for rel in trash:
+            ops.unlink(root / rel)
+        conn.execute("DELETE FROM trash")
+
+        # 3. temporary files of receptions that never committed
+        incoming_removed = 0
+        for entry in os.scandir(incoming):
+            if entry.is_file() or entry.is_symlink():
+                ops.unlink(Path(entry.path))
+                incoming_removed += 1
+
+        # 4. spool against index
+        on_disk: set[str] = set()
+        for bucket in os.scandir(spool):
+            if bucket.is_dir():
+                for entry in os.scandir(bucket.path):
+                    on_disk.add(f"spool/{bucket.name}/{entry.name}")
+            else:
+                on_disk.add(f"spool/{bucket.name}")
+        known = {r[0]: r[1] for r in conn.execute("SELECT rel_path, id FROM instances")}
+
+        orphans = sorted(on_disk - set(known))
+        if orphans:
+            ops.mkdir(orphans_dir)
+        for rel in orphans:
+            src = root / rel
+            dst = orphans_dir / src.name
+            n = 1
+            while dst.exists():
+                dst = orphans_dir / f"{src.stem}.{n}{src.suffix}"
+                n += 1
+            log.warning("store recovery: spool file %s has no queue item; moved to %s", rel, dst)
+            ops.rename(src, dst)
+
+        missing = sorted(set(known) - on_disk)
+        for rel in missing:
+            n = conn.execute(
+                "UPDATE items SET state = 'failed', next_attempt_at = NULL, updated_at = ?, "
+                "last_error = ? WHERE instance_id = ?",
+                (now, f"spool file missing at startup: {rel}", known[rel]),
+            ).rowcount
+            log.error("store recovery: spool file %s is missing; %d item(s) marked failed", rel, n)
+
+        # 5. operator option: rejected items get another chance
+        rejected_cycled = 0
+        if cycle_rejected:
+            rejected_cycled = conn.execute(
+                "UPDATE items SET state = 'new', next_attempt_at = NULL, updated_at = ? "
+                "WHERE state = 'rejected'",
+                (now,),
+            ).rowcount
+
+        # 6. tidy: empty bucket directories
+        for bucket in os.scandir(spool):
+            if bucket.is_dir():
+                with contextlib.suppress(OSError):  # not empty
+                    os.rmdir(bucket.path)
+        if orphans:
+            ops.fsync_dir(orphans_dir)
+        if orphans or trash:
+            ops.fsync_dir(spool)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    report = RecoveryReport(
+        released=released,
+        incoming_removed=incoming_removed,
+        trash_removed=len(trash),
+        orphans=tuple(orphans),
+        missing=tuple(missing),
+        rejected_cycled=rejected_cycled,
+    )
+    if released or incoming_removed or orphans or missing or rejected_cycled:
+        log.info("store recovery: %s", report)
+    return report

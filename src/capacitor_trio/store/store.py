@@ -1,0 +1,837 @@
+"""The Store: spool files plus the SQLite queue index (see the package docstring)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from ..domain.instance import Destination, InstanceHeader
+from .errors import ItemCheckedOut, ItemNotFound, StoreFull, TransitionError, translate
+from .fsops import FileOps
+from .model import QUEUED_STATES, STATES, Counts, Item, ItemFilter, RecoveryReport
+from .recovery import recover, spool_buckets
+from .schema import migrate
+from .writer import Writer, unlinking
+
+log = logging.getLogger("capacitor_trio.store")
+
+T = TypeVar("T")
+
+#: Files per spool bucket directory before the next one is started. Concurrent commits go to the
+#: same bucket, so a group commit usually needs a single directory fsync.
+BUCKET_SIZE = 4096
+
+_ITEM_COLUMNS = (
+    "i.id, i.state, i.checked_out, i.source_ae, i.destination_ae, i.destination_role, "
+    "i.study_uid, i.series_uid, i.sop_instance_uid, i.sop_class_uid, i.modality, i.patient_id, "
+    "i.patient_name, i.accession_number, i.transfer_syntax_uid, i.size_bytes, i.attempt_count, "
+    "i.last_error, i.next_attempt_at, i.created_at, i.updated_at, n.rel_path, i.instance_id"
+)
+_SELECT_ITEMS = f"SELECT {_ITEM_COLUMNS} FROM items i JOIN instances n ON n.id = i.instance_id"
+
+_CHUNK = 500  # ids per IN (...) clause
+
+
+def _chunks(seq: Sequence[T], n: int = _CHUNK) -> Iterable[Sequence[T]]:
+    for k in range(0, len(seq), n):
+        yield seq[k : k + n]
+
+
+def _like_pattern(term: str) -> str:
+    escaped = term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def _where(f: ItemFilter) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    for value, column in (
+        (f.state, "i.state"),
+        (f.source, "i.source_ae"),
+        (f.destination, "i.destination_ae"),
+        (f.role, "i.destination_role"),
+        (f.modality, "i.modality"),
+        (f.study_uid, "i.study_uid"),
+        (f.series_uid, "i.series_uid"),
+    ):
+        if value is not None:
+            clauses.append(f"{column} = ?")
+            params.append(value)
+    if f.search:
+        clauses.append("i.search_text LIKE ? ESCAPE '\\'")
+        params.append(_like_pattern(f.search))
+    return (" AND ".join(clauses) or "1"), params
+
+
+def _search_text(header: InstanceHeader, source_ae: str, dest: Destination) -> str:
+    return "\x1f".join(
+        (
+            header.study_instance_uid,
+            header.series_instance_uid,
+            header.sop_instance_uid,
+            source_ae,
+            dest.ae_title,
+            header.accession_number,
+            header.patient_id,
+        )
+    )
+
+
+class Store:
+    """Handle on an open store; make one with `open_store`."""
+
+    def __init__(
+        self,
+        cache_path: Path,
+        *,
+        durable: bool,
+        min_free_space_percent: float,
+        cycle_rejected_on_startup: bool,
+        clock: Callable[[], float],
+        file_ops: FileOps | None,
+        read_connections: int,
+    ) -> None:
+        self.root = Path(cache_path).absolute()
+        self.durable = durable
+        self.min_free_space_percent = min_free_space_percent
+        self._cycle_rejected = cycle_rejected_on_startup
+        self._clock = clock
+        self._ops = file_ops if file_ops is not None else FileOps(durable=durable)
+        self._ops.durable = durable
+        self._n_readers = max(1, read_connections)
+        self._incoming = self.root / "incoming"
+        self._spool = self.root / "spool"
+        self._db_path = self.root / "index.db"
+        self._readers: list[sqlite3.Connection] = []
+        self._reader_sem = trio.Semaphore(self._n_readers)
+        self._writer: Writer | None = None
+        self._bucket_lock = trio.Lock()
+        self._bucket = 0
+        self._bucket_used = BUCKET_SIZE  # forces a fresh bucket on the first commit
+        self.recovery_report = RecoveryReport()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def _connect(self, *, reader: bool) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._db_path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        if reader:
+            conn.execute("PRAGMA query_only = ON")
+            conn.execute("PRAGMA cache_size = -16000")
+        else:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(f"PRAGMA synchronous = {'FULL' if self.durable else 'OFF'}")
+            conn.execute("PRAGMA cache_size = -16000")
+            conn.execute("PRAGMA journal_size_limit = 67108864")
+        return conn
+
+    def _open_sync(self) -> sqlite3.Connection:
+        for d in (self.root, self._incoming, self._spool):
+            self._ops.mkdir(d)
+        conn = self._connect(reader=False)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                old = migrate(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            if old == 0:
+                self._ops.fsync_dir(self.root)
+            self.recovery_report = recover(
+                conn, self.root, self._ops, now=self._clock(), cycle_rejected=self._cycle_rejected
+            )
+            self._bucket = max(spool_buckets(self._spool), default=0)
+            for _ in range(self._n_readers):
+                self._readers.append(self._connect(reader=True))
+        except BaseException:
+            conn.close()
+            for r in self._readers:
+                r.close()
+            raise
+        return conn
+
+    async def _open(self) -> None:
+        conn = await trio.to_thread.run_sync(self._open_sync)
+        self._writer = Writer(conn, self._ops, self.root)
+        self._writer.start()
+
+    async def aclose(self) -> None:
+        if self._writer is not None:
+            await self._writer.aclose()
+        for _ in range(self._n_readers):
+            await self._reader_sem.acquire()
+        for r in self._readers:
+            r.close()
+        self._readers.clear()
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T], dirs: Iterable[Path] = ()) -> T:
+        assert self._writer is not None, "store is not open"
+        result: T = await self._writer.run(fn, dirs)
+        return result
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        async with self._reader_sem:
+            conn = self._readers.pop()
+            try:
+
+                def in_snapshot() -> T:
+                    conn.execute("BEGIN")
+                    try:
+                        return fn(conn)
+                    finally:
+                        conn.execute("COMMIT")
+
+                return await trio.to_thread.run_sync(in_snapshot)
+            finally:
+                self._readers.append(conn)
+
+    @property
+    def writer_stats(self) -> Any:
+        assert self._writer is not None
+        return self._writer.stats
+
+    # -- intake ----------------------------------------------------------------------------------
+
+    def new_incoming_path(self) -> Path:
+        """A fresh temporary path in cache/incoming for the acceptor to write a Part 10 file to."""
+        return self._incoming / f"{uuid.uuid4().hex}.part"
+
+    async def discard_incoming(self, temp_path: Path) -> None:
+        """Remove a temporary file the acceptor will not commit (association aborted, etc.)."""
+        await trio.to_thread.run_sync(self._ops.unlink, Path(temp_path))
+
+    def free_space_percent(self) -> float:
+        return self._ops.free_space_percent(self.root)
+
+    def check_admission(self) -> None:
+        """Raise StoreFull when free space is below `min_free_space_percent` (one statvfs)."""
+        if self.min_free_space_percent <= 0:
+            return
+        free = self.free_space_percent()
+        if free < self.min_free_space_percent:
+            raise StoreFull(
+                f"free space {free:.1f}% below minimum {self.min_free_space_percent:g}%"
+            )
+
+    async def _bucket_dir(self) -> Path:
+        async with self._bucket_lock:
+            if self._bucket_used >= BUCKET_SIZE:
+                nxt = self._bucket + 1
+                path = self._spool / f"{nxt:06d}"
+
+                def make() -> None:
+                    self._ops.mkdir(path)
+                    self._ops.fsync_dir(self._spool)
+
+                await trio.to_thread.run_sync(make)
+                self._bucket, self._bucket_used = nxt, 0
+            self._bucket_used += 1
+            return self._spool / f"{self._bucket:06d}"
+
+    async def commit_instance(
+        self,
+        temp_path: Path,
+        header: InstanceHeader,
+        source_ae: str,
+        destinations: Sequence[Destination],
+        *,
+        state: str = "new",
+    ) -> list[int]:
+        """Move a received file into the spool and queue one item per destination, durably.
+
+        Returns the new item ids (one per distinct destination, in order) only once the file and
+        the items are durable. Raises StoreFull (and leaves nothing behind: the temporary file is
+        removed) when space is short or a write fails. Once started it completes even if the caller
+        is cancelled; the caller then sees Cancelled at its next checkpoint.
+        """
+        temp_path = Path(temp_path)
+        dests = list(dict.fromkeys(destinations))
+        if not dests:
+            raise ValueError("commit_instance needs at least one destination")
+        if state not in STATES:
+            raise ValueError(f"unknown state {state!r}")
+        placed: Path | None = None
+        committed = False
+        try:
+            self.check_admission()
+            now = self._clock()
+            bucket = await self._bucket_dir()
+            final = bucket / f"{uuid.uuid4().hex}.dcm"
+            rel = final.relative_to(self.root).as_posix()
+
+            def place() -> int:
+                size = os.stat(temp_path).st_size
+                self._ops.fsync_file(temp_path)
+                self._ops.rename(temp_path, final)
+                return size
+
+            try:
+                size = await trio.to_thread.run_sync(place)
+            except OSError as exc:
+                raise translate(exc) from exc
+            placed = final
+            rows = [
+                (
+                    state,
+                    source_ae,
+                    d.ae_title,
+                    d.role,
+                    header.study_instance_uid,
+                    header.series_instance_uid,
+                    header.sop_instance_uid,
+                    header.sop_class_uid,
+                    header.modality,
+                    header.patient_id,
+                    header.patient_name,
+                    header.accession_number,
+                    header.transfer_syntax_uid,
+                    size,
+                    now,
+                    now,
+                    _search_text(header, source_ae, d),
+                )
+                for d in dests
+            ]
+
+            def insert(conn: sqlite3.Connection) -> list[int]:
+                cur = conn.execute(
+                    "INSERT INTO instances(rel_path, size_bytes, created_at) VALUES (?, ?, ?)",
+                    (rel, size, now),
+                )
+                instance_id = cur.lastrowid
+                ids = []
+                for row in rows:
+                    cur = conn.execute(
+                        "INSERT INTO items(instance_id, state, source_ae, destination_ae, "
+                        "destination_role, study_uid, series_uid, sop_instance_uid, sop_class_uid, "
+                        "modality, patient_id, patient_name, accession_number, "
+                        "transfer_syntax_uid, size_bytes, created_at, updated_at, search_text) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (instance_id, *row),
+                    )
+                    ids.append(int(cur.lastrowid or 0))
+                return ids
+
+            ids = await self._write(insert, dirs=(bucket,))
+            committed = True
+            return ids
+        finally:
+            if not committed:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._ops.unlink, temp_path)
+                    if placed is not None:
+                        await trio.to_thread.run_sync(self._ops.unlink, placed)
+
+    # -- the delivery path (node actors) -----------------------------------------------------------
+
+    async def prepare_ripe(self, now: float, minimum_age: float) -> int:
+        """New items received at least `minimum_age` seconds ago become prepared; returns count."""
+
+        def job(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "UPDATE items SET state = 'prepared', updated_at = ? "
+                "WHERE state = 'new' AND checked_out = 0 AND created_at <= ?",
+                (now, now - minimum_age),
+            ).rowcount
+
+        return await self._write(job)
+
+    async def checkout_batch(
+        self,
+        destination: Destination,
+        *,
+        now: float,
+        limit: int,
+        by_series: bool = False,
+        sop_class_priorities: Sequence[str] | None = None,
+        study_quiet_before: float | None = None,
+        exempt_studies: Collection[str] = (),
+    ) -> list[Item]:
+        """Check out the next batch for `destination` (see the package docstring for the order)."""
+        if limit <= 0:
+            return []
+        job = partial(
+            self._checkout_job,
+            destination,
+            now,
+            limit,
+            by_series,
+            list(sop_class_priorities) if sop_class_priorities else None,
+            study_quiet_before,
+            sorted(exempt_studies),
+        )
+        return await self._write(job)
+
+    def _checkout_job(
+        self,
+        dest: Destination,
+        now: float,
+        limit: int,
+        by_series: bool,
+        priorities: list[str] | None,
+        quiet_before: float | None,
+        exempt: list[str],
+        conn: sqlite3.Connection,
+    ) -> list[Item]:
+        base = "i.destination_ae = ? AND i.destination_role = ? AND i.checked_out = 0"
+        base_params: list[Any] = [dest.ae_title, dest.role]
+        if quiet_before is not None:
+            quiet = (
+                "NOT EXISTS (SELECT 1 FROM items j WHERE j.destination_ae = i.destination_ae "
+                "AND j.destination_role = i.destination_role AND j.study_uid = i.study_uid "
+                "AND j.created_at > ?)"
+            )
+            params_q: list[Any] = [quiet_before]
+            if exempt:
+                quiet = f"(i.study_uid IN (SELECT value FROM json_each(?)) OR {quiet})"
+                params_q = [json.dumps(exempt), quiet_before]
+            base += f" AND {quiet}"
+            base_params += params_q
+
+        # class groups in rank order: (extra clause, params)
+        groups: list[tuple[str, list[Any]]]
+        if priorities:
+            listed = [p for p in priorities if p != "default"]
+            groups = []
+            for p in dict.fromkeys(priorities):
+                if p == "default":
+                    groups.append(
+                        (
+                            "i.sop_class_uid NOT IN (SELECT value FROM json_each(?))",
+                            [json.dumps(listed)],
+                        )
+                    )
+                else:
+                    groups.append(("i.sop_class_uid = ?", [p]))
+            if "default" not in priorities:
+                groups.append(
+                    (
+                        "i.sop_class_uid NOT IN (SELECT value FROM json_each(?))",
+                        [json.dumps(listed)],
+                    )
+                )
+        else:
+            groups = [("1", [])]
+
+        def fetch(extra: str, extra_params: list[Any], n: int) -> list[tuple[Any, ...]]:
+            prepared = conn.execute(
+                f"{_SELECT_ITEMS} WHERE {base} AND i.state = 'prepared' AND {extra} "
+                "ORDER BY i.created_at, i.id LIMIT ?",
+                (*base_params, *extra_params, n),
+            ).fetchall()
+            failed = conn.execute(
+                f"{_SELECT_ITEMS} WHERE {base} AND i.state = 'failed' "
+                "AND i.next_attempt_at IS NOT NULL AND i.next_attempt_at <= ? AND "
+                f"{extra} ORDER BY i.created_at, i.id LIMIT ?",
+                (*base_params, now, *extra_params, n),
+            ).fetchall()
+            both = sorted(prepared + failed, key=lambda r: (r[19], r[0]))
+            return both[:n]
+
+        def collect(series_clause: str, series_params: list[Any]) -> list[tuple[Any, ...]]:
+            out: list[tuple[Any, ...]] = []
+            for extra, extra_params in groups:
+                if len(out) >= limit:
+                    break
+                clause = extra if not series_clause else f"{extra} AND {series_clause}"
+                out += fetch(clause, extra_params + series_params, limit - len(out))
+            return out
+
+        rows = collect("", [])
+        if by_series and rows:
+            rows = collect("i.series_uid = ?", [rows[0][7]])
+        if not rows:
+            return []
+        ids = [r[0] for r in rows]
+        for chunk in _chunks(ids):
+            conn.execute(
+                f"UPDATE items SET checked_out = 1, updated_at = ? WHERE id IN ({','.join('?' * len(chunk))})",
+                (now, *chunk),
+            )
+        return [self._item(r, checked_out=True, updated_at=now) for r in rows]
+
+    def _item(self, r: Sequence[Any], **override: Any) -> Item:
+        fields = dict(
+            id=r[0],
+            state=r[1],
+            checked_out=bool(r[2]),
+            source_ae=r[3],
+            destination_ae=r[4],
+            destination_role=r[5],
+            study_instance_uid=r[6],
+            series_instance_uid=r[7],
+            sop_instance_uid=r[8],
+            sop_class_uid=r[9],
+            modality=r[10],
+            patient_id=r[11],
+            patient_name=r[12],
+            accession_number=r[13],
+            transfer_syntax_uid=r[14],
+            size_bytes=r[15],
+            attempt_count=r[16],
+            last_error=r[17],
+            next_attempt_at=r[18],
+            created_at=r[19],
+            updated_at=r[20],
+            path=self.root / r[21],
+            instance_id=r[22],
+        )
+        fields.update(override)
+        return Item(**fields)
+
+    def _remove_items(self, conn: sqlite3.Connection, ids: Sequence[int]) -> list[Path]:
+        """Delete items; instances left without items go to the trash. Returns files to unlink."""
+        instance_ids: set[int] = set()
+        for chunk in _chunks(ids):
+            marks = ",".join("?" * len(chunk))
+            instance_ids.update(
+                r[0]
+                for r in conn.execute(f"SELECT instance_id FROM items WHERE id IN ({marks})", chunk)
+            )
+            conn.execute(f"DELETE FROM items WHERE id IN ({marks})", chunk)
+        paths: list[Path] = []
+        for iid in sorted(instance_ids):
+            if conn.execute("SELECT 1 FROM items WHERE instance_id = ? LIMIT 1", (iid,)).fetchone():
+                continue
+            row = conn.execute("SELECT rel_path FROM instances WHERE id = ?", (iid,)).fetchone()
+            if row is None:  # pragma: no cover - index corrupted by hand
+                continue
+            conn.execute("DELETE FROM instances WHERE id = ?", (iid,))
+            conn.execute("INSERT OR IGNORE INTO trash(rel_path) VALUES (?)", (row[0],))
+            paths.append(self.root / row[0])
+        return paths
+
+    async def delivered(self, ids: Iterable[int]) -> None:
+        """Delivered items are removed; a file goes when its last item does."""
+        id_list = list(ids)
+        if not id_list:
+            return
+
+        def job(conn: sqlite3.Connection) -> Any:
+            return unlinking(None, self._remove_items(conn, id_list))
+
+        await self._write(job)
+
+    def _update_one(
+        self, conn: sqlite3.Connection, item_id: int, sql: str, params: Sequence[Any]
+    ) -> None:
+        if conn.execute(sql, (*params, item_id)).rowcount == 0:
+            raise ItemNotFound(f"no item {item_id}")
+
+    async def fail(self, item_id: int, error: str, next_attempt_at: float | None) -> None:
+        """A delivery attempt failed: attempt+1, lastError, state failed, back in the queue."""
+        now = self._clock()
+        await self._write(
+            lambda conn: self._update_one(
+                conn,
+                item_id,
+                "UPDATE items SET state = 'failed', checked_out = 0, attempt_count = attempt_count + 1, "
+                "last_error = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?",
+                (error, next_attempt_at, now),
+            )
+        )
+
+    async def reject(self, item_id: int, error: str) -> None:
+        """The destination refused the item: attempt+1, state rejected (no automatic retry)."""
+        now = self._clock()
+        await self._write(
+            lambda conn: self._update_one(
+                conn,
+                item_id,
+                "UPDATE items SET state = 'rejected', checked_out = 0, attempt_count = attempt_count + 1, "
+                "last_error = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?",
+                (error, now),
+            )
+        )
+
+    async def release(self, ids: Iterable[int]) -> None:
+        """Give checked-out items back unchanged (aborted send, pause)."""
+        id_list = list(ids)
+        if not id_list:
+            return
+
+        def job(conn: sqlite3.Connection) -> None:
+            for chunk in _chunks(id_list):
+                conn.execute(
+                    f"UPDATE items SET checked_out = 0 WHERE id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                )
+
+        await self._write(job)
+
+    async def release_all_checked_out(self, destination: Destination | None = None) -> int:
+        """Release every checked-out item (of one destination): the supervisor after a crash."""
+
+        def job(conn: sqlite3.Connection) -> int:
+            if destination is None:
+                return conn.execute(
+                    "UPDATE items SET checked_out = 0 WHERE checked_out = 1"
+                ).rowcount
+            return conn.execute(
+                "UPDATE items SET checked_out = 0 WHERE checked_out = 1 "
+                "AND destination_ae = ? AND destination_role = ?",
+                (destination.ae_title, destination.role),
+            ).rowcount
+
+        return await self._write(job)
+
+    # -- operator transitions (API) ----------------------------------------------------------------
+
+    def _get_for_change(self, conn: sqlite3.Connection, item_id: int) -> tuple[Any, ...]:
+        row = conn.execute(f"{_SELECT_ITEMS} WHERE i.id = ?", (item_id,)).fetchone()
+        if row is None:
+            raise ItemNotFound(f"no item {item_id}")
+        if row[2]:
+            raise ItemCheckedOut(f"item {item_id} is being delivered")
+        return tuple(row)
+
+    @staticmethod
+    def _target_next_attempt(target: str, now: float) -> float | None:
+        return now if target == "failed" else None
+
+    async def move(self, item_id: int, target_state: str) -> Item:
+        """Move an item to any state ('failed': retried on the next cycle)."""
+        if target_state not in STATES:
+            raise ValueError(f"unknown state {target_state!r}")
+        now = self._clock()
+        nxt = self._target_next_attempt(target_state, now)
+
+        def job(conn: sqlite3.Connection) -> Item:
+            row = self._get_for_change(conn, item_id)
+            conn.execute(
+                "UPDATE items SET state = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?",
+                (target_state, nxt, now, item_id),
+            )
+            return self._item(row, state=target_state, next_attempt_at=nxt, updated_at=now)
+
+        return await self._write(job)
+
+    async def retry(self, item_id: int) -> Item:
+        """failed|rejected -> new; anything else is a TransitionError."""
+        now = self._clock()
+
+        def job(conn: sqlite3.Connection) -> Item:
+            row = self._get_for_change(conn, item_id)
+            if row[1] not in ("failed", "rejected"):
+                raise TransitionError(
+                    f"item {item_id} is {row[1]}; only failed or rejected items retry"
+                )
+            conn.execute(
+                "UPDATE items SET state = 'new', next_attempt_at = NULL, updated_at = ? WHERE id = ?",
+                (now, item_id),
+            )
+            return self._item(row, state="new", next_attempt_at=None, updated_at=now)
+
+        return await self._write(job)
+
+    async def delete(self, item_id: int) -> None:
+        def job(conn: sqlite3.Connection) -> Any:
+            self._get_for_change(conn, item_id)
+            return unlinking(None, self._remove_items(conn, [item_id]))
+
+        await self._write(job)
+
+    async def move_where(self, f: ItemFilter, target_state: str) -> int:
+        """Move every matching item that is not checked out; returns how many were updated."""
+        if target_state not in STATES:
+            raise ValueError(f"unknown state {target_state!r}")
+        now = self._clock()
+        nxt = self._target_next_attempt(target_state, now)
+        where, params = _where(f)
+
+        def job(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "UPDATE items SET state = ?, next_attempt_at = ?, updated_at = ? WHERE id IN "
+                f"(SELECT i.id FROM items i WHERE {where} AND i.checked_out = 0)",
+                (target_state, nxt, now, *params),
+            ).rowcount
+
+        return await self._write(job)
+
+    async def retry_where(self, f: ItemFilter, from_state: str) -> int:
+        """Matching items in `from_state` (failed or rejected) go back to new."""
+        if from_state not in ("failed", "rejected"):
+            raise TransitionError(f"only failed or rejected items retry, not {from_state!r}")
+        if f.state is not None and f.state != from_state:
+            return 0
+        now = self._clock()
+        where, params = _where(f)
+
+        def job(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "UPDATE items SET state = 'new', next_attempt_at = NULL, updated_at = ? WHERE id IN "
+                f"(SELECT i.id FROM items i WHERE {where} AND i.state = ? AND i.checked_out = 0)",
+                (now, *params, from_state),
+            ).rowcount
+
+        return await self._write(job)
+
+    async def delete_where(self, f: ItemFilter) -> int:
+        """Delete every matching item that is not checked out; returns how many."""
+        where, params = _where(f)
+
+        def job(conn: sqlite3.Connection) -> Any:
+            ids = [
+                r[0]
+                for r in conn.execute(
+                    f"SELECT i.id FROM items i WHERE {where} AND i.checked_out = 0", params
+                )
+            ]
+            return unlinking(len(ids), self._remove_items(conn, ids))
+
+        return await self._write(job)
+
+    async def expire(self, now: float, threshold_seconds: float) -> int:
+        """Queued items (new, prepared, failed) created before now - threshold become expired."""
+
+        def job(conn: sqlite3.Connection) -> int:
+            marks = ",".join("?" * len(QUEUED_STATES))
+            return conn.execute(
+                "UPDATE items SET state = 'expired', next_attempt_at = NULL, updated_at = ? "
+                f"WHERE created_at < ? AND checked_out = 0 AND state IN ({marks})",
+                (now, now - threshold_seconds, *QUEUED_STATES),
+            ).rowcount
+
+        return await self._write(job)
+
+    async def set_paused(self, destination: Destination, paused: bool) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            if paused:
+                conn.execute(
+                    "INSERT OR IGNORE INTO paused(ae_title, role) VALUES (?, ?)",
+                    (destination.ae_title, destination.role),
+                )
+            else:
+                conn.execute(
+                    "DELETE FROM paused WHERE ae_title = ? AND role = ?",
+                    (destination.ae_title, destination.role),
+                )
+
+        await self._write(job)
+
+    # -- reads (reader connections in worker threads) --------------------------------------------
+
+    async def list_items(
+        self, f: ItemFilter, *, skip: int = 0, limit: int = 100
+    ) -> tuple[list[Item], int]:
+        """A page of matching items in id (arrival) order, and the total number matching."""
+        where, params = _where(f)
+
+        def q(conn: sqlite3.Connection) -> tuple[list[Item], int]:
+            rows = conn.execute(
+                f"{_SELECT_ITEMS} WHERE {where} ORDER BY i.id LIMIT ? OFFSET ?",
+                (*params, max(0, limit), max(0, skip)),
+            ).fetchall()
+            total = conn.execute(f"SELECT COUNT(*) FROM items i WHERE {where}", params).fetchone()[
+                0
+            ]
+            return [self._item(r) for r in rows], int(total)
+
+        return await self._read(q)
+
+    async def get_item(self, item_id: int) -> Item:
+        def q(conn: sqlite3.Connection) -> Item:
+            row = conn.execute(f"{_SELECT_ITEMS} WHERE i.id = ?", (item_id,)).fetchone()
+            if row is None:
+                raise ItemNotFound(f"no item {item_id}")
+            return self._item(row)
+
+        return await self._read(q)
+
+    async def counts(self, destination: Destination | None = None) -> Counts:
+        def q(conn: sqlite3.Connection) -> Counts:
+            sql = "SELECT state, COUNT(*), SUM(checked_out) FROM items"
+            params: tuple[Any, ...] = ()
+            if destination is not None:
+                sql += " WHERE destination_ae = ? AND destination_role = ?"
+                params = (destination.ae_title, destination.role)
+            per: dict[str, int] = dict.fromkeys(STATES, 0)
+            checked = 0
+            for state, n, co in conn.execute(sql + " GROUP BY state", params):
+                per[state] = int(n)
+                checked += int(co or 0)
+            return Counts(**per, checked_out=checked, total=sum(per.values()))
+
+        return await self._read(q)
+
+    async def next_eligible_at(self, destination: Destination, now: float) -> float | None:
+        """When something of `destination` is next eligible for checkout (now if already)."""
+
+        def q(conn: sqlite3.Connection) -> float | None:
+            key = (destination.ae_title, destination.role)
+            if conn.execute(
+                "SELECT 1 FROM items WHERE destination_ae = ? AND destination_role = ? "
+                "AND state = 'prepared' AND checked_out = 0 LIMIT 1",
+                key,
+            ).fetchone():
+                return now
+            row = conn.execute(
+                "SELECT MIN(next_attempt_at) FROM items WHERE destination_ae = ? AND "
+                "destination_role = ? AND state = 'failed' AND checked_out = 0 "
+                "AND next_attempt_at IS NOT NULL",
+                key,
+            ).fetchone()
+            if row is None or row[0] is None:
+                return None
+            return max(now, float(row[0]))
+
+        return await self._read(q)
+
+    async def study_last_arrival(self, destination: Destination, study_uid: str) -> float | None:
+        def q(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute(
+                "SELECT MAX(created_at) FROM items WHERE destination_ae = ? AND "
+                "destination_role = ? AND study_uid = ?",
+                (destination.ae_title, destination.role, study_uid),
+            ).fetchone()
+            return None if row is None or row[0] is None else float(row[0])
+
+        return await self._read(q)
+
+    async def get_paused(self) -> set[tuple[str, str]]:
+        def q(conn: sqlite3.Connection) -> set[tuple[str, str]]:
+            return {(r[0], r[1]) for r in conn.execute("SELECT ae_title, role FROM paused")}
+
+        return await self._read(q)
+
+
+@asynccontextmanager
+async def open_store(
+    cache_path: Path,
+    *,
+    durable: bool = True,
+    min_free_space_percent: float = 0,
+    cycle_rejected_on_startup: bool = False,
+    clock: Callable[[], float] = time.time,
+    file_ops: FileOps | None = None,
+    read_connections: int = 2,
+) -> AsyncIterator[Store]:
+    """Open (creating if needed) the store under `cache_path`, run recovery, and yield it."""
+    store = Store(
+        Path(cache_path),
+        durable=durable,
+        min_free_space_percent=min_free_space_percent,
+        cycle_rejected_on_startup=cycle_rejected_on_startup,
+        clock=clock,
+        file_ops=file_ops,
+        read_connections=read_connections,
+    )
+    await store._open()
+    try:
+        yield store
+    finally:
+        with trio.CancelScope(shield=True):
+            await store.aclose()

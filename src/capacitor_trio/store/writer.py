@@ -1,0 +1,207 @@
+"""The writer thread: sole owner of the write connection, committing jobs in groups.
+
+A job is a function `fn(conn) -> result` that runs inside a SAVEPOINT of the current group
+transaction. The thread takes every job queued while it was busy, runs them one after another,
+fsyncs the spool directories they name, and COMMITs once: one WAL fsync serves the whole group.
+A job that raises is rolled back alone (its savepoint) and its caller gets the exception; a failed
+COMMIT fails every job of the group. Callers wait in Trio on an Event set from the thread with
+`TrioToken.run_sync_soon`, so the loop never blocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from .errors import translate
+from .fsops import FileOps
+
+log = logging.getLogger("capacitor_trio.store")
+
+#: Upper bound on jobs per group transaction (keeps one commit's latency bounded).
+MAX_GROUP = 512
+
+
+@attrs.define(eq=False)
+class Job:
+    fn: Callable[[sqlite3.Connection], Any]
+    dirs: frozenset[Path] = frozenset()
+    done: trio.Event = attrs.field(factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+    #: files to unlink once the group has committed (last item of an instance went away)
+    unlink_after: list[Path] = attrs.field(factory=list)
+
+
+@attrs.define(eq=False)
+class Stats:
+    groups: int = 0
+    jobs: int = 0
+
+
+class Writer:
+    def __init__(self, conn: sqlite3.Connection, ops: FileOps, root: Path) -> None:
+        self._conn = conn
+        self._ops = ops
+        self._root = root
+        self._queue: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread = threading.Thread(
+            target=self._main, name="capacitor-store-writer", daemon=True
+        )
+        self._trash_done: list[str] = []
+        self.stats = Stats()
+        self._closed = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def run(self, fn: Callable[[sqlite3.Connection], Any], dirs: Iterable[Path] = ()) -> Any:
+        """Run `fn` in the next group transaction and return its result once committed.
+
+        Once submitted, the job completes even if the caller is cancelled meanwhile (the wait is
+        shielded; a store operation is short and must not be left half-known, e.g. a checkout
+        whose items nobody holds). The cancellation is delivered at the caller's next checkpoint.
+        """
+        if self._closed:
+            raise RuntimeError("store is closed")
+        job = Job(fn, frozenset(dirs))
+        self._queue.put(job)
+        with trio.CancelScope(shield=True):
+            await job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(None)
+        await trio.to_thread.run_sync(self._thread.join)
+
+    # -- thread side ---------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            group = [first]
+            while len(group) < MAX_GROUP:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                group.append(nxt)
+            try:
+                self._run_group(group)
+            except BaseException as exc:  # never leave a caller waiting forever
+                log.exception("store writer: unexpected failure of a group")
+                for job in group:
+                    if job.error is None:
+                        job.error = exc
+            for job in group:
+                self._wake(job)
+        self._conn.close()
+
+    def _wake(self, job: Job) -> None:
+        with contextlib.suppress(trio.RunFinishedError):  # the run ended under us
+            self._token.run_sync_soon(job.done.set)
+
+    def _run_group(self, group: list[Job]) -> None:
+        conn = self._conn
+        # 1. make the renames of this group durable: one fsync per distinct spool directory
+        dirs = sorted({d for job in group for d in job.dirs})
+        failed_dirs: dict[Path, BaseException] = {}
+        for d in dirs:
+            try:
+                self._ops.fsync_dir(d)
+            except OSError as exc:
+                failed_dirs[d] = translate(exc)
+        live: list[Job] = []
+        for job in group:
+            bad = next((failed_dirs[d] for d in job.dirs if d in failed_dirs), None)
+            if bad is not None:
+                job.error = bad
+            else:
+                live.append(job)
+        if not live:
+            return
+        # 2. one transaction, one savepoint per job
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            err = translate(exc)
+            for job in live:
+                job.error = err
+            return
+        if self._trash_done:
+            conn.executemany(
+                "DELETE FROM trash WHERE rel_path = ?", [(p,) for p in self._trash_done]
+            )
+        ok: list[Job] = []
+        for job in live:
+            conn.execute("SAVEPOINT job")
+            try:
+                job.result = job.fn(conn)
+            except Exception as exc:
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+                job.error = translate(exc)
+                job.unlink_after.clear()
+                continue
+            conn.execute("RELEASE job")
+            ok.append(job)
+            if isinstance(job.result, _Unlinking):
+                job.unlink_after.extend(job.result.paths)
+                job.result = job.result.value
+        # 3. commit: with synchronous=FULL this is the one WAL fsync of the group
+        try:
+            self._ops.before_index_commit()
+            conn.execute("COMMIT")
+        except (sqlite3.Error, OSError) as exc:
+            err = translate(exc)
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            for job in ok:
+                job.error = err
+                job.unlink_after.clear()
+            return
+        self._trash_done = []
+        self.stats.groups += 1
+        self.stats.jobs += len(live)
+        # 4. files whose last item went away: unlink now, forget the trash rows next group
+        for job in ok:
+            for path in job.unlink_after:
+                try:
+                    self._ops.unlink(path)
+                    self._trash_done.append(path.relative_to(self._root).as_posix())
+                except OSError:
+                    log.warning("store: could not remove %s; recovery will retry", path)
+
+
+@attrs.frozen
+class _Unlinking:
+    """A job result that also asks for files to be unlinked after the commit."""
+
+    value: Any
+    paths: tuple[Path, ...]
+
+
+def unlinking(value: Any, paths: Iterable[Path]) -> Any:
+    paths = tuple(paths)
+    return _Unlinking(value, paths) if paths else value

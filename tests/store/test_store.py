@@ -1,0 +1,356 @@
+"""Unit tests of the store API: intake, the delivery path, operator transitions, reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+
+from capacitor_trio.domain.instance import Destination
+from capacitor_trio.store import (
+    Counts,
+    ItemCheckedOut,
+    ItemFilter,
+    ItemNotFound,
+    Store,
+    TransitionError,
+    open_store,
+)
+
+from .util import AI, ARCHIVE, CT, MR, PACS, SR, FakeClock, commit, header, spool_files, write_temp
+
+
+async def test_commit_stores_one_file_for_many_items(store: Store, clock: FakeClock) -> None:
+    temp = write_temp(store, b"x" * 1000)
+    assert temp.parent == store.root / "incoming"
+    h = header(study="9.1", series="9.1.1", accession="ACC9")
+    ids = await store.commit_instance(temp, h, "CT1", [PACS, ARCHIVE, PACS])
+    assert len(ids) == 2  # duplicate destination collapses
+    assert not temp.exists()
+    items = [await store.get_item(i) for i in ids]
+    assert items[0].path == items[1].path and items[0].path.read_bytes() == b"x" * 1000
+    assert items[0].path.is_relative_to(store.root / "spool")
+    assert [i.destination_ae for i in items] == ["PACS", "ARCHIVE"]
+    it = items[0]
+    assert (it.state, it.checked_out, it.source_ae, it.size_bytes) == ("new", False, "CT1", 1000)
+    assert (it.study_instance_uid, it.series_instance_uid, it.accession_number) == (
+        "9.1",
+        "9.1.1",
+        "ACC9",
+    )
+    assert it.created_at == it.updated_at == clock.now
+    assert it.attempt_count == 0 and it.next_attempt_at is None and it.last_error == ""
+    # the file goes with the last item
+    await store.delivered([ids[0]])
+    assert items[0].path.exists()
+    await store.delete(ids[1])
+    assert not items[0].path.exists()
+    assert (await store.counts()).total == 0
+
+
+async def test_commit_requires_destination(store: Store) -> None:
+    temp = write_temp(store)
+    with pytest.raises(ValueError):
+        await store.commit_instance(temp, header(), "CT1", [])
+
+
+async def test_commit_state_prepared(store: Store) -> None:
+    [i] = await store.commit_instance(write_temp(store), header(), "CT1", [PACS], state="prepared")
+    assert (await store.get_item(i)).state == "prepared"
+
+
+async def test_prepare_ripe_respects_minimum_age(store: Store, clock: FakeClock) -> None:
+    [a] = await commit(store)
+    clock.advance(10)
+    [b] = await commit(store)
+    assert await store.prepare_ripe(clock.now, 5) == 1
+    assert (await store.get_item(a)).state == "prepared"
+    assert (await store.get_item(b)).state == "new"
+    assert await store.prepare_ripe(clock.now + 5, 5) == 1
+
+
+async def test_checkout_fifo_and_eligibility(store: Store, clock: FakeClock) -> None:
+    ids = []
+    for _ in range(5):
+        ids += await commit(store, [PACS, AI])
+        clock.advance(1)
+    await store.prepare_ripe(clock.now, 0)
+    pacs_ids = ids[0::2]
+    batch = await store.checkout_batch(PACS, now=clock.now, limit=2)
+    assert [i.id for i in batch] == pacs_ids[:2] and all(i.checked_out for i in batch)
+    # checked-out items are not eligible again
+    batch2 = await store.checkout_batch(PACS, now=clock.now, limit=10)
+    assert [i.id for i in batch2] == pacs_ids[2:]
+    assert await store.checkout_batch(PACS, now=clock.now, limit=10) == []
+    # failure with backoff: eligible again only once next_attempt_at has passed
+    await store.fail(pacs_ids[0], "association refused", clock.now + 30)
+    it = await store.get_item(pacs_ids[0])
+    assert (it.state, it.checked_out, it.attempt_count, it.last_error) == (
+        "failed",
+        False,
+        1,
+        "association refused",
+    )
+    assert await store.checkout_batch(PACS, now=clock.now, limit=10) == []
+    assert await store.next_eligible_at(PACS, clock.now) == clock.now + 30
+    [again] = await store.checkout_batch(PACS, now=clock.now + 30, limit=10)
+    assert again.id == pacs_ids[0]
+    # failed without next_attempt_at is parked
+    await store.fail(pacs_ids[0], "boom", None)
+    assert await store.checkout_batch(PACS, now=clock.now + 1e6, limit=10) == []
+    # reject: no automatic retry
+    await store.reject(pacs_ids[1], "0xA900")
+    it = await store.get_item(pacs_ids[1])
+    assert (it.state, it.attempt_count) == ("rejected", 1)
+    # release: unchanged state, eligible again
+    await store.release(pacs_ids[2:4])
+    assert [i.id for i in await store.checkout_batch(PACS, now=clock.now, limit=10)] == pacs_ids[
+        2:4
+    ]
+    c = await store.counts(PACS)
+    assert c == Counts(prepared=3, failed=1, rejected=1, checked_out=3, total=5)
+    assert await store.release_all_checked_out(AI) == 0
+    assert await store.release_all_checked_out(PACS) == 3
+    assert (await store.counts()).checked_out == 0
+
+
+async def test_checkout_mixes_failed_and_prepared_fifo(store: Store, clock: FakeClock) -> None:
+    [a] = await commit(store)
+    clock.advance(1)
+    [b] = await commit(store)
+    clock.advance(1)
+    [c] = await commit(store)
+    await store.prepare_ripe(clock.now, 0)
+    await store.checkout_batch(PACS, now=clock.now, limit=1)
+    await store.fail(a, "x", clock.now)
+    assert [i.id for i in await store.checkout_batch(PACS, now=clock.now, limit=10)] == [a, b, c]
+
+
+async def test_checkout_sop_class_priorities(store: Store, clock: FakeClock) -> None:
+    ct = await commit(store, sop_class=CT)
+    mr = await commit(store, sop_class=MR)
+    sr = await commit(store, sop_class=SR)
+    ct2 = await commit(store, sop_class=CT)
+    await store.prepare_ripe(clock.now, 0)
+
+    async def order(prios: list[str]) -> list[int]:
+        batch = await store.checkout_batch(
+            PACS, now=clock.now, limit=10, sop_class_priorities=prios
+        )
+        await store.release([i.id for i in batch])
+        return [i.id for i in batch]
+
+    assert await order([SR, MR]) == sr + mr + ct + ct2  # unlisted last
+    assert await order([SR, "default", MR]) == sr + ct + ct2 + mr
+    batch = await store.checkout_batch(PACS, now=clock.now, limit=2, sop_class_priorities=[MR])
+    assert [i.id for i in batch] == mr + ct
+
+
+async def test_checkout_by_series(store: Store, clock: FakeClock) -> None:
+    a1 = await commit(store, series="S.A")
+    b1 = await commit(store, series="S.B")
+    a2 = await commit(store, series="S.A")
+    b2 = await commit(store, series="S.B")
+    a3 = await commit(store, series="S.A")
+    await store.prepare_ripe(clock.now, 0)
+    batch = await store.checkout_batch(PACS, now=clock.now, limit=10, by_series=True)
+    assert [i.id for i in batch] == a1 + a2 + a3
+    batch = await store.checkout_batch(PACS, now=clock.now, limit=1, by_series=True)
+    assert [i.id for i in batch] == b1
+    batch = await store.checkout_batch(PACS, now=clock.now, limit=10, by_series=True)
+    assert [i.id for i in batch] == b2
+
+
+async def test_checkout_study_quiet(store: Store, clock: FakeClock) -> None:
+    old = await commit(store, study="ST.OLD")
+    first = await commit(store, study="ST.BUSY")
+    clock.advance(60)
+    late = await commit(store, study="ST.BUSY")
+    await store.prepare_ripe(clock.now, 0)
+    assert await store.study_last_arrival(PACS, "ST.BUSY") == clock.now
+    assert await store.study_last_arrival(PACS, "ST.NONE") is None
+    # a study is held while anything of it arrived after the quiet point
+    batch = await store.checkout_batch(
+        PACS, now=clock.now, limit=10, study_quiet_before=clock.now - 30
+    )
+    assert [i.id for i in batch] == old
+    batch = await store.checkout_batch(
+        PACS, now=clock.now, limit=10, study_quiet_before=clock.now - 30, exempt_studies={"ST.BUSY"}
+    )
+    assert [i.id for i in batch] == first + late
+
+
+async def test_operator_transitions(store: Store, clock: FakeClock) -> None:
+    [a, b] = await commit(store, [PACS, AI])
+    await store.prepare_ripe(clock.now, 0)
+    [co] = await store.checkout_batch(PACS, now=clock.now, limit=1)
+    assert co.id == a
+    for op in (store.move(a, "new"), store.retry(a), store.delete(a)):
+        with pytest.raises(ItemCheckedOut):
+            await op
+    with pytest.raises(ItemNotFound):
+        await store.move(999, "new")
+    with pytest.raises(ItemNotFound):
+        await store.get_item(999)
+    with pytest.raises(ItemNotFound):
+        await store.fail(999, "x", None)
+    with pytest.raises(ValueError):
+        await store.move(b, "bogus")
+    with pytest.raises(TransitionError):
+        await store.retry(b)  # prepared: nothing to retry
+    clock.advance(5)
+    moved = await store.move(b, "failed")
+    assert moved.state == "failed" and moved.next_attempt_at == clock.now
+    assert (await store.get_item(b)) == moved
+    assert (await store.retry(b)).state == "new"
+    assert (await store.get_item(b)).next_attempt_at is None
+    await store.move(b, "rejected")
+    assert (await store.retry(b)).state == "new"
+    await store.move(b, "expired")
+    with pytest.raises(TransitionError):
+        await store.retry(b)
+
+
+async def test_bulk_operations_skip_checked_out(store: Store, clock: FakeClock) -> None:
+    ids = []
+    for n in range(6):
+        ids += await commit(store, [PACS], study=f"ST.{n % 2}", modality="MR" if n < 3 else "CT")
+    await store.prepare_ripe(clock.now, 0)
+    [co] = await store.checkout_batch(PACS, now=clock.now, limit=1)
+    assert (
+        await store.move_where(ItemFilter(study_uid="ST.0"), "rejected") == 2
+    )  # 3 match, 1 checked out
+    assert await store.retry_where(ItemFilter(), "rejected") == 2
+    assert await store.retry_where(ItemFilter(state="failed"), "rejected") == 0
+    with pytest.raises(TransitionError):
+        await store.retry_where(ItemFilter(), "new")
+    assert await store.move_where(ItemFilter(modality="CT"), "failed") == 3
+    assert await store.delete_where(ItemFilter(state="failed")) == 3
+    assert await store.delete_where(ItemFilter()) == 2
+    assert [i.id for i in (await store.list_items(ItemFilter()))[0]] == [co.id]
+    assert len(spool_files(store.root)) == 1
+
+
+async def test_expire(store: Store, clock: FakeClock) -> None:
+    old = await commit(store, [PACS, AI])
+    await store.reject(old[1], "refused")
+    clock.advance(100)
+    young = await commit(store)
+    assert await store.expire(clock.now, 50) == 1  # the rejected one is not queued
+    assert (await store.get_item(old[0])).state == "expired"
+    assert (await store.get_item(old[1])).state == "rejected"
+    assert (await store.get_item(young[0])).state == "new"
+
+
+async def test_list_filters_and_search(store: Store, clock: FakeClock) -> None:
+    await commit(
+        store, [PACS], source="CTA", study="1.2.840.555", accession="ACC-77", patient_id="P9"
+    )
+    await commit(store, [AI], source="MR_B", modality="MR", accession="X_1")
+    await commit(store, [PACS, Destination("PACS", "QueryRetrieve")], source="CTA", sop="7.7.7")
+
+    async def ids(**kw: object) -> list[int]:
+        items, total = await store.list_items(ItemFilter(**kw))  # type: ignore[arg-type]
+        assert total == len(items)
+        return [i.id for i in items]
+
+    assert await ids() == [1, 2, 3, 4]
+    assert await ids(source="CTA") == [1, 3, 4]
+    assert await ids(destination="PACS") == [1, 3, 4]
+    assert await ids(destination="PACS", role="QueryRetrieve") == [4]
+    assert await ids(modality="MR") == [2]
+    assert await ids(study_uid="1.2.840.555") == [1]
+    assert await ids(search="840.55") == [1]
+    assert await ids(search="acc-77") == [1]  # case-insensitive
+    assert await ids(search="p9") == [1]
+    assert await ids(search="mr_b") == [2]
+    assert await ids(search="_") == [2]  # LIKE wildcards are escaped
+    assert await ids(search="%") == []
+    assert await ids(search="7.7.7") == [3, 4]
+    assert await ids(search="ai") == [2]  # destination AE
+    page, total = await store.list_items(ItemFilter(), skip=1, limit=2)
+    assert [i.id for i in page] == [2, 3] and total == 4
+    with pytest.raises(ValueError):
+        ItemFilter(state="bogus")
+
+
+async def test_next_eligible_at(store: Store, clock: FakeClock) -> None:
+    assert await store.next_eligible_at(PACS, clock.now) is None
+    [a] = await commit(store)
+    assert await store.next_eligible_at(PACS, clock.now) is None  # new: not yet prepared
+    await store.prepare_ripe(clock.now, 0)
+    assert await store.next_eligible_at(PACS, clock.now) == clock.now
+    await store.checkout_batch(PACS, now=clock.now, limit=1)
+    assert await store.next_eligible_at(PACS, clock.now) is None
+    await store.fail(a, "x", clock.now - 5)
+    assert await store.next_eligible_at(PACS, clock.now) == clock.now
+
+
+async def test_paused_flags_persist(tmp_path: Path) -> None:
+    async with open_store(tmp_path, durable=False) as store:
+        await store.set_paused(PACS, True)
+        await store.set_paused(Destination("AI", "QueryRetrieve"), True)
+        await store.set_paused(Destination("AI", "QueryRetrieve"), False)
+    async with open_store(tmp_path, durable=False) as store:
+        assert await store.get_paused() == {("PACS", "Storage")}
+
+
+async def test_group_commit_shares_transactions_and_never_blocks_loop(tmp_path: Path) -> None:
+    gaps: list[float] = []
+    async with open_store(tmp_path, durable=True) as store:
+        done = trio.Event()
+
+        async def heartbeat() -> None:
+            last = trio.current_time()
+            while not done.is_set():
+                await trio.sleep(0.001)
+                now = trio.current_time()
+                gaps.append(now - last)
+                last = now
+
+        async def committer(n: int) -> None:
+            for _ in range(n):
+                await commit(store, [PACS, AI], data=b"y" * 20_000)
+
+        async with trio.open_nursery() as outer:
+            outer.start_soon(heartbeat)
+            async with trio.open_nursery() as nursery:
+                for _ in range(16):
+                    nursery.start_soon(committer, 10)
+            done.set()
+        stats = store.writer_stats
+        assert stats.jobs == 160
+        assert stats.groups < 160  # some commits shared a transaction
+        assert (await store.counts()).total == 320
+    assert max(gaps) < 0.1, max(gaps)
+
+
+async def test_cancelled_commit_leaves_nothing_half_written(store: Store) -> None:
+    temp = write_temp(store)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await store.commit_instance(temp, header(), "CT", [PACS])
+    assert not temp.exists()
+    assert spool_files(store.root) == set()
+    assert (await store.counts()).total == 0
+
+
+async def test_cancel_during_commit_completes_it(store: Store) -> None:
+    temp = write_temp(store)
+    result: list[int] = []
+    with trio.CancelScope() as scope:
+
+        async def cancel_soon() -> None:
+            scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cancel_soon)
+            result = await store.commit_instance(temp, header(), "CT", [PACS])
+    # either the commit completed (and is fully there) or it left nothing
+    files = spool_files(store.root)
+    total = (await store.counts()).total
+    assert (total, len(files)) in ((1, 1), (0, 0))
+    assert not temp.exists()
+    if result:
+        assert total == 1
