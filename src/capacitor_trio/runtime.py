@@ -1,34 +1,124 @@
 """The router process: one Trio nursery tree.
 
-config -> store -> supervisor (+ node actors) -> receiver -> DICOM listener -> API. Shutdown runs
-in reverse: SIGINT/SIGTERM cancel the tree; the listener stops accepting, node actors abort their
-sends (items go back to the queue), and the store closes last.
+config -> store -> supervisor (+ node actors) -> receiver (+ preparer) -> DICOM listener -> API.
+Shutdown runs in reverse: SIGINT/SIGTERM stop the listener and the API first, then the node
+actors (in-flight sends are aborted and their items go back to the queue, shielded with a grace
+deadline), and the store closes last, after every task that could write has ended. A crash of a
+core service (store, receiver, listener, API) takes the process down loudly; only node actors
+are restarted in-process.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import time
+from collections.abc import Callable
+from typing import Any
 
+import attrs
 import trio
 
+from capacitor_trio.actors.node import NodeContext
+from capacitor_trio.actors.receiver import Receiver
+from capacitor_trio.actors.sender import DicomSender
+from capacitor_trio.actors.service import ServiceFlags
+from capacitor_trio.actors.supervisor import Supervisor
 from capacitor_trio.config import Settings
+from capacitor_trio.config.models import Node
+from capacitor_trio.dicom.acceptor import AcceptorConfig, serve_acceptor
+from capacitor_trio.logs import RingBufferHandler
+from capacitor_trio.store import open_store
 
 log = logging.getLogger("capacitor_trio")
 
+#: How often queued items are checked against expiryThreshold.
+EXPIRY_INTERVAL = 60.0
 
-async def run_router(settings: Settings, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run every service of the router until cancelled."""
+
+@attrs.define(eq=False)
+class Router:
+    """The running router's parts, for the API and for tests."""
+
+    settings: Settings
+    store: Any
+    supervisor: Supervisor
+    receiver: Receiver
+    service: ServiceFlags
+    clock: Callable[[], float]
+    started_at: float
+    ring: RingBufferHandler | None = None
+    dicom_port: int | None = None
+    api_port: int | None = None
+    nodes: list[Node] = attrs.field(factory=list)
+
+
+async def run_router(
+    settings: Settings,
+    *,
+    clock: Callable[[], float] = time.time,
+    ring: RingBufferHandler | None = None,
+    sender: Any = None,
+    task_status: trio.TaskStatus[Router] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run every service of the router until cancelled; `task_status.started(router)` once all
+    listeners serve."""
+    config = settings.config
     for warning in settings.warnings:
         log.warning(warning)
-    task_status.started()
-    await trio.sleep_forever()
+    service = ServiceFlags()
+    async with open_store(
+        config.cache_path,
+        durable=config.durable_writes,
+        min_free_space_percent=config.min_free_space,
+        cycle_rejected_on_startup=config.cycle_rejected_files_on_startup,
+        clock=clock,
+    ) as store:
+        ctx = NodeContext(
+            store=store, sender=sender or DicomSender(), config=config, service=service, clock=clock
+        )
+        supervisor = Supervisor(settings.nodes, ctx, chaos_every=config.chaos.kill_node_actors_every_seconds)
+        nodes = list(settings.nodes)
+        receiver = Receiver(config, store, lambda: nodes, service, clock, on_prepared=supervisor.wake_all)
+        router = Router(settings, store, supervisor, receiver, service, clock, clock(), ring, nodes=nodes)
+        async with trio.open_nursery() as core:
+            await core.start(supervisor.run)
+            await core.start(receiver.run_preparer)
+            core.start_soon(_expire_forever, router)
+            async with trio.open_nursery() as edge:
+                if config.scp_port:
+                    acceptor = AcceptorConfig(
+                        ae_title=config.my_ae_title,
+                        port=config.scp_port,
+                        max_pdu_size=config.max_pdu_size,
+                        max_clients=config.max_clients_per_server,
+                        client_timeout=float(config.client_timeout),
+                        reject_abstract_syntaxes=frozenset(config.reject_abstract_syntaxes),
+                    )
+                    router.dicom_port = await edge.start(serve_acceptor, acceptor, receiver)
+                if config.api.enabled:
+                    from capacitor_trio.api.server import run_api
+
+                    router.api_port = await edge.start(run_api, router)
+                log.info(
+                    "router ready: %d Storage node(s), spool %s, durable writes %s",
+                    len(supervisor.handles), config.cache_path, "on" if config.durable_writes else "off",
+                )
+                task_status.started(router)
 
 
-async def _main(settings: Settings) -> None:
+async def _expire_forever(router: Router) -> None:
+    threshold = router.settings.config.expiry_threshold
+    while True:
+        moved = await router.store.expire(router.clock(), threshold)
+        if moved:
+            log.warning("%d item(s) older than expiryThreshold (%d s) moved to expired", moved, threshold)
+        await trio.sleep(EXPIRY_INTERVAL)
+
+
+async def _main(settings: Settings, ring: RingBufferHandler) -> int:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_router, settings)
 
             async def stop_on_signal() -> None:
                 async for signum in signals:
@@ -37,10 +127,18 @@ async def _main(settings: Settings) -> None:
                     return
 
             nursery.start_soon(stop_on_signal)
+            await nursery.start(lambda task_status: run_router(settings, ring=ring, task_status=task_status))
     log.info("stopped")
+    return 0
 
 
 def run_daemon(settings: Settings, *, log_level: str = "INFO") -> int:
-    logging.basicConfig(level=log_level, format="%(levelname)s: %(message)s")
-    trio.run(_main, settings)
-    return 0
+    from capacitor_trio.logs import setup_logging
+
+    ring = RingBufferHandler()
+    setup_logging(log_level, ring)
+    try:
+        return trio.run(_main, settings, ring)
+    except OSError as exc:  # e.g. the DICOM port is taken
+        log.error("cannot start: %s", exc)
+        return 1

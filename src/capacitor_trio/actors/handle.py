@@ -1,0 +1,70 @@
+"""Handles: how everything outside a node actor talks to it.
+
+A handle outlives the actor incarnations behind it (the supervisor owns the inbox), so the API
+can keep one handle per node. `call` sends a command and awaits the single reply under a
+deadline; a node that is restarting or failed refuses at once instead of hanging.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+
+from capacitor_trio.actors.messages import Call, NodeUnavailable, Reply
+from capacitor_trio.config.models import Node
+from capacitor_trio.domain.instance import Destination
+
+#: Default time a caller waits for an actor's reply.
+REPLY_TIMEOUT = 5.0
+
+
+class NodeHandle:
+    def __init__(self, node: Node, inbox_size: int = 32) -> None:
+        self.node = node
+        self.destination = Destination(node.ae_title, node.role)
+        self._send, self.inbox = trio.open_memory_channel[Call](inbox_size)
+        #: "running", "restarting" or "failed"; set by the supervisor
+        self.status = "restarting"
+        #: set when something may have become deliverable (new items, resume, override...)
+        self._wake = trio.Event()
+
+    @property
+    def ae_title(self) -> str:
+        return self.node.ae_title
+
+    def wake(self) -> None:
+        """Tell the actor to look at its queue again (never blocks)."""
+        self._wake.set()
+
+    async def wait_woken(self) -> None:
+        await self._wake.wait()
+
+    def clear_wake(self) -> None:
+        if self._wake.is_set():
+            self._wake = trio.Event()
+
+    async def call(self, command: Any, *, timeout: float = REPLY_TIMEOUT) -> Any:
+        """Send `command`, wait for the reply; raise what the actor raised, or NodeUnavailable."""
+        if self.status != "running":
+            raise NodeUnavailable(f"node {self.ae_title} is {self.status}")
+        reply_send, reply_recv = trio.open_memory_channel[Reply](1)
+        with trio.move_on_after(timeout) as scope:
+            try:
+                self._send.send_nowait(Call(command, reply_send))
+            except trio.WouldBlock:
+                raise NodeUnavailable(f"node {self.ae_title} is busy (inbox full)") from None
+            reply = await reply_recv.receive()
+        if scope.cancelled_caught:
+            raise NodeUnavailable(f"node {self.ae_title} did not answer within {timeout:g} s")
+        if reply.error is not None:
+            raise reply.error
+        return reply.value
+
+
+def answer(call: Call, value: Any = None, error: BaseException | None = None) -> None:
+    """Reply to a call; a caller that has gone away is ignored."""
+    try:
+        call.reply_to.send_nowait(Reply(value, error))
+    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass

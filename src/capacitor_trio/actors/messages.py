@@ -1,0 +1,123 @@
+"""Commands the API (and tests) send to node actors, the replies, and the status snapshot."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import trio
+
+from capacitor_trio.config.models import Node
+
+
+class NodeUnavailable(Exception):
+    """The node actor is restarting, has failed, or did not answer in time (API: 503)."""
+
+
+class CommandRefused(Exception):
+    """The actor refused the command in its current state (API: 409)."""
+
+
+@attrs.frozen
+class Call:
+    """A command with the channel its single reply goes to."""
+
+    command: Any
+    reply_to: trio.MemorySendChannel[Any]
+
+
+@attrs.frozen
+class Reply:
+    value: Any = None
+    error: BaseException | None = None
+
+
+# ---- node commands ---------------------------------------------------------------------------
+
+
+@attrs.frozen
+class GetStatus:
+    pass
+
+
+@attrs.frozen
+class Pause:
+    pass
+
+
+@attrs.frozen
+class Resume:
+    pass
+
+
+@attrs.frozen
+class SetOverride:
+    on: bool
+
+
+@attrs.frozen
+class Echo:
+    timeout: float = 10.0
+
+
+@attrs.frozen
+class UpdateNode:
+    """Replace the node's settings; refused unless paused with nothing checked out."""
+
+    node: Node
+
+
+@attrs.frozen
+class ItemCommand:
+    """An operator action on one item the node owns: fail, reject, retry, move, delete."""
+
+    action: str
+    item_id: int
+    target_state: str | None = None
+
+
+@attrs.frozen
+class BulkCommand:
+    """An operator action on every item of this node matching a filter: move, retry, delete.
+
+    `filter` is a store ItemFilter; the actor narrows it to its own destination."""
+
+    action: str
+    filter: Any
+    target_state: str | None = None
+    from_state: str | None = None
+
+
+# ---- status ----------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class QueueCounts:
+    new: int = 0
+    prepared: int = 0
+    failed: int = 0
+    rejected: int = 0
+    expired: int = 0
+    checked_out: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.new + self.prepared + self.failed + self.rejected + self.expired
+
+
+@attrs.frozen
+class NodeStatus:
+    """Everything the API shows about a node, as one frozen snapshot."""
+
+    ae_title: str
+    role: str
+    status: str  # running | restarting | failed
+    activity: str  # idle | sending | waiting-schedule | backing-off | paused | service-paused | ...
+    paused: bool
+    schedule_override: bool
+    in_window: bool
+    last_error: str
+    last_delivered_at: float | None
+    restarts: int
+    queue: QueueCounts = QueueCounts()
+    sends_in_progress: int = 0

@@ -1,0 +1,447 @@
+"""Node actor: one per Storage node, delivering that node's queue.
+
+Theory of operation
+-------------------
+Who owns what. The actor owns its node's items while it runs: it is the only task that checks
+items out for this destination, records their outcomes, and applies operator commands (pause,
+resume, schedule override, item actions, node edits) that arrive through its handle's inbox. The
+durable facts (item states, the pause flag) live in the store; the in-memory facts that must
+survive an actor restart (pause, override, restart count, last error, last delivery) live in a
+`NodeState` the supervisor keeps between incarnations. The handle (and so the inbox) belongs to
+the supervisor, so callers keep one handle across restarts.
+
+The loop. A delivery task repeats `step()`: decide from plain values whether to send now or wait
+(paused, service paused, outside the schedule window without override, node backing off), check
+a batch out of the store, send it through the `Sender` on one association per calling AE, record
+each outcome (Delivered: removed; RetryLater: failed with the next attempt time from the backoff,
+and the whole node backs off; Rejected: rejected), then pause `storageInterval` ms. When nothing
+is eligible it sleeps until the store's next eligible time or until woken (new items, resume,
+override, retry...). A command task answers the inbox concurrently, so the API is answered even
+while a batch is in flight.
+
+Cancel and crash. Pause cancels the in-flight batch at once (the requestor sends A-ABORT); items
+whose outcome was not reported go back to the queue (`release`). Shutdown cancels the same way.
+Outcome recording is shielded with a deadline so that a cancel never leaves a reported delivery
+unrecorded. If the actor crashes, the supervisor releases every item still checked out for the
+node and restarts it: delivery is at-least-once, and only a batch in flight at the crash can
+produce duplicates at the destination.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo
+
+import attrs
+import trio
+
+from capacitor_trio.actors.handle import NodeHandle, answer
+from capacitor_trio.actors.messages import (
+    BulkCommand,
+    Call,
+    CommandRefused,
+    Echo,
+    GetStatus,
+    ItemCommand,
+    NodeStatus,
+    Pause,
+    QueueCounts,
+    Resume,
+    SetOverride,
+    UpdateNode,
+)
+from capacitor_trio.actors.service import ServiceFlags
+from capacitor_trio.config.models import Config, Node, effective
+from capacitor_trio.dicom.requestor import OutgoingInstance, Peer, SendOptions
+from capacitor_trio.domain.backoff import next_attempt, retry_delay
+from capacitor_trio.domain.outcomes import Delivered, Outcome, Rejected, RetryLater
+from capacitor_trio.domain.schedule import parse_schedule, schedule_gate
+from capacitor_trio.store import ItemFilter
+
+log = logging.getLogger("capacitor_trio.node")
+
+#: Largest batch when BatchSize is 0 ("one series per association").
+SERIES_BATCH_CAP = 1000
+#: How long recording a batch's outcomes may take when shielded from cancellation.
+RECORD_GRACE = 30.0
+
+
+class Sender(Protocol):
+    """What a node needs from the DICOM requestor (the real one or a scripted fake)."""
+
+    async def send_batch(
+        self,
+        peer: Peer,
+        instances: Sequence[OutgoingInstance],
+        options: SendOptions,
+        on_outcome: Callable[[int, Outcome], None],
+    ) -> None: ...
+
+    async def echo(self, peer: Peer, calling_ae: str, *, timeout: float = 10) -> Any: ...
+
+
+@attrs.define
+class NodeState:
+    """A node's in-memory facts, kept by the supervisor across actor restarts."""
+
+    paused: bool = False
+    override: bool = False
+    restarts: int = 0
+    last_error: str = ""
+    last_delivered_at: float | None = None
+    activity: str = "starting"
+    in_window: bool = True
+    sends_in_progress: int = 0
+    consecutive_failures: int = 0
+    backoff_until: float = 0.0
+    #: study UID -> wall time its items were last sent (the adaptive ProcessDelay window)
+    recent_studies: dict[str, float] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class NodeContext:
+    """What every node actor gets from the runtime."""
+
+    store: Any
+    sender: Sender
+    config: Config
+    service: ServiceFlags
+    clock: Callable[[], float]
+    rng: random.Random = attrs.field(factory=random.Random)
+    retry_jitter: float = 0.1
+    dimse_timeout: float = 60.0
+
+    @property
+    def tz(self) -> ZoneInfo | None:
+        return ZoneInfo(self.config.time_zone) if self.config.time_zone else None
+
+
+class NodeActor:
+    def __init__(self, handle: NodeHandle, state: NodeState, ctx: NodeContext) -> None:
+        self.handle = handle
+        self.state = state
+        self.ctx = ctx
+        self._batch_scope: trio.CancelScope | None = None
+
+    # ---- derived settings (re-read each time: a node edit replaces handle.node) --------------
+
+    @property
+    def node(self) -> Node:
+        return self.handle.node
+
+    def _schedule_gate(self, now: float) -> tuple[bool, float | None]:
+        eff = effective(self.node, self.ctx.config)
+        tz = self.ctx.tz or _local_tz()
+        return schedule_gate(parse_schedule(eff.process_schedule), tz, now)
+
+    # ---- the actor ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._deliver_forever)
+            self.handle.status = "running"
+            task_status.started()
+            async for call in self.handle.inbox:
+                await self._on_call(call, nursery)
+
+    async def _on_call(self, call: Call, nursery: trio.Nursery) -> None:
+        cmd = call.command
+        try:
+            if isinstance(cmd, GetStatus):
+                answer(call, await self.status())
+            elif isinstance(cmd, Pause):
+                await self._set_paused(True)
+                answer(call, await self.status())
+            elif isinstance(cmd, Resume):
+                await self._set_paused(False)
+                answer(call, await self.status())
+            elif isinstance(cmd, SetOverride):
+                self.state.override = cmd.on
+                log.info("node %s: schedule override %s", self.node.ae_title, "on" if cmd.on else "off")
+                self.handle.wake()
+                answer(call, await self.status())
+            elif isinstance(cmd, Echo):
+                nursery.start_soon(self._echo, call, cmd)
+            elif isinstance(cmd, UpdateNode):
+                await self._update_node(cmd.node)
+                answer(call, await self.status())
+            elif isinstance(cmd, ItemCommand):
+                answer(call, await self._item_command(cmd))
+            elif isinstance(cmd, BulkCommand):
+                answer(call, await self._bulk_command(cmd))
+            else:
+                answer(call, error=CommandRefused(f"unknown command {type(cmd).__name__}"))
+        except Exception as exc:  # the caller gets the error; the actor carries on
+            answer(call, error=exc)
+
+    async def status(self) -> NodeStatus:
+        counts = await self.ctx.store.counts(self.handle.destination)
+        return self.snapshot(counts)
+
+    def snapshot(self, counts: Any = None) -> NodeStatus:
+        return make_status(self.handle, self.state, counts)
+
+    async def _set_paused(self, paused: bool) -> None:
+        if self.state.paused == paused:
+            return
+        self.state.paused = paused
+        await self.ctx.store.set_paused(self.handle.destination, paused)
+        log.info("node %s %s", self.node.ae_title, "paused" if paused else "resumed")
+        if paused and self._batch_scope is not None:
+            self._batch_scope.cancel()  # pause means stop now: A-ABORT, items back to the queue
+        self.handle.wake()
+
+    async def _echo(self, call: Call, cmd: Echo) -> None:
+        peer = Peer(self.node.ae_title, self.node.host_name, self.node.port)
+        try:
+            result = await self.ctx.sender.echo(peer, self.ctx.config.my_ae_title, timeout=cmd.timeout)
+        except Exception as exc:
+            answer(call, error=exc)
+        else:
+            answer(call, result)
+
+    async def _update_node(self, node: Node) -> None:
+        if (node.ae_title, node.role) != (self.node.ae_title, self.node.role):
+            raise CommandRefused("a node edit cannot change its AE title or role")
+        if not self.state.paused:
+            raise CommandRefused(f"node {self.node.ae_title} must be paused before it is edited")
+        counts = await self.ctx.store.counts(self.handle.destination)
+        if counts.checked_out:
+            raise CommandRefused(
+                f"node {self.node.ae_title} still has {counts.checked_out} item(s) checked out"
+            )
+        self.handle.node = node
+        log.info("node %s: settings updated", node.ae_title)
+
+    async def _item_command(self, cmd: ItemCommand) -> Any:
+        store = self.ctx.store
+        if cmd.action == "delete":
+            await store.delete(cmd.item_id)
+            result = None
+        elif cmd.action == "retry":
+            result = await store.retry(cmd.item_id)
+        elif cmd.action in ("fail", "reject", "move"):
+            target = {"fail": "failed", "reject": "rejected"}.get(cmd.action, cmd.target_state)
+            result = await store.move(cmd.item_id, target)
+        else:
+            raise CommandRefused(f"unknown item action {cmd.action}")
+        self.handle.wake()
+        return result
+
+    async def _bulk_command(self, cmd: BulkCommand) -> int:
+        store = self.ctx.store
+        f = attrs.evolve(cmd.filter, destination=self.node.ae_title, role=self.node.role)
+        if cmd.action == "move":
+            n = await store.move_where(f, cmd.target_state)
+        elif cmd.action == "retry":
+            n = await store.retry_where(f, cmd.from_state)
+        elif cmd.action == "delete":
+            n = await store.delete_where(f)
+        else:
+            raise CommandRefused(f"unknown bulk action {cmd.action}")
+        self.handle.wake()
+        return int(n)
+
+    # ---- delivery ----------------------------------------------------------------------------
+
+    async def _deliver_forever(self) -> None:
+        while True:
+            self.handle.clear_wake()
+            wake_at = await self.step()
+            if wake_at is None:
+                await self.handle.wait_woken()
+                continue
+            delay = wake_at - self.ctx.clock()
+            if delay > 0:
+                with trio.move_on_after(delay):
+                    await self.handle.wait_woken()
+            else:
+                await trio.lowlevel.checkpoint()
+
+    async def step(self) -> float | None:
+        """One decision and, if the gates are open, one batch. Returns when to look again
+        (a wall-clock time), or None to wait until woken."""
+        ctx, state = self.ctx, self.state
+        now = ctx.clock()
+        in_window, next_change = self._schedule_gate(now)
+        state.in_window = in_window
+        if state.paused:
+            state.activity = "paused"
+            return None
+        if not ctx.service.storage_scu:
+            state.activity = "service-paused"
+            return None
+        if not in_window and not state.override:
+            state.activity = "waiting-schedule"
+            return next_change
+        if state.backoff_until > now:
+            state.activity = "backing-off"
+            return state.backoff_until
+        items = await self._checkout(now)
+        if not items:
+            state.activity = "idle"
+            return await self._next_look(now, next_change)
+        await self._send(items)
+        interval = ctx.config.storage_interval / 1000
+        return ctx.clock() + interval if interval > 0 else ctx.clock()
+
+    async def _checkout(self, now: float) -> list[Any]:
+        eff = effective(self.node, self.ctx.config)
+        delay = eff.process_delay_ms / 1000
+        window = delay * self.ctx.config.process_delay_window_multiplier
+        recent = self.state.recent_studies
+        for study, at in list(recent.items()):
+            if at < now - max(window, 0):
+                del recent[study]
+        return list(
+            await self.ctx.store.checkout_batch(
+                self.handle.destination,
+                now=now,
+                limit=eff.batch_size or SERIES_BATCH_CAP,
+                by_series=eff.batch_size == 0,
+                sop_class_priorities=self.node.sop_class_priorities,
+                study_quiet_before=now - delay if delay > 0 else None,
+                exempt_studies=frozenset(recent) if window > 0 else frozenset(),
+            )
+        )
+
+    async def _next_look(self, now: float, next_change: float | None) -> float | None:
+        store = self.ctx.store
+        wake_at = await store.next_eligible_at(self.handle.destination, now)
+        delay = effective(self.node, self.ctx.config).process_delay_ms / 1000
+        if wake_at is not None and wake_at <= now and delay > 0:
+            # something is eligible but held back by ProcessDelay: wake when its study is quiet
+            wake_at = await self._study_quiet_at(now, delay)
+        if self.state.override or next_change is None:
+            return wake_at
+        # keep the in-window flag fresh even when idle
+        return next_change if wake_at is None else min(wake_at, next_change)
+
+    async def _study_quiet_at(self, now: float, delay: float) -> float:
+        """When the oldest waiting item's study will have been quiet for `delay` seconds."""
+        store = self.ctx.store
+        f = ItemFilter(destination=self.node.ae_title, role=self.node.role, state="prepared")
+        items, _total = await store.list_items(f, limit=1)
+        if not items:
+            return now + delay
+        last = await store.study_last_arrival(self.handle.destination, items[0].study_instance_uid)
+        return max(now, (last if last is not None else now) + delay)
+
+    async def _send(self, items: list[Any]) -> None:
+        node, ctx = self.node, self.ctx
+        eff = effective(node, ctx.config)
+        peer = Peer(node.ae_title, node.host_name, node.port)
+        groups: dict[str, list[Any]] = {}
+        for item in items:
+            calling = item.source_ae if node.impersonate and item.source_ae else ctx.config.my_ae_title
+            groups.setdefault(calling, []).append(item)
+        pending = list(items)
+        self.state.activity = "sending"
+        self.state.sends_in_progress += 1
+        try:
+            for calling_ae, group in groups.items():
+                if self.state.paused:
+                    break
+                options = SendOptions(
+                    calling_ae=calling_ae,
+                    priority=node.priority,
+                    connect_timeout=float(ctx.config.connect_timeout_seconds or 75),
+                    dimse_timeout=ctx.dimse_timeout,
+                    stall_threshold=float(eff.stall_threshold),
+                    minimum_line_speed_kbps=float(eff.minimum_line_speed),
+                    max_pdu_size=ctx.config.max_pdu_size,
+                )
+                outcomes: dict[int, Outcome] = {}
+                instances = [
+                    OutgoingInstance(i.path, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax_uid)
+                    for i in group
+                ]
+                try:
+                    with trio.CancelScope() as self._batch_scope:
+                        await ctx.sender.send_batch(peer, instances, options, outcomes.__setitem__)
+                finally:
+                    self._batch_scope = None
+                    with trio.CancelScope(shield=True), trio.move_on_after(RECORD_GRACE):
+                        await self._record(group, outcomes)
+                        done = {group[i].id for i in outcomes}
+                        pending = [i for i in pending if i.id not in done]
+        finally:
+            self.state.sends_in_progress -= 1
+            if pending:
+                with trio.CancelScope(shield=True), trio.move_on_after(RECORD_GRACE):
+                    await ctx.store.release([i.id for i in pending])
+
+    async def _record(self, group: list[Any], outcomes: dict[int, Outcome]) -> None:
+        ctx, state = self.ctx, self.state
+        now = ctx.clock()
+        store = ctx.store
+        delivered = [group[i] for i, o in outcomes.items() if isinstance(o, Delivered)]
+        if delivered:
+            await store.delivered([i.id for i in delivered])
+            state.last_delivered_at = now
+            state.consecutive_failures = 0
+            state.backoff_until = 0.0
+            for item in delivered:
+                state.recent_studies[item.study_instance_uid] = now
+        transient = False
+        for index, outcome in sorted(outcomes.items()):
+            item = group[index]
+            if isinstance(outcome, Rejected):
+                await store.reject(item.id, outcome.reason)
+                state.last_error = outcome.reason
+                log.warning("node %s rejected %s: %s", self.node.ae_title, item.sop_instance_uid, outcome.reason)
+            elif isinstance(outcome, RetryLater):
+                attempt = item.attempt_count + 1
+                at = next_attempt(
+                    now, attempt, base=ctx.config.retry_delay_seconds, cap=ctx.config.retry_max_delay_seconds,
+                    jitter=ctx.retry_jitter, rng=ctx.rng, max_attempts=ctx.config.max_attempts,
+                )
+                await store.fail(item.id, outcome.reason, at)
+                state.last_error = outcome.reason
+                transient = True
+        if transient and not delivered:
+            # the destination is unreachable or out of resources: the whole node backs off
+            state.consecutive_failures += 1
+            state.backoff_until = now + retry_delay(
+                state.consecutive_failures, base=ctx.config.retry_delay_seconds,
+                cap=ctx.config.retry_max_delay_seconds, jitter=ctx.retry_jitter, rng=ctx.rng,
+            )
+            log.warning(
+                "node %s: delivery failed (%s); backing off until %.0f",
+                self.node.ae_title, state.last_error, state.backoff_until,
+            )
+        elif delivered:
+            log.info("node %s: delivered %d instance(s)", self.node.ae_title, len(delivered))
+
+
+def make_status(handle: NodeHandle, state: NodeState, counts: Any = None) -> NodeStatus:
+    queue = QueueCounts()
+    if counts is not None:
+        queue = QueueCounts(
+            new=counts.new, prepared=counts.prepared, failed=counts.failed,
+            rejected=counts.rejected, expired=counts.expired, checked_out=counts.checked_out,
+        )
+    return NodeStatus(
+        ae_title=handle.node.ae_title,
+        role=handle.node.role,
+        status=handle.status,
+        activity=state.activity if handle.status == "running" else handle.status,
+        paused=state.paused,
+        schedule_override=state.override,
+        in_window=state.in_window,
+        last_error=state.last_error,
+        last_delivered_at=state.last_delivered_at,
+        restarts=state.restarts,
+        queue=queue,
+        sends_in_progress=state.sends_in_progress,
+    )
+
+
+def _local_tz() -> Any:
+    from datetime import datetime
+
+    return datetime.now().astimezone().tzinfo
+

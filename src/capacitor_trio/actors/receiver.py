@@ -1,0 +1,145 @@
+"""Receiver: turns each instance the DICOM acceptor received into durable queue items.
+
+It is the acceptor's `InstanceSink`. For each instance it resolves the called AE to its
+destination(s) (a Storage node's AeTitle, an alias, or aeTitlePrefix + AeTitle; the filter chain
+will plug in at `destinations_for`), commits the file and one item per destination through the
+store, and only then lets the acceptor answer success. At most `max_in_flight` commits wait at
+once: a slow store slows the senders instead of growing memory (the acceptor's C-STORE waits).
+
+The preparer moves ripe items (older than `minimumAge`) from new to prepared while the service's
+`prepare` flag is on, and wakes the node actors when it did.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from capacitor_trio.actors.service import ServiceFlags
+from capacitor_trio.config.models import Config, Node
+from capacitor_trio.dicom.acceptor import CannotProcess, OutOfResources, ReceivedInstance
+from capacitor_trio.domain.instance import Destination
+from capacitor_trio.store import StoreFull
+
+log = logging.getLogger("capacitor_trio.receiver")
+
+
+def called_ae_routes(nodes: list[Node] | tuple[Node, ...], prefix: str) -> dict[str, Destination]:
+    """Every called AE title a Storage node answers to -> that node."""
+    routes: dict[str, Destination] = {}
+    for node in nodes:
+        if node.role != "Storage":
+            continue
+        dest = Destination(node.ae_title, node.role)
+        for title in (node.ae_title, *node.aliases):
+            routes.setdefault(title, dest)
+            if prefix:
+                routes.setdefault(prefix + title, dest)
+    return routes
+
+
+class Receiver:
+    def __init__(
+        self,
+        config: Config,
+        store: Any,
+        nodes: Callable[[], list[Node]],
+        service: ServiceFlags,
+        clock: Callable[[], float],
+        on_prepared: Callable[[], None] = lambda: None,
+        *,
+        max_in_flight: int = 64,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self._nodes = nodes
+        self.service = service
+        self.clock = clock
+        self._on_prepared = on_prepared
+        self._limiter = trio.CapacityLimiter(max_in_flight)
+        self._routes: dict[str, Destination] = {}
+        self.refresh_routes()
+        #: wall times of commits not yet prepared (oldest first) — when to prepare next
+        self._unprepared: collections.deque[float] = collections.deque()
+        self._wake = trio.Event()
+        self.received = 0
+        self.preparing = 0
+        service.on_change(lambda: self._wake.set())
+
+    def refresh_routes(self) -> None:
+        """Rebuild the called-AE table (after a node edit)."""
+        self._routes = called_ae_routes(self._nodes(), self.config.ae_title_prefix)
+
+    # ---- InstanceSink ------------------------------------------------------------------------
+
+    def destinations_for(self, called_ae: str) -> list[Destination]:
+        dest = self._routes.get(called_ae.strip())
+        return [dest] if dest else []
+
+    def accepts_called_ae(self, called_ae: str) -> bool:
+        called = called_ae.strip()
+        return called == self.config.my_ae_title or called in self._routes
+
+    def new_temp_path(self) -> Path:
+        return self.store.new_incoming_path()
+
+    def check_admission(self) -> None:
+        try:
+            self.store.check_admission()
+        except StoreFull as exc:
+            raise OutOfResources(str(exc)) from exc
+
+    async def instance_received(self, rx: ReceivedInstance) -> None:
+        destinations = self.destinations_for(rx.called_ae)
+        if not destinations:
+            raise CannotProcess(f"no destination node for called AE {rx.called_ae.strip()!r}")
+        async with self._limiter:
+            try:
+                await self.store.commit_instance(rx.path, rx.header, rx.calling_ae.strip(), destinations)
+            except StoreFull as exc:
+                log.warning("refusing %s from %s: %s", rx.header.sop_instance_uid, rx.calling_ae, exc)
+                raise OutOfResources(str(exc)) from exc
+        self.received += 1
+        self._unprepared.append(self.clock())
+        self._wake.set()
+
+    # ---- preparer ----------------------------------------------------------------------------
+
+    async def run_preparer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        counts = await self.store.counts()
+        if counts.new:
+            self._unprepared.appendleft(self.clock() - self.config.minimum_age)  # left from before
+        task_status.started()
+        min_age = float(self.config.minimum_age)
+        while True:
+            if self._wake.is_set():
+                self._wake = trio.Event()
+            wake_at: float | None = None
+            if self.service.prepare and self._unprepared:
+                now = self.clock()
+                if self._unprepared[0] <= now - min_age:
+                    self.preparing += 1
+                    try:
+                        moved = await self.store.prepare_ripe(now, min_age)
+                    finally:
+                        self.preparing -= 1
+                    while self._unprepared and self._unprepared[0] <= now - min_age:
+                        self._unprepared.popleft()
+                    if moved:
+                        self._on_prepared()
+                if self._unprepared:
+                    wake_at = self._unprepared[0] + min_age
+            if wake_at is None:
+                await self._wake.wait()
+            else:
+                with trio.move_on_after(max(0.0, wake_at - self.clock())):
+                    await self._wake.wait()
+
+    def ripe_pending(self, now: float) -> bool:
+        """True when some committed item is ripe but not yet prepared."""
+        return bool(self._unprepared) and self._unprepared[0] <= now - self.config.minimum_age

@@ -1,0 +1,198 @@
+"""Supervisor: starts one actor per Storage node and restarts a crashed one (one-for-one).
+
+Theory of operation
+-------------------
+Who owns what. The supervisor owns every node's handle (so its inbox and wake event) and its
+`NodeState`, and keeps them across actor incarnations: a caller's handle keeps working after a
+restart, the pause flag and the schedule override survive an actor restart (the pause flag is
+also persisted in the store and so survives a process restart; the override does not).
+
+Crash. When an actor raises, the supervisor marks the handle "restarting" (commands are refused
+at once with NodeUnavailable, never left hanging), answers any command already queued with the
+same refusal, releases every item still checked out for the node back to its queue, and restarts
+the actor after an exponential delay. More than `max_restarts` crashes within `window_seconds`
+marks the node "failed" (reported in the API and the log) until an explicit `restart()`.
+
+Chaos. With `chaos.killNodeActorsEverySeconds` set, a chaos task cancels a random running actor
+roughly that often, at whatever point it has reached; the supervisor treats it as a crash but
+restarts at once without counting it against the intensity limit. Only the soak tests use it.
+
+Cancel. Cancelling the supervisor cancels every actor; each actor releases what it had checked
+out on the way down (shielded, with a deadline), and the store recovers anything left on the
+next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import attrs
+import trio
+
+from capacitor_trio.actors.handle import NodeHandle, answer
+from capacitor_trio.actors.messages import NodeStatus, NodeUnavailable
+from capacitor_trio.actors.node import NodeActor, NodeContext, NodeState, make_status
+from capacitor_trio.config.models import Node
+from capacitor_trio.domain.restart import GiveUp, RestartPolicy, RestartTracker
+
+log = logging.getLogger("capacitor_trio.supervisor")
+
+DEFAULT_RESTART_POLICY = RestartPolicy(max_restarts=5, window_seconds=60.0, base_delay=0.5, max_delay=30.0)
+
+
+class ChaosKill(Exception):
+    """Injected by the chaos hook: the actor is treated as crashed."""
+
+
+@attrs.define(eq=False)
+class _Slot:
+    handle: NodeHandle
+    state: NodeState
+    tracker: RestartTracker
+    scope: trio.CancelScope | None = None
+    killed: bool = False
+    restart_requested: trio.Event = attrs.field(factory=trio.Event)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        nodes: tuple[Node, ...],
+        ctx: NodeContext,
+        *,
+        policy: RestartPolicy = DEFAULT_RESTART_POLICY,
+        chaos_every: float = 0.0,
+        chaos_rng: random.Random | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.policy = policy
+        self.chaos_every = chaos_every
+        self.chaos_kills = 0
+        self._chaos_rng = chaos_rng or random.Random()
+        self._slots: dict[tuple[str, str], _Slot] = {}
+        for node in nodes:
+            if node.role == "Storage":
+                self._slots[node.key] = _Slot(NodeHandle(node), NodeState(), RestartTracker(policy))
+        ctx.service.on_change(self.wake_all)
+
+    # ---- lookup ------------------------------------------------------------------------------
+
+    @property
+    def handles(self) -> list[NodeHandle]:
+        return [slot.handle for slot in self._slots.values()]
+
+    def handle(self, ae_title: str, role: str = "Storage") -> NodeHandle | None:
+        slot = self._slots.get((ae_title, role))
+        return slot.handle if slot else None
+
+    def wake_all(self) -> None:
+        for slot in self._slots.values():
+            slot.handle.wake()
+
+    def snapshot(self, handle: NodeHandle, counts: object = None) -> NodeStatus:
+        """A status snapshot that does not need the actor (works while it restarts)."""
+        return make_status(handle, self._slots[handle.node.key].state, counts)
+
+    def restart(self, handle: NodeHandle) -> bool:
+        """Operator restart of a failed node. Returns False if the node was not failed."""
+        slot = self._slots[handle.node.key]
+        if handle.status != "failed":
+            return False
+        slot.restart_requested.set()
+        return True
+
+    # ---- running -----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED) -> None:
+        paused = await self.ctx.store.get_paused()
+        for key, slot in self._slots.items():
+            slot.state.paused = key in paused
+        async with trio.open_nursery() as nursery:
+            for slot in self._slots.values():
+                await nursery.start(self._supervise, slot)
+            if self.chaos_every > 0:
+                log.warning(
+                    "CHAOS is ON: a random node actor is killed about every %g s (chaos.killNodeActorsEverySeconds)",
+                    self.chaos_every,
+                )
+                nursery.start_soon(self._chaos)
+            task_status.started(self)
+
+    async def _supervise(self, slot: _Slot, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        handle = slot.handle
+        first = True
+        while True:
+            slot.killed = False
+            error: BaseException | None = None
+            try:
+                with trio.CancelScope() as slot.scope:
+                    if first:
+                        await NodeActor(handle, slot.state, self.ctx).run(task_status=task_status)
+                    else:
+                        await NodeActor(handle, slot.state, self.ctx).run()
+                error = ChaosKill("killed by chaos") if slot.killed else RuntimeError("actor returned")
+            except Exception as exc:
+                error = exc
+            finally:
+                slot.scope = None
+                if error is None:  # cancelled from outside: shutting down
+                    handle.status = "stopped"
+            if first:
+                first = False
+            await self._after_crash(slot, error)
+
+    async def _after_crash(self, slot: _Slot, error: BaseException) -> None:
+        handle = slot.handle
+        handle.status = "restarting"
+        chaos = isinstance(error, ChaosKill)
+        if chaos:
+            log.info("node %s: actor killed by chaos; restarting", handle.ae_title)
+        else:
+            log.error("node %s: actor crashed: %r", handle.ae_title, error, exc_info=error)
+            slot.state.last_error = f"actor crashed: {error!r}"
+        self._refuse_queued(handle)
+        with trio.CancelScope(shield=True), trio.move_on_after(30):
+            released = await self.ctx.store.release_all_checked_out(handle.destination)
+            if released:
+                log.info("node %s: %d checked-out item(s) back to the queue", handle.ae_title, released)
+        slot.state.sends_in_progress = 0
+        slot.state.restarts += 1
+        if chaos:
+            await trio.lowlevel.checkpoint()
+            return
+        slot.tracker, decision = slot.tracker.record_crash(self.ctx.clock())
+        if isinstance(decision, GiveUp):
+            handle.status = "failed"
+            log.error(
+                "node %s: %d crashes within %g s; node marked failed until restarted",
+                handle.ae_title, len(slot.tracker.crashes), self.policy.window_seconds,
+            )
+            slot.restart_requested = trio.Event()
+            await slot.restart_requested.wait()
+            slot.tracker = slot.tracker.reset()
+            handle.status = "restarting"
+            log.info("node %s: restarted by the operator", handle.ae_title)
+        else:
+            await trio.sleep(decision.delay)
+
+    def _refuse_queued(self, handle: NodeHandle) -> None:
+        while True:
+            try:
+                call = handle.inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+            answer(call, error=NodeUnavailable(f"node {handle.ae_title} is restarting"))
+
+    async def _chaos(self) -> None:
+        rng = self._chaos_rng
+        while True:
+            await trio.sleep(self.chaos_every * rng.uniform(0.5, 1.5))
+            running = [s for s in self._slots.values() if s.handle.status == "running" and s.scope]
+            if not running:
+                continue
+            victim = rng.choice(running)
+            victim.killed = True
+            self.chaos_kills += 1
+            assert victim.scope is not None
+            victim.scope.cancel()
