@@ -1,0 +1,203 @@
+"""Part 10 files without datasets: write the preamble and file meta ourselves, read headers only.
+
+The acceptor writes `file_meta_bytes(...)` and then the dataset bytes exactly as received; the
+requestor sends a spool file's bytes from `dataset_offset(...)` on. The index's header fields are
+read with pydicom from the first bytes of the dataset, stopping after (0020,000E) — never near the
+pixel data.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+import zlib
+from pathlib import Path
+from typing import BinaryIO
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+
+from capacitor_trio.domain.instance import InstanceHeader
+
+from .pdu import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION
+
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+DEFLATED_EXPLICIT_VR_LE = "1.2.840.10008.1.2.1.99"
+EXPLICIT_VR_BE = "1.2.840.10008.1.2.2"
+
+PREAMBLE = b"\x00" * 128 + b"DICM"
+
+_TAG_VR_SHORT = struct.Struct("<HH2sH")
+_TAG_VR_LONG = struct.Struct("<HH2s2xI")
+_LONG_VRS = {
+    b"OB",
+    b"OD",
+    b"OF",
+    b"OL",
+    b"OV",
+    b"OW",
+    b"SQ",
+    b"SV",
+    b"UC",
+    b"UN",
+    b"UR",
+    b"UT",
+    b"UV",
+}
+
+_LAST_HEADER_TAG = 0x0020000E
+_HEADER_TAGS = [
+    0x00080005,  # Specific Character Set (to decode names)
+    0x00080016,
+    0x00080018,
+    0x00080050,
+    0x00080060,
+    0x00100010,
+    0x00100020,
+    0x0020000D,
+    0x0020000E,
+]
+
+
+class HeaderError(ValueError):
+    """The dataset's header cannot be read."""
+
+
+def _pad(raw: bytes, pad: bytes) -> bytes:
+    return raw + pad if len(raw) & 1 else raw
+
+
+def _short(elem: int, vr: bytes, value: bytes) -> bytes:
+    return _TAG_VR_SHORT.pack(0x0002, elem, vr, len(value)) + value
+
+
+def file_meta_bytes(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae: str = ""
+) -> bytes:
+    """Preamble, 'DICM' and a complete File Meta Information group (explicit VR LE)."""
+    body = b"".join(
+        (
+            _TAG_VR_LONG.pack(0x0002, 0x0001, b"OB", 2) + b"\x00\x01",
+            _short(0x0002, b"UI", _pad(sop_class_uid.encode("ascii"), b"\x00")),
+            _short(0x0003, b"UI", _pad(sop_instance_uid.encode("ascii"), b"\x00")),
+            _short(0x0010, b"UI", _pad(transfer_syntax_uid.encode("ascii"), b"\x00")),
+            _short(0x0012, b"UI", _pad(IMPLEMENTATION_CLASS_UID.encode("ascii"), b"\x00")),
+            _short(0x0013, b"SH", _pad(IMPLEMENTATION_VERSION.encode("ascii"), b" ")),
+            _short(0x0016, b"AE", _pad(source_ae.strip().encode("ascii", "replace"), b" "))
+            if source_ae.strip()
+            else b"",
+        )
+    )
+    return PREAMBLE + _short(0x0000, b"UL", struct.pack("<I", len(body))) + body
+
+
+def read_meta(fp: BinaryIO) -> tuple[int, dict[int, bytes]]:
+    """Return (offset of the dataset, {element number: raw value}) of a Part 10 file's meta group.
+
+    Walks the group 0002 elements (explicit VR LE) rather than trusting (0002,0000).
+    """
+    head = fp.read(132)
+    if len(head) != 132 or head[128:] != b"DICM":
+        raise HeaderError("not a Part 10 file (no DICM prefix)")
+    off = 132
+    values: dict[int, bytes] = {}
+    while True:
+        raw = fp.read(8)
+        if len(raw) < 8:
+            return off, values
+        group, elem, vr = struct.unpack("<HH2s", raw[:6])
+        if group != 0x0002:
+            return off, values
+        if vr in _LONG_VRS:
+            ext = fp.read(4)
+            length = struct.unpack("<I", ext)[0]
+            hdr = 12
+        else:
+            length = struct.unpack("<H", raw[6:8])[0]
+            hdr = 8
+        values[elem] = fp.read(length)
+        off += hdr + length
+        fp.seek(off)
+
+
+def _str(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    return str(value).strip("\x00 ")
+
+
+def _header_from(ds: Dataset, transfer_syntax_uid: str) -> InstanceHeader:
+    return InstanceHeader(
+        sop_class_uid=_str(ds, "SOPClassUID"),
+        sop_instance_uid=_str(ds, "SOPInstanceUID"),
+        transfer_syntax_uid=transfer_syntax_uid,
+        study_instance_uid=_str(ds, "StudyInstanceUID"),
+        series_instance_uid=_str(ds, "SeriesInstanceUID"),
+        modality=_str(ds, "Modality"),
+        patient_id=_str(ds, "PatientID"),
+        patient_name=_str(ds, "PatientName"),
+        accession_number=_str(ds, "AccessionNumber"),
+    )
+
+
+def parse_header(data: bytes, transfer_syntax_uid: str, *, complete: bool) -> InstanceHeader | None:
+    """Read the index fields from the first bytes of a dataset.
+
+    Returns None when `data` is a prefix (not `complete`) that ends before (0020,000E) was passed:
+    the caller then reads the whole file with `parse_header_file`. Raises HeaderError when the
+    bytes are not a readable dataset.
+    """
+    reached = False
+
+    def stop(tag: int, vr: str | None, length: int) -> bool:
+        nonlocal reached
+        if tag > _LAST_HEADER_TAG:
+            reached = True
+            return True
+        return False
+
+    implicit = transfer_syntax_uid == IMPLICIT_VR_LE
+    little = transfer_syntax_uid != EXPLICIT_VR_BE
+    if transfer_syntax_uid == DEFLATED_EXPLICIT_VR_LE:
+        try:
+            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data, 1 << 20)
+        except zlib.error as exc:
+            raise HeaderError(f"cannot inflate dataset: {exc}") from exc
+        complete = False  # a prefix of the inflated stream at best
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = read_dataset(
+                io.BytesIO(data), implicit, little, stop_when=stop, specific_tags=_HEADER_TAGS
+            )
+            if not reached and not complete:
+                return None
+            header = _header_from(ds, transfer_syntax_uid)
+    except HeaderError:
+        raise
+    except Exception as exc:
+        if not complete:
+            return None
+        raise HeaderError(f"cannot read dataset header: {exc!r}") from exc
+    if not header.sop_class_uid or not header.sop_instance_uid:
+        raise HeaderError("dataset has no SOP Class UID or SOP Instance UID")
+    return header
+
+
+def parse_header_file(path: Path, transfer_syntax_uid: str) -> InstanceHeader:
+    """Read the index fields from a complete Part 10 file (the slow path, rarely used)."""
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            header = _header_from(ds, transfer_syntax_uid)
+    except Exception as exc:
+        raise HeaderError(f"cannot read dataset header: {exc!r}") from exc
+    if not header.sop_class_uid or not header.sop_instance_uid:
+        raise HeaderError("dataset has no SOP Class UID or SOP Instance UID")
+    return header

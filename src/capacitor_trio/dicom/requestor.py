@@ -1,0 +1,535 @@
+"""The requestor: C-STORE and C-ECHO SCU on Trio, used by node actors and the API's echo.
+
+Theory of operation. `send_batch` opens one association for a batch, proposing one presentation
+context per (SOP class, stored transfer syntax) pair. Each C-STORE streams the spool file's
+dataset bytes (everything after the file meta) in P-DATA-TF PDUs sized to the peer's maximum,
+with the command set in front of the first fragment so a small instance is one `send`. Exactly
+one task reads from the peer (`_reader`): responses are matched by message ID, an A-ABORT or a
+broken connection fails the association at once, so no response can be lost in a race.
+
+Three watchdogs end an association with an A-ABORT and a RetryLater for every instance not yet
+reported: the DIMSE timeout (no response after the request went out), the stall detector (no
+bytes either way for `stall_threshold` seconds) and the line-speed check (while sending data, the
+average rate over a window falls below half of `minimum_line_speed_kbps`).
+
+Cancellation from outside (pause, shutdown, a killed actor) sends an A-ABORT under a short
+shielded deadline and lets Cancelled propagate; unreported instances stay unreported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import attrs
+import trio
+
+from capacitor_trio.domain.outcomes import Delivered, Outcome, Rejected, RetryLater
+
+from . import dimse
+from . import pdu as P
+from .part10 import EXPLICIT_VR_LE, IMPLICIT_VR_LE, HeaderError, read_meta
+from .status import store_status_outcome
+from .transport import PeerClosed, Transport
+
+log = logging.getLogger("capacitor_trio.dicom")
+
+THREAD_READ_THRESHOLD = 256 * 1024
+LINE_SPEED_WINDOW = 10.0
+DEFAULT_FRAGMENT = 1 << 20
+MAX_FRAGMENT = 4 << 20
+ABORT_GRACE = 1.0
+_MAX_CONTEXTS = 128
+
+
+@attrs.frozen
+class Peer:
+    ae_title: str
+    host: str
+    port: int
+
+
+@attrs.frozen
+class SendOptions:
+    calling_ae: str
+    priority: int = 0  # DIMSE: 0 medium, 1 high, 2 low
+    connect_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    stall_threshold: float = 90.0  # 0 = off
+    minimum_line_speed_kbps: float = 0.0  # 0 = off
+    max_pdu_size: int = 1_048_576
+
+
+@attrs.frozen
+class OutgoingInstance:
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+
+@attrs.frozen
+class EchoResult:
+    success: bool
+    latency_ms: float | None
+    error: str | None
+
+
+class _Failed(Exception):
+    def __init__(self, outcome: Outcome, *, abort: bool = True) -> None:
+        super().__init__(getattr(outcome, "reason", str(outcome)))
+        self.outcome = outcome
+        self.abort = abort
+
+
+async def _connect(peer: Peer, seconds: float) -> Transport:
+    try:
+        with trio.fail_after(seconds):
+            stream = await trio.open_tcp_stream(peer.host, peer.port)
+    except trio.TooSlowError:
+        raise _Failed(
+            RetryLater(f"connect to {peer.host}:{peer.port} timed out"), abort=False
+        ) from None
+    except OSError as exc:
+        raise _Failed(
+            RetryLater(f"cannot connect to {peer.host}:{peer.port}: {exc.strerror or exc}"),
+            abort=False,
+        ) from None
+    return Transport(stream)
+
+
+async def _associate(
+    t: Transport,
+    peer: Peer,
+    calling_ae: str,
+    contexts: Sequence[P.ProposedContext],
+    max_pdu: int,
+    seconds: float,
+) -> P.AssociateAccept:
+    try:
+        with trio.fail_after(seconds):
+            await t.send_all(P.encode_associate_rq(calling_ae, peer.ae_title, contexts, max_pdu))
+            pdu_type, body = await t.read_pdu(1 << 20)
+    except trio.TooSlowError:
+        raise _Failed(RetryLater("association negotiation timed out")) from None
+    except PeerClosed as exc:
+        raise _Failed(
+            RetryLater(f"connection closed during association: {exc}"), abort=False
+        ) from None
+    except P.PduError as exc:
+        raise _Failed(RetryLater(f"protocol error from peer: {exc}")) from None
+    if pdu_type == P.A_ASSOCIATE_AC:
+        try:
+            return P.decode_associate_ac(
+                P.PDU_HEADER.pack(pdu_type, 0, len(body)) + bytes(body), contexts
+            )
+        except P.PduError as exc:
+            raise _Failed(RetryLater(str(exc))) from None
+    if pdu_type == P.A_ASSOCIATE_RJ:
+        rj = P.decode_associate_rj(body)
+        log.warning("%s by %s (%s:%s)", rj.describe(), peer.ae_title, peer.host, peer.port)
+        outcome: Outcome = Rejected(rj.describe()) if rj.permanent else RetryLater(rj.describe())
+        raise _Failed(outcome, abort=False)
+    if pdu_type == P.A_ABORT:
+        raise _Failed(RetryLater("association aborted by peer during negotiation"), abort=False)
+    raise _Failed(RetryLater(f"unexpected PDU 0x{pdu_type:02X} during negotiation"))
+
+
+async def _send_abort(t: Transport) -> None:
+    with trio.move_on_after(ABORT_GRACE) as cs:
+        cs.shield = True
+        with contextlib.suppress(PeerClosed):
+            await t.send_all(P.abort_bytes(P.ABORT_SOURCE_USER, P.ABORT_REASON_NOT_SPECIFIED))
+
+
+def _read_into(f: object, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])  # type: ignore[attr-defined]
+        if not n:
+            raise HeaderError("spool file shorter than expected")
+        got += n
+
+
+class _Session:
+    def __init__(
+        self,
+        peer: Peer,
+        instances: Sequence[OutgoingInstance],
+        options: SendOptions,
+        on_outcome: Callable[[int, Outcome], None],
+    ) -> None:
+        self.peer = peer
+        self.instances = instances
+        self.options = options
+        self.on_outcome = on_outcome
+        self.reported: set[int] = set()
+        self.t: Transport | None = None
+        self.failure: _Failed | None = None
+        self.scope: trio.CancelScope | None = None
+        self.released = trio.Event()
+        self.sending = False
+        self.send_phase = 0
+        self.message_id = 0
+
+    def report(self, index: int, outcome: Outcome) -> None:
+        if index not in self.reported:
+            self.reported.add(index)
+            self.on_outcome(index, outcome)
+
+    def fail(self, failure: _Failed) -> None:
+        if self.failure is None:
+            self.failure = failure
+        if self.scope is not None:
+            self.scope.cancel()
+
+    def fail_rest(self, outcome: Outcome) -> None:
+        for i in range(len(self.instances)):
+            self.report(i, outcome)
+
+    async def run(self) -> None:
+        pairs: list[tuple[str, str]] = []
+        for inst in self.instances:
+            key = (inst.sop_class_uid, inst.transfer_syntax_uid)
+            if key not in pairs:
+                pairs.append(key)
+        overflow = pairs[_MAX_CONTEXTS:]
+        pairs = pairs[:_MAX_CONTEXTS]
+        proposed = [P.ProposedContext(2 * i + 1, sc, (ts,)) for i, (sc, ts) in enumerate(pairs)]
+        try:
+            try:
+                self.t = await _connect(self.peer, self.options.connect_timeout)
+                accept = await _associate(
+                    self.t,
+                    self.peer,
+                    self.options.calling_ae,
+                    proposed,
+                    self.options.max_pdu_size,
+                    self.options.connect_timeout,
+                )
+                await self._session(accept, proposed, set(overflow))
+            except _Failed as f:
+                self.failure = self.failure or f
+            except PeerClosed as exc:
+                self.failure = self.failure or _Failed(
+                    RetryLater(f"connection lost: {exc}"), abort=False
+                )
+            if self.failure is not None:
+                log.warning(
+                    "send to %s (%s:%s) failed: %s",
+                    self.peer.ae_title,
+                    self.peer.host,
+                    self.peer.port,
+                    self.failure,
+                )
+                if self.t is not None and self.failure.abort:
+                    await _send_abort(self.t)
+                self.fail_rest(self.failure.outcome)
+        except BaseException:
+            # cancelled from outside (or a bug): abort the association, let it propagate
+            if self.t is not None:
+                await _send_abort(self.t)
+            raise
+        finally:
+            if self.t is not None:
+                await self.t.aclose()
+
+    async def _session(
+        self,
+        accept: P.AssociateAccept,
+        proposed: list[P.ProposedContext],
+        overflow: set[tuple[str, str]],
+    ) -> None:
+        assert self.t is not None
+        by_pair: dict[tuple[str, str], int] = {}
+        refused: dict[tuple[str, str], str] = {}
+        results = {r.context_id: r for r in accept.contexts}
+        for pc in proposed:
+            pair = (pc.abstract_syntax, pc.transfer_syntaxes[0])
+            r = results.get(pc.context_id)
+            if r is not None and r.result == P.PC_ACCEPTANCE:
+                by_pair[pair] = pc.context_id
+            else:
+                why = {
+                    P.PC_USER_REJECTION: "user rejection",
+                    P.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED: "abstract syntax not supported",
+                    P.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED: "transfer syntax not supported",
+                }.get(r.result if r is not None else -1, "no reason given")
+                refused[pair] = why
+        peer_max = accept.max_pdu
+        fragment = min(peer_max, MAX_FRAGMENT) if peer_max else DEFAULT_FRAGMENT
+        send_rsp, recv_rsp = trio.open_memory_channel[dimse.Command](4)
+        async with trio.open_nursery() as nursery:
+            self.scope = nursery.cancel_scope
+            nursery.start_soon(self._reader, send_rsp)
+            if self.options.stall_threshold > 0:
+                nursery.start_soon(self._stall_watchdog)
+            if self.options.minimum_line_speed_kbps > 0:
+                nursery.start_soon(self._line_speed_watchdog)
+            try:
+                await self._send_all_items(by_pair, refused, overflow, fragment, recv_rsp)
+            except _Failed as f:
+                self.fail(f)
+            except PeerClosed as exc:
+                self.fail(_Failed(RetryLater(f"connection lost: {exc}"), abort=False))
+            nursery.cancel_scope.cancel()
+
+    async def _send_all_items(
+        self,
+        by_pair: dict[tuple[str, str], int],
+        refused: dict[tuple[str, str], str],
+        overflow: set[tuple[str, str]],
+        fragment: int,
+        recv_rsp: trio.MemoryReceiveChannel[dimse.Command],
+    ) -> None:
+        assert self.t is not None
+        for index, inst in enumerate(self.instances):
+            pair = (inst.sop_class_uid, inst.transfer_syntax_uid)
+            if pair in overflow:
+                self.report(index, RetryLater("too many presentation contexts in one batch"))
+                continue
+            ctx = by_pair.get(pair)
+            if ctx is None:
+                self.report(
+                    index,
+                    Rejected(
+                        f"presentation context for {inst.sop_class_uid} / "
+                        f"{inst.transfer_syntax_uid} refused: {refused.get(pair, '?')}"
+                    ),
+                )
+                continue
+            outcome = await self._store(inst, ctx, fragment, recv_rsp)
+            self.report(index, outcome)
+        # A-RELEASE
+        try:
+            await self.t.send_all(P.RELEASE_RQ_BYTES)
+        except PeerClosed:
+            pass
+        else:
+            with trio.move_on_after(self.options.dimse_timeout):
+                await self.released.wait()
+
+    async def _store(
+        self,
+        inst: OutgoingInstance,
+        ctx: int,
+        fragment: int,
+        recv_rsp: trio.MemoryReceiveChannel[dimse.Command],
+    ) -> Outcome:
+        assert self.t is not None
+        self.message_id = self.message_id % 65535 + 1
+        msg_id = self.message_id
+        cmd = P.encode_command_pdus(
+            ctx,
+            dimse.encode_c_store_rq(
+                msg_id, inst.sop_class_uid, inst.sop_instance_uid, self.options.priority
+            ),
+            fragment,
+        )
+        try:
+            f = open(inst.path, "rb", buffering=0)  # noqa: SIM115, ASYNC230 - cheap open, closed below
+        except OSError as exc:
+            return Rejected(f"cannot read spool file {inst.path}: {exc.strerror or exc}")
+        try:
+            try:
+                offset, _ = read_meta(f)
+                size = os.fstat(f.fileno()).st_size
+            except (HeaderError, OSError, ValueError) as exc:
+                return Rejected(f"unreadable spool file {inst.path}: {exc}")
+            remaining = size - offset
+            if remaining <= 0:
+                return Rejected(f"spool file {inst.path} has no data set")
+            f.seek(offset)
+            self.sending = True
+            self.send_phase += 1
+            prefix: bytes = cmd
+            max_data = fragment - 6
+            while remaining > 0:
+                n = min(max_data, remaining)
+                remaining -= n
+                head = len(prefix)
+                buf = bytearray(head + 12 + n)
+                buf[:head] = prefix
+                buf[head : head + 12] = P.p_data_header(ctx, 0x00 if remaining else 0x02, n)
+                with memoryview(buf) as mv:
+                    if n >= THREAD_READ_THRESHOLD:
+                        await trio.to_thread.run_sync(_read_into, f, mv[head + 12 :])
+                    else:
+                        _read_into(f, mv[head + 12 :])
+                await self.t.send_all(buf)
+                prefix = b""
+        except HeaderError as exc:
+            raise _Failed(RetryLater(f"spool file changed while sending: {exc}")) from None
+        finally:
+            self.sending = False
+            self.send_phase += 1
+            f.close()
+        with trio.move_on_after(self.options.dimse_timeout):
+            while True:
+                rsp = await recv_rsp.receive()
+                if (
+                    rsp.command_field == dimse.C_STORE_RSP
+                    and rsp.message_id_being_responded_to == msg_id
+                ):
+                    return store_status_outcome(
+                        rsp.status if rsp.status is not None else 0xC000, rsp.error_comment
+                    )
+                log.warning(
+                    "ignoring unexpected response 0x%04X to message %s from %s",
+                    rsp.command_field,
+                    rsp.message_id_being_responded_to,
+                    self.peer.ae_title,
+                )
+        raise _Failed(RetryLater(f"no C-STORE response within {self.options.dimse_timeout}s"))
+
+    async def _reader(self, send_rsp: trio.MemorySendChannel[dimse.Command]) -> None:
+        assert self.t is not None
+        fragments: bytearray | None = None
+        try:
+            while True:
+                pdu_type, body = await self.t.read_pdu(0)
+                if pdu_type == P.P_DATA_TF:
+                    with memoryview(body) as mv:
+                        for _ctx, mch, data in P.iter_pdvs(mv):
+                            if not mch & 0x01:
+                                continue  # no data sets in C-STORE/C-ECHO responses
+                            fragments = (fragments or bytearray()) + data
+                            if mch & 0x02:
+                                raw, fragments = fragments, None
+                                await send_rsp.send(dimse.decode_command(raw))
+                elif pdu_type == P.A_RELEASE_RP:
+                    self.released.set()
+                    return
+                elif pdu_type == P.A_ABORT:
+                    source, reason = P.decode_abort(body)
+                    self.fail(
+                        _Failed(
+                            RetryLater(
+                                f"association aborted by peer (source {source}, reason {reason})"
+                            ),
+                            abort=False,
+                        )
+                    )
+                    return
+                else:
+                    raise P.PduError(f"unexpected PDU 0x{pdu_type:02X}")
+        except PeerClosed as exc:
+            self.fail(_Failed(RetryLater(f"connection lost: {exc}"), abort=False))
+        except (P.PduError, dimse.CommandDecodeError) as exc:
+            self.fail(_Failed(RetryLater(f"protocol error from peer: {exc}")))
+
+    async def _stall_watchdog(self) -> None:
+        assert self.t is not None
+        threshold = self.options.stall_threshold
+        while True:
+            await trio.sleep_until(self.t.last_activity + threshold)
+            if trio.current_time() - self.t.last_activity >= threshold:
+                self.fail(_Failed(RetryLater(f"stalled: no bytes either way for {threshold}s")))
+                return
+
+    async def _line_speed_watchdog(self) -> None:
+        assert self.t is not None
+        floor = self.options.minimum_line_speed_kbps * 1024 / 2
+        while True:
+            phase, sent = self.send_phase, self.t.bytes_sent
+            start = trio.current_time()
+            await trio.sleep(LINE_SPEED_WINDOW)
+            if self.sending and self.send_phase == phase:
+                rate = (self.t.bytes_sent - sent) / (trio.current_time() - start)
+                if rate < floor:
+                    self.fail(
+                        _Failed(
+                            RetryLater(
+                                f"line speed {rate / 1024:.1f} KB/s below minimum "
+                                f"{self.options.minimum_line_speed_kbps} KB/s"
+                            )
+                        )
+                    )
+                    return
+
+
+async def send_batch(
+    peer: Peer,
+    instances: Sequence[OutgoingInstance],
+    options: SendOptions,
+    on_outcome: Callable[[int, Outcome], None],
+) -> None:
+    """Send `instances` over one association; `on_outcome(index, outcome)` as each is known.
+
+    Never raises for network or peer errors (they become outcomes); cancellation propagates
+    after an A-ABORT.
+    """
+    if not instances:
+        return
+    await _Session(peer, instances, options, on_outcome).run()
+
+
+async def echo(peer: Peer, calling_ae: str, *, timeout: float = 10.0) -> EchoResult:  # noqa: ASYNC109
+    """C-ECHO `peer`; latency covers connect, association, the echo itself and release."""
+    start = trio.current_time()
+    t: Transport | None = None
+    try:
+        with trio.fail_after(timeout):
+            try:
+                t = await _connect(peer, timeout)
+                ctx = P.ProposedContext(
+                    1, dimse.VERIFICATION_SOP_CLASS, (IMPLICIT_VR_LE, EXPLICIT_VR_LE)
+                )
+                accept = await _associate(t, peer, calling_ae, [ctx], 65536, timeout)
+                if not any(r.result == P.PC_ACCEPTANCE for r in accept.contexts):
+                    await _send_abort(t)
+                    return EchoResult(False, None, "verification presentation context refused")
+                await t.send_all(
+                    P.encode_command_pdus(1, dimse.encode_c_echo_rq(1), accept.max_pdu)
+                )
+                status: int | None = None
+                buf = bytearray()
+                while status is None:
+                    pdu_type, body = await t.read_pdu(0)
+                    if pdu_type != P.P_DATA_TF:
+                        return EchoResult(
+                            False, None, f"unexpected PDU 0x{pdu_type:02X} in reply to C-ECHO"
+                        )
+                    with memoryview(body) as mv:
+                        for _ctx, mch, data in P.iter_pdvs(mv):
+                            if mch & 0x01:
+                                buf += data
+                                if mch & 0x02:
+                                    rsp = dimse.decode_command(buf)
+                                    status = rsp.status if rsp.status is not None else 0xC000
+                latency = (trio.current_time() - start) * 1000
+                await t.send_all(P.RELEASE_RQ_BYTES)
+                with trio.move_on_after(min(timeout, 2.0)):
+                    await t.read_pdu(0)
+                if status != 0:
+                    return EchoResult(False, latency, f"C-ECHO status 0x{status:04X}")
+                return EchoResult(True, latency, None)
+            except _Failed as f:
+                if t is not None and f.abort:
+                    await _send_abort(t)
+                return EchoResult(False, None, getattr(f.outcome, "reason", str(f.outcome)))
+            except (PeerClosed, P.PduError, dimse.CommandDecodeError) as exc:
+                return EchoResult(False, None, f"echo failed: {exc}")
+    except trio.TooSlowError:
+        if t is not None:
+            await _send_abort(t)
+        return EchoResult(False, None, f"no C-ECHO response within {timeout}s")
+    finally:
+        if t is not None:
+            await t.aclose()
+
+
+__all__ = [
+    "Delivered",
+    "EchoResult",
+    "OutgoingInstance",
+    "Peer",
+    "Rejected",
+    "RetryLater",
+    "SendOptions",
+    "echo",
+    "send_batch",
+]
