@@ -12,7 +12,7 @@ QUEUED_STATES: tuple[str, ...] = ("new", "prepared", "failed")
 
 
 def _check_state(_inst: object, attribute: attrs.Attribute[str | None], value: str | None) -> None:
-    if value is not None and value not in STATES:
+    if value is not None and str(value).strip().lower() not in STATES:
         raise ValueError(f"{attribute.name}: unknown state {value!r}")
 
 

@@ -57,7 +57,7 @@ def _where(f: ItemFilter) -> tuple[str, list[Any]]:
     clauses: list[str] = []
     params: list[Any] = []
     for value, column in (
-        (f.state, "i.state"),
+        (None if f.state is None else _state(f.state), "i.state"),
         (f.source, "i.source_ae"),
         (f.destination, "i.destination_ae"),
         (f.role, "i.destination_role"),
@@ -72,6 +72,25 @@ def _where(f: ItemFilter) -> tuple[str, list[Any]]:
         clauses.append("i.search_text LIKE ? ESCAPE '\\'")
         params.append(_like_pattern(f.search))
     return (" AND ".join(clauses) or "1"), params
+
+
+def _normalise_priorities(priorities: Sequence[str] | None) -> list[str] | None:
+    """UIDs stripped, the ``default`` entry in any case spelled "default" (domain/ordering.py)."""
+    if not priorities:
+        return None
+    out = []
+    for entry in priorities:
+        uid = str(entry).strip()
+        out.append("default" if uid.lower() == "default" else uid)
+    return out
+
+
+def _state(value: str) -> str:
+    """Accept plain strings and domain.states.ItemState members alike."""
+    state = str(value).strip().lower()
+    if state not in STATES:
+        raise ValueError(f"unknown state {value!r}")
+    return state
 
 
 def _search_text(header: InstanceHeader, source_ae: str, dest: Destination) -> str:
@@ -261,8 +280,7 @@ class Store:
         dests = list(dict.fromkeys(destinations))
         if not dests:
             raise ValueError("commit_instance needs at least one destination")
-        if state not in STATES:
-            raise ValueError(f"unknown state {state!r}")
+        state = _state(state)
         placed: Path | None = None
         committed = False
         try:
@@ -369,7 +387,7 @@ class Store:
             now,
             limit,
             by_series,
-            list(sop_class_priorities) if sop_class_priorities else None,
+            _normalise_priorities(sop_class_priorities),
             study_quiet_before,
             sorted(exempt_studies),
         )
@@ -604,8 +622,7 @@ class Store:
 
     async def move(self, item_id: int, target_state: str) -> Item:
         """Move an item to any state ('failed': retried on the next cycle)."""
-        if target_state not in STATES:
-            raise ValueError(f"unknown state {target_state!r}")
+        target_state = _state(target_state)
         now = self._clock()
         nxt = self._target_next_attempt(target_state, now)
 
@@ -646,8 +663,7 @@ class Store:
 
     async def move_where(self, f: ItemFilter, target_state: str) -> int:
         """Move every matching item that is not checked out; returns how many were updated."""
-        if target_state not in STATES:
-            raise ValueError(f"unknown state {target_state!r}")
+        target_state = _state(target_state)
         now = self._clock()
         nxt = self._target_next_attempt(target_state, now)
         where, params = _where(f)
@@ -663,9 +679,10 @@ class Store:
 
     async def retry_where(self, f: ItemFilter, from_state: str) -> int:
         """Matching items in `from_state` (failed or rejected) go back to new."""
+        from_state = str(from_state).strip().lower()
         if from_state not in ("failed", "rejected"):
             raise TransitionError(f"only failed or rejected items retry, not {from_state!r}")
-        if f.state is not None and f.state != from_state:
+        if f.state is not None and _state(f.state) != from_state:
             return 0
         now = self._clock()
         where, params = _where(f)
