@@ -281,12 +281,17 @@ class NodeActor:
             state.activity = "backing-off"
             return state.backoff_until
         items = await self._checkout(now)
+        if items and (state.paused or not ctx.service.storage_scu):
+            # paused while the checkout was in progress: do not start this batch
+            await ctx.store.release([i.id for i in items])
+            return ctx.clock()
         if not items:
             state.activity = "idle"
             return await self._next_look(now, next_change)
         await self._send(items)
-        interval = ctx.config.storage_interval / 1000
-        return ctx.clock() + interval if interval > 0 else ctx.clock()
+        # storageInterval: a pause between batches that new arrivals do not cut short
+        await trio.sleep(ctx.config.storage_interval / 1000)
+        return ctx.clock()
 
     async def _checkout(self, now: float) -> list[Any]:
         eff = effective(self.node, self.ctx.config)

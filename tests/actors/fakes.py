@@ -1,0 +1,230 @@
+"""Scripted fakes for actor tests on virtual time.
+
+`FakeStore` keeps items in memory with the same transitions the real store offers the actors
+(no threads, so `autojump_clock` stays exact). `FakeSender` records every send with
+`trio.current_time()` and answers from a script.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Collection, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from capacitor_trio.dicom.requestor import EchoResult, OutgoingInstance, Peer, SendOptions
+from capacitor_trio.domain.instance import Destination
+from capacitor_trio.domain.ordering import sop_class_rank
+from capacitor_trio.domain.outcomes import Delivered, Outcome
+from capacitor_trio.store import Counts, Item, ItemCheckedOut, ItemFilter, ItemNotFound, TransitionError
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+MR = "1.2.840.10008.5.1.4.1.1.4"
+CR = "1.2.840.10008.5.1.4.1.1.1"
+
+
+class FakeStore:
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.items: dict[int, Item] = {}
+        self.paused: set[tuple[str, str]] = set()
+        self._ids = itertools.count(1)
+
+    def add(
+        self, dest: str = "PACS", *, study: str = "1.2.3", series: str = "1.2.3.1", sop_class: str = CT,
+        state: str = "prepared", source: str = "MODALITY", created_at: float | None = None,
+    ) -> Item:
+        i = next(self._ids)
+        now = self.clock() if created_at is None else created_at
+        item = Item(
+            id=i, state=state, checked_out=False, source_ae=source, destination_ae=dest,
+            destination_role="Storage", study_instance_uid=study, series_instance_uid=series,
+            sop_instance_uid=f"1.2.826.0.1.{i}", sop_class_uid=sop_class, modality="CT", patient_id="P",
+            patient_name="N", accession_number="A", transfer_syntax_uid="1.2.840.10008.1.2.1",
+            size_bytes=100, attempt_count=0, last_error="", next_attempt_at=None, created_at=now,
+            updated_at=now, path=Path(f"/spool/{i}.dcm"),
+        )
+        self.items[i] = item
+        return item
+
+    def _set(self, i: int, **changes: Any) -> Item:
+        item = attrs.evolve(self.items[i], updated_at=self.clock(), **changes)
+        self.items[i] = item
+        return item
+
+    def _mine(self, d: Destination) -> list[Item]:
+        return [i for i in self.items.values() if (i.destination_ae, i.destination_role) == (d.ae_title, d.role)]
+
+    def states(self) -> dict[int, str]:
+        return {i: it.state for i, it in self.items.items()}
+
+    async def counts(self, destination: Destination | None = None) -> Counts:
+        await trio.lowlevel.checkpoint()
+        items = self._mine(destination) if destination else list(self.items.values())
+        by = {s: sum(1 for i in items if i.state == s) for s in ("new", "prepared", "failed", "rejected", "expired")}
+        return Counts(**by, checked_out=sum(1 for i in items if i.checked_out), total=len(items))
+
+    def _eligible(self, d: Destination, now: float) -> list[Item]:
+        return [
+            i for i in self._mine(d) if not i.checked_out and (
+                i.state == "prepared" or (i.state == "failed" and i.next_attempt_at is not None and i.next_attempt_at <= now)
+            )
+        ]
+
+    async def checkout_batch(
+        self, destination: Destination, *, now: float, limit: int, by_series: bool = False,
+        sop_class_priorities: Sequence[str] | None = None, study_quiet_before: float | None = None,
+        exempt_studies: Collection[str] = (),
+    ) -> list[Item]:
+        await trio.lowlevel.checkpoint()
+        rank = sop_class_rank(sop_class_priorities)
+        items = self._eligible(destination, now)
+        if study_quiet_before is not None:
+            last = {}
+            for i in self._mine(destination):
+                last[i.study_instance_uid] = max(last.get(i.study_instance_uid, 0.0), i.created_at)
+            items = [i for i in items if i.study_instance_uid in exempt_studies or last[i.study_instance_uid] <= study_quiet_before]
+        items.sort(key=lambda i: (rank(i.sop_class_uid), i.created_at, i.id))
+        if by_series and items:
+            items = [i for i in items if i.series_instance_uid == items[0].series_instance_uid]
+        batch = items[:limit]
+        return [self._set(i.id, checked_out=True) for i in batch]
+
+    async def delivered(self, ids: Iterable[int]) -> None:
+        await trio.lowlevel.checkpoint()
+        for i in ids:
+            del self.items[i]
+
+    async def fail(self, item_id: int, error: str, next_attempt_at: float | None) -> None:
+        await trio.lowlevel.checkpoint()
+        it = self.items[item_id]
+        self._set(item_id, state="failed", checked_out=False, attempt_count=it.attempt_count + 1,
+                  last_error=error, next_attempt_at=next_attempt_at)
+
+    async def reject(self, item_id: int, error: str) -> None:
+        await trio.lowlevel.checkpoint()
+        it = self.items[item_id]
+        self._set(item_id, state="rejected", checked_out=False, attempt_count=it.attempt_count + 1, last_error=error)
+
+    async def release(self, ids: Iterable[int]) -> None:
+        await trio.lowlevel.checkpoint()
+        for i in ids:
+            if i in self.items:
+                self._set(i, checked_out=False)
+
+    async def release_all_checked_out(self, destination: Destination | None = None) -> int:
+        await trio.lowlevel.checkpoint()
+        out = [i.id for i in (self._mine(destination) if destination else self.items.values()) if i.checked_out]
+        for i in out:
+            self._set(i, checked_out=False)
+        return len(out)
+
+    async def next_eligible_at(self, destination: Destination, now: float) -> float | None:
+        await trio.lowlevel.checkpoint()
+        times = [
+            now if i.state == "prepared" else i.next_attempt_at
+            for i in self._mine(destination)
+            if not i.checked_out and (i.state == "prepared" or (i.state == "failed" and i.next_attempt_at is not None))
+        ]
+        return min((t for t in times if t is not None), default=None)
+
+    async def study_last_arrival(self, destination: Destination, study_uid: str) -> float | None:
+        await trio.lowlevel.checkpoint()
+        return max((i.created_at for i in self._mine(destination) if i.study_instance_uid == study_uid), default=None)
+
+    async def list_items(self, f: ItemFilter, *, skip: int = 0, limit: int = 100) -> tuple[list[Item], int]:
+        await trio.lowlevel.checkpoint()
+        items = [
+            i for i in sorted(self.items.values(), key=lambda i: i.id)
+            if (f.destination is None or i.destination_ae == f.destination) and (f.state is None or i.state == f.state)
+        ]
+        return items[skip:skip + limit], len(items)
+
+    async def get_paused(self) -> set[tuple[str, str]]:
+        await trio.lowlevel.checkpoint()
+        return set(self.paused)
+
+    async def set_paused(self, destination: Destination, paused: bool) -> None:
+        await trio.lowlevel.checkpoint()
+        key = (destination.ae_title, destination.role)
+        (self.paused.add if paused else self.paused.discard)(key)
+
+    def _changeable(self, item_id: int) -> Item:
+        if item_id not in self.items:
+            raise ItemNotFound(f"no item {item_id}")
+        if self.items[item_id].checked_out:
+            raise ItemCheckedOut(f"item {item_id} is being delivered")
+        return self.items[item_id]
+
+    async def move(self, item_id: int, target_state: str) -> Item:
+        await trio.lowlevel.checkpoint()
+        self._changeable(item_id)
+        nxt = self.clock() if target_state == "failed" else None
+        return self._set(item_id, state=target_state, next_attempt_at=nxt)
+
+    async def retry(self, item_id: int) -> Item:
+        await trio.lowlevel.checkpoint()
+        if self._changeable(item_id).state not in ("failed", "rejected"):
+            raise TransitionError("only failed or rejected items can be retried")
+        return self._set(item_id, state="new", next_attempt_at=None)
+
+    async def delete(self, item_id: int) -> None:
+        await trio.lowlevel.checkpoint()
+        self._changeable(item_id)
+        del self.items[item_id]
+
+    async def prepare_ripe(self, now: float, minimum_age: float) -> int:
+        await trio.lowlevel.checkpoint()
+        ripe = [i.id for i in self.items.values() if i.state == "new" and i.created_at <= now - minimum_age]
+        for i in ripe:
+            self._set(i, state="prepared")
+        return len(ripe)
+
+
+@attrs.define
+class Send:
+    at: float
+    calling_ae: str
+    sops: list[str]
+    priority: int
+
+
+class FakeSender:
+    """Answers each instance with `script(instance) -> Outcome` after `per_instance` seconds.
+    `script` may raise to simulate a crash of the sending code."""
+
+    def __init__(self, script: Callable[[OutgoingInstance], Outcome] | None = None, per_instance: float = 0.0) -> None:
+        self.script = script or (lambda _i: Delivered())
+        self.per_instance = per_instance
+        self.sends: list[Send] = []
+        self.delivered: list[str] = []
+        self.aborted = 0
+
+    @property
+    def times(self) -> list[float]:
+        return [s.at for s in self.sends]
+
+    async def send_batch(
+        self, peer: Peer, instances: Sequence[OutgoingInstance], options: SendOptions,
+        on_outcome: Callable[[int, Outcome], None],
+    ) -> None:
+        self.sends.append(Send(trio.current_time(), options.calling_ae, [i.sop_instance_uid for i in instances], options.priority))
+        try:
+            for index, inst in enumerate(instances):
+                if self.per_instance:
+                    await trio.sleep(self.per_instance)
+                outcome = self.script(inst)
+                if isinstance(outcome, Delivered):
+                    self.delivered.append(inst.sop_instance_uid)
+                on_outcome(index, outcome)
+            await trio.lowlevel.checkpoint()
+        except trio.Cancelled:
+            self.aborted += 1
+            raise
+
+    async def echo(self, peer: Peer, calling_ae: str, *, timeout: float = 10) -> EchoResult:
+        await trio.sleep(0.005)
+        return EchoResult(True, 5.0, None)
