@@ -374,6 +374,10 @@ class _Association:
     def _start_store(self, cmd: dimse.Command, ctx: int) -> None:
         inc = _Incoming(cmd, ctx, self.contexts[ctx].transfer_syntax)
         self.incoming = inc
+        if not (_valid_uid(cmd.affected_sop_class_uid) and _valid_uid(cmd.affected_sop_instance_uid)):
+            inc.refusal = (S.STATUS_UNPARSEABLE, "invalid SOP UID in the command")
+            log.warning("C-STORE from %s refused: invalid SOP UID in the command", self.calling_ae)
+            return
         try:
             self.sink.check_admission()
         except OutOfResources as exc:
@@ -495,6 +499,13 @@ class _Association:
             inc.fd = None
         _unlink(inc.path)
         inc.path = None
+
+
+_UID_CHARS = frozenset("0123456789.")
+
+
+def _valid_uid(uid: str | None) -> bool:
+    return bool(uid) and len(uid) <= 64 and set(uid) <= _UID_CHARS  # type: ignore[arg-type]
 
 
 def _write_fd(fd: int, data: bytes | memoryview) -> None:

@@ -34,7 +34,7 @@ class CommandDecodeError(ValueError):
 
 
 def _uid(value: str) -> bytes:
-    raw = value.encode("ascii")
+    raw = value.encode("ascii", "replace")
     return raw + b"\x00" if len(raw) & 1 else raw
 
 

@@ -85,10 +85,15 @@ class _Failed(Exception):
         self.abort = abort
 
 
+async def _open_stream(host: str, port: int) -> trio.abc.Stream:
+    """Open the transport to a peer (tests substitute in-memory streams here)."""
+    return await trio.open_tcp_stream(host, port)
+
+
 async def _connect(peer: Peer, seconds: float) -> Transport:
     try:
         with trio.fail_after(seconds):
-            stream = await trio.open_tcp_stream(peer.host, peer.port)
+            stream = await _open_stream(peer.host, peer.port)
     except trio.TooSlowError:
         raise _Failed(
             RetryLater(f"connect to {peer.host}:{peer.port} timed out"), abort=False

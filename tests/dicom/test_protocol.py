@@ -1,0 +1,383 @@
+"""Protocol edge cases on in-memory streams with virtual time (autojump_clock)."""
+
+from __future__ import annotations
+
+import struct
+import tempfile
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+from capacitor_trio.dicom import AcceptorConfig, CannotProcess, OutOfResources, dimse, handle_association
+from capacitor_trio.dicom import pdu as P
+from capacitor_trio.dicom.transport import PeerClosed, Transport
+from tests.helpers.datasets import make_dataset, to_part10_bytes
+
+from .conftest import DirSink
+
+CONFIG = AcceptorConfig(artim_timeout=30, client_timeout=600, max_pdu_size=65536)
+CT = str(CTImageStorage)
+EXPLICIT = str(ExplicitVRLittleEndian)
+
+
+def associate_rq(called: str = "CAPACITOR", contexts: tuple[tuple[int, str, str], ...] = ((1, CT, EXPLICIT),)) -> bytes:
+    return P.encode_associate_rq(
+        "MODALITY", called, [P.ProposedContext(c, a, (t,)) for c, a, t in contexts], 16384
+    )
+
+
+def dataset_bytes() -> tuple[str, bytes]:
+    ds = make_dataset(rows=32, columns=32)
+    raw = to_part10_bytes(ds)
+    return str(ds.SOPInstanceUID), raw[144 + struct.unpack_from("<I", raw, 140)[0] :]
+
+
+def store_pdus(sop_instance: str, data: bytes, *, ctx: int = 1, msg_id: int = 1, fragment: int = 4096, sop_class: str = CT) -> list[bytes]:
+    cmd = dimse.encode_c_store_rq(msg_id, sop_class, sop_instance)
+    out = [P.encode_command_pdus(ctx, cmd, 16384)]
+    for off in range(0, len(data), fragment):
+        chunk = data[off : off + fragment]
+        last = off + fragment >= len(data)
+        out.append(P.p_data_header(ctx, 0x02 if last else 0x00, len(chunk)) + chunk)
+    return out
+
+
+class Harness:
+    def __init__(self, tmp: Path, config: AcceptorConfig = CONFIG) -> None:
+        self.sink = DirSink(tmp)
+        self.config = config
+        self.client_stream, self.server_stream = trio.testing.memory_stream_pair()
+        self.client = Transport(self.client_stream)
+        self.done = trio.Event()
+        self.finished_at: float | None = None
+
+    async def serve(self) -> None:
+        try:
+            await handle_association(self.server_stream, self.config, self.sink)
+        finally:
+            self.finished_at = trio.current_time()
+            self.done.set()
+
+    async def send(self, data: bytes) -> None:
+        await self.client.send_all(data)
+
+    async def read(self) -> tuple[int, bytes]:
+        t, body = await self.client.read_pdu()
+        return t, bytes(body)
+
+    async def associate(self, **kw: object) -> P.AssociateAccept:
+        await self.send(associate_rq(**kw))  # type: ignore[arg-type]
+        t, body = await self.read()
+        assert t == P.A_ASSOCIATE_AC
+        return P.decode_associate_ac(P.PDU_HEADER.pack(t, 0, len(body)) + body, [])
+
+    async def read_command(self) -> dimse.Command:
+        t, body = await self.read()
+        assert t == P.P_DATA_TF, t
+        ((_, mch, data),) = list(P.iter_pdvs(memoryview(body)))
+        assert mch == 0x03
+        return dimse.decode_command(bytes(data))
+
+    async def expect_abort(self) -> None:
+        t, _ = await self.read()
+        assert t == P.A_ABORT
+        await self.expect_closed()
+
+    async def expect_closed(self) -> None:
+        with pytest.raises(PeerClosed):
+            await self.client.read_pdu()
+        await self.done.wait()
+
+
+@pytest.fixture
+async def h(nursery: trio.Nursery, tmp_path: Path, autojump_clock: trio.testing.MockClock) -> Harness:
+    harness = Harness(tmp_path)
+    nursery.start_soon(harness.serve)
+    return harness
+
+
+async def test_store_and_release(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    uid, data = dataset_bytes()
+    await h.associate()
+    for pdu in store_pdus(uid, data):
+        await h.send(pdu)
+    rsp = await h.read_command()
+    assert (rsp.command_field, rsp.status, rsp.message_id_being_responded_to) == (dimse.C_STORE_RSP, 0, 1)
+    assert rsp.affected_sop_instance_uid == uid
+    await h.send(P.RELEASE_RQ_BYTES)
+    t, _ = await h.read()
+    assert t == P.A_RELEASE_RP
+    await h.client_stream.aclose()
+    await h.done.wait()
+    assert len(h.sink.received) == 1 and h.sink.leftovers() == []
+    assert (h.sink.out / f"{uid}.dcm").read_bytes().endswith(data)
+
+
+async def test_artim_fires_without_associate_rq(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    start = trio.current_time()
+    await h.expect_closed()
+    assert h.finished_at == pytest.approx(start + 30.0)
+
+
+async def test_linger_after_release_is_bounded_by_artim(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    await h.associate()
+    await h.send(P.RELEASE_RQ_BYTES)
+    t, _ = await h.read()
+    assert t == P.A_RELEASE_RP
+    start = trio.current_time()
+    await h.done.wait()  # we never close: the acceptor gives up after ARTIM
+    assert h.finished_at == pytest.approx(start + 30.0)
+
+
+async def test_idle_association_aborted_at_client_timeout(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    await h.associate()
+    start = trio.current_time()
+    await h.expect_abort()
+    assert h.finished_at == pytest.approx(start + 600.0)
+
+
+async def test_idle_mid_dataset_removes_partial_file(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    uid, data = dataset_bytes()
+    await h.associate()
+    pdus = store_pdus(uid, data, fragment=1024)
+    for pdu in pdus[:3]:
+        await h.send(pdu)
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(h.sink.leftovers()) == 1  # the partial file exists while receiving
+    await h.expect_abort()
+    assert h.sink.leftovers() == [] and h.sink.received == []
+
+
+@pytest.mark.parametrize("pdu_type", [P.P_DATA_TF, P.A_RELEASE_RQ, P.A_ASSOCIATE_AC, P.A_RELEASE_RP])
+async def test_wrong_pdu_before_association(h: Harness, autojump_clock: trio.testing.MockClock, pdu_type: int) -> None:
+    await h.send(P.PDU_HEADER.pack(pdu_type, 0, 4) + b"\x00" * 4)
+    await h.expect_abort()
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+async def test_unknown_pdu_type(h: Harness, autojump_clock: trio.testing.MockClock, when: str) -> None:
+    if when == "after":
+        await h.associate()
+    await h.send(P.PDU_HEADER.pack(0x09, 0, 2) + b"\x00\x00")
+    t, body = await h.read()
+    assert t == P.A_ABORT and body[3] == P.ABORT_REASON_UNRECOGNIZED_PDU
+
+
+async def test_oversized_pdu(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    await h.associate()
+    await h.send(P.PDU_HEADER.pack(P.P_DATA_TF, 0, 10_000_000))
+    await h.expect_abort()
+
+
+async def test_truncated_pdu_then_close(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    uid, data = dataset_bytes()
+    await h.associate()
+    pdus = store_pdus(uid, data, fragment=1024)
+    for pdu in pdus[:2]:
+        await h.send(pdu)
+    await h.send(pdus[2][:100])  # a PDU cut short, then the peer vanishes
+    await h.client_stream.aclose()
+    await h.done.wait()
+    assert h.sink.leftovers() == [] and h.sink.received == []
+
+
+async def test_wrong_pdv_length(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    await h.associate()
+    body = struct.pack(">IBB", 5000, 1, 0x03) + b"\x00" * 10
+    await h.send(P.PDU_HEADER.pack(P.P_DATA_TF, 0, len(body)) + body)
+    await h.expect_abort()
+
+
+async def test_wrong_associate_rq_length(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    rq = associate_rq()
+    await h.send(rq[:2] + struct.pack(">I", 20) + rq[6:26])
+    await h.expect_abort()
+
+
+async def test_abort_mid_dataset_leaves_nothing(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    uid, data = dataset_bytes()
+    await h.associate()
+    for pdu in store_pdus(uid, data, fragment=1024)[:3]:
+        await h.send(pdu)
+    await h.send(P.abort_bytes())
+    await h.done.wait()
+    assert h.sink.leftovers() == [] and h.sink.received == []
+
+
+async def test_data_on_unaccepted_context(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    uid, data = dataset_bytes()
+    await h.associate()
+    await h.send(store_pdus(uid, data, ctx=3)[0])
+    await h.expect_abort()
+
+
+async def test_data_without_command(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    await h.associate()
+    await h.send(P.p_data_header(1, 0x02, 4) + b"\x00" * 4)
+    await h.expect_abort()
+
+
+async def test_unknown_called_ae(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    await h.send(associate_rq(called="NOBODY"))
+    t, body = await h.read()
+    assert t == P.A_ASSOCIATE_RJ
+    assert P.decode_associate_rj(body) == P.AssociateReject(1, 1, 7)
+
+
+async def test_contexts_negotiated(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    ac = await h.associate(
+        contexts=(
+            (1, CT, EXPLICIT),
+            (3, "1.2.840.10008.1.1", "1.2.840.10008.1.2"),
+            (5, "1.2.840.10008.5.1.4.1.2.1.1", EXPLICIT),  # C-FIND: not ours
+            (7, CT, "1.2.3.4.5"),  # unknown transfer syntax
+            (9, CT, "1.2.840.10008.1.2.4.50"),  # JPEG baseline: stored as received
+        )
+    )
+    assert [(r.context_id, r.result) for r in ac.contexts] == [(1, 0), (3, 0), (5, 3), (7, 4), (9, 0)]
+    assert ac.max_pdu == CONFIG.max_pdu_size
+    await h.send(P.encode_command_pdus(3, dimse.encode_c_echo_rq(9), 16384))
+    rsp = await h.read_command()
+    assert (rsp.command_field, rsp.message_id_being_responded_to, rsp.status) == (dimse.C_ECHO_RSP, 9, 0)
+
+
+async def test_reject_abstract_syntaxes(nursery: trio.Nursery, tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    h = Harness(tmp_path, AcceptorConfig(reject_abstract_syntaxes=frozenset({CT})))
+    nursery.start_soon(h.serve)
+    ac = await h.associate(contexts=((1, CT, EXPLICIT),))
+    assert ac.contexts[0].result == P.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED
+
+
+async def test_busy_is_transient_reject(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    h = Harness(tmp_path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: handle_association(h.server_stream, CONFIG, h.sink, busy=True))
+        await h.send(associate_rq())
+        t, body = await h.read()
+        assert t == P.A_ASSOCIATE_RJ and P.decode_associate_rj(body) == P.AssociateReject(2, 3, 2)
+        await h.client_stream.aclose()
+
+
+async def test_admission_refused_writes_nothing(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    h.sink.admission_error = OutOfResources("disk full")
+    uid, data = dataset_bytes()
+    await h.associate()
+    news: list[Path] = []
+    h.sink.new_temp_path = lambda: news.append(Path("x")) or Path("x")  # type: ignore[method-assign]
+    for pdu in store_pdus(uid, data):
+        await h.send(pdu)
+    rsp = await h.read_command()
+    assert rsp.status == 0xA700 and news == []
+
+
+@pytest.mark.parametrize(
+    ("error", "status"), [(OutOfResources("full"), 0xA700), (CannotProcess("bad"), 0xC001)]
+)
+async def test_sink_errors_remove_file(h: Harness, autojump_clock: trio.testing.MockClock, error: Exception, status: int) -> None:
+    h.sink.receive_error = error
+    uid, data = dataset_bytes()
+    await h.associate()
+    for pdu in store_pdus(uid, data):
+        await h.send(pdu)
+    rsp = await h.read_command()
+    assert rsp.status == status
+    assert h.sink.leftovers() == []
+
+
+async def test_uid_mismatch_and_garbage(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    uid, data = dataset_bytes()
+    await h.associate()
+    for pdu in store_pdus("1.2.3.999", data):
+        await h.send(pdu)
+    assert (await h.read_command()).status == 0xC211
+    for pdu in store_pdus(uid, b"\xff" * 64, msg_id=2):
+        await h.send(pdu)
+    assert (await h.read_command()).status == 0xC210
+    assert h.sink.leftovers() == [] and h.sink.received == []
+
+
+async def test_response_waits_for_durable_queue(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    h.sink.hold = trio.Event()
+    uid, data = dataset_bytes()
+    await h.associate()
+    for pdu in store_pdus(uid, data):
+        await h.send(pdu)
+    await trio.testing.wait_all_tasks_blocked()
+    assert h.client._buf == bytearray()  # nothing answered yet
+    with trio.move_on_after(1):
+        await h.client.read_pdu()
+        pytest.fail("response before the sink committed")
+    h.sink.hold.set()
+    assert (await h.read_command()).status == 0
+
+
+async def test_cancellation_removes_partial_file(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    h = Harness(tmp_path)
+    uid, data = dataset_bytes()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.serve)
+        await h.associate()
+        for pdu in store_pdus(uid, data, fragment=1024)[:3]:
+            await h.send(pdu)
+        await trio.testing.wait_all_tasks_blocked()
+        assert h.sink.leftovers()
+        nursery.cancel_scope.cancel()
+    assert h.sink.leftovers() == []
+
+
+# ---------------------------------------------------------------------------- fuzz
+
+
+def _valid_stream() -> bytes:
+    uid, data = dataset_bytes()
+    return associate_rq() + b"".join(store_pdus(uid, data, fragment=700)) + P.RELEASE_RQ_BYTES
+
+
+VALID = _valid_stream()
+
+
+async def _fuzz_once(raw: bytes, tmp: Path) -> list[int]:
+    h = Harness(tmp, AcceptorConfig(artim_timeout=5, client_timeout=10, max_pdu_size=65536))
+    answers: list[int] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.serve)
+        await h.send(raw)
+        with trio.fail_after(100):
+            try:
+                while True:
+                    t, _ = await h.client.read_pdu()
+                    answers.append(t)
+            except (PeerClosed, P.PduError):
+                pass
+            await h.done.wait()
+    assert h.sink.leftovers() == []
+    return answers
+
+
+def _run_fuzz(raw: bytes) -> list[int]:
+    with tempfile.TemporaryDirectory() as d:
+        return trio.run(_fuzz_once, raw, Path(d), clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(min_size=1, max_size=600))
+def test_fuzz_random_bytes(raw: bytes) -> None:
+    answers = _run_fuzz(raw)
+    assert set(answers) <= {P.A_ABORT, P.A_ASSOCIATE_RJ}
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=6), st.integers(0, len(VALID)))
+def test_fuzz_mutated_session(mutations: list[tuple[int, int]], cut: int) -> None:
+    raw = bytearray(VALID)
+    for pos, value in mutations:
+        raw[pos] = value
+    answers = _run_fuzz(bytes(raw[:cut]) if cut else bytes(raw))
+    if answers and answers[0] != P.A_ASSOCIATE_AC:
+        assert set(answers) <= {P.A_ABORT, P.A_ASSOCIATE_RJ}
+    assert set(answers) <= {P.A_ABORT, P.A_ASSOCIATE_RJ, P.A_ASSOCIATE_AC, P.P_DATA_TF, P.A_RELEASE_RP}
