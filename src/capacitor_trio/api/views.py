@@ -1,0 +1,105 @@
+"""JSON shapes of the API: nodes, items, DICOM tags. Plain functions from core values to dicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from capacitor_trio.actors.messages import NodeStatus, QueueCounts
+from capacitor_trio.config.models import Node
+from capacitor_trio.store import Item
+
+from .envelope import iso
+
+
+def queue_json(q: Any) -> dict[str, int]:
+    return {
+        "new": q.new,
+        "prepared": q.prepared,
+        "failed": q.failed,
+        "rejected": q.rejected,
+        "expired": q.expired,
+        "checkedOut": q.checked_out,
+    }
+
+
+def node_json(node: Node, status: NodeStatus | None) -> dict[str, Any]:
+    """A node in camelCase. Override fields are the node's own values (null: inherits the global
+    setting). Nodes without an actor (roles other than Storage) show an empty queue and status
+    "none"."""
+    return {
+        "aeTitle": node.ae_title,
+        "hostName": node.host_name,
+        "port": node.port,
+        "role": node.role,
+        "aliases": list(node.aliases),
+        "priority": node.priority,
+        "processDelay": node.process_delay,
+        "impersonate": node.impersonate,
+        "transferSyntax": node.transfer_syntax,
+        "batchSize": node.batch_size,
+        "minimumLineSpeed": node.minimum_line_speed,
+        "stallThreshold": node.stall_threshold,
+        "processSchedule": list(node.process_schedule),
+        "sopClassPriorities": None if node.sop_class_priorities is None else list(node.sop_class_priorities),
+        "queue": queue_json(status.queue if status is not None else QueueCounts()),
+        "paused": status.paused if status is not None else False,
+        "scheduleOverride": status.schedule_override if status is not None else False,
+        "inWindow": status.in_window if status is not None else True,
+        "status": status.status if status is not None else "none",
+        "activity": status.activity if status is not None else "none",
+        "lastError": (status.last_error or None) if status is not None else None,
+        "lastDeliveredAt": iso(status.last_delivered_at) if status is not None else None,
+        "restarts": status.restarts if status is not None else 0,
+    }
+
+
+def item_json(item: Item) -> dict[str, Any]:
+    return {
+        "id": item.id,
+        "state": item.state,
+        "checkedOut": item.checked_out,
+        "sourceAeTitle": item.source_ae,
+        "destinationAeTitle": item.destination_ae,
+        "destinationRole": item.destination_role,
+        "studyInstanceUid": item.study_instance_uid,
+        "seriesInstanceUid": item.series_instance_uid,
+        "sopInstanceUid": item.sop_instance_uid,
+        "sopClassUid": item.sop_class_uid,
+        "modality": item.modality,
+        "patientId": item.patient_id,
+        "patientName": item.patient_name,
+        "accessionNumber": item.accession_number,
+        "transferSyntaxUid": item.transfer_syntax_uid,
+        "sizeBytes": item.size_bytes,
+        "attemptCount": item.attempt_count,
+        "lastError": item.last_error or None,
+        "nextAttemptAt": iso(item.next_attempt_at),
+        "createdAt": iso(item.created_at),
+        "updatedAt": iso(item.updated_at),
+    }
+
+
+def _is_bulk(vr: str) -> bool:
+    # OB, OD, OF, OL, OV, OW, "OB or OW", UN: binary values are bulk data in PS3.18 F.2
+    return vr.startswith("O") or vr.startswith("UN")
+
+
+def _strip_bulk(ds: Dataset) -> None:
+    for elem in list(ds):
+        if elem.VR == "SQ":
+            for child in elem.value or ():
+                _strip_bulk(child)
+        elif _is_bulk(str(elem.VR)):
+            del ds[elem.tag]
+
+
+def read_tags(path: Path) -> dict[str, Any]:
+    """The header of a Part 10 file in the DICOM JSON model, pixel data and bulk data left out.
+    Blocking: call in a worker thread."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    _strip_bulk(ds)
+    return ds.to_json_dict(suppress_invalid_tags=True)
