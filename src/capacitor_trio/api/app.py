@@ -25,7 +25,6 @@ import capacitor_trio
 from capacitor_trio.actors.messages import (
     BulkCommand,
     Echo,
-    GetStatus,
     ItemCommand,
     NodeStatus,
     NodeUnavailable,
@@ -350,7 +349,7 @@ class Api:
         if handle.status == "failed":
             self.supervisor.restart(handle)  # resume of a failed node is an explicit restart
             with trio.move_on_after(5):
-                while handle.status != "running":
+                while handle.status != "running":  # noqa: ASYNC110 - a plain field, no event
                     await trio.sleep(0.02)
             if handle.status != "running":
                 raise NodeUnavailable(f"node {node.ae_title} is {handle.status} after restart")
@@ -444,7 +443,7 @@ class Api:
             rows = conn.execute("SELECT DISTINCT destination_ae, destination_role FROM items")
             return [Destination(a, r) for a, r in rows]
 
-        return await self.store._read(q)  # noqa: SLF001 - a read; the store has no public query for it
+        return await self.store._read(q)  # a read; no public query for it
 
     async def _bulk(self, command: BulkCommand) -> int:
         """Send `command` to every node actor concerned (and act directly on the store for
