@@ -62,7 +62,10 @@ def hypercorn_config() -> HyperConfig:
     config = HyperConfig()
     config.bind = []
     config.accesslog = None
-    config.errorlog = logging.getLogger("capacitor_trio.api.http")
+    http_log = logging.getLogger("capacitor_trio.api.http")
+    if http_log.level == logging.NOTSET:
+        http_log.setLevel(logging.WARNING)  # hypercorn's "Running on ..." repeats our own line
+    config.errorlog = http_log
     config.graceful_timeout = 2.0
     config.keep_alive_timeout = 30.0
     return config

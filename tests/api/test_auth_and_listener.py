@@ -1,0 +1,181 @@
+"""Auth (token, cookie after login, wrong credential, open when nothing is configured), the
+loopback-only listener and its port selection."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import shutil
+import socket
+import subprocess
+
+import httpx
+import pytest
+import trio
+
+from capacitor_trio.api.server import ApiPortsBusy, bind_loopback
+from capacitor_trio.config.models import ApiConfig
+
+from .conftest import AUTH, PASSWORD, StartRouter, StorageScp, free_port, pacs
+from .test_endpoints import data, error
+
+
+async def test_token_and_wrong_token(start_router: StartRouter, scp: StorageScp) -> None:
+    r = await start_router((pacs(scp),))
+    data(await r.client.post("/api/nodes/PACS/pause", headers=AUTH))
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Basic dGVzdC10b2tlbg=="},
+        {"Authorization": AUTH["Authorization"] + "x"},
+        {"Authorization": PASSWORD},  # the password is not a token
+    ):
+        error(await r.client.post("/api/nodes/PACS/resume", headers=headers), "FORBIDDEN", 403)
+    # reads are open
+    data(await r.client.get("/api/nodes"))
+
+
+async def test_cookie_after_login_and_logout(start_router: StartRouter, scp: StorageScp) -> None:
+    r = await start_router((pacs(scp),))
+    error(await r.client.post("/api/auth/login", json={"password": "nope"}), "FORBIDDEN", 403)
+    error(await r.client.post("/api/auth/login", json={"password": 5}), "BAD_REQUEST", 400)
+    error(await r.client.post("/api/auth/login", json={}), "BAD_REQUEST", 400)
+    error(await r.client.post("/api/auth/login", json={"password": PASSWORD, "user": "x"}), "BAD_REQUEST", 400)
+    assert "capacitor_session" not in r.client.cookies
+
+    resp = await r.client.post("/api/auth/login", json={"password": PASSWORD})
+    assert data(resp) == {"authenticated": True}
+    cookie = resp.headers["set-cookie"]
+    sid = r.client.cookies["capacitor_session"]
+    assert PASSWORD not in cookie and len(sid) >= 32
+    assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
+    data(await r.client.post("/api/nodes/PACS/pause"))  # the cookie is enough
+
+    # another login gets another random session id
+    other = httpx.AsyncClient(base_url=str(r.client.base_url))
+    async with other:
+        await other.post("/api/auth/login", json={"password": PASSWORD})
+        assert other.cookies["capacitor_session"] != sid
+        data(await other.post("/api/auth/logout"))
+        error(await other.post("/api/nodes/PACS/resume"), "FORBIDDEN", 403)
+
+    # a forged cookie is refused
+    forged = httpx.AsyncClient(base_url=str(r.client.base_url), cookies={"capacitor_session": sid[:-1] + "A"})
+    async with forged:
+        error(await forged.post("/api/nodes/PACS/resume"), "FORBIDDEN", 403)
+
+    data(await r.client.post("/api/nodes/PACS/resume"))
+    resp = await r.client.post("/api/auth/logout")
+    assert data(resp) == {"authenticated": False}
+    stale = httpx.AsyncClient(base_url=str(r.client.base_url), cookies={"capacitor_session": sid})
+    async with stale:
+        error(await stale.post("/api/nodes/PACS/pause"), "FORBIDDEN", 403)
+
+
+async def test_token_only_disables_login(start_router: StartRouter, scp: StorageScp) -> None:
+    r = await start_router((pacs(scp),), password="")
+    error(await r.client.post("/api/auth/login", json={"password": ""}), "FORBIDDEN", 403)
+    error(await r.client.post("/api/nodes/PACS/pause"), "FORBIDDEN", 403)
+    data(await r.client.post("/api/nodes/PACS/pause", headers=AUTH))
+
+
+async def test_password_only(start_router: StartRouter, scp: StorageScp) -> None:
+    r = await start_router((pacs(scp),), token="")
+    error(await r.client.post("/api/nodes/PACS/pause", headers={"Authorization": "Bearer"}), "FORBIDDEN", 403)
+    data(await r.client.post("/api/auth/login", json={"password": PASSWORD}))
+    data(await r.client.post("/api/nodes/PACS/pause"))
+
+
+async def test_open_when_nothing_is_configured(start_router: StartRouter, scp: StorageScp) -> None:
+    r = await start_router((pacs(scp),), token="", password="")
+    data(await r.client.post("/api/nodes/PACS/pause"))
+    data(await r.client.post("/api/nodes/PACS/resume", headers={"Authorization": "Bearer anything"}))
+    data(await r.client.post("/api/service/pause"))
+    data(await r.client.post("/api/service/resume"))
+
+
+# ---- the listener ----------------------------------------------------------------------------
+
+
+def non_loopback_ipv4() -> str | None:
+    if shutil.which("ip"):
+        out = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            parts = line.split()
+            if "inet" in parts:
+                addr = parts[parts.index("inet") + 1].split("/")[0]
+                if not addr.startswith("127."):
+                    return addr
+    try:
+        addr = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return None
+    return None if addr.startswith("127.") else addr
+
+
+async def test_listener_is_loopback_only(start_router: StartRouter, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="capacitor_trio")
+    r = await start_router()
+    port = r.router.api_port
+    assert port
+    assert f"API listening on http://127.0.0.1:{port}" in caplog.messages
+    data(await r.client.get("/api/system/info"))
+    addr = non_loopback_ipv4()
+    if addr is None:
+        pytest.skip("this machine has no non-loopback IPv4 address")
+    with pytest.raises(OSError), trio.fail_after(5):  # refused: nothing listens there
+        await trio.open_tcp_stream(addr, port)
+
+
+async def test_busy_port_moves_to_the_next(start_router: StartRouter) -> None:
+    held = bind_loopback(0)
+    base = held.getsockname()[1]
+    try:
+        second = bind_loopback(base)
+        try:
+            assert second.getsockname() == ("127.0.0.1", base + 1) or second.getsockname()[1] > base
+        finally:
+            second.close()
+    finally:
+        held.close()
+
+
+def test_all_ports_busy_fails_with_a_clear_error() -> None:
+    held = []
+    base = None
+    # find ten consecutive free ports and hold them
+    for _attempt in range(50):
+        first = bind_loopback(0)
+        base = first.getsockname()[1]
+        held = [first]
+        try:
+            for p in range(base + 1, base + 10):
+                held.append(bind_loopback(p, tries=1))
+        except ApiPortsBusy:
+            for s in held:
+                s.close()
+            held = []
+            continue
+        break
+    assert held and base is not None
+    try:
+        with pytest.raises(ApiPortsBusy) as info:
+            bind_loopback(base)
+        assert info.value.errno == errno.EADDRINUSE
+        assert f"{base}-{base + 9}" in str(info.value) and "api.port" in str(info.value)
+    finally:
+        for s in held:
+            s.close()
+
+
+async def test_router_api_on_configured_port(start_router: StartRouter) -> None:
+    port = free_port()
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", port))
+    blocker.listen()
+    try:
+        r = await start_router(api=ApiConfig(enabled=True, port=port))
+        assert r.router.api_port is not None and port < r.router.api_port < port + 10
+    finally:
+        blocker.close()
