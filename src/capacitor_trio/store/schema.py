@@ -23,7 +23,7 @@ CREATE TABLE instances (
     created_at  REAL NOT NULL
 );
 CREATE TABLE items (
-    id                  INTEGER PRIMARY KEY,
+    id                  INTEGER PRIMARY KEY AUTOINCREMENT,  -- ids are never reused (API)
     instance_id         INTEGER NOT NULL REFERENCES instances(id),
     state               TEXT NOT NULL,
     checked_out         INTEGER NOT NULL DEFAULT 0,

@@ -1,0 +1,74 @@
+"""Child process of the crash test: commits instances as fast as it can until it is killed.
+
+Usage: python crash_child.py CACHE SEED
+
+Prints ``ready`` once the store is open, then for every commit that returned
+``ok <sop_uid> <item ids>``; around each ``delivered`` call ``sent <item ids>`` before and
+``gone <item id>`` per item after; each line flushed.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from capacitor_trio.domain.instance import Destination, InstanceHeader
+from capacitor_trio.store import open_store
+
+DESTS = [Destination("PACS"), Destination("ARCHIVE"), Destination("SINK")]
+COMMITTERS = 6
+
+
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def write_file(path: Path, sop: str, size: int) -> None:
+    with open(path, "wb") as f:
+        f.write(sop.encode().ljust(size, b"\0"))
+
+
+async def main(root: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    async with open_store(root, durable=True) as store:
+        say("ready")
+
+        async def committer(w: int) -> None:
+            n = 0
+            while True:
+                n += 1
+                sop = f"2.25.{seed}.{w}.{n}"
+                dests = rng.sample(DESTS, rng.randint(1, 3))
+                path = store.new_incoming_path()
+                await trio.to_thread.run_sync(write_file, path, sop, rng.choice([200, 5000, 60000]))
+                header = InstanceHeader("1.2.840.10008.5.1.4.1.1.2", sop, "1.2.840.10008.1.2.1")
+                ids = await store.commit_instance(path, header, "CRASH", dests)
+                say(f"ok {sop} {','.join(map(str, ids))}")
+
+        async def sink() -> None:
+            # a node actor delivering to SINK: exercises checkout, delivered and the trash
+            while True:
+                now = time.time()
+                await store.prepare_ripe(now, 0)
+                batch = await store.checkout_batch(Destination("SINK"), now=now, limit=5)
+                if batch:
+                    await trio.sleep(0.01)  # "sending": a kill here leaves items checked out
+                    say(f"sent {','.join(str(i.id) for i in batch)}")
+                    await store.delivered([i.id for i in batch])
+                    for item in batch:
+                        say(f"gone {item.id}")
+                await trio.sleep(0.002)
+
+        async with trio.open_nursery() as nursery:
+            for w in range(COMMITTERS):
+                nursery.start_soon(committer, w)
+            nursery.start_soon(sink)
+
+
+if __name__ == "__main__":
+    trio.run(main, Path(sys.argv[1]), int(sys.argv[2]))
