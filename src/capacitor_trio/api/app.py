@@ -172,7 +172,9 @@ def _item_id(raw: str) -> int:
         value = int(raw)
     except ValueError:
         raise bad_request(f"item id must be a whole number, not {raw!r}") from None
-    if value < 0 or value > 2**63 - 1:
+    if value < 0:
+        raise bad_request(f"item id must not be negative, not {raw!r}")
+    if value > 2**63 - 1:
         raise not_found(f"no item {raw}")
     return value
 
@@ -658,7 +660,7 @@ def _endpoint(api: Api, handler: Handler, write: bool) -> Handler:
 
 def create_app(router: Any) -> QuartTrio:
     """A fresh app serving `router` (no module-level app)."""
-    app = QuartTrio("capacitor_trio.api")
+    app = QuartTrio("capacitor_trio.api", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
     app.url_map.strict_slashes = False
     api = Api(router)
