@@ -22,7 +22,7 @@ from .fsops import FileOps
 from .model import QUEUED_STATES, STATES, Counts, Item, ItemFilter, RecoveryReport
 from .recovery import recover, spool_buckets
 from .schema import migrate
-from .writer import Writer, unlinking
+from .writer import Writer, unlinking, write_reserve
 
 log = logging.getLogger("capacitor_trio.store")
 
@@ -120,7 +120,10 @@ class Store:
         clock: Callable[[], float],
         file_ops: FileOps | None,
         read_connections: int,
+        reserve_bytes: int = 0,
     ) -> None:
+        self.reserve_bytes = max(0, reserve_bytes)
+        self._reserve_ok = True
         self.root = Path(cache_path).absolute()
         self.durable = durable
         self.min_free_space_percent = min_free_space_percent
@@ -132,6 +135,7 @@ class Store:
         self._incoming = self.root / "incoming"
         self._spool = self.root / "spool"
         self._db_path = self.root / "index.db"
+        self._reserve_path = self.root / "reserve"
         self._readers: list[sqlite3.Connection] = []
         self._reader_sem = trio.Semaphore(self._n_readers)
         self._writer: Writer | None = None
@@ -173,6 +177,17 @@ class Store:
                 conn, self.root, self._ops, now=self._clock(), cycle_rejected=self._cycle_rejected
             )
             self._bucket = max(spool_buckets(self._spool), default=0)
+            if self.reserve_bytes:
+                try:
+                    write_reserve(self._reserve_path, self.reserve_bytes, self._ops)
+                except OSError as exc:
+                    self._ops.unlink(self._reserve_path)
+                    self._reserve_ok = False
+                    log.error(
+                        "store: no room for the %d-byte reserve (%s); refusing new instances",
+                        self.reserve_bytes,
+                        exc,
+                    )
             for _ in range(self._n_readers):
                 self._readers.append(self._connect(reader=True))
         except BaseException:
@@ -184,7 +199,14 @@ class Store:
 
     async def _open(self) -> None:
         conn = await trio.to_thread.run_sync(self._open_sync)
-        self._writer = Writer(conn, self._ops, self.root)
+        self._writer = Writer(
+            conn,
+            self._ops,
+            self.root,
+            reserve_path=self._reserve_path,
+            reserve_bytes=self.reserve_bytes,
+            reserve_released=not self._reserve_ok,
+        )
         self._writer.start()
 
     async def aclose(self) -> None:
@@ -235,8 +257,19 @@ class Store:
     def free_space_percent(self) -> float:
         return self._ops.free_space_percent(self.root)
 
+    @property
+    def accepting(self) -> bool:
+        """False while the reserve is given to the index after the disk filled up."""
+        return self._writer is None or not self._writer.reserve_released
+
     def check_admission(self) -> None:
-        """Raise StoreFull when free space is below `min_free_space_percent` (one statvfs)."""
+        """Raise StoreFull when free space is below `min_free_space_percent` (one statvfs), or
+        while the disk is full (the reserve was given to the index and there is no room yet to
+        take it back)."""
+        if not self.accepting:
+            st = os.statvfs(self.root)
+            if st.f_bavail * st.f_frsize < 2 * self.reserve_bytes:
+                raise StoreFull("disk full: the remaining space is kept for deliveries")
         if self.min_free_space_percent <= 0:
             return
         free = self.free_space_percent()
@@ -343,7 +376,8 @@ class Store:
                     ids.append(int(cur.lastrowid or 0))
                 return ids
 
-            ids = await self._write(insert, dirs=(bucket,))
+            assert self._writer is not None, "store is not open"
+            ids: list[int] = await self._writer.run(insert, (bucket,), admission=True)
             committed = True
             return ids
         finally:
@@ -835,8 +869,14 @@ async def open_store(
     clock: Callable[[], float] = time.time,
     file_ops: FileOps | None = None,
     read_connections: int = 2,
+    reserve_bytes: int = 8 * 1024 * 1024,
 ) -> AsyncIterator[Store]:
-    """Open (creating if needed) the store under `cache_path`, run recovery, and yield it."""
+    """Open (creating if needed) the store under `cache_path`, run recovery, and yield it.
+
+    `reserve_bytes` are allocated in ``cache/reserve`` and given back to the index when the disk
+    fills up, so deliveries and deletes (which free space) keep working; new instances are refused
+    until the reserve can be taken back.
+    """
     store = Store(
         Path(cache_path),
         durable=durable,
@@ -845,6 +885,7 @@ async def open_store(
         clock=clock,
         file_ops=file_ops,
         read_connections=read_connections,
+        reserve_bytes=reserve_bytes,
     )
     await store._open()
     try:

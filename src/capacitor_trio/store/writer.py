@@ -11,7 +11,9 @@ COMMIT fails every job of the group. Callers wait in Trio on an Event set from t
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -22,7 +24,7 @@ from typing import Any
 import attrs
 import trio
 
-from .errors import translate
+from .errors import StoreFull, translate
 from .fsops import FileOps
 
 log = logging.getLogger("capacitor_trio.store")
@@ -37,6 +39,8 @@ class Job:
     dirs: frozenset[Path] = frozenset()
     done: trio.Event = attrs.field(factory=trio.Event)
     result: Any = None
+    #: a commit of a new instance: refused while the disk is full
+    admission: bool = False
     error: BaseException | None = None
     #: files to unlink once the group has committed (last item of an instance went away)
     unlink_after: list[Path] = attrs.field(factory=list)
@@ -49,7 +53,20 @@ class Stats:
 
 
 class Writer:
-    def __init__(self, conn: sqlite3.Connection, ops: FileOps, root: Path) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        ops: FileOps,
+        root: Path,
+        *,
+        reserve_path: Path | None = None,
+        reserve_bytes: int = 0,
+        reserve_released: bool = False,
+    ) -> None:
+        self._reserve_path = reserve_path if reserve_bytes > 0 else None
+        self._reserve_bytes = reserve_bytes
+        #: the reserve was given to the index: new instances are refused until it is back
+        self.reserve_released = reserve_released
         self._conn = conn
         self._ops = ops
         self._root = root
@@ -65,7 +82,13 @@ class Writer:
     def start(self) -> None:
         self._thread.start()
 
-    async def run(self, fn: Callable[[sqlite3.Connection], Any], dirs: Iterable[Path] = ()) -> Any:
+    async def run(
+        self,
+        fn: Callable[[sqlite3.Connection], Any],
+        dirs: Iterable[Path] = (),
+        *,
+        admission: bool = False,
+    ) -> Any:
         """Run `fn` in the next group transaction and return its result once committed.
 
         Once submitted, the job completes even if the caller is cancelled meanwhile (the wait is
@@ -74,7 +97,7 @@ class Writer:
         """
         if self._closed:
             raise RuntimeError("store is closed")
-        job = Job(fn, frozenset(dirs))
+        job = Job(fn, frozenset(dirs), admission=admission)
         self._queue.put(job)
         with trio.CancelScope(shield=True):
             await job.done.wait()
@@ -122,33 +145,37 @@ class Writer:
         with contextlib.suppress(trio.RunFinishedError):  # the run ended under us
             self._token.run_sync_soon(job.done.set)
 
-    def _run_group(self, group: list[Job]) -> None:
+    def _refuse_admission(self, jobs: list[Job]) -> list[Job]:
+        for job in jobs:
+            if job.admission:
+                job.error = StoreFull("disk full: the remaining space is kept for deliveries")
+        return [j for j in jobs if not j.admission]
+
+    def _restore_reserve(self) -> bool:
+        """Re-create the reserve file if there is room for it twice over (thread side)."""
+        if self._reserve_path is None:
+            return True
+        st = os.statvfs(self._root)
+        if st.f_bavail * st.f_frsize < 2 * self._reserve_bytes:
+            return False
+        try:
+            write_reserve(self._reserve_path, self._reserve_bytes, self._ops)
+        except OSError:
+            self._ops.unlink(self._reserve_path)
+            return False
+        self.reserve_released = False
+        return True
+
+    def _attempt(self, live: list[Job]) -> list[Job] | None:
+        """One group transaction; the jobs that succeeded, or None when the disk is full."""
         conn = self._conn
-        # 1. make the renames of this group durable: one fsync per distinct spool directory
-        dirs = sorted({d for job in group for d in job.dirs})
-        failed_dirs: dict[Path, BaseException] = {}
-        for d in dirs:
-            try:
-                self._ops.fsync_dir(d)
-            except OSError as exc:
-                failed_dirs[d] = translate(exc)
-        live: list[Job] = []
-        for job in group:
-            bad = next((failed_dirs[d] for d in job.dirs if d in failed_dirs), None)
-            if bad is not None:
-                job.error = bad
-            else:
-                live.append(job)
-        if not live:
-            return
-        # 2. one transaction, one savepoint per job
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             err = translate(exc)
             for job in live:
                 job.error = err
-            return
+            return None if isinstance(err, StoreFull) else []
         if self._trash_done:
             conn.executemany(
                 "DELETE FROM trash WHERE rel_path = ?", [(p,) for p in self._trash_done]
@@ -169,7 +196,7 @@ class Writer:
             if isinstance(job.result, _Unlinking):
                 job.unlink_after.extend(job.result.paths)
                 job.result = job.result.value
-        # 3. commit: with synchronous=FULL this is the one WAL fsync of the group
+        # commit: with synchronous=FULL this is the one WAL fsync of the group
         try:
             self._ops.before_index_commit()
             conn.execute("COMMIT")
@@ -180,6 +207,48 @@ class Writer:
             for job in ok:
                 job.error = err
                 job.unlink_after.clear()
+            return None if isinstance(err, StoreFull) else []
+        return ok
+
+    def _run_group(self, group: list[Job]) -> None:
+        # 1. make the renames of this group durable: one fsync per distinct spool directory
+        dirs = sorted({d for job in group for d in job.dirs})
+        failed_dirs: dict[Path, BaseException] = {}
+        for d in dirs:
+            try:
+                self._ops.fsync_dir(d)
+            except OSError as exc:
+                failed_dirs[d] = translate(exc)
+        live: list[Job] = []
+        for job in group:
+            bad = next((failed_dirs[d] for d in job.dirs if d in failed_dirs), None)
+            if bad is not None:
+                job.error = bad
+            else:
+                live.append(job)
+        if not live:
+            return
+        # a full disk: refuse new instances until the reserve is back, keep everything else going
+        if self.reserve_released and any(j.admission for j in live):
+            if self._restore_reserve():
+                log.warning("store: free space is back; reserve restored, accepting instances")
+            else:
+                live = self._refuse_admission(live)
+        ok = self._attempt(live)
+        if ok is None and self._reserve_path is not None and not self.reserve_released:
+            # SQLITE_FULL: give the index the reserve so deliveries and deletes can free space
+            log.error(
+                "store: disk full; releasing the %d-byte reserve, refusing new instances",
+                self._reserve_bytes,
+            )
+            self._ops.unlink(self._reserve_path)
+            self.reserve_released = True
+            live = self._refuse_admission(live)
+            for job in live:
+                job.error, job.result = None, None
+                job.unlink_after.clear()
+            ok = self._attempt(live)
+        if ok is None:
             return
         self._trash_done = []
         self.stats.groups += 1
@@ -205,3 +274,20 @@ class _Unlinking:
 def unlinking(value: Any, paths: Iterable[Path]) -> Any:
     paths = tuple(paths)
     return _Unlinking(value, paths) if paths else value
+
+
+def write_reserve(path: Path, size: int, ops: FileOps) -> None:
+    """Allocate `size` bytes at `path` (really allocated blocks, not a sparse file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            chunk = b"\0" * 65536
+            for offset in range(0, size, len(chunk)):
+                os.pwrite(fd, chunk[: size - offset], offset)
+    finally:
+        os.close(fd)
+    ops.fsync_file(path)

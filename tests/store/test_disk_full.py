@@ -1,0 +1,233 @@
+"""Admission: a full disk makes commits refuse with StoreFull, loses nothing, and recovers.
+
+The end-to-end test fills a real 16 MB tmpfs (we mount it; where mounting is impossible it falls
+back to the fault-injecting file layer). The unit tests inject ENOSPC/EIO at each step.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from capacitor_trio.store import FileOps, ItemFilter, Store, StoreFull, open_store
+
+from .util import AI, PACS, commit, header, spool_files, write_temp
+
+
+class FaultyOps(FileOps):
+    """Real file operations, except the ones told to fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail: dict[str, int] = {}  # operation -> errno
+        self.free_percent: float | None = None
+
+    def _maybe(self, op: str) -> None:
+        if op in self.fail:
+            raise OSError(self.fail[op], os.strerror(self.fail[op]))
+
+    def fsync_file(self, path: Path) -> None:
+        self._maybe("fsync_file")
+        super().fsync_file(path)
+
+    def fsync_dir(self, path: Path) -> None:
+        self._maybe("fsync_dir")
+        super().fsync_dir(path)
+
+    def rename(self, src: Path, dst: Path) -> None:
+        self._maybe("rename")
+        super().rename(src, dst)
+
+    def unlink(self, path: Path) -> None:
+        if path.name == "reserve":
+            self.fail.pop("index", None)  # giving up the reserve makes room for the index
+        super().unlink(path)
+
+    def before_index_commit(self) -> None:
+        if "index" in self.fail:
+            raise sqlite3.OperationalError("database or disk is full")
+
+    def free_space_percent(self, path: Path) -> float:
+        return super().free_space_percent(path) if self.free_percent is None else self.free_percent
+
+
+def assert_consistent(store: Store, items: list) -> None:  # type: ignore[type-arg]
+    assert list((store.root / "incoming").iterdir()) == []
+    assert spool_files(store.root) == {i.path for i in items}
+
+
+@pytest.mark.parametrize(
+    "op, err",
+    [
+        ("fsync_file", errno.ENOSPC),
+        ("rename", errno.EIO),
+        ("fsync_dir", errno.EIO),
+        ("index", errno.ENOSPC),
+    ],
+)
+async def test_write_error_refuses_and_leaves_nothing(tmp_path: Path, op: str, err: int) -> None:
+    ops = FaultyOps()
+    async with open_store(tmp_path, file_ops=ops, reserve_bytes=0) as store:
+        [kept] = await commit(store)
+        ops.fail[op] = err
+        temp = write_temp(store)
+        with pytest.raises(StoreFull):
+            await store.commit_instance(temp, header(), "CT", [PACS, AI])
+        assert not temp.exists()
+        items, total = await store.list_items(ItemFilter())
+        assert [i.id for i in items] == [kept]
+        assert_consistent(store, items)
+        # space returns: commits work again
+        del ops.fail[op]
+        assert len(await commit(store, [PACS, AI])) == 2
+    async with open_store(tmp_path, reserve_bytes=0) as store:
+        r = store.recovery_report
+        assert (r.orphans, r.missing, r.incoming_removed) == ((), (), 0)
+        assert (await store.counts()).total == 3
+
+
+async def test_min_free_space_refuses_before_writing(tmp_path: Path) -> None:
+    ops = FaultyOps()
+    async with open_store(tmp_path, file_ops=ops, min_free_space_percent=10) as store:
+        store.check_admission()
+        ops.free_percent = 9.5
+        with pytest.raises(StoreFull, match="below minimum"):
+            store.check_admission()
+        temp = write_temp(store)
+        with pytest.raises(StoreFull):
+            await store.commit_instance(temp, header(), "CT", [PACS])
+        assert not temp.exists() and spool_files(tmp_path) == set()
+        ops.free_percent = 11
+        await commit(store)
+
+
+@pytest.fixture(params=["tmpfs", "fault-injection"])
+def small_fs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Path, bool]]:
+    """A 16 MB tmpfs if we may mount one, else a plain directory (fault-injection fallback)."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if request.param == "fault-injection":
+        yield mnt, False
+        return
+    try:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        yield mnt, False
+        return
+    try:
+        yield mnt, True
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=10)
+
+
+async def test_disk_full_refuses_loses_nothing_and_recovers(small_fs: tuple[Path, bool]) -> None:
+    mnt, mounted = small_fs
+    root = mnt / "cache"
+    ops = FaultyOps()
+    acked: dict[int, bytes] = {}
+    refusals: list[str] = []
+
+    async def attempt(store: Store, size: int, *, ballast: Path | None = None) -> bool:
+        data = os.urandom(size)
+        temp = store.new_incoming_path()
+        try:  # the acceptor's own write may hit ENOSPC: it answers 0xA700 itself
+            with open(temp, "wb") as f:
+                f.write(data)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+            await store.discard_incoming(temp)
+            refusals.append("acceptor")
+            return False
+        if ballast is not None:  # something else fills the disk meanwhile
+            fill(ballast)
+        try:
+            ids = await store.commit_instance(temp, header(), "CT", [PACS, AI])
+        except StoreFull as exc:
+            refusals.append(str(exc))
+            return False
+        for i in ids:
+            acked[i] = data
+        return True
+
+    async def check(store: Store) -> list:  # type: ignore[type-arg]
+        items, _ = await store.list_items(ItemFilter(), limit=10_000)
+        assert {i.id for i in items} == set(acked)
+        assert all(i.path.read_bytes() == acked[i.id] for i in items)
+        assert_consistent(store, items)
+        return items
+
+    async with open_store(
+        root, file_ops=ops, reserve_bytes=1 << 20, min_free_space_percent=25
+    ) as store:
+        # 1. the configured minimum refuses first
+        if not mounted:
+            ops.free_percent = 20
+        for _ in range(200):
+            if not await attempt(store, 100_000):
+                break
+        assert refusals and "below minimum" in refusals[-1], refusals
+        await check(store)
+
+        # 2. no minimum configured, and the disk fills up under us: the index write fails
+        store.min_free_space_percent = 0
+        ballast = mnt / "ballast"
+        for n in range(400):
+            if not mounted and n == 20:
+                ops.fail.update(index=errno.ENOSPC)
+            if not await attempt(store, 2_000, ballast=ballast if mounted else None):
+                if refusals[-1] != "acceptor":
+                    break
+                ballast.unlink()  # let the acceptor write its file, then fill again
+        assert "disk" in refusals[-1], refusals[-3:]
+        print(
+            "disk-full refusals:",
+            len(refusals),
+            refusals[0],
+            "|",
+            refusals[-1],
+            "| mounted:",
+            mounted,
+        )
+        assert not store.accepting or not mounted
+        items = await check(store)
+
+        # 3. deliveries keep working on the full disk (the reserve) and free space...
+        await store.delivered([i.id for i in items if i.destination_ae == "PACS"])
+        await store.delivered([i.id for i in items if i.destination_ae == "AI"][::2])
+        for i in [i.id for i in items if i.destination_ae == "PACS"]:
+            del acked[i]
+        for i in [i.id for i in items if i.destination_ae == "AI"][::2]:
+            del acked[i]
+        await check(store)
+        # ...and once space returns, instances are accepted again
+        ballast.unlink(missing_ok=True)
+        ops.fail.clear()
+        assert await attempt(store, 50_000)
+        assert store.accepting
+        await check(store)
+    async with open_store(root, reserve_bytes=1 << 20) as store:
+        r = store.recovery_report
+        assert (r.orphans, r.missing, r.incoming_removed) == ((), (), 0)
+        await check(store)
+
+
+def fill(path: Path) -> None:
+    """Write to `path` until the file system says ENOSPC."""
+    chunk = b"\0" * 65536
+    with open(path, "ab", buffering=0) as f:
+        try:
+            while True:
+                f.write(chunk)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
