@@ -80,7 +80,7 @@ async def test_write_error_refuses_and_leaves_nothing(tmp_path: Path, op: str, e
         with pytest.raises(StoreFull):
             await store.commit_instance(temp, header(), "CT", [PACS, AI])
         assert not temp.exists()
-        items, total = await store.list_items(ItemFilter())
+        items, _ = await store.list_items(ItemFilter())
         assert [i.id for i in items] == [kept]
         assert_consistent(store, items)
         # space returns: commits work again
@@ -142,8 +142,7 @@ async def test_disk_full_refuses_loses_nothing_and_recovers(small_fs: tuple[Path
         data = os.urandom(size)
         temp = store.new_incoming_path()
         try:  # the acceptor's own write may hit ENOSPC: it answers 0xA700 itself
-            with open(temp, "wb") as f:
-                f.write(data)
+            temp.write_bytes(data)
         except OSError as exc:
             assert exc.errno == errno.ENOSPC
             await store.discard_incoming(temp)
