@@ -13,7 +13,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from capacitor_trio.dicom import AcceptorConfig, CannotProcess, OutOfResources, dimse, handle_association
+from capacitor_trio.dicom import (
+    AcceptorConfig,
+    CannotProcess,
+    OutOfResources,
+    dimse,
+    handle_association,
+)
 from capacitor_trio.dicom import pdu as P
 from capacitor_trio.dicom.transport import PeerClosed, Transport
 from tests.helpers.datasets import make_dataset, to_part10_bytes
@@ -25,7 +31,9 @@ CT = str(CTImageStorage)
 EXPLICIT = str(ExplicitVRLittleEndian)
 
 
-def associate_rq(called: str = "CAPACITOR", contexts: tuple[tuple[int, str, str], ...] = ((1, CT, EXPLICIT),)) -> bytes:
+def associate_rq(
+    called: str = "CAPACITOR", contexts: tuple[tuple[int, str, str], ...] = ((1, CT, EXPLICIT),)
+) -> bytes:
     return P.encode_associate_rq(
         "MODALITY", called, [P.ProposedContext(c, a, (t,)) for c, a, t in contexts], 16384
     )
@@ -37,7 +45,15 @@ def dataset_bytes() -> tuple[str, bytes]:
     return str(ds.SOPInstanceUID), raw[144 + struct.unpack_from("<I", raw, 140)[0] :]
 
 
-def store_pdus(sop_instance: str, data: bytes, *, ctx: int = 1, msg_id: int = 1, fragment: int = 4096, sop_class: str = CT) -> list[bytes]:
+def store_pdus(
+    sop_instance: str,
+    data: bytes,
+    *,
+    ctx: int = 1,
+    msg_id: int = 1,
+    fragment: int = 4096,
+    sop_class: str = CT,
+) -> list[bytes]:
     cmd = dimse.encode_c_store_rq(msg_id, sop_class, sop_instance)
     out = [P.encode_command_pdus(ctx, cmd, 16384)]
     for off in range(0, len(data), fragment):
@@ -95,7 +111,9 @@ class Harness:
 
 
 @pytest.fixture
-async def h(nursery: trio.Nursery, tmp_path: Path, autojump_clock: trio.testing.MockClock) -> Harness:
+async def h(
+    nursery: trio.Nursery, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> Harness:
     harness = Harness(tmp_path)
     nursery.start_soon(harness.serve)
     return harness
@@ -107,7 +125,11 @@ async def test_store_and_release(h: Harness, autojump_clock: trio.testing.MockCl
     for pdu in store_pdus(uid, data):
         await h.send(pdu)
     rsp = await h.read_command()
-    assert (rsp.command_field, rsp.status, rsp.message_id_being_responded_to) == (dimse.C_STORE_RSP, 0, 1)
+    assert (rsp.command_field, rsp.status, rsp.message_id_being_responded_to) == (
+        dimse.C_STORE_RSP,
+        0,
+        1,
+    )
     assert rsp.affected_sop_instance_uid == uid
     await h.send(P.RELEASE_RQ_BYTES)
     t, _ = await h.read()
@@ -118,13 +140,17 @@ async def test_store_and_release(h: Harness, autojump_clock: trio.testing.MockCl
     assert (h.sink.out / f"{uid}.dcm").read_bytes().endswith(data)
 
 
-async def test_artim_fires_without_associate_rq(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+async def test_artim_fires_without_associate_rq(
+    h: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
     start = trio.current_time()
     await h.expect_closed()
     assert h.finished_at == pytest.approx(start + 30.0)
 
 
-async def test_linger_after_release_is_bounded_by_artim(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+async def test_linger_after_release_is_bounded_by_artim(
+    h: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
     await h.associate()
     await h.send(P.RELEASE_RQ_BYTES)
     t, _ = await h.read()
@@ -134,14 +160,18 @@ async def test_linger_after_release_is_bounded_by_artim(h: Harness, autojump_clo
     assert h.finished_at == pytest.approx(start + 30.0)
 
 
-async def test_idle_association_aborted_at_client_timeout(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+async def test_idle_association_aborted_at_client_timeout(
+    h: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
     await h.associate()
     start = trio.current_time()
     await h.expect_abort()
     assert h.finished_at == pytest.approx(start + 600.0)
 
 
-async def test_idle_mid_dataset_removes_partial_file(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+async def test_idle_mid_dataset_removes_partial_file(
+    h: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
     uid, data = dataset_bytes()
     await h.associate()
     pdus = store_pdus(uid, data, fragment=1024)
@@ -153,14 +183,20 @@ async def test_idle_mid_dataset_removes_partial_file(h: Harness, autojump_clock:
     assert h.sink.leftovers() == [] and h.sink.received == []
 
 
-@pytest.mark.parametrize("pdu_type", [P.P_DATA_TF, P.A_RELEASE_RQ, P.A_ASSOCIATE_AC, P.A_RELEASE_RP])
-async def test_wrong_pdu_before_association(h: Harness, autojump_clock: trio.testing.MockClock, pdu_type: int) -> None:
+@pytest.mark.parametrize(
+    "pdu_type", [P.P_DATA_TF, P.A_RELEASE_RQ, P.A_ASSOCIATE_AC, P.A_RELEASE_RP]
+)
+async def test_wrong_pdu_before_association(
+    h: Harness, autojump_clock: trio.testing.MockClock, pdu_type: int
+) -> None:
     await h.send(P.PDU_HEADER.pack(pdu_type, 0, 4) + b"\x00" * 4)
     await h.expect_abort()
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
-async def test_unknown_pdu_type(h: Harness, autojump_clock: trio.testing.MockClock, when: str) -> None:
+async def test_unknown_pdu_type(
+    h: Harness, autojump_clock: trio.testing.MockClock, when: str
+) -> None:
     if when == "after":
         await h.associate()
     await h.send(P.PDU_HEADER.pack(0x09, 0, 2) + b"\x00\x00")
@@ -193,13 +229,17 @@ async def test_wrong_pdv_length(h: Harness, autojump_clock: trio.testing.MockClo
     await h.expect_abort()
 
 
-async def test_wrong_associate_rq_length(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+async def test_wrong_associate_rq_length(
+    h: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
     rq = associate_rq()
     await h.send(rq[:2] + struct.pack(">I", 20) + rq[6:26])
     await h.expect_abort()
 
 
-async def test_abort_mid_dataset_leaves_nothing(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+async def test_abort_mid_dataset_leaves_nothing(
+    h: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
     uid, data = dataset_bytes()
     await h.associate()
     for pdu in store_pdus(uid, data, fragment=1024)[:3]:
@@ -209,7 +249,9 @@ async def test_abort_mid_dataset_leaves_nothing(h: Harness, autojump_clock: trio
     assert h.sink.leftovers() == [] and h.sink.received == []
 
 
-async def test_data_on_unaccepted_context(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+async def test_data_on_unaccepted_context(
+    h: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
     uid, data = dataset_bytes()
     await h.associate()
     await h.send(store_pdus(uid, data, ctx=3)[0])
@@ -239,21 +281,35 @@ async def test_contexts_negotiated(h: Harness, autojump_clock: trio.testing.Mock
             (9, CT, "1.2.840.10008.1.2.4.50"),  # JPEG baseline: stored as received
         )
     )
-    assert [(r.context_id, r.result) for r in ac.contexts] == [(1, 0), (3, 0), (5, 3), (7, 4), (9, 0)]
+    assert [(r.context_id, r.result) for r in ac.contexts] == [
+        (1, 0),
+        (3, 0),
+        (5, 3),
+        (7, 4),
+        (9, 0),
+    ]
     assert ac.max_pdu == CONFIG.max_pdu_size
     await h.send(P.encode_command_pdus(3, dimse.encode_c_echo_rq(9), 16384))
     rsp = await h.read_command()
-    assert (rsp.command_field, rsp.message_id_being_responded_to, rsp.status) == (dimse.C_ECHO_RSP, 9, 0)
+    assert (rsp.command_field, rsp.message_id_being_responded_to, rsp.status) == (
+        dimse.C_ECHO_RSP,
+        9,
+        0,
+    )
 
 
-async def test_reject_abstract_syntaxes(nursery: trio.Nursery, tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+async def test_reject_abstract_syntaxes(
+    nursery: trio.Nursery, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     h = Harness(tmp_path, AcceptorConfig(reject_abstract_syntaxes=frozenset({CT})))
     nursery.start_soon(h.serve)
     ac = await h.associate(contexts=((1, CT, EXPLICIT),))
     assert ac.contexts[0].result == P.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED
 
 
-async def test_busy_is_transient_reject(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+async def test_busy_is_transient_reject(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     h = Harness(tmp_path)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lambda: handle_association(h.server_stream, CONFIG, h.sink, busy=True))
@@ -263,7 +319,9 @@ async def test_busy_is_transient_reject(tmp_path: Path, autojump_clock: trio.tes
         await h.client_stream.aclose()
 
 
-async def test_admission_refused_writes_nothing(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+async def test_admission_refused_writes_nothing(
+    h: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
     h.sink.admission_error = OutOfResources("disk full")
     uid, data = dataset_bytes()
     await h.associate()
@@ -278,7 +336,9 @@ async def test_admission_refused_writes_nothing(h: Harness, autojump_clock: trio
 @pytest.mark.parametrize(
     ("error", "status"), [(OutOfResources("full"), 0xA700), (CannotProcess("bad"), 0xC001)]
 )
-async def test_sink_errors_remove_file(h: Harness, autojump_clock: trio.testing.MockClock, error: Exception, status: int) -> None:
+async def test_sink_errors_remove_file(
+    h: Harness, autojump_clock: trio.testing.MockClock, error: Exception, status: int
+) -> None:
     h.sink.receive_error = error
     uid, data = dataset_bytes()
     await h.associate()
@@ -301,7 +361,9 @@ async def test_uid_mismatch_and_garbage(h: Harness, autojump_clock: trio.testing
     assert h.sink.leftovers() == [] and h.sink.received == []
 
 
-async def test_response_waits_for_durable_queue(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+async def test_response_waits_for_durable_queue(
+    h: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
     h.sink.hold = trio.Event()
     uid, data = dataset_bytes()
     await h.associate()
@@ -316,7 +378,9 @@ async def test_response_waits_for_durable_queue(h: Harness, autojump_clock: trio
     assert (await h.read_command()).status == 0
 
 
-async def test_cancellation_removes_partial_file(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+async def test_cancellation_removes_partial_file(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
     h = Harness(tmp_path)
     uid, data = dataset_bytes()
     async with trio.open_nursery() as nursery:
@@ -361,7 +425,9 @@ async def _fuzz_once(raw: bytes, tmp: Path) -> list[int]:
 
 def _run_fuzz(raw: bytes) -> list[int]:
     with tempfile.TemporaryDirectory() as d:
-        return trio.run(_fuzz_once, raw, Path(d), clock=trio.testing.MockClock(autojump_threshold=0))
+        return trio.run(
+            _fuzz_once, raw, Path(d), clock=trio.testing.MockClock(autojump_threshold=0)
+        )
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -372,7 +438,12 @@ def test_fuzz_random_bytes(raw: bytes) -> None:
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=6), st.integers(0, len(VALID)))
+@given(
+    st.lists(
+        st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=6
+    ),
+    st.integers(0, len(VALID)),
+)
 def test_fuzz_mutated_session(mutations: list[tuple[int, int]], cut: int) -> None:
     raw = bytearray(VALID)
     for pos, value in mutations:
@@ -380,4 +451,10 @@ def test_fuzz_mutated_session(mutations: list[tuple[int, int]], cut: int) -> Non
     answers = _run_fuzz(bytes(raw[:cut]) if cut else bytes(raw))
     if answers and answers[0] != P.A_ASSOCIATE_AC:
         assert set(answers) <= {P.A_ABORT, P.A_ASSOCIATE_RJ}
-    assert set(answers) <= {P.A_ABORT, P.A_ASSOCIATE_RJ, P.A_ASSOCIATE_AC, P.P_DATA_TF, P.A_RELEASE_RP}
+    assert set(answers) <= {
+        P.A_ABORT,
+        P.A_ASSOCIATE_RJ,
+        P.A_ASSOCIATE_AC,
+        P.P_DATA_TF,
+        P.A_RELEASE_RP,
+    }

@@ -374,7 +374,9 @@ class _Association:
     def _start_store(self, cmd: dimse.Command, ctx: int) -> None:
         inc = _Incoming(cmd, ctx, self.contexts[ctx].transfer_syntax)
         self.incoming = inc
-        if not (_valid_uid(cmd.affected_sop_class_uid) and _valid_uid(cmd.affected_sop_instance_uid)):
+        if not (
+            _valid_uid(cmd.affected_sop_class_uid) and _valid_uid(cmd.affected_sop_instance_uid)
+        ):
             inc.refusal = (S.STATUS_UNPARSEABLE, "invalid SOP UID in the command")
             log.warning("C-STORE from %s refused: invalid SOP UID in the command", self.calling_ae)
             return

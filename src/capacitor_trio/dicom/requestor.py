@@ -176,8 +176,10 @@ class _Session:
         self.failure: _Failed | None = None
         self.scope: trio.CancelScope | None = None
         self.released = trio.Event()
-        self.sending = False
-        self.send_phase = 0
+        self.send_seconds = 0.0
+        self.send_bytes = 0
+        self.send_started: float | None = None
+        self.send_started_bytes = 0
         self.message_id = 0
 
     def report(self, index: int, outcome: Outcome) -> None:
@@ -348,8 +350,6 @@ class _Session:
             if remaining <= 0:
                 return Rejected(f"spool file {inst.path} has no data set")
             f.seek(offset)
-            self.sending = True
-            self.send_phase += 1
             prefix: bytes = cmd
             max_data = fragment - 6
             while remaining > 0:
@@ -364,13 +364,11 @@ class _Session:
                         await trio.to_thread.run_sync(_read_into, f, mv[head + 12 :])
                     else:
                         _read_into(f, mv[head + 12 :])
-                await self.t.send_all(buf)
+                await self._timed_send(buf)
                 prefix = b""
         except HeaderError as exc:
             raise _Failed(RetryLater(f"spool file changed while sending: {exc}")) from None
         finally:
-            self.sending = False
-            self.send_phase += 1
             f.close()
         with trio.move_on_after(self.options.dimse_timeout):
             while True:
@@ -435,25 +433,50 @@ class _Session:
                 self.fail(_Failed(RetryLater(f"stalled: no bytes either way for {threshold}s")))
                 return
 
-    async def _line_speed_watchdog(self) -> None:
+    def _sending_totals(self) -> tuple[float, int]:
+        """(seconds spent in sends, bytes sent in them) since the last line-speed check."""
         assert self.t is not None
+        seconds, sent = self.send_seconds, self.send_bytes
+        if self.send_started is not None:
+            seconds += trio.current_time() - self.send_started
+            sent += self.t.bytes_sent - self.send_started_bytes
+        return seconds, sent
+
+    async def _timed_send(self, data: bytearray) -> None:
+        """send_all, accounting the time spent blocked in it for the line-speed check."""
+        assert self.t is not None
+        self.send_started = trio.current_time()
+        self.send_started_bytes = self.t.bytes_sent
+        try:
+            await self.t.send_all(data)
+        finally:
+            self.send_seconds += trio.current_time() - self.send_started
+            self.send_bytes += self.t.bytes_sent - self.send_started_bytes
+            self.send_started = None
+
+    async def _line_speed_watchdog(self) -> None:
+        """Abort when, over LINE_SPEED_WINDOW seconds spent sending data, the average rate is
+        below half the configured minimum. Time spent waiting for responses does not count."""
         floor = self.options.minimum_line_speed_kbps * 1024 / 2
         while True:
-            phase, sent = self.send_phase, self.t.bytes_sent
-            start = trio.current_time()
-            await trio.sleep(LINE_SPEED_WINDOW)
-            if self.sending and self.send_phase == phase:
-                rate = (self.t.bytes_sent - sent) / (trio.current_time() - start)
-                if rate < floor:
-                    self.fail(
-                        _Failed(
-                            RetryLater(
-                                f"line speed {rate / 1024:.1f} KB/s below minimum "
-                                f"{self.options.minimum_line_speed_kbps} KB/s"
-                            )
+            await trio.sleep(LINE_SPEED_WINDOW / 4)
+            seconds, sent = self._sending_totals()
+            if seconds < LINE_SPEED_WINDOW:
+                continue
+            rate = sent / seconds
+            if rate < floor:
+                self.fail(
+                    _Failed(
+                        RetryLater(
+                            f"line speed {rate / 1024:.1f} KB/s below minimum "
+                            f"{self.options.minimum_line_speed_kbps} KB/s"
                         )
                     )
-                    return
+                )
+                return
+            # start a new window
+            self.send_seconds -= seconds
+            self.send_bytes -= sent
 
 
 async def send_batch(

@@ -1,0 +1,348 @@
+"""Requestor failure modes on in-memory streams with virtual time; status mapping."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+from capacitor_trio.dicom import (
+    AcceptorConfig,
+    Peer,
+    SendOptions,
+    handle_association,
+    requestor,
+    send_batch,
+)
+from capacitor_trio.dicom import pdu as P
+from capacitor_trio.dicom.status import store_status_outcome
+from capacitor_trio.dicom.transport import PeerClosed, Transport
+from capacitor_trio.domain.outcomes import Delivered, Rejected, RetryLater
+
+from .conftest import DirSink, outgoing, write_corpus
+
+PEER = Peer("CAPACITOR", "peer.invalid", 104)
+
+
+class SlowStream(trio.abc.Stream):
+    """Wraps a stream: sends at `rate` bytes per virtual second."""
+
+    def __init__(self, inner: trio.abc.Stream, rate: int) -> None:
+        self.inner, self.rate = inner, rate
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        for off in range(0, len(view), 1024):
+            await trio.sleep(min(1024, len(view) - off) / self.rate)
+            await self.inner.send_all(view[off : off + 1024])
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.fixture(autouse=True)
+def no_thread_hops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Virtual time jumps while a worker thread runs; keep file I/O on the loop in these tests."""
+    from capacitor_trio.dicom import acceptor
+
+    monkeypatch.setattr(requestor, "THREAD_READ_THRESHOLD", 1 << 40)
+    monkeypatch.setattr(acceptor, "THREAD_WRITE_THRESHOLD", 1 << 40)
+
+
+@pytest.fixture
+def fake_network(monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery, tmp_path: Path):
+    """Connections go to `serve(stream)`, by default our own acceptor with a DirSink."""
+
+    class Net:
+        sink = DirSink(tmp_path / "peer")
+        config = AcceptorConfig(artim_timeout=30, client_timeout=3600)
+        rate: int | None = None
+        peer_stream: trio.abc.Stream | None = None
+        peer_done = trio.Event()
+
+        async def serve(self, stream: trio.abc.Stream) -> None:
+            try:
+                await handle_association(stream, self.config, self.sink)
+            finally:
+                self.peer_done.set()
+
+    net = Net()
+
+    async def open_stream(host: str, port: int) -> trio.abc.Stream:
+        ours, theirs = trio.testing.memory_stream_pair()
+        net.peer_stream = theirs
+        nursery.start_soon(net.serve, theirs)
+        return SlowStream(ours, net.rate) if net.rate else ours
+
+    monkeypatch.setattr(requestor, "_open_stream", open_stream)
+    return net
+
+
+def collect() -> tuple[dict[int, object], object]:
+    got: dict[int, object] = {}
+
+    def on_outcome(i: int, o: object) -> None:
+        assert i not in got
+        got[i] = o
+
+    return got, on_outcome
+
+
+async def test_batch_delivered(
+    fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    files = write_corpus(tmp_path / "in", 3)
+    got, cb = collect()
+    await send_batch(PEER, [outgoing(f) for f in files], SendOptions("ROUTER"), cb)
+    assert got == {0: Delivered(), 1: Delivered(), 2: Delivered()}
+    assert len(fake_network.sink.received) == 3
+
+
+async def test_dimse_timeout(
+    fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    fake_network.sink.hold = trio.Event()  # the peer never answers
+    files = write_corpus(tmp_path / "in", 2)
+    got, cb = collect()
+    start = trio.current_time()
+    await send_batch(
+        PEER,
+        [outgoing(f) for f in files],
+        SendOptions("ROUTER", dimse_timeout=60, stall_threshold=0),
+        cb,
+    )
+    assert trio.current_time() - start == pytest.approx(60)
+    assert all(isinstance(o, RetryLater) for o in got.values()) and len(got) == 2
+    assert "no C-STORE response within 60" in got[0].reason
+    fake_network.sink.hold.set()  # the acceptor answers only after its sink returns
+    await fake_network.peer_done.wait()  # we aborted; the acceptor ended and cleaned up
+    assert fake_network.sink.leftovers() == []
+
+
+async def test_stall_detector(
+    fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    fake_network.sink.hold = trio.Event()
+    files = write_corpus(tmp_path / "in", 1)
+    got, cb = collect()
+    start = trio.current_time()
+    await send_batch(
+        PEER,
+        [outgoing(f) for f in files],
+        SendOptions("ROUTER", dimse_timeout=300, stall_threshold=90),
+        cb,
+    )
+    assert trio.current_time() - start == pytest.approx(90)
+    assert "stalled" in got[0].reason
+
+
+async def test_connect_timeout(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def never(host: str, port: int) -> trio.abc.Stream:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    monkeypatch.setattr(requestor, "_open_stream", never)
+    got, cb = collect()
+    start = trio.current_time()
+    await send_batch(
+        PEER,
+        [outgoing(f) for f in write_corpus(tmp_path / "in", 2)],
+        SendOptions("ROUTER", connect_timeout=30),
+        cb,
+    )
+    assert trio.current_time() - start == pytest.approx(30)
+    assert (
+        all(isinstance(o, RetryLater) and "timed out" in o.reason for o in got.values())
+        and len(got) == 2
+    )
+
+
+async def test_minimum_line_speed(
+    fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    fake_network.rate = 10 * 1024  # 10 KB/s
+    files = write_corpus(tmp_path / "in", 1, rows=512)
+    got, cb = collect()
+    start = trio.current_time()
+    await send_batch(
+        PEER,
+        [outgoing(f) for f in files],
+        SendOptions("ROUTER", minimum_line_speed_kbps=100, stall_threshold=0),
+        cb,
+    )
+    assert isinstance(got[0], RetryLater) and "line speed" in got[0].reason
+    assert trio.current_time() - start < 25  # well before the 50 s the transfer would take
+    await fake_network.peer_done.wait()
+    assert fake_network.sink.leftovers() == []
+
+
+async def test_fast_enough_line_passes(
+    fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    fake_network.rate = 200 * 1024
+    got, cb = collect()
+    files = write_corpus(tmp_path / "in", 1, rows=512)
+    await send_batch(
+        PEER, [outgoing(f) for f in files], SendOptions("ROUTER", minimum_line_speed_kbps=100), cb
+    )
+    assert got == {0: Delivered()}
+
+
+async def test_cancellation_aborts_and_leaves_unreported(
+    fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    files = write_corpus(tmp_path / "in", 3)
+    got: dict[int, object] = {}
+    release = trio.Event()
+
+    def on_outcome(i: int, o: object) -> None:
+        got[i] = o
+        fake_network.sink.hold = release  # hold the second instance forever
+
+    with trio.move_on_after(100) as cs:
+        await send_batch(
+            PEER,
+            [outgoing(f) for f in files],
+            SendOptions("ROUTER", dimse_timeout=1000, stall_threshold=0),
+            on_outcome,
+        )
+    assert cs.cancelled_caught
+    assert got == {0: Delivered()}
+    release.set()
+    await fake_network.peer_done.wait()
+    assert fake_network.sink.leftovers() == []
+
+
+async def test_peer_abort_mid_batch(
+    monkeypatch: pytest.MonkeyPatch,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def open_stream(host: str, port: int) -> trio.abc.Stream:
+        ours, theirs = trio.testing.memory_stream_pair()
+
+        async def peer() -> None:
+            t = Transport(theirs)
+            kind, body = await t.read_pdu()
+            rq = P.decode_associate_rq(P.PDU_HEADER.pack(kind, 0, len(body)) + bytes(body))
+            results = [
+                P.ContextResult(c.context_id, 0, c.transfer_syntaxes[0]) for c in rq.contexts
+            ]
+            await t.send_all(P.encode_associate_ac(rq, results, 16384))
+            await t.read_pdu()
+            await t.send_all(P.abort_bytes(2, 0))
+
+        nursery.start_soon(peer)
+        return ours
+
+    monkeypatch.setattr(requestor, "_open_stream", open_stream)
+    got, cb = collect()
+    await send_batch(
+        PEER, [outgoing(f) for f in write_corpus(tmp_path / "in", 3)], SendOptions("ROUTER"), cb
+    )
+    assert len(got) == 3 and all(
+        isinstance(o, RetryLater) and "aborted" in o.reason for o in got.values()
+    )
+
+
+async def test_transient_reject_and_refused_context(
+    monkeypatch: pytest.MonkeyPatch,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def open_stream(host: str, port: int) -> trio.abc.Stream:
+        ours, theirs = trio.testing.memory_stream_pair()
+
+        async def peer() -> None:
+            t = Transport(theirs)
+            await t.read_pdu()
+            await t.send_all(P.encode_associate_rj(2, 3, 1))
+            with contextlib.suppress(PeerClosed):
+                await t.read_pdu()
+
+        nursery.start_soon(peer)
+        return ours
+
+    monkeypatch.setattr(requestor, "_open_stream", open_stream)
+    got, cb = collect()
+    await send_batch(
+        PEER, [outgoing(f) for f in write_corpus(tmp_path / "in", 2)], SendOptions("ROUTER"), cb
+    )
+    assert all(isinstance(o, RetryLater) and "transient" in o.reason for o in got.values())
+
+
+async def test_rejected_context_for_sop_class(
+    fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    import attrs
+
+    fake_network.config = attrs.evolve(
+        fake_network.config, reject_abstract_syntaxes=frozenset({"1.2.840.10008.5.1.4.1.1.4"})
+    )
+    from tests.helpers.datasets import make_dataset, write_dataset
+
+    mr = write_dataset(
+        tmp_path / "mr.dcm", make_dataset(sop_class_uid="1.2.840.10008.5.1.4.1.1.4", modality="MR")
+    )
+    ct = write_corpus(tmp_path / "in", 1)[0]
+    got, cb = collect()
+    await send_batch(PEER, [outgoing(mr), outgoing(ct)], SendOptions("ROUTER"), cb)
+    assert isinstance(got[0], Rejected) and "abstract syntax not supported" in got[0].reason
+    assert got[1] == Delivered()
+
+
+async def test_missing_spool_file_is_rejected(
+    fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    f = write_corpus(tmp_path / "in", 2)
+    items = [outgoing(p) for p in f]
+    f[0].unlink()
+    got, cb = collect()
+    await send_batch(PEER, items, SendOptions("ROUTER"), cb)
+    assert isinstance(got[0], Rejected) and got[1] == Delivered()
+
+
+async def test_empty_batch_does_nothing() -> None:
+    await send_batch(
+        PEER, [], SendOptions("ROUTER"), lambda i, o: pytest.fail("no outcome expected")
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (0x0000, Delivered),
+        (0xB000, Delivered),
+        (0xB006, Delivered),
+        (0xB007, Delivered),
+        (0xA700, RetryLater),
+        (0xA7FF, RetryLater),
+        (0xA900, Rejected),
+        (0xC000, Rejected),
+        (0xC211, Rejected),
+        (0x0122, Rejected),
+        (0x0211, Rejected),
+    ],
+)
+def test_status_mapping(status: int, kind: type) -> None:
+    outcome = store_status_outcome(status)
+    assert isinstance(outcome, kind)
+    if status in (0xB000, 0xB006, 0xB007):
+        assert f"0x{status:04X}" in outcome.warning
+
+
+_ = (CTImageStorage, ExplicitVRLittleEndian)
