@@ -45,7 +45,7 @@ CREATE TABLE items (
     next_attempt_at     REAL,
     created_at          REAL NOT NULL,
     updated_at          REAL NOT NULL,
-    search_text         TEXT NOT NULL
+    search_text         TEXT NOT NULL  -- lower-cased UIDs, AE titles, accession, patient ID
 );
 CREATE INDEX items_instance ON items(instance_id);
 CREATE INDEX items_queue ON items(destination_ae, destination_role, state, checked_out, created_at, id);
@@ -58,6 +58,8 @@ CREATE INDEX items_source ON items(source_ae);
 CREATE INDEX items_modality ON items(modality);
 CREATE INDEX items_series ON items(series_uid);
 CREATE INDEX items_study ON items(study_uid);
+-- covering index for free-text search: a substring scan reads this, not the whole rows
+CREATE INDEX items_search ON items(search_text);
 CREATE INDEX items_checked_out ON items(checked_out) WHERE checked_out = 1;
 -- files whose last item went away in a committed transaction: unlinked after the commit,
 -- and again by recovery if the process died in between.

@@ -48,11 +48,6 @@ def _chunks(seq: Sequence[T], n: int = _CHUNK) -> Iterable[Sequence[T]]:
         yield seq[k : k + n]
 
 
-def _like_pattern(term: str) -> str:
-    escaped = term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped}%"
-
-
 def _where(f: ItemFilter) -> tuple[str, list[Any]]:
     clauses: list[str] = []
     params: list[Any] = []
@@ -69,8 +64,8 @@ def _where(f: ItemFilter) -> tuple[str, list[Any]]:
             clauses.append(f"{column} = ?")
             params.append(value)
     if f.search:
-        clauses.append("i.search_text LIKE ? ESCAPE '\\'")
-        params.append(_like_pattern(f.search))
+        clauses.append("instr(i.search_text, ?) > 0")
+        params.append(f.search.lower())
     return (" AND ".join(clauses) or "1"), params
 
 
@@ -95,7 +90,8 @@ def _state(value: str) -> str:
 
 def _search_text(header: InstanceHeader, source_ae: str, dest: Destination) -> str:
     return "\x1f".join(
-        (
+        s.lower()
+        for s in (
             header.study_instance_uid,
             header.series_instance_uid,
             header.sop_instance_uid,
@@ -782,10 +778,21 @@ class Store:
         where, params = _where(f)
 
         def q(conn: sqlite3.Connection) -> tuple[list[Item], int]:
-            rows = conn.execute(
-                f"{_SELECT_ITEMS} WHERE {where} ORDER BY i.id LIMIT ? OFFSET ?",
-                (*params, max(0, limit), max(0, skip)),
-            ).fetchall()
+            if f.search:
+                # matching ids from the covering search index, then the rows of the page
+                page = (
+                    f"i.id IN (SELECT i.id FROM items i INDEXED BY items_search WHERE {where} "
+                    "ORDER BY i.id LIMIT ? OFFSET ?)"
+                )
+                rows = conn.execute(
+                    f"{_SELECT_ITEMS} WHERE {page} ORDER BY i.id",
+                    (*params, max(0, limit), max(0, skip)),
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    f"{_SELECT_ITEMS} WHERE {where} ORDER BY i.id LIMIT ? OFFSET ?",
+                    (*params, max(0, limit), max(0, skip)),
+                ).fetchall()
             total = conn.execute(f"SELECT COUNT(*) FROM items i WHERE {where}", params).fetchone()[
                 0
             ]
