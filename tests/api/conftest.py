@@ -210,7 +210,7 @@ async def bulk_insert(store: Any, n: int, *, dest: str = "PACS", role: str = "St
                 instance_id, st, source, dest, role, study, study + ".1", sop, "1.2.840.10008.5.1.4.1.1.2",
                 modality, f"PID{k % 50}", "DOE^JANE", f"ACC{k}", "1.2.840.10008.1.2.1", 910,
                 now if st == "failed" else None, now, now,
-                "\x1f".join((study, study + ".1", sop, source, dest, f"ACC{k}", f"PID{k % 50}")),
+                "\x1f".join((study, study + ".1", sop, source, dest, f"ACC{k}", f"PID{k % 50}")).lower(),
             ))
         conn.executemany(
             "INSERT INTO items(instance_id, state, source_ae, destination_ae, destination_role, "

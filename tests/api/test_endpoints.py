@@ -137,6 +137,7 @@ async def test_internal_errors_never_show_a_traceback(start_router: StartRouter,
         raise RuntimeError("secret detail of the failure")
 
     monkeypatch.setattr(r.router.store, "counts", broken)
+    monkeypatch.setattr(r.router.store, "_read", broken)
     msg = error(await r.client.get("/api/metrics"), "INTERNAL", 500)
     assert "secret detail" not in msg
     resp = await r.client.get("/api/queue/stats")

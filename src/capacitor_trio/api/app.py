@@ -38,7 +38,7 @@ from capacitor_trio.config.models import NODE_ROLES, Node
 from capacitor_trio.dicom.requestor import Peer
 from capacitor_trio.domain.instance import Destination
 from capacitor_trio.logs import LEVELS, parse_level
-from capacitor_trio.store import STATES, ItemFilter
+from capacitor_trio.store import STATES, Counts, ItemFilter
 
 from .auth import COOKIE, SESSION_TTL, Auth
 from .envelope import (
@@ -53,6 +53,7 @@ from .envelope import (
     ok,
     translate,
 )
+from .queries import counts_all, counts_by_destination
 from .views import item_json, node_json, read_tags
 
 #: How long an echo may take (the page: "Times out after 10 seconds").
@@ -272,9 +273,20 @@ class Api:
     # ---- nodes -------------------------------------------------------------------------------
 
     async def list_nodes(self) -> Response:
+        try:
+            by_dest = await counts_by_destination(self.store)
+        except NotImplementedError:
+            by_dest = None
         out = []
         for node in list(self.router.nodes):
-            out.append(node_json(node, await self.node_status(node)))
+            handle = self.handle_for(node)
+            if handle is None:
+                status = None
+            elif by_dest is None:
+                status = self.supervisor.snapshot(handle, await self.store.counts(handle.destination))
+            else:
+                status = self.supervisor.snapshot(handle, by_dest.get(node.key, Counts()))
+            out.append(node_json(node, status))
         return ok(out)
 
     async def get_node(self, ae: str) -> Response:
@@ -532,7 +544,7 @@ class Api:
     async def processing_status(self) -> Response:
         r = self.router
         service = r.service
-        counts = await self.store.counts()
+        counts = await counts_all(self.store)
         now = r.clock()
         nodes = []
         sends = 0
@@ -563,7 +575,7 @@ class Api:
         )
 
     async def metrics(self) -> Response:
-        counts = await self.store.counts()
+        counts = await counts_all(self.store)
         return ok(
             {
                 "totalItems": counts.total,
@@ -590,7 +602,7 @@ class Api:
     # ---- backward compatible (no envelope) ---------------------------------------------------
 
     async def queue_stats(self) -> Response:
-        counts = await self.store.counts()
+        counts = await counts_all(self.store)
         return json_response(
             {"total": counts.total, "byState": {s: getattr(counts, s) for s in STATES}, "checkedOut": counts.checked_out}
         )
