@@ -122,24 +122,41 @@ def read_meta(fp: BinaryIO) -> tuple[int, dict[int, bytes]]:
         fp.seek(off)
 
 
-def _str(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    if value is None:
-        return ""
-    return str(value).strip("\x00 ")
+_FAST_CHARSETS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 
 
 def _header_from(ds: Dataset, transfer_syntax_uid: str) -> InstanceHeader:
+    """The index fields, decoded from the raw element bytes when the character set is simple
+    (converting through pydicom's value classes costs ~0.3 ms per instance)."""
+    charset_el = ds.get_item(0x00080005)
+    charset = ""
+    if charset_el is not None and charset_el.value:
+        raw_cs = charset_el.value
+        charset = (
+            raw_cs.decode("ascii", "replace") if isinstance(raw_cs, bytes) else str(raw_cs)
+        ).strip("\x00 ")
+    codec = _FAST_CHARSETS.get(charset)
+
+    def text(tag: int, keyword: str) -> str:
+        el = ds.get_item(tag)
+        if el is None or el.value is None:
+            return ""
+        value = el.value
+        if isinstance(value, bytes) and codec is not None:
+            return value.decode(codec, "replace").strip("\x00 ")
+        converted = ds.get(keyword)
+        return "" if converted is None else str(converted).strip("\x00 ")
+
     return InstanceHeader(
-        sop_class_uid=_str(ds, "SOPClassUID"),
-        sop_instance_uid=_str(ds, "SOPInstanceUID"),
+        sop_class_uid=text(0x00080016, "SOPClassUID"),
+        sop_instance_uid=text(0x00080018, "SOPInstanceUID"),
         transfer_syntax_uid=transfer_syntax_uid,
-        study_instance_uid=_str(ds, "StudyInstanceUID"),
-        series_instance_uid=_str(ds, "SeriesInstanceUID"),
-        modality=_str(ds, "Modality"),
-        patient_id=_str(ds, "PatientID"),
-        patient_name=_str(ds, "PatientName"),
-        accession_number=_str(ds, "AccessionNumber"),
+        study_instance_uid=text(0x0020000D, "StudyInstanceUID"),
+        series_instance_uid=text(0x0020000E, "SeriesInstanceUID"),
+        modality=text(0x00080060, "Modality"),
+        patient_id=text(0x00100020, "PatientID"),
+        patient_name=text(0x00100010, "PatientName"),
+        accession_number=text(0x00080050, "AccessionNumber"),
     )
 
 

@@ -1,0 +1,469 @@
+#!/usr/bin/env python
+"""DICOM transport benchmark: our Trio upper layer against DCMTK, measured in the same run.
+
+Usage:  .venv/bin/python bench/transport.py [--rounds 3] [--corpus L,S] [--skip-pynetdicom]
+
+Scenarios (images/s and MB/s, median of interleaved rounds, ratio to the reference):
+  ref        DCMTK storescu -> storescp (-pdu 131072, TCP_NODELAY=1, storescp writes files)
+  acc        storescu -> our acceptor, no fsync (the sink renames the file)
+  acc-dur    storescu -> our acceptor, durable commit (fsync file, rename, fsync dir)
+  fsync-loop a plain Python loop writing + fsyncing the same files to the same disk
+  req        our requestor -> storescp
+  acc-nagle  storescu with Nagle left on (no TCP_NODELAY) -> our acceptor
+  req-nagle  our requestor -> storescp with Nagle left on
+  pyn        pynetdicom SCU -> pynetdicom SCP (raw bytes written)
+
+Corpora (generated once into bench/.corpus/, gitignored): L = 500 x 512x512x16 bit (~0.5 MB),
+S = 2000 x 64x64x16 bit. Our acceptor and requestor run in their own processes, like DCMTK.
+Times: DCMTK tools and the fsync loop are timed from outside (process start to exit); our
+requestor and pynetdicom's SCU report the time from connect to release (their Python start-up,
+~0.3 s of imports, is not part of the transport).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+CORPUS = ROOT / ".corpus"
+PY = sys.executable
+CORPORA = {"L": (500, 512), "S": (2000, 64)}
+
+
+# ----------------------------------------------------------------------------- corpus
+
+
+def make_corpus(name: str) -> Path:
+    count, size = CORPORA[name]
+    d = CORPUS / name
+    manifest = d / "manifest.json"
+    if manifest.exists() and len(json.loads(manifest.read_text())) == count:
+        return d
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    study = generate_uid()
+    series = generate_uid()
+    items = []
+    for i in range(count):
+        ds = Dataset()
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series
+        ds.Modality = "CT"
+        ds.PatientID = "BENCH"
+        ds.PatientName = "BENCH^MARK"
+        ds.AccessionNumber = "ACC"
+        ds.InstanceNumber = i + 1
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit = 15
+        ds.PixelRepresentation = 0
+        ds.PixelData = rng.integers(0, 4096, size * size, dtype="<u2").tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = d / f"img{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        items.append(
+            [str(path), str(ds.SOPClassUID), str(ds.SOPInstanceUID), ExplicitVRLittleEndian]
+        )
+    manifest.write_text(json.dumps(items))
+    return d
+
+
+def corpus_files(d: Path) -> list[list[str]]:
+    return json.loads((d / "manifest.json").read_text())
+
+
+def corpus_bytes(d: Path) -> int:
+    return sum(os.path.getsize(p) for p, *_ in corpus_files(d))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def env(nodelay: bool) -> dict[str, str]:
+    e = dict(os.environ)
+    e.pop("TCP_NODELAY", None)
+    if nodelay:
+        e["TCP_NODELAY"] = "1"
+    return e
+
+
+def fresh_dir(name: str) -> Path:
+    d = CORPUS / "out" / name
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    return d
+
+
+def run_storescu(port: int, d: Path, *, nodelay: bool, aec: str) -> float:
+    files = [p for p, *_ in corpus_files(d)]
+    cmd = [
+        "storescu",
+        "-aet",
+        "BENCH",
+        "-aec",
+        aec,
+        "-pdu",
+        "131072",
+        "127.0.0.1",
+        str(port),
+        *files,
+    ]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, env=env(nodelay), capture_output=True, check=False)
+    elapsed = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise RuntimeError(f"storescu failed: {r.stderr.decode()[-500:]}")
+    return elapsed
+
+
+class Server:
+    def __init__(self, argv: list[str], port: int, nodelay: bool = True) -> None:
+        self.proc = subprocess.Popen(
+            argv, env=env(nodelay), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        self.port = port
+        wait_listening(port, self.proc)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def storescp(out: Path, nodelay: bool = True) -> Server:
+    port = free_port()
+    return Server(["storescp", "-od", str(out), "-pdu", "131072", "+B", str(port)], port, nodelay)
+
+
+def our_acceptor(out: Path, durable: bool) -> Server:
+    port = free_port()
+    argv = [PY, __file__, "--serve-acceptor", str(port), str(out)] + (
+        ["--durable"] if durable else []
+    )
+    return Server(argv, port)
+
+
+def run_requestor(port: int, d: Path, ae: str = "STORESCP") -> float:
+    r = subprocess.run(
+        [PY, __file__, "--send", str(port), str(d), ae], capture_output=True, check=False, text=True
+    )
+    if r.returncode != 0:
+        raise RuntimeError(f"requestor failed: {r.stderr[-1500:]}")
+    return float(r.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+
+def sc_ref(d: Path) -> float:
+    out = fresh_dir("ref")
+    srv = storescp(out)
+    try:
+        return run_storescu(srv.port, d, nodelay=True, aec="STORESCP")
+    finally:
+        srv.stop()
+
+
+def _acc(d: Path, *, durable: bool, nodelay: bool) -> float:
+    out = fresh_dir("acc")
+    srv = our_acceptor(out, durable)
+    try:
+        return run_storescu(srv.port, d, nodelay=nodelay, aec="CAPACITOR")
+    finally:
+        srv.stop()
+
+
+def sc_acc(d: Path) -> float:
+    return _acc(d, durable=False, nodelay=True)
+
+
+def sc_acc_dur(d: Path) -> float:
+    return _acc(d, durable=True, nodelay=True)
+
+
+def sc_acc_nagle(d: Path) -> float:
+    return _acc(d, durable=False, nodelay=False)
+
+
+def sc_fsync_loop(d: Path) -> float:
+    out = fresh_dir("loop")
+    files = [p for p, *_ in corpus_files(d)]
+    t0 = time.perf_counter()
+    dfd = os.open(out, os.O_RDONLY)
+    try:
+        for i, p in enumerate(files):
+            data = Path(p).read_bytes()
+            fd = os.open(out / f"{i}.dcm", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return time.perf_counter() - t0
+
+
+def _req(d: Path, nodelay: bool) -> float:
+    out = fresh_dir("req")
+    srv = storescp(out, nodelay=nodelay)
+    try:
+        return run_requestor(srv.port, d)
+    finally:
+        srv.stop()
+
+
+def sc_req(d: Path) -> float:
+    return _req(d, True)
+
+
+def sc_req_nagle(d: Path) -> float:
+    return _req(d, False)
+
+
+def sc_pyn(d: Path) -> float:
+    out = fresh_dir("pyn")
+    port = free_port()
+    srv = Server([PY, __file__, "--serve-pynetdicom", str(port), str(out)], port)
+    try:
+        r = subprocess.run(
+            [PY, __file__, "--send-pynetdicom", str(port), str(d)],
+            capture_output=True,
+            check=False,
+            text=True,
+        )
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr[-1500:])
+        return float(r.stdout.strip().splitlines()[-1])
+    finally:
+        srv.stop()
+
+
+SCENARIOS = {
+    "ref": ("DCMTK storescu -> storescp (reference)", sc_ref),
+    "acc": ("storescu -> our acceptor, no fsync", sc_acc),
+    "acc-dur": ("storescu -> our acceptor, durable commit", sc_acc_dur),
+    "fsync-loop": ("Python write+fsync loop (durability reference)", sc_fsync_loop),
+    "req": ("our requestor -> storescp", sc_req),
+    "acc-nagle": ("storescu (Nagle on) -> our acceptor", sc_acc_nagle),
+    "req-nagle": ("our requestor -> storescp (Nagle on)", sc_req_nagle),
+    "pyn": ("pynetdicom SCU -> pynetdicom SCP", sc_pyn),
+}
+
+
+# ----------------------------------------------------------------------------- child processes
+
+
+def serve_acceptor_main(port: int, out: Path, durable: bool) -> None:
+    import uuid
+
+    import trio
+
+    from capacitor_trio.dicom import AcceptorConfig, ReceivedInstance, serve_acceptor
+
+    incoming = out / "incoming"
+    incoming.mkdir(parents=True, exist_ok=True)
+    dir_fd = os.open(out, os.O_RDONLY)
+
+    def commit(src: Path, dst: Path) -> None:
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(src, dst)
+        os.fsync(dir_fd)
+
+    class Sink:
+        def accepts_called_ae(self, called_ae: str) -> bool:
+            return True
+
+        def new_temp_path(self) -> Path:
+            return incoming / uuid.uuid4().hex
+
+        def check_admission(self) -> None:
+            pass
+
+        async def instance_received(self, rx: ReceivedInstance) -> None:
+            dst = out / f"{rx.header.sop_instance_uid}.dcm"
+            if durable:
+                await trio.to_thread.run_sync(commit, rx.path, dst)
+            else:
+                rx.path.rename(dst)
+
+    config = AcceptorConfig(host="127.0.0.1", port=port)
+    trio.run(serve_acceptor, config, Sink())
+
+
+def send_main(port: int, d: Path, ae: str) -> None:
+    import trio
+
+    from capacitor_trio.dicom import OutgoingInstance, Peer, SendOptions, send_batch
+
+    items = [OutgoingInstance(Path(p), c, i, t) for p, c, i, t in corpus_files(d)]
+    bad: list[object] = []
+
+    def on_outcome(i: int, o: object) -> None:
+        if type(o).__name__ != "Delivered":
+            bad.append((i, o))
+
+    async def main() -> float:
+        t0 = trio.current_time()
+        await send_batch(Peer(ae, "127.0.0.1", port), items, SendOptions("BENCH"), on_outcome)
+        return trio.current_time() - t0
+
+    elapsed = trio.run(main)
+    if bad:
+        raise SystemExit(f"not delivered: {bad[:3]} ({len(bad)})")
+    print(elapsed)
+
+
+def serve_pynetdicom_main(port: int, out: Path) -> None:
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    def handle(event: evt.Event) -> int:
+        uid = event.request.AffectedSOPInstanceUID
+        (out / f"{uid}.dcm").write_bytes(event.encoded_dataset())
+        return 0
+
+    ae = AE(ae_title="PYSCP")
+    ae.maximum_pdu_size = 131072
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax)
+    ae.start_server(("127.0.0.1", port), block=True, evt_handlers=[(evt.EVT_C_STORE, handle)])
+
+
+def send_pynetdicom_main(port: int, d: Path) -> None:
+    from pydicom import dcmread
+    from pynetdicom import AE
+
+    files = corpus_files(d)
+    ae = AE(ae_title="BENCH")
+    ae.add_requested_context(files[0][1], files[0][3])
+    t0 = time.perf_counter()
+    done = 0
+    while done < len(files):  # pynetdicom's requestor sometimes loses a response: retry
+        assoc = ae.associate("127.0.0.1", port, ae_title="PYSCP", max_pdu=131072)
+        if not assoc.is_established:
+            raise SystemExit("association failed")
+        for path, *_ in files[done:]:
+            status = assoc.send_c_store(dcmread(path))
+            if not status or status.Status != 0:
+                break
+            done += 1
+        assoc.release() if assoc.is_established else assoc.abort()
+    print(time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--corpus", default="L,S")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--skip-pynetdicom", action="store_true")
+    ap.add_argument("--serve-acceptor", nargs=2, metavar=("PORT", "OUT"))
+    ap.add_argument("--durable", action="store_true")
+    ap.add_argument("--send", nargs=3, metavar=("PORT", "CORPUS", "AE"))
+    ap.add_argument("--serve-pynetdicom", nargs=2, metavar=("PORT", "OUT"))
+    ap.add_argument("--send-pynetdicom", nargs=2, metavar=("PORT", "CORPUS"))
+    args = ap.parse_args()
+    if args.serve_acceptor:
+        return serve_acceptor_main(
+            int(args.serve_acceptor[0]), Path(args.serve_acceptor[1]), args.durable
+        )
+    if args.send:
+        return send_main(int(args.send[0]), Path(args.send[1]), args.send[2])
+    if args.serve_pynetdicom:
+        return serve_pynetdicom_main(int(args.serve_pynetdicom[0]), Path(args.serve_pynetdicom[1]))
+    if args.send_pynetdicom:
+        return send_pynetdicom_main(int(args.send_pynetdicom[0]), Path(args.send_pynetdicom[1]))
+
+    names = [s for s in args.scenarios.split(",") if s]
+    if args.skip_pynetdicom and "pyn" in names:
+        names.remove("pyn")
+    if "ref" not in names:
+        names.insert(0, "ref")
+    corpora = {c: make_corpus(c) for c in args.corpus.split(",")}
+    times: dict[tuple[str, str], list[float]] = {}
+    for rnd in range(args.rounds):
+        for cname, d in corpora.items():
+            for name in names:
+                t = SCENARIOS[name][1](d)
+                times.setdefault((cname, name), []).append(t)
+                print(
+                    f"round {rnd + 1} {cname} {name:10s} {len(corpus_files(d)) / t:8.1f} img/s",
+                    file=sys.stderr,
+                )
+    print(
+        f"\n{args.rounds} interleaved rounds, medians; ratio = to the DCMTK reference in this run\n"
+    )
+    print("| scenario | corpus | img/s | MB/s | ratio to ref | ratio to fsync loop |")
+    print("|---|---|---|---|---|---|")
+    for cname, d in corpora.items():
+        n = len(corpus_files(d))
+        mb = corpus_bytes(d) / 1e6
+        ref = statistics.median(times[(cname, "ref")])
+        loop = (
+            statistics.median(times[(cname, "fsync-loop")])
+            if (cname, "fsync-loop") in times
+            else None
+        )
+        for name in names:
+            t = statistics.median(times[(cname, name)])
+            vs_loop = f"{loop / t:.2f}x" if loop and name == "acc-dur" else ""
+            print(
+                f"| {SCENARIOS[name][0]} | {cname} | {n / t:.0f} | {mb / t:.1f} | {ref / t:.2f}x | {vs_loop} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
