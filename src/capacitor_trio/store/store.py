@@ -39,6 +39,10 @@ _ITEM_COLUMNS = (
     "i.last_error, i.next_attempt_at, i.created_at, i.updated_at, n.rel_path, i.instance_id"
 )
 _SELECT_ITEMS = f"SELECT {_ITEM_COLUMNS} FROM items i JOIN instances n ON n.id = i.instance_id"
+_SELECT_QUEUE = (
+    f"SELECT {_ITEM_COLUMNS} FROM items i INDEXED BY items_queue "
+    "JOIN instances n ON n.id = i.instance_id"
+)
 
 _CHUNK = 500  # ids per IN (...) clause
 
@@ -46,6 +50,11 @@ _CHUNK = 500  # ids per IN (...) clause
 def _chunks(seq: Sequence[T], n: int = _CHUNK) -> Iterable[Sequence[T]]:
     for k in range(0, len(seq), n):
         yield seq[k : k + n]
+
+
+def _like_pattern(term: str) -> str:
+    escaped = term.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
 
 
 def _where(f: ItemFilter) -> tuple[str, list[Any]]:
@@ -64,8 +73,9 @@ def _where(f: ItemFilter) -> tuple[str, list[Any]]:
             clauses.append(f"{column} = ?")
             params.append(value)
     if f.search:
-        clauses.append("instr(i.search_text, ?) > 0")
-        params.append(f.search.lower())
+        # LIKE is case-insensitive for ASCII; measured faster than instr() here
+        clauses.append("i.search_text LIKE ? ESCAPE '\\'")
+        params.append(_like_pattern(f.search.lower()))
     return (" AND ".join(clauses) or "1"), params
 
 
@@ -474,14 +484,26 @@ class Store:
         else:
             groups = [("1", [])]
 
+        # is anything failed due at all? (the partial index answers at once; when it is, the
+        # failed items are walked in FIFO order rather than sorted by due time)
+        row = conn.execute(
+            "SELECT MIN(next_attempt_at) FROM items WHERE destination_ae = ? AND "
+            "destination_role = ? AND state = 'failed' AND checked_out = 0 "
+            "AND next_attempt_at IS NOT NULL",
+            (dest.ae_title, dest.role),
+        ).fetchone()
+        any_failed_due = row[0] is not None and row[0] <= now
+
         def fetch(extra: str, extra_params: list[Any], n: int) -> list[tuple[Any, ...]]:
             prepared = conn.execute(
                 f"{_SELECT_ITEMS} WHERE {base} AND i.state = 'prepared' AND {extra} "
                 "ORDER BY i.created_at, i.id LIMIT ?",
                 (*base_params, *extra_params, n),
             ).fetchall()
+            if not any_failed_due:
+                return prepared
             failed = conn.execute(
-                f"{_SELECT_ITEMS} WHERE {base} AND i.state = 'failed' "
+                f"{_SELECT_QUEUE} WHERE {base} AND i.state = 'failed' "
                 "AND i.next_attempt_at IS NOT NULL AND i.next_attempt_at <= ? AND "
                 f"{extra} ORDER BY i.created_at, i.id LIMIT ?",
                 (*base_params, now, *extra_params, n),
@@ -779,23 +801,30 @@ class Store:
 
         def q(conn: sqlite3.Connection) -> tuple[list[Item], int]:
             if f.search:
-                # matching ids from the covering search index, then the rows of the page
-                page = (
-                    f"i.id IN (SELECT i.id FROM items i INDEXED BY items_search WHERE {where} "
-                    "ORDER BY i.id LIMIT ? OFFSET ?)"
-                )
-                rows = conn.execute(
-                    f"{_SELECT_ITEMS} WHERE {page} ORDER BY i.id",
-                    (*params, max(0, limit), max(0, skip)),
-                ).fetchall()
+                # one scan of the covering search index gives the total and the page's ids
+                ids = [
+                    r[0]
+                    for r in conn.execute(
+                        f"SELECT i.id FROM items i INDEXED BY items_search WHERE {where}", params
+                    )
+                ]
+                total = len(ids)
+                ids.sort()
+                page = ids[max(0, skip) : max(0, skip) + max(0, limit)]
+                rows = []
+                for chunk in _chunks(page):
+                    rows += conn.execute(
+                        f"{_SELECT_ITEMS} WHERE i.id IN ({','.join('?' * len(chunk))})", chunk
+                    ).fetchall()
+                rows.sort(key=lambda r: r[0])
             else:
                 rows = conn.execute(
                     f"{_SELECT_ITEMS} WHERE {where} ORDER BY i.id LIMIT ? OFFSET ?",
                     (*params, max(0, limit), max(0, skip)),
                 ).fetchall()
-            total = conn.execute(f"SELECT COUNT(*) FROM items i WHERE {where}", params).fetchone()[
-                0
-            ]
+                total = conn.execute(
+                    f"SELECT COUNT(*) FROM items i WHERE {where}", params
+                ).fetchone()[0]
             return [self._item(r) for r in rows], int(total)
 
         return await self._read(q)
