@@ -53,7 +53,7 @@ from .envelope import (
     ok,
     translate,
 )
-from .queries import counts_all, counts_by_destination
+from .queries import Recent, checked_out_count, counts_all, counts_by_destination
 from .views import item_json, node_json, read_tags
 
 #: How long an echo may take (the page: "Times out after 10 seconds").
@@ -189,6 +189,22 @@ class Api:
     def __init__(self, router: Any) -> None:
         self.router = router
         self.auth = Auth(router.settings.config.api)
+        #: aggregate counts, recomputed in the background (see queries.Recent)
+        self.totals = Recent(lambda: counts_all(self.store))
+        self.per_destination = Recent(self._per_destination)
+
+    async def _per_destination(self) -> dict[tuple[str, str], Counts] | None:
+        try:
+            return await counts_by_destination(self.store)
+        except NotImplementedError:
+            return None
+
+    def set_background_nursery(self, nursery: trio.Nursery) -> None:
+        self.totals.nursery = self.per_destination.nursery = nursery
+
+    def invalidate(self) -> None:
+        self.totals.invalidate()
+        self.per_destination.invalidate()
 
     # ---- lookups -----------------------------------------------------------------------------
 
@@ -273,10 +289,7 @@ class Api:
     # ---- nodes -------------------------------------------------------------------------------
 
     async def list_nodes(self) -> Response:
-        try:
-            by_dest = await counts_by_destination(self.store)
-        except NotImplementedError:
-            by_dest = None
+        by_dest = await self.per_destination.get()
         out = []
         for node in list(self.router.nodes):
             handle = self.handle_for(node)
@@ -544,7 +557,7 @@ class Api:
     async def processing_status(self) -> Response:
         r = self.router
         service = r.service
-        counts = await counts_all(self.store)
+        checked_out = await checked_out_count(self.store)
         now = r.clock()
         nodes = []
         sends = 0
@@ -567,15 +580,15 @@ class Api:
         return ok(
             {
                 "allPaused": all_paused,
-                "checkedOutItems": counts.checked_out,
+                "checkedOutItems": checked_out,
                 "activeJobs": active,
-                "idle": active == 0 and counts.checked_out == 0 and not ripe,
+                "idle": active == 0 and checked_out == 0 and not ripe,
                 "nodes": nodes,
             }
         )
 
     async def metrics(self) -> Response:
-        counts = await counts_all(self.store)
+        counts = await self.totals.get()
         return ok(
             {
                 "totalItems": counts.total,
@@ -602,7 +615,7 @@ class Api:
     # ---- backward compatible (no envelope) ---------------------------------------------------
 
     async def queue_stats(self) -> Response:
-        counts = await counts_all(self.store)
+        counts = await self.totals.get()
         return json_response(
             {"total": counts.total, "byState": {s: getattr(counts, s) for s in STATES}, "checkedOut": counts.checked_out}
         )
@@ -661,6 +674,10 @@ def _endpoint(api: Api, handler: Handler, write: bool) -> Handler:
         try:
             if write:
                 api.require_write()
+                try:
+                    return await handler(**kwargs)
+                finally:
+                    api.invalidate()  # the API shows its own changes at once
             return await handler(**kwargs)
         except trio.Cancelled:
             raise

@@ -77,10 +77,12 @@ async def run_api(router: Any, *, task_status: trio.TaskStatus[int] = trio.TASK_
     sock = bind_loopback(api.port)
     port = sock.getsockname()[1]
     config = hypercorn_config()
-    app = wrap_app(create_app(router), config.wsgi_max_body_size, "asgi")
+    quart_app = create_app(router)
+    app = wrap_app(quart_app, config.wsgi_max_body_size, "asgi")
     sockets = Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[])
     try:
         async with trio.open_nursery() as nursery:
+            quart_app.extensions["capacitor_api"].set_background_nursery(nursery)
             await nursery.start(lambda task_status: worker_serve(app, config, sockets=sockets, task_status=task_status))
             log.info("API listening on http://%s:%d", LOOPBACK, port)
             task_status.started(port)

@@ -1,0 +1,257 @@
+"""Benchmark of the management API under load.
+
+Starts a router (run_router, durable writes on unless --no-durable) with 100,000 items queued for
+a paused node, keeps DCMTK's storescu sending images to it (delivered on to a DCMTK storescp),
+and measures from a separate client process the latency of
+
+    GET /api/nodes
+    GET /api/queue/items?state=failed&limit=100
+    GET /api/metrics
+
+Prints requests/s and p50/p99 per endpoint. Target: p99 <= 50 ms for each while receiving.
+
+    .venv/bin/python bench/api.py [--items 100000] [--requests 2000] [--concurrency 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.client
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+ENDPOINTS = ("/api/nodes", "/api/queue/items?state=failed&limit=100", "/api/metrics")
+
+
+# ---- the client (a separate process, so it does not share the router's CPU time slice) -------
+
+
+def client_main(port: int, requests: int, concurrency: int, warmup: int) -> None:
+    results: dict[str, Any] = {}
+    for path in ENDPOINTS:
+        latencies: list[float] = []
+        errors = 0
+        lock = threading.Lock()
+        per_thread = max(1, requests // concurrency)
+
+        def worker(n: int, path: str = path) -> None:
+            nonlocal errors
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            local: list[float] = []
+            bad = 0
+            for _ in range(n):
+                t0 = time.perf_counter()
+                conn.request("GET", path)
+                resp = conn.getresponse()
+                resp.read()
+                local.append(time.perf_counter() - t0)
+                if resp.status != 200:
+                    bad += 1
+            conn.close()
+            with lock:
+                latencies.extend(local)
+                errors += bad
+
+        worker(warmup)
+        latencies.clear()
+        errors = 0
+        threads = [threading.Thread(target=worker, args=(per_thread,)) for _ in range(concurrency)]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - started
+        latencies.sort()
+        results[path] = {
+            "requests": len(latencies),
+            "errors": errors,
+            "rps": len(latencies) / elapsed,
+            "p50_ms": 1000 * statistics.median(latencies),
+            "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+            "max_ms": 1000 * latencies[-1],
+        }
+    print(json.dumps(results))
+
+
+# ---- the router side -------------------------------------------------------------------------
+
+
+async def bulk_insert(store: Any, n: int, dest: str) -> None:
+    """n items for `dest` quickly: one real spool file, rows inserted in one write job."""
+    import trio
+
+    from capacitor_trio.domain.instance import Destination, InstanceHeader
+    from tests.helpers.datasets import make_dataset, write_dataset
+
+    ds = make_dataset(rows=8, columns=8)
+    temp = store.new_incoming_path()
+    await trio.to_thread.run_sync(write_dataset, temp, ds)
+    header = InstanceHeader(
+        sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
+        transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, study_instance_uid=ds.StudyInstanceUID,
+        series_instance_uid=ds.SeriesInstanceUID, modality="CT", patient_id="PID0",
+    )
+    (first,) = await store.commit_instance(temp, header, "MOD_A", [Destination(dest)], state="failed")
+    now = store._clock()
+    states, modalities = ("new", "prepared", "failed", "rejected"), ("CT", "MR", "US", "CR")
+
+    def job(conn: Any) -> None:
+        (instance_id,) = conn.execute("SELECT instance_id FROM items WHERE id = ?", (first,)).fetchone()
+        rows = []
+        for k in range(n - 1):
+            st = states[k % 4]
+            study, sop = f"1.2.3.{k // 100}", f"1.2.3.{k // 100}.{k}"
+            rows.append((
+                instance_id, st, "MOD_A", dest, "Storage", study, study + ".1", sop,
+                "1.2.840.10008.5.1.4.1.1.2", modalities[k % 4], f"PID{k % 500}", "DOE^JANE",
+                f"ACC{k}", "1.2.840.10008.1.2.1", 910, now + 3600 if st == "failed" else None, now, now,
+                "\x1f".join((study, study + ".1", sop, "MOD_A", dest, f"ACC{k}", f"PID{k % 500}")).lower(),
+            ))
+        conn.executemany(
+            "INSERT INTO items(instance_id, state, source_ae, destination_ae, destination_role, "
+            "study_uid, series_uid, sop_instance_uid, sop_class_uid, modality, patient_id, "
+            "patient_name, accession_number, transfer_syntax_uid, size_bytes, next_attempt_at, "
+            "created_at, updated_at, search_text) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            rows,
+        )
+
+    await store._write(job)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def router_main(args: argparse.Namespace) -> None:
+    import trio
+
+    from capacitor_trio.actors.messages import Pause
+    from capacitor_trio.config.load import write_nodes
+    from capacitor_trio.config.models import ApiConfig, Config, Node, Settings
+    from capacitor_trio.domain.instance import Destination
+    from capacitor_trio.runtime import run_router
+    from tests.helpers.datasets import make_dataset, write_dataset
+
+    work = Path(tempfile.mkdtemp(prefix="bench-api-"))
+    try:
+        pacs_port = free_port()
+        (work / "pacs").mkdir()
+        storescp = subprocess.Popen(
+            ["storescp", "-aet", "PACS", "-od", str(work / "pacs"), "--ignore", str(pacs_port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        nodes = (
+            Node(ae_title="PACS", host_name="127.0.0.1", port=pacs_port),
+            Node(ae_title="ARCHIVE", host_name="127.0.0.1", port=free_port()),
+        )
+        data_dir = work / "data"
+        data_dir.mkdir()
+        write_nodes(data_dir / "nodes.yml", nodes)
+        config = Config(
+            data_dir=data_dir, cache_path=data_dir / "cache", scp_port=free_port(),
+            durable_writes=args.durable, minimum_age=0, storage_interval=0,
+            api=ApiConfig(enabled=True, port=0, token="bench"),
+        )
+        images = work / "images"
+        images.mkdir()
+        for k in range(20):
+            write_dataset(images / f"{k}.dcm", make_dataset(rows=256, columns=256, seed=k))
+        async with trio.open_nursery() as nursery:
+            router = await nursery.start(functools.partial(run_router, Settings(config, nodes)))
+            await router.store.set_paused(Destination("ARCHIVE"), True)
+            await router.supervisor.handle("ARCHIVE").call(Pause())
+            t0 = time.perf_counter()
+            await bulk_insert(router.store, args.items, "ARCHIVE")
+            print(f"queued {args.items} items in {time.perf_counter() - t0:.1f} s", flush=True)
+
+            sent = 0
+            stop = trio.Event()
+
+            async def send_forever() -> None:
+                nonlocal sent
+                files = sorted(str(p) for p in images.iterdir())
+                while not stop.is_set():
+                    await trio.run_process(
+                        ["storescu", "-aet", "MODALITY", "-aec", "PACS", "127.0.0.1", str(config.scp_port), *files],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+                    )
+                    sent += len(files)
+
+            if args.receive:
+                nursery.start_soon(send_forever)
+                await trio.sleep(1)
+            received_before = router.receiver.received
+            t_start = time.perf_counter()
+            proc = await trio.run_process(
+                [sys.executable, __file__, "--client", str(router.api_port), "--requests", str(args.requests),
+                 "--concurrency", str(args.concurrency)],
+                capture_stdout=True, check=True,
+            )
+            elapsed = time.perf_counter() - t_start
+            received = router.receiver.received - received_before
+            stop.set()
+            results = json.loads(proc.stdout)
+            counts = await router.store.counts()
+            nursery.cancel_scope.cancel()
+        storescp.terminate()
+        storescp.wait(5)
+        print(
+            f"\nitems queued: {counts.total}   durable writes: {'on' if args.durable else 'off'}   "
+            f"client threads: {args.concurrency}"
+        )
+        print(
+            f"images received during the run: {received} ({received / elapsed:.0f}/s)"
+            if args.receive else "not receiving"
+        )
+        print(f"\n{'endpoint':<45} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'errors':>6}")
+        worst = 0.0
+        for path, r in results.items():
+            worst = max(worst, r["p99_ms"])
+            print(f"GET {path:<41} {r['rps']:>8.0f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['max_ms']:>8.1f} {r['errors']:>6}")
+        print(f"\ntarget p99 <= 50 ms: {'met' if worst <= 50 else 'NOT met'} (worst p99 {worst:.1f} ms)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, default=100_000)
+    parser.add_argument("--requests", type=int, default=2000, help="per endpoint")
+    parser.add_argument("--concurrency", type=int, default=4, help="client threads (keep-alive connections)")
+    parser.add_argument("--no-durable", dest="durable", action="store_false")
+    parser.add_argument("--no-receive", dest="receive", action="store_false")
+    parser.add_argument("--client", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.client:
+        client_main(args.client, args.requests, args.concurrency, warmup=50)
+        return
+    if not (shutil.which("storescu") and shutil.which("storescp")):
+        sys.exit("bench/api.py needs DCMTK (storescu, storescp) on PATH")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    import trio
+
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    trio.run(router_main, args)
+
+
+if __name__ == "__main__":
+    main()
