@@ -40,36 +40,36 @@ ENDPOINTS = ("/api/nodes", "/api/queue/items?state=failed&limit=100", "/api/metr
 # ---- the client (a separate process, so it does not share the router's CPU time slice) -------
 
 
+def _worker(port: int, path: str, n: int, latencies: list[float], errors: list[int], lock: threading.Lock) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    local: list[float] = []
+    bad = 0
+    for _ in range(n):
+        t0 = time.perf_counter()
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        resp.read()
+        local.append(time.perf_counter() - t0)
+        if resp.status != 200:
+            bad += 1
+    conn.close()
+    with lock:
+        latencies.extend(local)
+        errors.append(bad)
+
+
 def client_main(port: int, requests: int, concurrency: int, warmup: int) -> None:
     results: dict[str, Any] = {}
     for path in ENDPOINTS:
-        latencies: list[float] = []
-        errors = 0
         lock = threading.Lock()
+        _worker(port, path, warmup, [], [], lock)
+        latencies: list[float] = []
+        errors: list[int] = []
         per_thread = max(1, requests // concurrency)
-
-        def worker(n: int, path: str = path) -> None:
-            nonlocal errors
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-            local: list[float] = []
-            bad = 0
-            for _ in range(n):
-                t0 = time.perf_counter()
-                conn.request("GET", path)
-                resp = conn.getresponse()
-                resp.read()
-                local.append(time.perf_counter() - t0)
-                if resp.status != 200:
-                    bad += 1
-            conn.close()
-            with lock:
-                latencies.extend(local)
-                errors += bad
-
-        worker(warmup)
-        latencies.clear()
-        errors = 0
-        threads = [threading.Thread(target=worker, args=(per_thread,)) for _ in range(concurrency)]
+        threads = [
+            threading.Thread(target=_worker, args=(port, path, per_thread, latencies, errors, lock))
+            for _ in range(concurrency)
+        ]
         started = time.perf_counter()
         for t in threads:
             t.start()
@@ -79,7 +79,7 @@ def client_main(port: int, requests: int, concurrency: int, warmup: int) -> None
         latencies.sort()
         results[path] = {
             "requests": len(latencies),
-            "errors": errors,
+            "errors": sum(errors),
             "rps": len(latencies) / elapsed,
             "p50_ms": 1000 * statistics.median(latencies),
             "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
@@ -94,9 +94,9 @@ def client_main(port: int, requests: int, concurrency: int, warmup: int) -> None
 async def bulk_insert(store: Any, n: int, dest: str) -> None:
     """n items for `dest` quickly: one real spool file, rows inserted in one write job."""
     import trio
+    from tests.helpers.datasets import make_dataset, write_dataset
 
     from capacitor_trio.domain.instance import Destination, InstanceHeader
-    from tests.helpers.datasets import make_dataset, write_dataset
 
     ds = make_dataset(rows=8, columns=8)
     temp = store.new_incoming_path()
@@ -143,19 +143,19 @@ def free_port() -> int:
 
 async def router_main(args: argparse.Namespace) -> None:
     import trio
+    from tests.helpers.datasets import make_dataset, write_dataset
 
     from capacitor_trio.actors.messages import Pause
     from capacitor_trio.config.load import write_nodes
     from capacitor_trio.config.models import ApiConfig, Config, Node, Settings
     from capacitor_trio.domain.instance import Destination
     from capacitor_trio.runtime import run_router
-    from tests.helpers.datasets import make_dataset, write_dataset
 
     work = Path(tempfile.mkdtemp(prefix="bench-api-"))
     try:
         pacs_port = free_port()
         (work / "pacs").mkdir()
-        storescp = subprocess.Popen(
+        storescp = subprocess.Popen(  # noqa: ASYNC220 - started once, before any serving
             ["storescp", "-aet", "PACS", "-od", str(work / "pacs"), "--ignore", str(pacs_port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
