@@ -37,6 +37,7 @@ from zoneinfo import ZoneInfo
 
 import attrs
 import trio
+from trio_util import AsyncValue
 
 from capacitor_trio.actors.handle import NodeHandle, answer
 from capacitor_trio.actors.messages import (
@@ -113,6 +114,8 @@ class NodeContext:
     rng: random.Random = attrs.field(factory=random.Random)
     retry_jitter: float = 0.1
     dimse_timeout: float = 60.0
+    #: items whose delivery was recorded (removed from the queue), across all nodes
+    delivered_count: AsyncValue[int] = attrs.field(factory=lambda: AsyncValue(0))
 
     @property
     def tz(self) -> ZoneInfo | None:
@@ -386,6 +389,7 @@ class NodeActor:
         delivered = [group[i] for i, o in outcomes.items() if isinstance(o, Delivered)]
         if delivered:
             await store.delivered([i.id for i in delivered])
+            ctx.delivered_count.value += len(delivered)
             state.last_delivered_at = now
             state.consecutive_failures = 0
             state.backoff_until = 0.0

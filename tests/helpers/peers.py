@@ -1,0 +1,271 @@
+"""Real DICOM peers and the router as a subprocess, for end-to-end tests.
+
+Every wait here is on an event (a line the router printed, a count a destination reached), never a
+sleep-and-look loop.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+from pydicom.uid import UID
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from capacitor_trio.dicom.part10 import read_meta
+
+ALL_SYNTAXES = [
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.1",
+    "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.5",
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.70",
+    "1.2.840.10008.1.2.4.90",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The dataset part of a Part 10 file (what travels on the wire)."""
+    with open(path, "rb") as f:
+        end, _meta = read_meta(f)
+        f.seek(end)
+        return f.read()
+
+
+class Counter:
+    """A count that Trio tasks can wait on, fed from any thread. Waiters may also wait for any
+    condition, re-checked every time the count changes."""
+
+    def __init__(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._value = 0
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[Callable[[], bool], trio.Event]] = []
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+    def add_from_thread(self, n: int = 1) -> None:
+        with self._lock:
+            self._value += n
+        try:
+            self._token.run_sync_soon(self._notify)
+        except trio.RunFinishedError:
+            pass
+
+    def add(self, n: int = 1) -> None:
+        with self._lock:
+            self._value += n
+        self._notify()
+
+    def _notify(self) -> None:
+        for predicate, event in list(self._waiters):
+            if predicate():
+                event.set()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        if predicate():
+            return
+        entry = (predicate, trio.Event())
+        self._waiters.append(entry)
+        try:
+            await entry[1].wait()
+        finally:
+            self._waiters.remove(entry)
+
+    async def wait_for(self, target: int) -> None:
+        await self.wait_until(lambda: self._value >= target)
+
+
+class PynetdicomDestination:
+    """A pynetdicom Storage SCP in its own threads, keeping each dataset's raw bytes."""
+
+    def __init__(self, ae_title: str = "PYDEST", port: int = 0) -> None:
+        self.ae_title = ae_title
+        self.port = port
+        self.received: dict[str, bytes] = {}
+        self.count = Counter()
+        self._server: Any = None
+        self.refuse_status: int | None = None
+        self.duplicates = 0
+
+    def start(self) -> int:
+        ae = AE(ae_title=self.ae_title)
+        ae.maximum_associations = 50
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_SYNTAXES)
+        ae.add_supported_context(Verification)
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+        self.port = int(self._server.server_address[1])
+        return self.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _on_store(self, event: Any) -> int:
+        if self.refuse_status is not None:
+            return self.refuse_status
+        raw = event.request.DataSet.getvalue()
+        uid = str(event.request.AffectedSOPInstanceUID)
+        if uid in self.received:
+            self.duplicates += 1
+        else:
+            self.count.add_from_thread()  # counts distinct instances
+        self.received[uid] = raw
+        return 0x0000
+
+
+class RouterProcess:
+    """`capacitor-trio run` as a subprocess; `start` returns once it logged that it is ready."""
+
+    def __init__(self, data_dir: Path, *args: str) -> None:
+        self.data_dir = data_dir
+        self.args = args
+        self.lines: list[str] = []
+        self.proc: trio.Process | None = None
+        self._ready = trio.Event()
+        self._exited = trio.Event()
+        self._line_waiters: list[tuple[Callable[[str], bool], trio.Event]] = []
+
+    async def wait_for_line(self, predicate: Callable[[str], bool]) -> str:
+        """Wait until the router prints a line matching `predicate` (or find one printed already)."""
+        for line in self.lines:
+            if predicate(line):
+                return line
+        event = trio.Event()
+        entry = (predicate, event)
+        self._line_waiters.append(entry)
+        try:
+            await event.wait()
+        finally:
+            self._line_waiters.remove(entry)
+        return next(line for line in reversed(self.lines) if predicate(line))
+
+    async def start(self, nursery: trio.Nursery, timeout: float = 30) -> None:
+        self._ready = trio.Event()
+        self._exited = trio.Event()
+        self.proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "capacitor_trio", "run", "--path", str(self.data_dir), *self.args],
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        nursery.start_soon(self._read, self.proc)
+        with trio.fail_after(timeout):
+            async with trio.open_nursery() as waiter:
+                waiter.start_soon(self._fail_on_exit, waiter)
+                await self._ready.wait()
+                waiter.cancel_scope.cancel()
+
+    async def _fail_on_exit(self, _nursery: trio.Nursery) -> None:
+        await self._exited.wait()
+        raise RuntimeError("router exited during start-up:\n" + "\n".join(self.lines[-20:]))
+
+    async def _read(self, proc: trio.Process) -> None:
+        assert proc.stderr is not None
+        buf = b""
+        async for chunk in proc.stderr:
+            buf += chunk
+            *complete, buf = buf.split(b"\n")
+            for raw in complete:
+                line = raw.decode(errors="replace")
+                self.lines.append(line)
+                if "router ready" in line:
+                    self._ready.set()
+                for predicate, event in self._line_waiters:
+                    if predicate(line):
+                        event.set()
+        await proc.wait()
+        self._exited.set()
+
+    async def aclose(self) -> None:
+        """SIGKILL if still running and reap it (test clean-up)."""
+        if self.proc is None:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(10):
+            if self.proc.returncode is None:
+                self.proc.kill()
+            await self.proc.wait()
+            if self.proc.stderr is not None:
+                await self.proc.stderr.aclose()
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    async def wait(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        with trio.fail_after(timeout):
+            await self._exited.wait()
+            return await self.proc.wait()
+
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+
+def dcmtk_env() -> dict[str, str]:
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+async def storescu(port: int, called_ae: str, files: Sequence[Path], *, calling_ae: str = "MODALITY") -> None:
+    """Send files with DCMTK storescu (one association); raise if it fails."""
+    result = await trio.run_process(
+        ["storescu", "-aet", calling_ae, "-aec", called_ae, "-pdu", "131072", "127.0.0.1", str(port),
+         *map(str, files)],
+        capture_stdout=True, capture_stderr=True, check=False, env=dcmtk_env(),
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"storescu failed ({result.returncode}): {result.stderr.decode()[-2000:]}")
+
+
+def pynetdicom_send(port: int, called_ae: str, files: Sequence[Path], acked: list[str]) -> None:
+    """Send files with pynetdicom in this thread, appending each SOP Instance UID that got a success
+    status to `acked`; stops quietly when the association breaks."""
+    import pydicom
+
+    ae = AE(ae_title="PYSENDER")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    datasets = [pydicom.dcmread(f) for f in files]
+    for ts in {str(ds.file_meta.TransferSyntaxUID) for ds in datasets}:
+        for cls in {str(ds.SOPClassUID) for ds in datasets}:
+            ae.add_requested_context(cls, UID(ts))
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    if not assoc.is_established:
+        return
+    try:
+        for ds in datasets:
+            if not assoc.is_established:
+                break
+            status = assoc.send_c_store(ds)
+            if status and status.Status == 0x0000:
+                acked.append(str(ds.SOPInstanceUID))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def path_uid(path: Path) -> str:
+    """The SOP Instance UID of a Part 10 file."""
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
