@@ -4,6 +4,7 @@ everything once it is back; SIGTERM mid-stream and a restart lose nothing acknow
 
 from __future__ import annotations
 
+import gc
 import signal
 from pathlib import Path
 
@@ -119,6 +120,7 @@ async def test_router_end_to_end(tmp_path: Path, nursery: trio.Nursery) -> None:
     finally:
         pydest.stop()
         await router.aclose()
+        gc.collect()  # surface pynetdicom's leaked socket here, where the filter above applies
 
 
 def restart_destination(old: PynetdicomDestination, port: int) -> PynetdicomDestination:
