@@ -4,48 +4,22 @@ is stuck, and duplicates come only from batches in flight at a kill."""
 
 from __future__ import annotations
 
-import collections
 from pathlib import Path
 
 import pytest
 import trio
 
 from capacitor_trio.config import load_settings
-from capacitor_trio.dicom.acceptor import AcceptorConfig, ReceivedInstance, serve_acceptor
+from capacitor_trio.dicom.acceptor import AcceptorConfig, serve_acceptor
 from capacitor_trio.runtime import run_router
 from tests.dicom.conftest import needs_dcmtk, write_corpus
-from tests.helpers.peers import Counter, free_port, path_uid, storescu
+from tests.helpers.peers import free_port, path_uid, storescu
+from tests.helpers.sinks import CountingSink
 
 pytestmark = [needs_dcmtk, pytest.mark.timeout(240)]
 
 PER_NODE = 700
 BATCH = 10
-
-
-class CountingSink:
-    """A destination built on our own acceptor: records every SOP Instance UID it stores."""
-
-    def __init__(self, root: Path) -> None:
-        self.dir = root
-        root.mkdir(parents=True)
-        self.received: collections.Counter[str] = collections.Counter()
-        self.count = Counter()
-        self._n = 0
-
-    def accepts_called_ae(self, called_ae: str) -> bool:
-        return True
-
-    def new_temp_path(self) -> Path:
-        self._n += 1
-        return self.dir / f"{self._n}.part"
-
-    def check_admission(self) -> None:
-        pass
-
-    async def instance_received(self, rx: ReceivedInstance) -> None:
-        rx.path.unlink()
-        self.received[rx.header.sop_instance_uid] += 1
-        self.count.add()
 
 
 async def test_chaos_three_nodes_no_loss_no_stuck_items(tmp_path: Path, nursery: trio.Nursery) -> None:
