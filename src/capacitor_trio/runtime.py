@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import attrs
@@ -139,6 +139,18 @@ def run_daemon(settings: Settings, *, log_level: str = "INFO") -> int:
     setup_logging(log_level, ring)
     try:
         return trio.run(_main, settings, ring)
-    except OSError as exc:  # e.g. the DICOM port is taken
-        log.error("cannot start: %s", exc)
+    except (OSError, BaseExceptionGroup) as exc:  # e.g. the DICOM port is taken
+        leaves = list(_leaves(exc))
+        if not all(isinstance(e, OSError) for e in leaves):
+            raise
+        for error in leaves:
+            log.error("cannot start: %s", error)
         return 1
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for sub in exc.exceptions:
+            yield from _leaves(sub)
+    else:
+        yield exc
