@@ -156,6 +156,7 @@ async def start_router(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[S
     clients: list[httpx.AsyncClient] = []
     handlers: list[RingBufferHandler] = []
     count = 0
+    saved_level = logging.getLogger("capacitor_trio").level
 
     async def start(nodes: tuple[Node, ...] = (), **kwargs: Any) -> Running:
         nonlocal count
@@ -178,6 +179,7 @@ async def start_router(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[S
         await client.aclose()
     for ring in handlers:
         logging.getLogger("capacitor_trio").removeHandler(ring)
+    logging.getLogger("capacitor_trio").setLevel(saved_level)
 
 
 def pacs(scp: StorageScp, **kw: Any) -> Node:
