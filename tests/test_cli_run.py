@@ -85,7 +85,7 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
         )
     assert r.returncode == 1
     assert "Traceback" not in r.stderr
-    assert "cannot start" in r.stderr and str(port) in r.stderr or "Address already in use" in r.stderr
+    assert ("cannot start" in r.stderr and str(port) in r.stderr) or "Address already in use" in r.stderr
 
 
 pytestmark = pytest.mark.timeout(120)

@@ -19,7 +19,14 @@ from capacitor_trio.dicom.requestor import EchoResult, OutgoingInstance, Peer, S
 from capacitor_trio.domain.instance import Destination
 from capacitor_trio.domain.ordering import sop_class_rank
 from capacitor_trio.domain.outcomes import Delivered, Outcome
-from capacitor_trio.store import Counts, Item, ItemCheckedOut, ItemFilter, ItemNotFound, TransitionError
+from capacitor_trio.store import (
+    Counts,
+    Item,
+    ItemCheckedOut,
+    ItemFilter,
+    ItemNotFound,
+    TransitionError,
+)
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -225,6 +232,6 @@ class FakeSender:
             self.aborted += 1
             raise
 
-    async def echo(self, peer: Peer, calling_ae: str, *, timeout: float = 10) -> EchoResult:
+    async def echo(self, peer: Peer, calling_ae: str, *, timeout: float = 10) -> EchoResult:  # noqa: ASYNC109
         await trio.sleep(0.005)
         return EchoResult(True, 5.0, None)

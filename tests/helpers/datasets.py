@@ -8,10 +8,10 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    PYDICOM_IMPLEMENTATION_UID,
     RLELossless,
     generate_uid,
 )

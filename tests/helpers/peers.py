@@ -6,6 +6,7 @@ sleep-and-look loop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -64,10 +65,8 @@ class Counter:
     def add_from_thread(self, n: int = 1) -> None:
         with self._lock:
             self._value += n
-        try:
+        with contextlib.suppress(trio.RunFinishedError):
             self._token.run_sync_soon(self._notify)
-        except trio.RunFinishedError:
-            pass
 
     def add(self, n: int = 1) -> None:
         with self._lock:
@@ -161,7 +160,7 @@ class RouterProcess:
             self._line_waiters.remove(entry)
         return next(line for line in reversed(self.lines) if predicate(line))
 
-    async def start(self, nursery: trio.Nursery, timeout: float = 30) -> None:
+    async def start(self, nursery: trio.Nursery, timeout: float = 30) -> None:  # noqa: ASYNC109
         self._ready = trio.Event()
         self._exited = trio.Event()
         self.proc = await trio.lowlevel.open_process(
@@ -213,7 +212,7 @@ class RouterProcess:
         assert self.proc is not None
         self.proc.send_signal(signum)
 
-    async def wait(self, timeout: float = 30) -> int:
+    async def wait(self, timeout: float = 30) -> int:  # noqa: ASYNC109
         assert self.proc is not None
         with trio.fail_after(timeout):
             await self._exited.wait()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -161,19 +162,49 @@ def _close_socket(assoc: Any) -> None:
 
 
 def write_router_config(data: Path, scp_port: int, nodes: dict[str, int], *, api_port: int = 0,
-                        extra: str = "", node_extra: dict[str, str] | None = None) -> None:
+                        extra: str = "", node_extra: dict[str, str] | None = None,
+                        retry_max: int = 2) -> None:
     """config.yml and nodes.yml for a soak router: no minimum age, no pause between batches,
     quick retries; `nodes` maps AE title -> port on 127.0.0.1."""
     data.mkdir(parents=True, exist_ok=True)
     api = f"api:\n  enabled: true\n  port: {api_port}\n" if api_port else "api:\n  enabled: false\n"
     (data / "config.yml").write_text(
         f"myAeTitle: ROUTER\nscpPort: {scp_port}\nminimumAge: 0\nstorageInterval: 0\n"
-        f"retryDelaySeconds: 1\nretryMaxDelaySeconds: 2\n{api}{extra}"
+        f"retryDelaySeconds: 1\nretryMaxDelaySeconds: {retry_max}\n{api}{extra}"
     )
     node_extra = node_extra or {}
     (data / "nodes.yml").write_text("".join(
         f"- AeTitle: {ae}\n  Port: {port}\n{node_extra.get(ae, '')}" for ae, port in nodes.items()
     ))
+
+
+class LogWatch(logging.Handler):
+    """Keeps the messages of an in-process router's loggers; `changed` ticks with each one, so a
+    test can wait for a line."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+        self.changed = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        self.changed.add_from_thread()
+
+    def count(self, *parts: str) -> int:
+        return sum(all(p in m for p in parts) for m in self.messages)
+
+    def __enter__(self) -> LogWatch:
+        logger = logging.getLogger("capacitor_trio")
+        self._level = logger.level
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logger = logging.getLogger("capacitor_trio")
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
 
 
 class RssSampler:

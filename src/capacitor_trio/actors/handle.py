@@ -7,6 +7,7 @@ deadline; a node that is restarting or failed refuses at once instead of hanging
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import trio
@@ -44,7 +45,7 @@ class NodeHandle:
         if self._wake.is_set():
             self._wake = trio.Event()
 
-    async def call(self, command: Any, *, timeout: float = REPLY_TIMEOUT) -> Any:
+    async def call(self, command: Any, *, timeout: float = REPLY_TIMEOUT) -> Any:  # noqa: ASYNC109 (a reply deadline is the caller's choice)
         """Send `command`, wait for the reply; raise what the actor raised, or NodeUnavailable."""
         if self.status != "running":
             raise NodeUnavailable(f"node {self.ae_title} is {self.status}")
@@ -64,7 +65,5 @@ class NodeHandle:
 
 def answer(call: Call, value: Any = None, error: BaseException | None = None) -> None:
     """Reply to a call; a caller that has gone away is ignored."""
-    try:
+    with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
         call.reply_to.send_nowait(Reply(value, error))
-    except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-        pass

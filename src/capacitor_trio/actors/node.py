@@ -81,7 +81,7 @@ class Sender(Protocol):
         on_outcome: Callable[[int, Outcome], None],
     ) -> None: ...
 
-    async def echo(self, peer: Peer, calling_ae: str, *, timeout: float = 10) -> Any: ...
+    async def echo(self, peer: Peer, calling_ae: str, *, timeout: float = 10) -> Any: ...  # noqa: ASYNC109
 
 
 @attrs.define

@@ -19,5 +19,5 @@ class DicomSender:
     ) -> None:
         await requestor.send_batch(peer, instances, options, on_outcome)
 
-    async def echo(self, peer: Peer, calling_ae: str, *, timeout: float = 10) -> EchoResult:
+    async def echo(self, peer: Peer, calling_ae: str, *, timeout: float = 10) -> EchoResult:  # noqa: ASYNC109
         return await requestor.echo(peer, calling_ae, timeout=timeout)

@@ -1,7 +1,15 @@
 """Configuration: Capacitor-compatible config.yml / nodes.yml loaded into frozen values."""
 
 from capacitor_trio.config.load import ConfigError, ensure_data_dir, load_settings
-from capacitor_trio.config.models import ApiConfig, ChaosConfig, Config, Node, NodeSettings, Settings, effective
+from capacitor_trio.config.models import (
+    ApiConfig,
+    ChaosConfig,
+    Config,
+    Node,
+    NodeSettings,
+    Settings,
+    effective,
+)
 
 __all__ = [
     "ApiConfig",

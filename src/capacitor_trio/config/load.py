@@ -7,6 +7,7 @@ is one line naming the file, the key and the value.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import zoneinfo
@@ -219,17 +220,7 @@ LEGACY_ALIASES = {"aeTitle": "myAeTitle"}
 
 # Keys DICOM Capacitor documents that capacitor-trio does not implement yet: accepted, warned about.
 NOT_IMPLEMENTED_KEYS = frozenset(
-    """activationCode autoAdjustLineSpeed autoSaveLineSpeed ctoConvert ctoExpiryMinutes ctoOnExpire
-    daysToKeepLogs dropUnfilteredInstances duplicateBehavior duplicateThreshold echoInterval filters
-    findScpPort holdIncomingStorageAssociations limitMaxCMoveResponseRemainingCount logSuffix
-    maxDataBuffer maxEnumeratedFiles maxEnumeratedItems maxPDVsPerPDU moveRejectedCachedFiles
-    prefetchConcurrency prefetchQueueSize queryRetrieveScpPort redactedCFindLogging
-    redactedCFindLoggingExtraTags removeOrphanedIncomingFiles sendAbandonGraceSeconds
-    storageAssociationHoldExpectedTtlSeconds storageCommitAeTitle
-    storageCommitPendingNEventReportRequestExpiry storageCommitScpPort storageCommitSendTimeout
-    storageReceiptExpiryHours storageTimeoutFloorSeconds supervisionFloorMinutes suppressLogAeTitles
-    suppressWebLog worklistAutomationEnabled worklistDays worklistFilterStored worklistInterval
-    studyThreshold prefetchEnabled""".split()
+    ["activationCode", "autoAdjustLineSpeed", "autoSaveLineSpeed", "ctoConvert", "ctoExpiryMinutes", "ctoOnExpire", "daysToKeepLogs", "dropUnfilteredInstances", "duplicateBehavior", "duplicateThreshold", "echoInterval", "filters", "findScpPort", "holdIncomingStorageAssociations", "limitMaxCMoveResponseRemainingCount", "logSuffix", "maxDataBuffer", "maxEnumeratedFiles", "maxEnumeratedItems", "maxPDVsPerPDU", "moveRejectedCachedFiles", "prefetchConcurrency", "prefetchQueueSize", "queryRetrieveScpPort", "redactedCFindLogging", "redactedCFindLoggingExtraTags", "removeOrphanedIncomingFiles", "sendAbandonGraceSeconds", "storageAssociationHoldExpectedTtlSeconds", "storageCommitAeTitle", "storageCommitPendingNEventReportRequestExpiry", "storageCommitScpPort", "storageCommitSendTimeout", "storageReceiptExpiryHours", "storageTimeoutFloorSeconds", "supervisionFloorMinutes", "suppressLogAeTitles", "suppressWebLog", "worklistAutomationEnabled", "worklistDays", "worklistFilterStored", "worklistInterval", "studyThreshold", "prefetchEnabled"]
 )
 
 NODE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
@@ -382,10 +373,8 @@ def parse_node(entry: Any, source: str, index: int, warnings: list[str] | None =
         raise ConfigError(where, "entry", entry, "each node must be a mapping (AeTitle: ..., HostName: ...)")
     entry = {NODE_KEY_ALIASES.get(k, k): v for k, v in entry.items()}
     if "AeTitle" in entry:
-        try:
+        with contextlib.suppress(ValueError):
             where = f"{source}: node {check_ae_title(entry['AeTitle'])}"
-        except ValueError:
-            pass
     fields: dict[str, Any] = {}
     ignored = []
     for key, value in entry.items():
@@ -483,7 +472,7 @@ def node_to_yaml(node: Node) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, (attr, _check) in NODE_KEYS.items():
         value = getattr(node, attr)
-        if value is None or value == () and attr != "aliases" or value == "" and attr == "transfer_syntax":
+        if value is None or (value == () and attr != "aliases") or (value == "" and attr == "transfer_syntax"):
             continue
         out[key] = list(value) if isinstance(value, tuple) else value
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import attrs
 from pynetdicom import pdu as _pdu
@@ -81,7 +82,7 @@ def abort_bytes(source: int = ABORT_SOURCE_USER, reason: int = ABORT_REASON_NOT_
     return PDU_HEADER.pack(A_ABORT, 0, 4) + bytes((0, 0, source, reason))
 
 
-def decode_abort(body: bytes | memoryview) -> tuple[int, int]:
+def decode_abort(body: bytes | bytearray | memoryview) -> tuple[int, int]:
     """(source, reason) of an A-ABORT body."""
     if len(body) < 4:
         return (ABORT_SOURCE_PROVIDER, ABORT_REASON_NOT_SPECIFIED)
@@ -178,7 +179,7 @@ class AssociateReject:
         return f"association rejected ({kind}, source {self.source}, reason {self.reason})"
 
 
-def _user_info(max_pdu: int) -> list[object]:
+def _user_info(max_pdu: int) -> list[Any]:
     ml = MaximumLengthNotification()
     ml.maximum_length_received = max_pdu
     ic = ImplementationClassUIDNotification()
@@ -281,7 +282,7 @@ def encode_associate_rj(result: int, source: int, reason: int) -> bytes:
     return PDU_HEADER.pack(A_ASSOCIATE_RJ, 0, 4) + bytes((0, result, source, reason))
 
 
-def decode_associate_rj(body: bytes | memoryview) -> AssociateReject:
+def decode_associate_rj(body: bytes | bytearray | memoryview) -> AssociateReject:
     if len(body) < 4:
         return AssociateReject(RJ_PERMANENT, RJ_SOURCE_USER, RJ_REASON_NO_REASON)
     return AssociateReject(body[1], body[2], body[3])

@@ -56,11 +56,12 @@ class Transport:
     def _rearm(self) -> None:
         if self._quickack:
             try:
-                self._sock.setsockopt(_stdsocket.IPPROTO_TCP, _TCP_QUICKACK, 1)  # type: ignore[union-attr]
+                self._sock.setsockopt(_stdsocket.IPPROTO_TCP, _TCP_QUICKACK, 1)  # type: ignore[union-attr,arg-type]
             except OSError:
                 self._quickack = False
 
-    async def _receive(self, max_bytes: int) -> bytes:
+    async def _receive(self, max_bytes: int) -> bytes | bytearray:
+        data: bytes | bytearray
         try:
             if self._sock is not None:
                 data = await self._sock.recv(max_bytes)
