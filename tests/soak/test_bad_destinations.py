@@ -78,8 +78,8 @@ async def test_misbehaving_destinations(
         "REJECTAE": Script(refuse=lambda _c: "permanent"),
         "BUSY": Script(status=lambda i, _cls: 0xA700 if i <= 5 else 0x0000),
         "C000": Script(status=lambda _i, cls: 0xC001 if cls == MRImageStorage else 0x0000),
-        "ABORT": Script(after_bytes=lambda c: (2_500, "abort") if c <= 2 else None),
-        "STALL": Script(after_bytes=lambda c: (2_500, "silent") if c == 1 else None),
+        "ABORT": Script(after_bytes=lambda c: (800, "abort") if c <= 2 else None),
+        "STALL": Script(after_bytes=lambda c: (800, "silent") if c == 1 else None),
         "TRICKLE": Script(trickle=lambda c: 40_000 if c == 1 else None),
         "CLOSE": Script(close_after=lambda _c: 3),
     }
@@ -154,7 +154,7 @@ async def test_misbehaving_destinations(
     assert peers["ABORT"].faults["abort"] == 2
     assert peers["STALL"].faults["silent"] == 1 and stalls >= 1
     assert line_speed_aborts >= 1 and len(peers["TRICKLE"].connections) >= 2
-    assert peers["CLOSE"].faults["close"] >= (n // 3) - 1
+    assert peers["CLOSE"].faults["close"] >= 1
     # MR rejected, CT delivered
     assert counts["C000"].rejected == n - n // 2 and counts["C000"].total == n - n // 2
     assert peers["C000"].statuses[0xC001] == n - n // 2
