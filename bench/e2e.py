@@ -1,0 +1,240 @@
+#!/usr/bin/env python
+"""End-to-end benchmark: DCMTK storescu -> capacitor-trio -> DCMTK storescp, against DCMTK direct.
+
+Usage:  .venv/bin/python bench/e2e.py [--rounds 3] [--corpus L,S] [--batch-size 0]
+                                      [--durable true,false] [--profile DIR]
+
+Scenarios, every one once per round (interleaved, so all saw the same machine noise), medians:
+  direct        storescu -> storescp                          (the reference)
+  router        storescu -> `capacitor-trio run` -> storescp  (durableWrites false, and true)
+Both DCMTK ends run with TCP_NODELAY=1 and `-pdu 131072`; storescp writes the files (`-od`, `+B`).
+Ratios are to the direct DCMTK figure of the same run.
+
+Corpora (generated once into bench/.corpus/ by bench/transport.py's generator, gitignored):
+L = 500 x 512x512x16 bit (~0.53 MB), S = 2000 x 64x64x16 bit (~9 kB), one series.
+
+The router runs as a subprocess with a fresh data directory per run (`bench/.corpus/e2e/`, same
+disk as the corpus): api disabled, minimumAge 0, storageInterval 0, minFreeSpace 0, one Storage
+node (the storescp), batchSize from `--batch-size` (0 = one series per association, capped at
+1000 per batch). It is started, and we wait for "router ready", before the clock starts.
+
+What is timed: "first image sent to last image received at the destination".
+  * direct: storescu's process start to its exit. storescu exits after the last C-STORE-RSP,
+    which storescp sends after it has written the file.
+  * router: storescu's process start to the moment the router logs that the last instance was
+    delivered. The node actor logs "node X: delivered N instance(s)" once per batch, right after
+    the index recorded the batch's C-STORE-RSPs (each sent by storescp after writing its file); a
+    thread in this script reads the router's stderr and stamps the line that brings the total
+    to the corpus size. That adds one store write (~1 ms) to the router's time and nothing to
+    DCMTK's, and costs no CPU while the run is going (no polling of storescp's directory, no
+    `--exec-on-reception` process per image). The storescp directory is counted afterwards as a
+    check. The intake time (storescu start to exit) is printed too: it tells whether the router
+    was limited by receiving or by forwarding.
+
+`--profile DIR` runs the router under `py-spy record` (must be installed; not a project
+dependency) and writes one flame graph per router run into DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from transport import (
+    CORPUS,
+    corpus_files,
+    env,
+    free_port,
+    fresh_dir,
+    make_corpus,
+    run_storescu,
+    storescp,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI = Path(sys.executable).parent / "capacitor-trio"
+DELIVERED = re.compile(r"delivered (\d+) instance")
+TARGETS = {("L", False): 0.5, ("S", False): 0.5, ("L", True): 0.25, ("S", True): 0.4}
+
+
+def sc_direct(d: Path) -> tuple[float, float]:
+    out = fresh_dir("e2e-direct")
+    srv = storescp(out)
+    try:
+        t = run_storescu(srv.port, d, nodelay=True, aec="STORESCP")
+    finally:
+        srv.stop()
+    return t, t
+
+
+class Router:
+    """`capacitor-trio run` as a subprocess; counts delivered instances from its log."""
+
+    def __init__(
+        self, data: Path, dest_port: int, *, durable: bool, batch_size: int, profile: Path | None
+    ) -> None:
+        self.port = free_port()
+        data.mkdir(parents=True)
+        (data / "config.yml").write_text(
+            f"myAeTitle: CAPACITOR\nscpPort: {self.port}\n"
+            f"cachePath: {data / 'cache'}\ndurableWrites: {'true' if durable else 'false'}\n"
+            f"minimumAge: 0\nstorageInterval: 0\nbatchSize: {batch_size}\nminFreeSpace: 0\n"
+            "api:\n  enabled: false\n"
+        )
+        (data / "nodes.yml").write_text(
+            f"- AeTitle: STORESCP\n  HostName: 127.0.0.1\n  Port: {dest_port}\n  NodeRole: Storage\n"
+        )
+        argv = [str(CLI), "run", "--path", str(data)]
+        if profile is not None:
+            argv = ["py-spy", "record", "-r", "200", "-o", str(profile), "--", *argv]
+        self.proc = subprocess.Popen(
+            argv, env=env(True), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        self.ready = threading.Event()
+        self.total = 0
+        self.target = 0
+        self.done_at: float | None = None
+        self.done = threading.Event()
+        self.errors: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self.ready.wait(30):
+            self.stop()
+            raise RuntimeError("router not ready: " + "".join(self.errors[-5:]))
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            if "router ready" in line:
+                self.ready.set()
+            m = DELIVERED.search(line)
+            if m:
+                self.total += int(m.group(1))
+                if self.target and self.total >= self.target and self.done_at is None:
+                    self.done_at = time.perf_counter()
+                    self.done.set()
+            elif "WARNING" in line or "ERROR" in line or "Traceback" in line:
+                self.errors.append(line)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def sc_router(
+    d: Path, *, durable: bool, batch_size: int, profile: Path | None = None
+) -> tuple[float, float]:
+    """(end-to-end seconds, intake seconds)."""
+    n = len(corpus_files(d))
+    out = fresh_dir("e2e-dest")
+    data = CORPUS / "e2e" / "router"
+    shutil.rmtree(data, ignore_errors=True)
+    dest = storescp(out)
+    try:
+        router = Router(data, dest.port, durable=durable, batch_size=batch_size, profile=profile)
+        try:
+            router.target = n
+            t0 = time.perf_counter()
+            intake = run_storescu(router.port, d, nodelay=True, aec="STORESCP")
+            if not router.done.wait(300):
+                raise RuntimeError(
+                    f"only {router.total}/{n} delivered: " + "".join(router.errors[-5:])
+                )
+            assert router.done_at is not None
+            elapsed = router.done_at - t0
+        finally:
+            router.stop()
+    finally:
+        dest.stop()
+    received = sum(1 for _ in os.scandir(out))
+    if received < n:
+        raise RuntimeError(f"storescp holds {received} files, expected {n}")
+    return elapsed, intake
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--corpus", default="L,S")
+    ap.add_argument("--durable", default="false,true", help="durableWrites values to run")
+    ap.add_argument("--batch-size", default="0", help="comma-separated batchSize values to run")
+    ap.add_argument("--profile", type=Path, help="run the router under py-spy, SVGs into DIR")
+    args = ap.parse_args()
+    if not CLI.exists():
+        raise SystemExit(f"{CLI} not found: install the project into this venv")
+    corpora = {c: make_corpus(c) for c in args.corpus.split(",")}
+    durables = [v.strip().lower() == "true" for v in args.durable.split(",")]
+    batches = [int(b) for b in args.batch_size.split(",")]
+    scenarios: list[tuple[str, bool | None, int]] = [("direct", None, 0)]
+    scenarios += [("router", dur, b) for dur in durables for b in batches]
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    times: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for rnd in range(args.rounds):
+        for cname, d in corpora.items():
+            n = len(corpus_files(d))
+            for kind, dur, b in scenarios:
+                label = "direct" if kind == "direct" else f"router dur={dur} batch={b}"
+                if kind == "direct":
+                    t = sc_direct(d)
+                else:
+                    assert dur is not None
+                    prof = (
+                        args.profile / f"{cname}-dur{int(dur)}-b{b}-r{rnd + 1}.svg"
+                        if args.profile
+                        else None
+                    )
+                    t = sc_router(d, durable=dur, batch_size=b, profile=prof)
+                times.setdefault((cname, label), []).append(t)
+                print(
+                    f"round {rnd + 1} {cname} {label:28s} {n / t[0]:7.1f} img/s"
+                    f"  (intake {n / t[1]:7.1f} img/s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    load = os.getloadavg()
+    print(
+        f"\n{args.rounds} interleaved rounds, medians; ratio = to DCMTK direct in this run; "
+        f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}\n"
+    )
+    print("| scenario | corpus | img/s | MB/s | ratio | target | intake img/s |")
+    print("|---|---|---|---|---|---|---|")
+    for cname, d in corpora.items():
+        files = corpus_files(d)
+        n = len(files)
+        mb = sum(os.path.getsize(p) for p, *_ in files) / 1e6
+        ref = statistics.median(t for t, _ in times[(cname, "direct")])
+        for kind, dur, b in scenarios:
+            label = "direct" if kind == "direct" else f"router dur={dur} batch={b}"
+            t = statistics.median(e for e, _ in times[(cname, label)])
+            intake = statistics.median(i for _, i in times[(cname, label)])
+            name = (
+                "DCMTK storescu -> storescp (reference)"
+                if kind == "direct"
+                else f"storescu -> capacitor-trio (durableWrites {str(dur).lower()}, "
+                f"batchSize {b}) -> storescp"
+            )
+            target = "" if dur is None else f">= {TARGETS[(cname, dur)]}x"
+            print(
+                f"| {name} | {cname} | {n / t:.0f} | {mb / t:.1f} | {ref / t:.2f}x | {target} "
+                f"| {n / intake:.0f} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
