@@ -25,6 +25,7 @@ from capacitor_trio.store import (
     ItemCheckedOut,
     ItemFilter,
     ItemNotFound,
+    StoreFull,
     TransitionError,
 )
 
@@ -235,3 +236,37 @@ class FakeSender:
     async def echo(self, peer: Peer, calling_ae: str, *, timeout: float = 10) -> EchoResult:  # noqa: ASYNC109
         await trio.sleep(0.005)
         return EchoResult(True, 5.0, None)
+
+
+class IntakeStore(FakeStore):
+    """FakeStore with the intake side: commit_instance creates `new` items; `hold` blocks commits."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        super().__init__(clock)
+        self.hold: trio.Event | None = None
+        self.in_commit = 0
+        self.full = False
+
+    def new_incoming_path(self) -> Path:
+        return Path(f"/incoming/{next(self._ids)}.part")
+
+    def check_admission(self) -> None:
+        if self.full:
+            raise StoreFull("free space 1.0% below minimum 10%")
+
+    async def commit_instance(
+        self, temp_path: Path, header: Any, source_ae: str, destinations: Sequence[Destination], *, state: str = "new"
+    ) -> list[int]:
+        self.check_admission()
+        self.in_commit += 1
+        try:
+            if self.hold is not None:
+                await self.hold.wait()
+            await trio.lowlevel.checkpoint()
+            return [
+                self.add(d.ae_title, study=header.study_instance_uid, series=header.series_instance_uid,
+                         state=state, source=source_ae).id
+                for d in destinations
+            ]
+        finally:
+            self.in_commit -= 1

@@ -1,0 +1,106 @@
+"""The receiver: called-AE routing, durable hand-off, back-pressure, and the preparer on virtual time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from capacitor_trio.actors.receiver import Receiver
+from capacitor_trio.actors.service import ServiceFlags
+from capacitor_trio.config.models import Node
+from capacitor_trio.dicom.acceptor import CannotProcess, OutOfResources, ReceivedInstance
+from capacitor_trio.domain.instance import Destination, InstanceHeader
+
+from .fakes import IntakeStore
+from .test_node import BASE, config
+
+NODES = [
+    Node("PACS", aliases=("ARCHIVE",)),
+    Node("PACS", role="QueryRetrieve"),
+    Node("VNA"),
+    Node("MWL", role="Worklist"),
+]
+
+
+def rx(called: str, n: int = 0) -> ReceivedInstance:
+    header = InstanceHeader("1.2.840.10008.5.1.4.1.1.2", f"1.2.3.{n}", "1.2.840.10008.1.2.1", "9.8", "9.8.1")
+    return ReceivedInstance("CT01", called, Path(f"/incoming/{n}.part"), header, 100)
+
+
+def make(**cfg: Any) -> tuple[Receiver, IntakeStore, ServiceFlags, list[int]]:
+    clock = lambda: BASE + trio.current_time()  # noqa: E731
+    store = IntakeStore(clock)
+    service = ServiceFlags()
+    woken: list[int] = []
+    receiver = Receiver(config(**cfg), store, lambda: NODES, service, clock, lambda: woken.append(1), max_in_flight=2)
+    return receiver, store, service, woken
+
+
+def test_called_ae_resolution() -> None:
+    receiver, *_ = make()
+    storage = Destination("PACS", "Storage")
+    for called in ("PACS", "ARCHIVE", "DCP_PACS", "DCP_ARCHIVE", "PACS  "):
+        assert receiver.accepts_called_ae(called)
+        assert receiver.destinations_for(called) == [storage]
+    assert receiver.destinations_for("VNA") == [Destination("VNA", "Storage")]
+    assert receiver.accepts_called_ae("CAPACITOR") and receiver.destinations_for("CAPACITOR") == []
+    for called in ("MWL", "DCP_MWL", "NOBODY", "pacs"):
+        assert not receiver.accepts_called_ae(called)
+
+
+async def test_commit_routes_one_item_to_the_storage_node(autojump_clock: Any) -> None:
+    receiver, store, _, _ = make()
+    await receiver.instance_received(rx("DCP_ARCHIVE"))
+    (item,) = store.items.values()
+    assert (item.destination_ae, item.destination_role, item.state, item.source_ae) == ("PACS", "Storage", "new", "CT01")
+
+
+async def test_no_destination_and_full_store_are_refused(autojump_clock: Any) -> None:
+    receiver, store, _, _ = make()
+    with pytest.raises(CannotProcess, match="no destination node for called AE 'CAPACITOR'"):
+        await receiver.instance_received(rx("CAPACITOR"))
+    store.full = True
+    with pytest.raises(OutOfResources, match="free space"):
+        receiver.check_admission()
+    with pytest.raises(OutOfResources):
+        await receiver.instance_received(rx("PACS"))
+    assert store.items == {}
+
+
+async def test_preparer_moves_items_after_minimum_age_and_obeys_the_prepare_flag(autojump_clock: Any) -> None:
+    receiver, store, service, woken = make(minimum_age=2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(receiver.run_preparer)
+        await receiver.instance_received(rx("PACS", 1))
+        await trio.sleep(1.5)
+        await receiver.instance_received(rx("VNA", 2))
+        await trio.sleep(0.49)
+        assert set(store.states().values()) == {"new"}
+        await trio.sleep(0.02)  # t = 2.01: the first is ripe, the second not
+        assert sorted(store.states().values()) == ["new", "prepared"] and woken
+        await trio.sleep(1.5)  # t = 3.51
+        assert set(store.states().values()) == {"prepared"}
+        service.set_all(False)  # pause-all: receiving continues, items stay new
+        await receiver.instance_received(rx("PACS", 3))
+        await trio.sleep(60)
+        assert sorted(store.states().values()) == ["new", "prepared", "prepared"]
+        service.set_all(True)
+        await trio.testing.wait_all_tasks_blocked()
+        assert set(store.states().values()) == {"prepared"}
+        nursery.cancel_scope.cancel()
+
+
+async def test_back_pressure_bounds_commits_in_flight(autojump_clock: Any) -> None:
+    receiver, store, _, _ = make()
+    store.hold = trio.Event()
+    async with trio.open_nursery() as nursery:
+        for n in range(5):
+            nursery.start_soon(receiver.instance_received, rx("PACS", n))
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.in_commit == 2  # the other three senders wait (their C-STORE is not answered)
+        store.hold.set()
+    assert len(store.items) == 5 and receiver.received == 5
