@@ -98,7 +98,7 @@ async def test_router_end_to_end(tmp_path: Path, nursery: trio.Nursery) -> None:
         d = write_corpus(tmp_path / "d", 200)
         acked: list[str] = []
         async with trio.open_nursery() as inner:
-            inner.start_soon(trio.to_thread.run_sync, pynetdicom_send, scp_port, "PYDEST", d, acked)
+            inner.start_soon(trio.to_thread.run_sync, pynetdicom_send, scp_port, "PYDEST", d, acked, 3.0)
             with trio.fail_after(60):
                 await pydest.count.wait_for(180 + 20)
             router.signal(signal.SIGTERM)

@@ -237,13 +237,15 @@ async def storescu(port: int, called_ae: str, files: Sequence[Path], *, calling_
         raise AssertionError(f"storescu failed ({result.returncode}): {result.stderr.decode()[-2000:]}")
 
 
-def pynetdicom_send(port: int, called_ae: str, files: Sequence[Path], acked: list[str]) -> None:
+def pynetdicom_send(
+    port: int, called_ae: str, files: Sequence[Path], acked: list[str], timeout: float = 10.0
+) -> None:
     """Send files with pynetdicom in this thread, appending each SOP Instance UID that got a success
     status to `acked`; stops quietly when the association breaks."""
     import pydicom
 
     ae = AE(ae_title="PYSENDER")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     datasets = [pydicom.dcmread(f) for f in files]
     for ts in {str(ds.file_meta.TransferSyntaxUID) for ds in datasets}:
         for cls in {str(ds.SOPClassUID) for ds in datasets}:
