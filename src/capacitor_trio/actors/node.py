@@ -419,8 +419,8 @@ class NodeActor:
                 cap=ctx.config.retry_max_delay_seconds, jitter=ctx.retry_jitter, rng=ctx.rng,
             )
             log.warning(
-                "node %s: delivery failed (%s); backing off until %.0f",
-                self.node.ae_title, state.last_error, state.backoff_until,
+                "node %s: delivery failed (%s); node backs off for %.0f s",
+                self.node.ae_title, state.last_error, state.backoff_until - now,
             )
         elif delivered:
             log.info("node %s: delivered %d instance(s)", self.node.ae_title, len(delivered))
