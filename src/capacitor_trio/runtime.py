@@ -21,11 +21,11 @@ import trio
 
 from capacitor_trio.actors.node import NodeContext
 from capacitor_trio.actors.receiver import Receiver
-from capacitor_trio.actors.sender import DicomSender
 from capacitor_trio.actors.service import ServiceFlags
 from capacitor_trio.actors.supervisor import Supervisor
 from capacitor_trio.config import Settings
 from capacitor_trio.config.models import Node
+from capacitor_trio.dicom import requestor
 from capacitor_trio.dicom.acceptor import AcceptorConfig, serve_acceptor
 from capacitor_trio.logs import RingBufferHandler
 from capacitor_trio.store import open_store
@@ -75,7 +75,7 @@ async def run_router(
         clock=clock,
     ) as store:
         ctx = NodeContext(
-            store=store, sender=sender or DicomSender(), config=config, service=service, clock=clock
+            store=store, sender=sender or requestor, config=config, service=service, clock=clock
         )
         supervisor = Supervisor(settings.nodes, ctx, chaos_every=config.chaos.kill_node_actors_every_seconds)
         nodes = list(settings.nodes)
@@ -133,8 +133,12 @@ async def _main(settings: Settings, ring: RingBufferHandler) -> int:
 
 
 def run_daemon(settings: Settings, *, log_level: str = "INFO") -> int:
-    from capacitor_trio.logs import setup_logging
+    import os
+    import sys
 
+    from capacitor_trio.logs import setup_logging
+    if os.environ.get("CT_SWITCH"):
+        sys.setswitchinterval(float(os.environ["CT_SWITCH"]))
     ring = RingBufferHandler()
     setup_logging(log_level, ring)
     try:

@@ -8,6 +8,7 @@ import attrs
 import trio
 
 from capacitor_trio.config.models import Node
+from capacitor_trio.store.model import Counts
 
 
 class NodeUnavailable(Exception):
@@ -92,20 +93,6 @@ class BulkCommand:
 
 
 @attrs.frozen
-class QueueCounts:
-    new: int = 0
-    prepared: int = 0
-    failed: int = 0
-    rejected: int = 0
-    expired: int = 0
-    checked_out: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.new + self.prepared + self.failed + self.rejected + self.expired
-
-
-@attrs.frozen
 class NodeStatus:
     """Everything the API shows about a node, as one frozen snapshot."""
 
@@ -119,5 +106,5 @@ class NodeStatus:
     last_error: str
     last_delivered_at: float | None
     restarts: int
-    queue: QueueCounts = QueueCounts()
+    queue: Counts = attrs.field(factory=Counts)
     sends_in_progress: int = 0

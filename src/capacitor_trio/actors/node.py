@@ -49,7 +49,6 @@ from capacitor_trio.actors.messages import (
     ItemCommand,
     NodeStatus,
     Pause,
-    QueueCounts,
     Resume,
     SetOverride,
     UpdateNode,
@@ -60,7 +59,7 @@ from capacitor_trio.dicom.requestor import OutgoingInstance, Peer, SendOptions
 from capacitor_trio.domain.backoff import next_attempt, retry_delay
 from capacitor_trio.domain.outcomes import Delivered, Outcome, Rejected, RetryLater
 from capacitor_trio.domain.schedule import parse_schedule, schedule_gate
-from capacitor_trio.store import ItemFilter
+from capacitor_trio.store import Counts, ItemFilter
 
 log = logging.getLogger("capacitor_trio.node")
 
@@ -71,7 +70,8 @@ RECORD_GRACE = 30.0
 
 
 class Sender(Protocol):
-    """What a node needs from the DICOM requestor (the real one or a scripted fake)."""
+    """What a node needs from the DICOM requestor: the `capacitor_trio.dicom.requestor` module
+    itself, or a scripted fake in tests."""
 
     async def send_batch(
         self,
@@ -426,13 +426,8 @@ class NodeActor:
             log.info("node %s: delivered %d instance(s)", self.node.ae_title, len(delivered))
 
 
-def make_status(handle: NodeHandle, state: NodeState, counts: Any = None) -> NodeStatus:
-    queue = QueueCounts()
-    if counts is not None:
-        queue = QueueCounts(
-            new=counts.new, prepared=counts.prepared, failed=counts.failed,
-            rejected=counts.rejected, expired=counts.expired, checked_out=counts.checked_out,
-        )
+def make_status(handle: NodeHandle, state: NodeState, counts: Counts | None = None) -> NodeStatus:
+    queue = counts if counts is not None else Counts()
     return NodeStatus(
         ae_title=handle.node.ae_title,
         role=handle.node.role,

@@ -35,6 +35,7 @@ from capacitor_trio.actors.messages import NodeStatus, NodeUnavailable
 from capacitor_trio.actors.node import NodeActor, NodeContext, NodeState, make_status
 from capacitor_trio.config.models import Node
 from capacitor_trio.domain.restart import GiveUp, RestartPolicy, RestartTracker
+from capacitor_trio.store import Counts
 
 log = logging.getLogger("capacitor_trio.supervisor")
 
@@ -90,7 +91,7 @@ class Supervisor:
         for slot in self._slots.values():
             slot.handle.wake()
 
-    def snapshot(self, handle: NodeHandle, counts: object = None) -> NodeStatus:
+    def snapshot(self, handle: NodeHandle, counts: Counts | None = None) -> NodeStatus:
         """A status snapshot that does not need the actor (works while it restarts)."""
         return make_status(handle, self._slots[handle.node.key].state, counts)
 

@@ -8,9 +8,9 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 
-from capacitor_trio.actors.messages import NodeStatus, QueueCounts
+from capacitor_trio.actors.messages import NodeStatus
 from capacitor_trio.config.models import Node
-from capacitor_trio.store import Item
+from capacitor_trio.store import Counts, Item
 
 from .envelope import iso
 
@@ -45,7 +45,7 @@ def node_json(node: Node, status: NodeStatus | None) -> dict[str, Any]:
         "stallThreshold": node.stall_threshold,
         "processSchedule": list(node.process_schedule),
         "sopClassPriorities": None if node.sop_class_priorities is None else list(node.sop_class_priorities),
-        "queue": queue_json(status.queue if status is not None else QueueCounts()),
+        "queue": queue_json(status.queue if status is not None else Counts()),
         "paused": status.paused if status is not None else False,
         "scheduleOverride": status.schedule_override if status is not None else False,
         "inWindow": status.in_window if status is not None else True,
