@@ -133,12 +133,8 @@ async def _main(settings: Settings, ring: RingBufferHandler) -> int:
 
 
 def run_daemon(settings: Settings, *, log_level: str = "INFO") -> int:
-    import os
-    import sys
-
     from capacitor_trio.logs import setup_logging
-    if os.environ.get("CT_SWITCH"):
-        sys.setswitchinterval(float(os.environ["CT_SWITCH"]))
+
     ring = RingBufferHandler()
     setup_logging(log_level, ring)
     try:
