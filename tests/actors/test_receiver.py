@@ -14,6 +14,7 @@ from capacitor_trio.actors.service import ServiceFlags
 from capacitor_trio.config.models import Node
 from capacitor_trio.dicom.acceptor import CannotProcess, OutOfResources, ReceivedInstance
 from capacitor_trio.domain.instance import Destination, InstanceHeader
+from capacitor_trio.store import StoreError
 
 from .fakes import IntakeStore
 from .test_node import BASE, config
@@ -69,6 +70,17 @@ async def test_no_destination_and_full_store_are_refused(autojump_clock: Any) ->
     with pytest.raises(OutOfResources):
         await receiver.instance_received(rx("PACS"))
     assert store.items == {}
+
+
+async def test_a_store_error_asks_the_sender_to_retry(autojump_clock: Any) -> None:
+    receiver, store, _, _ = make()
+
+    async def broken(*_args: Any, **_kw: Any) -> list[int]:
+        raise StoreError("database disk image is malformed")
+
+    store.commit_instance = broken  # type: ignore[method-assign]
+    with pytest.raises(OutOfResources, match="store error: database disk image is malformed"):
+        await receiver.instance_received(rx("PACS"))
 
 
 async def test_preparer_moves_items_after_minimum_age_and_obeys_the_prepare_flag(autojump_clock: Any) -> None:

@@ -24,7 +24,7 @@ from capacitor_trio.actors.service import ServiceFlags
 from capacitor_trio.config.models import Config, Node
 from capacitor_trio.dicom.acceptor import CannotProcess, OutOfResources, ReceivedInstance
 from capacitor_trio.domain.instance import Destination
-from capacitor_trio.store import StoreFull
+from capacitor_trio.store import StoreError, StoreFull
 
 log = logging.getLogger("capacitor_trio.receiver")
 
@@ -104,6 +104,10 @@ class Receiver:
             except StoreFull as exc:
                 log.warning("refusing %s from %s: %s", rx.header.sop_instance_uid, rx.calling_ae, exc)
                 raise OutOfResources(str(exc)) from exc
+            except StoreError as exc:
+                # not acknowledged, so nothing is lost: the sender is told to try again later
+                log.error("store failed to queue %s from %s: %r", rx.header.sop_instance_uid, rx.calling_ae, exc)
+                raise OutOfResources(f"store error: {exc}") from exc
         self.received += 1
         self._unprepared.append(self.clock())
         self._wake.set()
