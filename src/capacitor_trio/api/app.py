@@ -100,7 +100,7 @@ async def _json_body(allowed: dict[str, Any], *, required: tuple[str, ...] = (),
         raise bad_request("a JSON object body is required")
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
         raise bad_request(f"invalid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise bad_request("the body must be a JSON object")
@@ -679,8 +679,8 @@ def _endpoint(api: Api, handler: Handler, write: bool) -> Handler:
                 finally:
                     api.invalidate()  # the API shows its own changes at once
             return await handler(**kwargs)
-        except trio.Cancelled:
-            raise
+        except (trio.Cancelled, HTTPException):
+            raise  # HTTPException (e.g. 413 from a body over MAX_CONTENT_LENGTH): http_error below
         except Exception as exc:
             return error_response(translate(exc))
 
@@ -713,6 +713,11 @@ def create_app(router: Any) -> QuartTrio:
             err = ApiError("NOT_FOUND", f"no endpoint {request.method} {request.path}")
         elif status >= 500:
             err = ApiError("INTERNAL", "internal error", status=status)
+        elif status == 413:
+            # the rest of the body is never read: end the connection, or the client's next
+            # request on it would wait behind the unread bytes
+            headers["Connection"] = "close"
+            err = ApiError("BAD_REQUEST", exc.description or exc.name, status=status)
         else:
             err = ApiError("BAD_REQUEST", exc.description or exc.name, status=status)
         return error_response(err, headers)
