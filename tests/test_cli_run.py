@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.dicom.conftest import needs_dcmtk
-from tests.helpers.peers import RouterProcess, dcmtk_env, free_port
+from tests.helpers.peers import RouterProcess, dcmtk_env, free_port, needs_dcmtk
 
 
 @needs_dcmtk

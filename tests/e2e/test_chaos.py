@@ -12,8 +12,8 @@ import trio
 from capacitor_trio.config import load_settings
 from capacitor_trio.dicom.acceptor import AcceptorConfig, serve_acceptor
 from capacitor_trio.runtime import run_router
-from tests.dicom.conftest import needs_dcmtk, write_corpus
-from tests.helpers.peers import free_port, path_uid, storescu
+from tests.helpers.datasets import write_corpus
+from tests.helpers.peers import free_port, needs_dcmtk, path_uid, storescu
 from tests.helpers.sinks import CountingSink
 
 pytestmark = [needs_dcmtk, pytest.mark.timeout(240)]

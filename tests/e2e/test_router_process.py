@@ -11,13 +11,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.dicom.conftest import StorescpInetd, needs_dcmtk, write_corpus
+from tests.helpers.datasets import write_corpus
 from tests.helpers.peers import (
     Counter,
     PynetdicomDestination,
     RouterProcess,
+    StorescpInetd,
     dataset_bytes,
     free_port,
+    needs_dcmtk,
     path_uid,
     pynetdicom_send,
     storescu,

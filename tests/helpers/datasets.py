@@ -83,3 +83,18 @@ def write_dataset(path: Path, ds: Dataset) -> Path:
 
 def read_dataset(path: Path) -> Dataset:
     return pydicom.dcmread(path)
+
+
+def write_corpus(
+    directory: Path,
+    n: int,
+    *,
+    transfer_syntax: str = pydicom.uid.ExplicitVRLittleEndian,
+    rows: int = 64,
+) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        ds = make_dataset(rows=rows, columns=rows, transfer_syntax=transfer_syntax, seed=i)
+        paths.append(write_dataset(directory / f"img{i:04d}.dcm", ds))
+    return paths

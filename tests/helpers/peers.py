@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pydicom
+import pytest
 import trio
 from pydicom.uid import UID
 from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -32,6 +35,10 @@ ALL_SYNTAXES = [
     "1.2.840.10008.1.2.4.70",
     "1.2.840.10008.1.2.4.90",
 ]
+
+
+HAVE_DCMTK = all(shutil.which(t) for t in ("storescu", "storescp", "echoscu"))
+needs_dcmtk = pytest.mark.skipif(not HAVE_DCMTK, reason="DCMTK tools not on PATH")
 
 
 def free_port() -> int:
@@ -222,8 +229,12 @@ class RouterProcess:
         return "\n".join(self.lines)
 
 
-def dcmtk_env() -> dict[str, str]:
-    return {**os.environ, "TCP_NODELAY": "1"}
+def dcmtk_env(nodelay: bool = True) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("TCP_NODELAY", None)
+    if nodelay:
+        env["TCP_NODELAY"] = "1"
+    return env
 
 
 async def storescu(port: int, called_ae: str, files: Sequence[Path], *, calling_ae: str = "MODALITY") -> None:
@@ -270,3 +281,62 @@ def path_uid(path: Path) -> str:
     import pydicom
 
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+class StorescpInetd:
+    """A listener that hands each accepted connection to a fresh `storescp --inetd`.
+
+    DCMTK prints nothing when it starts listening; inetd mode gives the test a bound port at once
+    without polling, and each association gets its own storescp process.
+    """
+
+    def __init__(self, out: Path, *, nodelay: bool = True, extra: tuple[str, ...] = ()) -> None:
+        self.out = out
+        self.nodelay = nodelay
+        self.extra = extra
+        self.port = 0
+        self.results: list[trio.CompletedProcess] = []  # type: ignore[type-arg]
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        listener = trio.socket.socket()
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        self.port = listener.getsockname()[1]
+        task_status.started(self.port)
+        async with trio.open_nursery() as nursery:
+            with listener:
+                while True:
+                    conn, _ = await listener.accept()
+                    nursery.start_soon(self._run_one, conn)
+
+    async def _run_one(self, conn: trio.socket.SocketType) -> None:
+        with conn:
+            os.set_blocking(conn.fileno(), True)
+            result = await trio.run_process(
+                [
+                    "storescp",
+                    "--inetd",
+                    "-od",
+                    str(self.out),
+                    "+B",
+                    "+xa",
+                    "-pdu",
+                    "131072",
+                    *self.extra,
+                ],
+                stdin=conn.fileno(),
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env=dcmtk_env(self.nodelay),
+            )
+        self.results.append(result)
+
+    def stored(self) -> dict[str, Path]:
+        """SOP Instance UID -> file storescp wrote."""
+        found = {}
+        for p in self.out.iterdir():
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            found[str(ds.SOPInstanceUID)] = p
+        return found
