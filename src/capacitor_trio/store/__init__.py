@@ -18,8 +18,10 @@ Who owns what
   new jobs queue up and the next COMMIT serves them all. A job that raises is rolled back alone.
 * **Readers** (listing, counts, search) use a small pool of read-only connections in Trio worker
   threads; WAL lets them read a consistent snapshot while the writer writes.
-* The **Trio loop** never does blocking I/O: file fsyncs run in `trio.to_thread` workers
-  concurrently, and callers wait for their job on a `trio.Event` set from the writer thread.
+* The **Trio loop** never does blocking I/O: a new file's fsync and rename run in the writer's
+  group (several files of one group are fsync'd in parallel by a small pool), other file work
+  in `trio.to_thread` workers, and callers wait for their job on a `trio.Event` set from the
+  writer thread.
 * The **acceptor** owns a temporary file from `new_incoming_path()` until it calls
   `commit_instance` (or `discard_incoming`); from then on the store owns it.
 * **Node actors** own their items' states (design.md): the store only enforces that operator
@@ -27,10 +29,11 @@ Who owns what
 
 Acknowledged means durable
 --------------------------
-`commit_instance` does, in order: admission check (statvfs) -> fsync the temporary file (worker
-thread) -> rename it into the current spool bucket -> [writer] fsync the bucket directory once for
-the whole group -> insert the instance and one item per destination -> COMMIT. It returns only
-after the COMMIT. Buckets hold up to 4096 files and are shared by concurrent commits, so a group
+`commit_instance` does, in order: admission check (statvfs) -> [writer, for every commit of the
+group, in parallel] fsync the temporary file and rename it into the current spool bucket ->
+[writer] fsync the bucket directory once for the whole group -> insert the instance and one item
+per destination -> COMMIT. It returns only after the COMMIT. (One thread hop per commit: the
+caller hands the job to the writer and waits for it.) Buckets hold up to 4096 files and are shared by concurrent commits, so a group
 usually costs one directory fsync and one WAL fsync however many instances it holds. With
 ``durable=False`` the same steps run without fsyncs (``synchronous=OFF``): the data is in the OS
 page cache, which survives a killed process but not a power cut.

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import trio
 
 from ..domain.instance import Destination, InstanceHeader
-from .errors import ItemCheckedOut, ItemNotFound, StoreFull, TransitionError, translate
+from .errors import ItemCheckedOut, ItemNotFound, StoreFull, TransitionError
 from .fsops import FileOps
 from .model import QUEUED_STATES, STATES, Counts, Item, ItemFilter, RecoveryReport
 from .recovery import recover, spool_buckets
@@ -320,7 +320,7 @@ class Store:
         if not dests:
             raise ValueError("commit_instance needs at least one destination")
         state = _state(state)
-        placed: Path | None = None
+        final: Path | None = None
         committed = False
         try:
             self.check_admission()
@@ -328,18 +328,6 @@ class Store:
             bucket = await self._bucket_dir()
             final = bucket / f"{uuid.uuid4().hex}.dcm"
             rel = final.relative_to(self.root).as_posix()
-
-            def place() -> int:
-                size = os.stat(temp_path).st_size
-                self._ops.fsync_file(temp_path)
-                self._ops.rename(temp_path, final)
-                return size
-
-            try:
-                size = await trio.to_thread.run_sync(place)
-            except OSError as exc:
-                raise translate(exc) from exc
-            placed = final
             rows = [
                 (
                     state,
@@ -355,7 +343,6 @@ class Store:
                     header.patient_name,
                     header.accession_number,
                     header.transfer_syntax_uid,
-                    size,
                     now,
                     now,
                     _search_text(header, source_ae, d),
@@ -363,7 +350,7 @@ class Store:
                 for d in dests
             ]
 
-            def insert(conn: sqlite3.Connection) -> list[int]:
+            def insert(conn: sqlite3.Connection, size: int) -> list[int]:
                 cur = conn.execute(
                     "INSERT INTO instances(rel_path, size_bytes, created_at) VALUES (?, ?, ?)",
                     (rel, size, now),
@@ -375,23 +362,27 @@ class Store:
                         "INSERT INTO items(instance_id, state, source_ae, destination_ae, "
                         "destination_role, study_uid, series_uid, sop_instance_uid, sop_class_uid, "
                         "modality, patient_id, patient_name, accession_number, "
-                        "transfer_syntax_uid, size_bytes, created_at, updated_at, search_text) "
+                        "transfer_syntax_uid, created_at, updated_at, search_text, size_bytes) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (instance_id, *row),
+                        (instance_id, *row, size),
                     )
                     ids.append(int(cur.lastrowid or 0))
                 return ids
 
             assert self._writer is not None, "store is not open"
-            ids: list[int] = await self._writer.run(insert, (bucket,), admission=True)
+            # the writer fsyncs and renames the file in the group (fewer thread hops per commit),
+            # then fsyncs the bucket once for the group, inserts, and commits
+            ids: list[int] = await self._writer.run(
+                insert, (bucket,), admission=True, place=(temp_path, final)
+            )
             committed = True
             return ids
         finally:
             if not committed:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self._ops.unlink, temp_path)
-                    if placed is not None:
-                        await trio.to_thread.run_sync(self._ops.unlink, placed)
+                    if final is not None:
+                        await trio.to_thread.run_sync(self._ops.unlink, final)
 
     # -- the delivery path (node actors) -----------------------------------------------------------
 
@@ -417,8 +408,12 @@ class Store:
         sop_class_priorities: Sequence[str] | None = None,
         study_quiet_before: float | None = None,
         exempt_studies: Collection[str] = (),
+        series_uid: str | None = None,
     ) -> list[Item]:
-        """Check out the next batch for `destination` (see the package docstring for the order)."""
+        """Check out the next batch for `destination` (see the package docstring for the order).
+
+        `series_uid` restricts the batch to that series (a node topping up an association that
+        carries one series)."""
         if limit <= 0:
             return []
         job = partial(
@@ -430,6 +425,7 @@ class Store:
             _normalise_priorities(sop_class_priorities),
             study_quiet_before,
             sorted(exempt_studies),
+            series_uid,
         )
         return await self._write(job)
 
@@ -442,6 +438,7 @@ class Store:
         priorities: list[str] | None,
         quiet_before: float | None,
         exempt: list[str],
+        series_uid: str | None,
         conn: sqlite3.Connection,
     ) -> list[Item]:
         base = "i.destination_ae = ? AND i.destination_role = ? AND i.checked_out = 0"
@@ -520,8 +517,11 @@ class Store:
                 out += fetch(clause, extra_params + series_params, limit - len(out))
             return out
 
-        rows = collect("", [])
-        if by_series and rows:
+        if series_uid is not None:
+            rows = collect("i.series_uid = ?", [series_uid])
+        else:
+            rows = collect("", [])
+        if by_series and rows and series_uid is None:
             rows = collect("i.series_uid = ?", [rows[0][7]])
         if not rows:
             return []
@@ -592,6 +592,38 @@ class Store:
 
         def job(conn: sqlite3.Connection) -> Any:
             return unlinking(None, self._remove_items(conn, id_list))
+
+        await self._write(job)
+
+    async def record_outcomes(
+        self,
+        delivered: Sequence[int] = (),
+        failed: Sequence[tuple[int, str, float | None]] = (),
+        rejected: Sequence[tuple[int, str]] = (),
+    ) -> None:
+        """A node's outcomes for part of a batch, in one store job: `delivered` ids are removed
+        (as `delivered`), `failed` (id, error, next attempt) as `fail`, `rejected` (id, error)
+        as `reject`. Ids no longer in the index are skipped, so one vanished item never undoes
+        the record of the others."""
+        delivered, failed, rejected = list(delivered), list(failed), list(rejected)
+        if not (delivered or failed or rejected):
+            return
+        now = self._clock()
+
+        def job(conn: sqlite3.Connection) -> Any:
+            conn.executemany(
+                "UPDATE items SET state = 'failed', checked_out = 0, "
+                "attempt_count = attempt_count + 1, last_error = ?, next_attempt_at = ?, "
+                "updated_at = ? WHERE id = ?",
+                [(error, at, now, item_id) for item_id, error, at in failed],
+            )
+            conn.executemany(
+                "UPDATE items SET state = 'rejected', checked_out = 0, "
+                "attempt_count = attempt_count + 1, last_error = ?, next_attempt_at = NULL, "
+                "updated_at = ? WHERE id = ?",
+                [(error, now, item_id) for item_id, error in rejected],
+            )
+            return unlinking(None, self._remove_items(conn, delivered) if delivered else [])
 
         await self._write(job)
 

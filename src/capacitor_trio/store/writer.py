@@ -10,6 +10,7 @@ COMMIT fails every job of the group. Callers wait in Trio on an Event set from t
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import logging
@@ -31,11 +32,14 @@ log = logging.getLogger("capacitor_trio.store")
 
 #: Upper bound on jobs per group transaction (keeps one commit's latency bounded).
 MAX_GROUP = 512
+#: Threads fsyncing a group's new files concurrently (one file is fsync'd by the writer itself).
+PLACE_THREADS = 8
 
 
 @attrs.define(eq=False)
 class Job:
-    fn: Callable[[sqlite3.Connection], Any]
+    #: `fn(conn)`, or `fn(conn, size)` for a job that places a file
+    fn: Callable[..., Any]
     dirs: frozenset[Path] = frozenset()
     done: trio.Event = attrs.field(factory=trio.Event)
     result: Any = None
@@ -44,6 +48,10 @@ class Job:
     error: BaseException | None = None
     #: files to unlink once the group has committed (last item of an instance went away)
     unlink_after: list[Path] = attrs.field(factory=list)
+    #: (temporary file, spool path): fsync'd and renamed by the group before its directory
+    #: fsyncs; `fn` runs only if that worked, with the file's size in `placed_size`
+    place: tuple[Path, Path] | None = None
+    placed_size: int = 0
 
 
 @attrs.define(eq=False)
@@ -76,6 +84,7 @@ class Writer:
             target=self._main, name="capacitor-store-writer", daemon=True
         )
         self._trash_done: list[str] = []
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.stats = Stats()
         self._closed = False
 
@@ -84,12 +93,16 @@ class Writer:
 
     async def run(
         self,
-        fn: Callable[[sqlite3.Connection], Any],
+        fn: Callable[..., Any],
         dirs: Iterable[Path] = (),
         *,
         admission: bool = False,
+        place: tuple[Path, Path] | None = None,
     ) -> Any:
         """Run `fn` in the next group transaction and return its result once committed.
+
+        With `place=(temp, final)` the group first fsyncs `temp` and renames it to `final` (a
+        failure fails this job alone), and `fn` gets the file's size as a second argument.
 
         Once submitted, the job completes even if the caller is cancelled meanwhile (the wait is
         shielded; a store operation is short and must not be left half-known, e.g. a checkout
@@ -97,7 +110,7 @@ class Writer:
         """
         if self._closed:
             raise RuntimeError("store is closed")
-        job = Job(fn, frozenset(dirs), admission=admission)
+        job = Job(fn, frozenset(dirs), admission=admission, place=place)
         self._queue.put(job)
         with trio.CancelScope(shield=True):
             await job.done.wait()
@@ -140,6 +153,8 @@ class Writer:
             for job in group:
                 self._wake(job)
         self._conn.close()
+        if self._pool is not None:
+            self._pool.shutdown()
 
     def _wake(self, job: Job) -> None:
         with contextlib.suppress(trio.RunFinishedError):  # the run ended under us
@@ -184,7 +199,7 @@ class Writer:
         for job in live:
             conn.execute("SAVEPOINT job")
             try:
-                job.result = job.fn(conn)
+                job.result = job.fn(conn) if job.place is None else job.fn(conn, job.placed_size)
             except Exception as exc:
                 conn.execute("ROLLBACK TO job")
                 conn.execute("RELEASE job")
@@ -210,7 +225,33 @@ class Writer:
             return None if isinstance(err, StoreFull) else []
         return ok
 
+    def _place_one(self, job: Job) -> None:
+        assert job.place is not None
+        src, dst = job.place
+        try:
+            job.placed_size = os.stat(src).st_size
+            self._ops.fsync_file(src)
+            self._ops.rename(src, dst)
+        except OSError as exc:
+            job.error = translate(exc)
+
+    def _place(self, group: list[Job]) -> list[Job]:
+        """fsync and rename the group's new files (in parallel when there are several)."""
+        placing = [j for j in group if j.place is not None]
+        if len(placing) > 1 and self._ops.durable:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    PLACE_THREADS, thread_name_prefix="capacitor-store-fsync"
+                )
+            list(self._pool.map(self._place_one, placing))
+        else:
+            for job in placing:
+                self._place_one(job)
+        return [j for j in group if j.error is None]
+
     def _run_group(self, group: list[Job]) -> None:
+        # 0. new files: fsync each (in parallel), rename it into its spool bucket
+        group = self._place(group)
         # 1. make the renames of this group durable: one fsync per distinct spool directory
         dirs = sorted({d for job in group for d in job.dirs})
         failed_dirs: dict[Path, BaseException] = {}
