@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import attrs
@@ -69,6 +69,10 @@ class OutgoingInstance:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
+
+
+#: `send_batch(..., more=)`: instances to send next on the same association (none: release it).
+MoreInstances = Callable[[], Awaitable[Sequence[OutgoingInstance]]]
 
 
 @attrs.frozen
@@ -166,9 +170,11 @@ class _Session:
         instances: Sequence[OutgoingInstance],
         options: SendOptions,
         on_outcome: Callable[[int, Outcome], None],
+        more: MoreInstances | None = None,
     ) -> None:
         self.peer = peer
-        self.instances = instances
+        self.instances = list(instances)
+        self.more = more
         self.options = options
         self.on_outcome = on_outcome
         self.reported: set[int] = set()
@@ -293,15 +299,31 @@ class _Session:
         recv_rsp: trio.MemoryReceiveChannel[dimse.Command],
     ) -> None:
         assert self.t is not None
-        for index, inst in enumerate(self.instances):
+        index = 0
+        topping_up = self.more is not None
+        while True:
+            if index == len(self.instances):
+                if not topping_up:
+                    break
+                assert self.more is not None
+                extra = list(await self.more())
+                # only instances this association has a context for; the rest stay unreported
+                # (the caller gives them back to its queue) and the association ends after these
+                fit = [i for i in extra if (i.sop_class_uid, i.transfer_syntax_uid) in by_pair]
+                if not fit:
+                    break
+                topping_up = len(fit) == len(extra)
+                self.instances.extend(fit)
+            inst = self.instances[index]
+            index += 1
             pair = (inst.sop_class_uid, inst.transfer_syntax_uid)
             if pair in overflow:
-                self.report(index, RetryLater("too many presentation contexts in one batch"))
+                self.report(index - 1, RetryLater("too many presentation contexts in one batch"))
                 continue
             ctx = by_pair.get(pair)
             if ctx is None:
                 self.report(
-                    index,
+                    index - 1,
                     Rejected(
                         f"presentation context for {inst.sop_class_uid} / "
                         f"{inst.transfer_syntax_uid} refused: {refused.get(pair, '?')}"
@@ -309,7 +331,7 @@ class _Session:
                 )
                 continue
             outcome = await self._store(inst, ctx, fragment, recv_rsp)
-            self.report(index, outcome)
+            self.report(index - 1, outcome)
         # A-RELEASE
         try:
             await self.t.send_all(P.RELEASE_RQ_BYTES)
@@ -484,15 +506,23 @@ async def send_batch(
     instances: Sequence[OutgoingInstance],
     options: SendOptions,
     on_outcome: Callable[[int, Outcome], None],
+    *,
+    more: MoreInstances | None = None,
 ) -> None:
     """Send `instances` over one association; `on_outcome(index, outcome)` as each is known.
+
+    `more`, if given, is awaited each time every instance so far has been answered; the
+    instances it returns are sent on the same association, their indices following on from the
+    earlier ones. It ends the association by returning nothing. Returned instances whose
+    (SOP class, transfer syntax) has no accepted context here are not sent and not reported,
+    and the association is released after the others (the caller sends them on a new one).
 
     Never raises for network or peer errors (they become outcomes); cancellation propagates
     after an A-ABORT.
     """
     if not instances:
         return
-    await _Session(peer, instances, options, on_outcome).run()
+    await _Session(peer, instances, options, on_outcome, more).run()
 
 
 async def echo(peer: Peer, calling_ae: str, *, timeout: float = 10.0) -> EchoResult:  # noqa: ASYNC109
@@ -553,6 +583,7 @@ async def echo(peer: Peer, calling_ae: str, *, timeout: float = 10.0) -> EchoRes
 __all__ = [
     "Delivered",
     "EchoResult",
+    "MoreInstances",
     "OutgoingInstance",
     "Peer",
     "Rejected",
