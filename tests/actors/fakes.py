@@ -85,7 +85,7 @@ class FakeStore:
     async def checkout_batch(
         self, destination: Destination, *, now: float, limit: int, by_series: bool = False,
         sop_class_priorities: Sequence[str] | None = None, study_quiet_before: float | None = None,
-        exempt_studies: Collection[str] = (),
+        exempt_studies: Collection[str] = (), series_uid: str | None = None,
     ) -> list[Item]:
         await trio.lowlevel.checkpoint()
         rank = sop_class_rank(sop_class_priorities)
@@ -96,6 +96,8 @@ class FakeStore:
                 last[i.study_instance_uid] = max(last.get(i.study_instance_uid, 0.0), i.created_at)
             items = [i for i in items if i.study_instance_uid in exempt_studies or last[i.study_instance_uid] <= study_quiet_before]
         items.sort(key=lambda i: (rank(i.sop_class_uid), i.created_at, i.id))
+        if series_uid is not None:
+            items = [i for i in items if i.series_instance_uid == series_uid]
         if by_series and items:
             items = [i for i in items if i.series_instance_uid == items[0].series_instance_uid]
         batch = items[:limit]
@@ -116,6 +118,24 @@ class FakeStore:
         await trio.lowlevel.checkpoint()
         it = self.items[item_id]
         self._set(item_id, state="rejected", checked_out=False, attempt_count=it.attempt_count + 1, last_error=error)
+
+    async def record_outcomes(
+        self, delivered: Sequence[int] = (), failed: Sequence[tuple[int, str, float | None]] = (),
+        rejected: Sequence[tuple[int, str]] = (),
+    ) -> None:
+        await trio.lowlevel.checkpoint()
+        for i in delivered:
+            self.items.pop(i, None)
+        for item_id, error, at in failed:
+            if item_id in self.items:
+                it = self.items[item_id]
+                self._set(item_id, state="failed", checked_out=False, attempt_count=it.attempt_count + 1,
+                          last_error=error, next_attempt_at=at)
+        for item_id, error in rejected:
+            if item_id in self.items:
+                it = self.items[item_id]
+                self._set(item_id, state="rejected", checked_out=False, attempt_count=it.attempt_count + 1,
+                          last_error=error)
 
     async def release(self, ids: Iterable[int]) -> None:
         await trio.lowlevel.checkpoint()
@@ -210,6 +230,8 @@ class FakeSender:
         self.sends: list[Send] = []
         self.delivered: list[str] = []
         self.aborted = 0
+        #: call `more()` after the batch (the real requestor's top-up of an open association)
+        self.top_up = False
 
     @property
     def times(self) -> list[float]:
@@ -217,8 +239,10 @@ class FakeSender:
 
     async def send_batch(
         self, peer: Peer, instances: Sequence[OutgoingInstance], options: SendOptions,
-        on_outcome: Callable[[int, Outcome], None],
+        on_outcome: Callable[[int, Outcome], None], *, more: Any = None,
     ) -> None:
+        """Sends `instances`; then, when `top_up` is on, whatever `more()` returns, until it
+        returns nothing (like the real requestor; off by default so each batch is one send)."""
         self.sends.append(Send(trio.current_time(), options.calling_ae, [i.sop_instance_uid for i in instances], options.priority))
         try:
             for index, inst in enumerate(instances):
@@ -228,6 +252,20 @@ class FakeSender:
                 if isinstance(outcome, Delivered):
                     self.delivered.append(inst.sop_instance_uid)
                 on_outcome(index, outcome)
+            index = len(instances)
+            while self.top_up and more is not None:
+                extra = list(await more())
+                if not extra:
+                    break
+                self.sends[-1].sops += [i.sop_instance_uid for i in extra]
+                for inst in extra:
+                    if self.per_instance:
+                        await trio.sleep(self.per_instance)
+                    outcome = self.script(inst)
+                    if isinstance(outcome, Delivered):
+                        self.delivered.append(inst.sop_instance_uid)
+                    on_outcome(index, outcome)
+                    index += 1
             await trio.lowlevel.checkpoint()
         except trio.Cancelled:
             self.aborted += 1

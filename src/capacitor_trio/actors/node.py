@@ -55,7 +55,7 @@ from capacitor_trio.actors.messages import (
 )
 from capacitor_trio.actors.service import ServiceFlags
 from capacitor_trio.config.models import Config, Node, effective
-from capacitor_trio.dicom.requestor import OutgoingInstance, Peer, SendOptions
+from capacitor_trio.dicom.requestor import MoreInstances, OutgoingInstance, Peer, SendOptions
 from capacitor_trio.domain.backoff import next_attempt, retry_delay
 from capacitor_trio.domain.outcomes import Delivered, Outcome, Rejected, RetryLater
 from capacitor_trio.domain.schedule import parse_schedule, schedule_gate
@@ -67,6 +67,8 @@ log = logging.getLogger("capacitor_trio.node")
 SERIES_BATCH_CAP = 1000
 #: How long recording a batch's outcomes may take when shielded from cancellation.
 RECORD_GRACE = 30.0
+#: How long an open association waits for new items once everything sent has been answered.
+TOP_UP_LINGER = 0.1
 
 
 class Sender(Protocol):
@@ -79,6 +81,8 @@ class Sender(Protocol):
         instances: Sequence[OutgoingInstance],
         options: SendOptions,
         on_outcome: Callable[[int, Outcome], None],
+        *,
+        more: MoreInstances | None = None,
     ) -> None: ...
 
     async def echo(self, peer: Peer, calling_ae: str, *, timeout: float = 10) -> Any: ...  # noqa: ASYNC109
@@ -296,7 +300,9 @@ class NodeActor:
         await trio.sleep(ctx.config.storage_interval / 1000)
         return ctx.clock()
 
-    async def _checkout(self, now: float) -> list[Any]:
+    async def _checkout(
+        self, now: float, *, limit: int | None = None, series_uid: str | None = None
+    ) -> list[Any]:
         eff = effective(self.node, self.ctx.config)
         delay = eff.process_delay_ms / 1000
         window = delay * self.ctx.config.process_delay_window_multiplier
@@ -304,15 +310,17 @@ class NodeActor:
         for study, at in list(recent.items()):
             if at < now - max(window, 0):
                 del recent[study]
+        extra: dict[str, Any] = {} if series_uid is None else {"series_uid": series_uid}
         return list(
             await self.ctx.store.checkout_batch(
                 self.handle.destination,
                 now=now,
-                limit=eff.batch_size or SERIES_BATCH_CAP,
+                limit=limit if limit is not None else eff.batch_size or SERIES_BATCH_CAP,
                 by_series=eff.batch_size == 0,
                 sop_class_priorities=self.node.sop_class_priorities,
                 study_quiet_before=now - delay if delay > 0 else None,
                 exempt_studies=frozenset(recent) if window > 0 else frozenset(),
+                **extra,
             )
         )
 
@@ -338,15 +346,37 @@ class NodeActor:
         last = await store.study_last_arrival(self.handle.destination, items[0].study_instance_uid)
         return max(now, (last if last is not None else now) + delay)
 
+    def _may_continue(self) -> bool:
+        """May an open association take more items (the gates `step` checks, minus the wait)?"""
+        state, now = self.state, self.ctx.clock()
+        if state.paused or not self.ctx.service.storage_scu or state.backoff_until > now:
+            return False
+        return state.override or self._schedule_gate(now)[0]
+
+    def _calling_ae(self, item: Any) -> str:
+        if self.node.impersonate and item.source_ae:
+            return str(item.source_ae)
+        return self.ctx.config.my_ae_title
+
     async def _send(self, items: list[Any]) -> None:
+        """Send a checked-out batch, one association per calling AE, and record the outcomes.
+
+        While an association is open and everything sent on it has been answered, the requestor
+        asks for more (`more`): the outcomes so far are recorded (one store job), and items that
+        became eligible meanwhile are checked out and sent on the same association, up to the
+        batch size (BatchSize, or one series capped at SERIES_BATCH_CAP when it is 0). If none
+        is eligible, it waits up to TOP_UP_LINGER for new arrivals before releasing. So a
+        destination fed while a modality is still sending gets one association per batch rather
+        than one per handful of images."""
         node, ctx = self.node, self.ctx
         eff = effective(node, ctx.config)
         peer = Peer(node.ae_title, node.host_name, node.port)
+        cap = eff.batch_size or SERIES_BATCH_CAP
         groups: dict[str, list[Any]] = {}
         for item in items:
-            calling = item.source_ae if node.impersonate and item.source_ae else ctx.config.my_ae_title
-            groups.setdefault(calling, []).append(item)
-        pending = list(items)
+            groups.setdefault(self._calling_ae(item), []).append(item)
+        #: checked out by this send, outcome not recorded yet: released at the end
+        pending: dict[int, Any] = {i.id: i for i in items}
         self.state.activity = "sending"
         self.state.sends_in_progress += 1
         try:
@@ -363,43 +393,70 @@ class NodeActor:
                     max_pdu_size=ctx.config.max_pdu_size,
                 )
                 outcomes: dict[int, Outcome] = {}
-                instances = [
-                    OutgoingInstance(i.path, i.sop_class_uid, i.sop_instance_uid, i.transfer_syntax_uid)
-                    for i in group
-                ]
+                series = group[0].series_instance_uid if eff.batch_size == 0 else None
+                top_up = len(groups) == 1
+
+                async def flush(group: list[Any] = group, outcomes: dict[int, Outcome] = outcomes) -> None:
+                    if not outcomes:
+                        return
+                    batch = [(group[i], o) for i, o in sorted(outcomes.items())]
+                    outcomes.clear()
+                    await self._record(batch)
+                    for item, _ in batch:
+                        pending.pop(item.id, None)
+
+                async def more(
+                    group: list[Any] = group, flush: Any = flush, calling_ae: str = calling_ae,
+                    series: str | None = series,
+                ) -> list[OutgoingInstance]:
+                    nonlocal top_up
+                    await flush()
+                    room = cap - len(group)
+                    if not top_up or room <= 0 or not self._may_continue():
+                        return []
+                    deadline = trio.current_time() + TOP_UP_LINGER
+                    while True:
+                        self.handle.clear_wake()
+                        extra = await self._checkout(ctx.clock(), limit=room, series_uid=series)
+                        if extra:
+                            break
+                        with trio.move_on_at(deadline):
+                            await self.handle.wait_woken()
+                        if trio.current_time() >= deadline or not self._may_continue():
+                            return []
+                    for item in extra:
+                        pending[item.id] = item
+                    fit = [i for i in extra if self._calling_ae(i) == calling_ae]
+                    top_up = len(fit) == len(extra)  # the others need another association
+                    group.extend(fit)
+                    return [_outgoing(i) for i in fit]
+
                 try:
                     with trio.CancelScope() as self._batch_scope:
-                        await ctx.sender.send_batch(peer, instances, options, outcomes.__setitem__)
+                        await ctx.sender.send_batch(
+                            peer, [_outgoing(i) for i in group], options, outcomes.__setitem__,
+                            more=more,
+                        )
                 finally:
                     self._batch_scope = None
                     with trio.CancelScope(shield=True), trio.move_on_after(RECORD_GRACE):
-                        await self._record(group, outcomes)
-                        done = {group[i].id for i in outcomes}
-                        pending = [i for i in pending if i.id not in done]
+                        await flush()
         finally:
             self.state.sends_in_progress -= 1
             if pending:
                 with trio.CancelScope(shield=True), trio.move_on_after(RECORD_GRACE):
-                    await ctx.store.release([i.id for i in pending])
+                    await ctx.store.release(list(pending))
 
-    async def _record(self, group: list[Any], outcomes: dict[int, Outcome]) -> None:
+    async def _record(self, batch: list[tuple[Any, Outcome]]) -> None:
+        """Record (item, outcome) pairs in one store job and update the node's state."""
         ctx, state = self.ctx, self.state
         now = ctx.clock()
-        store = ctx.store
-        delivered = [group[i] for i, o in outcomes.items() if isinstance(o, Delivered)]
-        if delivered:
-            await store.delivered([i.id for i in delivered])
-            ctx.delivered_count.value += len(delivered)
-            state.last_delivered_at = now
-            state.consecutive_failures = 0
-            state.backoff_until = 0.0
-            for item in delivered:
-                state.recent_studies[item.study_instance_uid] = now
-        transient = False
-        for index, outcome in sorted(outcomes.items()):
-            item = group[index]
+        delivered = [item for item, o in batch if isinstance(o, Delivered)]
+        failed: list[tuple[int, str, float | None]] = []
+        rejected: list[tuple[int, str]] = []
+        for item, outcome in batch:
             if isinstance(outcome, Rejected):
-                await store.reject(item.id, outcome.reason)
+                rejected.append((item.id, outcome.reason))
                 state.last_error = outcome.reason
                 log.warning("node %s rejected %s: %s", self.node.ae_title, item.sop_instance_uid, outcome.reason)
             elif isinstance(outcome, RetryLater):
@@ -408,10 +465,17 @@ class NodeActor:
                     now, attempt, base=ctx.config.retry_delay_seconds, cap=ctx.config.retry_max_delay_seconds,
                     jitter=ctx.retry_jitter, rng=ctx.rng, max_attempts=ctx.config.max_attempts,
                 )
-                await store.fail(item.id, outcome.reason, at)
+                failed.append((item.id, outcome.reason, at))
                 state.last_error = outcome.reason
-                transient = True
-        if transient and not delivered:
+        await ctx.store.record_outcomes(delivered=[i.id for i in delivered], failed=failed, rejected=rejected)
+        if delivered:
+            ctx.delivered_count.value += len(delivered)
+            state.last_delivered_at = now
+            state.consecutive_failures = 0
+            state.backoff_until = 0.0
+            for item in delivered:
+                state.recent_studies[item.study_instance_uid] = now
+        if failed and not delivered:
             # the destination is unreachable or out of resources: the whole node backs off
             state.consecutive_failures += 1
             state.backoff_until = now + retry_delay(
@@ -424,6 +488,10 @@ class NodeActor:
             )
         elif delivered:
             log.info("node %s: delivered %d instance(s)", self.node.ae_title, len(delivered))
+
+
+def _outgoing(item: Any) -> OutgoingInstance:
+    return OutgoingInstance(item.path, item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax_uid)
 
 
 def make_status(handle: NodeHandle, state: NodeState, counts: Counts | None = None) -> NodeStatus:

@@ -7,7 +7,8 @@ store, and only then lets the acceptor answer success. At most `max_in_flight` c
 once: a slow store slows the senders instead of growing memory (the acceptor's C-STORE waits).
 
 The preparer moves ripe items (older than `minimumAge`) from new to prepared while the service's
-`prepare` flag is on, and wakes the node actors when it did.
+`prepare` flag is on, and wakes the node actors when it did. With `minimumAge: 0` (and `prepare`
+on) an instance is ripe on arrival: it is committed as prepared and the nodes are woken at once.
 """
 
 from __future__ import annotations
@@ -98,9 +99,14 @@ class Receiver:
         destinations = self.destinations_for(rx.called_ae)
         if not destinations:
             raise CannotProcess(f"no destination node for called AE {rx.called_ae.strip()!r}")
+        # with minimumAge 0 an item is ripe at once: commit it prepared (no preparer round trip)
+        ripe = self.config.minimum_age <= 0 and self.service.prepare
         async with self._limiter:
             try:
-                await self.store.commit_instance(rx.path, rx.header, rx.calling_ae.strip(), destinations)
+                await self.store.commit_instance(
+                    rx.path, rx.header, rx.calling_ae.strip(), destinations,
+                    state="prepared" if ripe else "new",
+                )
             except StoreFull as exc:
                 log.warning("refusing %s from %s: %s", rx.header.sop_instance_uid, rx.calling_ae, exc)
                 raise OutOfResources(str(exc)) from exc
@@ -109,8 +115,11 @@ class Receiver:
                 log.error("store failed to queue %s from %s: %r", rx.header.sop_instance_uid, rx.calling_ae, exc)
                 raise OutOfResources(f"store error: {exc}") from exc
         self.received += 1
-        self._unprepared.append(self.clock())
-        self._wake.set()
+        if ripe:
+            self._on_prepared()
+        else:
+            self._unprepared.append(self.clock())
+            self._wake.set()
 
     # ---- preparer ----------------------------------------------------------------------------
 
