@@ -32,7 +32,7 @@ What is timed: "first image sent to last image received at the destination".
     was limited by receiving or by forwarding.
 
 `--profile DIR` runs the router under `py-spy record` (must be installed; not a project
-dependency) and writes one flame graph per router run into DIR.
+dependency) and writes its collapsed stacks (`-f raw`, one file per router run) into DIR.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import argparse
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -66,14 +67,14 @@ DELIVERED = re.compile(r"delivered (\d+) instance")
 TARGETS = {("L", False): 0.5, ("S", False): 0.5, ("L", True): 0.25, ("S", True): 0.4}
 
 
-def sc_direct(d: Path) -> tuple[float, float]:
+def sc_direct(d: Path) -> tuple[float, float, float]:
     out = fresh_dir("e2e-direct")
     srv = storescp(out)
     try:
         t = run_storescu(srv.port, d, nodelay=True, aec="STORESCP")
     finally:
         srv.stop()
-    return t, t
+    return t, t, 0.0
 
 
 class Router:
@@ -94,13 +95,16 @@ class Router:
             f"- AeTitle: STORESCP\n  HostName: 127.0.0.1\n  Port: {dest_port}\n  NodeRole: Storage\n"
         )
         argv = [str(CLI), "run", "--path", str(data)]
+        self.profiling = profile is not None
         if profile is not None:
-            argv = ["py-spy", "record", "-r", "200", "-o", str(profile), "--", *argv]
+            spy = shutil.which("py-spy", path=str(CLI.parent)) or "py-spy"
+            argv = [spy, "record", *os.environ.get("E2E_PYSPY", "").split(), "-r", "200", "-f", "raw", "-o", str(profile), "--", *argv]
         self.proc = subprocess.Popen(
             argv, env=env(True), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
         self.ready = threading.Event()
         self.total = 0
+        self.batches = 0
         self.target = 0
         self.done_at: float | None = None
         self.done = threading.Event()
@@ -119,16 +123,31 @@ class Router:
             m = DELIVERED.search(line)
             if m:
                 self.total += int(m.group(1))
+                self.batches += 1
                 if self.target and self.total >= self.target and self.done_at is None:
                     self.done_at = time.perf_counter()
                     self.done.set()
             elif "WARNING" in line or "ERROR" in line or "Traceback" in line:
                 self.errors.append(line)
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU the router process used so far (Linux /proc)."""
+        pid = self.proc.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children")
+        if self.profiling and children.exists():
+            pid = int(children.read_text().split()[0])
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
-        self.proc.terminate()
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        if self.profiling and children.exists():  # py-spy writes its output once the router exits
+            for pid in children.read_text().split():
+                os.kill(int(pid), signal.SIGTERM)
+        else:
+            self.proc.terminate()
         try:
-            self.proc.wait(15)
+            self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
@@ -136,8 +155,8 @@ class Router:
 
 def sc_router(
     d: Path, *, durable: bool, batch_size: int, profile: Path | None = None
-) -> tuple[float, float]:
-    """(end-to-end seconds, intake seconds)."""
+) -> tuple[float, float, float]:
+    """(end-to-end seconds, intake seconds, router CPU seconds)."""
     n = len(corpus_files(d))
     out = fresh_dir("e2e-dest")
     data = CORPUS / "e2e" / "router"
@@ -147,6 +166,7 @@ def sc_router(
         router = Router(data, dest.port, durable=durable, batch_size=batch_size, profile=profile)
         try:
             router.target = n
+            cpu0 = router.cpu_seconds()
             t0 = time.perf_counter()
             intake = run_storescu(router.port, d, nodelay=True, aec="STORESCP")
             if not router.done.wait(300):
@@ -155,6 +175,8 @@ def sc_router(
                 )
             assert router.done_at is not None
             elapsed = router.done_at - t0
+            cpu = router.cpu_seconds() - cpu0
+            print(f"  {router.batches} delivery records", file=sys.stderr)
         finally:
             router.stop()
     finally:
@@ -162,7 +184,7 @@ def sc_router(
     received = sum(1 for _ in os.scandir(out))
     if received < n:
         raise RuntimeError(f"storescp holds {received} files, expected {n}")
-    return elapsed, intake
+    return elapsed, intake, cpu
 
 
 def main() -> None:
@@ -173,7 +195,9 @@ def main() -> None:
     ap.add_argument("--corpus", default="L,S")
     ap.add_argument("--durable", default="false,true", help="durableWrites values to run")
     ap.add_argument("--batch-size", default="0", help="comma-separated batchSize values to run")
-    ap.add_argument("--profile", type=Path, help="run the router under py-spy, SVGs into DIR")
+    ap.add_argument(
+        "--profile", type=Path, help="run the router under py-spy, collapsed stacks into DIR"
+    )
     args = ap.parse_args()
     if not CLI.exists():
         raise SystemExit(f"{CLI} not found: install the project into this venv")
@@ -184,7 +208,7 @@ def main() -> None:
     scenarios += [("router", dur, b) for dur in durables for b in batches]
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
-    times: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    times: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     for rnd in range(args.rounds):
         for cname, d in corpora.items():
             n = len(corpus_files(d))
@@ -195,7 +219,7 @@ def main() -> None:
                 else:
                     assert dur is not None
                     prof = (
-                        args.profile / f"{cname}-dur{int(dur)}-b{b}-r{rnd + 1}.svg"
+                        args.profile / f"{cname}-dur{int(dur)}-b{b}-r{rnd + 1}.folded"
                         if args.profile
                         else None
                     )
@@ -203,7 +227,7 @@ def main() -> None:
                 times.setdefault((cname, label), []).append(t)
                 print(
                     f"round {rnd + 1} {cname} {label:28s} {n / t[0]:7.1f} img/s"
-                    f"  (intake {n / t[1]:7.1f} img/s)",
+                    f"  (intake {n / t[1]:7.1f} img/s, router CPU {1000 * t[2] / n:.2f} ms/img)",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -212,17 +236,19 @@ def main() -> None:
         f"\n{args.rounds} interleaved rounds, medians; ratio = to DCMTK direct in this run; "
         f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}\n"
     )
-    print("| scenario | corpus | img/s | MB/s | ratio | target | intake img/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| scenario | corpus | img/s | MB/s | ratio | target | intake img/s | router CPU/img |")
+    print("|---|---|---|---|---|---|---|---|")
     for cname, d in corpora.items():
         files = corpus_files(d)
         n = len(files)
         mb = sum(os.path.getsize(p) for p, *_ in files) / 1e6
-        ref = statistics.median(t for t, _ in times[(cname, "direct")])
+        ref = statistics.median(t[0] for t in times[(cname, "direct")])
         for kind, dur, b in scenarios:
             label = "direct" if kind == "direct" else f"router dur={dur} batch={b}"
-            t = statistics.median(e for e, _ in times[(cname, label)])
-            intake = statistics.median(i for _, i in times[(cname, label)])
+            t = statistics.median(r[0] for r in times[(cname, label)])
+            intake = statistics.median(r[1] for r in times[(cname, label)])
+            cpu = statistics.median(r[2] for r in times[(cname, label)])
+            cpu_text = f"{1000 * cpu / n:.2f} ms" if kind == "router" else ""
             name = (
                 "DCMTK storescu -> storescp (reference)"
                 if kind == "direct"
@@ -232,7 +258,7 @@ def main() -> None:
             target = "" if dur is None else f">= {TARGETS[(cname, dur)]}x"
             print(
                 f"| {name} | {cname} | {n / t:.0f} | {mb / t:.1f} | {ref / t:.2f}x | {target} "
-                f"| {n / intake:.0f} |"
+                f"| {n / intake:.0f} | {cpu_text} |"
             )
 
 
