@@ -331,3 +331,47 @@ async def test_chaos_kill_mid_batch_requeues_and_delivers_everything(make_world:
     # duplicates only from batches in flight at a kill: at most one instance per kill here
     dupes = len(w.sender.delivered) - len(set(w.sender.delivered))
     assert len(set(w.sender.delivered)) == 200 and dupes <= w.sup.chaos_kills
+
+
+async def test_open_association_is_topped_up_with_arrivals_of_its_series(make_world: Any, autojump_clock: Any) -> None:
+    sender = FakeSender(per_instance=0.01)
+    sender.top_up = True
+    w = await make_world(sender=sender)
+    w.add()
+
+    async def arrivals() -> None:
+        for k in range(5):
+            await trio.sleep(0.005)
+            w.add(series="other" if k == 2 else "1.2.3.1")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(arrivals)
+    await trio.sleep(1)
+    # the first association took every later item of its series; the other series came next
+    assert [len(s.sops) for s in w.sender.sends] == [5, 1]
+    assert w.sender.times[1] >= 0.05 + 0.1  # after the first association's linger
+    assert w.store.items == {} and len(w.sender.delivered) == 6
+
+
+async def test_top_up_stops_at_batch_size_and_on_pause(make_world: Any, autojump_clock: Any) -> None:
+    sender = FakeSender(per_instance=0.01)
+    sender.top_up = True
+    w = await make_world((Node("PACS", batch_size=3),), sender=sender)
+    for _ in range(2):
+        w.add()
+
+    async def arrivals() -> None:
+        for _ in range(4):
+            await trio.sleep(0.005)
+            w.add()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(arrivals)
+    await trio.sleep(1)
+    assert [len(s.sops) for s in w.sender.sends] == [3, 3]
+    # paused while an association waits for more: it ends, nothing stays checked out
+    await w.handle.call(Pause())
+    w.add()
+    await trio.sleep(1)
+    assert len(w.sender.sends) == 2
+    assert not any(i.checked_out for i in w.store.items.values())

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from capacitor_trio.dicom import (
     AcceptorConfig,
@@ -106,6 +106,38 @@ async def test_batch_delivered(
     await send_batch(PEER, [outgoing(f) for f in files], SendOptions("ROUTER"), cb)
     assert got == {0: Delivered(), 1: Delivered(), 2: Delivered()}
     assert len(fake_network.sink.received) == 3
+
+
+async def test_more_tops_up_the_same_association(
+    fake_network,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    opened: list[str] = []
+    open_stream = requestor._open_stream
+
+    async def counting(host: str, port: int) -> trio.abc.Stream:
+        opened.append(host)
+        return await open_stream(host, port)
+
+    monkeypatch.setattr(requestor, "_open_stream", counting)
+    files = write_corpus(tmp_path / "in", 5)
+    implicit = write_corpus(tmp_path / "imp", 1, transfer_syntax=ImplicitVRLittleEndian)
+    queue = [[outgoing(files[1]), outgoing(files[2])], [outgoing(files[3])]]
+    queue.append([outgoing(files[4]), outgoing(implicit[0])])  # no context for the last
+    asked: list[int] = []
+    got, cb = collect()
+
+    async def more() -> list[requestor.OutgoingInstance]:
+        asked.append(len(got))  # everything sent so far was answered
+        return queue.pop(0) if queue else []
+
+    await send_batch(PEER, [outgoing(files[0])], SendOptions("ROUTER"), cb, more=more)
+    assert asked == [1, 3, 4]  # the association ended after the instance it had no context for
+    assert got == {i: Delivered() for i in range(5)}  # index 5 (implicit VR) left unreported
+    assert len(fake_network.sink.received) == 5
+    assert len(opened) == 1
 
 
 async def test_dimse_timeout(

@@ -162,6 +162,42 @@ async def test_checkout_by_series(store: Store, clock: FakeClock) -> None:
     assert [i.id for i in batch] == b2
 
 
+async def test_checkout_of_one_series(store: Store, clock: FakeClock) -> None:
+    a1 = await commit(store, series="S.A")
+    b1 = await commit(store, series="S.B")
+    a2 = await commit(store, series="S.A")
+    await store.prepare_ripe(clock.now, 0)
+    batch = await store.checkout_batch(PACS, now=clock.now, limit=10, series_uid="S.B")
+    assert [i.id for i in batch] == b1
+    batch = await store.checkout_batch(
+        PACS, now=clock.now, limit=10, by_series=True, series_uid="S.A"
+    )
+    assert [i.id for i in batch] == a1 + a2
+
+
+async def test_record_outcomes_in_one_job(store: Store, clock: FakeClock) -> None:
+    ids = [(await commit(store, [PACS, AI]))[0] for _ in range(3)]
+    ids += await commit(store)
+    await store.prepare_ripe(clock.now, 0)
+    batch = await store.checkout_batch(PACS, now=clock.now, limit=10)
+    assert [i.id for i in batch] == ids
+    jobs = store.writer_stats.jobs
+    await store.record_outcomes(
+        delivered=[ids[0], ids[3]],
+        failed=[(ids[1], "refused", clock.now + 30)],
+        rejected=[(ids[2], "0xA900"), (999_999, "gone")],  # unknown ids are skipped
+    )
+    assert store.writer_stats.jobs == jobs + 1
+    items = {i.id: i for i in (await store.list_items(ItemFilter(destination="PACS")))[0]}
+    assert set(items) == {ids[1], ids[2]}
+    assert (items[ids[1]].state, items[ids[1]].attempt_count) == ("failed", 1)
+    assert items[ids[1]].next_attempt_at == clock.now + 30 and not items[ids[1]].checked_out
+    assert (items[ids[2]].state, items[ids[2]].last_error) == ("rejected", "0xA900")
+    # the instance delivered to its only destination is gone; one still queued for AI stays
+    files = spool_files(store.root)
+    assert len(files) == 3
+
+
 async def test_checkout_study_quiet(store: Store, clock: FakeClock) -> None:
     old = await commit(store, study="ST.OLD")
     first = await commit(store, study="ST.BUSY")

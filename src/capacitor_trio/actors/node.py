@@ -69,6 +69,9 @@ SERIES_BATCH_CAP = 1000
 RECORD_GRACE = 30.0
 #: How long an open association waits for new items once everything sent has been answered.
 TOP_UP_LINGER = 0.1
+#: While items keep coming, outcomes are recorded every this many (one store job, one WAL
+#: fsync); they are always recorded before the association waits or ends.
+RECORD_EVERY = 64
 
 
 class Sender(Protocol):
@@ -362,8 +365,8 @@ class NodeActor:
         """Send a checked-out batch, one association per calling AE, and record the outcomes.
 
         While an association is open and everything sent on it has been answered, the requestor
-        asks for more (`more`): the outcomes so far are recorded (one store job), and items that
-        became eligible meanwhile are checked out and sent on the same association, up to the
+        asks for more (`more`): outcomes are recorded in one store job every RECORD_EVERY items
+        and whenever nothing is ready to send, and items that became eligible meanwhile are checked out and sent on the same association, up to the
         batch size (BatchSize, or one series capped at SERIES_BATCH_CAP when it is 0). If none
         is eligible, it waits up to TOP_UP_LINGER for new arrivals before releasing. So a
         destination fed while a modality is still sending gets one association per batch rather
@@ -407,10 +410,11 @@ class NodeActor:
 
                 async def more(
                     group: list[Any] = group, flush: Any = flush, calling_ae: str = calling_ae,
-                    series: str | None = series,
+                    series: str | None = series, outcomes: dict[int, Outcome] = outcomes,
                 ) -> list[OutgoingInstance]:
                     nonlocal top_up
-                    await flush()
+                    if len(outcomes) >= RECORD_EVERY:
+                        await flush()
                     room = cap - len(group)
                     if not top_up or room <= 0 or not self._may_continue():
                         return []
@@ -420,6 +424,7 @@ class NodeActor:
                         extra = await self._checkout(ctx.clock(), limit=room, series_uid=series)
                         if extra:
                             break
+                        await flush()  # nothing to send right now: record before waiting
                         with trio.move_on_at(deadline):
                             await self.handle.wait_woken()
                         if trio.current_time() >= deadline or not self._may_continue():

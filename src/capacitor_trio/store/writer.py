@@ -144,7 +144,7 @@ class Writer:
                     break
                 group.append(nxt)
             try:
-                self._run_group(group)
+                self._unlink_after(self._run_group(group))
             except BaseException as exc:  # never leave a caller waiting forever
                 log.exception("store writer: unexpected failure of a group")
                 for job in group:
@@ -249,7 +249,7 @@ class Writer:
                 self._place_one(job)
         return [j for j in group if j.error is None]
 
-    def _run_group(self, group: list[Job]) -> None:
+    def _run_group(self, group: list[Job]) -> list[Job]:
         # 0. new files: fsync each (in parallel), rename it into its spool bucket
         group = self._place(group)
         # 1. make the renames of this group durable: one fsync per distinct spool directory
@@ -268,7 +268,7 @@ class Writer:
             else:
                 live.append(job)
         if not live:
-            return
+            return []
         # a full disk: refuse new instances until the reserve is back, keep everything else going
         if self.reserve_released and any(j.admission for j in live):
             if self._restore_reserve():
@@ -290,11 +290,15 @@ class Writer:
                 job.unlink_after.clear()
             ok = self._attempt(live)
         if ok is None:
-            return
+            return []
         self._trash_done = []
         self.stats.groups += 1
         self.stats.jobs += len(live)
-        # 4. files whose last item went away: unlink now, forget the trash rows next group
+        return ok
+
+    def _unlink_after(self, ok: list[Job]) -> None:
+        """Files whose last item went away: unlink now (before the callers are woken), forget
+        their trash rows in the next group."""
         for job in ok:
             for path in job.unlink_after:
                 try:
