@@ -2,7 +2,7 @@
 """End-to-end benchmark: DCMTK storescu -> capacitor-trio -> DCMTK storescp, against DCMTK direct.
 
 Usage:  .venv/bin/python bench/e2e.py [--rounds 3] [--corpus L,S] [--batch-size 0]
-                                      [--durable true,false] [--profile DIR]
+                                      [--durable true,false] [--profile DIR] [--compare-src DIR]
 
 Scenarios, every one once per round (interleaved, so all saw the same machine noise), medians:
   direct        storescu -> storescp                          (the reference)
@@ -47,6 +47,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -81,7 +82,14 @@ class Router:
     """`capacitor-trio run` as a subprocess; counts delivered instances from its log."""
 
     def __init__(
-        self, data: Path, dest_port: int, *, durable: bool, batch_size: int, profile: Path | None
+        self,
+        data: Path,
+        dest_port: int,
+        *,
+        durable: bool,
+        batch_size: int,
+        profile: Path | None,
+        src: Path | None = None,
     ) -> None:
         self.port = free_port()
         data.mkdir(parents=True)
@@ -98,9 +106,24 @@ class Router:
         self.profiling = profile is not None
         if profile is not None:
             spy = shutil.which("py-spy", path=str(CLI.parent)) or "py-spy"
-            argv = [spy, "record", *os.environ.get("E2E_PYSPY", "").split(), "-r", "200", "-f", "raw", "-o", str(profile), "--", *argv]
+            argv = [
+                spy,
+                "record",
+                *os.environ.get("E2E_PYSPY", "").split(),
+                "-r",
+                "200",
+                "-f",
+                "raw",
+                "-o",
+                str(profile),
+                "--",
+                *argv,
+            ]
+        router_env = env(True)
+        if src is not None:  # another source tree of the project (e.g. a git worktree)
+            router_env["PYTHONPATH"] = str(src)
         self.proc = subprocess.Popen(
-            argv, env=env(True), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+            argv, env=router_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
         self.ready = threading.Event()
         self.total = 0
@@ -154,7 +177,7 @@ class Router:
 
 
 def sc_router(
-    d: Path, *, durable: bool, batch_size: int, profile: Path | None = None
+    d: Path, *, durable: bool, batch_size: int, profile: Path | None = None, src: Path | None = None
 ) -> tuple[float, float, float]:
     """(end-to-end seconds, intake seconds, router CPU seconds)."""
     n = len(corpus_files(d))
@@ -163,7 +186,9 @@ def sc_router(
     shutil.rmtree(data, ignore_errors=True)
     dest = storescp(out)
     try:
-        router = Router(data, dest.port, durable=durable, batch_size=batch_size, profile=profile)
+        router = Router(
+            data, dest.port, durable=durable, batch_size=batch_size, profile=profile, src=src
+        )
         try:
             router.target = n
             cpu0 = router.cpu_seconds()
@@ -187,6 +212,31 @@ def sc_router(
     return elapsed, intake, cpu
 
 
+@dataclass(frozen=True)
+class Scenario:
+    kind: str  # "direct" or "router"
+    durable: bool | None = None
+    batch_size: int = 0
+    src: Path | None = None  # router from another source tree (--compare-src)
+
+    @property
+    def label(self) -> str:
+        if self.kind == "direct":
+            return "direct"
+        tree = f" [{self.src.name}]" if self.src else ""
+        return f"router dur={self.durable} batch={self.batch_size}{tree}"
+
+    @property
+    def title(self) -> str:
+        if self.kind == "direct":
+            return "DCMTK storescu -> storescp (reference)"
+        tree = f" [{self.src}]" if self.src else ""
+        return (
+            f"storescu -> capacitor-trio{tree} (durableWrites {str(self.durable).lower()}, "
+            f"batchSize {self.batch_size}) -> storescp"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -198,35 +248,48 @@ def main() -> None:
     ap.add_argument(
         "--profile", type=Path, help="run the router under py-spy, collapsed stacks into DIR"
     )
+    ap.add_argument(
+        "--compare-src",
+        type=Path,
+        help="also run the router from this src/ directory (e.g. of a git worktree of an "
+        "older commit), interleaved, for before/after ratios from the same run",
+    )
     args = ap.parse_args()
     if not CLI.exists():
         raise SystemExit(f"{CLI} not found: install the project into this venv")
     corpora = {c: make_corpus(c) for c in args.corpus.split(",")}
     durables = [v.strip().lower() == "true" for v in args.durable.split(",")]
     batches = [int(b) for b in args.batch_size.split(",")]
-    scenarios: list[tuple[str, bool | None, int]] = [("direct", None, 0)]
-    scenarios += [("router", dur, b) for dur in durables for b in batches]
+    trees: list[Path | None] = [None]
+    if args.compare_src:
+        trees.append(args.compare_src.resolve())
+    scenarios = [Scenario("direct")]
+    scenarios += [
+        Scenario("router", dur, b, tree) for dur in durables for b in batches for tree in trees
+    ]
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     times: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     for rnd in range(args.rounds):
         for cname, d in corpora.items():
             n = len(corpus_files(d))
-            for kind, dur, b in scenarios:
-                label = "direct" if kind == "direct" else f"router dur={dur} batch={b}"
-                if kind == "direct":
+            for sc in scenarios:
+                if sc.kind == "direct":
                     t = sc_direct(d)
                 else:
-                    assert dur is not None
+                    assert sc.durable is not None
                     prof = (
-                        args.profile / f"{cname}-dur{int(dur)}-b{b}-r{rnd + 1}.folded"
+                        args.profile / f"{cname}-dur{int(sc.durable)}-b{sc.batch_size}"
+                        f"{'-cmp' if sc.src else ''}-r{rnd + 1}.folded"
                         if args.profile
                         else None
                     )
-                    t = sc_router(d, durable=dur, batch_size=b, profile=prof)
-                times.setdefault((cname, label), []).append(t)
+                    t = sc_router(
+                        d, durable=sc.durable, batch_size=sc.batch_size, profile=prof, src=sc.src
+                    )
+                times.setdefault((cname, sc.label), []).append(t)
                 print(
-                    f"round {rnd + 1} {cname} {label:28s} {n / t[0]:7.1f} img/s"
+                    f"round {rnd + 1} {cname} {sc.label:28s} {n / t[0]:7.1f} img/s"
                     f"  (intake {n / t[1]:7.1f} img/s, router CPU {1000 * t[2] / n:.2f} ms/img)",
                     file=sys.stderr,
                     flush=True,
@@ -243,21 +306,15 @@ def main() -> None:
         n = len(files)
         mb = sum(os.path.getsize(p) for p, *_ in files) / 1e6
         ref = statistics.median(t[0] for t in times[(cname, "direct")])
-        for kind, dur, b in scenarios:
-            label = "direct" if kind == "direct" else f"router dur={dur} batch={b}"
-            t = statistics.median(r[0] for r in times[(cname, label)])
-            intake = statistics.median(r[1] for r in times[(cname, label)])
-            cpu = statistics.median(r[2] for r in times[(cname, label)])
-            cpu_text = f"{1000 * cpu / n:.2f} ms" if kind == "router" else ""
-            name = (
-                "DCMTK storescu -> storescp (reference)"
-                if kind == "direct"
-                else f"storescu -> capacitor-trio (durableWrites {str(dur).lower()}, "
-                f"batchSize {b}) -> storescp"
-            )
-            target = "" if dur is None else f">= {TARGETS[(cname, dur)]}x"
+        for sc in scenarios:
+            runs = times[(cname, sc.label)]
+            t = statistics.median(r[0] for r in runs)
+            intake = statistics.median(r[1] for r in runs)
+            cpu = statistics.median(r[2] for r in runs)
+            cpu_text = f"{1000 * cpu / n:.2f} ms" if sc.kind == "router" else ""
+            target = "" if sc.durable is None else f">= {TARGETS[(cname, sc.durable)]}x"
             print(
-                f"| {name} | {cname} | {n / t:.0f} | {mb / t:.1f} | {ref / t:.2f}x | {target} "
+                f"| {sc.title} | {cname} | {n / t:.0f} | {mb / t:.1f} | {ref / t:.2f}x | {target} "
                 f"| {n / intake:.0f} | {cpu_text} |"
             )
 
