@@ -95,6 +95,21 @@ async def test_open_when_nothing_is_configured(start_router: StartRouter, scp: S
     data(await r.client.post("/api/service/resume"))
 
 
+async def test_other_sites_cannot_reach_the_api(start_router: StartRouter, scp: StorageScp) -> None:
+    """Even with writes open, a web page elsewhere cannot use the API: a non-loopback Host (DNS
+    rebinding) and a cross-site Origin on a write are refused."""
+    r = await start_router((pacs(scp),), token="", password="")
+    error(await r.client.get("/api/nodes", headers={"Host": "evil.example"}), "FORBIDDEN", 403)
+    error(await r.client.get("/api/nodes", headers={"Host": "evil.example:1080"}), "FORBIDDEN", 403)
+    error(
+        await r.client.post("/api/service/pause", headers={"Origin": "https://evil.example"}), "FORBIDDEN", 403
+    )
+    assert r.router.service.storage_scu  # nothing was paused
+    data(await r.client.get("/api/nodes", headers={"Origin": "https://evil.example"}))  # reads carry no harm
+    data(await r.client.post("/api/service/pause", headers={"Origin": "http://localhost:1080"}))
+    data(await r.client.get("/api/nodes", headers={"Host": "localhost"}))
+
+
 # ---- the listener ----------------------------------------------------------------------------
 
 

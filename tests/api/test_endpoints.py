@@ -3,6 +3,7 @@ SCP as the real destination: success shapes and each error code an endpoint can 
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -311,6 +312,23 @@ async def test_put_node(start_router: StartRouter, scp: StorageScp) -> None:
     # blank override: null inherits the global value
     n = data(await r.client.put("/api/nodes/PACS", json={"role": "Storage", "batchSize": None}, headers=AUTH))
     assert n["batchSize"] is None
+
+
+async def test_concurrent_node_edits_are_all_kept(start_router: StartRouter) -> None:
+    names = [f"N{i}" for i in range(6)]
+    r = await start_router(tuple(dead_node(n) for n in names))
+    for n in names:
+        await r.client.post(f"/api/nodes/{n}/pause", headers=AUTH)
+    async with trio.open_nursery() as nursery:
+        for i, n in enumerate(names):
+            nursery.start_soon(
+                functools.partial(
+                    r.client.put, f"/api/nodes/{n}", json={"role": "Storage", "priority": i % 3}, headers=AUTH
+                )
+            )
+    on_disk = yaml.safe_load((r.data_dir / "nodes.yml").read_text())
+    assert [(e["AeTitle"], e["Priority"]) for e in on_disk] == [(n, i % 3) for i, n in enumerate(names)]
+    assert not list(r.data_dir.glob(".nodes.yml*"))  # no temporary file left behind
 
 
 async def test_put_refused_with_items_checked_out(start_router: StartRouter) -> None:

@@ -183,6 +183,17 @@ def _item_id(raw: str) -> int:
 # ---- the app ---------------------------------------------------------------------------------
 
 
+#: Host names a request to the API may carry (it listens on 127.0.0.1 only).
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
+
+
+def _host_name(host: str) -> str:
+    """`127.0.0.1:1080` -> `127.0.0.1`, `[::1]:1080` -> `[::1]`, `localhost` -> `localhost`."""
+    if host.startswith("["):
+        return host.split("]", 1)[0] + "]"
+    return host.rsplit(":", 1)[0].lower()
+
+
 class Api:
     """The routes, bound to one running router."""
 
@@ -192,6 +203,8 @@ class Api:
         #: aggregate counts, recomputed in the background (see queries.Recent)
         self.totals = Recent(lambda: counts_all(self.store))
         self.per_destination = Recent(self._per_destination)
+        #: one node edit at a time: each one rewrites the whole nodes.yml
+        self._edit_lock = trio.Lock()
 
     async def _per_destination(self) -> dict[tuple[str, str], Counts] | None:
         try:
@@ -307,6 +320,10 @@ class Api:
         return ok(node_json(node, await self.node_status(node)))
 
     async def put_node(self, ae: str) -> Response:
+        async with self._edit_lock:
+            return await self._put_node(ae)
+
+    async def _put_node(self, ae: str) -> Response:
         allowed: dict[str, Any] = {
             "aeTitle": str,
             "role": str,
@@ -700,6 +717,19 @@ def create_app(router: Any) -> QuartTrio:
             path, endpoint=f"{method} {path}", view_func=view, methods=[method],
             provide_automatic_options=False,
         )
+
+    @app.before_request
+    async def same_machine_only() -> Response | None:
+        # The API is for this machine. A browser page from elsewhere must not reach it: refuse a
+        # Host that is not loopback (DNS rebinding) and a cross-site Origin on writes (a form
+        # posted from another site), whatever the credentials configuration.
+        if _host_name(request.host or "") not in LOOPBACK_HOSTS:
+            return error_response(ApiError("FORBIDDEN", f"Host {request.host!r} is not this machine's loopback address"))
+        origin = request.headers.get("Origin")
+        if origin and request.method not in ("GET", "HEAD", "OPTIONS"):
+            if _host_name(origin.split("://", 1)[-1]) not in LOOPBACK_HOSTS:
+                return error_response(ApiError("FORBIDDEN", f"cross-site request from {origin!r} refused"))
+        return None
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
