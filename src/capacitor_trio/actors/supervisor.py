@@ -162,7 +162,7 @@ class Supervisor:
         if chaos:
             await trio.lowlevel.checkpoint()
             return
-        slot.tracker, decision = slot.tracker.record_crash(self.ctx.clock())
+        slot.tracker, decision = slot.tracker.record_crash(trio.current_time())  # monotonic: a clock step cannot change it
         if isinstance(decision, GiveUp):
             handle.status = "failed"
             log.error(
