@@ -14,7 +14,10 @@ The loop. A delivery task repeats `step()`: decide from plain values whether to 
 (paused, service paused, outside the schedule window without override, node backing off), check
 a batch out of the store, send it through the `Sender` on one association per calling AE, record
 each outcome (Delivered: removed; RetryLater: failed with the next attempt time from the backoff,
-and the whole node backs off; Rejected: rejected), then pause `storageInterval` ms. When nothing
+and the whole node backs off; Rejected: rejected), then pause `storageInterval` ms. While an
+association is open and answered up, items that became eligible meanwhile are checked out and
+sent on it too, up to the batch size (`_send`), so a study still arriving does not cost an
+association per few images; outcomes are then recorded every RECORD_EVERY items. When nothing
 is eligible it sleeps until the store's next eligible time or until woken (new items, resume,
 override, retry...). A command task answers the inbox concurrently, so the API is answered even
 while a batch is in flight.
