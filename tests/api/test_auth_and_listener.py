@@ -95,6 +95,15 @@ async def test_open_when_nothing_is_configured(start_router: StartRouter, scp: S
     data(await r.client.post("/api/service/resume"))
 
 
+async def test_refused_write_with_a_body_leaves_the_connection_usable(start_router: StartRouter, scp: StorageScp) -> None:
+    r = await start_router((pacs(scp),))
+    with trio.fail_after(10):
+        for _ in range(3):  # the same keep-alive connection every time
+            body = {"targetState": "New", "pad": "x" * 300_000}
+            error(await r.client.post("/api/queue/studies/1.2.3/move", json=body), "FORBIDDEN", 403)
+            data(await r.client.get("/api/nodes"))
+
+
 async def test_other_sites_cannot_reach_the_api(start_router: StartRouter, scp: StorageScp) -> None:
     """Even with writes open, a web page elsewhere cannot use the API: a non-loopback Host (DNS
     rebinding) and a cross-site Origin on a write are refused."""

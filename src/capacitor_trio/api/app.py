@@ -718,6 +718,17 @@ def create_app(router: Any) -> QuartTrio:
             provide_automatic_options=False,
         )
 
+    @app.after_request
+    async def drain_unread_body(response: Response) -> Response:
+        # A refused write (403, 400…) is answered before its body is read; an unread body left on
+        # a keep-alive connection would stall the client's next request behind it.
+        if request.method in ("POST", "PUT", "DELETE", "PATCH"):
+            try:
+                await request.get_data()
+            except HTTPException:  # over MAX_CONTENT_LENGTH: cannot be drained, end the connection
+                response.headers["Connection"] = "close"
+        return response
+
     @app.before_request
     async def same_machine_only() -> Response | None:
         # The API is for this machine. A browser page from elsewhere must not reach it: refuse a
