@@ -737,9 +737,9 @@ def create_app(router: Any) -> QuartTrio:
         if _host_name(request.host or "") not in LOOPBACK_HOSTS:
             return error_response(ApiError("FORBIDDEN", f"Host {request.host!r} is not this machine's loopback address"))
         origin = request.headers.get("Origin")
-        if origin and request.method not in ("GET", "HEAD", "OPTIONS"):
-            if _host_name(origin.split("://", 1)[-1]) not in LOOPBACK_HOSTS:
-                return error_response(ApiError("FORBIDDEN", f"cross-site request from {origin!r} refused"))
+        writing = request.method not in ("GET", "HEAD", "OPTIONS")
+        if writing and origin and _host_name(origin.split("://", 1)[-1]) not in LOOPBACK_HOSTS:
+            return error_response(ApiError("FORBIDDEN", f"cross-site request from {origin!r} refused"))
         return None
 
     @app.errorhandler(HTTPException)
