@@ -140,6 +140,53 @@ async def test_more_tops_up_the_same_association(
     assert len(opened) == 1
 
 
+async def test_top_up_outcomes_stay_aligned_with_the_callers_instances(
+    fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A top-up instance the association has no context for sits *between* two that fit: it is
+    left unreported, and the outcomes of the others land on their own indices."""
+    files = write_corpus(tmp_path / "in", 3)
+    implicit = write_corpus(tmp_path / "imp", 1, transfer_syntax=ImplicitVRLittleEndian)
+    sent = [outgoing(files[0])]
+    queue = [[outgoing(files[1]), outgoing(implicit[0]), outgoing(files[2])]]
+    got, cb = collect()
+
+    async def more() -> list[requestor.OutgoingInstance]:
+        batch = queue.pop(0) if queue else []
+        sent.extend(batch)
+        return batch
+
+    await send_batch(PEER, [sent[0]], SendOptions("ROUTER"), cb, more=more)
+    assert got == {0: Delivered(), 1: Delivered(), 3: Delivered()}  # 2 (implicit VR) unreported
+    received = {r.header.sop_instance_uid for r in fake_network.sink.received}
+    assert received == {sent[i].sop_instance_uid for i in got}
+    assert sent[2].sop_instance_uid not in received
+
+
+async def test_unreadable_spool_file_is_an_outcome_not_a_crash(
+    fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = write_corpus(tmp_path / "in", 3)
+    real = requestor._read_into
+
+    def eio(f: object, view: memoryview) -> None:
+        if getattr(f, "name", "") == str(files[1]):
+            raise OSError(5, "Input/output error")
+        real(f, view)
+
+    monkeypatch.setattr(requestor, "_read_into", eio)
+    got, cb = collect()
+    await send_batch(PEER, [outgoing(f) for f in files], SendOptions("ROUTER"), cb)
+    assert got[0] == Delivered()
+    assert isinstance(got[1], RetryLater) and "Input/output error" in got[1].reason
+    assert isinstance(got[2], RetryLater)  # the association had to end mid-message
+    missing = outgoing(files[0])
+    files[0].unlink()
+    got, cb = collect()
+    await send_batch(PEER, [missing, outgoing(files[2])], SendOptions("ROUTER"), cb)
+    assert isinstance(got[0], Rejected) and "missing" in got[0].reason and got[1] == Delivered()
+
+
 async def test_dimse_timeout(
     fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

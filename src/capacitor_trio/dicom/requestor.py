@@ -273,7 +273,8 @@ class _Session:
                 }.get(r.result if r is not None else -1, "no reason given")
                 refused[pair] = why
         peer_max = accept.max_pdu
-        fragment = min(peer_max, MAX_FRAGMENT) if peer_max else DEFAULT_FRAGMENT
+        ours = min(MAX_FRAGMENT, self.options.max_pdu_size)
+        fragment = min(peer_max, ours) if peer_max else min(DEFAULT_FRAGMENT, ours)
         send_rsp, recv_rsp = trio.open_memory_channel[dimse.Command](4)
         async with trio.open_nursery() as nursery:
             self.scope = nursery.cancel_scope
@@ -307,16 +308,19 @@ class _Session:
                     break
                 assert self.more is not None
                 extra = list(await self.more())
-                # only instances this association has a context for; the rest stay unreported
-                # (the caller gives them back to its queue) and the association ends after these
-                fit = [i for i in extra if (i.sop_class_uid, i.transfer_syntax_uid) in by_pair]
-                if not fit:
+                if not extra:
                     break
-                topping_up = len(fit) == len(extra)
-                self.instances.extend(fit)
+                # every instance joins the list, so that outcome indices stay the caller's; one
+                # this association has no context for is skipped below, unreported (the caller
+                # gives it back to its queue), and no more are asked for after these
+                if any((i.sop_class_uid, i.transfer_syntax_uid) not in by_pair for i in extra):
+                    topping_up = False
+                self.instances.extend(extra)
             inst = self.instances[index]
             index += 1
             pair = (inst.sop_class_uid, inst.transfer_syntax_uid)
+            if pair not in by_pair and pair not in refused and pair not in overflow:
+                continue  # never proposed on this association (a top-up): left unreported
             if pair in overflow:
                 self.report(index - 1, RetryLater("too many presentation contexts in one batch"))
                 continue
@@ -360,14 +364,18 @@ class _Session:
         )
         try:
             f = open(inst.path, "rb", buffering=0)  # noqa: SIM115, ASYNC230 - cheap open, closed below
-        except OSError as exc:
-            return Rejected(f"cannot read spool file {inst.path}: {exc.strerror or exc}")
+        except FileNotFoundError as exc:
+            return Rejected(f"spool file missing: {inst.path}: {exc.strerror or exc}")
+        except OSError as exc:  # EIO, EMFILE…: perhaps not for ever
+            return RetryLater(f"cannot open spool file {inst.path}: {exc.strerror or exc}")
         try:
             try:
                 offset, _ = read_meta(f)
                 size = os.fstat(f.fileno()).st_size
-            except (HeaderError, OSError, ValueError) as exc:
+            except (HeaderError, ValueError) as exc:
                 return Rejected(f"unreadable spool file {inst.path}: {exc}")
+            except OSError as exc:
+                return RetryLater(f"cannot read spool file {inst.path}: {exc.strerror or exc}")
             remaining = size - offset
             if remaining <= 0:
                 return Rejected(f"spool file {inst.path} has no data set")
@@ -390,6 +398,9 @@ class _Session:
                 prefix = b""
         except HeaderError as exc:
             raise _Failed(RetryLater(f"spool file changed while sending: {exc}")) from None
+        except OSError as exc:
+            # part of the data set is on the wire already: this association cannot go on
+            raise _Failed(RetryLater(f"cannot read spool file {inst.path}: {exc.strerror or exc}")) from None
         finally:
             f.close()
         with trio.move_on_after(self.options.dimse_timeout):
