@@ -75,7 +75,8 @@ async def run_router(
         clock=clock,
     ) as store:
         ctx = NodeContext(
-            store=store, sender=sender or requestor, config=config, service=service, clock=clock
+            store=store, sender=sender or requestor, config=config, service=service, clock=clock,
+            on_new_items=lambda: receiver.prepare_soon(),
         )
         supervisor = Supervisor(settings.nodes, ctx, chaos_every=config.chaos.kill_node_actors_every_seconds)
         nodes = list(settings.nodes)

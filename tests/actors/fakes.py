@@ -204,6 +204,21 @@ class FakeStore:
         self._changeable(item_id)
         del self.items[item_id]
 
+    def _matching(self, f: ItemFilter) -> list[Item]:
+        return [
+            i for i in self.items.values()
+            if not i.checked_out
+            and (f.destination is None or i.destination_ae == f.destination)
+            and (f.state is None or i.state == f.state)
+        ]
+
+    async def move_where(self, f: ItemFilter, target_state: str) -> int:
+        await trio.lowlevel.checkpoint()
+        items = self._matching(f)
+        for i in items:
+            self._set(i.id, state=str(target_state).lower(), next_attempt_at=None)
+        return len(items)
+
     async def prepare_ripe(self, now: float, minimum_age: float) -> int:
         await trio.lowlevel.checkpoint()
         ripe = [i.id for i in self.items.values() if i.state == "new" and i.created_at <= now - minimum_age]

@@ -15,9 +15,11 @@ import trio.testing
 
 from capacitor_trio.actors.handle import NodeHandle
 from capacitor_trio.actors.messages import (
+    BulkCommand,
     CommandRefused,
     Echo,
     GetStatus,
+    ItemCommand,
     NodeUnavailable,
     Pause,
     Resume,
@@ -30,6 +32,7 @@ from capacitor_trio.actors.supervisor import Supervisor
 from capacitor_trio.config.models import Config, Node
 from capacitor_trio.domain.outcomes import Delivered, Rejected, RetryLater
 from capacitor_trio.domain.restart import RestartPolicy
+from capacitor_trio.store import ItemFilter
 
 from .fakes import CR, CT, MR, FakeSender, FakeStore
 
@@ -71,13 +74,17 @@ def world_factory(
         policy: RestartPolicy | None = None,
         store: FakeStore | None = None,
         chaos_every: float = 0.0,
+        on_new_items: Callable[[], None] = lambda: None,
         **cfg: Any,
     ) -> World:
         clock: Callable[[], float] = lambda: base + trio.current_time()  # noqa: E731
         store = store or FakeStore(clock)
         sender = sender or FakeSender()
         service = ServiceFlags()
-        ctx = NodeContext(store, sender, config(**cfg), service, clock, rng=random.Random(0), retry_jitter=0)
+        ctx = NodeContext(
+            store, sender, config(**cfg), service, clock, rng=random.Random(0), retry_jitter=0,
+            on_new_items=on_new_items,
+        )
         kw: dict[str, Any] = {"chaos_every": chaos_every, "chaos_rng": random.Random(3)}
         if policy:
             kw["policy"] = policy
@@ -167,6 +174,22 @@ async def test_rejected_is_not_retried(make_world: Any, autojump_clock: Any) -> 
     await trio.sleep(3600)
     assert w.sender.times == [0.0, 0.0]
     assert w.store.states() == {bad.id: "rejected"}
+
+
+async def test_operator_actions_that_put_items_back_to_new_ask_the_preparer(make_world: Any, autojump_clock: Any) -> None:
+    asked: list[float] = []
+    w = await make_world(
+        sender=FakeSender(lambda _i: Rejected("0xA900")), on_new_items=lambda: asked.append(trio.current_time())
+    )
+    item = w.add()
+    await trio.sleep(1)
+    assert w.store.items[item.id].state == "rejected" and asked == []
+    await w.handle.call(ItemCommand("retry", item.id))
+    assert w.store.items[item.id].state == "new" and asked == [1.0]
+    await w.handle.call(ItemCommand("move", item.id, "Prepared"))
+    assert asked == [1.0]  # not back to new: the node is woken, the preparer is not needed
+    await w.handle.call(BulkCommand("move", ItemFilter(), "NEW"))
+    assert asked == [1.0, 1.0]
 
 
 async def test_pause_aborts_batch_in_flight_and_resume_continues(make_world: Any, autojump_clock: Any) -> None:

@@ -116,3 +116,15 @@ async def test_back_pressure_bounds_commits_in_flight(autojump_clock: Any) -> No
         assert store.in_commit == 2  # the other three senders wait (their C-STORE is not answered)
         store.hold.set()
     assert len(store.items) == 5 and receiver.received == 5
+
+
+async def test_items_put_back_to_new_are_prepared_at_once(autojump_clock: Any) -> None:
+    receiver, store, _, woken = make(minimum_age=5)
+    item = store.add("PACS", state="new", created_at=BASE - 3600)  # an operator's retry of an old item
+    async with trio.open_nursery() as nursery:
+        await nursery.start(receiver.run_preparer)
+        await trio.testing.wait_all_tasks_blocked()
+        receiver.prepare_soon()
+        await trio.testing.wait_all_tasks_blocked()
+        assert store.items[item.id].state == "prepared" and woken and trio.current_time() == 0
+        nursery.cancel_scope.cancel()

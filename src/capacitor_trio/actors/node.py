@@ -126,6 +126,8 @@ class NodeContext:
     dimse_timeout: float = 60.0
     #: items whose delivery was recorded (removed from the queue), across all nodes
     delivered_count: AsyncValue[int] = attrs.field(factory=lambda: AsyncValue(0))
+    #: an operator action put items back to `new`: the preparer must look again
+    on_new_items: Callable[[], None] = attrs.field(default=lambda: None)
 
     @property
     def tz(self) -> ZoneInfo | None:
@@ -241,7 +243,7 @@ class NodeActor:
             result = await store.move(cmd.item_id, target)
         else:
             raise CommandRefused(f"unknown item action {cmd.action}")
-        self.handle.wake()
+        self._after_operator_change(cmd.action == "retry" or _is_new(cmd.target_state))
         return result
 
     async def _bulk_command(self, cmd: BulkCommand) -> int:
@@ -255,8 +257,14 @@ class NodeActor:
             n = await store.delete_where(f)
         else:
             raise CommandRefused(f"unknown bulk action {cmd.action}")
-        self.handle.wake()
+        self._after_operator_change(cmd.action == "retry" or _is_new(cmd.target_state))
         return int(n)
+
+    def _after_operator_change(self, to_new: bool) -> None:
+        """Items may be deliverable now; items back in `new` need the preparer first."""
+        if to_new:
+            self.ctx.on_new_items()
+        self.handle.wake()
 
     # ---- delivery ----------------------------------------------------------------------------
 
@@ -500,6 +508,10 @@ class NodeActor:
 
 def _outgoing(item: Any) -> OutgoingInstance:
     return OutgoingInstance(item.path, item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax_uid)
+
+
+def _is_new(state: object) -> bool:
+    return str(state or "").strip().lower() == "new"
 
 
 def make_status(handle: NodeHandle, state: NodeState, counts: Counts | None = None) -> NodeStatus:

@@ -153,6 +153,12 @@ class Receiver:
                 with trio.move_on_after(max(0.0, wake_at - self.clock())):
                     await self._wake.wait()
 
+    def prepare_soon(self) -> None:
+        """Items went back to `new` by an operator's retry or move (they are old enough
+        already): prepare them at the next turn of the preparer."""
+        self._unprepared.appendleft(self.clock() - self.config.minimum_age)
+        self._wake.set()
+
     def ripe_pending(self, now: float) -> bool:
         """True when some committed item is ripe but not yet prepared."""
         return bool(self._unprepared) and self._unprepared[0] <= now - self.config.minimum_age

@@ -721,7 +721,7 @@ class Store:
         return await self._write(job)
 
     async def retry(self, item_id: int) -> Item:
-        """failed|rejected -> new; anything else is a TransitionError."""
+        """failed|rejected -> new, a fresh start (attempt count 0); anything else is a TransitionError."""
         now = self._clock()
 
         def job(conn: sqlite3.Connection) -> Item:
@@ -731,10 +731,11 @@ class Store:
                     f"item {item_id} is {row[1]}; only failed or rejected items retry"
                 )
             conn.execute(
-                "UPDATE items SET state = 'new', next_attempt_at = NULL, updated_at = ? WHERE id = ?",
+                "UPDATE items SET state = 'new', next_attempt_at = NULL, attempt_count = 0, "
+                "updated_at = ? WHERE id = ?",
                 (now, item_id),
             )
-            return self._item(row, state="new", next_attempt_at=None, updated_at=now)
+            return self._item(row, state="new", next_attempt_at=None, attempt_count=0, updated_at=now)
 
         return await self._write(job)
 
@@ -773,7 +774,8 @@ class Store:
 
         def job(conn: sqlite3.Connection) -> int:
             return conn.execute(
-                "UPDATE items SET state = 'new', next_attempt_at = NULL, updated_at = ? WHERE id IN "
+                "UPDATE items SET state = 'new', next_attempt_at = NULL, attempt_count = 0, "
+                "updated_at = ? WHERE id IN "
                 f"(SELECT i.id FROM items i WHERE {where} AND i.state = ? AND i.checked_out = 0)",
                 (now, *params, from_state),
             ).rowcount
