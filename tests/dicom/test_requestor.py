@@ -187,6 +187,33 @@ async def test_unreadable_spool_file_is_an_outcome_not_a_crash(
     assert isinstance(got[0], Rejected) and "missing" in got[0].reason and got[1] == Delivered()
 
 
+@pytest.mark.parametrize("where", ["open", "write"])
+async def test_a_write_error_in_the_acceptor_answers_out_of_resources(
+    fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    from capacitor_trio.dicom import acceptor
+
+    files = write_corpus(tmp_path / "in", 3)
+    calls = 0
+    real = acceptor._write_fd
+
+    def failing(fd: int, data: bytes | memoryview) -> None:
+        nonlocal calls
+        calls += 1
+        if (where == "open" and calls == 1) or (where == "write" and calls == 2):
+            raise OSError(28, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(acceptor, "_write_fd", failing)
+    got, cb = collect()
+    await send_batch(PEER, [outgoing(f) for f in files], SendOptions("ROUTER"), cb)
+    assert isinstance(got[0], RetryLater) and "No space left" in got[0].reason  # 0xA700
+    assert got[1] == Delivered() and got[2] == Delivered()  # the association went on
+    assert len(fake_network.sink.received) == 2
+    assert not fake_network.sink.leftovers()
+
+
 async def test_dimse_timeout(
     fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

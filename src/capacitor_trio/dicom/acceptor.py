@@ -387,17 +387,33 @@ class _Association:
             log.warning("C-STORE from %s refused: out of resources: %s", self.calling_ae, exc)
             return
         inc.path = self.sink.new_temp_path()
-        inc.fd = os.open(
-            inc.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644
-        )
         meta = file_meta_bytes(
             cmd.affected_sop_class_uid or "",
             cmd.affected_sop_instance_uid or "",
             inc.transfer_syntax,
             self.calling_ae,
         )
-        _write_fd(inc.fd, meta)
+        try:
+            inc.fd = os.open(
+                inc.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644
+            )
+            _write_fd(inc.fd, meta)
+        except OSError as exc:
+            self._write_failed(inc, exc)
+            return
         inc.size = inc.meta_len = len(meta)
+
+    def _write_failed(self, inc: _Incoming, exc: OSError) -> None:
+        """The temporary file cannot be written (ENOSPC, EIO…): drop it, keep reading the data
+        set, and answer 0xA700 (Out of Resources) at its end."""
+        log.warning("C-STORE from %s refused: cannot write %s: %s", self.calling_ae, inc.path, exc)
+        if inc.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(inc.fd)
+            inc.fd = None
+        _unlink(inc.path)
+        inc.path = None
+        inc.refusal = (S.OUT_OF_RESOURCES, f"cannot store the data set: {exc.strerror or exc}")
 
     async def _data_fragment(self, ctx: int, mch: int, data: memoryview) -> None:
         inc = self.incoming
@@ -410,11 +426,15 @@ class _Association:
         if len(inc.head) < HEAD_BYTES:
             inc.head += data[: HEAD_BYTES - len(inc.head)]
         if inc.fd is not None:
-            if len(data) >= THREAD_WRITE_THRESHOLD:
-                await trio.to_thread.run_sync(_write_fd, inc.fd, data)
+            try:
+                if len(data) >= THREAD_WRITE_THRESHOLD:
+                    await trio.to_thread.run_sync(_write_fd, inc.fd, data)
+                else:
+                    _write_fd(inc.fd, data)
+            except OSError as exc:
+                self._write_failed(inc, exc)
             else:
-                _write_fd(inc.fd, data)
-            inc.size += len(data)
+                inc.size += len(data)
         if mch & 0x02:
             await self._finish_store()
 
