@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from capacitor_trio.domain.backoff import BackoffPolicy, NodeBackoff, next_attempt, retry_delay
+from capacitor_trio.domain.backoff import next_attempt, retry_delay
 
 
 def rng() -> random.Random:
@@ -77,35 +77,3 @@ def test_next_attempt_times_and_max_attempts():
     assert next_attempt(100.0, 1, max_attempts=1, **kw) is None
     with pytest.raises(ValueError):
         next_attempt(100.0, 1, max_attempts=-1, **kw)
-
-
-def test_policy_wraps_functions():
-    p = BackoffPolicy(base=30, cap=600, jitter=0, max_attempts=2)
-    assert p.delay(2, rng()) == 60
-    assert p.next_attempt(10.0, 1, rng()) == 40.0
-    assert p.next_attempt(10.0, 2, rng()) is None
-    with pytest.raises(ValueError):
-        BackoffPolicy(base=1, cap=2, jitter=2)
-    with pytest.raises(ValueError):
-        BackoffPolicy(base=1, cap=2, max_attempts=-1)
-
-
-def test_node_backoff_grows_and_resets():
-    p = BackoffPolicy(base=5, cap=60, jitter=0, max_attempts=1)  # max_attempts is per item only
-    b = NodeBackoff()
-    assert b.ready(0.0)
-    assert not b.backing_off
-    times = []
-    now = 0.0
-    for _ in range(6):
-        b = b.connection_failed(now, p, rng())
-        times.append(b.retry_at)
-        assert not b.ready(now)
-        now = b.retry_at
-        assert b.ready(now)
-    assert times == [5.0, 15.0, 35.0, 75.0, 135.0, 195.0]
-    assert b.failures == 6
-    assert b.backing_off
-    b = b.succeeded()
-    assert b == NodeBackoff()
-    assert b.connection_failed(1000.0, p, rng()).retry_at == 1005.0

@@ -11,7 +11,6 @@ from capacitor_trio.domain.schedule import (
     Schedule,
     ScheduleError,
     Window,
-    effective_schedule,
     parse_schedule,
     parse_window,
     schedule_gate,
@@ -265,14 +264,6 @@ def test_schedule_gate_epoch():
     assert change - now == 10 * 3600
     assert schedule_gate(Schedule(), BERLIN, now) == (True, None)
     assert schedule_gate(s, UTC, 0.5) == (True, 6 * 3600 + 60.0)
-
-
-def test_effective_schedule():
-    glob = parse_schedule(["13:30 - 23:59"])
-    node = parse_schedule(["02:00 - 03:00"])
-    assert effective_schedule(node, glob) is node
-    assert effective_schedule(None, glob) is glob
-    assert effective_schedule(Schedule(), glob) is glob
 
 
 # --- properties ----------------------------------------------------------------------------------

@@ -9,18 +9,16 @@ Capacitor documents no backoff (capacitor-behaviour.md §3.4 is [UNDOC]); our ch
   delay never exceeds it, and never goes below zero.
 * ``maxAttempts`` > 0 bounds the attempts: after that many the item stays failed (until the API
   retries it or it expires). 0 means retry until expiry.
-* When the destination cannot be reached at all (connect refused, timeout, association rejected
-  for a transient reason) the whole node backs off with the same curve, counted in consecutive
-  connection failures (:class:`NodeBackoff`), and resets on the first success. Items are not
-  charged an attempt for a node that could not be reached.
+* When a batch delivers nothing and fails transiently (connect refused, timeout, transient
+  association reject, 0xA7xx) the whole node backs off with the same curve, counted in
+  consecutive failed batches, and resets on the first delivery (actors/node.py). The items of
+  that batch are each charged an attempt; items that were not in it are not.
 """
 
 from __future__ import annotations
 
 import math
 import random
-
-import attrs
 
 
 def _check(base: float, cap: float, jitter: float) -> None:
@@ -69,69 +67,3 @@ def next_attempt(
     if max_attempts > 0 and attempt >= max_attempts:
         return None
     return now + retry_delay(attempt, base=base, cap=cap, jitter=jitter, rng=rng)
-
-
-@attrs.frozen
-class BackoffPolicy:
-    """The retry settings of one node (``retryDelaySeconds``, ``retryMaxDelaySeconds``, …)."""
-
-    base: float
-    cap: float
-    jitter: float = 0.1
-    max_attempts: int = 0
-
-    def __attrs_post_init__(self) -> None:
-        _check(self.base, self.cap, self.jitter)
-        if self.max_attempts < 0:
-            raise ValueError(f"max_attempts must be >= 0, got {self.max_attempts!r}")
-
-    def delay(self, attempt: int, rng: random.Random) -> float:
-        """:func:`retry_delay` with these settings."""
-        return retry_delay(attempt, base=self.base, cap=self.cap, jitter=self.jitter, rng=rng)
-
-    def next_attempt(self, now: float, attempt: int, rng: random.Random) -> float | None:
-        """:func:`next_attempt` with these settings."""
-        return next_attempt(
-            now,
-            attempt,
-            base=self.base,
-            cap=self.cap,
-            jitter=self.jitter,
-            rng=rng,
-            max_attempts=self.max_attempts,
-        )
-
-
-@attrs.frozen
-class NodeBackoff:
-    """Whole-node backoff while its destination is unreachable.
-
-    ``failures`` counts consecutive connection failures; ``retry_at`` is when the node may try to
-    connect again (None: no backoff in force). Every method returns a new value.
-    """
-
-    failures: int = 0
-    retry_at: float | None = None
-
-    def connection_failed(
-        self, now: float, policy: BackoffPolicy, rng: random.Random
-    ) -> NodeBackoff:
-        """One more consecutive failure: back off ``policy.delay(failures)`` from ``now``.
-
-        ``max_attempts`` does not apply: a node never gives up on its destination.
-        """
-        failures = self.failures + 1
-        return NodeBackoff(failures, now + policy.delay(failures, rng))
-
-    def succeeded(self) -> NodeBackoff:
-        """The destination answered: back to no backoff."""
-        return NodeBackoff()
-
-    def ready(self, now: float) -> bool:
-        """Whether the node may try to connect at ``now``."""
-        return self.retry_at is None or now >= self.retry_at
-
-    @property
-    def backing_off(self) -> bool:
-        """True while at least one connection failure has not been followed by a success."""
-        return self.failures > 0

@@ -13,7 +13,7 @@ semantics undocumented; these are our choices (also in docs/behaviour.md):
   the next morning. Start equal to end is that one minute.
 * Several entries are a union. An empty schedule means always open.
 * A node's schedule replaces the global one when the node has one (no intersection); see
-  :func:`effective_schedule`.
+  ``config.models.effective``.
 * Entry whitespace is tolerated (``19:00-23:59``, `` 7:30 -  9:00``, an en dash); seconds,
   out-of-range fields and anything else are a :class:`ScheduleError` naming the entry.
 """
@@ -239,17 +239,6 @@ def parse_schedule(entries: Sequence[str] | None) -> Schedule:
             f"ProcessSchedule must be a list of 'HH:MM - HH:MM' entries, got the string {entries!r}"
         )
     return Schedule(tuple(parse_window(e) for e in entries))
-
-
-def effective_schedule(node: Schedule | None, global_schedule: Schedule) -> Schedule:
-    """The schedule a node runs on: its own when it has windows, else the global one.
-
-    A node schedule replaces the global one (no intersection). An empty node list counts as "not
-    set" and inherits, like other blank node overrides.
-    """
-    if node is not None and node.windows:
-        return node
-    return global_schedule
 
 
 def schedule_gate(
