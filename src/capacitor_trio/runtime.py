@@ -1,9 +1,10 @@
 """The router process: one Trio nursery tree.
 
 config -> store -> supervisor (+ node actors) -> receiver (+ preparer) -> DICOM listener -> API.
-Shutdown runs in reverse: SIGINT/SIGTERM stop the listener and the API first, then the node
-actors (in-flight sends are aborted and their items go back to the queue, shielded with a grace
-deadline), and the store closes last, after every task that could write has ended. A crash of a
+Shutdown: SIGINT/SIGTERM cancel the whole tree at once. Listeners stop accepting, associations
+in progress end without answering what was not yet committed, node actors abort their sends
+(A-ABORT; the outcomes already reported are recorded and the rest go back to the queue, shielded
+with a grace deadline), and the store closes last, after every task that could write has ended. A crash of a
 core service (store, receiver, listener, API) takes the process down loudly; only node actors
 are restarted in-process.
 """
