@@ -126,6 +126,8 @@ class NodeContext:
     dimse_timeout: float = 60.0
     #: items whose delivery was recorded (removed from the queue), across all nodes
     delivered_count: AsyncValue[int] = attrs.field(factory=lambda: AsyncValue(0))
+    #: associations sending right now, across all nodes
+    sending: AsyncValue[int] = attrs.field(factory=lambda: AsyncValue(0))
     #: an operator action put items back to `new`: the preparer must look again
     on_new_items: Callable[[], None] = attrs.field(default=lambda: None)
 
@@ -393,6 +395,7 @@ class NodeActor:
         pending: dict[int, Any] = {i.id: i for i in items}
         self.state.activity = "sending"
         self.state.sends_in_progress += 1
+        self.ctx.sending.value += 1
         try:
             for calling_ae, group in groups.items():
                 if self.state.paused:
@@ -459,6 +462,7 @@ class NodeActor:
                         await flush()
         finally:
             self.state.sends_in_progress -= 1
+            self.ctx.sending.value -= 1
             if pending:
                 with trio.CancelScope(shield=True), trio.move_on_after(RECORD_GRACE):
                     await ctx.store.release(list(pending))

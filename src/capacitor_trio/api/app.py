@@ -36,7 +36,6 @@ from capacitor_trio.actors.messages import (
 from capacitor_trio.config.load import check_node_set, node_to_yaml, parse_node, write_nodes
 from capacitor_trio.config.models import NODE_ROLES, Node
 from capacitor_trio.dicom.requestor import Peer
-from capacitor_trio.domain.instance import Destination
 from capacitor_trio.logs import LEVELS, parse_level
 from capacitor_trio.store import STATES, Counts, ItemFilter
 
@@ -53,7 +52,7 @@ from .envelope import (
     ok,
     translate,
 )
-from .queries import Recent, checked_out_count, counts_all, counts_by_destination
+from .queries import Recent
 from .views import item_json, node_json, read_tags
 
 #: How long an echo may take (the page: "Times out after 10 seconds").
@@ -201,16 +200,14 @@ class Api:
         self.router = router
         self.auth = Auth(router.settings.config.api)
         #: aggregate counts, recomputed in the background (see queries.Recent)
-        self.totals = Recent(lambda: counts_all(self.store))
+        self.totals = Recent(lambda: self.store.counts())
         self.per_destination = Recent(self._per_destination)
         #: one node edit at a time: each one rewrites the whole nodes.yml
         self._edit_lock = trio.Lock()
 
-    async def _per_destination(self) -> dict[tuple[str, str], Counts] | None:
-        try:
-            return await counts_by_destination(self.store)
-        except NotImplementedError:
-            return None
+    async def _per_destination(self) -> dict[tuple[str, str], Counts]:
+        by_dest = await self.store.counts_by_destination()
+        return {(d.ae_title, d.role): c for d, c in by_dest.items()}
 
     def set_background_nursery(self, nursery: trio.Nursery) -> None:
         self.totals.nursery = self.per_destination.nursery = nursery
@@ -306,12 +303,7 @@ class Api:
         out = []
         for node in list(self.router.nodes):
             handle = self.handle_for(node)
-            if handle is None:
-                status = None
-            elif by_dest is None:
-                status = self.supervisor.snapshot(handle, await self.store.counts(handle.destination))
-            else:
-                status = self.supervisor.snapshot(handle, by_dest.get(node.key, Counts()))
+            status = None if handle is None else self.supervisor.snapshot(handle, by_dest.get(node.key, Counts()))
             out.append(node_json(node, status))
         return ok(out)
 
@@ -480,15 +472,6 @@ class Api:
         await self._item_action(item_id, "delete")
         return ok({"id": ident, "deleted": True})
 
-    async def _destinations(self) -> list[Destination]:
-        """Every destination that has items in the store (nodes removed from the config too)."""
-
-        def q(conn: Any) -> list[Destination]:
-            rows = conn.execute("SELECT DISTINCT destination_ae, destination_role FROM items")
-            return [Destination(a, r) for a, r in rows]
-
-        return await self.store._read(q)  # a read; no public query for it
-
     async def _bulk(self, command: BulkCommand) -> int:
         """Send `command` to every node actor concerned (and act directly on the store for
         destinations without an actor); the number of items changed."""
@@ -498,7 +481,7 @@ class Api:
         actor_keys = {(h.ae_title, h.destination.role) for h in handles}
         orphans = [
             d
-            for d in await self._destinations()
+            for d in await self.store.destinations()
             if (d.ae_title, d.role) not in actor_keys
             and self.supervisor.handle(d.ae_title, d.role) is None
             and f.destination in (None, d.ae_title)
@@ -574,7 +557,7 @@ class Api:
     async def processing_status(self) -> Response:
         r = self.router
         service = r.service
-        checked_out = await checked_out_count(self.store)
+        checked_out = (await self.store.counts()).checked_out  # live: `idle` must be exact
         now = r.clock()
         nodes = []
         sends = 0

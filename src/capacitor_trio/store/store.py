@@ -873,18 +873,53 @@ class Store:
         return await self._read(q)
 
     async def counts(self, destination: Destination | None = None) -> Counts:
+        """Items per state and checked out, for one destination or for all. Index-only: the
+        state index for the states, the partial index of checked-out items for the rest."""
+
         def q(conn: sqlite3.Connection) -> Counts:
-            sql = "SELECT state, COUNT(*), SUM(checked_out) FROM items"
+            where = ""
             params: tuple[Any, ...] = ()
             if destination is not None:
-                sql += " WHERE destination_ae = ? AND destination_role = ?"
+                where = " WHERE destination_ae = ? AND destination_role = ?"
                 params = (destination.ae_title, destination.role)
             per: dict[str, int] = dict.fromkeys(STATES, 0)
-            checked = 0
-            for state, n, co in conn.execute(sql + " GROUP BY state", params):
+            for state, n in conn.execute(f"SELECT state, COUNT(*) FROM items{where} GROUP BY state", params):
                 per[state] = int(n)
-                checked += int(co or 0)
-            return Counts(**per, checked_out=checked, total=sum(per.values()))
+            checked_sql = "SELECT COUNT(*) FROM items WHERE checked_out = 1" + where.replace(" WHERE", " AND")
+            (checked,) = conn.execute(checked_sql, params).fetchone()
+            return Counts(**per, checked_out=int(checked), total=sum(per.values()))
+
+        return await self._read(q)
+
+    async def counts_by_destination(self) -> dict[Destination, Counts]:
+        """Counts of every destination that has items, in one scan of the queue index."""
+
+        def q(conn: sqlite3.Connection) -> dict[Destination, Counts]:
+            per: dict[Destination, dict[str, int]] = {}
+            checked: dict[Destination, int] = {}
+            rows = conn.execute(
+                "SELECT destination_ae, destination_role, state, checked_out, COUNT(*) FROM items "
+                "GROUP BY destination_ae, destination_role, state, checked_out"
+            )
+            for ae, role, state, co, n in rows:
+                dest = Destination(ae, role)
+                states = per.setdefault(dest, dict.fromkeys(STATES, 0))
+                states[state] += int(n)
+                if co:
+                    checked[dest] = checked.get(dest, 0) + int(n)
+            return {
+                d: Counts(**states, checked_out=checked.get(d, 0), total=sum(states.values()))
+                for d, states in per.items()
+            }
+
+        return await self._read(q)
+
+    async def destinations(self) -> list[Destination]:
+        """Every destination that has items (including nodes since removed from the config)."""
+
+        def q(conn: sqlite3.Connection) -> list[Destination]:
+            rows = conn.execute("SELECT DISTINCT destination_ae, destination_role FROM items")
+            return [Destination(a, r) for a, r in rows]
 
         return await self._read(q)
 
