@@ -52,6 +52,9 @@ class Job:
     #: fsyncs; `fn` runs only if that worked, with the file's size in `placed_size`
     place: tuple[Path, Path] | None = None
     placed_size: int = 0
+    #: the fsync of `place[0]`, started when the job was submitted (overlapping the group in
+    #: progress); the group waits for it before the rename
+    synced: concurrent.futures.Future[None] | None = None
 
 
 @attrs.define(eq=False)
@@ -85,6 +88,10 @@ class Writer:
         )
         self._trash_done: list[str] = []
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        if ops.durable:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                PLACE_THREADS, thread_name_prefix="capacitor-store-fsync"
+            )
         self.stats = Stats()
         self._closed = False
 
@@ -111,6 +118,9 @@ class Writer:
         if self._closed:
             raise RuntimeError("store is closed")
         job = Job(fn, frozenset(dirs), admission=admission, place=place)
+        if place is not None and self._pool is not None:
+            # start the file's fsync now, so that it overlaps the group being committed
+            job.synced = self._pool.submit(self._ops.fsync_file, place[0])
         self._queue.put(job)
         with trio.CancelScope(shield=True):
             await job.done.wait()
@@ -230,7 +240,10 @@ class Writer:
         src, dst = job.place
         try:
             job.placed_size = os.stat(src).st_size
-            self._ops.fsync_file(src)
+            if job.synced is not None:
+                job.synced.result()  # the fsync started at submission (raises its OSError)
+            else:
+                self._ops.fsync_file(src)
             self._ops.rename(src, dst)
         except OSError as exc:
             job.error = translate(exc)
@@ -238,15 +251,8 @@ class Writer:
     def _place(self, group: list[Job]) -> list[Job]:
         """fsync and rename the group's new files (in parallel when there are several)."""
         placing = [j for j in group if j.place is not None]
-        if len(placing) > 1 and self._ops.durable:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    PLACE_THREADS, thread_name_prefix="capacitor-store-fsync"
-                )
-            list(self._pool.map(self._place_one, placing))
-        else:
-            for job in placing:
-                self._place_one(job)
+        for job in placing:  # their fsyncs were started at submission, in parallel
+            self._place_one(job)
         return [j for j in group if j.error is None]
 
     def _run_group(self, group: list[Job]) -> list[Job]:
