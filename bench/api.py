@@ -91,48 +91,6 @@ def client_main(port: int, requests: int, concurrency: int, warmup: int) -> None
 # ---- the router side -------------------------------------------------------------------------
 
 
-async def bulk_insert(store: Any, n: int, dest: str) -> None:
-    """n items for `dest` quickly: one real spool file, rows inserted in one write job."""
-    import trio
-    from tests.helpers.datasets import make_dataset, write_dataset
-
-    from capacitor_trio.domain.instance import Destination, InstanceHeader
-
-    ds = make_dataset(rows=8, columns=8)
-    temp = store.new_incoming_path()
-    await trio.to_thread.run_sync(write_dataset, temp, ds)
-    header = InstanceHeader(
-        sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
-        transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, study_instance_uid=ds.StudyInstanceUID,
-        series_instance_uid=ds.SeriesInstanceUID, modality="CT", patient_id="PID0",
-    )
-    (first,) = await store.commit_instance(temp, header, "MOD_A", [Destination(dest)], state="failed")
-    now = store._clock()
-    states, modalities = ("new", "prepared", "failed", "rejected"), ("CT", "MR", "US", "CR")
-
-    def job(conn: Any) -> None:
-        (instance_id,) = conn.execute("SELECT instance_id FROM items WHERE id = ?", (first,)).fetchone()
-        rows = []
-        for k in range(n - 1):
-            st = states[k % 4]
-            study, sop = f"1.2.3.{k // 100}", f"1.2.3.{k // 100}.{k}"
-            rows.append((
-                instance_id, st, "MOD_A", dest, "Storage", study, study + ".1", sop,
-                "1.2.840.10008.5.1.4.1.1.2", modalities[k % 4], f"PID{k % 500}", "DOE^JANE",
-                f"ACC{k}", "1.2.840.10008.1.2.1", 910, now + 3600 if st == "failed" else None, now, now,
-                "\x1f".join((study, study + ".1", sop, "MOD_A", dest, f"ACC{k}", f"PID{k % 500}")).lower(),
-            ))
-        conn.executemany(
-            "INSERT INTO items(instance_id, state, source_ae, destination_ae, destination_role, "
-            "study_uid, series_uid, sop_instance_uid, sop_class_uid, modality, patient_id, "
-            "patient_name, accession_number, transfer_syntax_uid, size_bytes, next_attempt_at, "
-            "created_at, updated_at, search_text) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            rows,
-        )
-
-    await store._write(job)
-
-
 def free_port() -> int:
     import socket
 
@@ -180,7 +138,9 @@ async def router_main(args: argparse.Namespace) -> None:
             await router.store.set_paused(Destination("ARCHIVE"), True)
             await router.supervisor.handle("ARCHIVE").call(Pause())
             t0 = time.perf_counter()
-            await bulk_insert(router.store, args.items, "ARCHIVE")
+            from tests.helpers.fill import bulk_insert
+
+            await bulk_insert(router.store, args.items, dest="ARCHIVE", patients=500, retry_in=3600)
             print(f"queued {args.items} items in {time.perf_counter() - t0:.1f} s", flush=True)
 
             sent = 0

@@ -25,6 +25,7 @@ from capacitor_trio.domain.instance import Destination, InstanceHeader
 from capacitor_trio.logs import RingBufferHandler
 from capacitor_trio.runtime import Router, run_router
 from tests.helpers.datasets import make_dataset, write_dataset
+from tests.helpers.fill import bulk_insert  # noqa: F401 (the API tests import it from here)
 
 TOKEN = "test-token"
 PASSWORD = "test-password"
@@ -191,48 +192,3 @@ def dead_node(ae_title: str = "DEAD", **kw: Any) -> Node:
     return Node(ae_title=ae_title, host_name="127.0.0.1", port=free_port(), **kw)
 
 
-async def bulk_insert(store: Any, n: int, *, dest: str = "PACS", role: str = "Storage", state: str = "failed",
-                      spread: bool = True) -> None:
-    """Queue `n` items fast: one real spool file, then rows inserted in one write job (the items
-    share the instance, as fan-out items do). With `spread`, modality/source/state vary."""
-    ids = await _commit_one(store, dest, role)
-    now = store._clock()
-    modalities, sources = ("CT", "MR", "US", "CR"), ("MOD_A", "MOD_B")
-    states = ("new", "prepared", "failed", "rejected")
-
-    def job(conn: Any) -> None:
-        (instance_id,) = conn.execute("SELECT instance_id FROM items WHERE id = ?", (ids[0],)).fetchone()
-        rows = []
-        for k in range(n - 1):
-            modality = modalities[k % 4] if spread else "CT"
-            source = sources[k % 2] if spread else "MODALITY"
-            st = states[k % 4] if spread else state
-            study, sop = f"1.2.3.{k // 100}", f"1.2.3.{k // 100}.{k}"
-            rows.append((
-                instance_id, st, source, dest, role, study, study + ".1", sop, "1.2.840.10008.5.1.4.1.1.2",
-                modality, f"PID{k % 50}", "DOE^JANE", f"ACC{k}", "1.2.840.10008.1.2.1", 910,
-                now if st == "failed" else None, now, now,
-                "\x1f".join((study, study + ".1", sop, source, dest, f"ACC{k}", f"PID{k % 50}")).lower(),
-            ))
-        conn.executemany(
-            "INSERT INTO items(instance_id, state, source_ae, destination_ae, destination_role, "
-            "study_uid, series_uid, sop_instance_uid, sop_class_uid, modality, patient_id, "
-            "patient_name, accession_number, transfer_syntax_uid, size_bytes, next_attempt_at, "
-            "created_at, updated_at, search_text) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            rows,
-        )
-
-    await store._write(job)
-
-
-async def _commit_one(store: Any, dest: str, role: str) -> list[int]:
-    ds = make_dataset(rows=8, columns=8)
-    temp = store.new_incoming_path()
-    await trio.to_thread.run_sync(write_dataset, temp, ds)
-    header = InstanceHeader(
-        sop_class_uid=ds.SOPClassUID, sop_instance_uid=ds.SOPInstanceUID,
-        transfer_syntax_uid=ds.file_meta.TransferSyntaxUID, study_instance_uid=ds.StudyInstanceUID,
-        series_instance_uid=ds.SeriesInstanceUID, modality="CT", patient_id="PID001",
-        patient_name="DOE^JANE", accession_number="ACC001",
-    )
-    return list(await store.commit_instance(temp, header, "MOD_A", [Destination(dest, role)], state="failed"))
