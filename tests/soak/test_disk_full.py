@@ -54,7 +54,7 @@ async def test_disk_full_refuses_loses_nothing_recovers(
     router_factory: list[RouterProcess], rss: RssSampler, min_free: int,
 ) -> None:
     if min_free == 0 and not soak:
-        pytest.skip("the ENOSPC variant takes about two minutes: only with --soak")
+        pytest.skip("the ENOSPC variant is slow (recovery waits for room for the reserve): only with --soak")
     n = 800 if soak else 300  # 128 KB each: several times the 32 MB spool
     wall = time.monotonic()
     dest_port, scp_port, api_port = free_port(), free_port(), free_port()
