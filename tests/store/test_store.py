@@ -390,3 +390,23 @@ async def test_cancel_during_commit_completes_it(store: Store) -> None:
     assert not temp.exists()
     if result:
         assert total == 1
+
+
+async def test_only_changes_a_power_cut_may_undo_skip_the_wal_fsync(tmp_path: Path) -> None:
+    """Checkouts, releases and new -> prepared commit with synchronous=NORMAL (no fsync of their
+    own: recovery undoes or redoes them); everything else, commits of instances above all, FULL."""
+    modes: list[int] = []
+
+    def mode(conn: object) -> None:
+        modes.append(conn.execute("PRAGMA synchronous").fetchone()[0])  # type: ignore[attr-defined]
+
+    async with open_store(tmp_path, durable=True) as store:
+        await store._write(mode, durable=False)
+        await store._write(mode)
+        await store._write(mode, durable=False)
+        await commit(store, [PACS])  # FULL
+        await store.checkout_batch(PACS, now=1e12, limit=10)
+    assert modes == [1, 2, 1]  # NORMAL, FULL, NORMAL
+    async with open_store(tmp_path / "volatile", durable=False) as store:
+        await store._write(mode)
+    assert modes[-1] == 0  # durableWrites false: OFF throughout

@@ -224,9 +224,14 @@ class Store:
             r.close()
         self._readers.clear()
 
-    async def _write(self, fn: Callable[[sqlite3.Connection], T], dirs: Iterable[Path] = ()) -> T:
+    async def _write(
+        self, fn: Callable[[sqlite3.Connection], T], dirs: Iterable[Path] = (), *, durable: bool = True
+    ) -> T:
+        """Run `fn` in the writer's next group. `durable=False` for changes a power cut may undo
+        harmlessly (checkouts, releases, new -> prepared): recovery undoes or redoes them anyway,
+        so they need no WAL fsync of their own."""
         assert self._writer is not None, "store is not open"
-        result: T = await self._writer.run(fn, dirs)
+        result: T = await self._writer.run(fn, dirs, durable=durable)
         return result
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
@@ -396,7 +401,7 @@ class Store:
                 (now, now - minimum_age),
             ).rowcount
 
-        return await self._write(job)
+        return await self._write(job, durable=False)
 
     async def checkout_batch(
         self,
@@ -427,7 +432,7 @@ class Store:
             sorted(exempt_studies),
             series_uid,
         )
-        return await self._write(job)
+        return await self._write(job, durable=False)
 
     def _checkout_job(
         self,
@@ -672,7 +677,7 @@ class Store:
                     chunk,
                 )
 
-        await self._write(job)
+        await self._write(job, durable=False)
 
     async def release_all_checked_out(self, destination: Destination | None = None) -> int:
         """Release every checked-out item (of one destination): the supervisor after a crash."""
@@ -688,7 +693,7 @@ class Store:
                 (destination.ae_title, destination.role),
             ).rowcount
 
-        return await self._write(job)
+        return await self._write(job, durable=False)
 
     # -- operator transitions (API) ----------------------------------------------------------------
 

@@ -55,6 +55,9 @@ class Job:
     #: the fsync of `place[0]`, started when the job was submitted (overlapping the group in
     #: progress); the group waits for it before the rename
     synced: concurrent.futures.Future[None] | None = None
+    #: False: losing this job in a power cut is harmless (a checkout, a release: recovery
+    #: undoes them anyway), so a group of such jobs commits without its own WAL fsync
+    durable: bool = True
 
 
 @attrs.define(eq=False)
@@ -94,6 +97,7 @@ class Writer:
             )
         self.stats = Stats()
         self._closed = False
+        self._sync_mode = "FULL" if ops.durable else "OFF"  # what the store's connection set
 
     def start(self) -> None:
         self._thread.start()
@@ -105,6 +109,7 @@ class Writer:
         *,
         admission: bool = False,
         place: tuple[Path, Path] | None = None,
+        durable: bool = True,
     ) -> Any:
         """Run `fn` in the next group transaction and return its result once committed.
 
@@ -117,7 +122,7 @@ class Writer:
         """
         if self._closed:
             raise RuntimeError("store is closed")
-        job = Job(fn, frozenset(dirs), admission=admission, place=place)
+        job = Job(fn, frozenset(dirs), admission=admission, place=place, durable=durable)
         if place is not None and self._pool is not None:
             # start the file's fsync now, so that it overlaps the group being committed
             job.synced = self._pool.submit(self._ops.fsync_file, place[0])
@@ -194,6 +199,13 @@ class Writer:
     def _attempt(self, live: list[Job]) -> list[Job] | None:
         """One group transaction; the jobs that succeeded, or None when the disk is full."""
         conn = self._conn
+        if self._ops.durable:
+            # WAL with synchronous=NORMAL commits without an fsync; the next FULL commit (or a
+            # checkpoint) makes it durable too. Only groups of jobs that may be lost use it.
+            mode = "FULL" if any(j.durable for j in live) else "NORMAL"
+            if mode != self._sync_mode:
+                conn.execute(f"PRAGMA synchronous = {mode}")
+                self._sync_mode = mode
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
