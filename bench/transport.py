@@ -178,11 +178,11 @@ def storescp(out: Path, nodelay: bool = True) -> Server:
     return Server(["storescp", "-od", str(out), "-pdu", "131072", "+B", str(port)], port, nodelay)
 
 
-def our_acceptor(out: Path, durable: bool) -> Server:
+def our_acceptor(out: Path, durable: bool, store: bool = False) -> Server:
     port = free_port()
     argv = [PY, __file__, "--serve-acceptor", str(port), str(out)] + (
         ["--durable"] if durable else []
-    )
+    ) + (["--store"] if store else [])
     return Server(argv, port)
 
 
@@ -207,9 +207,9 @@ def sc_ref(d: Path) -> float:
         srv.stop()
 
 
-def _acc(d: Path, *, durable: bool, nodelay: bool) -> float:
+def _acc(d: Path, *, durable: bool, nodelay: bool, store: bool = False) -> float:
     out = fresh_dir("acc")
-    srv = our_acceptor(out, durable)
+    srv = our_acceptor(out, durable, store)
     try:
         return run_storescu(srv.port, d, nodelay=nodelay, aec="CAPACITOR")
     finally:
@@ -222,6 +222,10 @@ def sc_acc(d: Path) -> float:
 
 def sc_acc_dur(d: Path) -> float:
     return _acc(d, durable=True, nodelay=True)
+
+
+def sc_acc_store(d: Path) -> float:
+    return _acc(d, durable=True, nodelay=True, store=True)
 
 
 def sc_acc_nagle(d: Path) -> float:
@@ -287,6 +291,7 @@ SCENARIOS = {
     "ref": ("DCMTK storescu -> storescp (reference)", sc_ref),
     "acc": ("storescu -> our acceptor, no fsync", sc_acc),
     "acc-dur": ("storescu -> our acceptor, durable commit", sc_acc_dur),
+    "acc-store": ("storescu -> our acceptor + the real store (durable commit_instance)", sc_acc_store),
     "fsync-loop": ("Python write+fsync loop (durability reference)", sc_fsync_loop),
     "req": ("our requestor -> storescp", sc_req),
     "acc-nagle": ("storescu (Nagle on) -> our acceptor", sc_acc_nagle),
@@ -337,6 +342,36 @@ def serve_acceptor_main(port: int, out: Path, durable: bool) -> None:
 
     config = AcceptorConfig(host="127.0.0.1", port=port)
     trio.run(serve_acceptor, config, Sink())
+
+
+def serve_store_acceptor_main(port: int, out: Path) -> None:
+    """Our acceptor committing every instance through the real store (durable), one
+    destination: what the router's intake pays for its durability promise."""
+    import trio
+
+    from capacitor_trio.dicom import AcceptorConfig, ReceivedInstance, serve_acceptor
+    from capacitor_trio.domain.instance import Destination
+    from capacitor_trio.store import open_store
+
+    async def main() -> None:
+        async with open_store(out / "cache", durable=True) as store:
+
+            class Sink:
+                def accepts_called_ae(self, called_ae: str) -> bool:
+                    return True
+
+                def new_temp_path(self) -> Path:
+                    return store.new_incoming_path()
+
+                def check_admission(self) -> None:
+                    pass
+
+                async def instance_received(self, rx: ReceivedInstance) -> None:
+                    await store.commit_instance(rx.path, rx.header, rx.calling_ae, [Destination("BENCH")])
+
+            await serve_acceptor(AcceptorConfig(host="127.0.0.1", port=port), Sink())
+
+    trio.run(main)
 
 
 def send_main(port: int, d: Path, ae: str) -> None:
@@ -412,11 +447,14 @@ def main() -> None:
     ap.add_argument("--skip-pynetdicom", action="store_true")
     ap.add_argument("--serve-acceptor", nargs=2, metavar=("PORT", "OUT"))
     ap.add_argument("--durable", action="store_true")
+    ap.add_argument("--store", action="store_true", help="with --serve-acceptor: commit through the real store")
     ap.add_argument("--send", nargs=3, metavar=("PORT", "CORPUS", "AE"))
     ap.add_argument("--serve-pynetdicom", nargs=2, metavar=("PORT", "OUT"))
     ap.add_argument("--send-pynetdicom", nargs=2, metavar=("PORT", "CORPUS"))
     args = ap.parse_args()
     if args.serve_acceptor:
+        if args.store:
+            return serve_store_acceptor_main(int(args.serve_acceptor[0]), Path(args.serve_acceptor[1]))
         return serve_acceptor_main(
             int(args.serve_acceptor[0]), Path(args.serve_acceptor[1]), args.durable
         )
