@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -398,3 +398,18 @@ async def test_top_up_stops_at_batch_size_and_on_pause(make_world: Any, autojump
     await trio.sleep(1)
     assert len(w.sender.sends) == 2
     assert not any(i.checked_out for i in w.store.items.values())
+
+
+def test_system_time_zone_keeps_dst_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    from capacitor_trio.actors.node import system_time_zone
+
+    system_time_zone.cache_clear()
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    try:
+        zone = system_time_zone()
+        winter = datetime(2026, 1, 15, 12, tzinfo=zone).utcoffset()
+        summer = datetime(2026, 7, 15, 12, tzinfo=zone).utcoffset()
+        assert (winter, summer) == (timedelta(hours=1), timedelta(hours=2))  # not a fixed offset
+        assert NodeContext(None, FakeSender(), config(), ServiceFlags(), lambda: 0.0).tz is zone
+    finally:
+        system_time_zone.cache_clear()

@@ -32,11 +32,15 @@ produce duplicates at the destination.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
+import os
 import random
 from collections.abc import Callable, Sequence
+from datetime import UTC, tzinfo
 from typing import Any, Protocol
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import attrs
 import trio
@@ -132,8 +136,9 @@ class NodeContext:
     on_new_items: Callable[[], None] = attrs.field(default=lambda: None)
 
     @property
-    def tz(self) -> ZoneInfo | None:
-        return ZoneInfo(self.config.time_zone) if self.config.time_zone else None
+    def tz(self) -> tzinfo:
+        """The zone schedules are read in: `timeZone`, else the system's."""
+        return ZoneInfo(self.config.time_zone) if self.config.time_zone else system_time_zone()
 
 
 class NodeActor:
@@ -151,8 +156,7 @@ class NodeActor:
 
     def _schedule_gate(self, now: float) -> tuple[bool, float | None]:
         eff = effective(self.node, self.ctx.config)
-        tz = self.ctx.tz or _local_tz()
-        return schedule_gate(parse_schedule(eff.process_schedule), tz, now)
+        return schedule_gate(parse_schedule(eff.process_schedule), self.ctx.tz, now)
 
     # ---- the actor ---------------------------------------------------------------------------
 
@@ -536,8 +540,18 @@ def make_status(handle: NodeHandle, state: NodeState, counts: Counts | None = No
     )
 
 
-def _local_tz() -> Any:
-    from datetime import datetime
-
-    return datetime.now().astimezone().tzinfo
+@functools.cache
+def system_time_zone() -> tzinfo:
+    """The system's time zone with its DST rules (a fixed UTC offset would be wrong after the
+    next DST change): $TZ, else /etc/localtime, else UTC."""
+    name = os.environ.get("TZ", "").lstrip(":")
+    if name:
+        with contextlib.suppress(ValueError, ZoneInfoNotFoundError):
+            return ZoneInfo(name)
+    try:
+        with open("/etc/localtime", "rb") as f:
+            return ZoneInfo.from_file(f, key="localtime")
+    except (OSError, ValueError):
+        log.warning("no system time zone found (/etc/localtime); schedules use UTC")
+        return UTC
 
