@@ -52,9 +52,10 @@ class Job:
     #: fsyncs; `fn` runs only if that worked, with the file's size in `placed_size`
     place: tuple[Path, Path] | None = None
     placed_size: int = 0
-    #: the fsync of `place[0]`, started when the job was submitted (overlapping the group in
-    #: progress); the group waits for it before the rename
-    synced: concurrent.futures.Future[None] | None = None
+    #: the fsync and rename of `place`, started on the pool when the job was submitted
+    #: (overlapping the group in progress, in parallel with the other jobs' files); its result
+    #: is the file's size. The group waits for it before its directory fsyncs.
+    placed: concurrent.futures.Future[int] | None = None
     #: False: losing this job in a power cut is harmless (a checkout, a release: recovery
     #: undoes them anyway), so a group of such jobs commits without its own WAL fsync
     durable: bool = True
@@ -124,8 +125,8 @@ class Writer:
             raise RuntimeError("store is closed")
         job = Job(fn, frozenset(dirs), admission=admission, place=place, durable=durable)
         if place is not None and self._pool is not None:
-            # start the file's fsync now, so that it overlaps the group being committed
-            job.synced = self._pool.submit(self._ops.fsync_file, place[0])
+            # fsync and rename the file now, so that it overlaps the group being committed
+            job.placed = self._pool.submit(_place_file, self._ops, *place)
         self._queue.put(job)
         with trio.CancelScope(shield=True):
             await job.done.wait()
@@ -163,6 +164,8 @@ class Writer:
             except BaseException as exc:  # never leave a caller waiting forever
                 log.exception("store writer: unexpected failure of a group")
                 for job in group:
+                    if job.placed is not None:  # let its rename finish before the caller cleans up
+                        concurrent.futures.wait([job.placed])
                     if job.error is None:
                         job.error = exc
             for job in group:
@@ -249,21 +252,18 @@ class Writer:
 
     def _place_one(self, job: Job) -> None:
         assert job.place is not None
-        src, dst = job.place
         try:
-            job.placed_size = os.stat(src).st_size
-            if job.synced is not None:
-                job.synced.result()  # the fsync started at submission (raises its OSError)
+            if job.placed is not None:
+                job.placed_size = job.placed.result()  # raises the pool's OSError
             else:
-                self._ops.fsync_file(src)
-            self._ops.rename(src, dst)
+                job.placed_size = _place_file(self._ops, *job.place)
         except OSError as exc:
             job.error = translate(exc)
 
     def _place(self, group: list[Job]) -> list[Job]:
-        """fsync and rename the group's new files (in parallel when there are several)."""
+        """Wait for the group's new files to be fsync'd and renamed into the spool."""
         placing = [j for j in group if j.place is not None]
-        for job in placing:  # their fsyncs were started at submission, in parallel
+        for job in placing:  # started at submission, in parallel on the pool
             self._place_one(job)
         return [j for j in group if j.error is None]
 
@@ -324,6 +324,14 @@ class Writer:
                     self._trash_done.append(path.relative_to(self._root).as_posix())
                 except OSError:
                     log.warning("store: could not remove %s; recovery will retry", path)
+
+
+def _place_file(ops: FileOps, src: Path, dst: Path) -> int:
+    """fsync `src`, then rename it to `dst` (the data is on disk before the name is); its size."""
+    size = os.stat(src).st_size
+    ops.fsync_file(src)
+    ops.rename(src, dst)
+    return size
 
 
 @attrs.frozen
