@@ -12,7 +12,7 @@ import trio
 import yaml
 
 from capacitor_trio.config.models import Node
-from capacitor_trio.store import ItemFilter
+from capacitor_trio.store import Item, ItemFilter, ItemNotFound, Store
 
 from .conftest import AUTH, StartRouter, StorageScp, dead_node, pacs
 
@@ -411,11 +411,11 @@ async def test_item_actions(start_router: StartRouter) -> None:
         error(await r.client.post(f"/api/queue/items/424242/{action}", headers=AUTH), "NOT_FOUND", 404)
     error(await r.client.post("/api/queue/items/424242/move", json={"targetState": "new"}, headers=AUTH), "NOT_FOUND", 404)
 
-    path = (await r.store.get_item(i3)).path
-    assert path.exists()
+    item = await r.store.get_item(i3)
+    assert await is_stored(r.store, item)
     error(await r.client.delete(f"/api/queue/items/{i3}"), "FORBIDDEN", 403)
     assert data(await r.client.delete(f"/api/queue/items/{i3}", headers=AUTH)) == {"id": i3, "deleted": True}
-    assert not path.exists()
+    assert not await is_stored(r.store, item)
     error(await r.client.get(f"/api/queue/items/{i3}"), "NOT_FOUND", 404)
     error(await r.client.delete(f"/api/queue/items/{i3}", headers=AUTH), "NOT_FOUND", 404)
 
@@ -466,12 +466,23 @@ async def test_study_and_series_actions(start_router: StartRouter) -> None:
     assert moved == {"count": 5}
     items, total = await r.store.list_items(ItemFilter(study_uid=study))
     assert total == 5 and {i.state for i in items} == {"rejected"}
-    paths = {i.path for i in items}
+    assert all([await is_stored(r.store, i) for i in items])
     error(await r.client.delete(f"/api/queue/studies/{study}"), "FORBIDDEN", 403)
     assert data(await r.client.delete(f"/api/queue/studies/{study}", headers=AUTH)) == {"count": 5}
     assert data(await r.client.delete(f"/api/queue/studies/{study}", headers=AUTH)) == {"count": 0}
-    assert not any(p.exists() for p in paths)
+    assert not any([await is_stored(r.store, i) for i in items])
     assert (await r.store.counts()).total == 1
+
+
+async def is_stored(store: Store, item: Item) -> bool:
+    """Whether the instance's bytes are still kept (in its spool file or in the index)."""
+    if not item.inline:
+        return item.path.exists()
+    try:
+        await store.read_inline(item.instance_id)
+    except ItemNotFound:
+        return False
+    return True
 
 
 # ---- delivery with the real listener and a real destination -----------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -23,7 +24,7 @@ from capacitor_trio.dicom.status import store_status_outcome
 from capacitor_trio.dicom.transport import PeerClosed, Transport
 from capacitor_trio.domain.outcomes import Delivered, Rejected, RetryLater
 
-from .conftest import DirSink, outgoing, write_corpus
+from .conftest import DirSink, assert_same_instance, outgoing, write_corpus
 
 PEER = Peer("CAPACITOR", "peer.invalid", 104)
 
@@ -106,6 +107,25 @@ async def test_batch_delivered(
     await send_batch(PEER, [outgoing(f) for f in files], SendOptions("ROUTER"), cb)
     assert got == {0: Delivered(), 1: Delivered(), 2: Delivered()}
     assert len(fake_network.sink.received) == 3
+
+
+async def test_instance_held_in_memory_is_sent_like_its_file(
+    fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A small instance the store keeps in its index reaches the requestor as bytes, not a
+    path: the peer receives the same data set as from the file."""
+    files = write_corpus(tmp_path / "in", 3)
+    insts = [
+        attrs.evolve(outgoing(f), path=tmp_path / "not-a-file", data=f.read_bytes())
+        for f in files
+    ]
+    got, cb = collect()
+    await send_batch(PEER, insts, SendOptions("ROUTER"), cb)
+    assert got == {0: Delivered(), 1: Delivered(), 2: Delivered()}
+    received = fake_network.sink.received
+    assert [rx.header.sop_instance_uid for rx in received] == [i.sop_instance_uid for i in insts]
+    for f, rx in zip(files, received, strict=True):
+        assert_same_instance(f, fake_network.sink.out / f"{rx.header.sop_instance_uid}.dcm")
 
 
 async def test_more_tops_up_the_same_association(

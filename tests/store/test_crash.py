@@ -21,6 +21,7 @@ import trio
 from capacitor_trio.store import ItemFilter, open_store
 
 from .crash_child import COMMITTERS
+from .util import content
 
 CHILD = Path(__file__).with_name("crash_child.py")
 KILLS = 50
@@ -60,7 +61,8 @@ async def check(
                     continue  # its delivered() was in flight
                 assert item is not None, f"acknowledged item {item_id} of {sop} lost"
                 assert item.sop_instance_uid == sop and not item.checked_out
-                assert item.path.read_bytes().rstrip(b"\0") == sop.encode(), item.path
+                data = await content(store, item)
+                assert data.rstrip(b"\0") == sop.encode(), item.path
         # anything else was committed by a call the kill cut off before it returned
         acked_ids = {i for ids in acked.values() for i in ids}
         new_extra = {i for i in by_id if i not in acked_ids and i not in unacked}
@@ -71,8 +73,8 @@ async def check(
         assert report.missing == ()
         assert list((root / "incoming").iterdir()) == []
         for rel in report.orphans:
-            content = (root / "orphans" / Path(rel).name).read_bytes().rstrip(b"\0").decode()
-            assert content not in acked, f"orphan {rel} was acknowledged"
+            orphan = (root / "orphans" / Path(rel).name).read_bytes().rstrip(b"\0").decode()
+            assert orphan not in acked, f"orphan {rel} was acknowledged"
         return len(report.orphans), report.released, set(by_id)
 
 

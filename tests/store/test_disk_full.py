@@ -17,7 +17,7 @@ import pytest
 
 from capacitor_trio.store import FileOps, ItemFilter, Store, StoreFull, open_store
 
-from .util import AI, PACS, commit, header, spool_files, write_temp
+from .util import AI, PACS, commit, content, file_paths, header, spool_files, write_temp
 
 
 class FaultyOps(FileOps):
@@ -59,7 +59,7 @@ class FaultyOps(FileOps):
 
 def assert_consistent(store: Store, items: list) -> None:  # type: ignore[type-arg]
     assert list((store.root / "incoming").iterdir()) == []
-    assert spool_files(store.root) == {i.path for i in items}
+    assert spool_files(store.root) == file_paths(items)
 
 
 @pytest.mark.parametrize(
@@ -69,11 +69,16 @@ def assert_consistent(store: Store, items: list) -> None:  # type: ignore[type-a
         ("rename", errno.EIO),
         ("fsync_dir", errno.EIO),
         ("index", errno.ENOSPC),
+        ("index-inline", errno.ENOSPC),
     ],
 )
 async def test_write_error_refuses_and_leaves_nothing(tmp_path: Path, op: str, err: int) -> None:
     ops = FaultyOps()
-    async with open_store(tmp_path, file_ops=ops, reserve_bytes=0) as store:
+    inline = op.endswith("-inline")  # a small instance kept in the index, not in a file
+    op = op.removesuffix("-inline")
+    async with open_store(
+        tmp_path, file_ops=ops, reserve_bytes=0, inline_max_bytes=1 << 20 if inline else 0
+    ) as store:
         [kept] = await commit(store)
         ops.fail[op] = err
         temp = write_temp(store)
@@ -162,7 +167,7 @@ async def test_disk_full_refuses_loses_nothing_and_recovers(small_fs: tuple[Path
     async def check(store: Store) -> list:  # type: ignore[type-arg]
         items, _ = await store.list_items(ItemFilter(), limit=10_000)
         assert {i.id for i in items} == set(acked)
-        assert all(i.path.read_bytes() == acked[i.id] for i in items)
+        assert all([await content(store, i) == acked[i.id] for i in items])
         assert_consistent(store, items)
         return items
 

@@ -16,7 +16,7 @@ from .util import AI, PACS, FakeClock, commit, spool_files, write_temp
 
 async def test_recovery_repairs_spool_and_index(tmp_path: Path) -> None:
     clock = FakeClock(5000.0)
-    async with open_store(tmp_path, durable=False, clock=clock) as store:
+    async with open_store(tmp_path, durable=False, clock=clock, inline_max_bytes=0) as store:
         [a, a_ai] = await commit(store, [PACS, AI])
         [b] = await commit(store)
         [c] = await commit(store)
@@ -73,7 +73,7 @@ async def test_rejected_stay_rejected_without_cycle_option(tmp_path: Path) -> No
 
 
 async def test_trash_left_by_a_crash_is_removed(tmp_path: Path) -> None:
-    async with open_store(tmp_path, durable=False) as store:
+    async with open_store(tmp_path, durable=False, inline_max_bytes=0) as store:
         [a] = await commit(store)
         path = (await store.get_item(a)).path
     # simulate: the delete committed (trash row written) but the process died before the unlink

@@ -144,10 +144,13 @@ class StoreMachine(RuleBasedStateMachine):
         series=st.sampled_from(SERIES),
         state=st.sampled_from(["new", "prepared"]),
         tick=st.sampled_from([0.0, 1.0, 30.0]),
+        size=st.sampled_from([100, 40_000]),  # kept in the index / in a spool file
     )
-    def commit(self, dests: list[Destination], series: str, state: str, tick: float) -> None:
+    def commit(
+        self, dests: list[Destination], series: str, state: str, tick: float, size: int
+    ) -> None:
         self.clock.advance(tick)
-        temp = write_temp(self.store)
+        temp = write_temp(self.store, b"d" * size)
         ids = self.call("commit_instance", temp, header(series=series), "MOD", dests, state=state)
         assert len(ids) == len(dests)
         self.instances += 1
@@ -349,11 +352,15 @@ class StoreMachine(RuleBasedStateMachine):
             i.id: (i.state, i.checked_out, Destination(i.destination_ae, i.destination_role))
             for i in items
         } == {i: (m.state, m.checked_out, m.dest) for i, m in self.items.items()}
-        # every item points at an existing file; every file has an item; one file per instance
-        referenced = {i.path for i in items}
+        # every item points at an existing file or its bytes in the index; every file has an
+        # item; one file or one stored copy per instance
+        referenced = {i.path for i in items if not i.inline}
         assert all(p.exists() for p in referenced)
         assert spool_files(self.dir) == referenced
-        assert len(referenced) == len({m.instance for m in self.items.values()})
+        inline = {i.instance_id for i in items if i.inline}
+        assert all(self.call("read_inline", iid) == b"d" * 100 for iid in inline)
+        assert self.call("_read", lambda c: c.execute("SELECT COUNT(*) FROM blobs").fetchone()[0]) == len(inline)
+        assert len(referenced) + len(inline) == len({m.instance for m in self.items.values()})
         assert list((self.dir / "incoming").iterdir()) == []
         counts = self.call("counts")
         for s in STATES:

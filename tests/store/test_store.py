@@ -410,3 +410,68 @@ async def test_only_changes_a_power_cut_may_undo_skip_the_wal_fsync(tmp_path: Pa
     async with open_store(tmp_path / "volatile", durable=False) as store:
         await store._write(mode)
     assert modes[-1] == 0  # durableWrites false: OFF throughout
+
+
+# -- small instances kept in the index ---------------------------------------------------------
+
+
+async def test_small_instance_is_kept_in_the_index(inline_store: Store, clock: FakeClock) -> None:
+    store = inline_store
+    data = b"small" * 100
+    temp = write_temp(store, data)
+    ids = await store.commit_instance(temp, header(), "CT1", [PACS, ARCHIVE], state="prepared")
+    assert not temp.exists() and spool_files(store.root) == set()
+    items = [await store.get_item(i) for i in ids]
+    assert all(i.inline and i.data is None and i.size_bytes == len(data) for i in items)
+    assert await store.read_inline(items[0].instance_id) == data
+    # a checkout hands the bytes to the node with the items
+    [out] = await store.checkout_batch(PACS, now=clock.now, limit=10)
+    assert out.inline and out.data == data and out.id == ids[0]
+    # stored once; the bytes go with the last item
+    await store.delivered([ids[0]])
+    assert await store.read_inline(items[0].instance_id) == data
+    await store.delete(ids[1])
+    with pytest.raises(ItemNotFound):
+        await store.read_inline(items[0].instance_id)
+    assert (await store.counts()).total == 0
+
+
+async def test_size_limit_decides_index_or_file(inline_store: Store, clock: FakeClock) -> None:
+    store = inline_store
+    limit = store.inline_max_bytes
+    [small] = await store.commit_instance(write_temp(store, b"s" * limit), header(), "CT", [PACS])
+    [big] = await store.commit_instance(write_temp(store, b"b" * (limit + 1)), header(), "CT", [PACS])
+    s, b = await store.get_item(small), await store.get_item(big)
+    assert s.inline and not b.inline
+    assert spool_files(store.root) == {b.path} and b.path.read_bytes() == b"b" * (limit + 1)
+    await store.prepare_ripe(clock.now, 0)
+    batch = await store.checkout_batch(PACS, now=clock.now, limit=10)
+    assert [(i.id, i.data is not None) for i in batch] == [(small, True), (big, False)]
+
+
+async def test_inline_instances_survive_a_restart(tmp_path: Path) -> None:
+    async with open_store(tmp_path, durable=True) as store:
+        [a] = await commit(store)
+        stray = write_temp(store, b"never committed")
+    async with open_store(tmp_path, durable=True) as store:
+        r = store.recovery_report
+        assert (r.missing, r.orphans, r.incoming_removed) == ((), (), 1)
+        item = await store.get_item(a)
+        assert item.inline and await store.read_inline(item.instance_id) == b"DICM" * 64
+    assert not stray.exists()
+
+
+async def test_index_of_version_1_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    async with open_store(tmp_path, durable=False, inline_max_bytes=0) as store:
+        [a] = await commit(store)
+    conn = sqlite3.connect(tmp_path / "index.db")
+    with conn:  # what version 1 wrote: no blobs table
+        conn.execute("DROP TABLE blobs")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.close()
+    async with open_store(tmp_path, durable=False) as store:
+        assert (await store.get_item(a)).path.exists()
+        [b] = await commit(store)
+        assert (await store.get_item(b)).inline

@@ -76,3 +76,15 @@ def spool_files(root: Path) -> set[Path]:
     for dirpath, _dirs, files in os.walk(root / "spool"):
         out.update(Path(dirpath) / f for f in files)
     return out
+
+
+def file_paths(items: list) -> set[Path]:  # type: ignore[type-arg]
+    """The spool files the items point at (instances kept in the index have none)."""
+    return {i.path for i in items if not i.inline}
+
+
+async def content(store: Store, item: object) -> bytes:
+    """The stored bytes of an item's instance, wherever the store keeps them."""
+    if item.inline:  # type: ignore[attr-defined]
+        return await store.read_inline(item.instance_id)  # type: ignore[attr-defined]
+    return item.path.read_bytes()  # type: ignore[attr-defined,no-any-return]

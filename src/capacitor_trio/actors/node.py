@@ -515,7 +515,9 @@ class NodeActor:
 
 
 def _outgoing(item: Any) -> OutgoingInstance:
-    return OutgoingInstance(item.path, item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax_uid)
+    return OutgoingInstance(
+        item.path, item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax_uid, item.data
+    )
 
 
 def _is_new(state: object) -> bool:

@@ -9,6 +9,7 @@ become the envelope in `_endpoint`; nothing ever answers with a traceback.
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 from collections.abc import Awaitable, Callable
@@ -435,7 +436,12 @@ class Api:
         item = await self.store.get_item(_item_id(item_id))
         out = item_json(item)
         try:
-            out["tags"] = await trio.to_thread.run_sync(read_tags, item.path)
+            source = (
+                io.BytesIO(await self.store.read_inline(item.instance_id))
+                if item.inline
+                else item.path
+            )
+            out["tags"] = await trio.to_thread.run_sync(read_tags, source)
         except Exception:  # a missing or unreadable file: the item is still shown
             out["tags"] = None
         return ok(out)

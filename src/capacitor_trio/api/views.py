@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -97,7 +97,7 @@ def _strip_bulk(ds: Dataset) -> None:
             del ds[elem.tag]
 
 
-def read_tags(path: Path) -> dict[str, Any]:
+def read_tags(path: Path | BinaryIO) -> dict[str, Any]:
     """The header of a Part 10 file in the DICOM JSON model, pixel data and bulk data left out.
     Blocking: call in a worker thread."""
     ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)

@@ -19,10 +19,12 @@ shielded deadline and lets Cancelled propagate; unreported instances stay unrepo
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import attrs
 import trio
@@ -69,6 +71,9 @@ class OutgoingInstance:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
+    #: the Part 10 bytes, when the instance is not in a file (a small one kept in the index);
+    #: `path` then only names it in messages
+    data: bytes | None = attrs.field(default=None, repr=False)
 
 
 #: `send_batch(..., more=)`: instances to send next on the same association (none: release it).
@@ -363,7 +368,10 @@ class _Session:
             fragment,
         )
         try:
-            f = open(inst.path, "rb", buffering=0)  # noqa: SIM115, ASYNC230 - cheap open, closed below
+            if inst.data is not None:
+                f: BinaryIO = io.BytesIO(inst.data)
+            else:
+                f = open(inst.path, "rb", buffering=0)  # noqa: SIM115, ASYNC230 - cheap open, closed below
         except FileNotFoundError as exc:
             return Rejected(f"spool file missing: {inst.path}: {exc.strerror or exc}")
         except OSError as exc:  # EIO, EMFILE…: perhaps not for ever
@@ -371,7 +379,7 @@ class _Session:
         try:
             try:
                 offset, _ = read_meta(f)
-                size = os.fstat(f.fileno()).st_size
+                size = len(inst.data) if inst.data is not None else os.fstat(f.fileno()).st_size
             except (HeaderError, ValueError) as exc:
                 return Rejected(f"unreadable spool file {inst.path}: {exc}")
             except OSError as exc:

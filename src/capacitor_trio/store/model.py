@@ -43,6 +43,10 @@ class Item:
     updated_at: float
     path: Path
     instance_id: int = 0
+    #: kept in the index, not in a spool file (`path` does not exist; `Store.read_inline`)
+    inline: bool = False
+    #: the Part 10 bytes of an inline instance, filled in by a checkout only
+    data: bytes | None = attrs.field(default=None, repr=False)
 
 
 @attrs.frozen

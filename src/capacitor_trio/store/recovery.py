@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .fsops import FileOps
 from .model import RecoveryReport
+from .schema import INLINE_PREFIX
 
 log = logging.getLogger("capacitor_trio.store")
 
@@ -61,7 +62,13 @@ def recover(
                     on_disk.add(f"spool/{bucket.name}/{entry.name}")
             else:
                 on_disk.add(f"spool/{bucket.name}")
-        known = {r[0]: r[1] for r in conn.execute("SELECT rel_path, id FROM instances")}
+        known = {
+            r[0]: r[1]
+            for r in conn.execute(
+                "SELECT rel_path, id FROM instances WHERE rel_path NOT LIKE ?",
+                (f"{INLINE_PREFIX}%",),
+            )
+        }
 
         orphans = sorted(on_disk - set(known))
         if orphans:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from .errors import StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -74,8 +74,23 @@ def _to_v1(conn: sqlite3.Connection) -> None:
             conn.execute(statement)
 
 
+#: Version 2: small instances kept in the index itself (their bytes committed with their items
+#: in one transaction, one fsync) instead of a spool file. Their `instances.rel_path` is
+#: `inline/<hex>`, never a file.
+_V2 = """
+CREATE TABLE blobs (instance_id INTEGER PRIMARY KEY, data BLOB NOT NULL)
+"""
+
+
+def _to_v2(conn: sqlite3.Connection) -> None:
+    conn.execute(_V2)
+
+
 #: MIGRATIONS[n] takes the index from version n to n + 1.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _to_v1}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _to_v1, 1: _to_v2}
+
+#: `instances.rel_path` prefix of an instance kept in the index (table `blobs`), not in a file
+INLINE_PREFIX = "inline/"
 
 
 def current_version(conn: sqlite3.Connection) -> int:

@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+import attrs
 import trio
 
 from ..domain.instance import Destination, InstanceHeader
@@ -21,7 +22,7 @@ from .errors import ItemCheckedOut, ItemNotFound, StoreFull, TransitionError
 from .fsops import FileOps
 from .model import QUEUED_STATES, STATES, Counts, Item, ItemFilter, RecoveryReport
 from .recovery import recover, spool_buckets
-from .schema import migrate
+from .schema import INLINE_PREFIX, migrate
 from .writer import Writer, unlinking, write_reserve
 
 log = logging.getLogger("capacitor_trio.store")
@@ -31,6 +32,11 @@ T = TypeVar("T")
 #: Files per spool bucket directory before the next one is started. Concurrent commits go to the
 #: same bucket, so a group commit usually needs a single directory fsync.
 BUCKET_SIZE = 4096
+#: Instances up to this size are kept in the index itself: their bytes are committed with their
+#: items in one transaction, so one WAL fsync makes both durable (no file fsync, rename or
+#: directory fsync). Larger ones get a spool file. Bounds the memory of a checked-out batch too
+#: (at most SERIES_BATCH_CAP x this for a node).
+INLINE_MAX_BYTES = 32 * 1024
 
 _ITEM_COLUMNS = (
     "i.id, i.state, i.checked_out, i.source_ae, i.destination_ae, i.destination_role, "
@@ -127,8 +133,10 @@ class Store:
         file_ops: FileOps | None,
         read_connections: int,
         reserve_bytes: int = 0,
+        inline_max_bytes: int = INLINE_MAX_BYTES,
     ) -> None:
         self.reserve_bytes = max(0, reserve_bytes)
+        self.inline_max_bytes = inline_max_bytes
         self._reserve_ok = True
         self.root = Path(cache_path).absolute()
         self.durable = durable
@@ -330,9 +338,14 @@ class Store:
         try:
             self.check_admission()
             now = self._clock()
-            bucket = await self._bucket_dir()
-            final = bucket / f"{uuid.uuid4().hex}.dcm"
-            rel = final.relative_to(self.root).as_posix()
+            # a stat of the file just written (page cache): decides where the instance lives
+            inline = os.stat(temp_path).st_size <= self.inline_max_bytes
+            if inline:
+                rel = f"{INLINE_PREFIX}{uuid.uuid4().hex}"
+            else:
+                bucket = await self._bucket_dir()
+                final = bucket / f"{uuid.uuid4().hex}.dcm"
+                rel = final.relative_to(self.root).as_posix()
             rows = [
                 (
                     state,
@@ -375,11 +388,28 @@ class Store:
                 return ids
 
             assert self._writer is not None, "store is not open"
-            # the writer fsyncs and renames the file in the group (fewer thread hops per commit),
-            # then fsyncs the bucket once for the group, inserts, and commits
-            ids: list[int] = await self._writer.run(
-                insert, (bucket,), admission=True, place=(temp_path, final)
-            )
+            ids: list[int]
+            if inline:
+                # the bytes go into the group's transaction: its one WAL fsync covers them and
+                # the items; the temporary file is removed after the COMMIT
+                def insert_inline(conn: sqlite3.Connection) -> list[int]:
+                    data = temp_path.read_bytes()
+                    ids = insert(conn, len(data))
+                    conn.execute(
+                        "INSERT INTO blobs(instance_id, data) "
+                        "SELECT instance_id, ? FROM items WHERE id = ?",
+                        (data, ids[0]),
+                    )
+                    return ids
+
+                ids = await self._writer.run(insert_inline, admission=True, discard=temp_path)
+            else:
+                # the pool fsyncs and renames the file (in parallel with the other commits), then
+                # the group fsyncs the bucket once, inserts, and commits
+                assert final is not None
+                ids = await self._writer.run(
+                    insert, (bucket,), admission=True, place=(temp_path, final)
+                )
             committed = True
             return ids
         finally:
@@ -536,7 +566,23 @@ class Store:
                 f"UPDATE items SET checked_out = 1, updated_at = ? WHERE id IN ({','.join('?' * len(chunk))})",
                 (now, *chunk),
             )
-        return [self._item(r, checked_out=True, updated_at=now) for r in rows]
+        items = [self._item(r, checked_out=True, updated_at=now) for r in rows]
+        inline_ids = [it.instance_id for it in items if it.inline]
+        if not inline_ids:
+            return items
+        data: dict[int, bytes] = {}
+        for chunk in _chunks(inline_ids):
+            data.update(
+                conn.execute(
+                    f"SELECT instance_id, data FROM blobs WHERE instance_id IN "
+                    f"({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+            )
+        return [
+            attrs.evolve(it, data=data.get(it.instance_id, b"")) if it.inline else it
+            for it in items
+        ]
 
     def _item(self, r: Sequence[Any], **override: Any) -> Item:
         fields = dict(
@@ -563,6 +609,7 @@ class Store:
             updated_at=r[20],
             path=self.root / r[21],
             instance_id=r[22],
+            inline=r[21].startswith(INLINE_PREFIX),
         )
         fields.update(override)
         return Item(**fields)
@@ -585,6 +632,9 @@ class Store:
             if row is None:  # pragma: no cover - index corrupted by hand
                 continue
             conn.execute("DELETE FROM instances WHERE id = ?", (iid,))
+            if row[0].startswith(INLINE_PREFIX):
+                conn.execute("DELETE FROM blobs WHERE instance_id = ?", (iid,))
+                continue
             conn.execute("INSERT OR IGNORE INTO trash(rel_path) VALUES (?)", (row[0],))
             paths.append(self.root / row[0])
         return paths
@@ -877,6 +927,19 @@ class Store:
 
         return await self._read(q)
 
+    async def read_inline(self, instance_id: int) -> bytes:
+        """The Part 10 bytes of an instance kept in the index (`Item.inline`)."""
+
+        def q(conn: sqlite3.Connection) -> bytes:
+            row = conn.execute(
+                "SELECT data FROM blobs WHERE instance_id = ?", (instance_id,)
+            ).fetchone()
+            if row is None:
+                raise ItemNotFound(f"no stored bytes for instance {instance_id}")
+            return bytes(row[0])
+
+        return await self._read(q)
+
     async def counts(self, destination: Destination | None = None) -> Counts:
         """Items per state and checked out, for one destination or for all. Index-only: the
         state index for the states, the partial index of checked-out items for the rest."""
@@ -980,6 +1043,7 @@ async def open_store(
     file_ops: FileOps | None = None,
     read_connections: int = 2,
     reserve_bytes: int = 8 * 1024 * 1024,
+    inline_max_bytes: int = INLINE_MAX_BYTES,
 ) -> AsyncIterator[Store]:
     """Open (creating if needed) the store under `cache_path`, run recovery, and yield it.
 
@@ -996,6 +1060,7 @@ async def open_store(
         file_ops=file_ops,
         read_connections=read_connections,
         reserve_bytes=reserve_bytes,
+        inline_max_bytes=inline_max_bytes,
     )
     await store._open()
     try:

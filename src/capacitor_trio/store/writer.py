@@ -48,6 +48,8 @@ class Job:
     error: BaseException | None = None
     #: files to unlink once the group has committed (last item of an instance went away)
     unlink_after: list[Path] = attrs.field(factory=list)
+    #: a temporary file to unlink once the group has committed (its bytes are in the index now)
+    discard: Path | None = None
     #: (temporary file, spool path): fsync'd and renamed by the group before its directory
     #: fsyncs; `fn` runs only if that worked, with the file's size in `placed_size`
     place: tuple[Path, Path] | None = None
@@ -111,6 +113,7 @@ class Writer:
         admission: bool = False,
         place: tuple[Path, Path] | None = None,
         durable: bool = True,
+        discard: Path | None = None,
     ) -> Any:
         """Run `fn` in the next group transaction and return its result once committed.
 
@@ -123,7 +126,9 @@ class Writer:
         """
         if self._closed:
             raise RuntimeError("store is closed")
-        job = Job(fn, frozenset(dirs), admission=admission, place=place, durable=durable)
+        job = Job(
+            fn, frozenset(dirs), admission=admission, place=place, durable=durable, discard=discard
+        )
         if place is not None and self._pool is not None:
             # fsync and rename the file now, so that it overlaps the group being committed
             job.placed = self._pool.submit(_place_file, self._ops, *place)
@@ -318,6 +323,9 @@ class Writer:
         """Files whose last item went away: unlink now (before the callers are woken), forget
         their trash rows in the next group."""
         for job in ok:
+            if job.discard is not None:
+                with contextlib.suppress(OSError):  # recovery removes what is left in incoming/
+                    self._ops.unlink(job.discard)
             for path in job.unlink_after:
                 try:
                     self._ops.unlink(path)
