@@ -111,7 +111,7 @@ class Router:
                 "record",
                 *os.environ.get("E2E_PYSPY", "").split(),
                 "-r",
-                "200",
+                os.environ.get("E2E_PYSPY_RATE", "200"),
                 "-f",
                 "raw",
                 "-o",
