@@ -32,7 +32,7 @@ from capacitor_trio.store import ItemFilter, Store, open_store
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 DESTS = [Destination("PACS"), Destination("ARCHIVE"), Destination("AI")]
-SMALL = os.urandom(2048)  # a small instance: header plus a tiny image
+SMALL = os.urandom(2048)  # a small instance: header plus a tiny image (kept in the index)
 
 
 def header(n: int, rng: random.Random) -> InstanceHeader:
@@ -56,7 +56,13 @@ def write(path: Path, data: bytes) -> None:
 
 
 async def run_committers(
-    store: Store, total: int, concurrency: int, start: int, dests_per: int, rng: random.Random
+    store: Store,
+    total: int,
+    concurrency: int,
+    start: int,
+    dests_per: int,
+    rng: random.Random,
+    payload: bytes = SMALL,
 ) -> float:
     counter = iter(range(start, start + total))
 
@@ -65,7 +71,7 @@ async def run_committers(
             temp = store.new_incoming_path()
             # as the DICOM acceptor does with a small data set: written on the loop (a page-cache
             # write of a few KB), no thread hop; the fsync is the store's job
-            write(temp, SMALL)
+            write(temp, payload)
             await store.commit_instance(temp, header(n, rng), "MODALITY", DESTS[:dests_per])
 
     t0 = time.perf_counter()
@@ -90,15 +96,16 @@ async def main(args: argparse.Namespace) -> None:
     rng = random.Random(1)
     try:
         print(f"# store bench in {base} (sqlite WAL, synchronous=FULL, fsync on)")
-        print("## commit throughput (2 KB instances, 1 destination each)")
+        payload = SMALL if args.instance_bytes == len(SMALL) else os.urandom(args.instance_bytes)
+        print(f"## commit throughput ({len(payload)}-byte instances, 1 destination each)")
         rates: dict[int, list[float]] = {1: [], 4: [], 16: []}
         for rnd in range(1, args.rounds + 1):
             for conc in rates:
                 root = base / f"commits-{conc}"
                 async with open_store(root, durable=True) as store:
-                    await run_committers(store, 100, conc, 0, 1, rng)  # warm up
+                    await run_committers(store, 100, conc, 0, 1, rng, payload)  # warm up
                     g0 = store.writer_stats.groups
-                    secs = await run_committers(store, args.commits, conc, 100, 1, rng)
+                    secs = await run_committers(store, args.commits, conc, 100, 1, rng, payload)
                     groups = store.writer_stats.groups - g0
                 rates[conc].append(args.commits / secs)
                 print(
@@ -112,6 +119,8 @@ async def main(args: argparse.Namespace) -> None:
                 f"(rounds: {', '.join(f'{x:.0f}' for x in r)})"
             )
 
+        if args.commits_only:
+            return
         print(f"## with {args.items} items in the index")
         gc.collect()
         proc = psutil.Process()
@@ -178,4 +187,11 @@ if __name__ == "__main__":
     ap.add_argument("--commits", type=int, default=3000)
     ap.add_argument("--samples", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the commit runs")
+    ap.add_argument(
+        "--instance-bytes",
+        type=int,
+        default=len(SMALL),
+        help="size of the committed instances (above 32768 they get spool files)",
+    )
+    ap.add_argument("--commits-only", action="store_true", help="skip the 100,000-item part")
     trio.run(main, ap.parse_args())
