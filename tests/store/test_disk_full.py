@@ -53,8 +53,10 @@ class FaultyOps(FileOps):
         if "index" in self.fail:
             raise sqlite3.OperationalError("database or disk is full")
 
-    def free_space_percent(self, path: Path) -> float:
-        return super().free_space_percent(path) if self.free_percent is None else self.free_percent
+    def free_space_percent(self, path: Path, extra_bytes: int = 0) -> float:
+        if self.free_percent is None:
+            return super().free_space_percent(path, extra_bytes)
+        return self.free_percent
 
 
 def assert_consistent(store: Store, items: list) -> None:  # type: ignore[type-arg]

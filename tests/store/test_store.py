@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -440,7 +441,9 @@ async def test_size_limit_decides_index_or_file(inline_store: Store, clock: Fake
     store = inline_store
     limit = store.inline_max_bytes
     [small] = await store.commit_instance(write_temp(store, b"s" * limit), header(), "CT", [PACS])
-    [big] = await store.commit_instance(write_temp(store, b"b" * (limit + 1)), header(), "CT", [PACS])
+    [big] = await store.commit_instance(
+        write_temp(store, b"b" * (limit + 1)), header(), "CT", [PACS]
+    )
     s, b = await store.get_item(small), await store.get_item(big)
     assert s.inline and not b.inline
     assert spool_files(store.root) == {b.path} and b.path.read_bytes() == b"b" * (limit + 1)
@@ -475,3 +478,75 @@ async def test_index_of_version_1_is_migrated(tmp_path: Path) -> None:
         assert (await store.get_item(a)).path.exists()
         [b] = await commit(store)
         assert (await store.get_item(b)).inline
+
+
+async def test_checkout_bounds_the_bytes_it_hands_out(
+    inline_store: Store, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from capacitor_trio.store import store as store_module
+
+    monkeypatch.setattr(store_module, "CHECKOUT_INLINE_BYTES", 2500)
+    ids = [
+        (
+            await inline_store.commit_instance(
+                write_temp(inline_store, b"x" * 1000), header(), "CT", [PACS], state="prepared"
+            )
+        )[0]
+        for _ in range(5)
+    ]
+    first = await inline_store.checkout_batch(PACS, now=clock.now, limit=10)
+    assert [i.id for i in first] == ids[:2] and all(i.data == b"x" * 1000 for i in first)
+    rest = await inline_store.checkout_batch(PACS, now=clock.now, limit=10)
+    assert [i.id for i in rest] == ids[2:4]
+    # one instance larger than the bound still goes out, alone
+    monkeypatch.setattr(store_module, "CHECKOUT_INLINE_BYTES", 10)
+    assert [i.id for i in await inline_store.checkout_batch(PACS, now=clock.now, limit=10)] == ids[
+        4:
+    ]
+
+
+async def test_get_item_with_data_reads_one_snapshot(inline_store: Store) -> None:
+    [a] = await commit(inline_store, data=b"abc" * 10)
+    assert (await inline_store.get_item(a)).data is None
+    assert (await inline_store.get_item(a, with_data=True)).data == b"abc" * 10
+
+
+async def test_freed_index_pages_count_as_free_space(tmp_path: Path) -> None:
+    from capacitor_trio.store import FileOps
+
+    class Ops(FileOps):
+        extra: list[int] = []
+
+        def free_space_percent(self, path: Path, extra_bytes: int = 0) -> float:
+            self.extra.append(extra_bytes)
+            return super().free_space_percent(path, extra_bytes)
+
+    ops = Ops(durable=False)
+    async with open_store(
+        tmp_path, durable=False, file_ops=ops, min_free_space_percent=0.001
+    ) as store:
+        for _ in range(40):
+            await commit(store, data=bytes(30_000))
+        assert store.index_free_bytes == 0
+        await store.delete_where(ItemFilter())
+        assert store.index_free_bytes >= 40 * 30_000 * 0.9
+        await commit(store)  # admission counts the index's free pages as free space
+        assert ops.extra[-1] >= 40 * 30_000 * 0.9
+
+
+async def test_recovery_marks_an_inline_instance_without_bytes_failed(tmp_path: Path) -> None:
+    import sqlite3
+
+    async with open_store(tmp_path, durable=False) as store:
+        [a] = await commit(store)
+    conn = sqlite3.connect(tmp_path / "index.db")
+    with conn:  # a damaged index
+        conn.execute("DELETE FROM blobs")
+    conn.close()
+    async with open_store(tmp_path, durable=False) as store:
+        assert len(store.recovery_report.missing) == 1
+        item = await store.get_item(a)
+        assert item.state == "failed" and item.last_error.startswith("stored bytes missing")
+        await store.move(a, "prepared")
+        [out] = await store.checkout_batch(PACS, now=time.time(), limit=5)
+        assert out.data is None  # the requestor reports it missing (rejected)

@@ -392,6 +392,10 @@ class NodeActor:
         eff = effective(node, ctx.config)
         peer = Peer(node.ae_title, node.host_name, node.port)
         cap = eff.batch_size or SERIES_BATCH_CAP
+        # the bytes of small instances (kept in the index) go to the requestor only; what this
+        # send keeps for its outcomes does not hold them for the whole association
+        outgoing = {i.id: _outgoing(i) for i in items}
+        items = [_without_data(i) for i in items]
         groups: dict[str, list[Any]] = {}
         for item in items:
             groups.setdefault(self._calling_ae(item), []).append(item)
@@ -448,16 +452,16 @@ class NodeActor:
                         if trio.current_time() >= deadline or not self._may_continue():
                             return []
                     for item in extra:
-                        pending[item.id] = item
+                        pending[item.id] = _without_data(item)
                     fit = [i for i in extra if self._calling_ae(i) == calling_ae]
                     top_up = len(fit) == len(extra)  # the others need another association
-                    group.extend(fit)
+                    group.extend(_without_data(i) for i in fit)
                     return [_outgoing(i) for i in fit]
 
                 try:
                     with trio.CancelScope() as self._batch_scope:
                         await ctx.sender.send_batch(
-                            peer, [_outgoing(i) for i in group], options, outcomes.__setitem__,
+                            peer, [outgoing.pop(i.id) for i in group], options, outcomes.__setitem__,
                             more=more,
                         )
                 finally:
@@ -518,6 +522,10 @@ def _outgoing(item: Any) -> OutgoingInstance:
     return OutgoingInstance(
         item.path, item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax_uid, item.data
     )
+
+
+def _without_data(item: Any) -> Any:
+    return attrs.evolve(item, data=None) if getattr(item, "data", None) is not None else item
 
 
 def _is_new(state: object) -> bool:

@@ -433,14 +433,10 @@ class Api:
         return ok({"items": [item_json(i) for i in items], "total": total, "skip": skip, "limit": limit})
 
     async def get_item(self, item_id: str) -> Response:
-        item = await self.store.get_item(_item_id(item_id))
+        item = await self.store.get_item(_item_id(item_id), with_data=True)
         out = item_json(item)
         try:
-            source = (
-                io.BytesIO(await self.store.read_inline(item.instance_id))
-                if item.inline
-                else item.path
-            )
+            source = io.BytesIO(item.data) if item.data is not None else item.path
             out["tags"] = await trio.to_thread.run_sync(read_tags, source)
         except Exception:  # a missing or unreadable file: the item is still shown
             out["tags"] = None

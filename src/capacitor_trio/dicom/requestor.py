@@ -322,6 +322,8 @@ class _Session:
                     topping_up = False
                 self.instances.extend(extra)
             inst = self.instances[index]
+            if inst.data is not None:  # held for this send only: let the bytes go afterwards
+                self.instances[index] = attrs.evolve(inst, data=None)
             index += 1
             pair = (inst.sop_class_uid, inst.transfer_syntax_uid)
             if pair not in by_pair and pair not in refused and pair not in overflow:

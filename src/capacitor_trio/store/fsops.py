@@ -47,8 +47,10 @@ class FileOps:
     def before_index_commit(self) -> None:
         """Called in the writer thread just before COMMIT (a fault-injection point)."""
 
-    def free_space_percent(self, path: Path) -> float:
+    def free_space_percent(self, path: Path, extra_bytes: int = 0) -> float:
+        """Free space of the file system holding `path`, plus `extra_bytes` known to be reusable
+        (free pages inside the index), in percent of its size."""
         st = os.statvfs(path)
         if st.f_blocks == 0:
             return 100.0
-        return 100.0 * st.f_bavail / st.f_blocks
+        return 100.0 * (st.f_bavail + extra_bytes / st.f_frsize) / st.f_blocks

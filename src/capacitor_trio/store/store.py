@@ -18,7 +18,7 @@ import attrs
 import trio
 
 from ..domain.instance import Destination, InstanceHeader
-from .errors import ItemCheckedOut, ItemNotFound, StoreFull, TransitionError
+from .errors import ItemCheckedOut, ItemNotFound, StoreError, StoreFull, TransitionError
 from .fsops import FileOps
 from .model import QUEUED_STATES, STATES, Counts, Item, ItemFilter, RecoveryReport
 from .recovery import recover, spool_buckets
@@ -37,6 +37,8 @@ BUCKET_SIZE = 4096
 #: directory fsync). Larger ones get a spool file. Bounds the memory of a checked-out batch too
 #: (at most SERIES_BATCH_CAP x this for a node).
 INLINE_MAX_BYTES = 32 * 1024
+#: At most this many bytes of small instances are handed out by one checkout.
+CHECKOUT_INLINE_BYTES = 16 * 1024 * 1024
 
 _ITEM_COLUMNS = (
     "i.id, i.state, i.checked_out, i.source_ae, i.destination_ae, i.destination_role, "
@@ -273,8 +275,14 @@ class Store:
         """Remove a temporary file the acceptor will not commit (association aborted, etc.)."""
         await trio.to_thread.run_sync(self._ops.unlink, Path(temp_path))
 
+    @property
+    def index_free_bytes(self) -> int:
+        """Free pages inside the index file (left by deleted small instances): SQLite reuses them
+        for new ones, so they count as free space for admission."""
+        return self._writer.index_free_bytes if self._writer is not None else 0
+
     def free_space_percent(self) -> float:
-        return self._ops.free_space_percent(self.root)
+        return self._ops.free_space_percent(self.root, extra_bytes=self.index_free_bytes)
 
     @property
     def accepting(self) -> bool:
@@ -287,7 +295,7 @@ class Store:
         take it back)."""
         if not self.accepting:
             st = os.statvfs(self.root)
-            if st.f_bavail * st.f_frsize < 2 * self.reserve_bytes:
+            if st.f_bavail * st.f_frsize + self.index_free_bytes < 2 * self.reserve_bytes:
                 raise StoreFull("disk full: the remaining space is kept for deliveries")
         if self.min_free_space_percent <= 0:
             return
@@ -339,7 +347,10 @@ class Store:
             self.check_admission()
             now = self._clock()
             # a stat of the file just written (page cache): decides where the instance lives
-            inline = os.stat(temp_path).st_size <= self.inline_max_bytes
+            try:
+                inline = os.stat(temp_path).st_size <= self.inline_max_bytes
+            except OSError as exc:
+                raise StoreError(f"received file vanished: {exc}") from exc
             if inline:
                 rel = f"{INLINE_PREFIX}{uuid.uuid4().hex}"
             else:
@@ -560,6 +571,16 @@ class Store:
             rows = collect("i.series_uid = ?", [rows[0][7]])
         if not rows:
             return []
+        # the bytes of small instances come with the batch: bound them (the rest waits for
+        # the next checkout or top-up)
+        budget, kept = CHECKOUT_INLINE_BYTES, list[tuple[Any, ...]]()
+        for r in rows:
+            if r[21].startswith(INLINE_PREFIX):
+                if kept and r[15] > budget:
+                    break
+                budget -= r[15]
+            kept.append(r)
+        rows = kept
         ids = [r[0] for r in rows]
         for chunk in _chunks(ids):
             conn.execute(
@@ -579,9 +600,12 @@ class Store:
                     chunk,
                 ).fetchall()
             )
+        for it in items:
+            if it.inline and it.instance_id not in data:
+                # the requestor then reports the instance as missing (rejected), with its name
+                log.error("store: the stored bytes of %s are missing", it.path.name)
         return [
-            attrs.evolve(it, data=data.get(it.instance_id, b"")) if it.inline else it
-            for it in items
+            attrs.evolve(it, data=data.get(it.instance_id)) if it.inline else it for it in items
         ]
 
     def _item(self, r: Sequence[Any], **override: Any) -> Item:
@@ -918,12 +942,21 @@ class Store:
 
         return await self._read(q)
 
-    async def get_item(self, item_id: int) -> Item:
+    async def get_item(self, item_id: int, *, with_data: bool = False) -> Item:
+        """One item; `with_data` also reads the bytes of a small instance kept in the index
+        (`Item.data`), in the same snapshot."""
+
         def q(conn: sqlite3.Connection) -> Item:
             row = conn.execute(f"{_SELECT_ITEMS} WHERE i.id = ?", (item_id,)).fetchone()
             if row is None:
                 raise ItemNotFound(f"no item {item_id}")
-            return self._item(row)
+            item = self._item(row)
+            if with_data and item.inline:
+                blob = conn.execute(
+                    "SELECT data FROM blobs WHERE instance_id = ?", (item.instance_id,)
+                ).fetchone()
+                item = attrs.evolve(item, data=bytes(blob[0]) if blob else None)
+            return item
 
         return await self._read(q)
 

@@ -99,6 +99,10 @@ class Writer:
                 PLACE_THREADS, thread_name_prefix="capacitor-store-fsync"
             )
         self.stats = Stats()
+        #: free pages inside the index file (deleted small instances), reused by SQLite before
+        #: the file grows: refreshed after every group
+        self.index_free_bytes = 0
+        self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
         self._closed = False
         self._sync_mode = "FULL" if ops.durable else "OFF"  # what the store's connection set
 
@@ -168,6 +172,9 @@ class Writer:
                 self._unlink_after(self._run_group(group))
             except BaseException as exc:  # never leave a caller waiting forever
                 log.exception("store writer: unexpected failure of a group")
+                if self._conn.in_transaction:  # or every later BEGIN would fail
+                    with contextlib.suppress(sqlite3.Error):
+                        self._conn.execute("ROLLBACK")
                 for job in group:
                     if job.placed is not None:  # let its rename finish before the caller cleans up
                         concurrent.futures.wait([job.placed])
@@ -231,10 +238,21 @@ class Writer:
             try:
                 job.result = job.fn(conn) if job.place is None else job.fn(conn, job.placed_size)
             except Exception as exc:
-                conn.execute("ROLLBACK TO job")
-                conn.execute("RELEASE job")
                 job.error = translate(exc)
                 job.unlink_after.clear()
+                try:
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                except sqlite3.Error:
+                    pass
+                if not conn.in_transaction:
+                    # SQLite rolled the whole transaction back itself (SQLITE_FULL inside a
+                    # statement, an I/O error): the group fails as one, like a failed COMMIT
+                    for other in live:
+                        if other.error is None:
+                            other.error = job.error
+                        other.unlink_after.clear()
+                    return None if isinstance(job.error, StoreFull) else []
                 continue
             conn.execute("RELEASE job")
             ok.append(job)
@@ -296,8 +314,9 @@ class Writer:
         if self.reserve_released and any(j.admission for j in live):
             if self._restore_reserve():
                 log.warning("store: free space is back; reserve restored, accepting instances")
-            else:
+            elif self.index_free_bytes < 2 * self._reserve_bytes:
                 live = self._refuse_admission(live)
+            # else: the index has room of its own (pages of deleted small instances)
         ok = self._attempt(live)
         if ok is None and self._reserve_path is not None and not self.reserve_released:
             # SQLITE_FULL: give the index the reserve so deliveries and deletes can free space
@@ -314,6 +333,9 @@ class Writer:
             ok = self._attempt(live)
         if ok is None:
             return []
+        self.index_free_bytes = (
+            int(self._conn.execute("PRAGMA freelist_count").fetchone()[0]) * self._page_size
+        )
         self._trash_done = []
         self.stats.groups += 1
         self.stats.jobs += len(live)
