@@ -122,6 +122,8 @@ class FakeStore:
     async def record_outcomes(
         self, delivered: Sequence[int] = (), failed: Sequence[tuple[int, str, float | None]] = (),
         rejected: Sequence[tuple[int, str]] = (),
+        *,
+        durable: bool = True,
     ) -> None:
         await trio.lowlevel.checkpoint()
         for i in delivered:

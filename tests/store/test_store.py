@@ -550,3 +550,14 @@ async def test_recovery_marks_an_inline_instance_without_bytes_failed(tmp_path: 
         await store.move(a, "prepared")
         [out] = await store.checkout_batch(PACS, now=time.time(), limit=5)
         assert out.data is None  # the requestor reports it missing (rejected)
+
+
+async def test_non_durable_outcome_records_never_unlink_files(store: Store, clock: FakeClock) -> None:
+    """A record a power cut may undo must not take a spool file with it (the item would come
+    back without its file): such files are left in the trash for recovery."""
+    [a] = await commit(store, state="prepared")
+    path = (await store.get_item(a)).path
+    await store.checkout_batch(PACS, now=clock.now, limit=5)
+    await store.record_outcomes(delivered=[a], durable=False)
+    assert path.exists()
+    assert (await store.counts()).total == 0

@@ -495,7 +495,13 @@ class NodeActor:
                 )
                 failed.append((item.id, outcome.reason, at))
                 state.last_error = outcome.reason
-        await ctx.store.record_outcomes(delivered=[i.id for i in delivered], failed=failed, rejected=rejected)
+        # losing these records in a power cut only repeats deliveries (at least once), unless a
+        # spool file is removed with them: records of small instances kept in the index (no
+        # file) skip their own WAL fsync; the next durable commit covers them
+        durable = not all(getattr(i, "inline", False) for i, _ in batch)
+        await ctx.store.record_outcomes(
+            delivered=[i.id for i in delivered], failed=failed, rejected=rejected, durable=durable
+        )
         if delivered:
             ctx.delivered_count.value += len(delivered)
             state.last_delivered_at = now

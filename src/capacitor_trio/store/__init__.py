@@ -1,13 +1,15 @@
-"""The durable store: spool files under `cachePath` and the SQLite queue index.
+"""The durable store: the SQLite queue index under `cachePath`, with small instances inside it
+and larger ones in spool files.
 
 Theory of operation
 ===================
 
 Layout::
 
-    cache/index.db (+ -wal, -shm)   queue index, SQLite in WAL mode
+    cache/index.db (+ -wal, -shm)   queue index, SQLite in WAL mode; the bytes of instances of
+                                    at most INLINE_MAX_BYTES (32 KiB) in its `blobs` table
     cache/incoming/<uuid>.part      temporary files being received (owned by the acceptor)
-    cache/spool/<bucket>/<uuid>.dcm one file per received instance, shared by all its items
+    cache/spool/<bucket>/<uuid>.dcm one file per larger instance, shared by all its items
     cache/orphans/                  spool files recovery found without any item
 
 Who owns what
@@ -18,9 +20,10 @@ Who owns what
   new jobs queue up and the next COMMIT serves them all. A job that raises is rolled back alone.
 * **Readers** (listing, counts, search) use a small pool of read-only connections in Trio worker
   threads; WAL lets them read a consistent snapshot while the writer writes.
-* The **Trio loop** never does blocking I/O: a new file's fsync and rename run in the writer's
-  group (several files of one group are fsync'd in parallel by a small pool), other file work
-  in `trio.to_thread` workers, and callers wait for their job on a `trio.Event` set from the
+* The **Trio loop** never does blocking I/O beyond a stat of the file just received: a new
+  file's fsync and rename run on the writer's small pool (in parallel with the other commits),
+  a small instance's bytes are read by the writer thread, other file work runs in
+  `trio.to_thread` workers, and callers wait for their job on a `trio.Event` set from the
   writer thread.
 * The **acceptor** owns a temporary file from `new_incoming_path()` until it calls
   `commit_instance` (or `discard_incoming`); from then on the store owns it.
@@ -29,16 +32,27 @@ Who owns what
 
 Acknowledged means durable
 --------------------------
-`commit_instance` does, in order: admission check (statvfs) -> [writer, for every commit of the
-group, in parallel] fsync the temporary file and rename it into the current spool bucket ->
-[writer] fsync the bucket directory once for the whole group -> insert the instance and one item
-per destination -> COMMIT. It returns only after the COMMIT. (One thread hop per commit: the
-caller hands the job to the writer and waits for it.) Buckets hold up to 4096 files and are shared by concurrent commits, so a group
-usually costs one directory fsync and one WAL fsync however many instances it holds. With
-``durable=False`` the same steps run without fsyncs (``synchronous=OFF``): the data is in the OS
-page cache, which survives a killed process but not a power cut.
+A **small instance** (at most `INLINE_MAX_BYTES`, 32 KiB: most SR, KO, PR and small images)
+costs one flush: `commit_instance` checks admission (statvfs), then the writer reads the
+temporary file and inserts its bytes, the instance and one item per destination in the group
+transaction, and COMMITs (the WAL fsync covers the bytes and the items together); the temporary
+file is unlinked after the COMMIT (if the process dies first, recovery removes it: the bytes are
+in the index). A **larger instance**: admission check -> [pool, started at submission, in
+parallel with the other commits] fsync the temporary file, then rename it into the current
+spool bucket -> [writer] fsync the bucket directory once for the whole group -> insert the
+instance and its items -> COMMIT. Either way `commit_instance` returns only after the COMMIT.
+Buckets hold up to 4096 files and are shared by concurrent commits, so a group usually costs
+one directory fsync and one WAL fsync however many instances it holds. With ``durable=False``
+the same steps run without fsyncs (``synchronous=OFF``): the data is in the OS page cache,
+which survives a killed process but not a power cut.
 
-Removing a file: the transaction that deletes an instance's last item also records the file in
+A checkout hands the bytes of small instances to the node with the items (at most
+`CHECKOUT_INLINE_BYTES`, 16 MiB, per checkout; the rest waits for the next one); the node and
+the requestor let them go once sent. Deleting a small instance frees pages inside the index
+file, which SQLite reuses before the file grows; admission counts them as free space.
+
+Removing a file: the transaction that deletes an instance's last item also deletes a small
+instance's bytes, or records a larger one's file in
 the ``trash`` table; the file is unlinked after the COMMIT, and recovery unlinks whatever trash
 is left. So a crash never turns a delivered file into an "orphan".
 
@@ -48,7 +62,8 @@ Every step above is either atomic (rename, COMMIT) or repaired on the next open 
 checked-out items are released (delivery is at-least-once), temporary files in ``incoming`` are
 removed, trash is emptied, a spool file without an instance row (renamed, never committed: its
 sender got no success) moves to ``orphans/`` with a warning, and an instance whose file is missing
-marks its items failed with a clear ``last_error``. Recovery is idempotent.
+marks its items failed with a clear ``last_error`` (so does a small instance whose bytes are
+not in the index, which only a damaged index can show). Recovery is idempotent.
 
 Cancel
 ------

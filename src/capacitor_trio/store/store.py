@@ -679,11 +679,19 @@ class Store:
         delivered: Sequence[int] = (),
         failed: Sequence[tuple[int, str, float | None]] = (),
         rejected: Sequence[tuple[int, str]] = (),
+        *,
+        durable: bool = True,
     ) -> None:
         """A node's outcomes for part of a batch, in one store job: `delivered` ids are removed
         (as `delivered`), `failed` (id, error, next attempt) as `fail`, `rejected` (id, error)
         as `reject`. Ids no longer in the index are skipped, so one vanished item never undoes
-        the record of the others."""
+        the record of the others.
+
+        `durable=False` commits without a WAL fsync of its own (the next durable commit covers
+        it): for outcomes whose loss in a power cut costs only a repeated delivery. A caller
+        passes it only when no spool file goes away with the record (small instances kept in
+        the index): a file unlinked after a record that a power cut then undoes would leave an
+        item without its file."""
         delivered, failed, rejected = list(delivered), list(failed), list(rejected)
         if not (delivered or failed or rejected):
             return
@@ -702,9 +710,15 @@ class Store:
                 "updated_at = ? WHERE id = ?",
                 [(error, now, item_id) for item_id, error in rejected],
             )
-            return unlinking(None, self._remove_items(conn, delivered) if delivered else [])
+            paths = self._remove_items(conn, delivered) if delivered else []
+            if paths and not durable:
+                # never unlink after a commit a power cut may undo: the files stay in the trash
+                # table, and recovery removes them at the next start
+                log.warning("store: %d delivered file(s) left for recovery to remove", len(paths))
+                paths = []
+            return unlinking(None, paths)
 
-        await self._write(job)
+        await self._write(job, durable=durable)
 
     def _update_one(
         self, conn: sqlite3.Connection, item_id: int, sql: str, params: Sequence[Any]
