@@ -69,8 +69,9 @@ async def test_router_end_to_end(tmp_path: Path, nursery: trio.Nursery) -> None:
         )
         await router.start(nursery)
 
-        # 1. DCMTK storescu under two called AEs: an alias and the DCP_ prefix form
-        a = write_corpus(tmp_path / "a", 150)
+        # 1. DCMTK storescu under two called AEs: an alias and the DCP_ prefix form; 50 KB
+        #    images (spool files) to one, 8 KB images (kept in the index) to the other
+        a = write_corpus(tmp_path / "a", 150, rows=160)
         b = write_corpus(tmp_path / "b", 150)
         async with trio.open_nursery() as senders:
             senders.start_soon(storescu, scp_port, "ARCHIVE", a)
