@@ -59,11 +59,14 @@ class Gate:
             )
 
 
-def series_of(n: int, *, per_series: int = 20, rows: int = 16, sop_class: str = CTImageStorage,
-              patient: str = "SOAK") -> Iterator[Dataset]:
-    """`n` small instances, `per_series` to a series, a few series to a study."""
+def series_of(n: int, *, per_series: int = 20, rows: int | tuple[int, ...] = 16,
+              sop_class: str = CTImageStorage, patient: str = "SOAK") -> Iterator[Dataset]:
+    """`n` small instances, `per_series` to a series, a few series to a study. A tuple of
+    `rows` cycles through image sizes (e.g. some kept in the index, some in spool files)."""
+    sizes = rows if isinstance(rows, tuple) else (rows,)
     study = series = ""
     for i in range(n):
+        rows = sizes[i % len(sizes)]
         if i % (per_series * 5) == 0:
             study = generate_uid()
         if i % per_series == 0:

@@ -70,7 +70,11 @@ async def test_sigkill_cycles_lose_nothing(
     router_factory.append(router)
     await router.start(nursery, timeout=120)
     gate.open()
-    senders = [Sender(scp_port, ae, series_of(per_node, patient=ae), gate, acked) for ae in NODES]
+    # 16x16 images are kept in the index, 140x140 (39 KB) ones get spool files
+    senders = [
+        Sender(scp_port, ae, series_of(per_node, patient=ae, rows=(16, 16, 140)), gate, acked)
+        for ae in NODES
+    ]
     finished = trio.Event()
 
     async def run_senders() -> None:
