@@ -314,13 +314,17 @@ def serve_acceptor_main(port: int, out: Path, durable: bool) -> None:
     incoming.mkdir(parents=True, exist_ok=True)
     dir_fd = os.open(out, os.O_RDONLY)
 
-    def commit(src: Path, dst: Path) -> None:
-        fd = os.open(src, os.O_RDONLY)
+    def commit(rx: ReceivedInstance, dst: Path) -> None:
+        # fsync the data, then the name: a file received in memory is written to `dst` first
+        if rx.data is not None:
+            rx.save_as(dst)
+        fd = os.open(dst if rx.path is None else rx.path, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(src, dst)
+        if rx.path is not None:
+            os.rename(rx.path, dst)
         os.fsync(dir_fd)
 
     class Sink:
@@ -336,9 +340,9 @@ def serve_acceptor_main(port: int, out: Path, durable: bool) -> None:
         async def instance_received(self, rx: ReceivedInstance) -> None:
             dst = out / f"{rx.header.sop_instance_uid}.dcm"
             if durable:
-                await trio.to_thread.run_sync(commit, rx.path, dst)
+                await trio.to_thread.run_sync(commit, rx, dst)
             else:
-                rx.path.rename(dst)
+                rx.save_as(dst)  # rename the temporary file, or write the bytes received in memory
 
     config = AcceptorConfig(host="127.0.0.1", port=port)
     trio.run(serve_acceptor, config, Sink())
@@ -367,7 +371,9 @@ def serve_store_acceptor_main(port: int, out: Path) -> None:
                     pass
 
                 async def instance_received(self, rx: ReceivedInstance) -> None:
-                    await store.commit_instance(rx.path, rx.header, rx.calling_ae, [Destination("BENCH")])
+                    await store.commit_instance(
+                        rx.path, rx.header, rx.calling_ae, [Destination("BENCH")], data=rx.data
+                    )
 
             await serve_acceptor(AcceptorConfig(host="127.0.0.1", port=port), Sink())
 

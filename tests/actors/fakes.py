@@ -310,7 +310,8 @@ class IntakeStore(FakeStore):
             raise StoreFull("free space 1.0% below minimum 10%")
 
     async def commit_instance(
-        self, temp_path: Path, header: Any, source_ae: str, destinations: Sequence[Destination], *, state: str = "new"
+        self, temp_path: Path | None, header: Any, source_ae: str, destinations: Sequence[Destination], *,
+        state: str = "new", data: bytes | None = None,
     ) -> list[int]:
         self.check_admission()
         self.in_commit += 1

@@ -58,7 +58,7 @@ class DirSink:
             await self.hold.wait()
         if self.receive_error is not None:
             raise self.receive_error
-        rx.path.rename(self.out / f"{rx.header.sop_instance_uid}.dcm")
+        rx.save_as(self.out / f"{rx.header.sop_instance_uid}.dcm")
         self.received.append(rx)
         if self.on_received is not None:
             self.on_received(rx)

@@ -6,6 +6,7 @@ import struct
 import tempfile
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -140,6 +141,32 @@ async def test_store_and_release(h: Harness, autojump_clock: trio.testing.MockCl
     assert (h.sink.out / f"{uid}.dcm").read_bytes().endswith(data)
 
 
+@pytest.mark.parametrize("memory_max", [0, 1500, 1 << 20])
+async def test_store_in_memory_in_a_file_or_spilled_midway(
+    tmp_path: Path, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, memory_max: int
+) -> None:
+    """Small instances are received in memory and handed over as bytes; one that outgrows the
+    limit midway continues in a temporary file; either way the same bytes arrive."""
+    h = Harness(tmp_path, attrs.evolve(CONFIG, memory_max_bytes=memory_max))
+    nursery.start_soon(h.serve)
+    uid, data = dataset_bytes()
+    await h.associate()
+    pdus = store_pdus(uid, data, fragment=700)
+    for pdu in pdus[:-1]:
+        await h.send(pdu)
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(h.sink.leftovers()) == (0 if memory_max > len(data) else 1)
+    await h.send(pdus[-1])
+    rsp = await h.read_command()
+    assert rsp.status == 0
+    [rx] = h.sink.received
+    assert (rx.data is not None) == (memory_max > len(data))
+    assert (rx.path is None) == (rx.data is not None)
+    assert rx.size_bytes == len((h.sink.out / f"{uid}.dcm").read_bytes())
+    assert (h.sink.out / f"{uid}.dcm").read_bytes().endswith(data)
+    assert h.sink.leftovers() == []
+
+
 async def test_artim_fires_without_associate_rq(
     h: Harness, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -169,16 +196,20 @@ async def test_idle_association_aborted_at_client_timeout(
     assert h.finished_at == pytest.approx(start + 600.0)
 
 
+@pytest.mark.parametrize("in_memory", [False, True])
 async def test_idle_mid_dataset_removes_partial_file(
-    h: Harness, autojump_clock: trio.testing.MockClock
+    tmp_path: Path, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, in_memory: bool
 ) -> None:
+    h = Harness(tmp_path, attrs.evolve(CONFIG, memory_max_bytes=1 << 20 if in_memory else 0))
+    nursery.start_soon(h.serve)
     uid, data = dataset_bytes()
     await h.associate()
     pdus = store_pdus(uid, data, fragment=1024)
     for pdu in pdus[:3]:
         await h.send(pdu)
     await trio.testing.wait_all_tasks_blocked()
-    assert len(h.sink.leftovers()) == 1  # the partial file exists while receiving
+    # the partial file exists while receiving (unless the instance is small enough for memory)
+    assert len(h.sink.leftovers()) == (0 if in_memory else 1)
     await h.expect_abort()
     assert h.sink.leftovers() == [] and h.sink.received == []
 
@@ -381,7 +412,7 @@ async def test_response_waits_for_durable_queue(
 async def test_cancellation_removes_partial_file(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    h = Harness(tmp_path)
+    h = Harness(tmp_path, attrs.evolve(CONFIG, memory_max_bytes=0))  # a temporary file
     uid, data = dataset_bytes()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(h.serve)

@@ -214,6 +214,7 @@ async def test_a_write_error_in_the_acceptor_answers_out_of_resources(
 ) -> None:
     from capacitor_trio.dicom import acceptor
 
+    fake_network.config = attrs.evolve(fake_network.config, memory_max_bytes=0)  # files
     files = write_corpus(tmp_path / "in", 3)
     calls = 0
     real = acceptor._write_fd

@@ -49,7 +49,8 @@ class CountingSink:
         pass
 
     async def instance_received(self, rx: ReceivedInstance) -> None:
-        rx.path.unlink()
+        if rx.path is not None:
+            rx.path.unlink()
         self.received[rx.header.sop_instance_uid] += 1
         self.count.add()
 
@@ -87,10 +88,8 @@ class _ScriptedSink(CountingSink):
         status = self.peer.script.status(self.peer.instances, rx.header.sop_class_uid)
         self.peer.statuses[status] += 1
         if status == 0xA700:
-            rx.path.unlink()
-            raise OutOfResources("scripted out of resources")
+            raise OutOfResources("scripted out of resources")  # the acceptor removes the file
         if status != 0x0000:
-            rx.path.unlink()
             raise CannotProcess(f"scripted failure 0x{status:04X}")
         sink = self.peer.sink
         await sink.instance_received(rx)

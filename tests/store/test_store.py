@@ -561,3 +561,20 @@ async def test_non_durable_outcome_records_never_unlink_files(store: Store, cloc
     await store.record_outcomes(delivered=[a], durable=False)
     assert path.exists()
     assert (await store.counts()).total == 0
+
+
+async def test_commit_of_bytes_received_in_memory(inline_store: Store, clock: FakeClock) -> None:
+    store = inline_store
+    [a] = await store.commit_instance(None, header(), "CT", [PACS], data=b"m" * 100)
+    item = await store.get_item(a, with_data=True)
+    assert item.inline and item.data == b"m" * 100 and item.size_bytes == 100
+    # bytes too large for the index get a spool file
+    big = b"B" * (store.inline_max_bytes + 1)
+    [b] = await store.commit_instance(None, header(), "CT", [PACS], data=big)
+    item = await store.get_item(b)
+    assert not item.inline and item.path.read_bytes() == big
+    assert list((store.root / "incoming").iterdir()) == []
+    with pytest.raises(ValueError):
+        await store.commit_instance(None, header(), "CT", [PACS])
+    with pytest.raises(ValueError):
+        await store.commit_instance(write_temp(store), header(), "CT", [PACS], data=b"x")

@@ -104,7 +104,7 @@ class Receiver:
         async with self._limiter:
             try:
                 await self.store.commit_instance(
-                    rx.path, rx.header, rx.calling_ae.strip(), destinations,
+                    rx.path, rx.header, rx.calling_ae.strip(), destinations, data=rx.data,
                     state="prepared" if ripe else "new",
                 )
             except StoreFull as exc:

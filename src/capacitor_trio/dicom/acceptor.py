@@ -61,15 +61,31 @@ class AcceptorConfig:
     client_timeout: float = 600.0  # idle association
     artim_timeout: float = 30.0
     reject_abstract_syntaxes: frozenset[str] = frozenset()
+    #: an instance up to this size (Part 10 bytes) is received in memory and handed over as
+    #: bytes (no temporary file: the store keeps such instances in its index); a larger one is
+    #: streamed to a temporary file from the sink's `new_temp_path()` once it outgrows this
+    memory_max_bytes: int = 32 * 1024
 
 
 @attrs.frozen
 class ReceivedInstance:
     calling_ae: str
     called_ae: str
-    path: Path  # complete Part 10 file, temporary: the sink moves it
+    #: the complete Part 10 file, temporary (the sink moves it); None when `data` holds it
+    path: Path | None
     header: InstanceHeader
     size_bytes: int
+    #: the complete Part 10 bytes of an instance received in memory
+    data: bytes | None = attrs.field(default=None, repr=False)
+
+    def save_as(self, dest: Path) -> None:
+        """Put the instance at `dest` (rename the temporary file, or write the bytes). Blocking."""
+        if self.data is not None:
+            with open(dest, "wb") as f:
+                f.write(self.data)
+        else:
+            assert self.path is not None
+            os.rename(self.path, dest)
 
 
 class OutOfResources(Exception):
@@ -160,6 +176,8 @@ class _Incoming:
         self.transfer_syntax = transfer_syntax
         self.fd: int | None = None
         self.path: Path | None = None
+        #: the Part 10 bytes so far, while the instance is small enough to stay in memory
+        self.mem: bytearray | None = None
         self.refusal: tuple[int, str] | None = None
         self.head = bytearray()
         self.size = 0
@@ -386,22 +404,30 @@ class _Association:
             inc.refusal = (S.OUT_OF_RESOURCES, str(exc) or "out of resources")
             log.warning("C-STORE from %s refused: out of resources: %s", self.calling_ae, exc)
             return
-        inc.path = self.sink.new_temp_path()
         meta = file_meta_bytes(
             cmd.affected_sop_class_uid or "",
             cmd.affected_sop_instance_uid or "",
             inc.transfer_syntax,
             self.calling_ae,
         )
+        inc.size = inc.meta_len = len(meta)
+        if len(meta) <= self.config.memory_max_bytes:
+            inc.mem = bytearray(meta)
+        else:
+            self._spill(inc, meta)
+
+    def _spill(self, inc: _Incoming, data: bytes | bytearray | memoryview) -> None:
+        """Continue the instance in a temporary file, starting with `data` (what was received so
+        far); on a write error the instance is refused at its end."""
+        inc.mem = None
+        inc.path = self.sink.new_temp_path()
         try:
             inc.fd = os.open(
                 inc.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644
             )
-            _write_fd(inc.fd, meta)
+            _write_fd(inc.fd, data)
         except OSError as exc:
             self._write_failed(inc, exc)
-            return
-        inc.size = inc.meta_len = len(meta)
 
     def _write_failed(self, inc: _Incoming, exc: OSError) -> None:
         """The temporary file cannot be written (ENOSPC, EIO…): drop it, keep reading the data
@@ -425,6 +451,12 @@ class _Association:
             )
         if len(inc.head) < HEAD_BYTES:
             inc.head += data[: HEAD_BYTES - len(inc.head)]
+        if inc.mem is not None:
+            if len(inc.mem) + len(data) <= self.config.memory_max_bytes:
+                inc.mem += data
+                inc.size += len(data)
+            else:  # outgrew memory: what it holds (a small write) to a temporary file
+                self._spill(inc, inc.mem)
         if inc.fd is not None:
             try:
                 if len(data) >= THREAD_WRITE_THRESHOLD:
@@ -447,13 +479,14 @@ class _Association:
             status, comment = inc.refusal
             self._discard_incoming()
         else:
-            assert inc.fd is not None and inc.path is not None
-            os.close(inc.fd)
-            inc.fd = None
+            if inc.fd is not None:
+                os.close(inc.fd)
+                inc.fd = None
             status, comment = await self._deliver(inc)
             if status != S.SUCCESS:
                 _unlink(inc.path)
             inc.path = None
+            inc.mem = None
             self.incoming = None
         rsp = dimse.encode_c_store_rsp(
             cmd.message_id or 0,
@@ -466,11 +499,13 @@ class _Association:
 
     async def _deliver(self, inc: _Incoming) -> tuple[int, str]:
         cmd = inc.command
-        assert inc.path is not None
+        assert inc.path is not None or inc.mem is not None
         complete = inc.size - inc.meta_len <= len(inc.head)
         try:
             header = parse_header(bytes(inc.head), inc.transfer_syntax, complete=complete)
             if header is None:
+                if inc.path is None:  # pragma: no cover - in memory means complete
+                    raise HeaderError("data set too short")
                 header = parse_header_file(inc.path, inc.transfer_syntax)
         except HeaderError as exc:
             log.warning("C-STORE from %s: unparseable data set: %s", self.calling_ae, exc)
@@ -494,6 +529,7 @@ class _Association:
             path=inc.path,
             header=header,
             size_bytes=inc.size,
+            data=bytes(inc.mem) if inc.mem is not None else None,
         )
         try:
             await self.sink.instance_received(rx)
@@ -521,6 +557,7 @@ class _Association:
             inc.fd = None
         _unlink(inc.path)
         inc.path = None
+        inc.mem = None
 
 
 _UID_CHARS = frozenset("0123456789.")
@@ -530,7 +567,7 @@ def _valid_uid(uid: str | None) -> bool:
     return bool(uid) and len(uid) <= 64 and set(uid) <= _UID_CHARS  # type: ignore[arg-type]
 
 
-def _write_fd(fd: int, data: bytes | memoryview) -> None:
+def _write_fd(fd: int, data: bytes | bytearray | memoryview) -> None:
     with memoryview(data) as mv:
         off = 0
         n = len(mv)

@@ -98,6 +98,11 @@ def _normalise_priorities(priorities: Sequence[str] | None) -> list[str] | None:
     return out
 
 
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def _state(value: str) -> str:
     """Accept plain strings and domain.states.ItemState members alike."""
     state = str(value).strip().lower()
@@ -322,21 +327,25 @@ class Store:
 
     async def commit_instance(
         self,
-        temp_path: Path,
+        temp_path: Path | None,
         header: InstanceHeader,
         source_ae: str,
         destinations: Sequence[Destination],
         *,
         state: str = "new",
+        data: bytes | None = None,
     ) -> list[int]:
-        """Move a received file into the spool and queue one item per destination, durably.
+        """Store a received instance and queue one item per destination, durably.
 
-        Returns the new item ids (one per distinct destination, in order) only once the file and
-        the items are durable. Raises StoreFull (and leaves nothing behind: the temporary file is
-        removed) when space is short or a write fails. Once started it completes even if the caller
-        is cancelled; the caller then sees Cancelled at its next checkpoint.
+        The instance is the temporary file `temp_path` (from `new_incoming_path`), or `data`
+        (its Part 10 bytes, received in memory) with `temp_path` None. Returns the new item ids
+        (one per distinct destination, in order) only once the instance and the items are
+        durable. Raises StoreFull (and leaves nothing behind: the temporary file is removed) when
+        space is short or a write fails. Once started it completes even if the caller is
+        cancelled; the caller then sees Cancelled at its next checkpoint.
         """
-        temp_path = Path(temp_path)
+        if (temp_path is None) == (data is None):
+            raise ValueError("commit_instance takes a temporary file or the bytes, not both")
         dests = list(dict.fromkeys(destinations))
         if not dests:
             raise ValueError("commit_instance needs at least one destination")
@@ -346,11 +355,21 @@ class Store:
         try:
             self.check_admission()
             now = self._clock()
-            # a stat of the file just written (page cache): decides where the instance lives
-            try:
-                inline = os.stat(temp_path).st_size <= self.inline_max_bytes
-            except OSError as exc:
-                raise StoreError(f"received file vanished: {exc}") from exc
+            if data is not None and len(data) > self.inline_max_bytes:
+                # bytes too large for the index: they get a spool file like any large instance
+                temp_path = self.new_incoming_path()
+                await trio.to_thread.run_sync(_write_file, temp_path, data)
+                data = None
+            if data is not None:
+                inline = True
+            else:
+                assert temp_path is not None
+                temp_path = Path(temp_path)
+                # a stat of the file just written (page cache): decides where it lives
+                try:
+                    inline = os.stat(temp_path).st_size <= self.inline_max_bytes
+                except OSError as exc:
+                    raise StoreError(f"received file vanished: {exc}") from exc
             if inline:
                 rel = f"{INLINE_PREFIX}{uuid.uuid4().hex}"
             else:
@@ -404,12 +423,12 @@ class Store:
                 # the bytes go into the group's transaction: its one WAL fsync covers them and
                 # the items; the temporary file is removed after the COMMIT
                 def insert_inline(conn: sqlite3.Connection) -> list[int]:
-                    data = temp_path.read_bytes()
-                    ids = insert(conn, len(data))
+                    payload = data if data is not None else temp_path.read_bytes()  # type: ignore[union-attr]
+                    ids = insert(conn, len(payload))
                     conn.execute(
                         "INSERT INTO blobs(instance_id, data) "
                         "SELECT instance_id, ? FROM items WHERE id = ?",
-                        (data, ids[0]),
+                        (payload, ids[0]),
                     )
                     return ids
 
@@ -417,7 +436,7 @@ class Store:
             else:
                 # the pool fsyncs and renames the file (in parallel with the other commits), then
                 # the group fsyncs the bucket once, inserts, and commits
-                assert final is not None
+                assert final is not None and temp_path is not None
                 ids = await self._writer.run(
                     insert, (bucket,), admission=True, place=(temp_path, final)
                 )
@@ -426,7 +445,8 @@ class Store:
         finally:
             if not committed:
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self._ops.unlink, temp_path)
+                    if temp_path is not None:
+                        await trio.to_thread.run_sync(self._ops.unlink, Path(temp_path))
                     if final is not None:
                         await trio.to_thread.run_sync(self._ops.unlink, final)
 
