@@ -12,8 +12,10 @@ in its own task. One association is a loop over PDUs read by `Transport` (1 MiB 
   syntax we know, compressed ones included — we store the bytes as received.
 - A C-STORE's command set is decoded by hand (dimse.py). The sink's admission check runs first
   (OutOfResources -> the dataset is drained and 0xA700 answered, nothing written). Otherwise the
-  Part 10 preamble and file meta are written to `sink.new_temp_path()` and every data PDV is
-  appended as it arrives (large writes in a worker thread, so other associations keep moving).
+  Part 10 preamble and file meta are built and every data PDV is appended as it arrives: in
+  memory while the instance is at most `memory_max_bytes` (32 KiB; handed over as
+  `ReceivedInstance.data`), else in a temporary file from `sink.new_temp_path()` (large writes
+  in a worker thread, so other associations keep moving).
   The header is read from the first 64 KiB; then `sink.instance_received` is awaited and only
   then the response is sent: 0x0000, 0xA700 (OutOfResources), 0xC0xx (CannotProcess, unparseable
   dataset, command/dataset UID mismatch).
