@@ -33,11 +33,11 @@ Who owns what
 Acknowledged means durable
 --------------------------
 A **small instance** (at most `INLINE_MAX_BYTES`, 32 KiB: most SR, KO, PR and small images)
-costs one flush: `commit_instance` checks admission (statvfs), then the writer reads the
-temporary file and inserts its bytes, the instance and one item per destination in the group
-transaction, and COMMITs (the WAL fsync covers the bytes and the items together); the temporary
-file is unlinked after the COMMIT (if the process dies first, recovery removes it: the bytes are
-in the index). A **larger instance**: admission check -> [pool, started at submission, in
+costs one flush: `commit_instance` checks admission (statvfs), then the writer inserts its
+bytes (received in memory by the acceptor, or read from a temporary file), the instance and one
+item per destination in the group transaction, and COMMITs (the WAL fsync covers the bytes and
+the items together); a temporary file is unlinked after the COMMIT (if the process dies first,
+recovery removes it: the bytes are in the index). A **larger instance**: admission check -> [pool, started at submission, in
 parallel with the other commits] fsync the temporary file, then rename it into the current
 spool bucket -> [writer] fsync the bucket directory once for the whole group -> insert the
 instance and its items -> COMMIT. Either way `commit_instance` returns only after the COMMIT.
