@@ -54,6 +54,17 @@ _SELECT_QUEUE = (
 
 _CHUNK = 500  # ids per IN (...) clause
 
+#: a delivery outcome (params: last_error, next_attempt_at, updated_at, id)
+_FAIL_SQL = (
+    "UPDATE items SET state = 'failed', checked_out = 0, attempt_count = attempt_count + 1, "
+    "last_error = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?"
+)
+#: a delivery outcome (params: last_error, updated_at, id)
+_REJECT_SQL = (
+    "UPDATE items SET state = 'rejected', checked_out = 0, attempt_count = attempt_count + 1, "
+    "last_error = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?"
+)
+
 
 def _chunks(seq: Sequence[T], n: int = _CHUNK) -> Iterable[Sequence[T]]:
     for k in range(0, len(seq), n):
@@ -718,18 +729,8 @@ class Store:
         now = self._clock()
 
         def job(conn: sqlite3.Connection) -> Any:
-            conn.executemany(
-                "UPDATE items SET state = 'failed', checked_out = 0, "
-                "attempt_count = attempt_count + 1, last_error = ?, next_attempt_at = ?, "
-                "updated_at = ? WHERE id = ?",
-                [(error, at, now, item_id) for item_id, error, at in failed],
-            )
-            conn.executemany(
-                "UPDATE items SET state = 'rejected', checked_out = 0, "
-                "attempt_count = attempt_count + 1, last_error = ?, next_attempt_at = NULL, "
-                "updated_at = ? WHERE id = ?",
-                [(error, now, item_id) for item_id, error in rejected],
-            )
+            conn.executemany(_FAIL_SQL, [(error, at, now, item_id) for item_id, error, at in failed])
+            conn.executemany(_REJECT_SQL, [(error, now, item_id) for item_id, error in rejected])
             paths = self._remove_items(conn, delivered) if delivered else []
             if paths and not durable:
                 # never unlink after a commit a power cut may undo: the files stay in the trash
@@ -753,8 +754,7 @@ class Store:
             lambda conn: self._update_one(
                 conn,
                 item_id,
-                "UPDATE items SET state = 'failed', checked_out = 0, attempt_count = attempt_count + 1, "
-                "last_error = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?",
+                _FAIL_SQL,
                 (error, next_attempt_at, now),
             )
         )
@@ -766,8 +766,7 @@ class Store:
             lambda conn: self._update_one(
                 conn,
                 item_id,
-                "UPDATE items SET state = 'rejected', checked_out = 0, attempt_count = attempt_count + 1, "
-                "last_error = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?",
+                _REJECT_SQL,
                 (error, now),
             )
         )
