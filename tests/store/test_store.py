@@ -15,6 +15,7 @@ from capacitor_trio.store import (
     ItemFilter,
     ItemNotFound,
     Store,
+    StoreFull,
     TransitionError,
     open_store,
 )
@@ -578,3 +579,19 @@ async def test_commit_of_bytes_received_in_memory(inline_store: Store, clock: Fa
         await store.commit_instance(None, header(), "CT", [PACS])
     with pytest.raises(ValueError):
         await store.commit_instance(write_temp(store), header(), "CT", [PACS], data=b"x")
+
+
+async def test_a_job_whose_statement_rolled_back_the_group_fails_it_cleanly(store: Store) -> None:
+    """SQLite may roll a whole transaction back on its own (SQLITE_FULL inside a statement): the
+    group then fails as one (StoreFull for a full disk) and the writer is not left inside a
+    transaction, so the next commit works."""
+    import sqlite3
+
+    def rolled_back(conn: sqlite3.Connection) -> None:
+        conn.execute("ROLLBACK")
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with pytest.raises(StoreFull):
+        await store._write(rolled_back)
+    [a] = await commit(store)
+    assert (await store.get_item(a)).state == "new"

@@ -409,12 +409,16 @@ class Store:
                 for d in dests
             ]
 
-            def insert(conn: sqlite3.Connection, size: int) -> list[int]:
+            def insert(conn: sqlite3.Connection, size: int, blob: bytes | None = None) -> list[int]:
                 cur = conn.execute(
                     "INSERT INTO instances(rel_path, size_bytes, created_at) VALUES (?, ?, ?)",
                     (rel, size, now),
                 )
                 instance_id = cur.lastrowid
+                if blob is not None:
+                    conn.execute(
+                        "INSERT INTO blobs(instance_id, data) VALUES (?, ?)", (instance_id, blob)
+                    )
                 ids = []
                 for row in rows:
                     cur = conn.execute(
@@ -435,13 +439,7 @@ class Store:
                 # the items; the temporary file is removed after the COMMIT
                 def insert_inline(conn: sqlite3.Connection) -> list[int]:
                     payload = data if data is not None else temp_path.read_bytes()  # type: ignore[union-attr]
-                    ids = insert(conn, len(payload))
-                    conn.execute(
-                        "INSERT INTO blobs(instance_id, data) "
-                        "SELECT instance_id, ? FROM items WHERE id = ?",
-                        (payload, ids[0]),
-                    )
-                    return ids
+                    return insert(conn, len(payload), payload)
 
                 ids = await self._writer.run(insert_inline, admission=True, discard=temp_path)
             else:
