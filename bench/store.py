@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/store.py [--dir DIR] [--items 100000] [--commits 3000] [--rounds 3]
 
-Prints commits per second for 1, 4 and 16 concurrent committers (fsync on, small files; each
-committer writes its file the way the acceptor writes a small data set, then commits it), for
+Prints commits per second for 1, 4 and 16 concurrent committers (fsync on, small instances;
+each committer hands its instance over the way the acceptor does: bytes for a small one, a
+temporary file for a larger one), for
 --rounds interleaved rounds and their median, then,
 with --items items in the index: process RSS growth, and median/p95 latency of listing by state
 (limit 100), a free-text search, and a per-node checkout of the next batch.
@@ -68,11 +69,16 @@ async def run_committers(
 
     async def committer() -> None:
         for n in counter:
-            temp = store.new_incoming_path()
-            # as the DICOM acceptor does with a small data set: written on the loop (a page-cache
-            # write of a few KB), no thread hop; the fsync is the store's job
-            write(temp, payload)
-            await store.commit_instance(temp, header(n, rng), "MODALITY", DESTS[:dests_per])
+            # as the DICOM acceptor does: a small instance is handed over as bytes; a larger one
+            # is in a temporary file it wrote (on the loop here, a page-cache write)
+            if len(payload) <= store.inline_max_bytes:
+                temp, data = None, payload
+            else:
+                temp, data = store.new_incoming_path(), None
+                write(temp, payload)
+            await store.commit_instance(
+                temp, header(n, rng), "MODALITY", DESTS[:dests_per], data=data
+            )
 
     t0 = time.perf_counter()
     async with trio.open_nursery() as nursery:
