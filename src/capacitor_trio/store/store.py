@@ -109,6 +109,11 @@ def _normalise_priorities(priorities: Sequence[str] | None) -> list[str] | None:
     return out
 
 
+def _blob(conn: sqlite3.Connection, instance_id: int) -> bytes | None:
+    row = conn.execute("SELECT data FROM blobs WHERE instance_id = ?", (instance_id,)).fetchone()
+    return None if row is None else bytes(row[0])
+
+
 def _write_file(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -983,10 +988,7 @@ class Store:
                 raise ItemNotFound(f"no item {item_id}")
             item = self._item(row)
             if with_data and item.inline:
-                blob = conn.execute(
-                    "SELECT data FROM blobs WHERE instance_id = ?", (item.instance_id,)
-                ).fetchone()
-                item = attrs.evolve(item, data=bytes(blob[0]) if blob else None)
+                item = attrs.evolve(item, data=_blob(conn, item.instance_id))
             return item
 
         return await self._read(q)
@@ -995,12 +997,10 @@ class Store:
         """The Part 10 bytes of an instance kept in the index (`Item.inline`)."""
 
         def q(conn: sqlite3.Connection) -> bytes:
-            row = conn.execute(
-                "SELECT data FROM blobs WHERE instance_id = ?", (instance_id,)
-            ).fetchone()
-            if row is None:
+            data = _blob(conn, instance_id)
+            if data is None:
                 raise ItemNotFound(f"no stored bytes for instance {instance_id}")
-            return bytes(row[0])
+            return data
 
         return await self._read(q)
 
