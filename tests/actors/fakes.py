@@ -40,6 +40,8 @@ class FakeStore:
         self.items: dict[int, Item] = {}
         self.paused: set[tuple[str, str]] = set()
         self._ids = itertools.count(1)
+        #: (virtual time, number of outcomes) of every record_outcomes call
+        self.records: list[tuple[float, int]] = []
 
     def add(
         self, dest: str = "PACS", *, study: str = "1.2.3", series: str = "1.2.3.1", sop_class: str = CT,
@@ -126,6 +128,7 @@ class FakeStore:
         durable: bool = True,
     ) -> None:
         await trio.lowlevel.checkpoint()
+        self.records.append((trio.current_time(), len(delivered) + len(failed) + len(rejected)))
         for i in delivered:
             self.items.pop(i, None)
         for item_id, error, at in failed:

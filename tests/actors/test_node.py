@@ -376,6 +376,36 @@ async def test_open_association_is_topped_up_with_arrivals_of_its_series(make_wo
     assert w.store.items == {} and len(w.sender.delivered) == 6
 
 
+async def test_streaming_association_records_outcomes_when_arrivals_pause(
+    make_world: Any, autojump_clock: Any
+) -> None:
+    from capacitor_trio.actors.node import RECORD_IDLE
+
+    sender = FakeSender(per_instance=0.001)
+    sender.top_up = True
+    w = await make_world(sender=sender)
+    w.add()
+    tenth = 0.0
+
+    async def arrivals() -> None:
+        nonlocal tenth
+        for _ in range(9):  # a modality sending: one image every 5 ms
+            await trio.sleep(0.005)
+            w.add()
+        tenth = trio.current_time()
+        await trio.sleep(0.05)  # then a pause longer than RECORD_IDLE
+        w.add()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(arrivals)
+    await trio.sleep(1)
+    assert len(w.sender.sends) == 1 and w.store.items == {}
+    # one record for the ten images that came 5 ms apart, written RECORD_IDLE after the tenth was
+    # answered, and one for the last: not one store job per image
+    assert [n for _, n in w.store.records] == [10, 1]
+    assert w.store.records[0][0] == pytest.approx(tenth + 0.001 + RECORD_IDLE)
+
+
 async def test_top_up_stops_at_batch_size_and_on_pause(make_world: Any, autojump_clock: Any) -> None:
     sender = FakeSender(per_instance=0.01)
     sender.top_up = True

@@ -414,6 +414,15 @@ async def test_only_changes_a_power_cut_may_undo_skip_the_wal_fsync(tmp_path: Pa
     assert modes[-1] == 0  # durableWrites false: OFF throughout
 
 
+async def test_writer_keeps_its_savepoint_journals_in_memory(tmp_path: Path) -> None:
+    """Every job runs in a SAVEPOINT: its statement journal must not be a temporary file created
+    and unlinked per group (a file-system journal round per commit on ext4)."""
+    async with open_store(tmp_path, durable=True) as store:
+        mode = await store._write(lambda conn: conn.execute("PRAGMA temp_store").fetchone()[0])
+        await commit(store, [PACS])
+    assert mode == 2  # MEMORY
+
+
 # -- small instances kept in the index ---------------------------------------------------------
 
 

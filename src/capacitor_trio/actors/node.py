@@ -77,8 +77,11 @@ RECORD_GRACE = 30.0
 #: How long an open association waits for new items once everything sent has been answered.
 TOP_UP_LINGER = 0.1
 #: While items keep coming, outcomes are recorded every this many (one store job, one WAL
-#: fsync); they are always recorded before the association waits or ends.
+#: fsync); they are always recorded before the association waits longer than RECORD_IDLE for
+#: new items, or ends.
 RECORD_EVERY = 64
+#: How long an open association waits for the next arrival before recording the outcomes so far.
+RECORD_IDLE = 0.01
 
 
 class Sender(Protocol):
@@ -383,7 +386,7 @@ class NodeActor:
 
         While an association is open and everything sent on it has been answered, the requestor
         asks for more (`more`): outcomes are recorded in one store job every RECORD_EVERY items
-        and whenever nothing is ready to send, and items that became eligible meanwhile are checked out and sent on the same association, up to the
+        and whenever nothing new is ready to send within RECORD_IDLE, and items that became eligible meanwhile are checked out and sent on the same association, up to the
         batch size (BatchSize, or one series capped at SERIES_BATCH_CAP when it is 0). If none
         is eligible, it waits up to TOP_UP_LINGER for new arrivals before releasing. So a
         destination fed while a modality is still sending gets one association per batch rather
@@ -446,7 +449,16 @@ class NodeActor:
                         extra = await self._checkout(ctx.clock(), limit=room, series_uid=series)
                         if extra:
                             break
-                        await flush()  # nothing to send right now: record before waiting
+                        if outcomes:
+                            # nothing to send right now; a modality still sending has the next
+                            # image here within milliseconds: record only if none comes (one
+                            # record per many images, not one per image)
+                            idle_at = min(deadline, trio.current_time() + RECORD_IDLE)
+                            with trio.move_on_at(idle_at) as idle:
+                                await self.handle.wait_woken()
+                            if not idle.cancelled_caught and self._may_continue():
+                                continue
+                            await flush()  # record before waiting longer
                         with trio.move_on_at(deadline):
                             await self.handle.wait_woken()
                         if trio.current_time() >= deadline or not self._may_continue():

@@ -194,6 +194,10 @@ class Store:
             conn.execute(f"PRAGMA synchronous = {'FULL' if self.durable else 'OFF'}")
             conn.execute("PRAGMA cache_size = -16000")
             conn.execute("PRAGMA journal_size_limit = 67108864")
+            # the writer runs every job in a SAVEPOINT: in a file, its statement journal is a
+            # temporary file created and unlinked per group (an ext4 journal round each time,
+            # ~0.2-0.3 ms of a 0.9 ms small commit); in memory it costs a few page copies
+            conn.execute("PRAGMA temp_store = MEMORY")
         return conn
 
     def _open_sync(self) -> sqlite3.Connection:
