@@ -65,7 +65,7 @@ from capacitor_trio.config.models import Config, Node, effective
 from capacitor_trio.dicom.requestor import MoreInstances, OutgoingInstance, Peer, SendOptions
 from capacitor_trio.domain.backoff import next_attempt, retry_delay
 from capacitor_trio.domain.outcomes import Delivered, Outcome, Rejected, RetryLater
-from capacitor_trio.domain.schedule import parse_schedule, schedule_gate
+from capacitor_trio.domain.schedule import Schedule, parse_schedule, schedule_gate
 from capacitor_trio.store import Counts, ItemFilter
 
 log = logging.getLogger("capacitor_trio.node")
@@ -158,8 +158,10 @@ class NodeActor:
         return self.handle.node
 
     def _schedule_gate(self, now: float) -> tuple[bool, float | None]:
-        eff = effective(self.node, self.ctx.config)
-        return schedule_gate(parse_schedule(eff.process_schedule), self.ctx.tz, now)
+        windows = self.node.process_schedule or self.ctx.config.process_schedule
+        if not windows:  # always open (asked once per image on a streaming association)
+            return True, None
+        return schedule_gate(_parsed_schedule(tuple(windows)), self.ctx.tz, now)
 
     # ---- the actor ---------------------------------------------------------------------------
 
@@ -534,6 +536,11 @@ class NodeActor:
             )
         elif delivered:
             log.info("node %s: delivered %d instance(s)", self.node.ae_title, len(delivered))
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_schedule(windows: tuple[str, ...]) -> Schedule:
+    return parse_schedule(windows)
 
 
 def _outgoing(item: Any) -> OutgoingInstance:
