@@ -187,14 +187,14 @@ async def test_unreadable_spool_file_is_an_outcome_not_a_crash(
     fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     files = write_corpus(tmp_path / "in", 3)
-    real = requestor._read_into
+    real = requestor._Source.read_into
 
-    def eio(f: object, view: memoryview) -> None:
-        if getattr(f, "name", "") == str(files[1]):
+    async def eio(self: requestor._Source, view: memoryview, offset: int) -> None:
+        if str(self.path) == str(files[1]):
             raise OSError(5, "Input/output error")
-        real(f, view)
+        await real(self, view, offset)
 
-    monkeypatch.setattr(requestor, "_read_into", eio)
+    monkeypatch.setattr(requestor._Source, "read_into", eio)
     got, cb = collect()
     await send_batch(PEER, [outgoing(f) for f in files], SendOptions("ROUTER"), cb)
     assert got[0] == Delivered()
@@ -205,6 +205,40 @@ async def test_unreadable_spool_file_is_an_outcome_not_a_crash(
     got, cb = collect()
     await send_batch(PEER, [missing, outgoing(files[2])], SendOptions("ROUTER"), cb)
     assert isinstance(got[0], Rejected) and "missing" in got[0].reason and got[1] == Delivered()
+
+
+@pytest.mark.parametrize("refusal", [BlockingIOError(11, "cold"), OSError(95, "not supported")])
+async def test_spool_bytes_not_in_the_page_cache_are_read_in_a_worker_thread(
+    fake_network, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refusal: OSError
+) -> None:
+    """A spool file just received is read on the loop (RWF_NOWAIT, from the page cache); a cold
+    one (EAGAIN), or a file system without RWF_NOWAIT (EOPNOTSUPP), is read in a thread.
+    (Real clock: a worker thread would let an autojump clock fire the stall detector.)"""
+    import os
+    import threading
+
+    if requestor._nowait is None:
+        pytest.skip("no RWF_NOWAIT on this platform")
+    files = write_corpus(tmp_path / "in", 2, rows=512)  # fragments past THREAD_READ_THRESHOLD
+    real = os.preadv
+    plain_reads: list[bool] = []
+
+    def preadv(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        if flags:
+            raise refusal
+        plain_reads.append(threading.current_thread() is threading.main_thread())
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    monkeypatch.setattr(requestor, "_nowait", requestor._nowait)  # restored afterwards
+    got, cb = collect()
+    await send_batch(PEER, [outgoing(f) for f in files], SendOptions("ROUTER"), cb)
+    assert got == {0: Delivered(), 1: Delivered()}
+    assert plain_reads
+    if refusal.errno == 95:  # EOPNOTSUPP: not tried again; reads as before (threads for large ones)
+        assert requestor._nowait is None
+    else:  # a cold file: every read of the data set off the loop
+        assert not any(plain_reads) and requestor._nowait is not None
 
 
 @pytest.mark.parametrize("where", ["open", "write"])

@@ -19,12 +19,12 @@ shielded deadline and lets Cancelled propagate; unreported instances stay unrepo
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
 
 import attrs
 import trio
@@ -40,6 +40,8 @@ from .transport import PeerClosed, Transport
 log = logging.getLogger("capacitor_trio.dicom")
 
 THREAD_READ_THRESHOLD = 256 * 1024
+#: first read of a spool file: its Part 10 preamble and meta group (a few hundred bytes)
+META_READ = 4096
 LINE_SPEED_WINDOW = 10.0
 DEFAULT_FRAGMENT = 1 << 20
 MAX_FRAGMENT = 4 << 20
@@ -159,13 +161,74 @@ async def _send_abort(t: Transport) -> None:
             await t.send_all(P.abort_bytes(P.ABORT_SOURCE_USER, P.ABORT_REASON_NOT_SPECIFIED))
 
 
-def _read_into(f: object, view: memoryview) -> None:
+def _pread_into(fd: int, view: memoryview, offset: int) -> None:
     got = 0
     while got < len(view):
-        n = f.readinto(view[got:])  # type: ignore[attr-defined]
+        n = os.preadv(fd, [view[got:]], offset + got)
         if not n:
             raise HeaderError("spool file shorter than expected")
         got += n
+
+
+#: preadv(RWF_NOWAIT): read what is in the page cache without blocking (Linux ≥ 4.14); off once
+#: the file system refuses it
+_nowait: int | None = getattr(os, "RWF_NOWAIT", None)
+
+
+class _Source:
+    """The stored bytes of one outgoing instance: its bytes in memory (kept in the index), or its
+    spool file, read at offsets."""
+
+    def __init__(self, inst: OutgoingInstance) -> None:
+        self.path = inst.path
+        self.data = memoryview(inst.data) if inst.data is not None else None
+        self.fd = os.open(inst.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if self.data is None else -1
+
+    def dataset_span(self) -> tuple[int, int]:
+        """(offset of the data set, size of the Part 10 bytes)."""
+        if self.data is not None:
+            return read_meta(io.BytesIO(self.data))[0], len(self.data)
+        size = os.fstat(self.fd).st_size
+        head = os.pread(self.fd, META_READ, 0)  # the meta group is a few hundred bytes
+        offset, _ = read_meta(io.BytesIO(head))
+        if offset >= len(head) and len(head) < size:  # an unusually long meta group
+            with open(self.fd, "rb", closefd=False) as f:
+                offset, _ = read_meta(f)
+        return offset, size
+
+    async def read_into(self, view: memoryview, offset: int) -> None:
+        """Fill `view` from `offset`: on the loop when the bytes are in memory or in the page
+        cache (a file just received), else — a cold file, e.g. queued before a restart — from
+        the disk in a worker thread, so the loop never waits for the disk."""
+        global _nowait
+        if self.data is not None:
+            chunk = self.data[offset : offset + len(view)]
+            if len(chunk) < len(view):
+                raise HeaderError("stored instance shorter than expected")
+            view[:] = chunk
+            return
+        got = 0
+        if _nowait is not None:
+            try:
+                got = os.preadv(self.fd, [view], offset, _nowait)
+            except BlockingIOError:
+                got = 0
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                _nowait = None
+                got = 0
+        if got < len(view):
+            rest = view[got:]
+            if len(rest) >= THREAD_READ_THRESHOLD or _nowait is not None:
+                await trio.to_thread.run_sync(_pread_into, self.fd, rest, offset + got)
+            else:
+                _pread_into(self.fd, rest, offset + got)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class _Session:
@@ -370,18 +433,14 @@ class _Session:
             fragment,
         )
         try:
-            if inst.data is not None:
-                f: BinaryIO = io.BytesIO(inst.data)
-            else:
-                f = open(inst.path, "rb", buffering=0)  # noqa: SIM115, ASYNC230 - cheap open, closed below
+            src = _Source(inst)
         except FileNotFoundError as exc:
             return Rejected(f"spool file missing: {inst.path}: {exc.strerror or exc}")
         except OSError as exc:  # EIO, EMFILE…: perhaps not for ever
             return RetryLater(f"cannot open spool file {inst.path}: {exc.strerror or exc}")
         try:
             try:
-                offset, _ = read_meta(f)
-                size = len(inst.data) if inst.data is not None else os.fstat(f.fileno()).st_size
+                offset, size = src.dataset_span()
             except (HeaderError, ValueError) as exc:
                 return Rejected(f"unreadable spool file {inst.path}: {exc}")
             except OSError as exc:
@@ -389,7 +448,6 @@ class _Session:
             remaining = size - offset
             if remaining <= 0:
                 return Rejected(f"spool file {inst.path} has no data set")
-            f.seek(offset)
             prefix: bytes = cmd
             max_data = fragment - 6
             while remaining > 0:
@@ -400,10 +458,8 @@ class _Session:
                 buf[:head] = prefix
                 buf[head : head + 12] = P.p_data_header(ctx, 0x00 if remaining else 0x02, n)
                 with memoryview(buf) as mv:
-                    if n >= THREAD_READ_THRESHOLD:
-                        await trio.to_thread.run_sync(_read_into, f, mv[head + 12 :])
-                    else:
-                        _read_into(f, mv[head + 12 :])
+                    await src.read_into(mv[head + 12 :], offset)
+                offset += n
                 await self._timed_send(buf)
                 prefix = b""
         except HeaderError as exc:
@@ -412,7 +468,7 @@ class _Session:
             # part of the data set is on the wire already: this association cannot go on
             raise _Failed(RetryLater(f"cannot read spool file {inst.path}: {exc.strerror or exc}")) from None
         finally:
-            f.close()
+            src.close()
         with trio.move_on_after(self.options.dimse_timeout):
             while True:
                 rsp = await recv_rsp.receive()
