@@ -28,6 +28,7 @@ from capacitor_trio.config import Settings
 from capacitor_trio.config.models import Node
 from capacitor_trio.dicom import requestor
 from capacitor_trio.dicom.acceptor import AcceptorConfig, serve_acceptor
+from capacitor_trio.dicom.sender_process import SenderProcess
 from capacitor_trio.logs import RingBufferHandler
 from capacitor_trio.store import open_store
 
@@ -74,7 +75,10 @@ async def run_router(
         min_free_space_percent=config.min_free_space,
         cycle_rejected_on_startup=config.cycle_rejected_files_on_startup,
         clock=clock,
-    ) as store:
+    ) as store, trio.open_nursery() as senders:
+        if sender is None and config.delivery_process:
+            sender = SenderProcess()
+            await senders.start(sender.run)
         ctx = NodeContext(
             store=store, sender=sender or requestor, config=config, service=service, clock=clock,
             on_new_items=lambda: receiver.prepare_soon(),

@@ -65,6 +65,7 @@ api:
   token: tok
   servicePassword: pw
 durableWrites: false
+deliveryProcess: false
 maxPduSize: 65536
 retryDelaySeconds: 10
 retryMaxDelaySeconds: 600
@@ -89,7 +90,7 @@ def test_every_implemented_key(tmp_path: Path) -> None:
     assert c.cycle_rejected_files_on_startup is False
     assert (c.api.enabled, c.api.port, c.api.token, c.api.service_password) == (True, 8081, "tok", "pw")
     assert c.api.auth_required
-    assert (c.durable_writes, c.max_pdu_size) == (False, 65536)
+    assert (c.durable_writes, c.delivery_process, c.max_pdu_size) == (False, False, 65536)
     assert (c.retry_delay_seconds, c.retry_max_delay_seconds, c.max_attempts) == (10, 600, 5)
     assert c.time_zone == "Europe/Berlin"
     assert c.chaos.enabled and c.chaos.kill_node_actors_every_seconds == 3

@@ -207,6 +207,7 @@ GLOBAL_KEYS: tuple[Key, ...] = (
     Key("api.token", "api.token", _str),
     Key("api.servicePassword", "api.service_password", _str),
     Key("durableWrites", "durable_writes", _bool),
+    Key("deliveryProcess", "delivery_process", _bool),
     Key("maxPduSize", "max_pdu_size", _int(4096, 16 * 1024 * 1024)),
     Key("retryDelaySeconds", "retry_delay_seconds", _int(1)),
     Key("retryMaxDelaySeconds", "retry_max_delay_seconds", _int(1)),

@@ -81,6 +81,8 @@ class Config:
     api: ApiConfig = ApiConfig()
     # capacitor-trio's own keys
     durable_writes: bool = True
+    #: node actors' associations run in a child process (a second core for sending)
+    delivery_process: bool = True
     max_pdu_size: int = 1_048_576
     retry_delay_seconds: int = 30
     retry_max_delay_seconds: int = 900

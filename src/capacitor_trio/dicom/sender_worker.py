@@ -1,0 +1,143 @@
+"""The child process of `sender_process.SenderProcess`: runs `requestor.send_batch` for the router.
+
+    python -m capacitor_trio.dicom.sender_worker [LOG_LEVEL]
+
+Reads batches from stdin, writes outcomes to stdout (the protocol is in `sender_process`), and
+forwards its log records to the router, which logs them as its own. Exits when stdin closes,
+aborting the associations in progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sys
+from typing import Any
+
+import attrs
+import trio
+
+from . import requestor
+from .requestor import OutgoingInstance
+from .sender_process import Decoder, encode
+
+
+@attrs.define(eq=False)
+class _Batch:
+    scope: trio.CancelScope
+    more_send: trio.MemorySendChannel[list[OutgoingInstance]]
+    more_receive: trio.MemoryReceiveChannel[list[OutgoingInstance]]
+
+
+class _Forward(logging.Handler):
+    def __init__(self, out: trio.MemorySendChannel[tuple[Any, ...]]) -> None:
+        super().__init__()
+        self._out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            self._out.send_nowait(("log", record.levelno, record.name, self.format(record)))
+
+
+async def serve(stdin: trio.abc.ReceiveStream, stdout: trio.abc.SendStream) -> None:
+    out_send, out_receive = trio.open_memory_channel[tuple[Any, ...]](math.inf)
+    handler = _Forward(out_send)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger().addHandler(handler)
+    batches: dict[int, _Batch] = {}
+
+    async def write_out() -> None:
+        while True:
+            first = await out_receive.receive()
+            chunk = [encode(first)]
+            while True:  # everything queued meanwhile goes in the same write
+                try:
+                    chunk.append(encode(out_receive.receive_nowait()))
+                except trio.WouldBlock:
+                    break
+            await stdout.send_all(b"".join(chunk))
+
+    async def run_batch(bid: int, batch: _Batch, args: tuple[Any, ...]) -> None:
+        peer, instances, options, has_more = args
+        asked = False
+
+        def ask() -> None:
+            nonlocal asked
+            out_send.send_nowait(("more?", bid))
+            asked = True
+
+        async def more() -> list[OutgoingInstance]:
+            # one request ahead: the router checks the next instances out while these are sent,
+            # so a round trip between the processes is not paid per instance
+            nonlocal asked
+            if not asked:
+                ask()
+            extra = await batch.more_receive.receive()
+            asked = False
+            if extra:
+                ask()
+            return extra
+
+        if has_more:
+            ask()
+
+        error: str | None = None
+        try:
+            with batch.scope:
+                await requestor.send_batch(
+                    peer, instances, options,
+                    lambda index, outcome: out_send.send_nowait(("outcome", bid, index, outcome)),
+                    more=more if has_more else None,
+                )
+        except Exception as exc:  # a bug: the router raises it in the node actor
+            logging.getLogger("capacitor_trio.dicom").exception("sender process: batch failed")
+            error = repr(exc)
+        finally:
+            del batches[bid]
+        if not batch.scope.cancelled_caught:
+            out_send.send_nowait(("done", bid, error))
+
+    async with trio.open_nursery() as outer:
+        outer.start_soon(write_out)
+        async with trio.open_nursery() as work:
+            decoder = Decoder()
+            while True:
+                data = await stdin.receive_some(1 << 20)
+                if not data:
+                    break
+                for message in decoder.feed(data):
+                    kind, bid = message[0], message[1]
+                    if kind == "batch":
+                        send, receive = trio.open_memory_channel[list[OutgoingInstance]](1)
+                        batch = _Batch(trio.CancelScope(), send, receive)
+                        batches[bid] = batch
+                        work.start_soon(run_batch, bid, batch, message[2:])
+                    elif kind == "more" and bid in batches:
+                        batches[bid].more_send.send_nowait(message[2])
+                    elif kind == "cancel" and bid in batches:
+                        batches[bid].scope.cancel()
+            # the router is gone: abort what is in flight (the requestor sends A-ABORT) and leave
+            for batch in batches.values():
+                batch.scope.cancel()
+        outer.cancel_scope.cancel()
+
+
+async def _main() -> None:
+    stdin = trio.lowlevel.FdStream(os.dup(0))
+    stdout = trio.lowlevel.FdStream(os.dup(1))
+    await serve(stdin, stdout)
+
+
+def main() -> None:
+    level = sys.argv[1] if len(sys.argv) > 1 else "INFO"
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(_main)
+
+
+if __name__ == "__main__":
+    main()

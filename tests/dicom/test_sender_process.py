@@ -1,0 +1,226 @@
+"""The requestor in a child process (`SenderProcess`), against our acceptor on 127.0.0.1.
+
+Real processes and a real socket: the child is `python -m capacitor_trio.dicom.sender_worker`,
+exactly as the router starts it. Waits are on events (the sink's, the child's pidfd), never on
+sleeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Sequence
+from functools import partial
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+
+from capacitor_trio.dicom.requestor import OutgoingInstance, Peer, SendOptions
+from capacitor_trio.dicom.sender_process import Decoder, SenderProcess, encode
+from capacitor_trio.domain.outcomes import Delivered, Outcome, Rejected, RetryLater
+
+from .conftest import RunningAcceptor, assert_same_instance, outgoing, write_corpus
+
+
+@pytest.fixture
+async def sender(nursery: trio.Nursery) -> AsyncIterator[SenderProcess]:
+    sp = SenderProcess()
+    await nursery.start(sp.run)
+    yield sp
+
+
+def peer(acceptor: RunningAcceptor, ae: str = "CAPACITOR") -> Peer:
+    return Peer(ae, "127.0.0.1", acceptor.port)
+
+
+def collect() -> tuple[dict[int, Outcome], object]:
+    got: dict[int, Outcome] = {}
+
+    def on_outcome(i: int, o: Outcome) -> None:
+        assert i not in got
+        got[i] = o
+
+    return got, on_outcome
+
+
+def holding(acceptor: RunningAcceptor) -> tuple[trio.Event, trio.Event]:
+    """The sink stops before answering its first instance: (reached, release)."""
+    reached, release = trio.Event(), trio.Event()
+    real = acceptor.sink.instance_received
+
+    async def held(rx: object) -> None:
+        reached.set()
+        await release.wait()
+        await real(rx)  # type: ignore[arg-type]
+
+    acceptor.sink.instance_received = held  # type: ignore[method-assign]
+    return reached, release
+
+
+async def test_batch_and_top_ups_are_delivered_through_the_child(
+    sender: SenderProcess, acceptor: RunningAcceptor, tmp_path: Path
+) -> None:
+    files = write_corpus(tmp_path / "in", 6)
+    insts = [outgoing(f) for f in files]
+    # small instances kept in the index travel as bytes
+    insts[1] = attrs.evolve(insts[1], path=tmp_path / "not-a-file", data=files[1].read_bytes())
+    chunks = [insts[2:4], insts[4:], []]
+    asked = 0
+
+    async def more() -> Sequence[OutgoingInstance]:
+        nonlocal asked
+        asked += 1
+        return chunks.pop(0)
+
+    got, cb = collect()
+    await sender.send_batch(peer(acceptor), insts[:2], SendOptions("ROUTER"), cb, more=more)  # type: ignore[arg-type]
+    assert got == {i: Delivered() for i in range(6)} and asked == 3
+    received = acceptor.sink.received
+    assert [rx.header.sop_instance_uid for rx in received] == [i.sop_instance_uid for i in insts]
+    for f, rx in zip(files, received, strict=True):
+        assert_same_instance(f, acceptor.sink.out / f"{rx.header.sop_instance_uid}.dcm")
+    assert {rx.calling_ae for rx in received} == {"ROUTER"}
+
+
+async def test_cancel_aborts_the_association_in_the_child(
+    sender: SenderProcess, acceptor: RunningAcceptor, tmp_path: Path
+) -> None:
+    files = write_corpus(tmp_path / "in", 2)
+    reached, release = holding(acceptor)
+    got, cb = collect()
+    async with trio.open_nursery() as nursery:
+        scope = trio.CancelScope()
+
+        async def send() -> None:
+            with scope:
+                await sender.send_batch(peer(acceptor), [outgoing(f) for f in files], SendOptions("ROUTER"), cb)  # type: ignore[arg-type]
+
+        nursery.start_soon(send)
+        await reached.wait()
+        pid = sender.pid
+        scope.cancel()  # a pause: the caller returns at once, nothing reported
+    assert got == {} and scope.cancelled_caught
+    release.set()
+    # the child lives on and serves the next batch
+    got, cb = collect()
+    await sender.send_batch(peer(acceptor), [outgoing(files[1])], SendOptions("ROUTER"), cb)  # type: ignore[arg-type]
+    assert got == {0: Delivered()} and sender.pid == pid and sender.starts == 1
+
+
+async def test_a_dead_child_is_retry_later_and_is_replaced(
+    sender: SenderProcess, acceptor: RunningAcceptor, tmp_path: Path
+) -> None:
+    files = write_corpus(tmp_path / "in", 3)
+    reached, release = holding(acceptor)
+    got, cb = collect()
+    async with trio.open_nursery() as nursery:
+
+        async def kill_when_reached() -> None:
+            await reached.wait()
+            assert sender.pid is not None
+            os.kill(sender.pid, signal.SIGKILL)
+
+        nursery.start_soon(kill_when_reached)
+        await sender.send_batch(peer(acceptor), [outgoing(f) for f in files], SendOptions("ROUTER"), cb)  # type: ignore[arg-type]
+    assert got == {i: RetryLater("sender process died") for i in range(3)}
+    release.set()
+    got, cb = collect()
+    await sender.send_batch(peer(acceptor), [outgoing(files[2])], SendOptions("ROUTER"), cb)  # type: ignore[arg-type]
+    assert got == {0: Delivered()} and sender.starts == 2
+
+
+async def test_the_childs_log_records_reach_the_router_log(
+    sender: SenderProcess, acceptor: RunningAcceptor, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="capacitor_trio")
+    files = write_corpus(tmp_path / "in", 1)
+    got, cb = collect()
+    await sender.send_batch(peer(acceptor, "NOBODY"), [outgoing(files[0])], SendOptions("ROUTER"), cb)  # type: ignore[arg-type]
+    assert isinstance(got[0], Rejected)
+    records = [r for r in caplog.records if r.name == "capacitor_trio.dicom"]
+    assert any("A-ASSOCIATE-RJ" in r.getMessage() and "NOBODY" in r.getMessage() for r in records)
+
+
+async def test_the_child_exits_when_the_router_goes(acceptor: RunningAcceptor) -> None:
+    """Stopping (or killing: the pipe closes all the same) the router ends the child."""
+    sp = SenderProcess()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sp.run)
+        _, cb = collect()
+        await sp.send_batch(peer(acceptor), [], SendOptions("ROUTER"), cb)  # type: ignore[arg-type]  # the child is up
+        assert sp.pid is not None
+        pidfd = os.pidfd_open(sp.pid)
+        nursery.cancel_scope.cancel()
+    try:
+        with trio.fail_after(10):
+            await trio.lowlevel.wait_readable(pidfd)  # readable once the child has exited
+    finally:
+        os.close(pidfd)
+
+
+def test_messages_survive_any_cut_of_the_byte_stream() -> None:
+    messages = [("outcome", 1, i, Delivered()) for i in range(3)] + [("log", 30, "x", "é" * 70000)]
+    stream = b"".join(encode(m) for m in messages)
+    for step in (1, 7, 4096, len(stream)):
+        decoder = Decoder()
+        out: list[tuple[object, ...]] = []
+        for i in range(0, len(stream), step):
+            out += decoder.feed(stream[i : i + step])
+        assert out == messages
+
+
+async def test_batches_go_ahead_in_the_router_if_the_child_cannot_start(
+    acceptor: RunningAcceptor, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    files = write_corpus(tmp_path / "in", 2)
+    sp = SenderProcess(argv=[str(tmp_path / "no-such-python")])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sp.run)
+        got, cb = collect()
+        await sp.send_batch(peer(acceptor), [outgoing(f) for f in files], SendOptions("ROUTER"), cb)  # type: ignore[arg-type]
+        nursery.cancel_scope.cancel()
+    assert got == {0: Delivered(), 1: Delivered()} and sp.starts == 0
+    assert isinstance(sp.start_error, OSError)
+    assert any("cannot start the sender process" in r.getMessage() for r in caplog.records)
+
+
+_PARENT = """
+import sys, trio
+from capacitor_trio.dicom.sender_process import SenderProcess
+from capacitor_trio.dicom.requestor import SendOptions
+
+async def main():
+    sp = SenderProcess()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sp.run)
+        await sp.send_batch(None, [], SendOptions("X"), lambda i, o: None)
+        print(sp.pid, flush=True)
+        await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+async def test_the_child_exits_when_the_router_is_killed() -> None:
+    """kill -9 of the router closes the pipe: the child sees the end of its input and exits."""
+    import sys
+
+    async with trio.open_nursery() as nursery:
+        parent = await nursery.start(
+            partial(trio.run_process, [sys.executable, "-c", _PARENT], stdout=-1, check=False)
+        )
+        line = b""
+        while not line.endswith(b"\n"):
+            data = await parent.stdout.receive_some(100)
+            assert data, "the parent ended before starting its sender"
+            line += data
+        pidfd = os.pidfd_open(int(line))
+        parent.kill()  # SIGKILL: no cleanup in the parent at all
+    try:
+        with trio.fail_after(10):
+            await trio.lowlevel.wait_readable(pidfd)  # readable once the child has exited
+    finally:
+        os.close(pidfd)
