@@ -46,14 +46,19 @@ def collect() -> tuple[dict[int, Outcome], object]:
     return got, on_outcome
 
 
-def holding(acceptor: RunningAcceptor) -> tuple[trio.Event, trio.Event]:
-    """The sink stops before answering its first instance: (reached, release)."""
+def holding(acceptor: RunningAcceptor, answered: int = 0) -> tuple[trio.Event, trio.Event]:
+    """The sink answers `answered` instances, then stops before answering the next: (reached,
+    release)."""
     reached, release = trio.Event(), trio.Event()
     real = acceptor.sink.instance_received
+    seen = 0
 
     async def held(rx: object) -> None:
-        reached.set()
-        await release.wait()
+        nonlocal seen
+        seen += 1
+        if seen > answered:
+            reached.set()
+            await release.wait()
         await real(rx)  # type: ignore[arg-type]
 
     acceptor.sink.instance_received = held  # type: ignore[method-assign]
@@ -224,3 +229,103 @@ async def test_the_child_exits_when_the_router_is_killed() -> None:
             await trio.lowlevel.wait_readable(pidfd)  # readable once the child has exited
     finally:
         os.close(pidfd)
+
+
+def counting(n: int) -> tuple[dict[int, Outcome], object, trio.Event]:
+    """collect(), plus an event set once `n` outcomes are in."""
+    got, cb = collect()
+    enough = trio.Event()
+
+    def on_outcome(i: int, o: Outcome) -> None:
+        cb(i, o)  # type: ignore[operator]
+        if len(got) >= n:
+            enough.set()
+
+    return got, on_outcome, enough
+
+
+async def test_outcomes_keep_coming_while_more_waits_and_survive_a_cancel(
+    sender: SenderProcess, acceptor: RunningAcceptor, tmp_path: Path
+) -> None:
+    """The node's more() may linger for arrivals: outcomes of what was sent are reported
+    meanwhile, and those already in when a pause cancels the batch are not dropped."""
+    files = write_corpus(tmp_path / "in", 3)
+    got, cb, enough = counting(3)
+
+    async def more() -> Sequence[OutgoingInstance]:
+        await trio.sleep_forever()  # lingering: nothing new arrives
+        raise AssertionError
+
+    async with trio.open_nursery() as nursery:
+        scope = trio.CancelScope()
+
+        async def send() -> None:
+            with scope:
+                await sender.send_batch(peer(acceptor), [outgoing(f) for f in files], SendOptions("ROUTER"), cb, more=more)  # type: ignore[arg-type]
+
+        nursery.start_soon(send)
+        await enough.wait()
+        scope.cancel()
+    assert got == {i: Delivered() for i in range(3)} and len(acceptor.sink.received) == 3
+
+
+async def test_a_cancel_never_leaves_half_a_message_in_the_pipe(
+    sender: SenderProcess, acceptor: RunningAcceptor, tmp_path: Path
+) -> None:
+    """A batch of many small instances (their bytes in the message: megabytes) cancelled at
+    once: the child still reads whole messages, and serves the next batch."""
+    files = write_corpus(tmp_path / "in", 2)
+    big = [
+        attrs.evolve(outgoing(files[0]), path=tmp_path / "x", data=files[0].read_bytes() + bytes(24000))
+        for _ in range(300)
+    ]
+    with trio.CancelScope() as scope:
+        scope.cancel()  # cancelled before the message could be written
+        await sender.send_batch(peer(acceptor), big, SendOptions("ROUTER"), lambda i, o: None)  # type: ignore[arg-type]
+    got, cb = collect()
+    await sender.send_batch(peer(acceptor), [outgoing(files[1])], SendOptions("ROUTER"), cb)  # type: ignore[arg-type]
+    assert got == {0: Delivered()} and sender.starts == 1
+
+
+async def test_a_dead_child_fails_only_what_it_had_taken(
+    sender: SenderProcess, acceptor: RunningAcceptor, tmp_path: Path
+) -> None:
+    """Delivered stays delivered; taken and unanswered is RetryLater; checked out for the next
+    lot but never taken by the child stays unreported (the node releases it, no attempt)."""
+    files = write_corpus(tmp_path / "in", 4)
+    reached, release = holding(acceptor, answered=1)  # the second instance gets no answer
+    asked = trio.Event()
+
+    async def more() -> Sequence[OutgoingInstance]:
+        asked.set()  # asked one ahead, after the first was delivered
+        return [outgoing(f) for f in files[2:]]
+
+    got, cb = collect()
+    async with trio.open_nursery() as nursery:
+
+        async def kill() -> None:
+            await reached.wait()
+            await asked.wait()
+            assert sender.pid is not None
+            os.kill(sender.pid, signal.SIGKILL)
+
+        nursery.start_soon(kill)
+        await sender.send_batch(peer(acceptor), [outgoing(f) for f in files[:2]], SendOptions("ROUTER"), cb, more=more)  # type: ignore[arg-type]
+    release.set()
+    assert got == {0: Delivered(), 1: RetryLater("sender process died")}
+
+
+async def test_a_child_that_dies_before_it_is_ready_leaves_sending_in_the_router(
+    acceptor: RunningAcceptor, tmp_path: Path
+) -> None:
+    import sys
+
+    files = write_corpus(tmp_path / "in", 1)
+    sp = SenderProcess(argv=[sys.executable, "-c", "import sys; sys.exit(3)"])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sp.run)
+        got, cb = collect()
+        await sp.send_batch(peer(acceptor), [outgoing(files[0])], SendOptions("ROUTER"), cb)  # type: ignore[arg-type]
+        nursery.cancel_scope.cancel()
+    assert got == {0: Delivered()} and sp.starts == 0
+    assert "before it was ready" in str(sp.start_error)

@@ -12,16 +12,22 @@ pipe between two copies of this program; nothing else writes to it).
     router -> child   ("batch", id, peer, instances, options, has_more)
                       ("more", id, instances)      the answer to a "more?"
                       ("cancel", id)               pause, shutdown, a killed actor: A-ABORT now
-    child -> router   ("outcome", id, index, outcome)
-                      ("more?", id)                the next instances, please (asked one
-                                                   request ahead: the router checks them out
-                                                   while the child sends the previous ones)
+    child -> router   ("ready",)                   started: the router sends through it from now
+                      ("outcome", id, index, outcome)
+                      ("more?", id, took)          the next instances, please; `took`: how many of the
+                                                   last answer the child put in its list (it
+                                                   asks one request ahead, once the destination
+                                                   has taken an instance, so that the router
+                                                   checks them out while these are sent)
                       ("done", id, error)          error: None, or the text of a bug
                       ("log", levelno, logger, message)
 
-The child exits when its stdin closes (the router stopped, or was killed). If the child dies,
-every batch in flight reports RetryLater for the instances not yet answered, and the next batch
-starts a new child.
+The router writes through one task fed by a queue, so a caller cancelled mid-message never leaves
+half a message in the pipe. The child exits when its stdin closes (the router stopped, or was
+killed). If the child dies, every batch in flight reports RetryLater for the instances the child
+had taken and not seen answered (the others stay unreported: the node releases them), and a new
+child is started. A child that exits before saying "ready", or cannot be started at all, leaves
+sending in the router process (`requestor.send_batch`) until a later start works.
 """
 
 from __future__ import annotations
@@ -88,14 +94,19 @@ class SenderProcess:
         self._argv = list(argv or [sys.executable, "-m", "capacitor_trio.dicom.sender_worker"])
         self._ids = itertools.count(1)
         self._batches: dict[int, trio.MemorySendChannel[tuple[Any, ...]]] = {}
-        self._stdin: trio.abc.SendStream | None = None
-        self._write_lock = trio.Lock()
-        self._up = trio.Event()
+        #: messages for the running child; one task writes them, so a cancelled caller can
+        #: never leave half a message in the pipe
+        self._out: trio.MemorySendChannel[tuple[Any, ...]] | None = None
+        self._changed = trio.Event()
         #: the running child's pid (tests kill it)
         self.pid: int | None = None
         self.starts = 0
         #: why the last start failed: batches then run in this process until a start works
-        self.start_error: OSError | None = None
+        self.start_error: Exception | None = None
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the child and keep one running until cancelled (a dead one is replaced)."""
@@ -104,39 +115,52 @@ class SenderProcess:
             await self._serve_one_child()
             await trio.sleep(RESTART_DELAY)
 
+    def _start_failed(self, error: Exception) -> None:
+        if self.start_error is None:
+            log.error("cannot start the sender process (%s); sending from the router process", error)
+        self.start_error = error
+        self._notify()  # waiting batches go ahead in this process
+
     async def _serve_one_child(self) -> None:
         """Run one child until it exits; on the way out, fail the batches it had."""
         argv = [*self._argv, logging.getLevelName(logging.getLogger("capacitor_trio").getEffectiveLevel())]
         try:
             proc = await trio.lowlevel.open_process(argv, stdin=-1, stdout=-1)
         except OSError as exc:
-            if self.start_error is None:
-                log.error("cannot start the sender process (%s); sending from the router process", exc)
-            self.start_error = exc
-            self._up.set()  # waiting batches go ahead in this process
-            self._up = trio.Event()
+            self._start_failed(exc)
             return
-        self.start_error = None
-        self.starts += 1
-        self.pid = proc.pid
         assert proc.stdin is not None and proc.stdout is not None
-        self._stdin = proc.stdin
-        self._up.set()
-        log.debug("sender process %d started", proc.pid)
+        ready = False
+        out_send, out_receive = trio.open_memory_channel[tuple[Any, ...]](math.inf)
         try:
-            decoder = Decoder()
-            while True:
-                data = await proc.stdout.receive_some(1 << 20)
-                if not data:
-                    break
-                for message in decoder.feed(data):
-                    self._dispatch(message)
-            code = await proc.wait()
-            log.error("sender process %d exited (%s); batches in flight retry later", proc.pid, code)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write_messages, proc.stdin, out_receive)
+                decoder = Decoder()
+                while True:
+                    data = await proc.stdout.receive_some(1 << 20)
+                    if not data:
+                        break
+                    try:
+                        messages = decoder.feed(data)
+                    except Exception as exc:  # never from our child; stop it rather than guess
+                        log.error("sender process %d: unreadable message (%r); stopping it", proc.pid, exc)
+                        break
+                    for message in messages:
+                        if message[0] == "ready":
+                            ready = True
+                            self.start_error = None
+                            self.starts += 1
+                            self.pid = proc.pid
+                            self._out = out_send
+                            self._notify()
+                            log.debug("sender process %d started", proc.pid)
+                        else:
+                            self._dispatch(message)
+                nursery.cancel_scope.cancel()
         finally:
-            self._up = trio.Event()
-            self._stdin = None
+            self._out = None
             self.pid = None
+            out_send.close()
             for channel in self._batches.values():
                 channel.send_nowait(("died",))
             with trio.CancelScope(shield=True):
@@ -147,6 +171,11 @@ class SenderProcess:
                 if proc.returncode is None:
                     proc.kill()
                     await proc.wait()
+                await proc.stdout.aclose()
+        if ready:
+            log.error("sender process %d exited (%s); batches in flight retry later", proc.pid, proc.returncode)
+        else:
+            self._start_failed(RuntimeError(f"it exited ({proc.returncode}) before it was ready"))
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         if message[0] == "log":
@@ -157,15 +186,13 @@ class SenderProcess:
         if channel is not None:  # else: a batch its caller gave up (cancelled)
             channel.send_nowait(message)
 
-    async def _send(self, message: tuple[Any, ...]) -> None:
-        data = encode(message)
-        async with self._write_lock:
-            if self._stdin is None:
-                raise _ChildDied
-            try:
-                await self._stdin.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise _ChildDied from None
+    def _send(self, message: tuple[Any, ...]) -> None:
+        if self._out is None:
+            raise _ChildDied
+        try:
+            self._out.send_nowait(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise _ChildDied from None
 
     async def send_batch(
         self,
@@ -177,52 +204,90 @@ class SenderProcess:
         more: MoreInstances | None = None,
     ) -> None:
         """`requestor.send_batch`, run by the child process."""
-        while self._stdin is None:
+        while self._out is None:
             if self.start_error is not None:
                 await requestor.send_batch(peer, instances, options, on_outcome, more=more)
                 return
-            await self._up.wait()
+            await self._changed.wait()
         bid = next(self._ids)
         send, receive = trio.open_memory_channel[tuple[Any, ...]](math.inf)
         self._batches[bid] = send
-        sent = len(instances)
+        #: instances the child has in its list (it says so when it takes a lot of `more()`)
+        taken = len(instances)
         reported: set[int] = set()
-        finished = False
+        finished = died = False
+        error: str | None = None
+
+        def report(message: tuple[Any, ...]) -> None:
+            if message[0] == "outcome" and message[2] not in reported:
+                reported.add(message[2])
+                on_outcome(message[2], message[3])
+
+        # `more()` runs in its own task, one request at a time, so that outcomes keep coming in
+        # while it checks out (or waits for) the next instances
+        more_send, more_receive = trio.open_memory_channel[None](math.inf)
+
+        async def serve_more() -> None:
+            async for _ in more_receive:
+                extra = list(await more()) if more is not None else []
+                with contextlib.suppress(_ChildDied):
+                    self._send(("more", bid, extra))
+
         try:
-            try:
-                await self._send(("batch", bid, peer, list(instances), options, more is not None))
-                async for message in receive:
-                    kind = message[0]
-                    if kind == "outcome":
-                        reported.add(message[2])
-                        on_outcome(message[2], message[3])
-                    elif kind == "more?":
-                        extra = list(await more()) if more is not None else []
-                        sent += len(extra)
-                        await self._send(("more", bid, extra))
-                    elif kind == "done":
-                        finished = True
-                        if message[2] is not None:
-                            raise RuntimeError(f"sender process: {message[2]}")
-                        return
-                    else:  # "died"
-                        raise _ChildDied
-            except _ChildDied:
-                finished = True
-                for index in range(sent):
-                    if index not in reported:
-                        on_outcome(index, RetryLater("sender process died"))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(serve_more)
+                try:
+                    self._send(("batch", bid, peer, list(instances), options, more is not None))
+                    async for message in receive:
+                        kind = message[0]
+                        if kind == "outcome":
+                            report(message)
+                        elif kind == "more?":
+                            taken += message[2]
+                            more_send.send_nowait(None)
+                        elif kind == "done":
+                            finished, error = True, message[2]
+                            break
+                        else:  # "died"
+                            raise _ChildDied
+                except _ChildDied:
+                    finished = died = True
+                finally:
+                    # a `more()` in progress completes (its instances stay unreported: the
+                    # node releases them); cancelling it could strand a checkout
+                    more_send.close()
         finally:
+            while True:  # outcomes that arrived before the end are the node's to record
+                try:
+                    report(receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
             del self._batches[bid]
             if not finished:  # cancelled: the child aborts the association
-                with (
-                    trio.CancelScope(shield=True),
-                    trio.move_on_after(1.0),
-                    contextlib.suppress(_ChildDied),
-                ):
-                    await self._send(("cancel", bid))
+                with contextlib.suppress(_ChildDied):
+                    self._send(("cancel", bid))
+        if died:
+            for index in range(taken):
+                if index not in reported:
+                    on_outcome(index, RetryLater("sender process died"))
+        if error is not None:
+            raise RuntimeError(f"sender process: {error}")
 
     async def echo(self, peer: Peer, calling_ae: str, *, timeout: float = 10) -> EchoResult:  # noqa: ASYNC109
         """C-ECHO, in this process (rare, and its latency is what the API reports)."""
         return await requestor.echo(peer, calling_ae, timeout=timeout)
 
+
+async def write_messages(
+    stream: trio.abc.SendStream, messages: trio.MemoryReceiveChannel[tuple[Any, ...]]
+) -> None:
+    """The one writer of a pipe: everything queued meanwhile goes out in one write."""
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        async for first in messages:
+            chunk = [encode(first)]
+            while True:
+                try:
+                    chunk.append(encode(messages.receive_nowait()))
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            await stream.send_all(b"".join(chunk))

@@ -19,9 +19,11 @@ from typing import Any
 import attrs
 import trio
 
+from capacitor_trio.domain.outcomes import Delivered, Outcome
+
 from . import requestor
 from .requestor import OutgoingInstance
-from .sender_process import Decoder, encode
+from .sender_process import Decoder, write_messages
 
 
 @attrs.define(eq=False)
@@ -48,48 +50,37 @@ async def serve(stdin: trio.abc.ReceiveStream, stdout: trio.abc.SendStream) -> N
     logging.getLogger().addHandler(handler)
     batches: dict[int, _Batch] = {}
 
-    async def write_out() -> None:
-        while True:
-            first = await out_receive.receive()
-            chunk = [encode(first)]
-            while True:  # everything queued meanwhile goes in the same write
-                try:
-                    chunk.append(encode(out_receive.receive_nowait()))
-                except trio.WouldBlock:
-                    break
-            await stdout.send_all(b"".join(chunk))
-
     async def run_batch(bid: int, batch: _Batch, args: tuple[Any, ...]) -> None:
         peer, instances, options, has_more = args
         asked = False
 
-        def ask() -> None:
+        def ask(took: int) -> None:
             nonlocal asked
-            out_send.send_nowait(("more?", bid))
+            out_send.send_nowait(("more?", bid, took))
             asked = True
+
+        def on_outcome(index: int, outcome: Outcome) -> None:
+            out_send.send_nowait(("outcome", bid, index, outcome))
+            if has_more and not asked and isinstance(outcome, Delivered):
+                ask(0)  # the destination takes instances: have the next ones ready in time
 
         async def more() -> list[OutgoingInstance]:
             # one request ahead: the router checks the next instances out while these are sent,
             # so a round trip between the processes is not paid per instance
             nonlocal asked
             if not asked:
-                ask()
+                ask(0)
             extra = await batch.more_receive.receive()
             asked = False
             if extra:
-                ask()
+                ask(len(extra))  # took these; the next ones, please
             return extra
-
-        if has_more:
-            ask()
 
         error: str | None = None
         try:
             with batch.scope:
                 await requestor.send_batch(
-                    peer, instances, options,
-                    lambda index, outcome: out_send.send_nowait(("outcome", bid, index, outcome)),
-                    more=more if has_more else None,
+                    peer, instances, options, on_outcome, more=more if has_more else None
                 )
         except Exception as exc:  # a bug: the router raises it in the node actor
             logging.getLogger("capacitor_trio.dicom").exception("sender process: batch failed")
@@ -99,8 +90,9 @@ async def serve(stdin: trio.abc.ReceiveStream, stdout: trio.abc.SendStream) -> N
         if not batch.scope.cancelled_caught:
             out_send.send_nowait(("done", bid, error))
 
+    out_send.send_nowait(("ready",))
     async with trio.open_nursery() as outer:
-        outer.start_soon(write_out)
+        outer.start_soon(write_messages, stdout, out_receive)
         async with trio.open_nursery() as work:
             decoder = Decoder()
             while True:
@@ -127,6 +119,7 @@ async def serve(stdin: trio.abc.ReceiveStream, stdout: trio.abc.SendStream) -> N
 async def _main() -> None:
     stdin = trio.lowlevel.FdStream(os.dup(0))
     stdout = trio.lowlevel.FdStream(os.dup(1))
+    os.dup2(2, 1)  # a stray print() goes to stderr, not into the protocol
     await serve(stdin, stdout)
 
 
