@@ -29,7 +29,8 @@ What is timed: "first image sent to last image received at the destination".
     DCMTK's, and costs no CPU while the run is going (no polling of storescp's directory, no
     `--exec-on-reception` process per image). The storescp directory is counted afterwards as a
     check. The intake time (storescu start to exit) is printed too: it tells whether the router
-    was limited by receiving or by forwarding.
+    was limited by receiving or by forwarding. "router CPU" is the user + system CPU of the
+    router process and of its sender process (`deliveryProcess`) over the run, per image.
 
 `--profile DIR` runs the router under `py-spy record` (must be installed; not a project
 dependency) and writes its collapsed stacks (`-f raw`, one file per router run) into DIR.
@@ -38,6 +39,7 @@ dependency) and writes its collapsed stacks (`-f raw`, one file per router run) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -154,13 +156,16 @@ class Router:
                 self.errors.append(line)
 
     def cpu_seconds(self) -> float:
-        """User + system CPU the router process used so far (Linux /proc)."""
+        """User + system CPU the router used so far, its sender process included (Linux /proc)."""
         pid = self.proc.pid
-        children = Path(f"/proc/{pid}/task/{pid}/children")
-        if self.profiling and children.exists():
-            pid = int(children.read_text().split()[0])
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        if self.profiling:
+            pid = int(_children(pid)[0])
+        total = 0
+        for p in [pid, *_children(pid)]:
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+                total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
@@ -174,6 +179,13 @@ class Router:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def _children(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
 
 
 def sc_router(
