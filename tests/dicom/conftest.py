@@ -6,6 +6,7 @@ import io
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pydicom
@@ -91,6 +92,17 @@ def outgoing(path: Path) -> OutgoingInstance:
     return OutgoingInstance(
         path, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID)
     )
+
+
+def collect() -> tuple[dict[int, Any], Callable[[int, Any], None]]:
+    """(outcomes by index, the `on_outcome` callback that fills it; each index at most once)."""
+    got: dict[int, Any] = {}
+
+    def on_outcome(i: int, o: Any) -> None:
+        assert i not in got
+        got[i] = o
+
+    return got, on_outcome
 
 
 def assert_same_instance(original: Path, received: Path, *, bit_identical: bool = True) -> None:

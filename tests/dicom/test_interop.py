@@ -21,6 +21,7 @@ from .conftest import (
     RunningAcceptor,
     StorescpInetd,
     assert_same_instance,
+    collect,
     dcmtk_env,
     needs_dcmtk,
     outgoing,
@@ -172,16 +173,6 @@ async def test_pynetdicom_send_c_store_to_acceptor(
 # ------------------------------------------------------------------------- from our requestor
 
 
-def _collect() -> tuple[dict[int, object], object]:
-    outcomes: dict[int, object] = {}
-
-    def on_outcome(i: int, o: object) -> None:
-        assert i not in outcomes
-        outcomes[i] = o
-
-    return outcomes, on_outcome
-
-
 @needs_dcmtk
 @pytest.mark.parametrize("nodelay", [True, False], ids=["nodelay", "nagle"])
 @pytest.mark.parametrize("syntax", list(SYNTAXES))
@@ -194,7 +185,7 @@ async def test_requestor_to_storescp(
     )
     scp = StorescpInetd(tmp_path / "scp", nodelay=nodelay)
     port = await nursery.start(scp.serve)
-    outcomes, on_outcome = _collect()
+    outcomes, on_outcome = collect()
     await send_batch(
         Peer("STORESCP", "127.0.0.1", port),
         [outgoing(f) for f in files],
@@ -234,7 +225,7 @@ async def test_requestor_to_pynetdicom_scp(tmp_path: Path) -> None:
             + write_corpus(tmp_path / "r", 2, transfer_syntax=RLELossless)
             + write_corpus(tmp_path / "big", 1, rows=512)
         )
-        outcomes, on_outcome = _collect()
+        outcomes, on_outcome = collect()
         await send_batch(
             Peer("PYSCP", "127.0.0.1", port),
             [outgoing(f) for f in files],
@@ -262,7 +253,7 @@ async def test_requestor_to_our_acceptor_and_echo(
         + write_corpus(tmp_path / "r", 1, transfer_syntax=RLELossless)
         + write_corpus(tmp_path / "b", 2, rows=512)
     )
-    outcomes, on_outcome = _collect()
+    outcomes, on_outcome = collect()
     peer = Peer("CAPACITOR", "127.0.0.1", acceptor.port)
     await send_batch(
         peer,
@@ -288,16 +279,16 @@ async def test_requestor_statuses_from_our_acceptor(
     files = write_corpus(tmp_path / "e", 1)
     peer = Peer("CAPACITOR", "127.0.0.1", acceptor.port)
     acceptor.sink.admission_error = OutOfResources("disk below minFreeSpace")
-    outcomes, on_outcome = _collect()
+    outcomes, on_outcome = collect()
     await send_batch(peer, [outgoing(f) for f in files], SendOptions("ROUTER"), on_outcome)
     assert isinstance(outcomes[0], RetryLater) and "0xA700" in outcomes[0].reason
     acceptor.sink.admission_error = None
     acceptor.sink.receive_error = CannotProcess("nope")
-    outcomes, on_outcome = _collect()
+    outcomes, on_outcome = collect()
     await send_batch(peer, [outgoing(f) for f in files], SendOptions("ROUTER"), on_outcome)
     assert isinstance(outcomes[0], Rejected) and "0xC001" in outcomes[0].reason
     assert acceptor.sink.leftovers() == []
-    outcomes, on_outcome = _collect()
+    outcomes, on_outcome = collect()
     await send_batch(
         Peer("NOBODY", "127.0.0.1", acceptor.port),
         [outgoing(f) for f in files],
@@ -313,7 +304,7 @@ async def test_connection_refused_is_retry_later(tmp_path: Path) -> None:
     port = listener.getsockname()[1]
     listener.close()  # nobody listens there now
     files = write_corpus(tmp_path / "e", 2)
-    outcomes, on_outcome = _collect()
+    outcomes, on_outcome = collect()
     await send_batch(
         Peer("X", "127.0.0.1", port),
         [outgoing(f) for f in files],
@@ -379,7 +370,7 @@ async def test_requestor_to_orthanc(tmp_path: Path) -> None:
                 chunk = await proc.stdout.receive_some(65536)
                 assert chunk, seen.decode(errors="replace")
                 seen = seen[-4096:] + chunk
-        outcomes, on_outcome = _collect()
+        outcomes, on_outcome = collect()
         await send_batch(
             Peer("ORTHANC", "127.0.0.1", dicom_port),
             [outgoing(f) for f in files],

@@ -24,7 +24,7 @@ from capacitor_trio.dicom.status import store_status_outcome
 from capacitor_trio.dicom.transport import PeerClosed, Transport
 from capacitor_trio.domain.outcomes import Delivered, Rejected, RetryLater
 
-from .conftest import DirSink, assert_same_instance, outgoing, write_corpus
+from .conftest import DirSink, assert_same_instance, collect, outgoing, write_corpus
 
 PEER = Peer("CAPACITOR", "peer.invalid", 104)
 
@@ -87,16 +87,6 @@ def fake_network(monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery, tmp_pat
 
     monkeypatch.setattr(requestor, "_open_stream", open_stream)
     return net
-
-
-def collect() -> tuple[dict[int, object], object]:
-    got: dict[int, object] = {}
-
-    def on_outcome(i: int, o: object) -> None:
-        assert i not in got
-        got[i] = o
-
-    return got, on_outcome
 
 
 async def test_batch_delivered(

@@ -22,7 +22,7 @@ from capacitor_trio.dicom.requestor import OutgoingInstance, Peer, SendOptions
 from capacitor_trio.dicom.sender_process import Decoder, SenderProcess, encode
 from capacitor_trio.domain.outcomes import Delivered, Outcome, Rejected, RetryLater
 
-from .conftest import RunningAcceptor, assert_same_instance, outgoing, write_corpus
+from .conftest import RunningAcceptor, assert_same_instance, collect, outgoing, write_corpus
 
 
 @pytest.fixture
@@ -34,16 +34,6 @@ async def sender(nursery: trio.Nursery) -> AsyncIterator[SenderProcess]:
 
 def peer(acceptor: RunningAcceptor, ae: str = "CAPACITOR") -> Peer:
     return Peer(ae, "127.0.0.1", acceptor.port)
-
-
-def collect() -> tuple[dict[int, Outcome], object]:
-    got: dict[int, Outcome] = {}
-
-    def on_outcome(i: int, o: Outcome) -> None:
-        assert i not in got
-        got[i] = o
-
-    return got, on_outcome
 
 
 def holding(acceptor: RunningAcceptor, answered: int = 0) -> tuple[trio.Event, trio.Event]:
