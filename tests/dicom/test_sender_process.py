@@ -319,3 +319,16 @@ async def test_a_child_that_dies_before_it_is_ready_leaves_sending_in_the_router
         nursery.cancel_scope.cancel()
     assert got == {0: Delivered()} and sp.starts == 0
     assert "before it was ready" in str(sp.start_error)
+
+
+async def test_a_batch_the_child_never_got_is_left_unreported(tmp_path: Path) -> None:
+    """The child died between the check and the hand-over: nothing was sent, so nothing is
+    RetryLater (which would count an attempt and back the node off); the node releases it."""
+    sp = SenderProcess()
+    dead_send, dead_receive = trio.open_memory_channel[tuple[object, ...]](1)
+    dead_receive.close()
+    sp._out = dead_send  # type: ignore[assignment]  # a child that just died
+    got, cb = collect()
+    files = write_corpus(tmp_path / "in", 2)
+    await sp.send_batch(Peer("X", "127.0.0.1", 1), [outgoing(f) for f in files], SendOptions("ROUTER"), cb)
+    assert got == {} and sp._batches == {}

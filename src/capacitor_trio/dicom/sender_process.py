@@ -213,7 +213,7 @@ class SenderProcess:
         send, receive = trio.open_memory_channel[tuple[Any, ...]](math.inf)
         self._batches[bid] = send
         #: instances the child has in its list (it says so when it takes a lot of `more()`)
-        taken = len(instances)
+        taken = 0
         reported: set[int] = set()
         finished = died = False
         error: str | None = None
@@ -238,6 +238,7 @@ class SenderProcess:
                 nursery.start_soon(serve_more)
                 try:
                     self._send(("batch", bid, peer, list(instances), options, more is not None))
+                    taken = len(instances)
                     async for message in receive:
                         kind = message[0]
                         if kind == "outcome":

@@ -102,7 +102,7 @@ async def serve(stdin: trio.abc.ReceiveStream, stdout: trio.abc.SendStream) -> N
                 for message in decoder.feed(data):
                     kind, bid = message[0], message[1]
                     if kind == "batch":
-                        send, receive = trio.open_memory_channel[list[OutgoingInstance]](1)
+                        send, receive = trio.open_memory_channel[list[OutgoingInstance]](math.inf)
                         batch = _Batch(trio.CancelScope(), send, receive)
                         batches[bid] = batch
                         work.start_soon(run_batch, bid, batch, message[2:])
