@@ -21,6 +21,7 @@ from capacitor_trio.dicom.acceptor import AcceptorConfig, serve_acceptor
 from tests.helpers.peers import Counter, RouterProcess, free_port
 from tests.helpers.sinks import CountingSink
 from tests.helpers.soak import Gate, RssSampler, Sender, series_of, write_router_config
+from tests.store.util import incoming_leftovers
 
 from .test_crash_cycles import wait_queue_empty
 
@@ -99,7 +100,7 @@ async def test_disk_full_refuses_loses_nothing_recovers(
     with trio.fail_after(600):
         await sink.count.wait_until(lambda: set(sender.acked) <= set(sink.received))
         await wait_queue_empty(router, f"http://127.0.0.1:{api_port}")
-    assert list((tmpfs / "incoming").glob("*")) == []
+    assert incoming_leftovers(tmpfs / "incoming") == []
     router.signal(15)
     assert await router.wait(timeout=60) == 0
     key = "disk full (minFreeSpace)" if min_free else "disk full (ENOSPC)"

@@ -17,7 +17,17 @@ import pytest
 
 from capacitor_trio.store import FileOps, ItemFilter, Store, StoreFull, open_store
 
-from .util import AI, PACS, commit, content, file_paths, header, spool_files, write_temp
+from .util import (
+    AI,
+    PACS,
+    commit,
+    content,
+    file_paths,
+    header,
+    incoming_leftovers,
+    spool_files,
+    write_temp,
+)
 
 
 class FaultyOps(FileOps):
@@ -60,7 +70,7 @@ class FaultyOps(FileOps):
 
 
 def assert_consistent(store: Store, items: list) -> None:  # type: ignore[type-arg]
-    assert list((store.root / "incoming").iterdir()) == []
+    assert incoming_leftovers(store.root / "incoming") == []
     assert spool_files(store.root) == file_paths(items)
 
 

@@ -20,7 +20,20 @@ from capacitor_trio.store import (
     open_store,
 )
 
-from .util import AI, ARCHIVE, CT, MR, PACS, SR, FakeClock, commit, header, spool_files, write_temp
+from .util import (
+    AI,
+    ARCHIVE,
+    CT,
+    MR,
+    PACS,
+    SR,
+    FakeClock,
+    commit,
+    header,
+    incoming_leftovers,
+    spool_files,
+    write_temp,
+)
 
 
 async def test_commit_stores_one_file_for_many_items(store: Store, clock: FakeClock) -> None:
@@ -583,7 +596,7 @@ async def test_commit_of_bytes_received_in_memory(inline_store: Store, clock: Fa
     [b] = await store.commit_instance(None, header(), "CT", [PACS], data=big)
     item = await store.get_item(b)
     assert not item.inline and item.path.read_bytes() == big
-    assert list((store.root / "incoming").iterdir()) == []
+    assert incoming_leftovers(store.root / "incoming") == []
     with pytest.raises(ValueError):
         await store.commit_instance(None, header(), "CT", [PACS])
     with pytest.raises(ValueError):
@@ -604,3 +617,31 @@ async def test_a_job_whose_statement_rolled_back_the_group_fails_it_cleanly(stor
         await store._write(rolled_back)
     [a] = await commit(store)
     assert (await store.get_item(a)).state == "new"
+
+
+# -- files made ahead for receptions ------------------------------------------------------------
+
+
+async def test_receptions_get_files_made_ahead_and_unused_ones_leave_no_trace(tmp_path: Path) -> None:
+    from capacitor_trio.store.spares import SPARE_LOW, SPARE_PREFIX
+
+    async with open_store(tmp_path, durable=True) as store:
+        first = store.new_incoming_path()  # none ready yet: a fresh name; the maker starts
+        assert not first.name.startswith(SPARE_PREFIX)
+        await trio.to_thread.run_sync(store._spares.refilled.wait, 10)
+        assert len(store._spares) >= SPARE_LOW
+        temp = store.new_incoming_path()
+        assert temp.name.startswith(SPARE_PREFIX) and temp.exists() and temp.stat().st_size == 0
+        temp.write_bytes(b"DICM" * 10000)  # what the acceptor does with it (40 kB: a spool file)
+        await store.commit_instance(temp, header(), "CT", [PACS])
+        assert not temp.exists() and len(spool_files(store.root)) == 1
+        crashed_midway = store.new_incoming_path()
+        crashed_midway.write_bytes(b"partial")
+    # closing removes the files nobody took; a reception's own file is the reception's business
+    assert [p.name for p in (tmp_path / "incoming").iterdir()] == [crashed_midway.name]
+    # recovery removes it and reports it; unused made-ahead files are removed but not reported
+    (tmp_path / "incoming" / f"{SPARE_PREFIX}left-by-a-kill.part").touch()
+    async with open_store(tmp_path, durable=True) as store:
+        assert store.recovery_report.incoming_removed == 1
+        assert incoming_leftovers(store.root / "incoming") == []
+        assert (await store.counts()).total == 1

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from capacitor_trio.domain.instance import Destination, InstanceHeader
 from capacitor_trio.store import Store
+from capacitor_trio.store.spares import is_unused_spare
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -88,3 +89,8 @@ async def content(store: Store, item: object) -> bytes:
     if item.inline:  # type: ignore[attr-defined]
         return await store.read_inline(item.instance_id)  # type: ignore[attr-defined]
     return item.path.read_bytes()  # type: ignore[attr-defined,no-any-return]
+
+
+def incoming_leftovers(incoming: Path) -> list[Path]:
+    """What receptions left in `incoming/`: everything but the empty files made ahead of need."""
+    return [p for p in incoming.iterdir() if not is_unused_spare(p)] if incoming.exists() else []

@@ -15,6 +15,7 @@ from pathlib import Path
 from .fsops import FileOps
 from .model import RecoveryReport
 from .schema import INLINE_PREFIX
+from .spares import is_unused_spare
 
 log = logging.getLogger("capacitor_trio.store")
 
@@ -51,8 +52,10 @@ def recover(
         incoming_removed = 0
         for entry in os.scandir(incoming):
             if entry.is_file() or entry.is_symlink():
-                ops.unlink(Path(entry.path))
-                incoming_removed += 1
+                path = Path(entry.path)
+                unused = is_unused_spare(path)  # made ahead, never written: nothing to report
+                ops.unlink(path)
+                incoming_removed += not unused
 
         # 4. spool against index
         on_disk: set[str] = set()

@@ -23,6 +23,7 @@ from .fsops import FileOps
 from .model import QUEUED_STATES, STATES, Counts, Item, ItemFilter, RecoveryReport
 from .recovery import recover, spool_buckets
 from .schema import INLINE_PREFIX, migrate
+from .spares import SpareFiles
 from .writer import Writer, unlinking, write_reserve
 
 log = logging.getLogger("capacitor_trio.store")
@@ -170,6 +171,7 @@ class Store:
         self._ops.durable = durable
         self._n_readers = max(1, read_connections)
         self._incoming = self.root / "incoming"
+        self._spares = SpareFiles(self._incoming)
         self._spool = self.root / "spool"
         self._db_path = self.root / "index.db"
         self._reserve_path = self.root / "reserve"
@@ -251,6 +253,7 @@ class Store:
         self._writer.start()
 
     async def aclose(self) -> None:
+        await trio.to_thread.run_sync(self._spares.close)
         if self._writer is not None:
             await self._writer.aclose()
         for _ in range(self._n_readers):
@@ -293,8 +296,9 @@ class Store:
     # -- intake ----------------------------------------------------------------------------------
 
     def new_incoming_path(self) -> Path:
-        """A fresh temporary path in cache/incoming for the acceptor to write a Part 10 file to."""
-        return self._incoming / f"{uuid.uuid4().hex}.part"
+        """A fresh temporary path in cache/incoming for the acceptor to write a Part 10 file to:
+        a ready empty file when there is one (`spares.py`: creating a file is the slow part)."""
+        return self._spares.take() or self._incoming / f"{uuid.uuid4().hex}.part"
 
     async def discard_incoming(self, temp_path: Path) -> None:
         """Remove a temporary file the acceptor will not commit (association aborted, etc.)."""
