@@ -9,6 +9,7 @@ Layout::
     cache/index.db (+ -wal, -shm)   queue index, SQLite in WAL mode; the bytes of instances of
                                     at most INLINE_MAX_BYTES (32 KiB) in its `blobs` table
     cache/incoming/<uuid>.part      temporary files being received (owned by the acceptor)
+    cache/incoming/spare-<uuid>.part  empty files made ahead for them (`spares.py`)
     cache/spool/<bucket>/<uuid>.dcm one file per larger instance, shared by all its items
     cache/orphans/                  spool files recovery found without any item
 
