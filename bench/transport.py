@@ -5,7 +5,8 @@ Usage:  .venv/bin/python bench/transport.py [--rounds 3] [--corpus L,S] [--skip-
 
 Scenarios (images/s and MB/s, median of interleaved rounds, ratio to the reference):
   ref        DCMTK storescu -> storescp (-pdu 131072, TCP_NODELAY=1, storescp writes files)
-  acc        storescu -> our acceptor, no fsync (the sink renames the file)
+  acc        storescu -> our acceptor, no fsync (the sink names the file it was received into;
+             like the router's store, it hands out files a thread made ahead)
   acc-dur    storescu -> our acceptor, durable commit (fsync file, rename, fsync dir)
   fsync-loop a plain Python loop writing + fsyncing the same files to the same disk
   req        our requestor -> storescp
@@ -309,15 +310,32 @@ def serve_acceptor_main(port: int, out: Path, durable: bool) -> None:
     import trio
 
     from capacitor_trio.dicom import AcceptorConfig, ReceivedInstance, serve_acceptor
+    from capacitor_trio.store.spares import SpareFiles
 
     incoming = out / "incoming"
     incoming.mkdir(parents=True, exist_ok=True)
     dir_fd = os.open(out, os.O_RDONLY)
+    # as the router's store does: files made ahead by a thread, so that no reception (and no
+    # write of a small instance received in memory) waits for a file to be created
+    spares = SpareFiles(incoming)
+    use_spares = not os.environ.get("BENCH_NO_SPARES")
+
+    def new_file() -> Path:
+        return (spares.take() if use_spares else None) or incoming / uuid.uuid4().hex
+
+    def save(rx: ReceivedInstance, dst: Path) -> None:
+        if rx.data is not None:  # written into a made-ahead file, then named
+            tmp = new_file()
+            with open(tmp, "wb") as f:
+                f.write(rx.data)
+            os.rename(tmp, dst)
+        else:
+            rx.save_as(dst)
 
     def commit(rx: ReceivedInstance, dst: Path) -> None:
         # fsync the data, then the name: a file received in memory is written to `dst` first
         if rx.data is not None:
-            rx.save_as(dst)
+            save(rx, dst)
         fd = os.open(dst if rx.path is None else rx.path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -332,7 +350,7 @@ def serve_acceptor_main(port: int, out: Path, durable: bool) -> None:
             return True
 
         def new_temp_path(self) -> Path:
-            return incoming / uuid.uuid4().hex
+            return new_file()
 
         def check_admission(self) -> None:
             pass
@@ -342,7 +360,7 @@ def serve_acceptor_main(port: int, out: Path, durable: bool) -> None:
             if durable:
                 await trio.to_thread.run_sync(commit, rx, dst)
             else:
-                rx.save_as(dst)  # rename the temporary file, or write the bytes received in memory
+                save(rx, dst)  # rename the temporary file, or write the bytes received in memory
 
     config = AcceptorConfig(host="127.0.0.1", port=port)
     trio.run(serve_acceptor, config, Sink())
