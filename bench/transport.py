@@ -324,9 +324,9 @@ def serve_acceptor_main(port: int, out: Path, durable: bool) -> None:
         return (spares.take() if use_spares else None) or incoming / uuid.uuid4().hex
 
     def save(rx: ReceivedInstance, dst: Path) -> None:
-        if rx.data is not None:  # written into a made-ahead file, then named
+        if rx.data is not None:  # written into a made-ahead file (no truncation), then named
             tmp = new_file()
-            with open(tmp, "wb") as f:
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644), "wb") as f:
                 f.write(rx.data)
             os.rename(tmp, dst)
         else:

@@ -424,9 +424,9 @@ class _Association:
         inc.mem = None
         inc.path = self.sink.new_temp_path()
         try:
-            inc.fd = os.open(
-                inc.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644
-            )
+            # no O_TRUNC: the path is new, or an empty file made ahead (truncating an existing
+            # file makes ext4 write it out at close, on the loop: auto_da_alloc)
+            inc.fd = os.open(inc.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
             _write_fd(inc.fd, data)
         except OSError as exc:
             self._write_failed(inc, exc)

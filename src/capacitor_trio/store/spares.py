@@ -95,6 +95,10 @@ class SpareFiles:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join()
-        while self._ready:
+        while True:
+            try:
+                path = self._ready.popleft()
+            except IndexError:  # empty (a late take() may have had the last one)
+                break
             with contextlib.suppress(OSError):
-                os.unlink(self._ready.popleft())
+                os.unlink(path)

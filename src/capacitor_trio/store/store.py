@@ -116,7 +116,9 @@ def _blob(conn: sqlite3.Connection, instance_id: int) -> bytes | None:
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
+    # no truncation: the path is new or an empty file made ahead (see the acceptor's _spill)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    with open(fd, "wb") as f:
         f.write(data)
 
 
