@@ -100,6 +100,8 @@ async def run_router(
                         max_clients=config.max_clients_per_server,
                         client_timeout=float(config.client_timeout),
                         reject_abstract_syntaxes=frozenset(config.reject_abstract_syntaxes),
+                        # what the store keeps in its index is received in memory, no more
+                        memory_max_bytes=store.inline_max_bytes,
                     )
                     router.dicom_port = await edge.start(serve_acceptor, acceptor, receiver)
                 if config.api.enabled:

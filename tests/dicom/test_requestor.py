@@ -173,6 +173,26 @@ async def test_top_up_outcomes_stay_aligned_with_the_callers_instances(
     assert sent[2].sop_instance_uid not in received
 
 
+async def test_unreadable_file_meta_fails_that_instance_only(
+    fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An I/O error before any of the instance's bytes went out (its file meta): RetryLater for
+    it, and the association goes on with the next."""
+    files = write_corpus(tmp_path / "in", 3)
+    real = requestor._Source.read_into
+
+    async def eio(self: requestor._Source, view: memoryview, offset: int) -> None:
+        if str(self.path) == str(files[1]) and offset == 0:
+            raise OSError(5, "Input/output error")
+        await real(self, view, offset)
+
+    monkeypatch.setattr(requestor._Source, "read_into", eio)
+    got, cb = collect()
+    await send_batch(PEER, [outgoing(f) for f in files], SendOptions("ROUTER"), cb)
+    assert got[0] == Delivered() and got[2] == Delivered()
+    assert isinstance(got[1], RetryLater) and "Input/output error" in got[1].reason
+
+
 async def test_unreadable_spool_file_is_an_outcome_not_a_crash(
     fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -180,7 +200,7 @@ async def test_unreadable_spool_file_is_an_outcome_not_a_crash(
     real = requestor._Source.read_into
 
     async def eio(self: requestor._Source, view: memoryview, offset: int) -> None:
-        if str(self.path) == str(files[1]):
+        if str(self.path) == str(files[1]) and offset > 0:  # the data set, after its meta
             raise OSError(5, "Input/output error")
         await real(self, view, offset)
 

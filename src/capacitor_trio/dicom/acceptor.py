@@ -64,8 +64,9 @@ class AcceptorConfig:
     artim_timeout: float = 30.0
     reject_abstract_syntaxes: frozenset[str] = frozenset()
     #: an instance up to this size (Part 10 bytes) is received in memory and handed over as
-    #: bytes (no temporary file: the store keeps such instances in its index); a larger one is
-    #: streamed to a temporary file from the sink's `new_temp_path()` once it outgrows this
+    #: bytes (no temporary file: the store keeps such instances in its index; the router sets
+    #: it to the store's `inline_max_bytes`); a larger one is streamed to a temporary file from
+    #: the sink's `new_temp_path()` once it outgrows this
     memory_max_bytes: int = 32 * 1024
 
 

@@ -184,17 +184,22 @@ class _Source:
         self.data = memoryview(inst.data) if inst.data is not None else None
         self.fd = os.open(inst.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if self.data is None else -1
 
-    def dataset_span(self) -> tuple[int, int]:
+    async def dataset_span(self) -> tuple[int, int]:
         """(offset of the data set, size of the Part 10 bytes)."""
         if self.data is not None:
             return read_meta(io.BytesIO(self.data))[0], len(self.data)
         size = os.fstat(self.fd).st_size
-        head = os.pread(self.fd, META_READ, 0)  # the meta group is a few hundred bytes
+        head = bytearray(min(META_READ, size))  # the meta group is a few hundred bytes
+        with memoryview(head) as mv:
+            await self.read_into(mv, 0)  # like the data: a cold file is read off the loop
         offset, _ = read_meta(io.BytesIO(head))
         if offset >= len(head) and len(head) < size:  # an unusually long meta group
-            with open(self.fd, "rb", closefd=False) as f:
-                offset, _ = read_meta(f)
+            offset = await trio.to_thread.run_sync(self._long_meta_offset)
         return offset, size
+
+    def _long_meta_offset(self) -> int:
+        with open(self.fd, "rb", closefd=False) as f:
+            return read_meta(f)[0]
 
     async def read_into(self, view: memoryview, offset: int) -> None:
         """Fill `view` from `offset`: on the loop when the bytes are in memory or in the page
@@ -440,7 +445,7 @@ class _Session:
             return RetryLater(f"cannot open spool file {inst.path}: {exc.strerror or exc}")
         try:
             try:
-                offset, size = src.dataset_span()
+                offset, size = await src.dataset_span()
             except (HeaderError, ValueError) as exc:
                 return Rejected(f"unreadable spool file {inst.path}: {exc}")
             except OSError as exc:

@@ -23,7 +23,10 @@ pipe between two copies of this program; nothing else writes to it).
                       ("log", levelno, logger, message)
 
 The router writes through one task fed by a queue, so a caller cancelled mid-message never leaves
-half a message in the pipe. The child exits when its stdin closes (the router stopped, or was
+half a message in the pipe. The memory channels on both sides are unbounded on purpose: their
+producers are synchronous (the dispatcher, outcome callbacks, the log handler) and must not
+block, and what they carry is bounded by the batches in flight (one outcome per instance, one
+answer per "more?"). The child exits when its stdin closes (the router stopped, or was
 killed). If the child dies, every batch in flight reports RetryLater for the instances the child
 had taken and not seen answered (the others stay unreported: the node releases them), and a new
 child is started. A child that exits before saying "ready", or cannot be started at all, leaves

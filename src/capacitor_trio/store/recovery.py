@@ -103,7 +103,7 @@ def recover(
                 "last_error = ? WHERE instance_id = ?",
                 (now, f"{what} missing at startup: {rel}", known[rel]),
             ).rowcount
-            log.error("store recovery: spool file %s is missing; %d item(s) marked failed", rel, n)
+            log.error("store recovery: %s %s missing; %d item(s) marked failed", what, rel, n)
 
         # 5. operator option: rejected items get another chance
         rejected_cycled = 0
