@@ -13,6 +13,7 @@ import yaml
 
 from capacitor_trio.config.models import Node
 from capacitor_trio.store import Item, ItemFilter, ItemNotFound, Store
+from tests.store.util import content
 
 from .conftest import AUTH, StartRouter, StorageScp, dead_node, pacs
 
@@ -386,6 +387,26 @@ async def test_items_list_filters_and_detail(start_router: StartRouter) -> None:
     assert all(v.get("vr") not in ("OB", "OW", "UN") for v in tags.values())
     error(await r.client.get("/api/queue/items/999999"), "NOT_FOUND", 404)
     error(await r.client.get("/api/queue/items/abc"), "BAD_REQUEST", 400)
+
+
+async def test_item_tags_come_only_from_the_items_own_instance(start_router: StartRouter) -> None:
+    """A file that holds another instance (its name reused after the item went away) is never
+    shown as this item's header."""
+    r = await start_router((dead_node("DEAD"),))
+    [mine] = await r.queue(1, dest="DEAD")
+    item = await r.store.get_item(mine)
+    [other] = await r.queue(1, dest="DEAD", patient_id="SOMEONE-ELSE")
+    other_bytes = await content(r.store, await r.store.get_item(other))
+    if item.inline:
+        await r.store._write(
+            lambda conn: conn.execute(
+                "UPDATE blobs SET data = ? WHERE instance_id = ?", (other_bytes, item.instance_id)
+            )
+        )
+    else:
+        item.path.write_bytes(other_bytes)
+    detail = data(await r.client.get(f"/api/queue/items/{mine}"))
+    assert detail["sopInstanceUid"] == item.sop_instance_uid and detail["tags"] is None
 
 
 async def test_item_actions(start_router: StartRouter) -> None:

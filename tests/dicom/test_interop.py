@@ -99,6 +99,32 @@ async def test_large_images_from_storescu(acceptor: RunningAcceptor, tmp_path: P
 
 
 @needs_dcmtk
+async def test_a_reused_temporary_file_holds_exactly_the_new_instance(
+    acceptor: RunningAcceptor, tmp_path: Path
+) -> None:
+    """The store hands out files of delivered instances again (durable writes): the acceptor
+    writes over what such a file held and cuts it to the new instance, bigger or smaller."""
+    sink = acceptor.sink
+    old = b"OLD PATIENT " * 100_000  # 1.2 MB: longer than any instance below
+
+    def reused_file() -> Path:
+        path = sink.incoming / f"retired-{len(sink.received)}.part"
+        path.write_bytes(old)
+        return path
+
+    sink.new_temp_path = reused_file  # type: ignore[method-assign]
+    files = write_corpus(tmp_path / "in", 2, rows=512) + write_corpus(tmp_path / "small", 2, rows=128)
+    result = await storescu(acceptor.port, files)
+    assert result.returncode == 0, result.stderr.decode()
+    for src in files:
+        ds = pydicom.dcmread(src, stop_before_pixels=True)
+        got = sink.out / f"{ds.SOPInstanceUID}.dcm"
+        assert_same_instance(src, got)
+        assert b"OLD PATIENT" not in got.read_bytes()
+    assert sink.leftovers() == []
+
+
+@needs_dcmtk
 @pytest.mark.parametrize("nodelay", [True, False], ids=["nodelay", "nagle"])
 async def test_echoscu_to_acceptor(acceptor: RunningAcceptor, nodelay: bool) -> None:
     result = await trio.run_process(

@@ -380,6 +380,32 @@ async def test_sink_errors_remove_file(
     assert h.sink.leftovers() == []
 
 
+async def test_a_file_that_cannot_be_cut_to_size_is_refused(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cutting the temporary file to the received length (a reused file may hold more) is part
+    of writing it: when that fails the instance is refused with 0xA700 and its file removed."""
+    import errno
+    import os
+
+    def broken(fd: int, length: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "ftruncate", broken)
+    h = Harness(tmp_path, attrs.evolve(CONFIG, memory_max_bytes=0))  # every instance in a file
+    nursery.start_soon(h.serve)
+    uid, data = dataset_bytes()
+    await h.associate()
+    for pdu in store_pdus(uid, data):
+        await h.send(pdu)
+    rsp = await h.read_command()
+    assert rsp.status == 0xA700 and "Input/output error" in (rsp.error_comment or "")
+    assert h.sink.leftovers() == [] and h.sink.received == []
+
+
 async def test_uid_mismatch_and_garbage(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
     uid, data = dataset_bytes()
     await h.associate()

@@ -1,7 +1,8 @@
 """Destinations built on our own acceptor, for end-to-end and soak tests.
 
 `CountingSink` stores nothing and counts every SOP Instance UID it receives: a fast, honest
-destination. `FakePeer` is a misbehaving destination: a listener whose every connection is served by
+destination, which also checks each instance's pixels against the digest the soak traffic
+carries. `FakePeer` is a misbehaving destination: a listener whose every connection is served by
 `handle_association` through a `Script` that may refuse the association, answer chosen failure
 statuses, abort or go silent mid-dataset, read slowly, or close the socket after some images.
 """
@@ -10,11 +11,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import attrs
+import pydicom
 import trio
 
 from capacitor_trio.dicom import pdu as P
@@ -37,6 +40,8 @@ class CountingSink:
         self.received: collections.Counter[str] = collections.Counter()
         self.count = Counter()
         self._n = 0
+        #: instances whose pixels do not match the digest they carry (see `intact`)
+        self.corrupt: list[str] = []
 
     def accepts_called_ae(self, called_ae: str) -> bool:
         return True
@@ -50,12 +55,31 @@ class CountingSink:
 
     async def instance_received(self, rx: ReceivedInstance) -> None:
         if rx.path is not None:
+            raw = rx.path.read_bytes()
             rx.path.unlink()
+        else:
+            assert rx.data is not None
+            raw = rx.data
+        if not intact(raw):
+            self.corrupt.append(rx.header.sop_instance_uid)
         self.received[rx.header.sop_instance_uid] += 1
         self.count.add()
 
     def duplicates(self) -> int:
         return sum(n - 1 for n in self.received.values())
+
+
+def intact(part10: bytes) -> bool:
+    """False when the data set carries a pixel digest (tests.helpers.soak.pixel_digest) that its
+    pixels do not match, or cannot be read at all."""
+    from tests.helpers.soak import pixel_digest
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(part10))
+        comment = str(ds.get("ImageComments", ""))
+        return not comment.startswith("sha1:") or comment == pixel_digest(ds.PixelData)
+    except Exception:
+        return False
 
 
 @attrs.define
@@ -172,8 +196,9 @@ class FakePeer:
         self.instances = 0
         self.statuses: collections.Counter[int] = collections.Counter()
         self.faults: collections.Counter[str] = collections.Counter()
-        self.config = AcceptorConfig(ae_title=ae_title, host="127.0.0.1", port=0,
-                                     artim_timeout=10, client_timeout=60)
+        self.config = AcceptorConfig(
+            ae_title=ae_title, host="127.0.0.1", port=0, artim_timeout=10, client_timeout=60
+        )
         self.port = 0
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -59,10 +60,17 @@ class Gate:
             )
 
 
+def pixel_digest(pixels: bytes) -> str:
+    """A digest of an image's pixels, carried in the data set (ImageComments) so that a
+    destination can tell the bytes it got are the ones sent."""
+    return "sha1:" + hashlib.sha1(pixels).hexdigest()
+
+
 def series_of(n: int, *, per_series: int = 20, rows: int | tuple[int, ...] = 16,
               sop_class: str = CTImageStorage, patient: str = "SOAK") -> Iterator[Dataset]:
     """`n` small instances, `per_series` to a series, a few series to a study. A tuple of
-    `rows` cycles through image sizes (e.g. some kept in the index, some in spool files)."""
+    `rows` cycles through image sizes (e.g. some kept in the index, some in spool files). Each
+    carries the digest of its pixels (`pixel_digest`)."""
     sizes = rows if isinstance(rows, tuple) else (rows,)
     study = series = ""
     for i in range(n):
@@ -71,9 +79,11 @@ def series_of(n: int, *, per_series: int = 20, rows: int | tuple[int, ...] = 16,
             study = generate_uid()
         if i % per_series == 0:
             series = generate_uid()
-        yield make_dataset(rows=rows, columns=rows, sop_class_uid=sop_class, study_uid=study,
-                           series_uid=series, patient_id=patient, seed=i % 251,
-                           modality="MR" if sop_class == MRImageStorage else "CT")
+        ds = make_dataset(rows=rows, columns=rows, sop_class_uid=sop_class, study_uid=study,
+                          series_uid=series, patient_id=patient, seed=i % 251,
+                          modality="MR" if sop_class == MRImageStorage else "CT")
+        ds.ImageComments = pixel_digest(ds.PixelData)  # what CountingSink checks on arrival
+        yield ds
 
 
 @attrs.define

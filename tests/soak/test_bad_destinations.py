@@ -35,7 +35,7 @@ from capacitor_trio.domain.instance import Destination
 from capacitor_trio.runtime import run_router
 from tests.helpers.peers import free_port
 from tests.helpers.sinks import CountingSink, FakePeer, Script
-from tests.helpers.soak import Gate, LogWatch, Sender, series_of, write_router_config
+from tests.helpers.soak import Gate, LogWatch, Sender, pixel_digest, series_of, write_router_config
 
 from .conftest import start_sinks
 
@@ -53,6 +53,7 @@ def big_images(n: int, side: int = 1024) -> Iterator[Dataset]:
     for ds in series_of(n, per_series=n, rows=8, patient="TRICKLE"):
         ds.Rows = ds.Columns = side
         ds.PixelData = bytes(side * side * 2)
+        ds.ImageComments = pixel_digest(ds.PixelData)
         yield ds
 
 
@@ -168,6 +169,7 @@ async def test_misbehaving_destinations(
     # the healthy node never failed and was done long before the slowest scenario
     assert ok_failures == 0
     assert sinks["OK"].duplicates() == 0
+    assert [u for sink in sinks.values() for u in sink.corrupt] == []  # bytes as sent
     figures["faults: scenarios passed"] = f"{len(scripts)} of {len(scripts)} (+ healthy node)"
     figures["faults: REFUSE connection attempts per minute"] = round(
         refuse_connections * 60 / elapsed, 1)

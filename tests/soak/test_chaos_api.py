@@ -86,6 +86,7 @@ async def test_chaos_on_actors_with_api_answering(
     lost = sum(len(expected[ae] - set(sinks[ae].received)) for ae in NODES)
     duplicates = sum(sink.duplicates() for sink in sinks.values())
     assert lost == 0
+    assert [u for sink in sinks.values() for u in sink.corrupt] == []  # bytes as sent
     assert all(len(expected[ae]) == per_node for ae in NODES)
     assert prober.failures == []
     assert prober.slowest < 1.0, prober.slowest

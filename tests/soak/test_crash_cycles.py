@@ -131,6 +131,7 @@ async def test_sigkill_cycles_lose_nothing(
         # (a) an acknowledgement lost in a kill, then a resend; (b) a batch in flight at a kill
         assert duplicates[ae] <= resent[ae] + kills * BATCH, (ae, duplicates[ae], resent[ae])
     assert lost == 0
+    assert {ae: sinks[ae].corrupt for ae in NODES} == {ae: [] for ae in NODES}  # bytes as sent
     figures["crash cycles (SIGKILL + restart)"] = kills
     figures["crash: instances acknowledged"] = sum(len(v) for v in expected.values())
     figures["crash: delivered (distinct instance x destination)"] = sum(

@@ -101,6 +101,7 @@ async def test_disk_full_refuses_loses_nothing_recovers(
         await sink.count.wait_until(lambda: set(sender.acked) <= set(sink.received))
         await wait_queue_empty(router, f"http://127.0.0.1:{api_port}")
     assert incoming_leftovers(tmpfs / "incoming") == []
+    assert sink.corrupt == []  # bytes as sent
     router.signal(15)
     assert await router.wait(timeout=60) == 0
     key = "disk full (minFreeSpace)" if min_free else "disk full (ENOSPC)"

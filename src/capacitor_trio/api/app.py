@@ -437,9 +437,12 @@ class Api:
         out = item_json(item)
         try:
             source = io.BytesIO(item.data) if item.data is not None else item.path
-            out["tags"] = await trio.to_thread.run_sync(read_tags, source)
+            tags = await trio.to_thread.run_sync(read_tags, source)
         except Exception:  # a missing or unreadable file: the item is still shown
-            out["tags"] = None
+            tags = None
+        if tags is not None and tags.get("00080018", {}).get("Value") != [item.sop_instance_uid]:
+            tags = None  # not this instance's file (gone and its name reused): never show it
+        out["tags"] = tags
         return ok(out)
 
     async def _item_action(self, item_id: str, action: str, target: str | None = None) -> Any:

@@ -116,10 +116,12 @@ def _blob(conn: sqlite3.Connection, instance_id: int) -> bytes | None:
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    # no truncation: the path is new or an empty file made ahead (see the acceptor's _spill)
+    # no O_TRUNC: the path is new, made ahead or recycled (see the acceptor's _spill); cut what
+    # a recycled file held beyond the new bytes
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     with open(fd, "wb") as f:
         f.write(data)
+        f.truncate()
 
 
 def _state(value: str) -> str:
@@ -173,7 +175,9 @@ class Store:
         self._ops.durable = durable
         self._n_readers = max(1, read_connections)
         self._incoming = self.root / "incoming"
-        self._spares = SpareFiles(self._incoming)
+        # files whose last item went away are unlinked by the spares thread, and reused by
+        # receptions when writes are durable (spares.py)
+        self._spares = SpareFiles(self._incoming, self._ops.fsync_dir if durable else None)
         self._spool = self.root / "spool"
         self._db_path = self.root / "index.db"
         self._reserve_path = self.root / "reserve"
@@ -251,6 +255,7 @@ class Store:
             reserve_path=self._reserve_path,
             reserve_bytes=self.reserve_bytes,
             reserve_released=not self._reserve_ok,
+            spares=self._spares,
         )
         self._writer.start()
 
@@ -265,7 +270,11 @@ class Store:
         self._readers.clear()
 
     async def _write(
-        self, fn: Callable[[sqlite3.Connection], T], dirs: Iterable[Path] = (), *, durable: bool = True
+        self,
+        fn: Callable[[sqlite3.Connection], T],
+        dirs: Iterable[Path] = (),
+        *,
+        durable: bool = True,
     ) -> T:
         """Run `fn` in the writer's next group. `durable=False` for changes a power cut may undo
         harmlessly (checkouts, releases, new -> prepared): recovery undoes or redoes them anyway,
@@ -313,7 +322,9 @@ class Store:
         return self._writer.index_free_bytes if self._writer is not None else 0
 
     def free_space_percent(self) -> float:
-        return self._ops.free_space_percent(self.root, extra_bytes=self.index_free_bytes)
+        # files kept for reuse (spares.py) count as free: the next receptions write over them
+        extra = self.index_free_bytes + self._spares.recycled_bytes
+        return self._ops.free_space_percent(self.root, extra_bytes=extra)
 
     @property
     def accepting(self) -> bool:
@@ -742,7 +753,9 @@ class Store:
         now = self._clock()
 
         def job(conn: sqlite3.Connection) -> Any:
-            conn.executemany(_FAIL_SQL, [(error, at, now, item_id) for item_id, error, at in failed])
+            conn.executemany(
+                _FAIL_SQL, [(error, at, now, item_id) for item_id, error, at in failed]
+            )
             conn.executemany(_REJECT_SQL, [(error, now, item_id) for item_id, error in rejected])
             paths = self._remove_items(conn, delivered) if delivered else []
             if paths and not durable:
@@ -860,7 +873,9 @@ class Store:
                 "updated_at = ? WHERE id = ?",
                 (now, item_id),
             )
-            return self._item(row, state="new", next_attempt_at=None, attempt_count=0, updated_at=now)
+            return self._item(
+                row, state="new", next_attempt_at=None, attempt_count=0, updated_at=now
+            )
 
         return await self._write(job)
 
@@ -1025,9 +1040,13 @@ class Store:
                 where = " WHERE destination_ae = ? AND destination_role = ?"
                 params = (destination.ae_title, destination.role)
             per: dict[str, int] = dict.fromkeys(STATES, 0)
-            for state, n in conn.execute(f"SELECT state, COUNT(*) FROM items{where} GROUP BY state", params):
+            for state, n in conn.execute(
+                f"SELECT state, COUNT(*) FROM items{where} GROUP BY state", params
+            ):
                 per[state] = int(n)
-            checked_sql = "SELECT COUNT(*) FROM items WHERE checked_out = 1" + where.replace(" WHERE", " AND")
+            checked_sql = "SELECT COUNT(*) FROM items WHERE checked_out = 1" + where.replace(
+                " WHERE", " AND"
+            )
             (checked,) = conn.execute(checked_sql, params).fetchone()
             return Counts(**per, checked_out=int(checked), total=sum(per.values()))
 

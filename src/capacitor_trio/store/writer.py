@@ -27,6 +27,7 @@ import trio
 
 from .errors import StoreFull, translate
 from .fsops import FileOps
+from .spares import SpareFiles
 
 log = logging.getLogger("capacitor_trio.store")
 
@@ -79,7 +80,10 @@ class Writer:
         reserve_path: Path | None = None,
         reserve_bytes: int = 0,
         reserve_released: bool = False,
+        spares: SpareFiles | None = None,
     ) -> None:
+        #: where a file whose last item went away is retired to (`_retire`)
+        self._spares = spares
         self._reserve_path = reserve_path if reserve_bytes > 0 else None
         self._reserve_bytes = reserve_bytes
         #: the reserve was given to the index: new instances are refused until it is back
@@ -325,6 +329,8 @@ class Writer:
                 self._reserve_bytes,
             )
             self._ops.unlink(self._reserve_path)
+            if self._spares is not None:  # and the files kept for reuse
+                self._spares.drop_recycled()
             self.reserve_released = True
             live = self._refuse_admission(live)
             for job in live:
@@ -350,10 +356,26 @@ class Writer:
                     self._ops.unlink(job.discard)
             for path in job.unlink_after:
                 try:
-                    self._ops.unlink(path)
+                    self._retire(path)
                     self._trash_done.append(path.relative_to(self._root).as_posix())
                 except OSError:
                     log.warning("store: could not remove %s; recovery will retry", path)
+
+    def _retire(self, path: Path) -> None:
+        """Take `path` out of the spool: renamed for the spares thread to unlink or reuse
+        (`spares.py`), else unlinked here. Only after a durable commit: the index no longer
+        names it in a power cut."""
+        to = self._spares.retire_path() if self._spares is not None else None
+        if to is not None:
+            try:
+                self._ops.rename(path, to)
+            except OSError:
+                pass  # unlink it then
+            else:
+                assert self._spares is not None
+                self._spares.retired(to)
+                return
+        self._ops.unlink(path)
 
 
 def _place_file(ops: FileOps, src: Path, dst: Path) -> int:

@@ -1,0 +1,225 @@
+"""Files made ahead and files retired from the spool (`store/spares.py`), alone and in the store."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from capacitor_trio.store import StoreFull, open_store
+from capacitor_trio.store.spares import RECYCLE_MAX, RETIRED_PREFIX, SPARE_PREFIX, SpareFiles
+
+from .util import PACS, content, header, incoming_leftovers, spool_files
+
+
+def fsyncs(log: list[Path]):  # type: ignore[no-untyped-def]
+    def fsync_dir(path: Path) -> None:
+        log.append(path)
+
+    return fsync_dir
+
+
+def retire(spares: SpareFiles, data: bytes) -> Path:
+    """What the store's writer does with a spool file whose last item went away."""
+    to = spares.retire_path()
+    assert to is not None and to.name.startswith(RETIRED_PREFIX)
+    to.write_bytes(data)  # stands for the rename
+    spares.retired(to)
+    return to
+
+
+def settle(spares: SpareFiles) -> None:
+    assert spares.wait_settled(10)
+
+
+def test_retired_files_are_reused_newest_first_once_their_names_are_durable(tmp_path: Path) -> None:
+    synced: list[Path] = []
+    spares = SpareFiles(tmp_path, fsyncs(synced))
+    try:
+        first, second = retire(spares, b"first"), retire(spares, b"second")
+        settle(spares)
+        assert synced and set(synced) == {tmp_path}  # the directory fsync'd before any reuse
+        assert spares.take() == second and spares.take() == first
+        assert spares.take() is None or spares.take().name.startswith(SPARE_PREFIX)  # type: ignore[union-attr]
+    finally:
+        spares.close()
+
+
+def test_retired_files_beyond_the_limit_are_unlinked(tmp_path: Path) -> None:
+    spares = SpareFiles(tmp_path, fsyncs([]))
+    try:
+        retired = [retire(spares, b"x") for _ in range(RECYCLE_MAX + 5)]
+        settle(spares)
+        assert spares.recycled == RECYCLE_MAX
+        assert sum(p.exists() for p in retired) == RECYCLE_MAX
+    finally:
+        spares.close()
+    # closing removes the ones nobody took
+    assert not any(p.exists() for p in retired)
+
+
+def test_without_durable_writes_retired_files_are_only_unlinked(tmp_path: Path) -> None:
+    """No reuse without fsync: after a power cut a reused file could mix two patients' bytes."""
+    spares = SpareFiles(tmp_path)
+    try:
+        path = retire(spares, b"old patient")
+        settle(spares)
+        assert not path.exists() and spares.recycled == 0
+        for _ in range(3):
+            taken = spares.take()
+            assert taken is None or taken.name.startswith(SPARE_PREFIX)
+    finally:
+        spares.close()
+
+
+def test_a_failed_directory_fsync_means_no_reuse(tmp_path: Path) -> None:
+    def broken(path: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    spares = SpareFiles(tmp_path, broken)
+    try:
+        path = retire(spares, b"old patient")
+        settle(spares)
+        assert not path.exists() and spares.recycled == 0
+    finally:
+        spares.close()
+
+
+def test_retired_after_close_is_unlinked_at_once(tmp_path: Path) -> None:
+    spares = SpareFiles(tmp_path, fsyncs([]))
+    spares.close()
+    assert spares.retire_path() is None
+    late = tmp_path / f"{RETIRED_PREFIX}late.part"
+    late.write_bytes(b"x")
+    spares.retired(late)
+    assert not late.exists()
+
+
+@pytest.mark.parametrize("durable", [True, False], ids=["durable", "no-fsync"])
+async def test_a_delivered_instance_file_is_retired_and_with_durable_writes_reused(
+    tmp_path: Path, durable: bool
+) -> None:
+    """The writer renames a delivered instance's file out of the spool instead of unlinking it;
+    with durable writes the next reception writes over it, and the new instance holds exactly
+    its own bytes (shorter or longer than the old)."""
+    old = b"OLD PATIENT " * 20_000  # 240 kB: a spool file
+    async with open_store(tmp_path, durable=durable) as store:
+        temp = store.new_incoming_path()
+        temp.write_bytes(old)
+        [a] = await store.commit_instance(temp, header(), "CT", [PACS])
+        [spooled] = spool_files(tmp_path)
+        await store.delivered([a])
+        assert not spooled.exists() and spool_files(tmp_path) == set()
+        await trio.to_thread.run_sync(settle, store._spares)
+        assert store._spares.recycled == (1 if durable else 0)
+        for new in (b"NEW" * 30_000, b"NEWER" * 60_000):
+            reused = store.new_incoming_path()
+            assert reused.name.startswith(RETIRED_PREFIX) == durable
+            # what the acceptor does: write without truncating, then cut to what it wrote
+            fd = os.open(reused, os.O_WRONLY | os.O_CREAT)
+            try:
+                os.write(fd, new)
+                os.ftruncate(fd, len(new))
+            finally:
+                os.close(fd)
+            [b] = await store.commit_instance(reused, header(), "CT", [PACS])
+            assert await content(store, await store.get_item(b)) == new
+            await store.delivered([b])
+            await trio.to_thread.run_sync(settle, store._spares)
+        # bytes received in memory but too large for the index take a file the same way
+        big = b"BYTES" * 20_000
+        [c] = await store.commit_instance(None, header(), "CT", [PACS], data=big)
+        assert await content(store, await store.get_item(c)) == big
+    assert incoming_leftovers(tmp_path / "incoming") == []
+    assert not any((tmp_path / "incoming").iterdir())  # closing removed the files kept for reuse
+
+
+async def test_recovery_removes_retired_files_reporting_only_those_written_to(
+    tmp_path: Path,
+) -> None:
+    async with open_store(tmp_path, durable=True):
+        pass
+    incoming = tmp_path / "incoming"
+    unused = incoming / f"{RETIRED_PREFIX}left-by-a-kill.part"
+    unused.write_bytes(b"old")
+    st = unused.stat()  # a retired file was written before its rename: mtime < ctime
+    os.utime(unused, ns=(st.st_atime_ns, st.st_mtime_ns - 10**9))
+    (incoming / f"{RETIRED_PREFIX}reused-then-cut-short.part").write_bytes(b"partial")
+    (incoming / "reception-cut-short.part").write_bytes(b"partial")
+    async with open_store(tmp_path, durable=True) as store:
+        assert store.recovery_report.incoming_removed == 2
+        assert incoming_leftovers(store.root / "incoming") == []
+        assert not unused.exists()
+
+
+def test_a_retired_file_still_open_elsewhere_is_not_reused(tmp_path: Path) -> None:
+    """A reader still streaming it (the sender process, the API) would otherwise read the next
+    reception's bytes: such a file is unlinked (the reader keeps the old bytes), not reused."""
+    spares = SpareFiles(tmp_path, fsyncs([]))
+    try:
+        path = tmp_path / f"{RETIRED_PREFIX}busy.part"
+        path.write_bytes(b"patient A")
+        with open(path, "rb") as reader:
+            spares.retired(path)
+            settle(spares)
+            assert spares.recycled == 0 and not path.exists()
+            assert reader.read() == b"patient A"
+        idle = retire(spares, b"patient B")
+        settle(spares)
+        assert spares.take() == idle
+    finally:
+        spares.close()
+
+
+def test_reuse_is_bounded_in_bytes_and_file_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from capacitor_trio.store import spares as module
+
+    monkeypatch.setattr(module, "RECYCLE_BYTES", 250)
+    monkeypatch.setattr(module, "RECYCLE_FILE_BYTES", 120)
+    spares = SpareFiles(tmp_path, fsyncs([]))
+    try:
+        too_big = retire(spares, b"x" * 121)
+        kept = [retire(spares, b"x" * 100) for _ in range(3)]
+        settle(spares)
+        assert not too_big.exists()
+        assert spares.recycled == 2 and spares.recycled_bytes == 200  # the third passes 250
+        assert sum(p.exists() for p in kept) == 2
+        taken = spares.take()
+        assert spares.recycled_bytes == 100
+        spares.drop_recycled()
+        assert (spares.recycled, spares.recycled_bytes) == (0, 0)
+        assert [p for p in kept if p.exists()] == [taken]  # the taken one is its taker's
+    finally:
+        spares.close()
+
+
+async def test_a_full_disk_gives_back_the_files_kept_for_reuse(tmp_path: Path) -> None:
+    """They count as free space while kept; when the index hits a full disk they are unlinked
+    with the reserve, so that deliveries and deletes find room."""
+    from .test_disk_full import FaultyOps
+
+    ops = FaultyOps()
+    async with open_store(tmp_path, durable=True, file_ops=ops, reserve_bytes=1 << 16) as store:
+        ids: list[int] = []
+        for _ in range(3):
+            temp = store.new_incoming_path()
+            temp.write_bytes(b"x" * 100_000)
+            ids += await store.commit_instance(temp, header(), "CT", [PACS])
+        await store.delivered(ids)
+        await trio.to_thread.run_sync(settle, store._spares)
+        assert (store._spares.recycled, store._spares.recycled_bytes) == (3, 300_000)
+        ops.fail["index"] = errno.ENOSPC
+        temp = store.new_incoming_path()
+        temp.write_bytes(b"y" * 100_000)
+        with pytest.raises(StoreFull):
+            await store.commit_instance(temp, header(), "CT", [PACS])
+        assert not store.accepting
+        assert (store._spares.recycled, store._spares.recycled_bytes) == (0, 0)
+        assert not [
+            p for p in (tmp_path / "incoming").iterdir() if p.name.startswith(RETIRED_PREFIX)
+        ]
