@@ -48,6 +48,29 @@ def test_retired_files_are_reused_newest_first_once_their_names_are_durable(tmp_
         spares.close()
 
 
+def test_a_retired_file_is_not_handed_out_before_its_name_is_durable(tmp_path: Path) -> None:
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_fsync(path: Path) -> None:
+        entered.set()
+        assert release.wait(10)
+
+    spares = SpareFiles(tmp_path, slow_fsync)
+    try:
+        path = retire(spares, b"old")
+        assert entered.wait(10)  # the directory fsync is under way
+        taken = spares.take()
+        assert taken != path and (taken is None or taken.name.startswith(SPARE_PREFIX))
+        release.set()
+        settle(spares)
+        assert spares.take() == path
+    finally:
+        release.set()
+        spares.close()
+
+
 def test_retired_files_beyond_the_limit_are_unlinked(tmp_path: Path) -> None:
     spares = SpareFiles(tmp_path, fsyncs([]))
     try:
@@ -174,6 +197,41 @@ def test_a_retired_file_still_open_elsewhere_is_not_reused(tmp_path: Path) -> No
         spares.close()
 
 
+def test_an_open_during_the_lease_check_does_not_kill_the_router(tmp_path: Path) -> None:
+    """While the check holds its lease, another process opening the file (a backup, a virus
+    scanner) makes the kernel signal the holder; by default that is SIGIO, which ends a process.
+    A child takes the lease the way the check does and must live through such an open."""
+    import subprocess
+    import sys
+
+    path = tmp_path / f"{RETIRED_PREFIX}scanned.part"
+    path.write_bytes(b"x")
+    script = (
+        "import fcntl, os, sys\n"
+        "from capacitor_trio.store.spares import _take_lease\n"
+        f"fd = os.open({str(path)!r}, os.O_RDONLY)\n"
+        "_take_lease(fd)\n"
+        "print('leased', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)\n"
+        "print('alive', flush=True)\n"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as holder:
+        assert holder.stdout is not None and holder.stdin is not None
+        try:
+            assert holder.stdout.readline() == "leased\n"
+            with pytest.raises(BlockingIOError):  # the open breaks the lease: holder signalled
+                os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            assert holder.stdout.readline() == "alive\n"
+            assert holder.wait(10) == 0
+        finally:
+            holder.kill()
+
+
 def test_reuse_is_bounded_in_bytes_and_file_size(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -200,26 +258,45 @@ def test_reuse_is_bounded_in_bytes_and_file_size(
 
 async def test_a_full_disk_gives_back_the_files_kept_for_reuse(tmp_path: Path) -> None:
     """They count as free space while kept; when the index hits a full disk they are unlinked
-    with the reserve, so that deliveries and deletes find room."""
+    with the reserve, and nothing is kept again until the reserve is back, so that deliveries
+    and deletes give their space to the file system."""
     from .test_disk_full import FaultyOps
 
     ops = FaultyOps()
+
+    def retired() -> list[Path]:
+        return [p for p in (tmp_path / "incoming").iterdir() if p.name.startswith(RETIRED_PREFIX)]
+
     async with open_store(tmp_path, durable=True, file_ops=ops, reserve_bytes=1 << 16) as store:
         ids: list[int] = []
-        for _ in range(3):
+        for _ in range(6):
             temp = store.new_incoming_path()
             temp.write_bytes(b"x" * 100_000)
             ids += await store.commit_instance(temp, header(), "CT", [PACS])
-        await store.delivered(ids)
+        free = store.free_space_percent()
+        await store.delivered(ids[:3])
         await trio.to_thread.run_sync(settle, store._spares)
         assert (store._spares.recycled, store._spares.recycled_bytes) == (3, 300_000)
+        assert store.free_space_percent() >= free  # their bytes count as free
         ops.fail["index"] = errno.ENOSPC
         temp = store.new_incoming_path()
+        assert temp.name.startswith(RETIRED_PREFIX)  # (one of them, taken by this reception)
         temp.write_bytes(b"y" * 100_000)
         with pytest.raises(StoreFull):
             await store.commit_instance(temp, header(), "CT", [PACS])
         assert not store.accepting
         assert (store._spares.recycled, store._spares.recycled_bytes) == (0, 0)
-        assert not [
-            p for p in (tmp_path / "incoming").iterdir() if p.name.startswith(RETIRED_PREFIX)
-        ]
+        assert retired() == []
+        # deliveries on the full disk give their files back
+        await store.delivered(ids[3:])
+        await trio.to_thread.run_sync(settle, store._spares)
+        assert store._spares.recycled == 0 and retired() == []
+        # space returns: the reserve is taken back, and reuse resumes
+        ops.fail.pop("index", None)  # (giving up the reserve made room already)
+        temp = store.new_incoming_path()
+        temp.write_bytes(b"z" * 100_000)
+        [last] = await store.commit_instance(temp, header(), "CT", [PACS])
+        assert store.accepting
+        await store.delivered([last])
+        await trio.to_thread.run_sync(settle, store._spares)
+        assert store._spares.recycled == 1

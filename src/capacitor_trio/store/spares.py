@@ -30,6 +30,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import signal
 import threading
 import uuid
 from collections.abc import Callable
@@ -63,16 +64,30 @@ def is_unused_spare(path: Path) -> bool:
     return path.name.startswith(SPARE_PREFIX) and st.st_size == 0
 
 
+#: the signal a lease break sends to its holder: by default SIGIO, whose default action ends the
+#: process (another process opening the file in the instant of the check would kill the router);
+#: SIGURG's default action is to ignore it
+_LEASE_SIGNAL = signal.SIGURG
+_F_SETSIG = getattr(fcntl, "F_SETSIG", 10)
+
+
+def _take_lease(fd: int) -> None:
+    """A write lease on `fd`, its break signalled with _LEASE_SIGNAL; OSError when refused."""
+    fcntl.fcntl(fd, _F_SETSIG, _LEASE_SIGNAL)
+    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+
+
 def _unused_elsewhere(fd: int) -> bool:
     """True when no other open file description (any process) refers to the file: a write
     lease is granted only then. A reader still streaming a retired file (the sender process,
     the API showing an item) must not see the next patient's bytes in it. False when leases are
     not available (file system, settings): such a file is not reused."""
     try:
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        _take_lease(fd)
     except OSError:
         return False
-    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+    with contextlib.suppress(OSError):  # closing the descriptor releases it anyway
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
     return True
 
 
@@ -108,6 +123,8 @@ class SpareFiles:
         self._fsync_dir = fsync_dir
         #: the thread is dealing with a batch of retired files
         self._dealing = False
+        #: no reuse for now (the disk is full: every byte goes back to the file system)
+        self._reuse_paused = False
         self._cond = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -175,8 +192,9 @@ class SpareFiles:
         keep: list[tuple[Path, int]] = []
         drop: list[Path] = []
         count, held = len(self._recycled), self.recycled_bytes
+        reuse = self._fsync_dir is not None and not self._reuse_paused
         for path in retired:
-            size = _reusable(path) if self._fsync_dir is not None else None
+            size = _reusable(path) if reuse else None
             if size is None or count >= RECYCLE_MAX or held + size > RECYCLE_BYTES:
                 drop.append(path)
             else:
@@ -196,11 +214,23 @@ class SpareFiles:
         with self._cond:
             if self._stop:
                 self._retired.extend(p for p, _ in keep)  # close() removes them
+            elif self._reuse_paused:  # paused meanwhile
+                self._retired.extend(p for p, _ in keep)  # the next round unlinks them
             else:
                 self._recycled.extend(keep)
                 self.recycled_bytes += sum(size for _, size in keep)
             self._dealing = False
             self._cond.notify_all()
+
+    def pause_reuse(self, paused: bool) -> None:
+        """While the disk is full nothing is kept for reuse (the files kept are unlinked now),
+        so that every delivered file gives its space back."""
+        with self._cond:
+            self._reuse_paused = paused
+            if self._retired:
+                self._cond.notify_all()
+        if paused:
+            self.drop_recycled()
 
     def drop_recycled(self) -> None:
         """Unlink the files kept for reuse (the disk is full: their space goes back)."""

@@ -84,6 +84,8 @@ class Writer:
     ) -> None:
         #: where a file whose last item went away is retired to (`_retire`)
         self._spares = spares
+        if spares is not None and reserve_released:  # opened on a full disk
+            spares.pause_reuse(True)
         self._reserve_path = reserve_path if reserve_bytes > 0 else None
         self._reserve_bytes = reserve_bytes
         #: the reserve was given to the index: new instances are refused until it is back
@@ -213,6 +215,8 @@ class Writer:
             self._ops.unlink(self._reserve_path)
             return False
         self.reserve_released = False
+        if self._spares is not None:
+            self._spares.pause_reuse(False)
         return True
 
     def _attempt(self, live: list[Job]) -> list[Job] | None:
@@ -329,8 +333,8 @@ class Writer:
                 self._reserve_bytes,
             )
             self._ops.unlink(self._reserve_path)
-            if self._spares is not None:  # and the files kept for reuse
-                self._spares.drop_recycled()
+            if self._spares is not None:  # and the files kept for reuse, until space is back
+                self._spares.pause_reuse(True)
             self.reserve_released = True
             live = self._refuse_admission(live)
             for job in live:
