@@ -8,6 +8,11 @@ Scenarios (images/s and MB/s, median of interleaved rounds, ratio to the referen
   acc        storescu -> our acceptor, no fsync (the sink names the file it was received into;
              like the router's store, it hands out files a thread made ahead)
   acc-dur    storescu -> our acceptor, durable commit (fsync file, rename, fsync dir)
+  acc-store  storescu -> our acceptor + the router's store (durable commit_instance), queue
+             growing (nothing delivered)
+  acc-steady the same with the queue in a steady state: every 32 commits, those instances are
+             recorded delivered in the background (as a node records its outcomes), so their
+             spool files are retired and receptions reuse them (store/spares.py)
   fsync-loop a plain Python loop writing + fsyncing the same files to the same disk
   req        our requestor -> storescp
   acc-nagle  storescu with Nagle left on (no TCP_NODELAY) -> our acceptor
@@ -179,11 +184,11 @@ def storescp(out: Path, nodelay: bool = True) -> Server:
     return Server(["storescp", "-od", str(out), "-pdu", "131072", "+B", str(port)], port, nodelay)
 
 
-def our_acceptor(out: Path, durable: bool, store: bool = False) -> Server:
+def our_acceptor(out: Path, durable: bool, store: bool = False, steady: bool = False) -> Server:
     port = free_port()
     argv = [PY, __file__, "--serve-acceptor", str(port), str(out)] + (
         ["--durable"] if durable else []
-    ) + (["--store"] if store else [])
+    ) + (["--store"] if store else []) + (["--steady"] if steady else [])
     return Server(argv, port)
 
 
@@ -208,9 +213,11 @@ def sc_ref(d: Path) -> float:
         srv.stop()
 
 
-def _acc(d: Path, *, durable: bool, nodelay: bool, store: bool = False) -> float:
+def _acc(
+    d: Path, *, durable: bool, nodelay: bool, store: bool = False, steady: bool = False
+) -> float:
     out = fresh_dir("acc")
-    srv = our_acceptor(out, durable, store)
+    srv = our_acceptor(out, durable, store, steady)
     try:
         return run_storescu(srv.port, d, nodelay=nodelay, aec="CAPACITOR")
     finally:
@@ -227,6 +234,10 @@ def sc_acc_dur(d: Path) -> float:
 
 def sc_acc_store(d: Path) -> float:
     return _acc(d, durable=True, nodelay=True, store=True)
+
+
+def sc_acc_steady(d: Path) -> float:
+    return _acc(d, durable=True, nodelay=True, store=True, steady=True)
 
 
 def sc_acc_nagle(d: Path) -> float:
@@ -293,6 +304,7 @@ SCENARIOS = {
     "acc": ("storescu -> our acceptor, no fsync", sc_acc),
     "acc-dur": ("storescu -> our acceptor, durable commit", sc_acc_dur),
     "acc-store": ("storescu -> our acceptor + the real store (durable commit_instance)", sc_acc_store),
+    "acc-steady": ("the same, queue in a steady state (delivered files reused)", sc_acc_steady),
     "fsync-loop": ("Python write+fsync loop (durability reference)", sc_fsync_loop),
     "req": ("our requestor -> storescp", sc_req),
     "acc-nagle": ("storescu (Nagle on) -> our acceptor", sc_acc_nagle),
@@ -366,9 +378,10 @@ def serve_acceptor_main(port: int, out: Path, durable: bool) -> None:
     trio.run(serve_acceptor, config, Sink())
 
 
-def serve_store_acceptor_main(port: int, out: Path) -> None:
+def serve_store_acceptor_main(port: int, out: Path, steady: bool = False) -> None:
     """Our acceptor committing every instance through the real store (durable), one
-    destination: what the router's intake pays for its durability promise."""
+    destination: what the router's intake pays for its durability promise. `steady`: every 32
+    commits, those instances are recorded delivered in a background task."""
     import trio
 
     from capacitor_trio.dicom import AcceptorConfig, ReceivedInstance, serve_acceptor
@@ -376,7 +389,8 @@ def serve_store_acceptor_main(port: int, out: Path) -> None:
     from capacitor_trio.store import open_store
 
     async def main() -> None:
-        async with open_store(out / "cache", durable=True) as store:
+        async with open_store(out / "cache", durable=True) as store, trio.open_nursery() as bg:
+            done: list[int] = []
 
             class Sink:
                 def accepts_called_ae(self, called_ae: str) -> bool:
@@ -389,9 +403,14 @@ def serve_store_acceptor_main(port: int, out: Path) -> None:
                     pass
 
                 async def instance_received(self, rx: ReceivedInstance) -> None:
-                    await store.commit_instance(
-                        rx.path, rx.header, rx.calling_ae, [Destination("BENCH")], data=rx.data
+                    done.extend(
+                        await store.commit_instance(
+                            rx.path, rx.header, rx.calling_ae, [Destination("BENCH")], data=rx.data
+                        )
                     )
+                    if steady and len(done) >= 32:
+                        bg.start_soon(store.delivered, done[:])
+                        done.clear()
 
             await serve_acceptor(AcceptorConfig(host="127.0.0.1", port=port), Sink())
 
@@ -472,13 +491,16 @@ def main() -> None:
     ap.add_argument("--serve-acceptor", nargs=2, metavar=("PORT", "OUT"))
     ap.add_argument("--durable", action="store_true")
     ap.add_argument("--store", action="store_true", help="with --serve-acceptor: commit through the real store")
+    ap.add_argument("--steady", action="store_true", help="with --store: record delivered every 32")
     ap.add_argument("--send", nargs=3, metavar=("PORT", "CORPUS", "AE"))
     ap.add_argument("--serve-pynetdicom", nargs=2, metavar=("PORT", "OUT"))
     ap.add_argument("--send-pynetdicom", nargs=2, metavar=("PORT", "CORPUS"))
     args = ap.parse_args()
     if args.serve_acceptor:
         if args.store:
-            return serve_store_acceptor_main(int(args.serve_acceptor[0]), Path(args.serve_acceptor[1]))
+            return serve_store_acceptor_main(
+                int(args.serve_acceptor[0]), Path(args.serve_acceptor[1]), args.steady
+            )
         return serve_acceptor_main(
             int(args.serve_acceptor[0]), Path(args.serve_acceptor[1]), args.durable
         )
@@ -521,7 +543,8 @@ def main() -> None:
         )
         for name in names:
             t = statistics.median(times[(cname, name)])
-            vs_loop = f"{loop / t:.2f}x" if loop and name == "acc-dur" else ""
+            durable = name in ("acc-dur", "acc-store", "acc-steady")
+            vs_loop = f"{loop / t:.2f}x" if loop and durable else ""
             print(
                 f"| {SCENARIOS[name][0]} | {cname} | {n / t:.0f} | {mb / t:.1f} | {ref / t:.2f}x | {vs_loop} |"
             )
