@@ -15,6 +15,25 @@ from capacitor_trio.store.spares import RECYCLE_MAX, RETIRED_PREFIX, SPARE_PREFI
 from .util import PACS, content, header, incoming_leftovers, spool_files
 
 
+@pytest.fixture
+def leases(tmp_path: Path) -> None:
+    """Reuse needs file leases (spares._take_lease); where the file system or the settings
+    refuse them, nothing is reused (test_without_leases_nothing_is_reused) and these tests
+    have nothing to check."""
+    from capacitor_trio.store.spares import _take_lease
+
+    probe = tmp_path / "lease-probe"
+    probe.write_bytes(b"x")
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        _take_lease(fd)
+    except OSError as exc:
+        pytest.skip(f"file leases not available here: {exc}")
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
 def fsyncs(log: list[Path]):  # type: ignore[no-untyped-def]
     def fsync_dir(path: Path) -> None:
         log.append(path)
@@ -35,6 +54,7 @@ def settle(spares: SpareFiles) -> None:
     assert spares.wait_settled(10)
 
 
+@pytest.mark.usefixtures("leases")
 def test_retired_files_are_reused_newest_first_once_their_names_are_durable(tmp_path: Path) -> None:
     synced: list[Path] = []
     spares = SpareFiles(tmp_path, fsyncs(synced))
@@ -48,6 +68,7 @@ def test_retired_files_are_reused_newest_first_once_their_names_are_durable(tmp_
         spares.close()
 
 
+@pytest.mark.usefixtures("leases")
 def test_a_retired_file_is_not_handed_out_before_its_name_is_durable(tmp_path: Path) -> None:
     import threading
 
@@ -71,6 +92,7 @@ def test_a_retired_file_is_not_handed_out_before_its_name_is_durable(tmp_path: P
         spares.close()
 
 
+@pytest.mark.usefixtures("leases")
 def test_retired_files_beyond_the_limit_are_unlinked(tmp_path: Path) -> None:
     spares = SpareFiles(tmp_path, fsyncs([]))
     try:
@@ -122,6 +144,7 @@ def test_retired_after_close_is_unlinked_at_once(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("durable", [True, False], ids=["durable", "no-fsync"])
+@pytest.mark.usefixtures("leases")
 async def test_a_delivered_instance_file_is_retired_and_with_durable_writes_reused(
     tmp_path: Path, durable: bool
 ) -> None:
@@ -178,6 +201,7 @@ async def test_recovery_removes_retired_files_reporting_only_those_written_to(
         assert not unused.exists()
 
 
+@pytest.mark.usefixtures("leases")
 def test_a_retired_file_still_open_elsewhere_is_not_reused(tmp_path: Path) -> None:
     """A reader still streaming it (the sender process, the API) would otherwise read the next
     reception's bytes: such a file is unlinked (the reader keeps the old bytes), not reused."""
@@ -197,6 +221,7 @@ def test_a_retired_file_still_open_elsewhere_is_not_reused(tmp_path: Path) -> No
         spares.close()
 
 
+@pytest.mark.usefixtures("leases")
 def test_an_open_during_the_lease_check_does_not_kill_the_router(tmp_path: Path) -> None:
     """While the check holds its lease, another process opening the file (a backup, a virus
     scanner) makes the kernel signal the holder; by default that is SIGIO, which ends a process.
@@ -232,6 +257,23 @@ def test_an_open_during_the_lease_check_does_not_kill_the_router(tmp_path: Path)
             holder.kill()
 
 
+def test_without_leases_nothing_is_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from capacitor_trio.store import spares as module
+
+    def refused(fd: int) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(module, "_take_lease", refused)
+    spares = SpareFiles(tmp_path, fsyncs([]))
+    try:
+        path = retire(spares, b"old patient")
+        settle(spares)
+        assert not path.exists() and spares.recycled == 0
+    finally:
+        spares.close()
+
+
+@pytest.mark.usefixtures("leases")
 def test_reuse_is_bounded_in_bytes_and_file_size(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -256,6 +298,7 @@ def test_reuse_is_bounded_in_bytes_and_file_size(
         spares.close()
 
 
+@pytest.mark.usefixtures("leases")
 async def test_a_full_disk_gives_back_the_files_kept_for_reuse(tmp_path: Path) -> None:
     """They count as free space while kept; when the index hits a full disk they are unlinked
     with the reserve, and nothing is kept again until the reserve is back, so that deliveries
