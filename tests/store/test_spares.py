@@ -183,6 +183,28 @@ async def test_a_delivered_instance_file_is_retired_and_with_durable_writes_reus
     assert not any((tmp_path / "incoming").iterdir())  # closing removed the files kept for reuse
 
 
+async def test_an_operators_delete_removes_the_bytes_at_once(tmp_path: Path) -> None:
+    """Only delivered instances' files are retired (and perhaps reused); a delete through the
+    API (a study sent to the wrong place, say) unlinks its file before it returns."""
+    from capacitor_trio.store import ItemFilter
+
+    async with open_store(tmp_path, durable=True) as store:
+        ids = []
+        for _ in range(3):
+            temp = store.new_incoming_path()
+            temp.write_bytes(b"WRONG PATIENT " * 10_000)
+            ids += await store.commit_instance(temp, header(), "CT", [PACS])
+        await store.delete(ids[0])
+        assert await store.delete_where(ItemFilter()) == 2
+        assert spool_files(tmp_path) == set()
+        assert not [
+            p for p in (tmp_path / "incoming").iterdir() if p.name.startswith(RETIRED_PREFIX)
+        ]
+        assert not any(
+            b"WRONG PATIENT" in p.read_bytes() for p in (tmp_path / "incoming").iterdir()
+        )
+
+
 async def test_recovery_removes_retired_files_reporting_only_those_written_to(
     tmp_path: Path,
 ) -> None:

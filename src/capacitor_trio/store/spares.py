@@ -9,10 +9,10 @@ faster for 0.5 MB images (docs/performance.md). A thread keeps a few empty files
 temporary file, and the commit renames it into the spool as before. Ready files are removed when
 the store closes, and by recovery after a crash, like every other file in `incoming/`.
 
-A spool file whose last item went away is *retired* the same way in reverse: the store's writer
-only renames it into `incoming/` (names starting with RETIRED_PREFIX; a rename is cheap, an
-unlink of a 0.5 MB file took 0.3 ms of the writer's time, during which no commit can run) and the
-thread unlinks it. With durable writes the thread keeps up to RECYCLE_MAX of them and hands them
+A spool file whose last item was delivered is *retired* the same way in reverse (one an
+operator deleted is unlinked at once instead): the store's writer only renames it into
+`incoming/` (names starting with RETIRED_PREFIX; a rename is cheap, an unlink of a 0.5 MB file
+took 0.3 ms of the writer's time, during which no commit can run) and the thread unlinks it. With durable writes the thread keeps up to RECYCLE_MAX of them and hands them
 out before any new file: overwriting blocks a file already owns costs neither block allocation
 nor freeing, and its fsync has almost nothing to commit to the journal (an fsync'd 0.5 MB file
 cost 0.8 instead of 1.4 ms on the development VM; docs/performance.md). Whoever writes into a

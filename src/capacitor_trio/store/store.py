@@ -725,7 +725,7 @@ class Store:
             return
 
         def job(conn: sqlite3.Connection) -> Any:
-            return unlinking(None, self._remove_items(conn, id_list))
+            return unlinking(None, self._remove_items(conn, id_list), delivered=True)
 
         await self._write(job)
 
@@ -763,7 +763,7 @@ class Store:
                 # table, and recovery removes them at the next start
                 log.warning("store: %d delivered file(s) left for recovery to remove", len(paths))
                 paths = []
-            return unlinking(None, paths)
+            return unlinking(None, paths, delivered=True)
 
         await self._write(job, durable=durable)
 

@@ -49,6 +49,9 @@ class Job:
     error: BaseException | None = None
     #: files to unlink once the group has committed (last item of an instance went away)
     unlink_after: list[Path] = attrs.field(factory=list)
+    #: ...delivered ones, which may be retired for reuse; False: deleted by an operator, so
+    #: their bytes go at once (`_retire`)
+    retire: bool = False
     #: a temporary file to unlink once the group has committed (its bytes are in the index now)
     discard: Path | None = None
     #: (temporary file, spool path): fsync'd and renamed by the group before its directory
@@ -266,6 +269,7 @@ class Writer:
             ok.append(job)
             if isinstance(job.result, _Unlinking):
                 job.unlink_after.extend(job.result.paths)
+                job.retire = job.result.retire
                 job.result = job.result.value
         # commit: with synchronous=FULL this is the one WAL fsync of the group
         try:
@@ -360,7 +364,10 @@ class Writer:
                     self._ops.unlink(job.discard)
             for path in job.unlink_after:
                 try:
-                    self._retire(path)
+                    if job.retire:
+                        self._retire(path)
+                    else:
+                        self._ops.unlink(path)
                     self._trash_done.append(path.relative_to(self._root).as_posix())
                 except OSError:
                     log.warning("store: could not remove %s; recovery will retry", path)
@@ -396,11 +403,15 @@ class _Unlinking:
 
     value: Any
     paths: tuple[Path, ...]
+    retire: bool = False
 
 
-def unlinking(value: Any, paths: Iterable[Path]) -> Any:
+def unlinking(value: Any, paths: Iterable[Path], *, delivered: bool = False) -> Any:
+    """`value`, and `paths` to remove after the commit. Files of `delivered` instances are
+    retired (renamed for the spares thread, perhaps reused); others (an operator's delete)
+    are unlinked at once, so that their bytes are gone when the caller hears back."""
     paths = tuple(paths)
-    return _Unlinking(value, paths) if paths else value
+    return _Unlinking(value, paths, delivered) if paths else value
 
 
 def write_reserve(path: Path, size: int, ops: FileOps) -> None:
