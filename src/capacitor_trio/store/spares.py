@@ -107,7 +107,8 @@ def _reusable(path: Path) -> int | None:
 
 
 class SpareFiles:
-    """Ready empty files in `directory`, made by a thread of their own once the first is taken."""
+    """Ready empty files in `directory`, made by a thread of their own once the first is taken;
+    the same thread unlinks retired spool files, or keeps them for reuse (`fsync_dir` given)."""
 
     def __init__(self, directory: Path, fsync_dir: Callable[[Path], None] | None = None) -> None:
         self._dir = directory
