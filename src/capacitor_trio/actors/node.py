@@ -61,7 +61,7 @@ from capacitor_trio.actors.messages import (
     UpdateNode,
 )
 from capacitor_trio.actors.service import ServiceFlags
-from capacitor_trio.config.models import Config, Node, effective
+from capacitor_trio.config.models import Config, Node, effective, effective_schedule
 from capacitor_trio.dicom.requestor import MoreInstances, OutgoingInstance, Peer, SendOptions
 from capacitor_trio.domain.backoff import next_attempt, retry_delay
 from capacitor_trio.domain.outcomes import Delivered, Outcome, Rejected, RetryLater
@@ -158,10 +158,10 @@ class NodeActor:
         return self.handle.node
 
     def _schedule_gate(self, now: float) -> tuple[bool, float | None]:
-        windows = self.node.process_schedule or self.ctx.config.process_schedule
+        windows = effective_schedule(self.node, self.ctx.config)
         if not windows:  # always open (asked once per image on a streaming association)
             return True, None
-        return schedule_gate(_parsed_schedule(tuple(windows)), self.ctx.tz, now)
+        return schedule_gate(_parsed_schedule(windows), self.ctx.tz, now)
 
     # ---- the actor ---------------------------------------------------------------------------
 

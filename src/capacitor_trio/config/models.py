@@ -127,6 +127,12 @@ class NodeSettings:
     transfer_syntax: str
 
 
+def effective_schedule(node: Node, config: Config) -> tuple[str, ...]:
+    """The node's ProcessSchedule, or the global processSchedule when it has none (empty:
+    always open)."""
+    return tuple(node.process_schedule or config.process_schedule)
+
+
 def effective(node: Node, config: Config) -> NodeSettings:
     def pick(value: int | None, default: int) -> int:
         return default if value is None else value
@@ -136,7 +142,7 @@ def effective(node: Node, config: Config) -> NodeSettings:
         process_delay_ms=pick(node.process_delay, config.process_delay),
         minimum_line_speed=pick(node.minimum_line_speed, config.minimum_line_speed),
         stall_threshold=pick(node.stall_threshold, config.stall_threshold_seconds),
-        process_schedule=node.process_schedule or config.process_schedule,
+        process_schedule=effective_schedule(node, config),
         transfer_syntax=node.transfer_syntax or config.default_transfer_syntax,
     )
 

@@ -270,11 +270,7 @@ class Store:
         self._readers.clear()
 
     async def _write(
-        self,
-        fn: Callable[[sqlite3.Connection], T],
-        dirs: Iterable[Path] = (),
-        *,
-        durable: bool = True,
+        self, fn: Callable[[sqlite3.Connection], T], dirs: Iterable[Path] = (), *, durable: bool = True
     ) -> T:
         """Run `fn` in the writer's next group. `durable=False` for changes a power cut may undo
         harmlessly (checkouts, releases, new -> prepared): recovery undoes or redoes them anyway,
@@ -753,9 +749,7 @@ class Store:
         now = self._clock()
 
         def job(conn: sqlite3.Connection) -> Any:
-            conn.executemany(
-                _FAIL_SQL, [(error, at, now, item_id) for item_id, error, at in failed]
-            )
+            conn.executemany(_FAIL_SQL, [(error, at, now, item_id) for item_id, error, at in failed])
             conn.executemany(_REJECT_SQL, [(error, now, item_id) for item_id, error in rejected])
             paths = self._remove_items(conn, delivered) if delivered else []
             if paths and not durable:
@@ -873,9 +867,7 @@ class Store:
                 "updated_at = ? WHERE id = ?",
                 (now, item_id),
             )
-            return self._item(
-                row, state="new", next_attempt_at=None, attempt_count=0, updated_at=now
-            )
+            return self._item(row, state="new", next_attempt_at=None, attempt_count=0, updated_at=now)
 
         return await self._write(job)
 
@@ -1040,13 +1032,9 @@ class Store:
                 where = " WHERE destination_ae = ? AND destination_role = ?"
                 params = (destination.ae_title, destination.role)
             per: dict[str, int] = dict.fromkeys(STATES, 0)
-            for state, n in conn.execute(
-                f"SELECT state, COUNT(*) FROM items{where} GROUP BY state", params
-            ):
+            for state, n in conn.execute(f"SELECT state, COUNT(*) FROM items{where} GROUP BY state", params):
                 per[state] = int(n)
-            checked_sql = "SELECT COUNT(*) FROM items WHERE checked_out = 1" + where.replace(
-                " WHERE", " AND"
-            )
+            checked_sql = "SELECT COUNT(*) FROM items WHERE checked_out = 1" + where.replace(" WHERE", " AND")
             (checked,) = conn.execute(checked_sql, params).fetchone()
             return Counts(**per, checked_out=int(checked), total=sum(per.values()))
 
