@@ -425,9 +425,9 @@ class _Association:
         inc.mem = None
         inc.path = self.sink.new_temp_path()
         try:
-            # no O_TRUNC: the path is new, an empty file made ahead or a recycled one (truncating
+            # no O_TRUNC: the path is new, an empty file made ahead or a reused one (truncating
             # an existing file makes ext4 write it out at close, on the loop: auto_da_alloc);
-            # the end of the data set cuts what a recycled file held beyond it
+            # the end of the data set cuts what a reused file held beyond it
             inc.fd = os.open(inc.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
             _write_fd(inc.fd, data)
         except OSError as exc:
@@ -480,7 +480,7 @@ class _Association:
         cmd = inc.command
         status, comment = S.SUCCESS, ""
         if inc.fd is not None:
-            try:  # a recycled file (spares.py) may hold more than was written to it
+            try:  # a reused file (spares.py) may hold more than was written to it
                 os.ftruncate(inc.fd, inc.size)
             except OSError as exc:
                 self._write_failed(inc, exc)

@@ -116,8 +116,8 @@ def _blob(conn: sqlite3.Connection, instance_id: int) -> bytes | None:
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    # no O_TRUNC: the path is new, made ahead or recycled (see the acceptor's _spill); cut what
-    # a recycled file held beyond the new bytes
+    # no O_TRUNC: the path is new, made ahead or reused (see the acceptor's _spill); cut what
+    # a reused file held beyond the new bytes
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
     with open(fd, "wb") as f:
         f.write(data)
