@@ -92,18 +92,39 @@ def test_a_retired_file_is_not_handed_out_before_its_name_is_durable(tmp_path: P
         spares.close()
 
 
+def emptied(paths: list[Path]) -> list[Path]:
+    """The retired files that are now empty ready files (what they held is gone)."""
+    return [p for p in paths if p.exists() and p.stat().st_size == 0]
+
+
 @pytest.mark.usefixtures("leases")
-def test_retired_files_beyond_the_limit_are_unlinked(tmp_path: Path) -> None:
+def test_retired_files_beyond_the_limit_are_emptied_or_unlinked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beyond what reuse keeps, a retired file becomes an empty ready file (no inode freed and
+    another allocated: spares._emptied) while fewer than READY_MAX are ready; the rest go."""
+    from capacitor_trio.store import spares as module
+
+    monkeypatch.setattr(module, "READY_MAX", 3)
+    monkeypatch.setattr(module, "SPARE_LOW", 0)  # no made-ahead files: only retired ones
     spares = SpareFiles(tmp_path, fsyncs([]))
     try:
         retired = [retire(spares, b"x") for _ in range(RECYCLE_MAX + 5)]
         settle(spares)
         assert spares.recycled == RECYCLE_MAX
-        assert sum(p.exists() for p in retired) == RECYCLE_MAX
+        kept = [p for p in retired if p.exists() and p.stat().st_size == 1]
+        assert len(kept) == RECYCLE_MAX
+        made_empty = emptied(retired)
+        assert len(made_empty) == 3 and len(spares) == 3
+        assert sum(p.exists() for p in retired) == RECYCLE_MAX + 3
+        # reused files first (they save the most), then the empty ones like any made-ahead file
+        taken = [spares.take() for _ in range(RECYCLE_MAX + 3)]
+        assert set(taken) == set(kept) | set(made_empty)
+        assert [p.stat().st_size for p in taken[RECYCLE_MAX:] if p is not None] == [0, 0, 0]
     finally:
         spares.close()
     # closing removes the ones nobody took
-    assert not any(p.exists() for p in retired)
+    assert not any(p.exists() for p in retired if p not in taken)
 
 
 @pytest.mark.parametrize("why", ["no durable writes", "directory fsync fails", "no leases"])
@@ -125,10 +146,14 @@ def test_a_retired_file_is_only_unlinked_when_reuse_is_not_safe(
     try:
         path = retire(spares, b"old patient")
         settle(spares)
-        assert not path.exists() and spares.recycled == 0
+        assert spares.recycled == 0
+        if why == "no leases":  # someone may still read it: unlinked, the reader keeps the bytes
+            assert not path.exists()
+        else:  # emptied: only the inode is reused, as a new empty file
+            assert path.exists() and path.stat().st_size == 0
         for _ in range(3):
             taken = spares.take()
-            assert taken is None or taken.name.startswith(SPARE_PREFIX)
+            assert taken is None or taken.stat().st_size == 0
     finally:
         spares.close()
 
@@ -183,6 +208,33 @@ async def test_a_delivered_instance_file_is_retired_and_with_durable_writes_reus
     assert not any((tmp_path / "incoming").iterdir())  # closing removed the files kept for reuse
 
 
+@pytest.mark.usefixtures("leases")
+async def test_without_durable_writes_a_delivered_file_comes_back_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without durable writes no bytes are reused, but the file is: emptied, it is handed out
+    like a new one, so that the file system frees and allocates no inode per instance."""
+    from capacitor_trio.store import spares as module
+
+    monkeypatch.setattr(module, "SPARE_LOW", 0)  # no made-ahead files: only retired ones
+    async with open_store(tmp_path, durable=False) as store:
+        temp = store.new_incoming_path()
+        temp.write_bytes(b"OLD PATIENT " * 20_000)
+        [a] = await store.commit_instance(temp, header(), "CT", [PACS])
+        [spooled] = spool_files(tmp_path)
+        inode = spooled.stat().st_ino
+        await store.delivered([a])
+        await trio.to_thread.run_sync(settle, store._spares)
+        assert store._spares.recycled == 0
+        again = store.new_incoming_path()
+        assert again.name.startswith(RETIRED_PREFIX) and again.stat().st_ino == inode
+        assert again.stat().st_size == 0
+        new = b"NEW" * 30_000
+        again.write_bytes(new)
+        [b] = await store.commit_instance(again, header(), "CT", [PACS])
+        assert await content(store, await store.get_item(b)) == new
+
+
 async def test_an_operators_delete_removes_the_bytes_at_once(tmp_path: Path) -> None:
     """Only delivered instances' files are retired (and perhaps reused); a delete through the
     API (a study sent to the wrong place, say) unlinks its file before it returns."""
@@ -215,6 +267,7 @@ async def test_recovery_removes_retired_files_reporting_only_those_written_to(
     unused.write_bytes(b"old")
     st = unused.stat()  # a retired file was written before its rename: mtime < ctime
     os.utime(unused, ns=(st.st_atime_ns, st.st_mtime_ns - 10**9))
+    (incoming / f"{RETIRED_PREFIX}emptied.part").touch()  # emptied for a new reception
     (incoming / f"{RETIRED_PREFIX}reused-then-cut-short.part").write_bytes(b"partial")
     (incoming / "reception-cut-short.part").write_bytes(b"partial")
     async with open_store(tmp_path, durable=True) as store:
@@ -292,14 +345,18 @@ def test_reuse_is_bounded_in_bytes_and_file_size(
         too_big = retire(spares, b"x" * 121)
         kept = [retire(spares, b"x" * 100) for _ in range(3)]
         settle(spares)
-        assert not too_big.exists()
+
+        def holding() -> list[Path]:  # retired files whose bytes are kept
+            return [p for p in kept if p.exists() and p.stat().st_size]
+
+        assert emptied([too_big]) == [too_big]  # not kept for reuse: its bytes are gone
         assert spares.recycled == 2 and spares.recycled_bytes == 200  # the third passes 250
-        assert sum(p.exists() for p in kept) == 2
+        assert len(holding()) == 2
         taken = spares.take()
         assert spares.recycled_bytes == 100
         spares.drop_recycled()
         assert (spares.recycled, spares.recycled_bytes) == (0, 0)
-        assert [p for p in kept if p.exists()] == [taken]  # the taken one is its taker's
+        assert holding() == [taken]  # the taken one is its taker's
     finally:
         spares.close()
 
@@ -313,8 +370,12 @@ async def test_a_full_disk_gives_back_the_files_kept_for_reuse(tmp_path: Path) -
 
     ops = FaultyOps()
 
-    def retired() -> list[Path]:
-        return [p for p in (tmp_path / "incoming").iterdir() if p.name.startswith(RETIRED_PREFIX)]
+    def retired() -> list[Path]:  # retired files still holding bytes (emptied ones do not)
+        return [
+            p
+            for p in (tmp_path / "incoming").iterdir()
+            if p.name.startswith(RETIRED_PREFIX) and p.stat().st_size
+        ]
 
     async with open_store(tmp_path, durable=True, file_ops=ops, reserve_bytes=1 << 16) as store:
         ids: list[int] = []

@@ -18,9 +18,11 @@ nor freeing, and its fsync has almost nothing to commit to the journal (an fsync
 cost 0.8 instead of 1.4 ms on the development VM; docs/performance.md). Whoever writes into a
 file from `take()` must therefore truncate it to what it wrote (the acceptor does). A retired
 file is handed out only once the directory holding its new name has been fsync'd: a power cut
-cannot bring its old spool name back with new bytes in it. Without durable writes nothing is
+cannot bring its old spool name back with new bytes in it. Without durable writes no bytes are
 reused: bytes never flushed could, after a power cut, leave one patient's header over another
-patient's pixel data.
+patient's pixel data. A retired file not kept for its bytes is emptied instead (`_emptied`) and
+handed out like a made-ahead file, up to READY_MAX of them: the file system then frees and
+allocates no inode per instance.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ RECYCLE_BYTES = 64 << 20
 RECYCLE_FILE_BYTES = 8 << 20
 #: refill when fewer than this many are ready
 SPARE_LOW = 8
+#: retired files not kept for reuse are emptied (truncated to nothing) and made ready files
+#: while fewer than this many are ready; the rest are unlinked
+READY_MAX = 64
 #: how many a refill makes
 SPARE_BATCH = 32
 
@@ -60,7 +65,7 @@ def is_unused_spare(path: Path) -> bool:
     except OSError:
         return False
     if path.name.startswith(RETIRED_PREFIX):
-        return st.st_mtime_ns < st.st_ctime_ns
+        return st.st_mtime_ns < st.st_ctime_ns or st.st_size == 0
     return path.name.startswith(SPARE_PREFIX) and st.st_size == 0
 
 
@@ -106,9 +111,32 @@ def _reusable(path: Path) -> int | None:
         os.close(fd)
 
 
+def _emptied(path: Path) -> bool:
+    """Truncate a retired file to nothing, if it is open nowhere else: it is then as good as a
+    new empty file (its blocks are freed; what is written next goes to newly allocated blocks,
+    so even an unflushed write cannot show the old bytes under a new name), and it spares the
+    file system an inode freed and another allocated (ext4 walks past every inode freed in the
+    last minutes to find one: 9 % of the router's CPU time receiving 0.5 MB images without
+    durable writes). False: unlink it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if not _unused_elsewhere(fd):
+            return False
+        os.ftruncate(fd, 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 class SpareFiles:
     """Ready empty files in `directory`, made by a thread of their own once the first is taken;
-    the same thread unlinks retired spool files, or keeps them for reuse (`fsync_dir` given)."""
+    the same thread keeps retired spool files for reuse (`fsync_dir` given), empties them, or
+    unlinks them."""
 
     def __init__(self, directory: Path, fsync_dir: Callable[[Path], None] | None = None) -> None:
         self._dir = directory
@@ -186,7 +214,7 @@ class SpareFiles:
 
     def _deal_with_retired(self) -> None:
         """Keep what reuse has room for (once one directory fsync has made their names
-        durable), unlink the rest."""
+        durable); empty the rest for receptions, or unlink them."""
         with self._cond:
             retired, self._retired = self._retired, []
             self._dealing = True
@@ -210,6 +238,9 @@ class SpareFiles:
                 drop += [p for p, _ in keep]
                 keep = []
         for path in drop:
+            if len(self._ready) < READY_MAX and not self._stop and _emptied(path):
+                self._ready.append(path)
+                continue
             with contextlib.suppress(OSError):
                 os.unlink(path)
         with self._cond:
