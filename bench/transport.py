@@ -38,6 +38,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent
 CORPUS = ROOT / ".corpus"
@@ -367,6 +368,9 @@ def serve_acceptor_main(port: int, out: Path, durable: bool) -> None:
         def check_admission(self) -> None:
             pass
 
+        def start_sync(self, path: Path, size: int) -> None:
+            return None
+
         async def instance_received(self, rx: ReceivedInstance) -> None:
             dst = out / f"{rx.header.sop_instance_uid}.dcm"
             if durable:
@@ -402,10 +406,14 @@ def serve_store_acceptor_main(port: int, out: Path, steady: bool = False) -> Non
                 def check_admission(self) -> None:
                     pass
 
+                def start_sync(self, path: Path, size: int) -> Any:
+                    return store.start_sync(path, size)
+
                 async def instance_received(self, rx: ReceivedInstance) -> None:
                     done.extend(
                         await store.commit_instance(
-                            rx.path, rx.header, rx.calling_ae, [Destination("BENCH")], data=rx.data
+                            rx.path, rx.header, rx.calling_ae, [Destination("BENCH")],
+                            data=rx.data, sync=rx.sync,
                         )
                     )
                     if steady and len(done) >= 32:

@@ -312,9 +312,12 @@ class IntakeStore(FakeStore):
         if self.full:
             raise StoreFull("free space 1.0% below minimum 10%")
 
+    def start_sync(self, temp_path: Path, size: int) -> None:
+        return None
+
     async def commit_instance(
         self, temp_path: Path | None, header: Any, source_ae: str, destinations: Sequence[Destination], *,
-        state: str = "new", data: bytes | None = None,
+        state: str = "new", data: bytes | None = None, sync: Any = None,
     ) -> list[int]:
         self.check_admission()
         self.in_commit += 1

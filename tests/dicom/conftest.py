@@ -43,12 +43,18 @@ class DirSink:
         self.receive_error: Exception | None = None
         self.on_received: Callable[[ReceivedInstance], None] | None = None
         self.hold: trio.Event | None = None  # block instance_received until set
+        self.syncs: list[tuple[Path, int, int]] = []
 
     def accepts_called_ae(self, called_ae: str) -> bool:
         return called_ae in self.ae_titles
 
     def new_temp_path(self) -> Path:
         return self.incoming / f"{uuid.uuid4().hex}.part"
+
+    def start_sync(self, path: Path, size: int) -> object:
+        """Records the call (path, size, the file's size then) and returns a token."""
+        self.syncs.append((path, size, path.stat().st_size))
+        return ("sync", len(self.syncs))
 
     def check_admission(self) -> None:
         if self.admission_error is not None:

@@ -165,6 +165,12 @@ async def test_store_in_memory_in_a_file_or_spilled_midway(
     assert rx.size_bytes == len((h.sink.out / f"{uid}.dcm").read_bytes())
     assert (h.sink.out / f"{uid}.dcm").read_bytes().endswith(data)
     assert h.sink.leftovers() == []
+    # a file's flush is started once it is complete, and what started it goes to the sink
+    if rx.path is None:
+        assert h.sink.syncs == [] and rx.sync is None
+    else:
+        assert h.sink.syncs == [(rx.path, rx.size_bytes, rx.size_bytes)]
+        assert rx.sync == ("sync", 1)
 
 
 async def test_artim_fires_without_associate_rq(

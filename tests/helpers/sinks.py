@@ -53,6 +53,9 @@ class CountingSink:
     def check_admission(self) -> None:
         pass
 
+    def start_sync(self, path: Path, size: int) -> None:
+        return None
+
     async def instance_received(self, rx: ReceivedInstance) -> None:
         if rx.path is not None:
             raw = rx.path.read_bytes()

@@ -82,20 +82,26 @@ def assert_consistent(store: Store, items: list) -> None:  # type: ignore[type-a
         ("fsync_dir", errno.EIO),
         ("index", errno.ENOSPC),
         ("index-inline", errno.ENOSPC),
+        ("fsync_file-early", errno.EIO),
+        ("index-early", errno.ENOSPC),
     ],
 )
 async def test_write_error_refuses_and_leaves_nothing(tmp_path: Path, op: str, err: int) -> None:
+    """-early: the file's fsync was started as its last byte was written (`start_sync`)."""
     ops = FaultyOps()
     inline = op.endswith("-inline")  # a small instance kept in the index, not in a file
-    op = op.removesuffix("-inline")
+    early = op.endswith("-early")
+    op = op.removesuffix("-inline").removesuffix("-early")
     async with open_store(
         tmp_path, file_ops=ops, reserve_bytes=0, inline_max_bytes=1 << 20 if inline else 0
     ) as store:
         [kept] = await commit(store)
         ops.fail[op] = err
         temp = write_temp(store)
+        sync = store.start_sync(temp, temp.stat().st_size) if early else None
+        assert (sync is not None) == early
         with pytest.raises(StoreFull):
-            await store.commit_instance(temp, header(), "CT", [PACS, AI])
+            await store.commit_instance(temp, header(), "CT", [PACS, AI], sync=sync)
         assert not temp.exists()
         items, _ = await store.list_items(ItemFilter())
         assert [i.id for i in items] == [kept]

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from capacitor_trio.store import StoreFull, open_store
+from capacitor_trio.store import ItemFilter, StoreFull, open_store
 from capacitor_trio.store.spares import RECYCLE_MAX, RETIRED_PREFIX, SPARE_PREFIX, SpareFiles
 
-from .util import PACS, content, header, incoming_leftovers, spool_files
+from .util import PACS, content, file_paths, header, incoming_leftovers, spool_files
 
 
 @pytest.fixture
@@ -173,9 +173,10 @@ def test_retired_after_close_is_unlinked_at_once(tmp_path: Path) -> None:
 async def test_a_delivered_instance_file_is_retired_and_with_durable_writes_reused(
     tmp_path: Path, durable: bool
 ) -> None:
-    """The writer renames a delivered instance's file out of the spool instead of unlinking it;
-    with durable writes the next reception writes over it, and the new instance holds exactly
-    its own bytes (shorter or longer than the old)."""
+    """With durable writes a delivered instance's spool file stays where it is and the next
+    reception writes over it there (its name is durable already: no rename, no directory
+    fsync), and the new instance holds exactly its own bytes (shorter or longer than the old).
+    Without, the writer renames it out of the spool (and it comes back empty)."""
     old = b"OLD PATIENT " * 20_000  # 240 kB: a spool file
     async with open_store(tmp_path, durable=durable) as store:
         temp = store.new_incoming_path()
@@ -183,12 +184,11 @@ async def test_a_delivered_instance_file_is_retired_and_with_durable_writes_reus
         [a] = await store.commit_instance(temp, header(), "CT", [PACS])
         [spooled] = spool_files(tmp_path)
         await store.delivered([a])
-        assert not spooled.exists() and spool_files(tmp_path) == set()
         await trio.to_thread.run_sync(settle, store._spares)
-        assert store._spares.recycled == (1 if durable else 0)
+        assert spooled.exists() == durable and store._spares.recycled == (1 if durable else 0)
         for new in (b"NEW" * 30_000, b"NEWER" * 60_000):
             reused = store.new_incoming_path()
-            assert reused.name.startswith(RETIRED_PREFIX) == durable
+            assert (reused == spooled) == durable
             # what the acceptor does: write without truncating, then cut to what it wrote
             fd = os.open(reused, os.O_WRONLY | os.O_CREAT)
             try:
@@ -196,8 +196,10 @@ async def test_a_delivered_instance_file_is_retired_and_with_durable_writes_reus
                 os.ftruncate(fd, len(new))
             finally:
                 os.close(fd)
-            [b] = await store.commit_instance(reused, header(), "CT", [PACS])
+            sync = store.start_sync(reused, len(new))
+            [b] = await store.commit_instance(reused, header(), "CT", [PACS], sync=sync)
             assert await content(store, await store.get_item(b)) == new
+            assert ((await store.get_item(b)).path == spooled) == durable
             await store.delivered([b])
             await trio.to_thread.run_sync(settle, store._spares)
         # bytes received in memory but too large for the index take a file the same way
@@ -206,6 +208,40 @@ async def test_a_delivered_instance_file_is_retired_and_with_durable_writes_reus
         assert await content(store, await store.get_item(c)) == big
     assert incoming_leftovers(tmp_path / "incoming") == []
     assert not any((tmp_path / "incoming").iterdir())  # closing removed the files kept for reuse
+    assert len(spool_files(tmp_path)) == 1  # ...and in the spool: only the last instance's
+
+
+@pytest.mark.usefixtures("leases")
+async def test_a_spool_file_reused_in_place_survives_a_crash_and_a_kept_one_goes(
+    tmp_path: Path,
+) -> None:
+    """A file kept in place keeps its trash row until a reception's commit deletes it in the
+    same transaction as the rows that name it: after a crash, recovery removes a kept file (or
+    one a reception was writing into) without calling it an orphan, and never one committed."""
+    async with open_store(tmp_path, durable=True) as store:
+        ids = []
+        for n in range(2):
+            temp = store.new_incoming_path()
+            temp.write_bytes(b"OLD %d " % n * 20_000)
+            ids += await store.commit_instance(temp, header(), "CT", [PACS])
+        first, second = [(await store.get_item(i)).path for i in ids]
+        await store.delivered(ids)
+        await trio.to_thread.run_sync(settle, store._spares)
+        assert store._spares.recycled == 2
+        slot = store.new_incoming_path()  # the newest first
+        assert slot == second
+        slot.write_bytes(b"NEW PATIENT " * 10_000)
+        [b] = await store.commit_instance(slot, header(), "CT", [PACS])
+        # a reception writing into the other one when the router is killed
+        half = store.new_incoming_path()
+        assert half == first
+        half.write_bytes(b"HALF")
+    first.write_bytes(b"HALF")  # (closing unlinked it; a kill would not have)
+    async with open_store(tmp_path, durable=True) as store:
+        r = store.recovery_report
+        assert r.orphans == () and r.missing == () and not first.exists()
+        item = await store.get_item(b)
+        assert item.path == second and await content(store, item) == b"NEW PATIENT " * 10_000
 
 
 @pytest.mark.usefixtures("leases")
@@ -238,7 +274,6 @@ async def test_without_durable_writes_a_delivered_file_comes_back_empty(
 async def test_an_operators_delete_removes_the_bytes_at_once(tmp_path: Path) -> None:
     """Only delivered instances' files are retired (and perhaps reused); a delete through the
     API (a study sent to the wrong place, say) unlinks its file before it returns."""
-    from capacitor_trio.store import ItemFilter
 
     async with open_store(tmp_path, durable=True) as store:
         ids = []
@@ -370,12 +405,13 @@ async def test_a_full_disk_gives_back_the_files_kept_for_reuse(tmp_path: Path) -
 
     ops = FaultyOps()
 
-    def retired() -> list[Path]:  # retired files still holding bytes (emptied ones do not)
+    async def held() -> list[Path]:  # files holding bytes no item needs (emptied ones do not)
+        items, _ = await store.list_items(ItemFilter())
         return [
             p
             for p in (tmp_path / "incoming").iterdir()
             if p.name.startswith(RETIRED_PREFIX) and p.stat().st_size
-        ]
+        ] + sorted(spool_files(tmp_path) - file_paths(items))
 
     async with open_store(tmp_path, durable=True, file_ops=ops, reserve_bytes=1 << 16) as store:
         ids: list[int] = []
@@ -390,17 +426,17 @@ async def test_a_full_disk_gives_back_the_files_kept_for_reuse(tmp_path: Path) -
         assert store.free_space_percent() >= free  # their bytes count as free
         ops.fail["index"] = errno.ENOSPC
         temp = store.new_incoming_path()
-        assert temp.name.startswith(RETIRED_PREFIX)  # (one of them, taken by this reception)
+        assert temp.parent.parent == tmp_path / "spool"  # (one of them, taken by this reception)
         temp.write_bytes(b"y" * 100_000)
         with pytest.raises(StoreFull):
             await store.commit_instance(temp, header(), "CT", [PACS])
         assert not store.accepting
         assert (store._spares.recycled, store._spares.recycled_bytes) == (0, 0)
-        assert retired() == []
+        assert await held() == []
         # deliveries on the full disk give their files back
         await store.delivered(ids[3:])
         await trio.to_thread.run_sync(settle, store._spares)
-        assert store._spares.recycled == 0 and retired() == []
+        assert store._spares.recycled == 0 and await held() == []
         # space returns: the reserve is taken back, and reuse resumes
         ops.fail.pop("index", None)  # (giving up the reserve made room already)
         temp = store.new_incoming_path()

@@ -645,3 +645,43 @@ async def test_receptions_get_files_made_ahead_and_unused_ones_leave_no_trace(tm
         assert store.recovery_report.incoming_removed == 1
         assert incoming_leftovers(store.root / "incoming") == []
         assert (await store.counts()).total == 1
+
+
+async def test_a_flush_started_early_is_the_commits_only_one_and_comes_before_the_name(
+    tmp_path: Path,
+) -> None:
+    """The acceptor starts a large file's fsync as its last byte is written (`start_sync`); the
+    commit then waits for it instead of a second fsync, and renames the file only after it."""
+    from capacitor_trio.store import FileOps
+
+    events: list[tuple[str, str]] = []
+
+    class Ops(FileOps):
+        def fsync_file(self, path: Path) -> None:
+            super().fsync_file(path)
+            events.append(("fsync", path.name))
+
+        def rename(self, src: Path, dst: Path) -> None:
+            events.append(("rename", src.name))
+            super().rename(src, dst)
+
+        def before_index_commit(self) -> None:
+            events.append(("commit", ""))
+
+    async with open_store(tmp_path, durable=True, file_ops=Ops(), inline_max_bytes=1000) as store:
+        small = store.new_incoming_path()
+        small.write_bytes(b"s" * 1000)
+        assert store.start_sync(small, 1000) is None  # kept in the index: no file to flush
+        temp = store.new_incoming_path()
+        temp.write_bytes(b"L" * 100_000)
+        sync = store.start_sync(temp, 100_000)
+        assert sync is not None
+        [a] = await store.commit_instance(temp, header(), "CT", [PACS], sync=sync)
+        assert (await store.get_item(a)).path.read_bytes() == b"L" * 100_000
+        mine = [e for e in events if e[1] in (temp.name, "")]
+        assert mine[:3] == [("fsync", temp.name), ("rename", temp.name), ("commit", "")]
+        assert mine.count(("fsync", temp.name)) == 1
+    async with open_store(tmp_path, durable=False) as store:
+        temp = store.new_incoming_path()
+        temp.write_bytes(b"L" * 100_000)
+        assert store.start_sync(temp, 100_000) is None  # no durable writes: nothing to flush

@@ -89,6 +89,9 @@ class Receiver:
     def new_temp_path(self) -> Path:
         return self.store.new_incoming_path()
 
+    def start_sync(self, path: Path, size: int) -> Any:
+        return self.store.start_sync(path, size)
+
     def check_admission(self) -> None:
         try:
             self.store.check_admission()
@@ -105,7 +108,7 @@ class Receiver:
             try:
                 await self.store.commit_instance(
                     rx.path, rx.header, rx.calling_ae.strip(), destinations, data=rx.data,
-                    state="prepared" if ripe else "new",
+                    state="prepared" if ripe else "new", sync=rx.sync,
                 )
             except StoreFull as exc:
                 log.warning("refusing %s from %s: %s", rx.header.sop_instance_uid, rx.calling_ae, exc)

@@ -30,7 +30,7 @@ import functools
 import logging
 import os
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -80,6 +80,8 @@ class ReceivedInstance:
     size_bytes: int
     #: the complete Part 10 bytes of an instance received in memory
     data: bytes | None = attrs.field(default=None, repr=False)
+    #: what the sink's `start_sync(path, size)` returned for the file (its flush, under way)
+    sync: Any = attrs.field(default=None, repr=False, eq=False)
 
     def save_as(self, dest: Path) -> None:
         """Put the instance at `dest` (rename the temporary file, or write the bytes). Blocking."""
@@ -105,6 +107,13 @@ class InstanceSink(Protocol):
     def new_temp_path(self) -> Path: ...
 
     def check_admission(self) -> None: ...
+
+    def start_sync(self, path: Path, size: int) -> Any:
+        """The temporary file at `path` is complete (`size` bytes): start making it durable, if
+        the sink will; what this returns goes back in `ReceivedInstance.sync`. Called as soon as
+        the last fragment is written, so that the flush overlaps the header's parsing and the
+        hand-over to the sink."""
+        ...
 
     async def instance_received(self, rx: ReceivedInstance) -> None: ...
 
@@ -185,6 +194,8 @@ class _Incoming:
         self.head = bytearray()
         self.size = 0
         self.meta_len = 0
+        #: the sink's `start_sync` of the complete file
+        self.sync: Any = None
 
 
 class _Association:
@@ -484,6 +495,9 @@ class _Association:
                 os.ftruncate(inc.fd, inc.size)
             except OSError as exc:
                 self._write_failed(inc, exc)
+            else:
+                assert inc.path is not None
+                inc.sync = self.sink.start_sync(inc.path, inc.size)
         if inc.refusal is not None:
             status, comment = inc.refusal
             self._discard_incoming()
@@ -539,6 +553,7 @@ class _Association:
             header=header,
             size_bytes=inc.size,
             data=bytes(inc.mem) if inc.mem is not None else None,
+            sync=inc.sync,
         )
         try:
             await self.sink.instance_received(rx)

@@ -9,20 +9,29 @@ faster for 0.5 MB images (docs/performance.md). A thread keeps a few empty files
 temporary file, and the commit renames it into the spool as before. Ready files are removed when
 the store closes, and by recovery after a crash, like every other file in `incoming/`.
 
-A spool file whose last item was delivered is *retired* the same way in reverse (one an
-operator deleted is unlinked at once instead): the store's writer only renames it into
-`incoming/` (names starting with RETIRED_PREFIX; a rename is cheap, an unlink of a 0.5 MB file
-took 0.3 ms of the writer's time, during which no commit can run) and the thread unlinks it. With durable writes the thread keeps up to RECYCLE_MAX of them and hands them
-out before any new file: overwriting blocks a file already owns costs neither block allocation
-nor freeing, and its fsync has almost nothing to commit to the journal (an fsync'd 0.5 MB file
-cost 0.8 instead of 1.4 ms on the development VM; docs/performance.md). Whoever writes into a
-file from `take()` must therefore truncate it to what it wrote (the acceptor does). A retired
-file is handed out only once the directory holding its new name has been fsync'd: a power cut
-cannot bring its old spool name back with new bytes in it. Without durable writes no bytes are
-reused: bytes never flushed could, after a power cut, leave one patient's header over another
-patient's pixel data. A retired file not kept for its bytes is emptied instead (`_emptied`) and
-handed out like a made-ahead file, up to READY_MAX of them: the file system then frees and
-allocates no inode per instance.
+A spool file whose last item was delivered is *retired* (one an operator deleted is unlinked
+at once instead), once the commit that removed its rows is durable; its trash row stays.
+
+- With durable writes, the writer hands it to this thread where it is (`retired_in_place`), and
+  the thread keeps up to RECYCLE_MAX of them for the next receptions to write over, newest
+  first. Overwriting blocks a file already owns costs neither block allocation nor freeing, its
+  fsync has almost nothing to commit to the journal, and its name is durable already: the commit
+  needs no rename and no directory fsync, and deletes the file's trash row in the transaction
+  that inserts the rows naming it. After a crash, a kept file (or one a reception was writing
+  into) is still in the trash, and recovery removes it. Whoever writes into a file from `take()`
+  must truncate it to what it wrote (the acceptor does). A file is kept only if nothing else has
+  it open (a write lease is granted only then): a reader would otherwise see the next patient's
+  bytes.
+- Otherwise the writer renames it into `incoming/` (names starting with RETIRED_PREFIX; a rename
+  is cheap, an unlink of a 0.5 MB file took 0.3 ms of the writer's time, during which no commit
+  can run). A kept file this thread gives up is moved there too, and `gone` told, so that its
+  trash row goes. Without durable writes no bytes are reused: bytes never flushed could, after a
+  power cut, leave one patient's header over another patient's pixel data. A retired file in
+  `incoming/` is emptied (`_emptied`) and handed out like a made-ahead file, up to READY_MAX of
+  them, so that the file system frees and allocates no inode per instance; the rest are
+  unlinked. (One that reuse has room for when it arrives here is kept with its bytes, once an
+  fsync of `incoming/` has made its new name durable, so that a power cut cannot bring its old
+  spool name back with new bytes in it.)
 """
 
 from __future__ import annotations
@@ -138,8 +147,18 @@ class SpareFiles:
     the same thread keeps retired spool files for reuse (`fsync_dir` given), empties them, or
     unlinks them."""
 
-    def __init__(self, directory: Path, fsync_dir: Callable[[Path], None] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        fsync_dir: Callable[[Path], None] | None = None,
+        gone: Callable[[Path], None] | None = None,
+    ) -> None:
         self._dir = directory
+        #: told (from the thread) that a spool file kept in place left the spool: its trash row
+        #: can go
+        self._gone = gone
+        #: spool files retired in place (`retired_in_place`) the thread has not dealt with yet
+        self._in_place: list[Path] = []
         self._ready: collections.deque[Path] = collections.deque()
         #: retired files ready to take again, with their sizes (the newest first: its pages are
         #: likeliest cached)
@@ -187,6 +206,24 @@ class SpareFiles:
                 self._cond.notify_all()
         return path
 
+    @property
+    def reuses_in_place(self) -> bool:
+        """Whether a delivered instance's spool file may be handed to `retired_in_place`."""
+        return self._fsync_dir is not None and not self._reuse_paused and not self._stop
+
+    def retired_in_place(self, path: Path) -> None:
+        """`path`, a spool file whose last item was delivered (the commit that removed it is
+        durable; its trash row stays), may be written over where it is: the thread keeps it, or
+        moves it out of the spool and tells `gone` (thread side)."""
+        with self._cond:
+            if self._stop:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                return
+            self._in_place.append(path)
+            self._start()
+            self._cond.notify_all()
+
     def retire_path(self) -> Path | None:
         """Where to rename a file to be removed (then call `retired`), or None once closed:
         unlink it yourself."""
@@ -217,11 +254,22 @@ class SpareFiles:
         durable); empty the rest for receptions, or unlink them."""
         with self._cond:
             retired, self._retired = self._retired, []
+            in_place, self._in_place = self._in_place, []
             self._dealing = True
         keep: list[tuple[Path, int]] = []
+        keep_in_place: list[tuple[Path, int]] = []
         drop: list[Path] = []
         count, held = len(self._recycled), self.recycled_bytes
         reuse = self._fsync_dir is not None and not self._reuse_paused
+        for path in in_place:  # no fsync needed: their names are durable already
+            size = _reusable(path) if reuse else None
+            if size is None or count >= RECYCLE_MAX or held + size > RECYCLE_BYTES:
+                out = self._out_of_spool(path)
+                if out is not None:
+                    drop.append(out)
+            else:
+                keep_in_place.append((path, size))
+                count, held = count + 1, held + size
         for path in retired:
             size = _reusable(path) if reuse else None
             if size is None or count >= RECYCLE_MAX or held + size > RECYCLE_BYTES:
@@ -245,21 +293,38 @@ class SpareFiles:
                 os.unlink(path)
         with self._cond:
             if self._stop:
-                self._retired.extend(p for p, _ in keep)  # close() removes them
-            elif self._reuse_paused:  # paused meanwhile
-                self._retired.extend(p for p, _ in keep)  # the next round unlinks them
+                self._retired.extend(p for p, _ in keep + keep_in_place)  # close() removes them
+            elif self._reuse_paused:  # paused meanwhile: the next round empties or unlinks them
+                self._retired.extend(p for p, _ in keep)
+                self._in_place.extend(p for p, _ in keep_in_place)
             else:
+                keep += keep_in_place
                 self._recycled.extend(keep)
                 self.recycled_bytes += sum(size for _, size in keep)
             self._dealing = False
             self._cond.notify_all()
+
+    def _out_of_spool(self, path: Path) -> Path | None:
+        """Move a spool file kept in place out of the spool (to empty or unlink like any
+        retired file: its new path), or unlink it (None); then `gone` forgets its trash row."""
+        to = self._dir / f"{RETIRED_PREFIX}{uuid.uuid4().hex}.part"
+        moved: Path | None = to
+        try:
+            os.rename(path, to)
+        except OSError:
+            moved = None
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if self._gone is not None:
+            self._gone(path)
+        return moved
 
     def pause_reuse(self, paused: bool) -> None:
         """While the disk is full nothing is kept for reuse (the files kept are unlinked now),
         so that every delivered file gives its space back."""
         with self._cond:
             self._reuse_paused = paused
-            if self._retired:
+            if self._retired or self._in_place:
                 self._cond.notify_all()
         if paused:
             self.drop_recycled()
@@ -271,20 +336,29 @@ class SpareFiles:
         for path, _ in dropped:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+            if path.parent != self._dir and self._gone is not None:  # kept in the spool
+                self._gone(path)
 
     def wait_settled(self, timeout: float) -> bool:
         """Wait until every retired file has been reused or unlinked (tests)."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._retired and not self._dealing, timeout)
+            return self._cond.wait_for(
+                lambda: not self._retired and not self._in_place and not self._dealing, timeout
+            )
 
     def _fill(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and len(self._ready) >= SPARE_LOW and not self._retired:
+                while (
+                    not self._stop
+                    and len(self._ready) >= SPARE_LOW
+                    and not self._retired
+                    and not self._in_place
+                ):
                     self._cond.wait()
                 if self._stop:
                     return
-            if self._retired:
+            if self._retired or self._in_place:
                 self._deal_with_retired()
                 self.refilled.set()
             if len(self._ready) >= SPARE_LOW:
@@ -319,10 +393,11 @@ class SpareFiles:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         self.drop_recycled()
-        while True:
-            try:
-                path = self._retired.pop()
-            except IndexError:
-                break
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        for pending in (self._retired, self._in_place):
+            while True:
+                try:
+                    path = pending.pop()
+                except IndexError:
+                    break
+                with contextlib.suppress(OSError):
+                    os.unlink(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -177,7 +178,9 @@ class Store:
         self._incoming = self.root / "incoming"
         # files whose last item went away are unlinked by the spares thread, and reused by
         # receptions when writes are durable (spares.py)
-        self._spares = SpareFiles(self._incoming, self._ops.fsync_dir if durable else None)
+        self._spares = SpareFiles(
+            self._incoming, self._ops.fsync_dir if durable else None, gone=self._spool_file_gone
+        )
         self._spool = self.root / "spool"
         self._db_path = self.root / "index.db"
         self._reserve_path = self.root / "reserve"
@@ -307,6 +310,21 @@ class Store:
         a ready empty file when there is one (`spares.py`: creating a file is the slow part)."""
         return self._spares.take() or self._incoming / f"{uuid.uuid4().hex}.part"
 
+    def _spool_file_gone(self, path: Path) -> None:
+        """A spool file kept in place for reuse left the spool (spares thread)."""
+        if self._writer is not None:
+            self._writer.forget_trash(path)
+
+    def start_sync(self, temp_path: Path, size: int) -> concurrent.futures.Future[None] | None:
+        """Start the fsync of a complete temporary file that will take a spool file (larger than
+        `inline_max_bytes`, durable writes), on the writer's pool: pass what this returns to
+        `commit_instance` as `sync`. Started as the last byte is written, the flush overlaps the
+        work before the commit (the header's parsing, the hand-over to the receiver); the commit
+        still renames the file only once the fsync is done. None: nothing to start."""
+        if size <= self.inline_max_bytes or self._writer is None:
+            return None
+        return self._writer.start_sync(Path(temp_path))
+
     async def discard_incoming(self, temp_path: Path) -> None:
         """Remove a temporary file the acceptor will not commit (association aborted, etc.)."""
         await trio.to_thread.run_sync(self._ops.unlink, Path(temp_path))
@@ -367,13 +385,14 @@ class Store:
         *,
         state: str = "new",
         data: bytes | None = None,
+        sync: concurrent.futures.Future[None] | None = None,
     ) -> list[int]:
         """Store a received instance and queue one item per destination, durably.
 
         The instance is the temporary file `temp_path` (from `new_incoming_path`), or `data`
         (its Part 10 bytes, received in memory) with `temp_path` None. Returns the new item ids
         (one per distinct destination, in order) only once the instance and the items are
-        durable. Raises StoreFull (and leaves nothing behind: the temporary file is removed) when
+        durable; `sync` is the file's fsync from `start_sync`, if one was started. Raises StoreFull (and leaves nothing behind: the temporary file is removed) when
         space is short or a write fails. Once started it completes even if the caller is
         cancelled; the caller then sees Cancelled at its next checkpoint.
         """
@@ -384,6 +403,7 @@ class Store:
             raise ValueError("commit_instance needs at least one destination")
         state = _state(state)
         final: Path | None = None
+        reused = False
         committed = False
         try:
             self.check_admission()
@@ -405,6 +425,13 @@ class Store:
                     raise StoreError(f"received file vanished: {exc}") from exc
             if inline:
                 rel = f"{INLINE_PREFIX}{uuid.uuid4().hex}"
+            elif temp_path is not None and temp_path.parent.parent == self._spool:
+                # a delivered instance's spool file, written over where it is (spares.py): its
+                # name is durable already (no rename, no directory fsync); its trash row goes
+                # in the same transaction as the new rows that name it
+                reused = True
+                final = temp_path
+                rel = final.relative_to(self.root).as_posix()
             else:
                 bucket = await self._bucket_dir()
                 final = bucket / f"{uuid.uuid4().hex}.dcm"
@@ -437,6 +464,8 @@ class Store:
                     (rel, size, now),
                 )
                 instance_id = cur.lastrowid
+                if reused:
+                    conn.execute("DELETE FROM trash WHERE rel_path = ?", (rel,))
                 if blob is not None:
                     conn.execute(
                         "INSERT INTO blobs(instance_id, data) VALUES (?, ?)", (instance_id, blob)
@@ -469,7 +498,11 @@ class Store:
                 # the group fsyncs the bucket once, inserts, and commits
                 assert final is not None and temp_path is not None
                 ids = await self._writer.run(
-                    insert, (bucket,), admission=True, place=(temp_path, final)
+                    insert,
+                    () if reused else (bucket,),
+                    admission=True,
+                    place=(temp_path, final),
+                    synced=sync,
                 )
             committed = True
             return ids
@@ -480,6 +513,8 @@ class Store:
                         await trio.to_thread.run_sync(self._ops.unlink, Path(temp_path))
                     if final is not None:
                         await trio.to_thread.run_sync(self._ops.unlink, final)
+                        if reused:
+                            self._spool_file_gone(final)
 
     # -- the delivery path (node actors) -----------------------------------------------------------
 

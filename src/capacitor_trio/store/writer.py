@@ -10,6 +10,7 @@ COMMIT fails every job of the group. Callers wait in Trio on an Event set from t
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import errno
@@ -102,6 +103,9 @@ class Writer:
             target=self._main, name="capacitor-store-writer", daemon=True
         )
         self._trash_done: list[str] = []
+        #: spool paths of files that left the spool outside the writer (spares kept in place,
+        #: then dropped): their trash rows go in the next group (`forget_trash`, any thread)
+        self._forgotten: collections.deque[str] = collections.deque()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         if ops.durable:
             self._pool = concurrent.futures.ThreadPoolExecutor(
@@ -127,11 +131,13 @@ class Writer:
         place: tuple[Path, Path] | None = None,
         durable: bool = True,
         discard: Path | None = None,
+        synced: concurrent.futures.Future[None] | None = None,
     ) -> Any:
         """Run `fn` in the next group transaction and return its result once committed.
 
         With `place=(temp, final)` the group first fsyncs `temp` and renames it to `final` (a
-        failure fails this job alone), and `fn` gets the file's size as a second argument.
+        failure fails this job alone), and `fn` gets the file's size as a second argument;
+        `synced` is that fsync if `start_sync` started it already.
 
         Once submitted, the job completes even if the caller is cancelled meanwhile (the wait is
         shielded; a store operation is short and must not be left half-known, e.g. a checkout
@@ -144,13 +150,24 @@ class Writer:
         )
         if place is not None and self._pool is not None:
             # fsync and rename the file now, so that it overlaps the group being committed
-            job.placed = self._pool.submit(_place_file, self._ops, *place)
+            job.placed = self._pool.submit(_place_file, self._ops, *place, synced)
         self._queue.put(job)
         with trio.CancelScope(shield=True):
             await job.done.wait()
         if job.error is not None:
             raise job.error
         return job.result
+
+    def forget_trash(self, path: Path) -> None:
+        """`path`, a spool file kept in place for reuse, is gone: its trash row can go (any
+        thread; done in the next group)."""
+        self._forgotten.append(path.relative_to(self._root).as_posix())
+
+    def start_sync(self, path: Path) -> concurrent.futures.Future[None] | None:
+        """fsync `path` on the pool now (see `Store.start_sync`); None without durable writes."""
+        if self._pool is None or self._closed:
+            return None
+        return self._pool.submit(self._ops.fsync_file, path)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -239,6 +256,8 @@ class Writer:
             for job in live:
                 job.error = err
             return None if isinstance(err, StoreFull) else []
+        while self._forgotten:
+            self._trash_done.append(self._forgotten.popleft())
         if self._trash_done:
             conn.executemany(
                 "DELETE FROM trash WHERE rel_path = ?", [(p,) for p in self._trash_done]
@@ -364,6 +383,11 @@ class Writer:
                     self._ops.unlink(job.discard)
             for path in job.unlink_after:
                 try:
+                    if job.retire and self._spares is not None and self._spares.reuses_in_place:
+                        # kept where it is for a reception to write over: its trash row stays
+                        # until that reception's commit deletes it (spares.py)
+                        self._spares.retired_in_place(path)
+                        continue
                     if job.retire:
                         self._retire(path)
                     else:
@@ -389,11 +413,19 @@ class Writer:
         self._ops.unlink(path)
 
 
-def _place_file(ops: FileOps, src: Path, dst: Path) -> int:
-    """fsync `src`, then rename it to `dst` (the data is on disk before the name is); its size."""
+def _place_file(
+    ops: FileOps, src: Path, dst: Path, synced: concurrent.futures.Future[None] | None = None
+) -> int:
+    """fsync `src` (or wait for `synced`, its fsync started earlier on the same pool, so never
+    queued behind this), then rename it to `dst` (the data is on disk before the name is); its
+    size."""
     size = os.stat(src).st_size
-    ops.fsync_file(src)
-    ops.rename(src, dst)
+    if synced is not None:
+        synced.result()  # raises its OSError
+    else:
+        ops.fsync_file(src)
+    if src != dst:  # (a spool file reused in place has its name already)
+        ops.rename(src, dst)
     return size
 
 
