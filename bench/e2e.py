@@ -4,7 +4,8 @@
 Usage:  .venv/bin/python bench/e2e.py [--rounds 3] [--corpus L,S] [--batch-size 0]
                                       [--durable true,false] [--profile DIR] [--compare-src DIR]
 
-Scenarios, every one once per round (interleaved, so all saw the same machine noise), medians:
+Scenarios, every one once per round (interleaved, so all saw the same machine noise; the router
+scenarios in reverse order every other round), medians:
   direct        storescu -> storescp                          (the reference)
   router        storescu -> `capacitor-trio run` -> storescp  (durableWrites false, and true)
 Both DCMTK ends run with TCP_NODELAY=1 and `-pdu 131072`; storescp writes the files (`-od`, `+B`).
@@ -285,7 +286,11 @@ def main() -> None:
     for rnd in range(args.rounds):
         for cname, d in corpora.items():
             n = len(corpus_files(d))
-            for sc in scenarios:
+            # the router scenarios in reverse order every other round: a run right after the
+            # direct one meets the writeback of its files (and so on), so no tree or mode is
+            # always first
+            order = scenarios[:1] + (scenarios[1:] if rnd % 2 == 0 else scenarios[:0:-1])
+            for sc in order:
                 if sc.kind == "direct":
                     t = sc_direct(d)
                 else:
