@@ -215,14 +215,7 @@ class SpareFiles:
         """`path`, a spool file whose last item was delivered (the commit that removed it is
         durable; its trash row stays), may be written over where it is: the thread keeps it, or
         moves it out of the spool and tells `gone` (thread side)."""
-        with self._cond:
-            if self._stop:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-                return
-            self._in_place.append(path)
-            self._start()
-            self._cond.notify_all()
+        self._hand_over(self._in_place, path)
 
     def retire_path(self) -> Path | None:
         """Where to rename a file to be removed (then call `retired`), or None once closed:
@@ -233,12 +226,15 @@ class SpareFiles:
 
     def retired(self, path: Path) -> None:
         """`path` (from `retire_path`) holds a file to unlink or to reuse (thread side)."""
+        self._hand_over(self._retired, path)
+
+    def _hand_over(self, pending: list[Path], path: Path) -> None:
         with self._cond:
             if self._stop:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
                 return
-            self._retired.append(path)
+            pending.append(path)
             self._start()
             self._cond.notify_all()
 
@@ -261,22 +257,26 @@ class SpareFiles:
         drop: list[Path] = []
         count, held = len(self._recycled), self.recycled_bytes
         reuse = self._fsync_dir is not None and not self._reuse_paused
+
+        def room_for(path: Path) -> int | None:
+            """Its size if reuse keeps it (counted), else None."""
+            nonlocal count, held
+            size = _reusable(path) if reuse else None
+            if size is None or count >= RECYCLE_MAX or held + size > RECYCLE_BYTES:
+                return None
+            count, held = count + 1, held + size
+            return size
+
         for path in in_place:  # no fsync needed: their names are durable already
-            size = _reusable(path) if reuse else None
-            if size is None or count >= RECYCLE_MAX or held + size > RECYCLE_BYTES:
-                out = self._out_of_spool(path)
-                if out is not None:
-                    drop.append(out)
-            else:
+            if (size := room_for(path)) is not None:
                 keep_in_place.append((path, size))
-                count, held = count + 1, held + size
+            elif (out := self._out_of_spool(path)) is not None:
+                drop.append(out)
         for path in retired:
-            size = _reusable(path) if reuse else None
-            if size is None or count >= RECYCLE_MAX or held + size > RECYCLE_BYTES:
-                drop.append(path)
-            else:
+            if (size := room_for(path)) is not None:
                 keep.append((path, size))
-                count, held = count + 1, held + size
+            else:
+                drop.append(path)
         if keep:
             try:
                 assert self._fsync_dir is not None
