@@ -87,4 +87,31 @@ def test_port_in_use_is_a_clear_error(tmp_path: Path) -> None:
     assert ("cannot start" in r.stderr and str(port) in r.stderr) or "Address already in use" in r.stderr
 
 
+async def test_a_second_router_on_the_same_directory_is_refused(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """Started twice on one data directory (a service and a hand-started copy), the second must
+    not run recovery under the first one's feet: it stops with a one-line error naming the
+    first one's pid, and the first carries on."""
+    data = tmp_path / "d"
+    router = RouterProcess(data, f"--config.scpPort={free_port()}", "--config.api.enabled=false")
+    try:
+        await router.start(nursery)
+        assert router.proc is not None
+        second = await trio.run_process(
+            [sys.executable, "-m", "capacitor_trio", "run", "--path", str(data),
+             f"--config.scpPort={free_port()}", "--config.api.enabled=false"],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+        err = second.stderr.decode()
+        assert second.returncode == 1 and "Traceback" not in err, err
+        assert "cannot start: the cache directory" in err
+        assert f"in use by another capacitor-trio process (pid {router.proc.pid})" in err
+        router.signal(signal.SIGTERM)
+        assert await router.wait() == 0
+        assert router.lines[-1] == "INFO: stopped"
+    finally:
+        await router.aclose()
+
+
 pytestmark = pytest.mark.timeout(120)

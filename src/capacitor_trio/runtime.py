@@ -30,7 +30,7 @@ from capacitor_trio.dicom import requestor
 from capacitor_trio.dicom.acceptor import AcceptorConfig, serve_acceptor
 from capacitor_trio.dicom.sender_process import SenderProcess
 from capacitor_trio.logs import RingBufferHandler
-from capacitor_trio.store import open_store
+from capacitor_trio.store import StoreInUse, open_store
 
 log = logging.getLogger("capacitor_trio")
 
@@ -147,9 +147,9 @@ def run_daemon(settings: Settings, *, log_level: str = "INFO") -> int:
     setup_logging(log_level, ring)
     try:
         return trio.run(_main, settings, ring)
-    except (OSError, BaseExceptionGroup) as exc:  # e.g. the DICOM port is taken
+    except (OSError, StoreInUse, BaseExceptionGroup) as exc:  # e.g. the DICOM port is taken
         leaves = list(_leaves(exc))
-        if not all(isinstance(e, OSError) for e in leaves):
+        if not all(isinstance(e, (OSError, StoreInUse)) for e in leaves):
             raise
         for error in leaves:
             log.error("cannot start: %s", error)

@@ -685,3 +685,22 @@ async def test_a_flush_started_early_is_the_commits_only_one_and_comes_before_th
         temp = store.new_incoming_path()
         temp.write_bytes(b"L" * 100_000)
         assert store.start_sync(temp, 100_000) is None  # no durable writes: nothing to flush
+
+
+async def test_a_cache_directory_is_used_by_one_store_at_a_time(tmp_path: Path) -> None:
+    """A second store on the same directory (a second router) is refused before it touches
+    anything: its recovery would remove the first one's receptions in progress."""
+    import os
+
+    from capacitor_trio.store import StoreInUse
+
+    async with open_store(tmp_path, durable=False) as first:
+        receiving = first.new_incoming_path()
+        receiving.write_bytes(b"half an instance")
+        with pytest.raises(StoreInUse, match=f"in use by another capacitor-trio process \\(pid {os.getpid()}\\)"):
+            async with open_store(tmp_path, durable=False):
+                pass  # pragma: no cover
+        assert receiving.read_bytes() == b"half an instance"
+        [a] = await commit(first)  # the first store is unaffected
+    async with open_store(tmp_path, durable=False) as again:  # free once the first closed
+        assert (await again.get_item(a)).state == "new"

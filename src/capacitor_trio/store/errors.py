@@ -17,6 +17,10 @@ class StoreFull(StoreError):
     """
 
 
+class StoreInUse(StoreError):
+    """Another process (a second router on the same cache directory) has the store open."""
+
+
 class TransitionError(StoreError):
     """The requested transition is impossible from the item's current state (API: 409)."""
 

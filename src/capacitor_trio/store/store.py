@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -19,7 +21,14 @@ import attrs
 import trio
 
 from ..domain.instance import Destination, InstanceHeader
-from .errors import ItemCheckedOut, ItemNotFound, StoreError, StoreFull, TransitionError
+from .errors import (
+    ItemCheckedOut,
+    ItemNotFound,
+    StoreError,
+    StoreFull,
+    StoreInUse,
+    TransitionError,
+)
 from .fsops import FileOps
 from .model import QUEUED_STATES, STATES, Counts, Item, ItemFilter, RecoveryReport
 from .recovery import recover, spool_buckets
@@ -28,6 +37,9 @@ from .spares import SpareFiles
 from .writer import Writer, unlinking, write_reserve
 
 log = logging.getLogger("capacitor_trio.store")
+
+#: the file in the cache directory whose flock marks it in use (`Store._lock`)
+LOCK_NAME = "lock"
 
 T = TypeVar("T")
 
@@ -191,6 +203,7 @@ class Store:
         self._bucket = 0
         self._bucket_used = BUCKET_SIZE  # forces a fresh bucket on the first commit
         self.recovery_report = RecoveryReport()
+        self._lock_fd: int | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -211,7 +224,44 @@ class Store:
             conn.execute("PRAGMA temp_store = MEMORY")
         return conn
 
+    def _lock(self) -> None:
+        """Take the cache directory for this process: a second router on the same directory
+        would run recovery under the first one's feet (moving the files of its receptions in
+        progress aside, releasing its checkouts) and deliver the same items twice. An flock on
+        `cache/lock`, released by the kernel however this process ends; the file names the
+        holder's pid for the error message."""
+        path = self.root / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            with contextlib.suppress(OSError, ValueError):
+                holder = int(os.pread(fd, 32, 0).split()[0])
+                exc = OSError(exc.errno, f"pid {holder}")
+            os.close(fd)
+            raise StoreInUse(
+                f"the cache directory {self.root} is in use by another capacitor-trio process "
+                f"({exc.strerror}); one router per cache directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
     def _open_sync(self) -> sqlite3.Connection:
+        self._ops.mkdir(self.root)
+        self._lock()
+        try:
+            return self._open_locked()
+        except BaseException:
+            self._unlock()
+            raise
+
+    def _open_locked(self) -> sqlite3.Connection:
         for d in (self.root, self._incoming, self._spool):
             self._ops.mkdir(d)
         conn = self._connect(reader=False)
@@ -271,6 +321,7 @@ class Store:
         for r in self._readers:
             r.close()
         self._readers.clear()
+        self._unlock()
 
     async def _write(
         self, fn: Callable[[sqlite3.Connection], T], dirs: Iterable[Path] = (), *, durable: bool = True
