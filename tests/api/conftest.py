@@ -94,10 +94,12 @@ class Running:
         modality: str = "CT",
         accession: str = "ACC001",
         patient_id: str = "PID001",
+        rows: int = 8,
     ) -> list[int]:
-        """Commit `n` small instances for one destination straight into the store."""
+        """Commit `n` instances (small unless `rows` says otherwise: rows x rows pixels) for one
+        destination straight into the store."""
         ids: list[int] = []
-        ds = make_dataset(rows=8, columns=8, modality=modality, accession=accession, patient_id=patient_id)
+        ds = make_dataset(rows=rows, columns=rows, modality=modality, accession=accession, patient_id=patient_id)
         study = study_uid or generate_uid()
         series = series_uid or generate_uid()
         for _ in range(n):

@@ -409,6 +409,30 @@ async def test_item_tags_come_only_from_the_items_own_instance(start_router: Sta
     assert detail["sopInstanceUid"] == item.sop_instance_uid and detail["tags"] is None
 
 
+async def test_no_tags_from_a_file_delivered_while_it_was_read(
+    start_router: StartRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivered instance's file may be written over by the next reception while the API
+    reads it (its SOP Instance UID still the old one, the patient after it already new): tags
+    read from a file whose item went away meanwhile are not shown."""
+    from capacitor_trio.api import app as app_module
+
+    r = await start_router((dead_node("DEAD"),))
+    [mine] = await r.queue(1, dest="DEAD", rows=256)  # a spool file, not in the index
+    item = await r.store.get_item(mine)
+    assert not item.inline
+    real = app_module.read_tags
+
+    def read_then_deliver(source: Any) -> Any:
+        tags = real(source)
+        trio.from_thread.run(r.store.delivered, [mine])  # delivered while the file was read
+        return tags
+
+    monkeypatch.setattr(app_module, "read_tags", read_then_deliver)
+    detail = data(await r.client.get(f"/api/queue/items/{mine}"))
+    assert detail["sopInstanceUid"] == item.sop_instance_uid and detail["tags"] is None
+
+
 async def test_item_actions(start_router: StartRouter) -> None:
     r = await start_router((dead_node("DEAD"),))
     await r.client.post("/api/nodes/DEAD/pause", headers=AUTH)

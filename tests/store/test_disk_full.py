@@ -36,11 +36,16 @@ class FaultyOps(FileOps):
     def __init__(self) -> None:
         super().__init__()
         self.fail: dict[str, int] = {}  # operation -> errno
+        self.once: set[str] = set()  # ...failing once only
         self.free_percent: float | None = None
 
     def _maybe(self, op: str) -> None:
         if op in self.fail:
-            raise OSError(self.fail[op], os.strerror(self.fail[op]))
+            err = self.fail[op]
+            if op in self.once:
+                self.once.discard(op)
+                del self.fail[op]
+            raise OSError(err, os.strerror(err))
 
     def fsync_file(self, path: Path) -> None:
         self._maybe("fsync_file")
@@ -87,7 +92,9 @@ def assert_consistent(store: Store, items: list) -> None:  # type: ignore[type-a
     ],
 )
 async def test_write_error_refuses_and_leaves_nothing(tmp_path: Path, op: str, err: int) -> None:
-    """-early: the file's fsync was started as its last byte was written (`start_sync`)."""
+    """-early: the file's fsync was started as its last byte was written (`start_sync`); its
+    fault strikes once, so that a commit that fsynced again (and so missed the lost write the
+    first fsync reported) would succeed, and fail the test."""
     ops = FaultyOps()
     inline = op.endswith("-inline")  # a small instance kept in the index, not in a file
     early = op.endswith("-early")
@@ -97,6 +104,8 @@ async def test_write_error_refuses_and_leaves_nothing(tmp_path: Path, op: str, e
     ) as store:
         [kept] = await commit(store)
         ops.fail[op] = err
+        if early:
+            ops.once.add(op)
         temp = write_temp(store)
         sync = store.start_sync(temp, temp.stat().st_size) if early else None
         assert (sync is not None) == early
@@ -107,7 +116,7 @@ async def test_write_error_refuses_and_leaves_nothing(tmp_path: Path, op: str, e
         assert [i.id for i in items] == [kept]
         assert_consistent(store, items)
         # space returns: commits work again
-        del ops.fail[op]
+        ops.fail.pop(op, None)
         assert len(await commit(store, [PACS, AI])) == 2
     async with open_store(tmp_path, reserve_bytes=0) as store:
         r = store.recovery_report

@@ -12,26 +12,7 @@ import trio
 from capacitor_trio.store import ItemFilter, StoreFull, open_store
 from capacitor_trio.store.spares import RECYCLE_MAX, RETIRED_PREFIX, SPARE_PREFIX, SpareFiles
 
-from .util import PACS, content, file_paths, header, incoming_leftovers, spool_files
-
-
-@pytest.fixture
-def leases(tmp_path: Path) -> None:
-    """Reuse needs file leases (spares._take_lease); where the file system or the settings
-    refuse them, nothing is reused (test_without_leases_nothing_is_reused) and these tests
-    have nothing to check."""
-    from capacitor_trio.store.spares import _take_lease
-
-    probe = tmp_path / "lease-probe"
-    probe.write_bytes(b"x")
-    fd = os.open(probe, os.O_RDONLY)
-    try:
-        _take_lease(fd)
-    except OSError as exc:
-        pytest.skip(f"file leases not available here: {exc}")
-    finally:
-        os.close(fd)
-        probe.unlink()
+from .util import PACS, commit, content, file_paths, header, incoming_leftovers, spool_files
 
 
 def fsyncs(log: list[Path]):  # type: ignore[no-untyped-def]
@@ -213,35 +194,75 @@ async def test_a_delivered_instance_file_is_retired_and_with_durable_writes_reus
 
 @pytest.mark.usefixtures("leases")
 async def test_a_spool_file_reused_in_place_survives_a_crash_and_a_kept_one_goes(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A file kept in place keeps its trash row until a reception's commit deletes it in the
-    same transaction as the rows that name it: after a crash, recovery removes a kept file (or
-    one a reception was writing into) without calling it an orphan, and never one committed."""
+    same transaction as the rows that name it: after a crash, recovery removes a kept file and
+    one a reception was writing into without calling them orphans, and never one committed."""
     async with open_store(tmp_path, durable=True) as store:
+        ids = []
+        for n in range(3):
+            temp = store.new_incoming_path()
+            temp.write_bytes(b"OLD %d " % n * 20_000)
+            ids += await store.commit_instance(temp, header(), "CT", [PACS])
+        first, second, third = [(await store.get_item(i)).path for i in ids]
+        await store.delivered(ids)
+        await trio.to_thread.run_sync(settle, store._spares)
+        assert store._spares.recycled == 3
+        slot = store.new_incoming_path()  # the newest first
+        assert slot == third
+        slot.write_bytes(b"NEW PATIENT " * 10_000)
+        [b] = await store.commit_instance(slot, header(), "CT", [PACS])
+        # a reception writing into the next one when the router is killed
+        half = store.new_incoming_path()
+        assert half == second
+        half.write_bytes(b"HALF")
+        # ...and `first` still kept: a kill leaves it where it is (closing would remove it)
+        monkeypatch.setattr(store._spares, "drop_recycled", lambda: None)
+    assert first.exists() and second.exists()
+    async with open_store(tmp_path, durable=True) as store:
+        r = store.recovery_report
+        assert r.orphans == () and r.missing == ()
+        assert not first.exists() and not second.exists()
+        item = await store.get_item(b)
+        assert item.path == third and await content(store, item) == b"NEW PATIENT " * 10_000
+
+
+@pytest.mark.usefixtures("leases")
+async def test_a_kept_file_given_up_leaves_the_spool_before_its_trash_row_goes(
+    tmp_path: Path,
+) -> None:
+    """A kept file that reuse gives up (the disk fills up, say) is removed from the spool and
+    its directory fsync'd before its trash row is deleted; a file still kept keeps its row."""
+    from capacitor_trio.store import FileOps
+
+    synced: list[Path] = []
+
+    class Ops(FileOps):
+        def fsync_dir(self, path: Path) -> None:
+            super().fsync_dir(path)
+            synced.append(path)
+
+    async with open_store(tmp_path, durable=True, file_ops=Ops()) as store:
         ids = []
         for n in range(2):
             temp = store.new_incoming_path()
             temp.write_bytes(b"OLD %d " % n * 20_000)
             ids += await store.commit_instance(temp, header(), "CT", [PACS])
-        first, second = [(await store.get_item(i)).path for i in ids]
+        paths = {(await store.get_item(i)).path.relative_to(tmp_path).as_posix() for i in ids}
+
+        async def trash() -> set[str]:
+            return {r[0] for r in await store._read(lambda c: c.execute("SELECT rel_path FROM trash").fetchall())}
+
         await store.delivered(ids)
         await trio.to_thread.run_sync(settle, store._spares)
-        assert store._spares.recycled == 2
-        slot = store.new_incoming_path()  # the newest first
-        assert slot == second
-        slot.write_bytes(b"NEW PATIENT " * 10_000)
-        [b] = await store.commit_instance(slot, header(), "CT", [PACS])
-        # a reception writing into the other one when the router is killed
-        half = store.new_incoming_path()
-        assert half == first
-        half.write_bytes(b"HALF")
-    first.write_bytes(b"HALF")  # (closing unlinked it; a kill would not have)
-    async with open_store(tmp_path, durable=True) as store:
-        r = store.recovery_report
-        assert r.orphans == () and r.missing == () and not first.exists()
-        item = await store.get_item(b)
-        assert item.path == second and await content(store, item) == b"NEW PATIENT " * 10_000
+        assert store._spares.recycled == 2 and await trash() == paths  # kept: rows stay
+        synced.clear()
+        store._spares.drop_recycled()
+        assert not any((tmp_path / p).exists() for p in paths)
+        assert {(tmp_path / p).parent for p in paths} <= set(synced)
+        await commit(store)  # the next group deletes the rows
+        assert await trash() == set()
 
 
 @pytest.mark.usefixtures("leases")

@@ -647,6 +647,7 @@ async def test_receptions_get_files_made_ahead_and_unused_ones_leave_no_trace(tm
         assert (await store.counts()).total == 1
 
 
+@pytest.mark.usefixtures("leases")  # (for the reused file)
 async def test_a_flush_started_early_is_the_commits_only_one_and_comes_before_the_name(
     tmp_path: Path,
 ) -> None:
@@ -681,6 +682,22 @@ async def test_a_flush_started_early_is_the_commits_only_one_and_comes_before_th
         mine = [e for e in events if e[1] in (temp.name, "")]
         assert mine[:3] == [("fsync", temp.name), ("rename", temp.name), ("commit", "")]
         assert mine.count(("fsync", temp.name)) == 1
+        # delivered, its file is written over where it is: fsync'd before the COMMIT, no rename
+        spooled = (await store.get_item(a)).path
+        await store.delivered([a])
+        assert store._spares.wait_settled(10)
+        reused = store.new_incoming_path()
+        assert reused == spooled
+        reused.write_bytes(b"R" * 90_000)
+        del events[:]
+        [b] = await store.commit_instance(
+            reused, header(), "CT", [PACS], sync=store.start_sync(reused, 90_000)
+        )
+        assert [e for e in events if e[1] in (reused.name, "")] == [
+            ("fsync", reused.name),
+            ("commit", ""),
+        ]
+        assert (await store.get_item(b)).path.read_bytes() == b"R" * 90_000
     async with open_store(tmp_path, durable=False) as store:
         temp = store.new_incoming_path()
         temp.write_bytes(b"L" * 100_000)
@@ -704,3 +721,21 @@ async def test_a_cache_directory_is_used_by_one_store_at_a_time(tmp_path: Path) 
         [a] = await commit(first)  # the first store is unaffected
     async with open_store(tmp_path, durable=False) as again:  # free once the first closed
         assert (await again.get_item(a)).state == "new"
+
+
+async def test_a_failure_after_the_commit_does_not_fail_the_committed_jobs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a group has committed, its callers hear success even if tidying up afterwards
+    fails: otherwise a committed instance would be reported failed and its file removed."""
+    from capacitor_trio.store import writer as writer_module
+
+    def broken(self: object, ok: object) -> None:
+        raise RuntimeError("can't start new thread")
+
+    async with open_store(tmp_path, durable=True) as store:
+        monkeypatch.setattr(writer_module.Writer, "_unlink_after", broken)
+        temp = store.new_incoming_path()
+        temp.write_bytes(b"K" * 50_000)
+        [a] = await store.commit_instance(temp, header(), "CT", [PACS])
+        assert (await store.get_item(a)).path.read_bytes() == b"K" * 50_000

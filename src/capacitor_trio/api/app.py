@@ -38,7 +38,7 @@ from capacitor_trio.config.load import check_node_set, node_to_yaml, parse_node,
 from capacitor_trio.config.models import NODE_ROLES, Node
 from capacitor_trio.dicom.requestor import Peer
 from capacitor_trio.logs import LEVELS, parse_level
-from capacitor_trio.store import STATES, Counts, ItemFilter
+from capacitor_trio.store import STATES, Counts, ItemFilter, ItemNotFound
 
 from .auth import COOKIE, SESSION_TTL, Auth
 from .envelope import (
@@ -442,6 +442,14 @@ class Api:
             tags = None
         if tags is not None and tags.get("00080018", {}).get("Value") != [item.sop_instance_uid]:
             tags = None  # not this instance's file (gone and its name reused): never show it
+        if tags is not None and item.data is None:
+            # the file may have been delivered and reused while it was read (its UID read before
+            # a new reception overwrote what followed): its tags count only if the item is still
+            # there, since a file is reused only after the commit that removed its items
+            try:
+                await self.store.get_item(item.id)
+            except ItemNotFound:
+                tags = None
         out["tags"] = tags
         return ok(out)
 

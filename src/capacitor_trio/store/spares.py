@@ -267,11 +267,15 @@ class SpareFiles:
             count, held = count + 1, held + size
             return size
 
+        left: list[Path] = []  # moved out of the spool
         for path in in_place:  # no fsync needed: their names are durable already
             if (size := room_for(path)) is not None:
                 keep_in_place.append((path, size))
-            elif (out := self._out_of_spool(path)) is not None:
-                drop.append(out)
+            else:
+                left.append(path)
+                if (out := self._out_of_spool(path)) is not None:
+                    drop.append(out)
+        self._forget(left)
         for path in retired:
             if (size := room_for(path)) is not None:
                 keep.append((path, size))
@@ -306,18 +310,33 @@ class SpareFiles:
 
     def _out_of_spool(self, path: Path) -> Path | None:
         """Move a spool file kept in place out of the spool (to empty or unlink like any
-        retired file: its new path), or unlink it (None); then `gone` forgets its trash row."""
+        retired file: its new path), or unlink it (None). `_forget` it afterwards."""
         to = self._dir / f"{RETIRED_PREFIX}{uuid.uuid4().hex}.part"
-        moved: Path | None = to
         try:
             os.rename(path, to)
         except OSError:
-            moved = None
             with contextlib.suppress(OSError):
                 os.unlink(path)
-        if self._gone is not None:
+            return None
+        return to
+
+    def _forget(self, paths: list[Path]) -> None:
+        """`paths` left the spool: once that is durable (an fsync of each directory they left),
+        `gone` may forget their trash rows. Without it a power cut could bring a name back
+        without its row, the file then holding a new reception's bytes (on a file system that
+        does not journal a rename or unlink before a later fsync of another file); if the fsync
+        fails, the rows stay, and recovery removes whatever comes back."""
+        if not paths or self._gone is None:
+            return
+        try:
+            for directory in sorted({p.parent for p in paths}):
+                if self._fsync_dir is not None:
+                    self._fsync_dir(directory)
+        except Exception as exc:
+            log.warning("store: cannot fsync the spool, trash rows kept until restart: %s", exc)
+            return
+        for path in paths:
             self._gone(path)
-        return moved
 
     def pause_reuse(self, paused: bool) -> None:
         """While the disk is full nothing is kept for reuse (the files kept are unlinked now),
@@ -336,8 +355,7 @@ class SpareFiles:
         for path, _ in dropped:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-            if path.parent != self._dir and self._gone is not None:  # kept in the spool
-                self._gone(path)
+        self._forget([path for path, _ in dropped if path.parent != self._dir])  # in the spool
 
     def wait_settled(self, timeout: float) -> bool:
         """Wait until every retired file has been reused or unlinked (tests)."""

@@ -563,9 +563,10 @@ class Store:
                     if temp_path is not None:
                         await trio.to_thread.run_sync(self._ops.unlink, Path(temp_path))
                     if final is not None:
+                        # (a reused file keeps its trash row: its unlink is not made durable
+                        # here, and the row makes recovery remove it if a power cut brings it
+                        # back with this reception's bytes over the old ones)
                         await trio.to_thread.run_sync(self._ops.unlink, final)
-                        if reused:
-                            self._spool_file_gone(final)
 
     # -- the delivery path (node actors) -----------------------------------------------------------
 

@@ -195,7 +195,7 @@ class Writer:
                     break
                 group.append(nxt)
             try:
-                self._unlink_after(self._run_group(group))
+                ok = self._run_group(group)
             except BaseException as exc:  # never leave a caller waiting forever
                 log.exception("store writer: unexpected failure of a group")
                 if self._conn.in_transaction:  # or every later BEGIN would fail
@@ -206,6 +206,11 @@ class Writer:
                         concurrent.futures.wait([job.placed])
                     if job.error is None:
                         job.error = exc
+            else:
+                try:  # committed: what follows must not turn the jobs into failures
+                    self._unlink_after(ok)
+                except Exception:
+                    log.exception("store writer: removing files after a commit failed")
             for job in group:
                 self._wake(job)
         self._conn.close()
@@ -366,9 +371,12 @@ class Writer:
             ok = self._attempt(live)
         if ok is None:
             return []
-        self.index_free_bytes = (
-            int(self._conn.execute("PRAGMA freelist_count").fetchone()[0]) * self._page_size
-        )
+        try:  # after the COMMIT: a failure here must not fail the committed jobs
+            self.index_free_bytes = (
+                int(self._conn.execute("PRAGMA freelist_count").fetchone()[0]) * self._page_size
+            )
+        except sqlite3.Error:
+            log.exception("store writer: cannot read the index's free pages")
         self._trash_done = []
         self.stats.groups += 1
         self.stats.jobs += len(live)
