@@ -2,13 +2,16 @@
 
 Usage: python crash_child.py CACHE SEED
 
-Prints ``ready`` once the store is open, then for every commit that returned
+Writes as the acceptor does (into files made ahead or delivered ones reused in place, their
+flush started before the commit). Prints ``ready`` once the store is open, then for every commit that returned
 ``ok <sop_uid> <item ids>``; around each ``delivered`` call ``sent <item ids>`` before and
-``gone <item id>`` per item after; each line flushed.
+``gone <item id>`` per item after, ``reused`` when a commit writes over a delivered
+instance's file; each line flushed.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 import time
@@ -29,8 +32,14 @@ def say(line: str) -> None:
 
 
 def write_file(path: Path, sop: str, size: int) -> None:
-    with open(path, "wb") as f:
-        f.write(sop.encode().ljust(size, b"\0"))
+    """As the acceptor does: no O_TRUNC (the file may be a delivered one, reused), then cut to
+    what was written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, sop.encode().ljust(size, b"\0"))
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
 
 
 async def main(root: Path, seed: int) -> None:
@@ -45,9 +54,13 @@ async def main(root: Path, seed: int) -> None:
                 sop = f"2.25.{seed}.{w}.{n}"
                 dests = rng.sample(DESTS, rng.randint(1, 3))
                 path = store.new_incoming_path()
-                await trio.to_thread.run_sync(write_file, path, sop, rng.choice([200, 5000, 60000]))
+                if path.parent.parent.name == "spool":
+                    say("reused")  # a delivered instance's file, written over in place
+                size = rng.choice([200, 5000, 40000, 60000, 90000])
+                await trio.to_thread.run_sync(write_file, path, sop, size)
+                sync = store.start_sync(path, size)  # as the acceptor does
                 header = InstanceHeader("1.2.840.10008.5.1.4.1.1.2", sop, "1.2.840.10008.1.2.1")
-                ids = await store.commit_instance(path, header, "CRASH", dests)
+                ids = await store.commit_instance(path, header, "CRASH", dests, sync=sync)
                 say(f"ok {sop} {','.join(map(str, ids))}")
 
         async def sink() -> None:

@@ -86,7 +86,7 @@ def test_sigkill_during_commits_loses_nothing_acknowledged(tmp_path: Path) -> No
     gone: set[int] = set()
     unacked: set[int] = set()
     sent: set[int] = set()  # delivered() was called; whether it returned is unknown
-    orphans = released = commits = 0
+    orphans = released = commits = reused = 0
     deadline = time.monotonic() + 90
     for kill in range(KILLS):
         for line in run_child(root, kill, rng):
@@ -98,6 +98,8 @@ def test_sigkill_during_commits_loses_nothing_acknowledged(tmp_path: Path) -> No
                 gone.add(int(rest[0]))
             elif kind == "sent":
                 sent.update(int(x) for x in rest[0].split(","))
+            elif kind == "reused":
+                reused += 1
         o, r, present = trio.run(check, root, acked, gone, unacked, sent)
         # a delivered() cut off by the kill either happened or not; now we know which
         gone.update(sent - present)
@@ -109,6 +111,8 @@ def test_sigkill_during_commits_loses_nothing_acknowledged(tmp_path: Path) -> No
     # commit (orphans) or while items were checked out
     assert commits > KILLS * 5
     assert released > 0
+    assert reused > 0  # delivered files were written over in place (spares.py)
     print(
-        f"crash test: {KILLS} kills, {commits} acked, {len(gone)} delivered, {orphans} orphans, {released} released"
+        f"crash test: {KILLS} kills, {commits} acked, {len(gone)} delivered, {orphans} orphans, "
+        f"{released} released, {reused} files reused"
     )
