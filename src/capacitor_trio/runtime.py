@@ -20,6 +20,7 @@ from typing import Any
 import attrs
 import trio
 
+from capacitor_trio import gctune
 from capacitor_trio.actors.node import NodeContext
 from capacitor_trio.actors.receiver import Receiver
 from capacitor_trio.actors.service import ServiceFlags
@@ -61,10 +62,12 @@ async def run_router(
     clock: Callable[[], float] = time.time,
     ring: RingBufferHandler | None = None,
     sender: Any = None,
+    settle_gc: bool = False,
     task_status: trio.TaskStatus[Router] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run every service of the router until cancelled; `task_status.started(router)` once all
-    listeners serve."""
+    listeners serve. `settle_gc`: set the garbage collector for the long run then (`gctune`;
+    the daemon does, tests running the router in their own process do not)."""
     config = settings.config
     for warning in settings.warnings:
         log.warning(warning)
@@ -108,6 +111,8 @@ async def run_router(
                     from capacitor_trio.api.server import run_api
 
                     router.api_port = await edge.start(run_api, router)
+                if settle_gc:
+                    gctune.settle()
                 log.info(
                     "router ready: %d Storage node(s), spool %s, durable writes %s",
                     len(supervisor.handles), config.cache_path, "on" if config.durable_writes else "off",
@@ -135,7 +140,11 @@ async def _main(settings: Settings, ring: RingBufferHandler) -> int:
                     return
 
             nursery.start_soon(stop_on_signal)
-            await nursery.start(lambda task_status: run_router(settings, ring=ring, task_status=task_status))
+            await nursery.start(
+                lambda task_status: run_router(
+                    settings, ring=ring, settle_gc=True, task_status=task_status
+                )
+            )
     log.info("stopped")
     return 0
 

@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 import trio
 
+from capacitor_trio import gctune
 from capacitor_trio.domain.outcomes import Delivered, Outcome
 
 from . import requestor
@@ -120,6 +121,7 @@ async def _main() -> None:
     stdin = trio.lowlevel.FdStream(os.dup(0))
     stdout = trio.lowlevel.FdStream(os.dup(1))
     os.dup2(2, 1)  # a stray print() goes to stderr, not into the protocol
+    gctune.settle()
     await serve(stdin, stdout)
 
 
