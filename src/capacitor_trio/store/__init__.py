@@ -89,14 +89,7 @@ operator changes); the delivery path takes ``now`` explicitly.
 
 from __future__ import annotations
 
-from .errors import (
-    ItemCheckedOut,
-    ItemNotFound,
-    StoreError,
-    StoreFull,
-    StoreInUse,
-    TransitionError,
-)
+from .errors import ItemCheckedOut, ItemNotFound, StoreError, StoreFull, StoreInUse, TransitionError
 from .fsops import FileOps
 from .model import QUEUED_STATES, STATES, Counts, Item, ItemFilter, RecoveryReport
 from .schema import SCHEMA_VERSION

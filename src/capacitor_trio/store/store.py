@@ -21,14 +21,7 @@ import attrs
 import trio
 
 from ..domain.instance import Destination, InstanceHeader
-from .errors import (
-    ItemCheckedOut,
-    ItemNotFound,
-    StoreError,
-    StoreFull,
-    StoreInUse,
-    TransitionError,
-)
+from .errors import ItemCheckedOut, ItemNotFound, StoreError, StoreFull, StoreInUse, TransitionError
 from .fsops import FileOps
 from .model import QUEUED_STATES, STATES, Counts, Item, ItemFilter, RecoveryReport
 from .recovery import recover, spool_buckets
