@@ -94,6 +94,10 @@ async def run_router(
             await core.start(supervisor.run)
             await core.start(receiver.run_preparer)
             core.start_soon(_expire_forever, router)
+            if config.api.enabled:
+                from capacitor_trio.api.server import run_api
+            if settle_gc:  # before the listeners: no association waits for its collection
+                gctune.settle()
             async with trio.open_nursery() as edge:
                 if config.scp_port:
                     acceptor = AcceptorConfig(
@@ -108,11 +112,7 @@ async def run_router(
                     )
                     router.dicom_port = await edge.start(serve_acceptor, acceptor, receiver)
                 if config.api.enabled:
-                    from capacitor_trio.api.server import run_api
-
                     router.api_port = await edge.start(run_api, router)
-                if settle_gc:
-                    gctune.settle()
                 log.info(
                     "router ready: %d Storage node(s), spool %s, durable writes %s",
                     len(supervisor.handles), config.cache_path, "on" if config.durable_writes else "off",

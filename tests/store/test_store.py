@@ -739,3 +739,41 @@ async def test_a_failure_after_the_commit_does_not_fail_the_committed_jobs(
         temp.write_bytes(b"K" * 50_000)
         [a] = await store.commit_instance(temp, header(), "CT", [PACS])
         assert (await store.get_item(a)).path.read_bytes() == b"K" * 50_000
+
+
+async def test_the_lock_is_refused_clearly_and_given_back_on_every_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import errno
+    import fcntl
+    import os
+
+    from capacitor_trio.store import StoreInUse
+    from capacitor_trio.store import store as store_module
+    from capacitor_trio.store import writer as writer_module
+
+    # a holder caught before it wrote its pid: refused all the same, without a pid
+    holder = os.open(tmp_path / "lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(StoreInUse, match=r"in use by another capacitor-trio process; one"):
+            async with open_store(tmp_path, durable=False):
+                pass  # pragma: no cover
+    finally:
+        os.close(holder)
+    # the writer cannot start: nothing stays open, the lock least of all
+    with monkeypatch.context() as m:
+        m.setattr(writer_module.Writer, "start", lambda self: (_ for _ in ()).throw(RuntimeError("can't start new thread")))
+        with pytest.raises(RuntimeError):
+            async with open_store(tmp_path, durable=False):
+                pass  # pragma: no cover
+    async with open_store(tmp_path, durable=False) as store:
+        await commit(store)
+    # a file system without locks (some NFS mounts): a warning, and the store opens
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(store_module.fcntl, "flock", no_locks)
+    async with open_store(tmp_path, durable=False) as store:
+        await commit(store)
+    assert any("nothing stops a second router" in r.getMessage() for r in caplog.records)

@@ -222,22 +222,29 @@ class Store:
         would run recovery under the first one's feet (moving the files of its receptions in
         progress aside, releasing its checkouts) and deliver the same items twice. An flock on
         `cache/lock`, released by the kernel however this process ends; the file names the
-        holder's pid for the error message."""
+        holder's pid for the error message (written in place, fixed width, best effort: a full
+        disk must not keep the router from starting to deliver). Where the file system has no
+        locks (some NFS mounts), a warning, and the router runs unguarded."""
         path = self.root / LOCK_NAME
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            with contextlib.suppress(OSError, ValueError):
-                holder = int(os.pread(fd, 32, 0).split()[0])
-                exc = OSError(exc.errno, f"pid {holder}")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = ""
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    holder = f" (pid {int(os.pread(fd, 32, 0).split()[0])})"
+                raise StoreInUse(
+                    f"the cache directory {self.root} is in use by another capacitor-trio "
+                    f"process{holder}; one router per cache directory"
+                ) from None
+            except OSError as exc:
+                log.warning("store: cannot lock %s (%s); nothing stops a second router", path, exc)
+            with contextlib.suppress(OSError):
+                os.pwrite(fd, f"{os.getpid():<20}\n".encode(), 0)
+        except BaseException:
             os.close(fd)
-            raise StoreInUse(
-                f"the cache directory {self.root} is in use by another capacitor-trio process "
-                f"({exc.strerror}); one router per cache directory"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            raise
         self._lock_fd = fd
 
     def _unlock(self) -> None:
@@ -294,27 +301,38 @@ class Store:
 
     async def _open(self) -> None:
         conn = await trio.to_thread.run_sync(self._open_sync)
-        self._writer = Writer(
-            conn,
-            self._ops,
-            self.root,
-            reserve_path=self._reserve_path,
-            reserve_bytes=self.reserve_bytes,
-            reserve_released=not self._reserve_ok,
-            spares=self._spares,
-        )
-        self._writer.start()
+        try:
+            self._writer = Writer(
+                conn,
+                self._ops,
+                self.root,
+                reserve_path=self._reserve_path,
+                reserve_bytes=self.reserve_bytes,
+                reserve_released=not self._reserve_ok,
+                spares=self._spares,
+            )
+            self._writer.start()
+        except BaseException:  # (no thread to start, say): leave nothing open, the lock least
+            self._writer = None
+            conn.close()
+            for r in self._readers:
+                r.close()
+            self._readers.clear()
+            self._unlock()
+            raise
 
     async def aclose(self) -> None:
-        await trio.to_thread.run_sync(self._spares.close)
-        if self._writer is not None:
-            await self._writer.aclose()
-        for _ in range(self._n_readers):
-            await self._reader_sem.acquire()
-        for r in self._readers:
-            r.close()
-        self._readers.clear()
-        self._unlock()
+        try:
+            await trio.to_thread.run_sync(self._spares.close)
+            if self._writer is not None:
+                await self._writer.aclose()
+            for _ in range(self._n_readers):
+                await self._reader_sem.acquire()
+            for r in self._readers:
+                r.close()
+            self._readers.clear()
+        finally:
+            self._unlock()
 
     async def _write(
         self, fn: Callable[[sqlite3.Connection], T], dirs: Iterable[Path] = (), *, durable: bool = True
