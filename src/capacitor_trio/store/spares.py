@@ -225,7 +225,7 @@ class SpareFiles:
         return self._dir / f"{RETIRED_PREFIX}{uuid.uuid4().hex}.part"
 
     def retired(self, path: Path) -> None:
-        """`path` (from `retire_path`) holds a file to unlink or to reuse (thread side)."""
+        """`path` (from `retire_path`) holds a file to reuse, empty or unlink (thread side)."""
         self._hand_over(self._retired, path)
 
     def _hand_over(self, pending: list[Path], path: Path) -> None:
@@ -246,8 +246,9 @@ class SpareFiles:
             self._thread.start()
 
     def _deal_with_retired(self) -> None:
-        """Keep what reuse has room for (once one directory fsync has made their names
-        durable); empty the rest for receptions, or unlink them."""
+        """Keep what reuse has room for (files retired in place as they are; renamed ones once
+        one directory fsync has made their names durable); move the other in-place ones out of
+        the spool; empty the rest for receptions, or unlink them."""
         with self._cond:
             retired, self._retired = self._retired, []
             in_place, self._in_place = self._in_place, []
@@ -358,7 +359,7 @@ class SpareFiles:
         self._forget([path for path, _ in dropped if path.parent != self._dir])  # in the spool
 
     def wait_settled(self, timeout: float) -> bool:
-        """Wait until every retired file has been reused or unlinked (tests)."""
+        """Wait until every retired file has been kept, emptied or unlinked (tests)."""
         with self._cond:
             return self._cond.wait_for(
                 lambda: not self._retired and not self._in_place and not self._dealing, timeout

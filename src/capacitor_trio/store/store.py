@@ -181,8 +181,8 @@ class Store:
         self._ops.durable = durable
         self._n_readers = max(1, read_connections)
         self._incoming = self.root / "incoming"
-        # files whose last item went away are unlinked by the spares thread, and reused by
-        # receptions when writes are durable (spares.py)
+        # delivered instances' files go to the spares thread: with durable writes reused where
+        # they are, else emptied for receptions or unlinked (spares.py)
         self._spares = SpareFiles(
             self._incoming, self._ops.fsync_dir if durable else None, gone=self._spool_file_gone
         )
@@ -262,7 +262,7 @@ class Store:
             raise
 
     def _open_locked(self) -> sqlite3.Connection:
-        for d in (self.root, self._incoming, self._spool):
+        for d in (self._incoming, self._spool):
             self._ops.mkdir(d)
         conn = self._connect(reader=False)
         try:
@@ -294,8 +294,7 @@ class Store:
                 self._readers.append(self._connect(reader=True))
         except BaseException:
             conn.close()
-            for r in self._readers:
-                r.close()
+            self._close_readers()
             raise
         return conn
 
@@ -315,10 +314,7 @@ class Store:
         except BaseException:  # (no thread to start, say): leave nothing open, the lock least
             self._writer = None
             conn.close()
-            for r in self._readers:
-                r.close()
-            self._readers.clear()
-            self._unlock()
+            self._close_readers()
             raise
 
     async def aclose(self) -> None:
@@ -328,6 +324,12 @@ class Store:
                 await self._writer.aclose()
             for _ in range(self._n_readers):
                 await self._reader_sem.acquire()
+        finally:
+            self._close_readers()
+
+    def _close_readers(self) -> None:
+        """Close the read connections, then give the cache directory back (`_lock`)."""
+        try:
             for r in self._readers:
                 r.close()
             self._readers.clear()
@@ -454,8 +456,9 @@ class Store:
         The instance is the temporary file `temp_path` (from `new_incoming_path`), or `data`
         (its Part 10 bytes, received in memory) with `temp_path` None. Returns the new item ids
         (one per distinct destination, in order) only once the instance and the items are
-        durable; `sync` is the file's fsync from `start_sync`, if one was started. Raises StoreFull (and leaves nothing behind: the temporary file is removed) when
-        space is short or a write fails. Once started it completes even if the caller is
+        durable; `sync` is the file's fsync from `start_sync`, if one was started. Raises
+        StoreFull (and leaves nothing behind: the temporary file is removed) when space is short
+        or a write fails. Once started it completes even if the caller is
         cancelled; the caller then sees Cancelled at its next checkpoint.
         """
         if (temp_path is None) == (data is None):

@@ -86,7 +86,7 @@ class Writer:
         reserve_released: bool = False,
         spares: SpareFiles | None = None,
     ) -> None:
-        #: where a file whose last item went away is retired to (`_retire`)
+        #: the thread that takes delivered instances' files (`_retire`)
         self._spares = spares
         if spares is not None and reserve_released:  # opened on a full disk
             spares.pause_reuse(True)
@@ -391,34 +391,37 @@ class Writer:
                     self._ops.unlink(job.discard)
             for path in job.unlink_after:
                 try:
-                    if job.retire and self._spares is not None and self._spares.reuses_in_place:
-                        # kept where it is for a reception to write over: its trash row stays
-                        # until that reception's commit deletes it (spares.py)
-                        self._spares.retired_in_place(path)
-                        continue
                     if job.retire:
-                        self._retire(path)
+                        if not self._retire(path):
+                            continue  # still in the spool: its trash row stays
                     else:
                         self._ops.unlink(path)
                     self._trash_done.append(path.relative_to(self._root).as_posix())
                 except OSError:
                     log.warning("store: could not remove %s; recovery will retry", path)
 
-    def _retire(self, path: Path) -> None:
-        """Take `path` out of the spool: renamed for the spares thread to unlink or reuse
-        (`spares.py`), else unlinked here. Only after a durable commit: the index no longer
-        names it in a power cut."""
-        to = self._spares.retire_path() if self._spares is not None else None
+    def _retire(self, path: Path) -> bool:
+        """A delivered instance's file, after a durable commit (the index no longer names it
+        in a power cut). With reuse in place it stays in the spool for the spares thread to keep
+        for a reception, whose commit deletes its trash row (False). Otherwise it leaves the
+        spool (True): renamed for the spares thread to empty or unlink (`spares.py`), else
+        unlinked here."""
+        spares = self._spares
+        if spares is not None and spares.reuses_in_place:
+            spares.retired_in_place(path)
+            return False
+        to = spares.retire_path() if spares is not None else None
         if to is not None:
             try:
                 self._ops.rename(path, to)
             except OSError:
                 pass  # unlink it then
             else:
-                assert self._spares is not None
-                self._spares.retired(to)
-                return
+                assert spares is not None
+                spares.retired(to)
+                return True
         self._ops.unlink(path)
+        return True
 
 
 def _place_file(
@@ -448,8 +451,8 @@ class _Unlinking:
 
 def unlinking(value: Any, paths: Iterable[Path], *, delivered: bool = False) -> Any:
     """`value`, and `paths` to remove after the commit. Files of `delivered` instances are
-    retired (renamed for the spares thread, perhaps reused); others (an operator's delete)
-    are unlinked at once, so that their bytes are gone when the caller hears back."""
+    retired (`Writer._retire`: perhaps reused); others (an operator's delete) are unlinked at
+    once, so that their bytes are gone when the caller hears back."""
     paths = tuple(paths)
     return _Unlinking(value, paths, delivered) if paths else value
 
