@@ -169,9 +169,8 @@ class Router:
         return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
-        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        if self.profiling and children.exists():  # py-spy writes its output once the router exits
-            for pid in children.read_text().split():
+        if self.profiling:  # py-spy writes its output once the router exits
+            for pid in _children(self.proc.pid):
                 os.kill(int(pid), signal.SIGTERM)
         else:
             self.proc.terminate()
@@ -183,10 +182,14 @@ class Router:
 
 
 def _children(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return []
+    """The child processes of `pid`, whichever of its threads started them (the router starts
+    its sender process from a worker thread: /proc lists it under that thread only)."""
+    found: list[str] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                found += (task / "children").read_text().split()
+    return found
 
 
 def sc_router(
