@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from capacitor_trio.domain.instance import Destination
 from capacitor_trio.store import (
@@ -375,6 +376,35 @@ async def test_group_commit_shares_transactions_and_never_blocks_loop(tmp_path: 
         assert stats.groups < 160  # some commits shared a transaction
         assert (await store.counts()).total == 320
     assert max(gaps) < 0.1, max(gaps)
+
+
+async def test_without_durable_writes_a_commit_runs_on_the_loop_while_the_writer_is_idle(
+    tmp_path: Path,
+) -> None:
+    """No fsync can happen without durable writes, so an idle writer's thread is not woken for
+    a new instance's commit; a busy one gets it queued, and a durable store always queues."""
+    async with open_store(tmp_path / "plain", durable=False, inline_max_bytes=0) as store:
+        for _ in range(3):
+            await commit(store, [PACS], data=b"x" * 5000)
+        assert store.writer_stats.inline == 3
+        writer = store._writer
+        writer._running.acquire()  # the thread is busy with a group
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(commit, store, [PACS])
+                await trio.testing.wait_all_tasks_blocked()
+                assert (await store.counts()).total == 3  # queued behind the busy group
+                writer._running.release()
+        except BaseException:
+            if writer._running.locked():
+                writer._running.release()
+            raise
+        assert store.writer_stats.inline == 3 and (await store.counts()).total == 4
+        await store.prepare_ripe(time.time() + 10, 0)  # other jobs always go to the thread
+        assert store.writer_stats.inline == 3
+    async with open_store(tmp_path / "durable", durable=True, inline_max_bytes=0) as store:
+        await commit(store, [PACS], data=b"x" * 5000)
+        assert store.writer_stats.inline == 0 and store.writer_stats.jobs == 1
 
 
 async def test_cancelled_commit_leaves_nothing_half_written(store: Store) -> None:

@@ -72,6 +72,8 @@ class Job:
 class Stats:
     groups: int = 0
     jobs: int = 0
+    #: jobs run on the loop (`Writer._run_inline`), counted in `groups` and `jobs` too
+    inline: int = 0
 
 
 class Writer:
@@ -118,6 +120,8 @@ class Writer:
         self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
         self._closed = False
         self._sync_mode = "FULL" if ops.durable else "OFF"  # what the store's connection set
+        #: held while a group runs, by the thread or by the loop (`_run_inline`)
+        self._running = threading.Lock()
 
     def start(self) -> None:
         self._thread.start()
@@ -148,6 +152,11 @@ class Writer:
         job = Job(
             fn, frozenset(dirs), admission=admission, place=place, durable=durable, discard=discard
         )
+        if self._run_inline(job):
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            if job.error is not None:
+                raise job.error
+            return job.result
         if place is not None and self._pool is not None:
             # fsync and rename the file now, so that it overlaps the group being committed
             job.placed = self._pool.submit(_place_file, self._ops, *place, synced)
@@ -157,6 +166,28 @@ class Writer:
         if job.error is not None:
             raise job.error
         return job.result
+
+    def _run_inline(self, job: Job) -> bool:
+        """Without durable writes, the commit of a new instance runs here on the loop when the
+        thread is idle: no fsync can happen (`synchronous=OFF`, renames without directory
+        fsyncs), only page-cache writes like the reception's own, and the receiving
+        association waits for this commit anyway; the two thread hand-overs it saves were a
+        tenth of a large image's turnaround. Everything else, and any commit while the thread
+        is busy, the disk full or the store durable, goes through the queue. True if done."""
+        if (
+            self._ops.durable
+            or not job.admission
+            or self.reserve_released
+            or not self._queue.empty()
+            or not self._running.acquire(blocking=False)
+        ):
+            return False
+        try:
+            self.stats.inline += 1
+            self._execute([job])
+        finally:
+            self._running.release()
+        return True
 
     def forget_trash(self, path: Path) -> None:
         """`path`, a spool file kept in place for reuse, is gone: its trash row can go (any
@@ -194,28 +225,34 @@ class Writer:
                     stop = True
                     break
                 group.append(nxt)
-            try:
-                ok = self._run_group(group)
-            except BaseException as exc:  # never leave a caller waiting forever
-                log.exception("store writer: unexpected failure of a group")
-                if self._conn.in_transaction:  # or every later BEGIN would fail
-                    with contextlib.suppress(sqlite3.Error):
-                        self._conn.execute("ROLLBACK")
-                for job in group:
-                    if job.placed is not None:  # let its rename finish before the caller cleans up
-                        concurrent.futures.wait([job.placed])
-                    if job.error is None:
-                        job.error = exc
-            else:
-                try:  # committed: what follows must not turn the jobs into failures
-                    self._unlink_after(ok)
-                except Exception:
-                    log.exception("store writer: removing files after a commit failed")
+            with self._running:
+                self._execute(group)
             for job in group:
                 self._wake(job)
         self._conn.close()
         if self._pool is not None:
             self._pool.shutdown()
+
+    def _execute(self, group: list[Job]) -> None:
+        """Run a group and tidy after it; every job ends with a result or an error (holding
+        `_running`)."""
+        try:
+            ok = self._run_group(group)
+        except BaseException as exc:  # never leave a caller waiting forever
+            log.exception("store writer: unexpected failure of a group")
+            if self._conn.in_transaction:  # or every later BEGIN would fail
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+            for job in group:
+                if job.placed is not None:  # let its rename finish before the caller cleans up
+                    concurrent.futures.wait([job.placed])
+                if job.error is None:
+                    job.error = exc
+        else:
+            try:  # committed: what follows must not turn the jobs into failures
+                self._unlink_after(ok)
+            except Exception:
+                log.exception("store writer: removing files after a commit failed")
 
     def _wake(self, job: Job) -> None:
         with contextlib.suppress(trio.RunFinishedError):  # the run ended under us
