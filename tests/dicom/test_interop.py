@@ -271,32 +271,14 @@ async def test_requestor_to_pynetdicom_scp(tmp_path: Path) -> None:
         assert_same_instance(f, out)
 
 
-@pytest.mark.parametrize("cache", ["cached", "cold"])
 async def test_requestor_to_our_acceptor_and_echo(
-    acceptor: RunningAcceptor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: str
+    acceptor: RunningAcceptor, tmp_path: Path
 ) -> None:
-    """Spool bytes in the page cache go out with sendfile; bytes that may not be (a file queued
-    before a restart) are read into memory first (off the loop when they are cold) and sent
-    from there."""
-    import os
-
-    from capacitor_trio.dicom import requestor, transport
-
     files = (
         write_corpus(tmp_path / "e", 3)
         + write_corpus(tmp_path / "r", 1, transfer_syntax=RLELossless)
         + write_corpus(tmp_path / "b", 2, rows=512)
     )
-    sendfiles: list[int] = []
-    real_sendfile = os.sendfile
-
-    def sendfile(out_fd: int, in_fd: int, offset: int, count: int) -> int:
-        sendfiles.append(count)
-        return real_sendfile(out_fd, in_fd, offset, count)
-
-    monkeypatch.setattr(transport.os, "sendfile", sendfile)
-    if cache == "cold":
-        monkeypatch.setattr(requestor._Source, "cached", lambda self, offset, n: False)
     outcomes, on_outcome = collect()
     peer = Peer("CAPACITOR", "127.0.0.1", acceptor.port)
     await send_batch(
@@ -309,15 +291,6 @@ async def test_requestor_to_our_acceptor_and_echo(
     for f in files:
         ds = pydicom.dcmread(f, stop_before_pixels=True)
         assert_same_instance(f, acceptor.sink.out / f"{ds.SOPInstanceUID}.dcm")
-    if cache == "cached":  # every data set byte, in fragments of the peer's maximum
-        def data_set_size(f: Path) -> int:
-            with f.open("rb") as fp:
-                return f.stat().st_size - requestor.read_meta(fp)[0]
-
-        assert sum(sendfiles) == sum(data_set_size(f) for f in files)
-        assert max(sendfiles) <= 16384 - 6
-    else:
-        assert not sendfiles
     result = await echo(peer, "ROUTER")
     assert result.success, result.error
     bad = await echo(Peer("NOBODY", "127.0.0.1", acceptor.port), "ROUTER")

@@ -251,36 +251,6 @@ async def test_spool_bytes_not_in_the_page_cache_are_read_in_a_worker_thread(
         assert not any(plain_reads) and requestor._nowait is not None
 
 
-def test_sendfile_is_used_only_where_both_ends_of_the_range_are_in_the_page_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import os
-
-    if requestor._nowait is None:
-        pytest.skip("no RWF_NOWAIT on this platform")
-    [f] = write_corpus(tmp_path / "in", 1, rows=512)
-    src = requestor._Source(outgoing(f))
-    try:
-        size = f.stat().st_size
-        assert src.cached(0, size)
-        real = os.preadv
-        cold_from = size // 2
-
-        def preadv(fd: int, buffers: list[bytearray], offset: int, flags: int = 0) -> int:
-            if flags and offset >= cold_from:
-                raise BlockingIOError(11, "not cached")
-            return real(fd, buffers, offset, flags)
-
-        monkeypatch.setattr(os, "preadv", preadv)
-        assert src.cached(0, cold_from)
-        assert not src.cached(0, size)  # its last byte is not cached
-        assert not src.cached(cold_from, 10)
-    finally:
-        src.close()
-    in_memory = requestor._Source(attrs.evolve(outgoing(f), data=f.read_bytes()))
-    assert not in_memory.cached(0, 10)  # bytes in memory are sent from memory
-
-
 @pytest.mark.parametrize("where", ["open", "write"])
 async def test_a_write_error_in_the_acceptor_answers_out_of_resources(
     fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch,

@@ -1,5 +1,5 @@
 """The transport on real TCP sockets (127.0.0.1): receives and sends that call the system
-directly and wait only when the socket cannot go on, and `send_file` (sendfile(2))."""
+directly and wait only when the socket cannot go on."""
 
 from __future__ import annotations
 
@@ -46,71 +46,42 @@ async def read_exactly(stream: trio.SocketStream, n: int) -> bytes:
     return bytes(got)
 
 
-async def test_send_file_sends_the_head_then_the_file_range_through_a_slow_reader(
-    pair: tuple[Transport, trio.SocketStream], tmp_path: Path
+async def test_a_send_larger_than_the_socket_buffers_waits_for_room_and_arrives_whole(
+    pair: tuple[Transport, trio.SocketStream], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """More than the socket buffers hold, so sendfile returns short and waits for room."""
+    """The peer reads only once the sender had to wait for room (EAGAIN, `wait_writable`)."""
     t, peer = pair
-    assert t.sends_files
-    data = os.urandom(6 << 20)
-    path = tmp_path / "f"
-    path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
+    data = os.urandom(32 << 20)
+    waited = trio.Event()
+    real_wait = trio.lowlevel.wait_writable
+
+    async def wait_writable(sock: object) -> None:
+        waited.set()
+        await real_wait(sock)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trio.lowlevel, "wait_writable", wait_writable)
     received: list[bytes] = []
-    try:
-        async with trio.open_nursery() as nursery:
+    async with trio.open_nursery() as nursery:
 
-            async def slow_reader() -> None:
-                await trio.sleep(0.05)  # let the sender fill the buffers and wait
-                received.append(await read_exactly(peer, 5 + (6 << 20) - 1000))
+        async def reader() -> None:
+            await waited.wait()
+            received.append(await read_exactly(peer, len(data)))
 
-            nursery.start_soon(slow_reader)
-            before = t.bytes_sent
-            sent = await t.send_file(b"HEAD:", fd, 1000, len(data) - 1000)
-    finally:
-        os.close(fd)
-    assert sent == len(data) - 1000
-    assert t.bytes_sent - before == 5 + sent
-    assert received == [b"HEAD:" + data[1000:]]
+        nursery.start_soon(reader)
+        before = t.bytes_sent
+        await t.send_all(data)
+    assert t.bytes_sent - before == len(data)
+    assert received == [data]
 
 
-async def test_send_file_returns_short_when_the_file_ends(
-    pair: tuple[Transport, trio.SocketStream], tmp_path: Path
-) -> None:
+async def test_a_closed_peer_is_peer_closed(pair: tuple[Transport, trio.SocketStream]) -> None:
     t, peer = pair
-    path = tmp_path / "f"
-    path.write_bytes(b"0123456789")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        assert await t.send_file(b"H", fd, 4, 100) == 6
-    finally:
-        os.close(fd)
-    assert await read_exactly(peer, 7) == b"H456789"
-
-
-async def test_a_file_error_in_send_file_is_the_files_not_the_peers(
-    pair: tuple[Transport, trio.SocketStream], tmp_path: Path
-) -> None:
-    """sendfile from something that cannot be read (a directory: EINVAL) raises OSError, which
-    the requestor reports against the spool file; a closed peer raises PeerClosed."""
-    t, peer = pair
-    fd = os.open(tmp_path, os.O_RDONLY)
-    try:
-        with pytest.raises(OSError) as caught:
-            await t.send_file(b"", fd, 0, 10)
-        assert not isinstance(caught.value, PeerClosed)
-        await peer.aclose()
-        path = tmp_path / "f"
-        path.write_bytes(b"x" * (4 << 20))
-        fd2 = os.open(path, os.O_RDONLY)
-        try:
-            with pytest.raises(PeerClosed):
-                for _ in range(8):  # the first sends may still land in our buffer
-                    await t.send_file(b"", fd2, 0, 4 << 20)
-        finally:
-            os.close(fd2)
-    finally:
-        os.close(fd)
+    await peer.aclose()
+    with pytest.raises(PeerClosed):
+        await t.read_pdu()
+    with pytest.raises(PeerClosed):
+        for _ in range(64):  # the first sends may still land in our buffer
+            await t.send_all(b"x" * (1 << 20))
 
 
 def schedule_points() -> int:
@@ -127,8 +98,9 @@ async def test_ready_bytes_are_moved_without_a_scheduling_round_until_the_budget
     association cannot starve the others."""
     t, peer = pair
     monkeypatch.setattr(transport, "YIELD_BYTES", 1000)
+    # one segment on loopback: readable means both PDUs are in our receive buffer
     await peer.send_all(b"\x07\x00\x00\x00\x01\xf4" + b"x" * 500 + b"\x07\x00\x00\x00\x01\xf4" + b"y" * 500)
-    await trio.sleep(0.05)  # both PDUs are in our receive buffer
+    await trio.lowlevel.wait_readable(t.stream.socket)  # type: ignore[attr-defined]
     t._receive_size = 506  # one PDU per receive
     t._unyielded = 0
     before = schedule_points()
@@ -149,7 +121,7 @@ async def test_a_cancelled_task_does_not_move_bytes(
     """Every call checks for cancellation first, even where the socket is ready."""
     t, peer = pair
     await peer.send_all(b"\x07\x00\x00\x00\x00\x01z")
-    await trio.sleep(0.05)
+    await trio.lowlevel.wait_readable(t.stream.socket)  # type: ignore[attr-defined]
     with trio.CancelScope() as scope:
         scope.cancel()
         await t.read_pdu()

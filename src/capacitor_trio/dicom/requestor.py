@@ -230,19 +230,6 @@ class _Source:
             else:
                 _pread_into(self.fd, rest, offset + got)
 
-    def cached(self, offset: int, n: int) -> bool:
-        """Whether the file's bytes at `offset` (n of them) look to be in the page cache: its
-        first and last byte are (a file is written and read front to back, so a range whose
-        two ends are cached is, all but always, cached throughout). False for bytes in memory,
-        or where the kernel cannot tell."""
-        if self.fd < 0 or _nowait is None:
-            return False
-        probe = bytearray(1)
-        try:
-            return all(os.preadv(self.fd, [probe], at, _nowait) == 1 for at in (offset, offset + n - 1))
-        except OSError:  # BlockingIOError: not cached; anything else: the usual path will tell
-            return False
-
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -468,23 +455,17 @@ class _Session:
                 return Rejected(f"spool file {inst.path} has no data set")
             prefix: bytes = cmd
             max_data = fragment - 6
-            zero_copy = self.t.sends_files
             while remaining > 0:
                 n = min(max_data, remaining)
                 remaining -= n
                 head = len(prefix)
-                pdv = P.p_data_header(ctx, 0x00 if remaining else 0x02, n)
-                if zero_copy and src.cached(offset, n):
-                    if await self._timed_send(prefix + pdv, (src.fd, offset, n)) < n:
-                        raise HeaderError("spool file shorter than expected")
-                else:
-                    buf = bytearray(head + 12 + n)
-                    buf[:head] = prefix
-                    buf[head : head + 12] = pdv
-                    with memoryview(buf) as mv:
-                        await src.read_into(mv[head + 12 :], offset)
-                    await self._timed_send(buf)
+                buf = bytearray(head + 12 + n)
+                buf[:head] = prefix
+                buf[head : head + 12] = P.p_data_header(ctx, 0x00 if remaining else 0x02, n)
+                with memoryview(buf) as mv:
+                    await src.read_into(mv[head + 12 :], offset)
                 offset += n
+                await self._timed_send(buf)
                 prefix = b""
         except HeaderError as exc:
             raise _Failed(RetryLater(f"spool file changed while sending: {exc}")) from None
@@ -565,19 +546,13 @@ class _Session:
             sent += self.t.bytes_sent - self.send_started_bytes
         return seconds, sent
 
-    async def _timed_send(
-        self, data: bytes | bytearray, file_part: tuple[int, int, int] | None = None
-    ) -> int:
-        """send_all(data), then (fd, offset, count) of a file if given (`Transport.send_file`),
-        accounting the time spent blocked for the line-speed check. Returns the file bytes sent."""
+    async def _timed_send(self, data: bytearray) -> None:
+        """send_all, accounting the time spent blocked in it for the line-speed check."""
         assert self.t is not None
         self.send_started = trio.current_time()
         self.send_started_bytes = self.t.bytes_sent
         try:
-            if file_part is None:
-                await self.t.send_all(data)
-                return 0
-            return await self.t.send_file(data, *file_part)
+            await self.t.send_all(data)
         finally:
             self.send_seconds += trio.current_time() - self.send_started
             self.send_bytes += self.t.bytes_sent - self.send_started_bytes

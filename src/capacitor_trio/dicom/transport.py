@@ -16,7 +16,6 @@ peer cannot starve the other tasks.
 
 from __future__ import annotations
 
-import errno
 import os
 import socket as _stdsocket
 
@@ -33,10 +32,6 @@ RECEIVE_SIZE = 1 << 20
 #: a task moving bytes without ever waiting yields to the others after this many
 YIELD_BYTES = 4 << 20
 _TCP_QUICKACK = getattr(_stdsocket, "TCP_QUICKACK", None)
-#: errors of sendfile(2) that come from the socket rather than the file
-_SOCKET_ERRNOS = frozenset(
-    {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF, errno.ECONNABORTED, errno.ETIMEDOUT}
-)
 
 
 class PeerClosed(Exception):
@@ -182,42 +177,6 @@ class Transport:
             await self._moved(total)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerClosed(str(exc)) from exc
-
-    @property
-    def sends_files(self) -> bool:
-        """`send_file` works (a socket, Linux sendfile)."""
-        return self._sock is not None and hasattr(os, "sendfile")
-
-    async def send_file(self, head: bytes | bytearray, fd: int, offset: int, count: int) -> int:
-        """Send `head`, then `count` bytes of the file `fd` from `offset` with sendfile(2): they
-        go from the page cache to the socket without a copy through this process. Only where
-        `sends_files`; the caller makes sure the bytes are cached (sendfile would wait for the
-        disk). Returns how many file bytes went out: fewer than `count` if the file ended.
-        A file error other than the socket's is raised as the OSError it is."""
-        assert self._sock is not None
-        await self.send_all(head)
-        sent = 0
-        try:
-            while sent < count:
-                try:
-                    n = os.sendfile(self._sock.fileno(), fd, offset + sent, count - sent)
-                except BlockingIOError:
-                    self._unyielded = 0
-                    await trio.lowlevel.wait_writable(self._sock)
-                    continue
-                if n == 0:
-                    break
-                sent += n
-                self.bytes_sent += n
-                self.last_activity = trio.current_time()
-        except OSError as exc:
-            if exc.errno in _SOCKET_ERRNOS:
-                raise PeerClosed(str(exc)) from exc
-            raise
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise PeerClosed(str(exc)) from exc
-        await self._moved(sent)
-        return sent
 
     async def wait_closed(self) -> None:
         """Read and discard until the peer closes (used after A-RELEASE-RP / A-ABORT)."""

@@ -5,7 +5,12 @@ transaction. The thread takes every job queued while it was busy, runs them one 
 fsyncs the spool directories they name, and COMMITs once: one WAL fsync serves the whole group.
 A job that raises is rolled back alone (its savepoint) and its caller gets the exception; a failed
 COMMIT fails every job of the group. Callers wait in Trio on an Event set from the thread with
-`TrioToken.run_sync_soon`, so the loop never blocks.
+`TrioToken.run_sync_soon`, so the loop never waits for a flush.
+
+One exception: without durable writes nothing here ever flushes (`synchronous=OFF`, no
+directory fsyncs), and the commit of a new instance runs on the loop itself when the thread is
+idle (`Writer._run_inline`), as one group of its own; the receiving association would wait for
+it anyway, and the two thread hand-overs cost more than the commit.
 """
 
 from __future__ import annotations
@@ -72,7 +77,8 @@ class Job:
 class Stats:
     groups: int = 0
     jobs: int = 0
-    #: jobs run on the loop (`Writer._run_inline`), counted in `groups` and `jobs` too
+    #: jobs run on the loop (`Writer._run_inline`), whether or not they succeeded; the ones
+    #: that did count in `groups` and `jobs` too
     inline: int = 0
 
 
@@ -167,13 +173,16 @@ class Writer:
             raise job.error
         return job.result
 
+    @trio.lowlevel.enable_ki_protection  # a Ctrl-C must not land between COMMIT and result
     def _run_inline(self, job: Job) -> bool:
         """Without durable writes, the commit of a new instance runs here on the loop when the
         thread is idle: no fsync can happen (`synchronous=OFF`, renames without directory
         fsyncs), only page-cache writes like the reception's own, and the receiving
         association waits for this commit anyway; the two thread hand-overs it saves were a
         tenth of a large image's turnaround. Everything else, and any commit while the thread
-        is busy, the disk full or the store durable, goes through the queue. True if done."""
+        is busy, the disk full or the store durable, goes through the queue. True if done.
+        (A write lock held on the index by another process, which nothing of ours takes, would
+        hold the loop up to SQLite's busy timeout here, as it holds the thread otherwise.)"""
         if (
             self._ops.durable
             or not job.admission
