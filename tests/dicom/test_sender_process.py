@@ -17,7 +17,6 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
-import trio.testing
 
 from capacitor_trio.dicom.requestor import OutgoingInstance, Peer, SendOptions
 from capacitor_trio.dicom.sender_process import Decoder, SenderProcess, encode
@@ -320,32 +319,6 @@ async def test_a_child_that_dies_before_it_is_ready_leaves_sending_in_the_router
         nursery.cancel_scope.cancel()
     assert got == {0: Delivered()} and sp.starts == 0
     assert "before it was ready" in str(sp.start_error)
-
-
-async def test_run_is_started_once_the_child_is_ready_to_send(nursery: trio.Nursery) -> None:
-    """The router says it is ready only when its sender process is (its imports take a good
-    half second): the first instances do not wait for it."""
-    sp = SenderProcess()
-    await nursery.start(sp.run)
-    assert sp.starts == 1 and sp.pid is not None and sp.start_error is None
-
-
-async def test_run_is_started_anyway_when_the_child_is_slow_to_get_ready(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """A child that never says it is ready (here: a process that only sleeps) holds the start
-    up for START_WAIT, no longer; batches wait for it meanwhile as before."""
-    import sys
-
-    from capacitor_trio.dicom import sender_process
-
-    sp = SenderProcess(argv=[sys.executable, "-c", "import time; time.sleep(60)"])
-    async with trio.open_nursery() as nursery:
-        t0 = trio.current_time()
-        await nursery.start(sp.run)
-        assert trio.current_time() - t0 == sender_process.START_WAIT
-        assert sp.starts == 0 and sp.start_error is None
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_batch_the_child_never_got_is_left_unreported(tmp_path: Path) -> None:

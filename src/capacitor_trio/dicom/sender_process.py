@@ -57,8 +57,6 @@ log = logging.getLogger("capacitor_trio.dicom")
 _LENGTH = struct.Struct("<I")
 #: a child that dies at once is not restarted more often than this
 RESTART_DELAY = 1.0
-#: how long `run` waits for the first child to be ready before the router starts without it
-START_WAIT = 15.0
 #: how long a stopping router waits for the child to abort its associations and exit
 STOP_GRACE = 2.0
 
@@ -114,18 +112,8 @@ class SenderProcess:
         self._changed = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start the child and keep one running until cancelled (a dead one is replaced).
-        Started once the first child is ready to send (its imports take a good half second),
-        or could not start (batches then run in this process), or after START_WAIT: a router
-        that says it is ready delivers from its first instance on."""
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._keep_one_running)
-            with trio.move_on_after(START_WAIT):
-                while self._out is None and self.start_error is None:
-                    await self._changed.wait()
-            task_status.started()
-
-    async def _keep_one_running(self) -> None:
+        """Start the child and keep one running until cancelled (a dead one is replaced)."""
+        task_status.started()
         while True:
             await self._serve_one_child()
             await trio.sleep(RESTART_DELAY)
