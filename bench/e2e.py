@@ -290,10 +290,11 @@ def main() -> None:
         for cname, d in corpora.items():
             n = len(corpus_files(d))
             # the router scenarios in reverse order every other round: a run right after the
-            # direct one meets the writeback of its files (and so on), so no tree or mode is
-            # always first
+            # direct one met the writeback of its files (and so on) before each scenario began
+            # with a sync; the order still alternates, so no tree or mode is always first
             order = scenarios[:1] + (scenarios[1:] if rnd % 2 == 0 else scenarios[:0:-1])
             for sc in order:
+                os.sync()  # the scenario before's files are written back now, not during this one
                 if sc.kind == "direct":
                     t = sc_direct(d)
                 else:

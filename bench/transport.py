@@ -529,6 +529,7 @@ def main() -> None:
     for rnd in range(args.rounds):
         for cname, d in corpora.items():
             for name in names:
+                os.sync()  # the scenario before's files are written back now, not during this one
                 t = SCENARIOS[name][1](d)
                 times.setdefault((cname, name), []).append(t)
                 print(
