@@ -19,9 +19,13 @@ Who owns what
   commit, checkout, delivered, fail, operator move — is a job it runs inside one SAVEPOINT of a
   *group transaction*: while one COMMIT (one WAL fsync with ``synchronous=FULL``) is in progress,
   new jobs queue up and the next COMMIT serves them all. A job that raises is rolled back alone.
+  The one exception: with ``durable=False`` (nothing ever flushes) the commit of a new instance
+  runs on the loop, as a group of its own, while the thread is idle (`Writer._run_inline`); a
+  lock keeps the two from ever using the connection at once.
 * **Readers** (listing, counts, search) use a small pool of read-only connections in Trio worker
   threads; WAL lets them read a consistent snapshot while the writer writes.
-* The **Trio loop** never does blocking I/O beyond a stat of the file just received: a new
+* The **Trio loop** never does blocking I/O beyond a stat of the file just received (and, with
+  ``durable=False``, that inline commit's page-cache writes and rename): a new
   file's fsync and rename run on the writer's small pool (in parallel with the other commits),
   a small instance's bytes are read by the writer thread, other file work runs in
   `trio.to_thread` workers, and callers wait for their job on a `trio.Event` set from the

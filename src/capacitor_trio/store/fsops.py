@@ -1,6 +1,8 @@
 """The few file-system calls the store makes, behind one seam so tests can inject faults.
 
-Every method is blocking and runs in a worker thread or the writer thread, never on the Trio loop.
+Every method is blocking and runs in a worker thread or the writer thread, never on the Trio loop,
+except in a commit without durable writes that the writer runs on the loop (`Writer._run_inline`:
+a rename, an unlink, no fsync).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ class FileOps:
         os.makedirs(path, exist_ok=True)
 
     def before_index_commit(self) -> None:
-        """Called in the writer thread just before COMMIT (a fault-injection point)."""
+        """Called just before COMMIT, in the writer thread or, for a commit without durable
+        writes run on the loop (`Writer._run_inline`), there (a fault-injection point)."""
 
     def free_space_percent(self, path: Path, extra_bytes: int = 0) -> float:
         """Free space of the file system holding `path`, plus `extra_bytes` known to be reusable
