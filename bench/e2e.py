@@ -5,7 +5,8 @@ Usage:  .venv/bin/python bench/e2e.py [--rounds 3] [--corpus L,S] [--batch-size 
                                       [--durable true,false] [--profile DIR] [--compare-src DIR]
 
 Scenarios, every one once per round (interleaved, so all saw the same machine noise; the router
-scenarios in reverse order every other round), medians:
+scenarios in reverse order every other round; each after an `os.sync()`, untimed, so that none
+runs while the kernel writes back what the one before wrote), medians:
   direct        storescu -> storescp                          (the reference)
   router        storescu -> `capacitor-trio run` -> storescp  (durableWrites false, and true)
 Both DCMTK ends run with TCP_NODELAY=1 and `-pdu 131072`; storescp writes the files (`-od`, `+B`).

@@ -3,7 +3,8 @@
 
 Usage:  .venv/bin/python bench/transport.py [--rounds 3] [--corpus L,S] [--skip-pynetdicom]
 
-Scenarios (images/s and MB/s, median of interleaved rounds, ratio to the reference):
+Scenarios (images/s and MB/s, median of interleaved rounds, ratio to the reference; each after an
+`os.sync()`, untimed, so that none runs while the kernel writes back what the one before wrote):
   ref        DCMTK storescu -> storescp (-pdu 131072, TCP_NODELAY=1, storescp writes files)
   acc        storescu -> our acceptor, no fsync (the sink names the file it was received into;
              like the router's store, it hands out files a thread made ahead)

@@ -222,6 +222,9 @@ class SpareFiles:
         unlink it yourself."""
         if self._stop:
             return None
+        return self._retired_name()
+
+    def _retired_name(self) -> Path:
         return self._dir / f"{RETIRED_PREFIX}{uuid.uuid4().hex}.part"
 
     def retired(self, path: Path) -> None:
@@ -312,7 +315,7 @@ class SpareFiles:
     def _out_of_spool(self, path: Path) -> Path | None:
         """Move a spool file kept in place out of the spool (to empty or unlink like any
         retired file: its new path), or unlink it (None). `_forget` it afterwards."""
-        to = self._dir / f"{RETIRED_PREFIX}{uuid.uuid4().hex}.part"
+        to = self._retired_name()
         try:
             os.rename(path, to)
         except OSError:
@@ -404,19 +407,18 @@ class SpareFiles:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
-        while True:
-            try:
-                path = self._ready.popleft()
-            except IndexError:  # empty (a late take() may have had the last one)
-                break
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        _unlink_all(self._ready.popleft)  # (a late take() may have had the last one)
         self.drop_recycled()
-        for pending in (self._retired, self._in_place):
-            while True:
-                try:
-                    path = pending.pop()
-                except IndexError:
-                    break
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+        _unlink_all(self._retired.pop)
+        _unlink_all(self._in_place.pop)
+
+
+def _unlink_all(pop: Callable[[], Path]) -> None:
+    """Unlink the paths `pop` gives until it raises IndexError (empty)."""
+    while True:
+        try:
+            path = pop()
+        except IndexError:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(path)
