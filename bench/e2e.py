@@ -15,8 +15,8 @@ Ratios are to the direct DCMTK figure of the same run.
 Corpora (generated once into bench/.corpus/ by bench/transport.py's generator, gitignored):
 L = 500 x 512x512x16 bit (~0.53 MB), S = 2000 x 64x64x16 bit (~9 kB), one series.
 
-The router runs as a subprocess with a fresh data directory per run (`bench/.corpus/e2e/`, same
-disk as the corpus): api disabled, minimumAge 0, storageInterval 0, minFreeSpace 0, one Storage
+The router runs as a subprocess with a fresh data directory per run (under `bench/.corpus/out/`,
+same disk as the corpus; no output is deleted before the run ends, see transport.fresh_dir): api disabled, minimumAge 0, storageInterval 0, minFreeSpace 0, one Storage
 node (the storescp), batchSize from `--batch-size` (0 = one series per association, capped at
 1000 per batch). It is started, and we wait for "router ready", before the clock starts.
 
@@ -56,13 +56,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transport import (
-    CORPUS,
     corpus_files,
     env,
     free_port,
     fresh_dir,
     make_corpus,
     run_storescu,
+    start_outputs,
     storescp,
 )
 
@@ -96,7 +96,7 @@ class Router:
         src: Path | None = None,
     ) -> None:
         self.port = free_port()
-        data.mkdir(parents=True)
+        data.mkdir(parents=True, exist_ok=True)
         (data / "config.yml").write_text(
             f"myAeTitle: CAPACITOR\nscpPort: {self.port}\n"
             f"cachePath: {data / 'cache'}\ndurableWrites: {'true' if durable else 'false'}\n"
@@ -199,8 +199,7 @@ def sc_router(
     """(end-to-end seconds, intake seconds, router CPU seconds)."""
     n = len(corpus_files(d))
     out = fresh_dir("e2e-dest")
-    data = CORPUS / "e2e" / "router"
-    shutil.rmtree(data, ignore_errors=True)
+    data = fresh_dir("e2e-router")
     dest = storescp(out)
     try:
         router = Router(
@@ -275,6 +274,7 @@ def main() -> None:
     if not CLI.exists():
         raise SystemExit(f"{CLI} not found: install the project into this venv")
     corpora = {c: make_corpus(c) for c in args.corpus.split(",")}
+    start_outputs()
     durables = [v.strip().lower() == "true" for v in args.durable.split(",")]
     batches = [int(b) for b in args.batch_size.split(",")]
     trees: list[Path | None] = [None]

@@ -4,10 +4,12 @@
 Usage:  .venv/bin/python bench/transport.py [--rounds 3] [--corpus L,S] [--skip-pynetdicom]
 
 Scenarios (images/s and MB/s, median of interleaved rounds, ratio to the reference; each after an
-`os.sync()`, untimed, so that none runs while the kernel writes back what the one before wrote):
+`os.sync()`, untimed, so that none runs while the kernel writes back what the one before wrote,
+and each writing into a new directory: nothing is deleted until the run ends, see fresh_dir):
   ref        DCMTK storescu -> storescp (-pdu 131072, TCP_NODELAY=1, storescp writes files)
-  acc        storescu -> our acceptor, no fsync (the sink names the file it was received into;
-             like the router's store, it hands out files a thread made ahead)
+  acc        storescu -> our acceptor, no fsync (the sink writes an instance received in memory
+             straight to its file, as storescp does, and names the file a larger one was
+             received into: like the router's store, it hands out files a thread made ahead)
   acc-dur    storescu -> our acceptor, durable commit (fsync file, rename, fsync dir)
   acc-store  storescu -> our acceptor + the router's store (durable commit_instance), queue
              growing (nothing delivered)
@@ -30,6 +32,7 @@ requestor and pynetdicom's SCU report the time from connect to release (their Py
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -135,8 +138,44 @@ def env(nodelay: bool) -> dict[str, str]:
     return e
 
 
+# Scenario outputs. None is deleted while the bench runs: on this machine's ext4 (no journal) a
+# file created within dirty_expire (30 s) + 5 s of thousands of deletions in the same inode group
+# pays a scan past every such inode (`find_inode_bit` -> `recently_deleted`); DCMTK's storescp
+# went from ~3,000 to ~900 small images/s when its directory was emptied just before. So each
+# scenario writes into a new directory, everything is deleted at exit, and a run starts only
+# once the last deletion is that old.
+OUT = CORPUS / "out"
+DELETED_AT = CORPUS / "out.deleted-at"
+RECENTLY_DELETED_S = 36.0
+_outputs = 0
+
+
+def _delete_outputs() -> None:
+    if OUT.exists():
+        shutil.rmtree(OUT, ignore_errors=True)
+        DELETED_AT.write_text(f"{time.time()}\n")
+
+
+def start_outputs() -> None:
+    """Call once before the first scenario: deletes what an earlier run left, waits until no
+    deletion is recent (untimed), and deletes this run's outputs at exit."""
+    _delete_outputs()
+    try:
+        wait = float(DELETED_AT.read_text()) + RECENTLY_DELETED_S - time.time()
+    except (OSError, ValueError):
+        wait = 0.0
+    if wait > 0:
+        print(f"waiting {wait:.0f} s: files were deleted just now (see fresh_dir)", file=sys.stderr)
+        os.sync()
+        time.sleep(wait)
+    atexit.register(_delete_outputs)
+
+
 def fresh_dir(name: str) -> Path:
-    d = CORPUS / "out" / name
+    """A new, empty directory for one scenario's files (deleted at exit, not before)."""
+    global _outputs
+    _outputs += 1
+    d = OUT / f"{_outputs:03d}-{name}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     return d
@@ -188,9 +227,12 @@ def storescp(out: Path, nodelay: bool = True) -> Server:
 
 def our_acceptor(out: Path, durable: bool, store: bool = False, steady: bool = False) -> Server:
     port = free_port()
-    argv = [PY, __file__, "--serve-acceptor", str(port), str(out)] + (
-        ["--durable"] if durable else []
-    ) + (["--store"] if store else []) + (["--steady"] if steady else [])
+    argv = (
+        [PY, __file__, "--serve-acceptor", str(port), str(out)]
+        + (["--durable"] if durable else [])
+        + (["--store"] if store else [])
+        + (["--steady"] if steady else [])
+    )
     return Server(argv, port)
 
 
@@ -305,7 +347,10 @@ SCENARIOS = {
     "ref": ("DCMTK storescu -> storescp (reference)", sc_ref),
     "acc": ("storescu -> our acceptor, no fsync", sc_acc),
     "acc-dur": ("storescu -> our acceptor, durable commit", sc_acc_dur),
-    "acc-store": ("storescu -> our acceptor + the real store (durable commit_instance)", sc_acc_store),
+    "acc-store": (
+        "storescu -> our acceptor + the real store (durable commit_instance)",
+        sc_acc_store,
+    ),
     "acc-steady": ("the same, queue in a steady state (delivered files reused)", sc_acc_steady),
     "fsync-loop": ("Python write+fsync loop (durability reference)", sc_fsync_loop),
     "req": ("our requestor -> storescp", sc_req),
@@ -329,8 +374,8 @@ def serve_acceptor_main(port: int, out: Path, durable: bool) -> None:
     incoming = out / "incoming"
     incoming.mkdir(parents=True, exist_ok=True)
     dir_fd = os.open(out, os.O_RDONLY)
-    # as the router's store does: files made ahead by a thread, so that no reception (and no
-    # write of a small instance received in memory) waits for a file to be created
+    # as the router's store does: files made ahead by a thread, so that no reception spilled to
+    # a file waits for one to be created
     spares = SpareFiles(incoming)
     use_spares = not os.environ.get("BENCH_NO_SPARES")
 
@@ -338,11 +383,12 @@ def serve_acceptor_main(port: int, out: Path, durable: bool) -> None:
         return (spares.take() if use_spares else None) or incoming / uuid.uuid4().hex
 
     def save(rx: ReceivedInstance, dst: Path) -> None:
-        if rx.data is not None:  # written into a made-ahead file (no truncation), then named
-            tmp = new_file()
-            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644), "wb") as f:
-                f.write(rx.data)
-            os.rename(tmp, dst)
+        if rx.data is not None:  # received in memory (small): written as storescp writes
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, rx.data)
+            finally:
+                os.close(fd)
         else:
             rx.save_as(dst)
 
@@ -413,8 +459,12 @@ def serve_store_acceptor_main(port: int, out: Path, steady: bool = False) -> Non
                 async def instance_received(self, rx: ReceivedInstance) -> None:
                     done.extend(
                         await store.commit_instance(
-                            rx.path, rx.header, rx.calling_ae, [Destination("BENCH")],
-                            data=rx.data, sync=rx.sync,
+                            rx.path,
+                            rx.header,
+                            rx.calling_ae,
+                            [Destination("BENCH")],
+                            data=rx.data,
+                            sync=rx.sync,
                         )
                     )
                     if steady and len(done) >= 32:
@@ -499,7 +549,9 @@ def main() -> None:
     ap.add_argument("--skip-pynetdicom", action="store_true")
     ap.add_argument("--serve-acceptor", nargs=2, metavar=("PORT", "OUT"))
     ap.add_argument("--durable", action="store_true")
-    ap.add_argument("--store", action="store_true", help="with --serve-acceptor: commit through the real store")
+    ap.add_argument(
+        "--store", action="store_true", help="with --serve-acceptor: commit through the real store"
+    )
     ap.add_argument("--steady", action="store_true", help="with --store: record delivered every 32")
     ap.add_argument("--send", nargs=3, metavar=("PORT", "CORPUS", "AE"))
     ap.add_argument("--serve-pynetdicom", nargs=2, metavar=("PORT", "OUT"))
@@ -526,6 +578,7 @@ def main() -> None:
     if "ref" not in names:
         names.insert(0, "ref")
     corpora = {c: make_corpus(c) for c in args.corpus.split(",")}
+    start_outputs()
     times: dict[tuple[str, str], list[float]] = {}
     for rnd in range(args.rounds):
         for cname, d in corpora.items():
