@@ -6,7 +6,8 @@ Usage:  .venv/bin/python bench/e2e.py [--rounds 3] [--corpus L,S] [--batch-size 
 
 Scenarios, every one once per round (interleaved, so all saw the same machine noise; the router
 scenarios in reverse order every other round; each after an `os.sync()`, untimed, so that none
-runs while the kernel writes back what the one before wrote), medians:
+runs while the kernel writes back what the one before wrote; outputs are deleted only at the end,
+and an untimed DCMTK run warms the machine up first: see transport.fresh_dir and warm_up), medians:
   direct        storescu -> storescp                          (the reference)
   router        storescu -> `capacitor-trio run` -> storescp  (durableWrites false, and true)
 Both DCMTK ends run with TCP_NODELAY=1 and `-pdu 131072`; storescp writes the files (`-od`, `+B`).
@@ -64,6 +65,7 @@ from transport import (
     run_storescu,
     start_outputs,
     storescp,
+    warm_up,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -275,6 +277,7 @@ def main() -> None:
         raise SystemExit(f"{CLI} not found: install the project into this venv")
     corpora = {c: make_corpus(c) for c in args.corpus.split(",")}
     start_outputs()
+    warm_up(next(iter(corpora.values())))
     durables = [v.strip().lower() == "true" for v in args.durable.split(",")]
     batches = [int(b) for b in args.batch_size.split(",")]
     trees: list[Path | None] = [None]

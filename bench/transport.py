@@ -5,7 +5,8 @@ Usage:  .venv/bin/python bench/transport.py [--rounds 3] [--corpus L,S] [--skip-
 
 Scenarios (images/s and MB/s, median of interleaved rounds, ratio to the reference; each after an
 `os.sync()`, untimed, so that none runs while the kernel writes back what the one before wrote,
-and each writing into a new directory: nothing is deleted until the run ends, see fresh_dir):
+and each writing into a new directory: nothing is deleted until the run ends, see fresh_dir;
+an untimed DCMTK run of the first corpus warms the machine up before the first round):
   ref        DCMTK storescu -> storescp (-pdu 131072, TCP_NODELAY=1, storescp writes files)
   acc        storescu -> our acceptor, no fsync (the sink writes an instance received in memory
              straight to its file, as storescp does, and names the file a larger one was
@@ -169,6 +170,18 @@ def start_outputs() -> None:
         os.sync()
         time.sleep(wait)
     atexit.register(_delete_outputs)
+
+
+def warm_up(d: Path) -> None:
+    """One untimed DCMTK run of corpus `d`: the first run after an idle spell (the wait above,
+    or a fresh VM) was the slowest of a series (787 against 1,107-1,388 large images/s for the
+    three after it), and it was always the reference's."""
+    out = fresh_dir("warm-up")
+    srv = storescp(out)
+    try:
+        run_storescu(srv.port, d, nodelay=True, aec="STORESCP")
+    finally:
+        srv.stop()
 
 
 def fresh_dir(name: str) -> Path:
@@ -579,6 +592,7 @@ def main() -> None:
         names.insert(0, "ref")
     corpora = {c: make_corpus(c) for c in args.corpus.split(",")}
     start_outputs()
+    warm_up(next(iter(corpora.values())))
     times: dict[tuple[str, str], list[float]] = {}
     for rnd in range(args.rounds):
         for cname, d in corpora.items():
