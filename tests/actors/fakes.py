@@ -42,6 +42,8 @@ class FakeStore:
         self._ids = itertools.count(1)
         #: (virtual time, number of outcomes) of every record_outcomes call
         self.records: list[tuple[float, int]] = []
+        #: (virtual time, number of items) of every checkout_batch call
+        self.checkouts: list[tuple[float, int]] = []
 
     def add(
         self, dest: str = "PACS", *, study: str = "1.2.3", series: str = "1.2.3.1", sop_class: str = CT,
@@ -103,6 +105,7 @@ class FakeStore:
         if by_series and items:
             items = [i for i in items if i.series_instance_uid == items[0].series_instance_uid]
         batch = items[:limit]
+        self.checkouts.append((trio.current_time(), len(batch)))
         return [self._set(i.id, checked_out=True) for i in batch]
 
     async def delivered(self, ids: Iterable[int]) -> None:

@@ -379,7 +379,7 @@ async def test_open_association_is_topped_up_with_arrivals_of_its_series(make_wo
 async def test_streaming_association_records_outcomes_when_arrivals_pause(
     make_world: Any, autojump_clock: Any
 ) -> None:
-    from capacitor_trio.actors.node import RECORD_IDLE
+    from capacitor_trio.actors.node import RECORD_IDLE, TOP_UP_GATHER
 
     sender = FakeSender(per_instance=0.001)
     sender.top_up = True
@@ -400,10 +400,44 @@ async def test_streaming_association_records_outcomes_when_arrivals_pause(
         nursery.start_soon(arrivals)
     await trio.sleep(1)
     assert len(w.sender.sends) == 1 and w.store.items == {}
-    # one record for the ten images that came 5 ms apart, written RECORD_IDLE after the tenth was
-    # answered, and one for the last: not one store job per image
+    # one record for the ten images that came 5 ms apart, and one for the last: not one store
+    # job per image. The images are answered at 1, 6, 12, 18, 24, 30, 36, 43 (two) and 49 ms:
+    # after each small top-up the association lets arrivals gather for TOP_UP_GATHER (5 ms).
+    # Nothing came in the gather after the tenth, nor in the RECORD_IDLE after that.
     assert [n for _, n in w.store.records] == [10, 1]
-    assert w.store.records[0][0] == pytest.approx(tenth + 0.001 + RECORD_IDLE)
+    assert w.store.records[0][0] == pytest.approx(tenth + 0.004 + TOP_UP_GATHER + RECORD_IDLE)
+
+
+async def test_top_ups_let_arrivals_gather_when_they_bring_few_images(
+    make_world: Any, autojump_clock: Any
+) -> None:
+    from capacitor_trio.actors.node import TOP_UP_FEW, TOP_UP_GATHER
+
+    sender = FakeSender(per_instance=0.0002)
+    sender.top_up = True
+    w = await make_world(sender=sender)
+    w.add()
+
+    async def arrivals() -> None:
+        for _ in range(60):  # a modality sending one image per millisecond
+            await trio.sleep(0.001)
+            w.add()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(arrivals)
+    await trio.sleep(1)
+    assert len(w.sender.sends) == 1 and len(w.sender.delivered) == 61 and w.store.items == {}
+    # from the batch on (the node may have looked once before anything was queued)
+    first = next(k for k, (_, n) in enumerate(w.store.checkouts) if n)
+    checkouts = w.store.checkouts[first:]
+    sizes = [n for _, n in checkouts]
+    # the batch (1 image), an empty top-up, the arrival at 1 ms taken at once (the first top-up
+    # of an association does not gather); that one was few, so the next waits TOP_UP_GATHER after it was answered
+    # (1.2 ms) and takes the five that came meanwhile; and so on, a few images per checkout
+    # rather than one checkout (a store job) per image
+    assert sizes[:4] == [1, 0, 1, 5]
+    assert checkouts[3][0] == pytest.approx(0.0012 + TOP_UP_GATHER)
+    assert all(n < TOP_UP_FEW for n in sizes) and len(sizes) == 15  # for 61 images
 
 
 async def test_top_up_stops_at_batch_size_and_on_pause(make_world: Any, autojump_clock: Any) -> None:

@@ -17,7 +17,9 @@ each outcome (Delivered: removed; RetryLater: failed with the next attempt time 
 and the whole node backs off; Rejected: rejected), then pause `storageInterval` ms. While an
 association is open and answered up, items that became eligible meanwhile are checked out and
 sent on it too, up to the batch size (`_send`), so a study still arriving does not cost an
-association per few images; outcomes are then recorded every RECORD_EVERY items. When nothing
+association per few images; when they arrive no faster than the destination takes them, each
+top-up lets a few gather first (TOP_UP_GATHER) rather than checking them out one by one;
+outcomes are then recorded every RECORD_EVERY items. When nothing
 is eligible it sleeps until the store's next eligible time or until woken (new items, resume,
 override, retry...). A command task answers the inbox concurrently, so the API is answered even
 while a batch is in flight.
@@ -82,6 +84,12 @@ TOP_UP_LINGER = 0.1
 RECORD_EVERY = 64
 #: How long an open association waits for the next arrival before recording the outcomes so far.
 RECORD_IDLE = 0.01
+#: When a top-up brought fewer than TOP_UP_FEW items (the destination takes images as fast as
+#: they arrive), the next one first lets arrivals gather for TOP_UP_GATHER: one checkout, a
+#: store job between the commits of the receiving associations, then serves several images, not
+#: each one (durable small images end to end: ≈ 560-630 against 405-450 images/s).
+TOP_UP_FEW = 8
+TOP_UP_GATHER = 0.005
 
 
 class Sender(Protocol):
@@ -392,7 +400,9 @@ class NodeActor:
         batch size (BatchSize, or one series capped at SERIES_BATCH_CAP when it is 0). If none
         is eligible, it waits up to TOP_UP_LINGER for new arrivals before releasing. So a
         destination fed while a modality is still sending gets one association per batch rather
-        than one per handful of images."""
+        than one per handful of images. A top-up that follows one of fewer than TOP_UP_FEW items
+        first waits TOP_UP_GATHER, so that a destination keeping pace with the arrivals costs a
+        checkout per few images rather than per image."""
         node, ctx = self.node, self.ctx
         eff = effective(node, ctx.config)
         peer = Peer(node.ae_title, node.host_name, node.port)
@@ -425,6 +435,7 @@ class NodeActor:
                 outcomes: dict[int, Outcome] = {}
                 series = group[0].series_instance_uid if eff.batch_size == 0 else None
                 top_up = len(groups) == 1
+                few = False  # the first top-up of an association checks out at once
 
                 async def flush(group: list[Any] = group, outcomes: dict[int, Outcome] = outcomes) -> None:
                     if not outcomes:
@@ -439,12 +450,16 @@ class NodeActor:
                     group: list[Any] = group, flush: Any = flush, calling_ae: str = calling_ae,
                     series: str | None = series, outcomes: dict[int, Outcome] = outcomes,
                 ) -> list[OutgoingInstance]:
-                    nonlocal top_up
+                    nonlocal top_up, few
                     if len(outcomes) >= RECORD_EVERY:
                         await flush()
                     room = cap - len(group)
                     if not top_up or room <= 0 or not self._may_continue():
                         return []
+                    if few:  # let arrivals gather (nothing is checked out while this waits)
+                        await trio.sleep(TOP_UP_GATHER)
+                        if not self._may_continue():
+                            return []
                     deadline = trio.current_time() + TOP_UP_LINGER
                     while True:
                         self.handle.clear_wake()
@@ -469,6 +484,7 @@ class NodeActor:
                         pending[item.id] = _without_data(item)
                     fit = [i for i in extra if self._calling_ae(i) == calling_ae]
                     top_up = len(fit) == len(extra)  # the others need another association
+                    few = len(extra) < TOP_UP_FEW
                     group.extend(_without_data(i) for i in fit)
                     return [_outgoing(i) for i in fit]
 
