@@ -6,8 +6,9 @@ Usage:  .venv/bin/python bench/e2e.py [--rounds 3] [--corpus L,S] [--batch-size 
 
 Scenarios, every one once per round (interleaved, so all saw the same machine noise; the router
 scenarios in reverse order every other round; each after an `os.sync()`, untimed, so that none
-runs while the kernel writes back what the one before wrote; outputs are deleted only at the end,
-and an untimed DCMTK run warms the machine up first: see transport.fresh_dir and warm_up), medians:
+runs while the kernel writes back what the one before wrote; then the files written before are
+dropped from the page cache; outputs are deleted only at the end, and an untimed DCMTK run warms
+the machine up first: see transport.fresh_dir, settle and warm_up), medians:
   direct        storescu -> storescp                          (the reference)
   router        storescu -> `capacitor-trio run` -> storescp  (durableWrites false, and true)
 Both DCMTK ends run with TCP_NODELAY=1 and `-pdu 131072`; storescp writes the files (`-od`, `+B`).
@@ -63,6 +64,7 @@ from transport import (
     fresh_dir,
     make_corpus,
     run_storescu,
+    settle,
     start_outputs,
     storescp,
     warm_up,
@@ -298,7 +300,7 @@ def main() -> None:
             # with a sync; the order still alternates, so no tree or mode is always first
             order = scenarios[:1] + (scenarios[1:] if rnd % 2 == 0 else scenarios[:0:-1])
             for sc in order:
-                os.sync()  # the scenario before's files are written back now, not during this one
+                settle()
                 if sc.kind == "direct":
                     t = sc_direct(d)
                 else:

@@ -5,7 +5,8 @@ Usage:  .venv/bin/python bench/transport.py [--rounds 3] [--corpus L,S] [--skip-
 
 Scenarios (images/s and MB/s, median of interleaved rounds, ratio to the reference; each after an
 `os.sync()`, untimed, so that none runs while the kernel writes back what the one before wrote,
-and each writing into a new directory: nothing is deleted until the run ends, see fresh_dir;
+with the files written before dropped from the page cache, and each writing into a new directory:
+nothing is deleted until the run ends, see fresh_dir and settle;
 an untimed DCMTK run of the first corpus warms the machine up before the first round):
   ref        DCMTK storescu -> storescp (-pdu 131072, TCP_NODELAY=1, storescp writes files)
   acc        storescu -> our acceptor, no fsync (the sink writes an instance received in memory
@@ -145,10 +146,16 @@ def env(nodelay: bool) -> dict[str, str]:
 # went from ~3,000 to ~900 small images/s when its directory was emptied just before. So each
 # scenario writes into a new directory, everything is deleted at exit, and a run starts only
 # once the last deletion is that old.
+#
+# Nor is what they wrote left in the page cache: the next scenario then takes memory this VM had
+# not touched yet, which costs far more here (the reference with large images: 889-1,111 images/s
+# run after run with each run's output dropped from the cache, 910 falling to 379-463 without).
+# `settle()` writes everything back and drops the outputs written since it last ran.
 OUT = CORPUS / "out"
 DELETED_AT = CORPUS / "out.deleted-at"
 RECENTLY_DELETED_S = 36.0
 _outputs = 0
+_unsettled: list[Path] = []
 
 
 def _delete_outputs() -> None:
@@ -191,7 +198,27 @@ def fresh_dir(name: str) -> Path:
     d = OUT / f"{_outputs:03d}-{name}"
     shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
+    _unsettled.append(d)
     return d
+
+
+def settle() -> None:
+    """Before a scenario (untimed): write everything back (`os.sync()`), so that none runs while
+    the kernel writes back what the one before wrote, then drop the files written since the last
+    call from the page cache (kept on disk, see OUT)."""
+    os.sync()
+    for d in _unsettled:
+        for root, _dirs, files in os.walk(d):
+            for name in files:
+                try:
+                    fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                except OSError:
+                    continue
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+    _unsettled.clear()
 
 
 def run_storescu(port: int, d: Path, *, nodelay: bool, aec: str) -> float:
@@ -597,7 +624,7 @@ def main() -> None:
     for rnd in range(args.rounds):
         for cname, d in corpora.items():
             for name in names:
-                os.sync()  # the scenario before's files are written back now, not during this one
+                settle()
                 t = SCENARIOS[name][1](d)
                 times.setdefault((cname, name), []).append(t)
                 print(
