@@ -140,12 +140,14 @@ def env(nodelay: bool) -> dict[str, str]:
     return e
 
 
-# Scenario outputs. None is deleted while the bench runs: on this machine's ext4 (no journal) a
-# file created within dirty_expire (30 s) + 5 s of thousands of deletions in the same inode group
-# pays a scan past every such inode (`find_inode_bit` -> `recently_deleted`); DCMTK's storescp
-# went from ~3,000 to ~900 small images/s when its directory was emptied just before. So each
-# scenario writes into a new directory, everything is deleted at exit, and a run starts only
-# once the last deletion is that old.
+# Scenario outputs. None is deleted while the bench runs (the router and store under test remove
+# files of their own): on this machine's ext4 (no journal) a file created less than 60 s after
+# thousands of deletions in the same inode group (360 s while the group's inode table is not
+# written back) pays a scan past every such inode (`find_inode_bit` -> `recently_deleted`);
+# DCMTK's storescp went from ~3,000 to ~900 small images/s when its directory was emptied just
+# before. So each scenario writes into a new directory, everything is deleted at exit, and a run
+# starts only once the last deletion is that old, after a sync. One bench run at a time: a run
+# deletes what it finds in OUT.
 #
 # Nor is what they wrote left in the page cache: the next scenario then takes memory this VM had
 # not touched yet, which costs far more here (the reference with large images: 889-1,111 images/s
@@ -153,7 +155,7 @@ def env(nodelay: bool) -> dict[str, str]:
 # `settle()` writes everything back and drops the outputs written since it last ran.
 OUT = CORPUS / "out"
 DELETED_AT = CORPUS / "out.deleted-at"
-RECENTLY_DELETED_S = 36.0
+RECENTLY_DELETED_S = 61.0  # dtime has whole seconds
 _outputs = 0
 _unsettled: list[Path] = []
 
@@ -172,10 +174,10 @@ def start_outputs() -> None:
         wait = float(DELETED_AT.read_text()) + RECENTLY_DELETED_S - time.time()
     except (OSError, ValueError):
         wait = 0.0
-    if wait > 0:
+    if wait > 0:  # (bounded: a clock set back must not make it longer)
         print(f"waiting {wait:.0f} s: files were deleted just now (see fresh_dir)", file=sys.stderr)
-        os.sync()
-        time.sleep(wait)
+        os.sync()  # the freed inodes' table blocks written back: the 60 s rule, not the 360 s one
+        time.sleep(min(wait, RECENTLY_DELETED_S))
     atexit.register(_delete_outputs)
 
 
@@ -426,7 +428,9 @@ def serve_acceptor_main(port: int, out: Path, durable: bool) -> None:
         if rx.data is not None:  # received in memory (small): written as storescp writes
             fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                os.write(fd, rx.data)
+                done = 0
+                while done < len(rx.data):  # a short write (a full disk) continues, or raises
+                    done += os.write(fd, rx.data[done:])
             finally:
                 os.close(fd)
         else:

@@ -17,8 +17,9 @@ each outcome (Delivered: removed; RetryLater: failed with the next attempt time 
 and the whole node backs off; Rejected: rejected), then pause `storageInterval` ms. While an
 association is open and answered up, items that became eligible meanwhile are checked out and
 sent on it too, up to the batch size (`_send`), so a study still arriving does not cost an
-association per few images; when they arrive no faster than the destination takes them, each
-top-up lets a few gather first (TOP_UP_GATHER) rather than checking them out one by one;
+association per few images; when they arrive no faster than the destination takes them, a
+top-up that follows a small one lets a few gather first (TOP_UP_GATHER) rather than checking
+them out one by one;
 outcomes are then recorded every RECORD_EVERY items. When nothing
 is eligible it sleeps until the store's next eligible time or until woken (new items, resume,
 override, retry...). A command task answers the inbox concurrently, so the API is answered even
@@ -80,14 +81,14 @@ RECORD_GRACE = 30.0
 TOP_UP_LINGER = 0.1
 #: While items keep coming, outcomes are recorded every this many (one store job, one WAL
 #: fsync); they are always recorded before the association waits longer than RECORD_IDLE for
-#: new items, or ends.
+#: new items (TOP_UP_GATHER + RECORD_IDLE after a gathering top-up), or ends.
 RECORD_EVERY = 64
 #: How long an open association waits for the next arrival before recording the outcomes so far.
 RECORD_IDLE = 0.01
 #: When a top-up brought fewer than TOP_UP_FEW items (the destination takes images as fast as
 #: they arrive), the next one first lets arrivals gather for TOP_UP_GATHER: one checkout, a
 #: store job between the commits of the receiving associations, then serves several images, not
-#: each one (durable small images end to end: ≈ 560-630 against 405-450 images/s).
+#: each one (docs/performance.md, seventh landing).
 TOP_UP_FEW = 8
 TOP_UP_GATHER = 0.005
 
