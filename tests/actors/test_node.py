@@ -376,28 +376,29 @@ async def test_open_association_is_topped_up_with_arrivals_of_its_series(make_wo
     assert w.store.items == {} and len(w.sender.delivered) == 6
 
 
+async def _stream(make_world: Any, per_instance: float, gaps: list[float]) -> tuple[Any, list[float]]:
+    """A modality sending to a node whose associations take top-ups: one item now, then one after
+    each gap. Returns the world and the arrival times, once all have come."""
+    sender = FakeSender(per_instance=per_instance)
+    sender.top_up = True
+    w = await make_world(sender=sender)
+    w.add()
+    arrived = []
+    for gap in gaps:
+        await trio.sleep(gap)
+        w.add()
+        arrived.append(trio.current_time())
+    return w, arrived
+
+
 async def test_streaming_association_records_outcomes_when_arrivals_pause(
     make_world: Any, autojump_clock: Any
 ) -> None:
     from capacitor_trio.actors.node import RECORD_IDLE, TOP_UP_GATHER
 
-    sender = FakeSender(per_instance=0.001)
-    sender.top_up = True
-    w = await make_world(sender=sender)
-    w.add()
-    tenth = 0.0
-
-    async def arrivals() -> None:
-        nonlocal tenth
-        for _ in range(9):  # a modality sending: one image every 5 ms
-            await trio.sleep(0.005)
-            w.add()
-        tenth = trio.current_time()
-        await trio.sleep(0.05)  # then a pause longer than RECORD_IDLE
-        w.add()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(arrivals)
+    # one image every 5 ms, then a pause longer than RECORD_IDLE before the last
+    w, arrived = await _stream(make_world, 0.001, [0.005] * 9 + [0.05])
+    tenth = arrived[8]
     await trio.sleep(1)
     assert len(w.sender.sends) == 1 and w.store.items == {}
     # one record for the ten images that came 5 ms apart, and one for the last: not one store
@@ -414,18 +415,7 @@ async def test_top_ups_let_arrivals_gather_when_they_bring_few_images(
 ) -> None:
     from capacitor_trio.actors.node import TOP_UP_FEW, TOP_UP_GATHER
 
-    sender = FakeSender(per_instance=0.0002)
-    sender.top_up = True
-    w = await make_world(sender=sender)
-    w.add()
-
-    async def arrivals() -> None:
-        for _ in range(60):  # a modality sending one image per millisecond
-            await trio.sleep(0.001)
-            w.add()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(arrivals)
+    w, _ = await _stream(make_world, 0.0002, [0.001] * 60)  # one image per millisecond
     await trio.sleep(1)
     assert len(w.sender.sends) == 1 and len(w.sender.delivered) == 61 and w.store.items == {}
     # from the batch on (the node may have looked once before anything was queued)
