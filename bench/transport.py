@@ -35,11 +35,13 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import fcntl
 import json
 import os
 import shutil
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -146,8 +148,9 @@ def env(nodelay: bool) -> dict[str, str]:
 # written back) pays a scan past every such inode (`find_inode_bit` -> `recently_deleted`);
 # DCMTK's storescp went from ~3,000 to ~900 small images/s when its directory was emptied just
 # before. So each scenario writes into a new directory, everything is deleted at exit, and a run
-# starts only once the last deletion is that old, after a sync. One bench run at a time: a run
-# deletes what it finds in OUT.
+# starts only once the last deletion is that old, after a sync; and each new directory is placed
+# away from the one before (`_spread_subdirectories`). One bench run at a time: a run deletes
+# what it finds in OUT.
 #
 # Nor is what they wrote left in the page cache: the next scenario then takes memory this VM had
 # not touched yet, which costs far more here (the reference with large images: 889-1,111 images/s
@@ -166,10 +169,35 @@ def _delete_outputs() -> None:
         DELETED_AT.write_text(f"{time.time()}\n")
 
 
+def _spread_subdirectories(d: Path) -> None:
+    """Mark `d` a top of directory hierarchies (ext4's `chattr +T`): each scenario's directory
+    then lands in a block group of its own, away from the inodes the scenario before freed (the
+    router deletes the spool files of delivered instances). DCMTK's small-image reference right
+    after 3,000 deletions in a sibling directory: 1,067 and 1,474 images/s without the mark,
+    1,875 and 3,167 with it. Best effort: Linux, 64-bit ioctl numbers."""
+    if sys.platform != "linux":
+        return
+    get_flags, set_flags, topdir = 0x80086601, 0x40086602, 0x00020000
+    try:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        buf = bytearray(4)
+        fcntl.ioctl(fd, get_flags, buf)
+        fcntl.ioctl(fd, set_flags, struct.pack("i", struct.unpack("i", buf)[0] | topdir))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def start_outputs() -> None:
     """Call once before the first scenario: deletes what an earlier run left, waits until no
     deletion is recent (untimed), and deletes this run's outputs at exit."""
     _delete_outputs()
+    OUT.mkdir(parents=True)
+    _spread_subdirectories(OUT)
     try:
         wait = float(DELETED_AT.read_text()) + RECENTLY_DELETED_S - time.time()
     except (OSError, ValueError):
