@@ -19,9 +19,8 @@ association is open and answered up, items that became eligible meanwhile are ch
 sent on it too, up to the batch size (`_send`), so a study still arriving does not cost an
 association per few images; when they arrive no faster than the destination takes them, a
 top-up that follows a small one lets a few gather first (TOP_UP_GATHER) rather than checking
-them out one by one;
-outcomes are then recorded every RECORD_EVERY items. When nothing
-is eligible it sleeps until the store's next eligible time or until woken (new items, resume,
+them out one by one; outcomes are then recorded every RECORD_EVERY items. When nothing is
+eligible it sleeps until the store's next eligible time or until woken (new items, resume,
 override, retry...). A command task answers the inbox concurrently, so the API is answered even
 while a batch is in flight.
 
