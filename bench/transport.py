@@ -193,10 +193,11 @@ def _spread_subdirectories(d: Path) -> None:
 
 
 def start_outputs() -> None:
-    """Call once before the first scenario: deletes what an earlier run left, waits until no
-    deletion is recent (untimed), and deletes this run's outputs at exit."""
+    """Call once before the first scenario: deletes what an earlier run left, marks the output
+    directory (`_spread_subdirectories`), waits until no deletion is recent (untimed), and
+    deletes this run's outputs at exit."""
     _delete_outputs()
-    OUT.mkdir(parents=True)
+    OUT.mkdir(parents=True, exist_ok=True)
     _spread_subdirectories(OUT)
     try:
         wait = float(DELETED_AT.read_text()) + RECENTLY_DELETED_S - time.time()
