@@ -18,9 +18,9 @@ Corpora (generated once into bench/.corpus/ by bench/transport.py's generator, g
 L = 500 x 512x512x16 bit (~0.53 MB), S = 2000 x 64x64x16 bit (~9 kB), one series.
 
 The router runs as a subprocess with a fresh data directory per run (under `bench/.corpus/out/`,
-same disk as the corpus; no output is deleted before the run ends, see transport.fresh_dir): api disabled, minimumAge 0, storageInterval 0, minFreeSpace 0, one Storage
-node (the storescp), batchSize from `--batch-size` (0 = one series per association, capped at
-1000 per batch). It is started, and we wait for "router ready", before the clock starts.
+same disk as the corpus; no output is deleted before the run ends, see transport.fresh_dir):
+api disabled, minimumAge 0, storageInterval 0, minFreeSpace 0, one Storage node (the storescp),
+batchSize from `--batch-size` (0 = one series per association, capped at 1000 per batch). It is started, and we wait for "router ready", before the clock starts.
 
 What is timed: "first image sent to last image received at the destination".
   * direct: storescu's process start to its exit. storescu exits after the last C-STORE-RSP,
