@@ -223,11 +223,11 @@ def warm_up(d: Path) -> None:
 
 
 def fresh_dir(name: str) -> Path:
-    """A new, empty directory for one scenario's files (deleted at exit, not before)."""
+    """A new, empty directory for one scenario's files (deleted at exit, not before; the name
+    is new in this run, and `start_outputs` emptied OUT)."""
     global _outputs
     _outputs += 1
     d = OUT / f"{_outputs:03d}-{name}"
-    shutil.rmtree(d, ignore_errors=True)
     d.mkdir(parents=True)
     _unsettled.append(d)
     return d
