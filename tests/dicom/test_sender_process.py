@@ -127,6 +127,20 @@ async def test_a_dead_child_is_retry_later_and_is_replaced(
     assert got == {0: Delivered()} and sender.starts == 2
 
 
+async def test_each_start_of_the_child_is_logged_at_info(
+    acceptor: RunningAcceptor, tmp_path: Path, caplog: pytest.LogCaptureFixture, nursery: trio.Nursery
+) -> None:
+    # operators see when the router's sending half is up (and bench/e2e.py starts its clock then)
+    caplog.set_level(logging.INFO, logger="capacitor_trio")
+    sp = SenderProcess()
+    await nursery.start(sp.run)
+    got, cb = collect()
+    await sp.send_batch(peer(acceptor), [outgoing(write_corpus(tmp_path / "in", 1)[0])], SendOptions("ROUTER"), cb)  # type: ignore[arg-type]
+    assert got == {0: Delivered()}
+    started = [r for r in caplog.records if r.getMessage() == f"sender process {sp.pid} started"]
+    assert [r.levelno for r in started] == [logging.INFO]
+
+
 async def test_the_childs_log_records_reach_the_router_log(
     sender: SenderProcess, acceptor: RunningAcceptor, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

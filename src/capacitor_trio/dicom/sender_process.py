@@ -156,7 +156,7 @@ class SenderProcess:
                             self.pid = proc.pid
                             self._out = out_send
                             self._notify()
-                            log.debug("sender process %d started", proc.pid)
+                            log.info("sender process %d started", proc.pid)
                         else:
                             self._dispatch(message)
                 nursery.cancel_scope.cancel()
