@@ -41,6 +41,10 @@ What is timed: "first image sent to last image received at the destination".
 
 `--profile DIR` runs the router under `py-spy record` (must be installed; not a project
 dependency) and writes its collapsed stacks (`-f raw`, one file per router run) into DIR.
+
+A calibration line (bench/machine.py: Python loop speed, fsync latency of the bench's disk, load,
+free page reporting) is printed before and after the runs, so that runs on different machines
+or days can be compared.
 """
 
 from __future__ import annotations
@@ -60,7 +64,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import calibrate
 from transport import (
+    OUT,
     corpus_files,
     env,
     free_port,
@@ -287,6 +293,8 @@ def main() -> None:
         raise SystemExit(f"{CLI} not found: install the project into this venv")
     corpora = {c: make_corpus(c) for c in args.corpus.split(",")}
     start_outputs()
+    before = calibrate(OUT.parent)  # untimed; printed with the figures
+    print(before, file=sys.stderr)
     warm_up(next(iter(corpora.values())))
     durables = [v.strip().lower() == "true" for v in args.durable.split(",")]
     batches = [int(b) for b in args.batch_size.split(",")]
@@ -334,6 +342,7 @@ def main() -> None:
         f"\n{args.rounds} interleaved rounds, medians; ratio = to DCMTK direct in this run; "
         f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}\n"
     )
+    print(f"before the runs, {before}\nafter the runs, {calibrate(OUT.parent)}\n")
     print("| scenario | corpus | img/s | MB/s | ratio | target | intake img/s | router CPU/img |")
     print("|---|---|---|---|---|---|---|---|")
     for cname, d in corpora.items():

@@ -29,6 +29,10 @@ S = 2000 x 64x64x16 bit. Our acceptor and requestor run in their own processes, 
 Times: DCMTK tools and the fsync loop are timed from outside (process start to exit); our
 requestor and pynetdicom's SCU report the time from connect to release (their Python start-up,
 ~0.3 s of imports, is not part of the transport).
+
+A calibration line (bench/machine.py: Python loop speed, fsync latency of the bench's disk, load,
+free page reporting) is printed before and after the runs, so that runs on different machines
+or days can be compared.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from machine import calibrate
 
 ROOT = Path(__file__).resolve().parent
 CORPUS = ROOT / ".corpus"
@@ -652,6 +658,8 @@ def main() -> None:
         names.insert(0, "ref")
     corpora = {c: make_corpus(c) for c in args.corpus.split(",")}
     start_outputs()
+    before = calibrate(OUT.parent)  # untimed; printed with the figures
+    print(before, file=sys.stderr)
     warm_up(next(iter(corpora.values())))
     times: dict[tuple[str, str], list[float]] = {}
     for rnd in range(args.rounds):
@@ -667,6 +675,7 @@ def main() -> None:
     print(
         f"\n{args.rounds} interleaved rounds, medians; ratio = to the DCMTK reference in this run\n"
     )
+    print(f"before the runs, {before}\nafter the runs, {calibrate(OUT.parent)}\n")
     print("| scenario | corpus | img/s | MB/s | ratio to ref | ratio to fsync loop |")
     print("|---|---|---|---|---|---|")
     for cname, d in corpora.items():
