@@ -202,6 +202,32 @@ async def test_idle_association_aborted_at_client_timeout(
     assert h.finished_at == pytest.approx(start + 600.0)
 
 
+async def test_client_timeout_counts_only_the_waits_for_the_peer(
+    h: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    # a store slower than clientTimeout is not idleness (the peer waits for our response); the
+    # timeout runs from each wait for the next PDU, and a PDU just in time restarts it
+    real = h.sink.instance_received
+
+    async def slow(rx: object) -> None:
+        await trio.sleep(700)
+        await real(rx)  # type: ignore[arg-type]
+
+    h.sink.instance_received = slow  # type: ignore[method-assign]
+    uid, data = dataset_bytes()
+    await h.associate()
+    for pdu in store_pdus(uid, data):
+        await h.send(pdu)
+    assert (await h.read_command()).status == 0
+    await trio.sleep(599)
+    await h.send(P.encode_command_pdus(1, dimse.encode_c_echo_rq(2), 16384))
+    assert (await h.read_command()).command_field == dimse.C_ECHO_RSP
+    answered = trio.current_time()
+    await h.expect_abort()
+    assert h.finished_at == pytest.approx(answered + 600.0)
+    assert [r.header.sop_instance_uid for r in h.sink.received] == [uid]
+
+
 @pytest.mark.parametrize("in_memory", [False, True])
 async def test_idle_mid_dataset_removes_partial_file(
     tmp_path: Path, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, in_memory: bool

@@ -279,6 +279,31 @@ async def test_a_write_error_in_the_acceptor_answers_out_of_resources(
     assert not fake_network.sink.leftovers()
 
 
+async def test_dimse_timeout_runs_per_response(
+    fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    # each response comes 50 s after its request: within a 60 s timeout every time, although
+    # the batch takes 150 s
+    real = fake_network.sink.instance_received
+
+    async def slow(rx: object) -> None:
+        await trio.sleep(50)
+        await real(rx)
+
+    fake_network.sink.instance_received = slow
+    files = write_corpus(tmp_path / "in", 3)
+    got, cb = collect()
+    start = trio.current_time()
+    await send_batch(
+        PEER,
+        [outgoing(f) for f in files],
+        SendOptions("ROUTER", dimse_timeout=60, stall_threshold=0),
+        cb,
+    )
+    assert got == {i: Delivered() for i in range(3)}
+    assert trio.current_time() - start == pytest.approx(150)
+
+
 async def test_dimse_timeout(
     fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -260,6 +260,9 @@ class _Session:
         self.send_started: float | None = None
         self.send_started_bytes = 0
         self.message_id = 0
+        #: when the C-STORE-RSP being waited for is overdue (None: none awaited): kept by
+        #: `_response_watchdog`, not by a cancel scope per C-STORE (≈ 20 µs each here)
+        self.response_due: float | None = None
 
     def report(self, index: int, outcome: Outcome) -> None:
         if index not in self.reported:
@@ -352,6 +355,7 @@ class _Session:
         async with trio.open_nursery() as nursery:
             self.scope = nursery.cancel_scope
             nursery.start_soon(self._reader, send_rsp)
+            nursery.start_soon(self._response_watchdog)
             if self.options.stall_threshold > 0:
                 nursery.start_soon(self._stall_watchdog)
             if self.options.minimum_line_speed_kbps > 0:
@@ -474,7 +478,8 @@ class _Session:
             raise _Failed(RetryLater(f"cannot read spool file {inst.path}: {exc.strerror or exc}")) from None
         finally:
             src.close()
-        with trio.move_on_after(self.options.dimse_timeout):
+        self.response_due = trio.current_time() + self.options.dimse_timeout
+        try:
             while True:
                 rsp = await recv_rsp.receive()
                 if (
@@ -490,7 +495,8 @@ class _Session:
                     rsp.message_id_being_responded_to,
                     self.peer.ae_title,
                 )
-        raise _Failed(RetryLater(f"no C-STORE response within {self.options.dimse_timeout}s"))
+        finally:
+            self.response_due = None
 
     async def _reader(self, send_rsp: trio.MemorySendChannel[dimse.Command]) -> None:
         assert self.t is not None
@@ -527,6 +533,18 @@ class _Session:
             self.fail(_Failed(RetryLater(f"connection lost: {exc}"), abort=False))
         except (P.PduError, dimse.CommandDecodeError) as exc:
             self.fail(_Failed(RetryLater(f"protocol error from peer: {exc}")))
+
+    async def _response_watchdog(self) -> None:
+        """Fail the association once a C-STORE-RSP is `dimse_timeout` seconds overdue, counted
+        from the end of its request (exactly then: it sleeps until that moment)."""
+        timeout = self.options.dimse_timeout
+        while True:
+            due = self.response_due
+            now = trio.current_time()
+            if due is not None and now >= due:
+                self.fail(_Failed(RetryLater(f"no C-STORE response within {timeout}s")))
+                return
+            await trio.sleep_until(now + timeout if due is None else due)
 
     async def _stall_watchdog(self) -> None:
         assert self.t is not None
