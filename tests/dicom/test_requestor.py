@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -279,6 +280,17 @@ async def test_a_write_error_in_the_acceptor_answers_out_of_resources(
     assert not fake_network.sink.leftovers()
 
 
+async def _timed_batch(tmp_path: Path, n: int, **options: float) -> tuple[dict[int, Any], float]:
+    """Send `n` new instances in one batch (no stall detector): (outcomes, seconds taken)."""
+    files = write_corpus(tmp_path / "in", n)
+    got, cb = collect()
+    start = trio.current_time()
+    await send_batch(
+        PEER, [outgoing(f) for f in files], SendOptions("ROUTER", stall_threshold=0, **options), cb
+    )
+    return got, trio.current_time() - start
+
+
 async def test_dimse_timeout_runs_per_response(
     fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -291,33 +303,17 @@ async def test_dimse_timeout_runs_per_response(
         await real(rx)
 
     fake_network.sink.instance_received = slow
-    files = write_corpus(tmp_path / "in", 3)
-    got, cb = collect()
-    start = trio.current_time()
-    await send_batch(
-        PEER,
-        [outgoing(f) for f in files],
-        SendOptions("ROUTER", dimse_timeout=60, stall_threshold=0),
-        cb,
-    )
+    got, took = await _timed_batch(tmp_path, 3, dimse_timeout=60)
     assert got == {i: Delivered() for i in range(3)}
-    assert trio.current_time() - start == pytest.approx(150)
+    assert took == pytest.approx(150)
 
 
 async def test_dimse_timeout(
     fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     fake_network.sink.hold = trio.Event()  # the peer never answers
-    files = write_corpus(tmp_path / "in", 2)
-    got, cb = collect()
-    start = trio.current_time()
-    await send_batch(
-        PEER,
-        [outgoing(f) for f in files],
-        SendOptions("ROUTER", dimse_timeout=60, stall_threshold=0),
-        cb,
-    )
-    assert trio.current_time() - start == pytest.approx(60)
+    got, took = await _timed_batch(tmp_path, 2, dimse_timeout=60)
+    assert took == pytest.approx(60)
     assert all(isinstance(o, RetryLater) for o in got.values()) and len(got) == 2
     assert "no C-STORE response within 60" in got[0].reason
     fake_network.sink.hold.set()  # the acceptor answers only after its sink returns
