@@ -18,6 +18,7 @@ from capacitor_trio.dicom import (
     AcceptorConfig,
     CannotProcess,
     OutOfResources,
+    acceptor,
     dimse,
     handle_association,
 )
@@ -222,6 +223,45 @@ async def test_client_timeout_counts_only_the_waits_for_the_peer(
     await trio.sleep(599)
     await h.send(P.encode_command_pdus(1, dimse.encode_c_echo_rq(2), 16384))
     assert (await h.read_command()).command_field == dimse.C_ECHO_RSP
+    answered = trio.current_time()
+    await h.expect_abort()
+    assert h.finished_at == pytest.approx(answered + 600.0)
+    assert [r.header.sop_instance_uid for r in h.sink.received] == [uid]
+
+
+async def test_a_pdu_that_completes_as_the_idle_timeout_fires_is_still_handled(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the watchdog cancels the PDU loop in the same scheduler pass in which the loop's read
+    # completes: the PDU is handled as a whole (never cut off at its first checkpoint), and the
+    # idle timeout keeps working for the waits after it
+    class Racing(acceptor._Association):
+        def __init__(self, *args: object) -> None:
+            super().__init__(*args)  # type: ignore[arg-type]
+            read, raced = self.t.read_pdu, False
+
+            async def read_pdu(max_length: int = 0) -> tuple[int, bytes | bytearray]:
+                nonlocal raced
+                got = await read(max_length)
+                if got[0] == P.P_DATA_TF and not raced:
+                    raced = True
+                    assert self._idle_scope is not None
+                    self._idle_scope.cancel()
+                return got
+
+            self.t.read_pdu = read_pdu  # type: ignore[method-assign]
+
+    monkeypatch.setattr(acceptor, "_Association", Racing)
+    h = Harness(tmp_path)
+    nursery.start_soon(h.serve)
+    uid, data = dataset_bytes()
+    await h.associate()
+    for pdu in store_pdus(uid, data):
+        await h.send(pdu)
+    assert (await h.read_command()).status == 0
     answered = trio.current_time()
     await h.expect_abort()
     assert h.finished_at == pytest.approx(answered + 600.0)

@@ -308,6 +308,31 @@ async def test_dimse_timeout_runs_per_response(
     assert took == pytest.approx(150)
 
 
+@pytest.mark.parametrize("handed_over", [False, True])
+async def test_the_response_watchdog_fails_only_a_wait_still_in_progress(
+    autojump_clock: trio.testing.MockClock, handed_over: bool
+) -> None:
+    # at the deadline: `_store` still waiting for its response -> the association fails then;
+    # the response handed to `_store` in that same pass -> `_store` takes it, no failure
+    s = requestor._Session(PEER, [], SendOptions("ROUTER", dimse_timeout=60), lambda i, o: None)
+    _send, s.responses = trio.open_memory_channel[object](4)  # type: ignore[assignment]
+    start = trio.current_time()
+    s.response_due = start + 60
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(s._response_watchdog)
+        if handed_over:
+            await trio.sleep(60)
+            s.response_due = None  # what `_store` does with the response in hand
+        else:
+            nursery.start_soon(s.responses.receive)  # type: ignore[union-attr]
+        await trio.sleep(100)
+        nursery.cancel_scope.cancel()
+    if handed_over:
+        assert s.failure is None
+    else:
+        assert s.failure is not None and "no C-STORE response within 60" in str(s.failure.outcome)
+
+
 async def test_dimse_timeout(
     fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

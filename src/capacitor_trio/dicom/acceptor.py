@@ -5,7 +5,7 @@ in its own task. One association is a loop over PDUs read by `Transport` (1 MiB 
 
 - ARTIM bounds the wait for the A-ASSOCIATE-RQ and, after we release or reject, the wait for the
   peer to close; `client_timeout` bounds the wait for each later PDU (an idle association). That
-  bound is kept by a watchdog task per association (`_idle_watchdog`), not by a cancel scope per
+  bound is kept by a watchdog task per association (`idle_watchdog`), not by a cancel scope per
   PDU: entering and leaving a scope with a deadline costs ≈ 20 µs here, two per small C-STORE.
 - The A-ASSOCIATE-RQ is decoded with pynetdicom's codec. Unknown called AE -> A-ASSOCIATE-RJ
   (permanent, called-AE-title-not-recognized); over `max_clients` -> A-ASSOCIATE-RJ (transient,
@@ -213,7 +213,7 @@ class _Association:
         self.command_buf: bytearray | None = None
         self.command_ctx = 0
         #: when the PDU being waited for was first waited for (None: not waiting for one), and
-        #: the scope of the PDU loop, which `_idle_watchdog` cancels after `client_timeout` of it
+        #: the scope of the PDU loop, which `idle_watchdog` cancels after `client_timeout` of it
         self._reading_since: float | None = None
         self._idle_scope: trio.CancelScope | None = None
 
@@ -323,29 +323,45 @@ class _Association:
         """Cancel the PDU loop once a PDU has been waited for `client_timeout` seconds (exactly
         then: it sleeps until that moment, and again while PDUs keep coming)."""
         timeout = self.config.client_timeout
+        period = timeout if timeout > 0 else 0.001  # never a busy loop
+        fired: float | None = None
         while True:
             since = self._reading_since
             now = trio.current_time()
-            if since is not None and now >= since + timeout:
+            if since is not None and since != fired and now >= since + timeout:
                 assert self._idle_scope is not None
                 self._idle_scope.cancel()
-                return
-            await trio.sleep_until((now if since is None else since) + timeout)
+                fired = since  # the loop ends, or goes on with a PDU that came just in time
+            elif since is not None and since != fired:
+                await trio.sleep_until(since + timeout)
+                continue
+            # nothing awaited (or already cancelled): look again a timeout later, which is never
+            # after the deadline of a wait that starts meanwhile
+            await trio.sleep_until(now + period)
 
     async def _serve(self) -> None:
-        with trio.CancelScope() as self._idle_scope:
-            await self._serve_pdus()
-        if self._idle_scope.cancelled_caught:
-            log.warning(
-                "DICOM association from %s idle for %ss, aborting",
-                self.calling_ae,
-                self.config.client_timeout,
-            )
-            await self._send_abort(P.ABORT_REASON_NOT_SPECIFIED)
+        while True:
+            with trio.CancelScope() as self._idle_scope:
+                late = await self._serve_pdus()
+            if self._idle_scope.cancelled_caught:
+                log.warning(
+                    "DICOM association from %s idle for %ss, aborting",
+                    self.calling_ae,
+                    self.config.client_timeout,
+                )
+                await self._send_abort(P.ABORT_REASON_NOT_SPECIFIED)
+                return
+            if late is None or await self._handle_pdu(*late):
+                return
 
-    async def _serve_pdus(self) -> None:
+    async def _serve_pdus(self) -> tuple[int, bytes | bytearray] | None:
+        """The PDU loop, in `_idle_scope`. Returns None when the association ended, or a PDU whose
+        read completed although the watchdog had cancelled the scope meanwhile (it arrived as
+        the timeout fell due): `_serve` handles that one outside the cancelled scope, as a
+        cancel scope per read let such a PDU through, and starts the loop again."""
         # Tolerate peers that overshoot our maximum (some count it differently); bound memory.
         limit = 2 * max(self.config.max_pdu_size, 65536) if self.config.max_pdu_size else 64 << 20
+        assert self._idle_scope is not None
         while True:
             # only this wait is bounded by client_timeout (idle_watchdog cancels it)
             self._reading_since = trio.current_time()
@@ -353,25 +369,32 @@ class _Association:
                 pdu_type, body = await self.t.read_pdu(limit)
             finally:
                 self._reading_since = None
-            if pdu_type == P.P_DATA_TF:
-                await self._p_data(body)
-            elif pdu_type == P.A_RELEASE_RQ:
-                if self.incoming is not None or self.command_buf is not None:
-                    raise _Abort("A-RELEASE-RQ in the middle of a message")
-                await self.t.send_all(P.RELEASE_RP_BYTES)
-                await self._linger()
-                return
-            elif pdu_type == P.A_ABORT:
-                source, reason = P.decode_abort(body)
-                log.info(
-                    "DICOM association from %s aborted by peer (source %d, reason %d)",
-                    self.calling_ae,
-                    source,
-                    reason,
-                )
-                return
-            else:
-                raise _Abort(f"unexpected PDU type 0x{pdu_type:02X} during association")
+            if self._idle_scope.cancel_called:
+                return pdu_type, body
+            if await self._handle_pdu(pdu_type, body):
+                return None
+
+    async def _handle_pdu(self, pdu_type: int, body: bytes | bytearray) -> bool:
+        """Act on one PDU of an established association; True when the association is over."""
+        if pdu_type == P.P_DATA_TF:
+            await self._p_data(body)
+            return False
+        if pdu_type == P.A_RELEASE_RQ:
+            if self.incoming is not None or self.command_buf is not None:
+                raise _Abort("A-RELEASE-RQ in the middle of a message")
+            await self.t.send_all(P.RELEASE_RP_BYTES)
+            await self._linger()
+            return True
+        if pdu_type == P.A_ABORT:
+            source, reason = P.decode_abort(body)
+            log.info(
+                "DICOM association from %s aborted by peer (source %d, reason %d)",
+                self.calling_ae,
+                source,
+                reason,
+            )
+            return True
+        raise _Abort(f"unexpected PDU type 0x{pdu_type:02X} during association")
 
     # ------------------------------------------------------------------ P-DATA
 
@@ -636,6 +659,12 @@ async def handle_association(
             nursery.start_soon(association.idle_watchdog)
             await association.run(busy=busy)
             nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # the watchdog raises nothing: an error of the association comes out as itself, as it
+        # did before the watchdog (callers catch the plain type)
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
     finally:
         await transport.aclose()
 

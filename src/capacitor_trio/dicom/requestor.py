@@ -263,6 +263,8 @@ class _Session:
         #: when the C-STORE-RSP being waited for is overdue (None: none awaited): kept by
         #: `_response_watchdog`, not by a cancel scope per C-STORE (≈ 20 µs each here)
         self.response_due: float | None = None
+        #: where `_reader` hands the responses to `_store`
+        self.responses: trio.MemoryReceiveChannel[dimse.Command] | None = None
 
     def report(self, index: int, outcome: Outcome) -> None:
         if index not in self.reported:
@@ -352,6 +354,7 @@ class _Session:
         ours = min(MAX_FRAGMENT, self.options.max_pdu_size)
         fragment = min(peer_max, ours) if peer_max else min(DEFAULT_FRAGMENT, ours)
         send_rsp, recv_rsp = trio.open_memory_channel[dimse.Command](4)
+        self.responses = recv_rsp
         async with trio.open_nursery() as nursery:
             self.scope = nursery.cancel_scope
             nursery.start_soon(self._reader, send_rsp)
@@ -538,13 +541,21 @@ class _Session:
         """Fail the association once a C-STORE-RSP is `dimse_timeout` seconds overdue, counted
         from the end of its request (exactly then: it sleeps until that moment)."""
         timeout = self.options.dimse_timeout
+        period = timeout if timeout > 0 else 0.001  # never a busy loop
         while True:
             due = self.response_due
             now = trio.current_time()
             if due is not None and now >= due:
-                self.fail(_Failed(RetryLater(f"no C-STORE response within {timeout}s")))
-                return
-            await trio.sleep_until(now + timeout if due is None else due)
+                assert self.responses is not None
+                if self.responses.statistics().tasks_waiting_receive:
+                    self.fail(_Failed(RetryLater(f"no C-STORE response within {timeout}s")))
+                    return
+                # the reader has just handed the response over, in this same scheduler pass:
+                # `_store` takes it (as a cancel scope around its wait let such a response
+                # through); look again once it has run
+                await trio.lowlevel.checkpoint()
+                continue
+            await trio.sleep_until(now + period if due is None else due)
 
     async def _stall_watchdog(self) -> None:
         assert self.t is not None
