@@ -25,7 +25,7 @@ from capacitor_trio.dicom.part10 import (
 )
 
 _TEXT = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789^ -", max_size=16)
-_UID = st.from_regex(r"1\.2\.[1-9][0-9]{0,20}(\.[1-9][0-9]{0,8}){0,4}", fullmatch=True)
+_UID = st.from_regex(r"1\.2\.[1-9][0-9]{0,19}(\.[1-9][0-9]{0,8}){0,4}", fullmatch=True)  # <= 64 chars
 _CHARSETS = st.sampled_from([None, "", "ISO_IR 100", "ISO_IR 192", "ISO_IR 6", "ISO_IR 144"])
 
 
