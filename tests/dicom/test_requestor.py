@@ -317,12 +317,12 @@ async def test_the_response_watchdog_fails_only_a_wait_still_in_progress(
     s = requestor._Session(PEER, [], SendOptions("ROUTER", dimse_timeout=60), lambda i, o: None)
     _send, s.responses = trio.open_memory_channel[object](4)  # type: ignore[assignment]
     start = trio.current_time()
-    s.response_due = start + 60
+    s.response_since = start
     async with trio.open_nursery() as nursery:
         nursery.start_soon(s._response_watchdog)
         if handed_over:
             await trio.sleep(60)
-            s.response_due = None  # what `_store` does with the response in hand
+            s.response_since = None  # what `_store` does with the response in hand
         else:
             nursery.start_soon(s.responses.receive)  # type: ignore[union-attr]
         await trio.sleep(100)

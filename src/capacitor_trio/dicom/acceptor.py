@@ -5,8 +5,9 @@ in its own task. One association is a loop over PDUs read by `Transport` (1 MiB 
 
 - ARTIM bounds the wait for the A-ASSOCIATE-RQ and, after we release or reject, the wait for the
   peer to close; `client_timeout` bounds the wait for each later PDU (an idle association). That
-  bound is kept by a watchdog task per association (`idle_watchdog`), not by a cancel scope per
-  PDU: entering and leaving a scope with a deadline costs ≈ 20 µs here, two per small C-STORE.
+  bound is kept by a watchdog task per association (`idle_watchdog`, `transport.overdue`), not by
+  a cancel scope per PDU: entering and leaving a scope with a deadline costs ≈ 20 µs here, two
+  per small C-STORE.
 - The A-ASSOCIATE-RQ is decoded with pynetdicom's codec. Unknown called AE -> A-ASSOCIATE-RJ
   (permanent, called-AE-title-not-recognized); over `max_clients` -> A-ASSOCIATE-RJ (transient,
   local-limit-exceeded). Every proposed context gets a result: Verification and every storage SOP
@@ -46,7 +47,7 @@ from . import dimse
 from . import pdu as P
 from . import status as S
 from .part10 import HeaderError, file_meta_bytes, parse_header, parse_header_file
-from .transport import PeerClosed, Transport
+from .transport import PeerClosed, Transport, overdue
 
 log = logging.getLogger("capacitor_trio.dicom")
 
@@ -321,23 +322,16 @@ class _Association:
 
     async def idle_watchdog(self) -> None:
         """Cancel the PDU loop once a PDU has been waited for `client_timeout` seconds (exactly
-        then: it sleeps until that moment, and again while PDUs keep coming)."""
-        timeout = self.config.client_timeout
-        period = timeout if timeout > 0 else 0.001  # never a busy loop
-        fired: float | None = None
+        then: see `overdue`)."""
+        fired: float | None = None  # the wait already cancelled (its PDU may come just in time)
+
+        def waiting() -> float | None:
+            return None if self._reading_since == fired else self._reading_since
+
         while True:
-            since = self._reading_since
-            now = trio.current_time()
-            if since is not None and since != fired and now >= since + timeout:
-                assert self._idle_scope is not None
-                self._idle_scope.cancel()
-                fired = since  # the loop ends, or goes on with a PDU that came just in time
-            elif since is not None and since != fired:
-                await trio.sleep_until(since + timeout)
-                continue
-            # nothing awaited (or already cancelled): look again a timeout later, which is never
-            # after the deadline of a wait that starts meanwhile
-            await trio.sleep_until(now + period)
+            fired = await overdue(waiting, self.config.client_timeout)
+            assert self._idle_scope is not None
+            self._idle_scope.cancel()
 
     async def _serve(self) -> None:
         while True:

@@ -35,7 +35,7 @@ from . import dimse
 from . import pdu as P
 from .part10 import EXPLICIT_VR_LE, IMPLICIT_VR_LE, HeaderError, read_meta
 from .status import store_status_outcome
-from .transport import PeerClosed, Transport
+from .transport import PeerClosed, Transport, overdue
 
 log = logging.getLogger("capacitor_trio.dicom")
 
@@ -260,9 +260,9 @@ class _Session:
         self.send_started: float | None = None
         self.send_started_bytes = 0
         self.message_id = 0
-        #: when the C-STORE-RSP being waited for is overdue (None: none awaited): kept by
-        #: `_response_watchdog`, not by a cancel scope per C-STORE (≈ 20 µs each here)
-        self.response_due: float | None = None
+        #: when the wait for the current C-STORE-RSP began (None: none awaited): the DIMSE
+        #: timeout is kept by `_response_watchdog`, not by a cancel scope per C-STORE
+        self.response_since: float | None = None
         #: where `_reader` hands the responses to `_store`
         self.responses: trio.MemoryReceiveChannel[dimse.Command] | None = None
 
@@ -481,7 +481,7 @@ class _Session:
             raise _Failed(RetryLater(f"cannot read spool file {inst.path}: {exc.strerror or exc}")) from None
         finally:
             src.close()
-        self.response_due = trio.current_time() + self.options.dimse_timeout
+        self.response_since = trio.current_time()
         try:
             while True:
                 rsp = await recv_rsp.receive()
@@ -499,7 +499,7 @@ class _Session:
                     self.peer.ae_title,
                 )
         finally:
-            self.response_due = None
+            self.response_since = None
 
     async def _reader(self, send_rsp: trio.MemorySendChannel[dimse.Command]) -> None:
         assert self.t is not None
@@ -539,32 +539,24 @@ class _Session:
 
     async def _response_watchdog(self) -> None:
         """Fail the association once a C-STORE-RSP is `dimse_timeout` seconds overdue, counted
-        from the end of its request (exactly then: it sleeps until that moment)."""
+        from the end of its request (exactly then: see `overdue`)."""
         timeout = self.options.dimse_timeout
-        period = timeout if timeout > 0 else 0.001  # never a busy loop
         while True:
-            due = self.response_due
-            now = trio.current_time()
-            if due is not None and now >= due:
-                assert self.responses is not None
-                if self.responses.statistics().tasks_waiting_receive:
-                    self.fail(_Failed(RetryLater(f"no C-STORE response within {timeout}s")))
-                    return
-                # the reader has just handed the response over, in this same scheduler pass:
-                # `_store` takes it (as a cancel scope around its wait let such a response
-                # through); look again once it has run
-                await trio.lowlevel.checkpoint()
-                continue
-            await trio.sleep_until(now + period if due is None else due)
+            await overdue(lambda: self.response_since, timeout)
+            assert self.responses is not None
+            if self.responses.statistics().tasks_waiting_receive:
+                self.fail(_Failed(RetryLater(f"no C-STORE response within {timeout}s")))
+                return
+            # the reader has just handed the response over, in this same scheduler pass:
+            # `_store` takes it (as a cancel scope around its wait let such a response
+            # through); look again once it has run
+            await trio.lowlevel.checkpoint()
 
     async def _stall_watchdog(self) -> None:
         assert self.t is not None
-        threshold = self.options.stall_threshold
-        while True:
-            await trio.sleep_until(self.t.last_activity + threshold)
-            if trio.current_time() - self.t.last_activity >= threshold:
-                self.fail(_Failed(RetryLater(f"stalled: no bytes either way for {threshold}s")))
-                return
+        transport, threshold = self.t, self.options.stall_threshold
+        await overdue(lambda: transport.last_activity, threshold)
+        self.fail(_Failed(RetryLater(f"stalled: no bytes either way for {threshold}s")))
 
     def _sending_totals(self) -> tuple[float, int]:
         """(seconds spent in sends, bytes sent in them) since the last line-speed check."""
