@@ -422,6 +422,38 @@ async def test_busy_is_transient_reject(
         await h.client_stream.aclose()
 
 
+async def test_max_clients_counts_associations_until_their_last_pdu(tmp_path: Path) -> None:
+    """`max_clients` 1 on real sockets: a second association is refused while the first is
+    open; once the first is released (A-RELEASE-RP read, its TCP connection left open) or a
+    refused one has its A-ASSOCIATE-RJ, neither holds the slot, so a modality that associates
+    again at once is not refused while the router waits for the old connection to close."""
+    sink = DirSink(tmp_path)
+    config = AcceptorConfig(host="127.0.0.1", port=0, max_clients=1, artim_timeout=30)
+
+    async def connect(port: int) -> tuple[Transport, int, bytes]:
+        t = Transport(await trio.open_tcp_stream("127.0.0.1", port))
+        await t.send_all(associate_rq())
+        pdu_type, body = await t.read_pdu()
+        return t, pdu_type, bytes(body)
+
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(acceptor.serve_acceptor, config, sink)
+        first, t1, _ = await connect(port)
+        refused, t2, body = await connect(port)
+        assert t1 == P.A_ASSOCIATE_AC
+        assert t2 == P.A_ASSOCIATE_RJ and P.decode_associate_rj(body) == P.AssociateReject(2, 3, 2)
+        await first.send_all(P.RELEASE_RQ_BYTES)
+        assert (await first.read_pdu())[0] == P.A_RELEASE_RP
+        # `first` and `refused` stay connected: the slot is free all the same
+        second, t3, _ = await connect(port)
+        assert t3 == P.A_ASSOCIATE_AC
+        third, t4, _ = await connect(port)
+        assert t4 == P.A_ASSOCIATE_RJ  # and still one at a time
+        for t in (first, refused, second, third):
+            await t.aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def test_admission_refused_writes_nothing(
     h: Harness, autojump_clock: trio.testing.MockClock
 ) -> None:

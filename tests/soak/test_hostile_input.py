@@ -169,20 +169,6 @@ async def open_association(port: int, raw: bytes) -> tuple[Transport, int, bytes
     return t, pdu_type, bytes(body)
 
 
-async def open_association_when_free(port: int, raw: bytes) -> tuple[Transport, int, bytes]:
-    """`open_association`, right after a burst: the router frees an association's slot once it
-    has seen the peer close (after A-RELEASE-RP), which can come after our next connection; a
-    transient "local limit" reject is retried for up to 5 s (bounded, a tenth of a second apart:
-    nothing tells the client when the slot is free)."""
-    for _ in range(50):
-        t, pdu_type, body = await open_association(port, raw)
-        if pdu_type != P.A_ASSOCIATE_RJ or P.decode_associate_rj(body).permanent:
-            return t, pdu_type, body
-        await t.aclose()
-        await trio.sleep(0.1)
-    return t, pdu_type, body
-
-
 async def burst(port: int, n: int) -> dict[str, int]:
     """`n` associations at once, all held open until every one has its answer."""
     answers: dict[str, int] = {"accepted": 0, "rejected transient (local limit)": 0, "other": 0}
@@ -375,12 +361,12 @@ async def test_hostile_input(
     assert 1 <= burst_answers["accepted"] <= MAX_CLIENTS, burst_answers
 
     # 2. unknown called AE; a refused abstract syntax
-    t, pdu_type, body = await open_association_when_free(scp_port, associate_rq("NOBODY"))
+    t, pdu_type, body = await open_association(scp_port, associate_rq("NOBODY"))
     await t.aclose()
     rj = P.decode_associate_rj(body)
     assert pdu_type == P.A_ASSOCIATE_RJ and rj.permanent and rj.reason == 7
     rq = associate_rq("DEST", (CT_CTX, MR_CTX))
-    t, pdu_type, body = await open_association_when_free(scp_port, rq)
+    t, pdu_type, body = await open_association(scp_port, rq)
     assert pdu_type == P.A_ASSOCIATE_AC
     ac = P.decode_associate_ac(P.PDU_HEADER.pack(pdu_type, 0, len(body)) + body, [CT_CTX, MR_CTX])
     assert {r.context_id: r.result for r in ac.contexts} == {

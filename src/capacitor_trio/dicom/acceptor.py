@@ -10,7 +10,8 @@ in its own task. One association is a loop over PDUs read by `Transport` (1 MiB 
   per small C-STORE.
 - The A-ASSOCIATE-RQ is decoded with pynetdicom's codec. Unknown called AE -> A-ASSOCIATE-RJ
   (permanent, called-AE-title-not-recognized); over `max_clients` -> A-ASSOCIATE-RJ (transient,
-  local-limit-exceeded). Every proposed context gets a result: Verification and every storage SOP
+  local-limit-exceeded). An association stops counting towards `max_clients` once it has sent
+  its last PDU (A-RELEASE-RP, A-ASSOCIATE-RJ): the wait for the peer to close holds no slot. Every proposed context gets a result: Verification and every storage SOP
   class are accepted (unless in `reject_abstract_syntaxes`) with the first proposed transfer
   syntax we know, compressed ones included — we store the bytes as received.
 - A C-STORE's command set is decoded by hand (dimse.py). The sink's admission check runs first
@@ -32,6 +33,7 @@ import contextlib
 import functools
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -202,10 +204,19 @@ class _Incoming:
 
 
 class _Association:
-    def __init__(self, transport: Transport, config: AcceptorConfig, sink: InstanceSink) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        config: AcceptorConfig,
+        sink: InstanceSink,
+        on_over: Callable[[], None] | None = None,
+    ) -> None:
         self.t = transport
         self.config = config
         self.sink = sink
+        #: called as our last PDU (A-RELEASE-RP, A-ASSOCIATE-RJ) goes out: what is left is the
+        #: wait for the peer to close, which must not hold a `max_clients` slot
+        self._on_over = on_over
         self.calling_ae = ""
         self.called_ae = ""
         self.contexts: dict[int, P.ContextResult] = {}
@@ -232,8 +243,12 @@ class _Association:
             with contextlib.suppress(PeerClosed):
                 await self.t.send_all(P.abort_bytes(source, reason))
 
-    async def _linger(self) -> None:
-        """After our last PDU: wait (ARTIM) for the peer to close the transport."""
+    async def _last_pdu(self, data: bytes) -> None:
+        """Send our last PDU, then wait (ARTIM) for the peer to close the transport. The slot is
+        given back first, so a peer that connects again as soon as it reads the PDU finds it."""
+        if self._on_over is not None:
+            self._on_over()
+        await self.t.send_all(data)
         with trio.move_on_after(self.config.artim_timeout):
             await self.t.wait_closed()
 
@@ -265,8 +280,7 @@ class _Association:
             await self._send_abort(exc.reason)
 
     async def _reject(self, result: int, source: int, reason: int) -> None:
-        await self.t.send_all(P.encode_associate_rj(result, source, reason))
-        await self._linger()
+        await self._last_pdu(P.encode_associate_rj(result, source, reason))
 
     async def _negotiate(self, body: bytes | bytearray, busy: bool) -> bool:
         if len(body) < 68:
@@ -376,8 +390,7 @@ class _Association:
         if pdu_type == P.A_RELEASE_RQ:
             if self.incoming is not None or self.command_buf is not None:
                 raise _Abort("A-RELEASE-RQ in the middle of a message")
-            await self.t.send_all(P.RELEASE_RP_BYTES)
-            await self._linger()
+            await self._last_pdu(P.RELEASE_RP_BYTES)
             return True
         if pdu_type == P.A_ABORT:
             source, reason = P.decode_abort(body)
@@ -643,11 +656,18 @@ def _write_fd(fd: int, data: bytes | bytearray | memoryview) -> None:
 
 
 async def handle_association(
-    stream: trio.abc.Stream, config: AcceptorConfig, sink: InstanceSink, *, busy: bool = False
+    stream: trio.abc.Stream,
+    config: AcceptorConfig,
+    sink: InstanceSink,
+    *,
+    busy: bool = False,
+    on_over: Callable[[], None] | None = None,
 ) -> None:
-    """Serve one association on `stream` until it ends; never raises for peer misbehaviour."""
+    """Serve one association on `stream` until it ends; never raises for peer misbehaviour.
+    `on_over` is called as our last PDU goes out (release, reject), before the wait for the
+    peer to close."""
     transport = Transport(stream)
-    association = _Association(transport, config, sink)
+    association = _Association(transport, config, sink, on_over)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(association.idle_watchdog)
@@ -680,12 +700,22 @@ async def serve_acceptor(
         nonlocal active
         busy = bool(config.max_clients) and active >= config.max_clients
         active += 1
+        counted = True
+
+        def over() -> None:
+            # released or rejected: the slot is free while we wait for the peer to close (a
+            # modality that opens its next association at once is not refused for it)
+            nonlocal active, counted
+            if counted:
+                counted = False
+                active -= 1
+
         try:
-            await handle_association(stream, config, sink, busy=busy)
+            await handle_association(stream, config, sink, busy=busy, on_over=over)
         except Exception:
             log.exception("DICOM association handler failed")
         finally:
-            active -= 1
+            over()
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handler, listeners)
