@@ -37,7 +37,8 @@ What is timed: "first image sent to last image received at the destination".
     `--exec-on-reception` process per image). The storescp directory is counted afterwards as a
     check. The intake time (storescu start to exit) is printed too: it tells whether the router
     was limited by receiving or by forwarding. "router CPU" is the user + system CPU of the
-    router process and of its sender process (`deliveryProcess`) over the run, per image.
+    router process and of its sender process (`deliveryProcess`) over the run, per image; the
+    sender process's share is shown too.
 
 `--profile DIR` runs the router under `py-spy record` (must be installed; not a project
 dependency) and writes its collapsed stacks (`-f raw`, one file per router run) into DIR.
@@ -85,14 +86,14 @@ DELIVERED = re.compile(r"delivered (\d+) instance")
 TARGETS = {("L", False): 0.5, ("S", False): 0.5, ("L", True): 0.25, ("S", True): 0.4}
 
 
-def sc_direct(d: Path) -> tuple[float, float, float]:
+def sc_direct(d: Path) -> tuple[float, float, tuple[float, float]]:
     out = fresh_dir("e2e-direct")
     srv = storescp(out)
     try:
         t = run_storescu(srv.port, d, nodelay=True, aec="STORESCP")
     finally:
         srv.stop()
-    return t, t, 0.0
+    return t, t, (0.0, 0.0)
 
 
 class Router:
@@ -175,17 +176,19 @@ class Router:
             elif "WARNING" in line or "ERROR" in line or "Traceback" in line:
                 self.errors.append(line)
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU the router used so far, its sender process included (Linux /proc)."""
+    def cpu_seconds(self) -> tuple[float, float]:
+        """User + system CPU used so far by the router process and by its sender process
+        (Linux /proc)."""
         pid = self.proc.pid
         if self.profiling:
             pid = int(_children(pid)[0])
-        total = 0
-        for p in [pid, *_children(pid)]:
+        ticks = [0, 0]
+        for i, p in enumerate([pid, *_children(pid)]):
             with contextlib.suppress(OSError):
                 fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
-                total += int(fields[11]) + int(fields[12])
-        return total / os.sysconf("SC_CLK_TCK")
+                ticks[min(i, 1)] += int(fields[11]) + int(fields[12])
+        hz = os.sysconf("SC_CLK_TCK")
+        return ticks[0] / hz, ticks[1] / hz
 
     def stop(self) -> None:
         if self.profiling:  # py-spy writes its output once the router exits
@@ -213,8 +216,8 @@ def _children(pid: int) -> list[str]:
 
 def sc_router(
     d: Path, *, durable: bool, batch_size: int, profile: Path | None = None, src: Path | None = None
-) -> tuple[float, float, float]:
-    """(end-to-end seconds, intake seconds, router CPU seconds)."""
+) -> tuple[float, float, tuple[float, float]]:
+    """(end-to-end seconds, intake seconds, router CPU seconds: (router process, sender process))."""
     n = len(corpus_files(d))
     out = fresh_dir("e2e-dest")
     data = fresh_dir("e2e-router")
@@ -234,7 +237,8 @@ def sc_router(
                 )
             assert router.done_at is not None
             elapsed = router.done_at - t0
-            cpu = router.cpu_seconds() - cpu0
+            cpu1 = router.cpu_seconds()
+            cpu = (cpu1[0] - cpu0[0], cpu1[1] - cpu0[1])
             print(f"  {router.batches} delivery records", file=sys.stderr)
         finally:
             router.stop()
@@ -333,7 +337,8 @@ def main() -> None:
                 times.setdefault((cname, sc.label), []).append(t)
                 print(
                     f"round {rnd + 1} {cname} {sc.label:28s} {n / t[0]:7.1f} img/s"
-                    f"  (intake {n / t[1]:7.1f} img/s, router CPU {1000 * t[2] / n:.2f} ms/img)",
+                    f"  (intake {n / t[1]:7.1f} img/s, router CPU {1000 * sum(t[2]) / n:.2f} ms/img"
+                    f" = {1000 * t[2][0] / n:.2f} + {1000 * t[2][1] / n:.2f} sender process)",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -343,8 +348,11 @@ def main() -> None:
         f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}\n"
     )
     print(f"before the runs, {before}\nafter the runs, {calibrate(OUT.parent)}\n")
-    print("| scenario | corpus | img/s | MB/s | ratio | target | intake img/s | router CPU/img |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| scenario | corpus | img/s | MB/s | ratio | target | intake img/s | router CPU/img "
+        "| of which sender process |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for cname, d in corpora.items():
         files = corpus_files(d)
         n = len(files)
@@ -354,8 +362,13 @@ def main() -> None:
             runs = times[(cname, sc.label)]
             t = statistics.median(r[0] for r in runs)
             intake = statistics.median(r[1] for r in runs)
-            cpu = statistics.median(r[2] for r in runs)
-            cpu_text = f"{1000 * cpu / n:.2f} ms" if sc.kind == "router" else ""
+            cpu = statistics.median(sum(r[2]) for r in runs)
+            child = statistics.median(r[2][1] for r in runs)
+            cpu_text = (
+                f"{1000 * cpu / n:.2f} ms | {1000 * child / n:.2f} ms"
+                if sc.kind == "router"
+                else " | "
+            )
             target = "" if sc.durable is None else f">= {TARGETS[(cname, sc.durable)]}x"
             print(
                 f"| {sc.title} | {cname} | {n / t:.0f} | {mb / t:.1f} | {ref / t:.2f}x | {target} "
