@@ -128,3 +128,22 @@ async def test_items_put_back_to_new_are_prepared_at_once(autojump_clock: Any) -
         await trio.testing.wait_all_tasks_blocked()
         assert store.items[item.id].state == "prepared" and woken and trio.current_time() == 0
         nursery.cancel_scope.cancel()
+
+
+async def test_items_left_new_by_a_restart_are_prepared_once_ripe(autojump_clock: Any) -> None:
+    """Items the last run committed `new` within `minimumAge` of its end: the preparer of the
+    next run prepares the ripe ones at once and the rest at the latest `minimumAge` after the
+    start (it does not know when they arrived), without another arrival to wake it."""
+    receiver, store, _, woken = make(minimum_age=2)
+    old = store.add("PACS", state="new", created_at=BASE - 60)
+    recent = store.add("VNA", state="new", created_at=BASE - 1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(receiver.run_preparer)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (store.items[old.id].state, store.items[recent.id].state) == ("prepared", "new")
+        assert woken
+        await trio.sleep(1.99)
+        assert store.items[recent.id].state == "new"
+        await trio.sleep(0.02)
+        assert store.items[recent.id].state == "prepared" and len(woken) == 2
+        nursery.cancel_scope.cancel()

@@ -127,11 +127,14 @@ class Receiver:
     # ---- preparer ----------------------------------------------------------------------------
 
     async def run_preparer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        min_age = float(self.config.minimum_age)
         counts = await self.store.counts()
         if counts.new:
-            self._unprepared.appendleft(self.clock() - self.config.minimum_age)  # left from before
+            # items left from before the start: the ones old enough now, and the rest (received
+            # before now) at the latest minimumAge from now
+            now = self.clock()
+            self._unprepared.extend((now - min_age, now))
         task_status.started()
-        min_age = float(self.config.minimum_age)
         while True:
             if self._wake.is_set():
                 self._wake = trio.Event()
