@@ -313,6 +313,51 @@ async def test_crash_restarts_with_backoff_then_gives_up(make_world: Any, autoju
     assert w.handle.status == "running" and w.store.items == {} and w.sender.times[-1] == 30.5
 
 
+class SlowEchoSender(FakeSender):
+    async def echo(self, peer: Any, calling_ae: str, *, timeout: float = 10.0) -> Any:  # noqa: ASYNC109 (the interface's signature)
+        await trio.sleep(1000)
+
+
+class HeldCountsStore(FakeStore):
+    """`counts` waits for `hold` (a status read stuck in the store)."""
+
+    hold: trio.Event | None = None
+
+    async def counts(self, destination: Any = None) -> Any:
+        if self.hold is not None:
+            await self.hold.wait()
+        return await super().counts(destination)
+
+
+async def test_calls_in_progress_when_the_actor_crashes_are_refused_at_once(
+    make_world: Any, autojump_clock: Any
+) -> None:
+    """A command the actor was handling (a status read, an echo in its own task) when it
+    crashed gets "restarting" at the crash, not the caller's timeout."""
+
+    def boom(_i: Any) -> Any:
+        raise RuntimeError("bug in the sending code")
+
+    clock = lambda: BASE + trio.current_time()  # noqa: E731
+    store = HeldCountsStore(clock)
+    w = await make_world(sender=SlowEchoSender(boom), store=store)
+    refused: dict[str, float] = {}
+
+    async def call(name: str, command: Any) -> None:
+        with pytest.raises(NodeUnavailable, match="restarting"):
+            await w.handle.call(command, timeout=60)
+        refused[name] = trio.current_time()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, "echo", Echo(timeout=50))
+        await trio.sleep(0.5)
+        store.hold = trio.Event()
+        nursery.start_soon(call, "status", GetStatus())
+        await trio.sleep(0.5)
+        w.add()  # t = 1: the send raises, the actor crashes
+    assert refused == {"echo": 1.0, "status": 1.0}
+
+
 async def test_pause_and_override_survive_an_actor_restart(make_world: Any, autojump_clock: Any) -> None:
     w = await make_world(chaos_every=10)
     await w.handle.call(Pause())

@@ -57,6 +57,7 @@ from capacitor_trio.actors.messages import (
     GetStatus,
     ItemCommand,
     NodeStatus,
+    NodeUnavailable,
     Pause,
     Resume,
     SetOverride,
@@ -210,6 +211,14 @@ class NodeActor:
                 answer(call, error=CommandRefused(f"unknown command {type(cmd).__name__}"))
         except Exception as exc:  # the caller gets the error; the actor carries on
             answer(call, error=exc)
+        except BaseException:  # killed or stopped while at it: the caller must not wait it out
+            answer(call, error=self._stopped())
+            raise
+
+    def _stopped(self) -> NodeUnavailable:
+        """The answer to a call the actor was handling when it crashed or was stopped (an answer
+        already sent wins: the reply channel holds one)."""
+        return NodeUnavailable(f"node {self.node.ae_title} is restarting")
 
     async def status(self) -> NodeStatus:
         counts = await self.ctx.store.counts(self.handle.destination)
@@ -234,6 +243,9 @@ class NodeActor:
             result = await self.ctx.sender.echo(peer, self.ctx.config.my_ae_title, timeout=cmd.timeout)
         except Exception as exc:
             answer(call, error=exc)
+        except BaseException:
+            answer(call, error=self._stopped())
+            raise
         else:
             answer(call, result)
 
