@@ -274,10 +274,67 @@ async def test_node_edit_requires_pause_and_nothing_checked_out(make_world: Any,
     with pytest.raises(CommandRefused, match="paused"):
         await w.handle.call(UpdateNode(Node("PACS", port=11112)))
     await w.handle.call(Pause())
+    held = w.store.add()
+    w.store.items[held.id] = attrs.evolve(held, checked_out=True)  # a batch not yet put back
+    with pytest.raises(CommandRefused, match="1 item\\(s\\) checked out"):
+        await w.handle.call(UpdateNode(Node("PACS", port=11112)))
+    w.store.items[held.id] = held
     await w.handle.call(UpdateNode(Node("PACS", port=11112)))
     assert w.handle.node.port == 11112
     with pytest.raises(CommandRefused, match="AE title or role"):
         await w.handle.call(UpdateNode(Node("OTHER")))
+
+
+async def test_in_window_is_current_while_paused(make_world: Any, autojump_clock: Any) -> None:
+    w = await make_world((Node("PACS", process_schedule=("12:00 - 12:59",)),), time_zone="UTC")
+    assert (await w.handle.call(GetStatus())).in_window  # BASE is 12:00 UTC
+    await w.handle.call(Pause())
+    await trio.sleep(7200)  # 14:00: the window closed while the actor looked at nothing
+    status = await w.handle.call(GetStatus())
+    assert not status.in_window and status.activity == "paused"
+    assert not w.sup.snapshot(w.handle).in_window
+
+
+async def test_a_batch_in_flight_when_the_window_closes_finishes(make_world: Any, autojump_clock: Any) -> None:
+    # one open minute, 12:00 (the end minute is inclusive); 20 s per image: the batch of five
+    # started at 12:00:00 ends at 12:01:40, after the window closed at 12:01
+    node = Node("PACS", batch_size=10, process_schedule=("12:00 - 12:00",))
+    w = await make_world((node,), sender=FakeSender(per_instance=20), time_zone="UTC")
+    for _ in range(5):
+        w.add()
+    await trio.sleep(59)
+    late = w.add()  # inside the window, but the batch was checked out before it came
+    await trio.sleep(200)
+    assert w.sender.times == [0.0] and len(w.sender.delivered) == 5
+    assert list(w.store.items) == [late.id]  # waits for tomorrow's window
+    await trio.sleep(24 * 3600)
+    assert w.sender.times == [0.0, 24 * 3600.0] and w.store.items == {}
+
+
+class HeldPauseStore(FakeStore):
+    """`set_paused` waits for `hold` (the flag's write behind a busy store)."""
+
+    hold: trio.Event | None = None
+
+    async def set_paused(self, destination: Any, paused: bool) -> None:
+        if self.hold is not None:
+            await self.hold.wait()
+        await super().set_paused(destination, paused)
+
+
+async def test_pause_aborts_before_its_flag_is_written(make_world: Any, autojump_clock: Any) -> None:
+    store = HeldPauseStore(lambda: BASE + trio.current_time())
+    w = await make_world(sender=FakeSender(per_instance=10), store=store)
+    w.add()
+    w.add()
+    await trio.sleep(5)
+    store.hold = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(w.handle.call, Pause())
+        await trio.testing.wait_all_tasks_blocked()
+        assert w.sender.aborted == 1 and not w.store.paused  # stopped while the write waits
+        store.hold.set()
+    assert ("PACS", "Storage") in w.store.paused and trio.current_time() == 5
 
 
 async def test_echo_answers_while_sending(make_world: Any, autojump_clock: Any) -> None:
@@ -305,12 +362,14 @@ async def test_crash_restarts_with_backoff_then_gives_up(make_world: Any, autoju
     assert w.handle.status == "failed"
     assert not w.store.items[item.id].checked_out  # released at each crash
     snap = w.sup.snapshot(w.handle)
-    assert snap.status == "failed" and snap.restarts == 4 and "bug in the sending code" in snap.last_error
+    # four crashes, three automatic restarts: the fourth crash marked it failed
+    assert snap.status == "failed" and snap.restarts == 3 and "bug in the sending code" in snap.last_error
     # an explicit restart brings it back
     w.sender.script = lambda _i: Delivered()
     assert w.sup.restart(w.handle)
     await trio.sleep(1)
     assert w.handle.status == "running" and w.store.items == {} and w.sender.times[-1] == 30.5
+    assert w.sup.snapshot(w.handle).restarts == 4
 
 
 class SlowEchoSender(FakeSender):

@@ -120,7 +120,6 @@ class NodeState:
     last_error: str = ""
     last_delivered_at: float | None = None
     activity: str = "starting"
-    in_window: bool = True
     sends_in_progress: int = 0
     consecutive_failures: int = 0
     backoff_until: float = 0.0
@@ -167,10 +166,7 @@ class NodeActor:
         return self.handle.node
 
     def _schedule_gate(self, now: float) -> tuple[bool, float | None]:
-        windows = effective_schedule(self.node, self.ctx.config)
-        if not windows:  # always open (asked once per image on a streaming association)
-            return True, None
-        return schedule_gate(_parsed_schedule(windows), self.ctx.tz, now)
+        return node_schedule_gate(self.node, self.ctx, now)
 
     # ---- the actor ---------------------------------------------------------------------------
 
@@ -225,16 +221,18 @@ class NodeActor:
         return self.snapshot(counts)
 
     def snapshot(self, counts: Any = None) -> NodeStatus:
-        return make_status(self.handle, self.state, counts)
+        return make_status(self.handle, self.state, self.ctx, counts)
 
     async def _set_paused(self, paused: bool) -> None:
         if self.state.paused == paused:
             return
         self.state.paused = paused
+        if paused and self._batch_scope is not None:
+            # pause means stop now: A-ABORT, items back to the queue; before the flag's write,
+            # which may wait behind a busy store
+            self._batch_scope.cancel()
         await self.ctx.store.set_paused(self.handle.destination, paused)
         log.info("node %s %s", self.node.ae_title, "paused" if paused else "resumed")
-        if paused and self._batch_scope is not None:
-            self._batch_scope.cancel()  # pause means stop now: A-ABORT, items back to the queue
         self.handle.wake()
 
     async def _echo(self, call: Call, cmd: Echo) -> None:
@@ -319,7 +317,6 @@ class NodeActor:
         ctx, state = self.ctx, self.state
         now = ctx.clock()
         in_window, next_change = self._schedule_gate(now)
-        state.in_window = in_window
         if state.paused:
             state.activity = "paused"
             return None
@@ -585,7 +582,19 @@ def _is_new(state: object) -> bool:
     return str(state or "").strip().lower() == "new"
 
 
-def make_status(handle: NodeHandle, state: NodeState, counts: Counts | None = None) -> NodeStatus:
+def node_schedule_gate(node: Node, ctx: NodeContext, now: float) -> tuple[bool, float | None]:
+    """(inside a window of the node's schedule now, when that next changes: None if never)."""
+    windows = effective_schedule(node, ctx.config)
+    if not windows:  # always open (asked once per image on a streaming association)
+        return True, None
+    return schedule_gate(_parsed_schedule(windows), ctx.tz, now)
+
+
+def make_status(
+    handle: NodeHandle, state: NodeState, ctx: NodeContext, counts: Counts | None = None
+) -> NodeStatus:
+    """The node's status now; `in_window` is worked out here, not kept: a paused node, or one
+    in a long batch, does not look at its schedule meanwhile."""
     queue = counts if counts is not None else Counts()
     return NodeStatus(
         ae_title=handle.node.ae_title,
@@ -594,7 +603,7 @@ def make_status(handle: NodeHandle, state: NodeState, counts: Counts | None = No
         activity=state.activity if handle.status == "running" else handle.status,
         paused=state.paused,
         schedule_override=state.override,
-        in_window=state.in_window,
+        in_window=node_schedule_gate(handle.node, ctx, ctx.clock())[0],
         last_error=state.last_error,
         last_delivered_at=state.last_delivered_at,
         restarts=state.restarts,

@@ -93,7 +93,7 @@ class Supervisor:
 
     def snapshot(self, handle: NodeHandle, counts: Counts | None = None) -> NodeStatus:
         """A status snapshot that does not need the actor (works while it restarts)."""
-        return make_status(handle, self._slots[handle.node.key].state, counts)
+        return make_status(handle, self._slots[handle.node.key].state, self.ctx, counts)
 
     def restart(self, handle: NodeHandle) -> bool:
         """Operator restart of a failed node. Returns False if the node was not failed."""
@@ -158,8 +158,8 @@ class Supervisor:
             if released:
                 log.info("node %s: %d checked-out item(s) back to the queue", handle.ae_title, released)
         slot.state.sends_in_progress = 0
-        slot.state.restarts += 1
         if chaos:
+            slot.state.restarts += 1
             await trio.lowlevel.checkpoint()
             return
         slot.tracker, decision = slot.tracker.record_crash(trio.current_time())  # monotonic: a clock step cannot change it
@@ -176,6 +176,7 @@ class Supervisor:
             log.info("node %s: restarted by the operator", handle.ae_title)
         else:
             await trio.sleep(decision.delay)
+        slot.state.restarts += 1  # counted as it happens: a failed node shows the ones it had
 
     def _refuse_queued(self, handle: NodeHandle) -> None:
         while True:
