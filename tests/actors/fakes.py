@@ -151,12 +151,12 @@ class FakeStore:
             if i in self.items:
                 self._set(i, checked_out=False)
 
-    async def release_all_checked_out(self, destination: Destination | None = None) -> int:
+    async def release_all_checked_out(self, destination: Destination | None = None) -> list[str]:
         await trio.lowlevel.checkpoint()
-        out = [i.id for i in (self._mine(destination) if destination else self.items.values()) if i.checked_out]
+        out = [i for i in (self._mine(destination) if destination else self.items.values()) if i.checked_out]
         for i in out:
-            self._set(i, checked_out=False)
-        return len(out)
+            self._set(i.id, checked_out=False)
+        return [i.sop_instance_uid for i in out]
 
     async def next_eligible_at(self, destination: Destination, now: float) -> float | None:
         await trio.lowlevel.checkpoint()

@@ -458,6 +458,8 @@ async def test_chaos_kill_mid_batch_requeues_and_delivers_everything(make_world:
     # duplicates only from batches in flight at a kill: at most one instance per kill here
     dupes = len(w.sender.delivered) - len(set(w.sender.delivered))
     assert len(set(w.sender.delivered)) == 200 and dupes <= w.sup.chaos_kills
+    repeated = {u for u in w.sender.delivered if w.sender.delivered.count(u) > 1}
+    assert repeated <= w.sup.chaos_in_flight  # each was in a batch a kill cut short
 
 
 async def test_open_association_is_topped_up_with_arrivals_of_its_series(make_world: Any, autojump_clock: Any) -> None:

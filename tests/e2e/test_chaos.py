@@ -58,8 +58,11 @@ async def test_chaos_three_nodes_no_loss_no_stuck_items(tmp_path: Path, nursery:
     assert (counts.total, counts.checked_out) == (0, 0)
     kills = router.supervisor.chaos_kills
     assert kills >= 5
+    in_flight = router.supervisor.chaos_in_flight  # checked out by a node as chaos killed it
     for name, sink in sinks.items():
         assert set(sink.received) == expected[name]  # nothing lost, nothing foreign
         dupes = sum(n - 1 for n in sink.received.values())
         # a kill can only repeat the batch that was in flight on the killed node
         assert dupes <= kills * BATCH, (name, dupes, kills)
+        repeated = {uid for uid, n in sink.received.items() if n > 1}
+        assert repeated <= in_flight, (name, sorted(repeated - in_flight)[:5])

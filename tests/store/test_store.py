@@ -126,8 +126,8 @@ async def test_checkout_fifo_and_eligibility(store: Store, clock: FakeClock) -> 
     ]
     c = await store.counts(PACS)
     assert c == Counts(prepared=3, failed=1, rejected=1, checked_out=3, total=5)
-    assert await store.release_all_checked_out(AI) == 0
-    assert await store.release_all_checked_out(PACS) == 3
+    assert await store.release_all_checked_out(AI) == []
+    assert len(await store.release_all_checked_out(PACS)) == 3
     assert (await store.counts()).checked_out == 0
 
 

@@ -125,6 +125,9 @@ class NodeState:
     backoff_until: float = 0.0
     #: study UID -> wall time its items were last sent (the adaptive ProcessDelay window)
     recent_studies: dict[str, float] = attrs.field(factory=dict)
+    #: SOP Instance UIDs of the last batch cut short (pause, kill, shutdown) that went back to
+    #: the queue unanswered: the only ones its destination may get twice
+    cut_short: list[str] = attrs.field(factory=list)
 
 
 @attrs.frozen
@@ -511,6 +514,7 @@ class NodeActor:
             self.state.sends_in_progress -= 1
             self.ctx.sending.value -= 1
             if pending:
+                self.state.cut_short = [i.sop_instance_uid for i in pending.values()]
                 with trio.CancelScope(shield=True), trio.move_on_after(RECORD_GRACE):
                     await ctx.store.release(list(pending))
 

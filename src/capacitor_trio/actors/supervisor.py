@@ -70,6 +70,9 @@ class Supervisor:
         self.policy = policy
         self.chaos_every = chaos_every
         self.chaos_kills = 0
+        #: SOP Instance UIDs checked out by a node when chaos killed it: the only instances a
+        #: destination may receive twice (a soak test checks that)
+        self.chaos_in_flight: set[str] = set()
         self._chaos_rng = chaos_rng or random.Random()
         self._slots: dict[tuple[str, str], _Slot] = {}
         for node in nodes:
@@ -153,10 +156,14 @@ class Supervisor:
             log.error("node %s: actor crashed: %r", handle.ae_title, error, exc_info=error)
             slot.state.last_error = f"actor crashed: {error!r}"
         self._refuse_queued(handle)
+        released: list[str] = []
         with trio.CancelScope(shield=True), trio.move_on_after(30):
             released = await self.ctx.store.release_all_checked_out(handle.destination)
             if released:
-                log.info("node %s: %d checked-out item(s) back to the queue", handle.ae_title, released)
+                log.info("node %s: %d checked-out item(s) back to the queue", handle.ae_title, len(released))
+        if chaos:
+            self.chaos_in_flight.update(released, slot.state.cut_short)
+            slot.state.cut_short = []
         slot.state.sends_in_progress = 0
         if chaos:
             slot.state.restarts += 1

@@ -907,19 +907,23 @@ class Store:
 
         await self._write(job, durable=False)
 
-    async def release_all_checked_out(self, destination: Destination | None = None) -> int:
-        """Release every checked-out item (of one destination): the supervisor after a crash."""
+    async def release_all_checked_out(self, destination: Destination | None = None) -> list[str]:
+        """Release every checked-out item (of one destination): the supervisor after a crash.
+        Returns their SOP Instance UIDs (what may reach the destination twice)."""
 
-        def job(conn: sqlite3.Connection) -> int:
+        def job(conn: sqlite3.Connection) -> list[str]:
             if destination is None:
-                return conn.execute(
-                    "UPDATE items SET checked_out = 0 WHERE checked_out = 1"
-                ).rowcount
-            return conn.execute(
-                "UPDATE items SET checked_out = 0 WHERE checked_out = 1 "
-                "AND destination_ae = ? AND destination_role = ?",
-                (destination.ae_title, destination.role),
-            ).rowcount
+                rows = conn.execute(
+                    "UPDATE items SET checked_out = 0 WHERE checked_out = 1 "
+                    "RETURNING sop_instance_uid"
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    "UPDATE items SET checked_out = 0 WHERE checked_out = 1 "
+                    "AND destination_ae = ? AND destination_role = ? RETURNING sop_instance_uid",
+                    (destination.ae_title, destination.role),
+                ).fetchall()
+            return [r[0] for r in rows]
 
         return await self._write(job, durable=False)
 
