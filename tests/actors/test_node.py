@@ -257,6 +257,37 @@ async def test_process_delay_groups_a_study_with_adaptive_window(make_world: Any
     assert w.sender.times == [7.0, 9.0, 114.5]
 
 
+async def test_process_delay_window_multiplier_zero_turns_the_window_off(
+    make_world: Any, autojump_clock: Any
+) -> None:
+    w = await make_world((Node("PACS", process_delay=5000),), process_delay_window_multiplier=0)
+    w.add(study="S1", series="S1.1")
+    await trio.sleep(6)
+    assert w.sender.times == [5.0]
+    w.add(study="S1", series="S1.1")  # a late image of a study just sent waits the delay again
+    await trio.sleep(6)
+    assert w.sender.times == [5.0, 11.0]
+
+
+async def test_chaos_and_a_failed_node_are_logged_loudly(
+    make_world: Any, autojump_clock: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    def boom(_i: Any) -> Any:
+        raise RuntimeError("bug")
+
+    policy = RestartPolicy(max_restarts=1, window_seconds=60, base_delay=1, max_delay=1)
+    w = await make_world(sender=FakeSender(boom), policy=policy, chaos_every=1000)
+    w.add()
+    await trio.sleep(10)
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "CHAOS is ON" in r.message]
+    assert len(warnings) == 1 and "about every 1000 s" in warnings[0].message
+    assert w.handle.status == "failed"
+    assert any(
+        r.levelname == "ERROR" and "node PACS: 2 crashes within 60 s; node marked failed" in r.message
+        for r in caplog.records
+    )
+
+
 async def test_service_pause_all_stops_delivery(make_world: Any, autojump_clock: Any) -> None:
     w = await make_world()
     w.service.set_all(False)
