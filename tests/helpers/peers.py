@@ -6,6 +6,7 @@ sleep-and-look loop.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import shutil
@@ -110,6 +111,8 @@ class PynetdicomDestination:
         self._server: Any = None
         self.refuse_status: int | None = None
         self.duplicates = 0
+        #: how many times each SOP Instance UID was stored
+        self.times: collections.Counter[str] = collections.Counter()
 
     def start(self) -> int:
         ae = AE(ae_title=self.ae_title)
@@ -133,6 +136,7 @@ class PynetdicomDestination:
             return self.refuse_status
         raw = event.request.DataSet.getvalue()
         uid = str(event.request.AffectedSOPInstanceUID)
+        self.times[uid] += 1
         if uid in self.received:
             self.duplicates += 1
         else:
