@@ -410,6 +410,40 @@ async def test_reject_abstract_syntaxes(
     assert ac.contexts[0].result == P.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED
 
 
+def with_context_ids(rq: bytes, *ids: int) -> bytes:
+    """`rq` with its presentation context items' IDs replaced by `ids`, in order (our encoder,
+    like pynetdicom's, refuses to write an invalid one)."""
+    raw = bytearray(rq)
+    pos, todo = 74, list(ids)
+    while pos < len(raw):
+        item_type, length = raw[pos], struct.unpack_from(">H", raw, pos + 2)[0]
+        if item_type == 0x20:
+            raw[pos + 4] = todo.pop(0)
+        pos += 4 + length
+    assert not todo
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("ids", [(2,), (0,), (1, 1), (1, 3, 1)])
+async def test_invalid_or_repeated_context_id_is_aborted(
+    h: Harness, autojump_clock: trio.testing.MockClock, ids: tuple[int, ...]
+) -> None:
+    """A context ID must be odd and unique (PS3.8 9.3.2.2); one that is not is an invalid PDU
+    parameter: A-ABORT (service provider, reason 6) and the connection closed, no crash."""
+    contexts = tuple((2 * i + 1, CT, EXPLICIT) for i in range(len(ids)))
+    await h.send(with_context_ids(associate_rq(contexts=contexts), *ids))
+    t, body = await h.read()
+    assert t == P.A_ABORT
+    assert P.decode_abort(body) == (P.ABORT_SOURCE_PROVIDER, P.ABORT_REASON_INVALID_PARAMETER)
+    await h.expect_closed()
+
+
+def test_an_associate_ac_the_encoder_refuses_is_a_pdu_error() -> None:
+    rq = P.decode_associate_rq(with_context_ids(associate_rq(), 2))
+    with pytest.raises(P.PduError, match="context_id"):
+        P.encode_associate_ac(rq, [P.ContextResult(2, P.PC_ACCEPTANCE, EXPLICIT)], 16384)
+
+
 async def test_busy_is_transient_reject(
     tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:

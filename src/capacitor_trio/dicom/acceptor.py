@@ -8,7 +8,9 @@ in its own task. One association is a loop over PDUs read by `Transport` (1 MiB 
   bound is kept by a watchdog task per association (`idle_watchdog`, `transport.overdue`), not by
   a cancel scope per PDU: entering and leaving a scope with a deadline costs ≈ 20 µs here, two
   per small C-STORE.
-- The A-ASSOCIATE-RQ is decoded with pynetdicom's codec. Unknown called AE -> A-ASSOCIATE-RJ
+- The A-ASSOCIATE-RQ is decoded with pynetdicom's codec. A presentation context ID that is not
+  odd (0 included) or is proposed twice -> A-ABORT (invalid PDU parameter value), as is any
+  value of the request that the A-ASSOCIATE-AC cannot echo. Unknown called AE -> A-ASSOCIATE-RJ
   (permanent, called-AE-title-not-recognized); over `max_clients` -> A-ASSOCIATE-RJ (transient,
   local-limit-exceeded). An association stops counting towards `max_clients` once it has sent
   its last PDU (A-RELEASE-RP, A-ASSOCIATE-RJ): the wait for the peer to close holds no slot. Every proposed context gets a result: Verification and every storage SOP
@@ -287,6 +289,7 @@ class _Association:
             raise P.PduError("A-ASSOCIATE-RQ too short")
         rq = P.decode_associate_rq(P.PDU_HEADER.pack(P.A_ASSOCIATE_RQ, 0, len(body)) + bytes(body))
         self.calling_ae, self.called_ae = rq.calling_ae, rq.called_ae
+        P.check_context_ids(rq.contexts)
         if not (body[1] & 0x01):
             log.warning("A-ASSOCIATE-RJ to %s: protocol version not supported", rq.calling_ae)
             await self._reject(P.RJ_PERMANENT, P.RJ_SOURCE_ACSE, 2)

@@ -223,6 +223,19 @@ def decode_associate_rq(pdu_bytes: bytes) -> AssociateRequest:
         raise PduError(f"malformed A-ASSOCIATE-RQ: {exc!r}") from exc
 
 
+def check_context_ids(contexts: Sequence[ProposedContext]) -> None:
+    """Raise PduError unless every presentation context ID is odd, 1-255 and used once
+    (PS3.8 9.3.2.2). pynetdicom decodes any byte there, but refuses to encode such an ID
+    into the A-ASSOCIATE-AC, and every proposed context must be answered."""
+    seen: set[int] = set()
+    for c in contexts:
+        if not (1 <= c.context_id <= 255 and c.context_id % 2):
+            raise PduError(f"presentation context ID {c.context_id} is not an odd integer 1-255")
+        if c.context_id in seen:
+            raise PduError(f"presentation context ID {c.context_id} proposed twice")
+        seen.add(c.context_id)
+
+
 def encode_associate_rq(
     calling_ae: str, called_ae: str, contexts: Sequence[ProposedContext], max_pdu: int
 ) -> bytes:
@@ -240,7 +253,7 @@ def encode_associate_rq(
     return _pdu.A_ASSOCIATE_RQ(prim).encode()
 
 
-def encode_associate_ac(
+def _encode_associate_ac(
     rq: AssociateRequest, results: Sequence[ContextResult], max_pdu: int
 ) -> bytes:
     prim = A_ASSOCIATE()
@@ -257,6 +270,18 @@ def encode_associate_ac(
     prim.user_information = _user_info(max_pdu)
     prim.result = 0
     return _pdu.A_ASSOCIATE_AC(prim).encode()
+
+
+def encode_associate_ac(
+    rq: AssociateRequest, results: Sequence[ContextResult], max_pdu: int
+) -> bytes:
+    """The A-ASSOCIATE-AC answering `rq`. It echoes values of the request (AE titles, context
+    IDs) that pynetdicom's encoder validates: one it refuses is the request's fault, a PduError
+    (answered with an A-ABORT), not a crash of the association."""
+    try:
+        return _encode_associate_ac(rq, results, max_pdu)
+    except Exception as exc:
+        raise PduError(f"cannot answer the A-ASSOCIATE-RQ: {exc!r}") from exc
 
 
 def decode_associate_ac(pdu_bytes: bytes, proposed: Sequence[ProposedContext]) -> AssociateAccept:
