@@ -12,7 +12,7 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 
 from capacitor_trio.dicom import (
     AcceptorConfig,
@@ -30,6 +30,8 @@ from .conftest import DirSink
 
 CONFIG = AcceptorConfig(artim_timeout=30, client_timeout=600, max_pdu_size=65536)
 CT = str(CTImageStorage)
+MR = str(MRImageStorage)
+VERIFICATION = dimse.VERIFICATION_SOP_CLASS
 EXPLICIT = str(ExplicitVRLittleEndian)
 
 
@@ -41,8 +43,8 @@ def associate_rq(
     )
 
 
-def dataset_bytes() -> tuple[str, bytes]:
-    ds = make_dataset(rows=32, columns=32)
+def dataset_bytes(sop_class: str = CT) -> tuple[str, bytes]:
+    ds = make_dataset(rows=32, columns=32, sop_class_uid=sop_class)
     raw = to_part10_bytes(ds)
     return str(ds.SOPInstanceUID), raw[144 + struct.unpack_from("<I", raw, 140)[0] :]
 
@@ -442,6 +444,45 @@ def test_an_associate_ac_the_encoder_refuses_is_a_pdu_error() -> None:
     rq = P.decode_associate_rq(with_context_ids(associate_rq(), 2))
     with pytest.raises(P.PduError, match="context_id"):
         P.encode_associate_ac(rq, [P.ContextResult(2, P.PC_ACCEPTANCE, EXPLICIT)], 16384)
+
+
+@pytest.mark.parametrize(
+    ("sop_class", "ctx"), [(MR, 1), (CT, 3)], ids=["MR on the CT context", "CT on Verification"]
+)
+async def test_a_store_on_a_context_of_another_abstract_syntax_is_refused(
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    sop_class: str,
+    ctx: int,
+) -> None:
+    """The SOP class of a C-STORE must be the abstract syntax of its presentation context, or
+    `reject_abstract_syntaxes` could be bypassed on any accepted context: the data set is
+    drained, nothing written, 0x0122 answered (as pynetdicom does); the association goes on."""
+    config = attrs.evolve(CONFIG, reject_abstract_syntaxes=frozenset({MR}), memory_max_bytes=0)
+    h = Harness(tmp_path, config)
+    nursery.start_soon(h.serve)
+    ac = await h.associate(contexts=((1, CT, EXPLICIT), (3, VERIFICATION, EXPLICIT)))
+    assert [r.result for r in ac.contexts] == [P.PC_ACCEPTANCE, P.PC_ACCEPTANCE]
+    temp_paths: list[Path] = []
+    new_temp_path = h.sink.new_temp_path
+
+    def recorded_temp_path() -> Path:
+        temp_paths.append(new_temp_path())
+        return temp_paths[-1]
+
+    h.sink.new_temp_path = recorded_temp_path  # type: ignore[method-assign]
+    uid, data = dataset_bytes(sop_class)
+    for pdu in store_pdus(uid, data, ctx=ctx, sop_class=sop_class, fragment=1024):
+        await h.send(pdu)
+    rsp = await h.read_command()
+    assert (rsp.status, rsp.affected_sop_instance_uid) == (0x0122, uid)
+    assert temp_paths == [] and h.sink.received == [] and h.sink.leftovers() == []
+    uid, data = dataset_bytes()
+    for pdu in store_pdus(uid, data, msg_id=2):
+        await h.send(pdu)
+    assert (await h.read_command()).status == 0
+    assert [rx.header.sop_instance_uid for rx in h.sink.received] == [uid]
 
 
 async def test_busy_is_transient_reject(

@@ -24,7 +24,11 @@ in its own task. One association is a loop over PDUs read by `Transport` (1 MiB 
   in a worker thread, so other associations keep moving).
   The header is read from the first 64 KiB; then `sink.instance_received` is awaited and only
   then the response is sent: 0x0000, 0xA700 (OutOfResources), 0xC0xx (CannotProcess, unparseable
-  dataset, command/dataset UID mismatch).
+  dataset, command/dataset UID mismatch). A C-STORE whose SOP class is not the abstract syntax
+  of its presentation context (an MR image on a CT context, anything on Verification) is
+  drained, nothing written, and answered 0x0122 (pynetdicom's answer to such a C-STORE on a
+  C-GET association; its listener does not check): else a context accepted for one class
+  would carry one that `reject_abstract_syntaxes` refuses.
 - Whatever ends the association — A-ABORT, a protocol error (we answer A-ABORT), the peer
   vanishing, a timeout, cancellation — the temp file of an unfinished instance is removed.
 """
@@ -470,6 +474,21 @@ class _Association:
         ):
             inc.refusal = (S.STATUS_UNPARSEABLE, "invalid SOP UID in the command")
             log.warning("C-STORE from %s refused: invalid SOP UID in the command", self.calling_ae)
+            return
+        context_syntax = self.contexts[ctx].abstract_syntax
+        if cmd.affected_sop_class_uid != context_syntax:
+            # what the context was negotiated for is what `reject_abstract_syntaxes` decided on
+            inc.refusal = (
+                S.SOP_CLASS_NOT_SUPPORTED,
+                f"SOP class is not the abstract syntax of presentation context {ctx}",
+            )
+            log.warning(
+                "C-STORE from %s refused: SOP class %s sent on presentation context %d (%s)",
+                self.calling_ae,
+                cmd.affected_sop_class_uid,
+                ctx,
+                context_syntax,
+            )
             return
         try:
             self.sink.check_admission()
