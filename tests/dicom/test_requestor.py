@@ -16,6 +16,7 @@ from capacitor_trio.dicom import (
     AcceptorConfig,
     Peer,
     SendOptions,
+    dimse,
     handle_association,
     requestor,
     send_batch,
@@ -473,6 +474,103 @@ async def test_peer_abort_mid_batch(
     assert len(got) == 3 and all(
         isinstance(o, RetryLater) and "aborted" in o.reason for o in got.values()
     )
+
+
+class AcceptingPeer:
+    """A fake peer on an in-memory stream: accepts every context advertising `max_pdu`, answers
+    each C-STORE with success, records (PDU type, body length) of what it reads, and hangs up
+    after `give_up` PDUs (so a sender that never stops makes a test fail, not hang)."""
+
+    def __init__(self, max_pdu: int, give_up: int = 1000) -> None:
+        self.max_pdu, self.give_up = max_pdu, give_up
+        self.seen: list[tuple[int, int]] = []
+
+    async def serve(self, stream: trio.abc.Stream) -> None:
+        t = Transport(stream)
+        kind, body = await t.read_pdu()
+        rq = P.decode_associate_rq(P.PDU_HEADER.pack(kind, 0, len(body)) + bytes(body))
+        results = [P.ContextResult(c.context_id, 0, c.transfer_syntaxes[0]) for c in rq.contexts]
+        await t.send_all(P.encode_associate_ac(rq, results, self.max_pdu))
+        command = bytearray()
+        with contextlib.suppress(PeerClosed):
+            while len(self.seen) < self.give_up:
+                kind, body = await t.read_pdu()
+                self.seen.append((kind, len(body)))
+                if kind == P.A_RELEASE_RQ:
+                    await t.send_all(P.RELEASE_RP_BYTES)
+                if kind != P.P_DATA_TF:
+                    break
+                for ctx, mch, data in P.iter_pdvs(memoryview(body)):
+                    if mch & 0x01:
+                        command += data
+                        if mch & 0x02:
+                            cmd, command = dimse.decode_command(command), bytearray()
+                    elif mch & 0x02:
+                        rsp = dimse.encode_c_store_rsp(
+                            cmd.message_id or 0,
+                            cmd.affected_sop_class_uid or "",
+                            cmd.affected_sop_instance_uid or "",
+                            0,
+                        )
+                        await t.send_all(P.encode_command_pdus(ctx, rsp, 16384))
+        await t.aclose()
+
+    def install(self, monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery) -> None:
+        async def open_stream(host: str, port: int) -> trio.abc.Stream:
+            ours, theirs = trio.testing.memory_stream_pair()
+            nursery.start_soon(self.serve, theirs)
+            return ours
+
+        monkeypatch.setattr(requestor, "_open_stream", open_stream)
+
+
+@pytest.mark.parametrize("peer_max", [1, 6, 1023])
+async def test_a_peer_maximum_pdu_too_small_for_data_ends_the_send_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    peer_max: int,
+) -> None:
+    """A maximum PDU length of 6 or less leaves no room for data (the data set used to be cut
+    into empty fragments for ever); one below MIN_PEER_PDU is refused as well: A-ABORT before any
+    P-DATA, RetryLater for every instance, no time spent."""
+    peer = AcceptingPeer(peer_max)
+    peer.install(monkeypatch, nursery)
+    got, cb = collect()
+    start = trio.current_time()
+    await send_batch(
+        PEER, [outgoing(f) for f in write_corpus(tmp_path / "in", 2)], SendOptions("ROUTER"), cb
+    )
+    assert trio.current_time() == start
+    assert len(got) == 2 and all(
+        isinstance(o, RetryLater) and f"maximum PDU length {peer_max} " in o.reason
+        for o in got.values()
+    )
+    assert peer.seen == [(P.A_ABORT, 4)]
+
+
+@pytest.mark.parametrize(("peer_max", "largest"), [(0, 16384), (1024, 1024)])
+async def test_fragments_follow_the_peer_maximum_pdu_and_ours_when_it_has_none(
+    monkeypatch: pytest.MonkeyPatch,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    peer_max: int,
+    largest: int,
+) -> None:
+    """A peer maximum of 0 means "no maximum" (PS3.8 D.1): PDUs are sized to our own."""
+    peer = AcceptingPeer(peer_max)
+    peer.install(monkeypatch, nursery)
+    got, cb = collect()
+    files = write_corpus(tmp_path / "in", 2, rows=128)
+    await send_batch(
+        PEER, [outgoing(f) for f in files], SendOptions("ROUTER", max_pdu_size=16384), cb
+    )
+    assert got == {0: Delivered(), 1: Delivered()}
+    data_pdus = [n for kind, n in peer.seen if kind == P.P_DATA_TF]
+    assert max(data_pdus) == largest
+    assert peer.seen[-1] == (P.A_RELEASE_RQ, 4)
 
 
 async def test_transient_reject_and_refused_context(

@@ -2,8 +2,9 @@
 
 Theory of operation. `send_batch` opens one association for a batch, proposing one presentation
 context per (SOP class, stored transfer syntax) pair. Each C-STORE streams the spool file's
-dataset bytes (everything after the file meta) in P-DATA-TF PDUs sized to the peer's maximum,
-with the command set in front of the first fragment so a small instance is one `send`. Exactly
+dataset bytes (everything after the file meta) in P-DATA-TF PDUs sized to the peer's maximum
+(ours when it has none; one below `MIN_PEER_PDU` fails the association), with the command set
+in front of the first fragment so a small instance is one `send`. Exactly
 one task reads from the peer (`_reader`): responses are matched by message ID, an A-ABORT or a
 broken connection fails the association at once, so no response can be lost in a race.
 
@@ -46,6 +47,11 @@ LINE_SPEED_WINDOW = 10.0
 DEFAULT_FRAGMENT = 1 << 20
 MAX_FRAGMENT = 4 << 20
 ABORT_GRACE = 1.0
+#: the smallest maximum PDU length of a peer we send to (0, "no maximum", aside). A P-DATA-TF
+#: needs 7 bytes to carry one byte of data; DCMTK, dicom-rs and most toolkits refuse to be set
+#: below 4096, so a peer that advertises less than this is misconfigured or hostile, and each
+#: image would be cut into thousands of PDUs
+MIN_PEER_PDU = 1024
 _MAX_CONTEXTS = 128
 
 
@@ -350,9 +356,7 @@ class _Session:
                     P.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED: "transfer syntax not supported",
                 }.get(r.result if r is not None else -1, "no reason given")
                 refused[pair] = why
-        peer_max = accept.max_pdu
-        ours = min(MAX_FRAGMENT, self.options.max_pdu_size)
-        fragment = min(peer_max, ours) if peer_max else min(DEFAULT_FRAGMENT, ours)
+        fragment = _fragment_size(accept.max_pdu, self.options.max_pdu_size)
         send_rsp, recv_rsp = trio.open_memory_channel[dimse.Command](4)
         self.responses = recv_rsp
         async with trio.open_nursery() as nursery:
@@ -602,6 +606,24 @@ class _Session:
             # start a new window
             self.send_seconds -= seconds
             self.send_bytes -= sent
+
+
+def _fragment_size(peer_max: int, our_max: int) -> int:
+    """The P-DATA-TF length (its variable field) to send in, within the peer's maximum and ours.
+    A peer maximum of 0 means "no maximum" (PS3.8 D.1): ours then, at most DEFAULT_FRAGMENT. One
+    below MIN_PEER_PDU fails the association (RetryLater, after an A-ABORT): 6 or less leaves no
+    room for data at all, and cutting the data set into empty fragments never ended."""
+    ours = min(MAX_FRAGMENT, our_max)
+    if not peer_max:
+        return min(DEFAULT_FRAGMENT, ours)
+    if peer_max < MIN_PEER_PDU:
+        raise _Failed(
+            RetryLater(
+                f"peer's maximum PDU length {peer_max} is below the {MIN_PEER_PDU} bytes "
+                "we send in at the least"
+            )
+        )
+    return min(peer_max, ours)
 
 
 async def send_batch(
