@@ -614,20 +614,42 @@ async def test_response_waits_for_durable_queue(
     assert (await h.read_command()).status == 0
 
 
-async def test_cancellation_removes_partial_file(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+@pytest.mark.parametrize("mid_dataset", [False, True])
+async def test_cancellation_aborts_the_association_and_removes_partial_file(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, mid_dataset: bool
 ) -> None:
+    """Router shutdown with an association open: the peer reads an A-ABORT (service user), then
+    the close, not a bare close; the temporary file of an unfinished instance is removed."""
     h = Harness(tmp_path, attrs.evolve(CONFIG, memory_max_bytes=0))  # a temporary file
     uid, data = dataset_bytes()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(h.serve)
         await h.associate()
-        for pdu in store_pdus(uid, data, fragment=1024)[:3]:
-            await h.send(pdu)
+        if mid_dataset:
+            for pdu in store_pdus(uid, data, fragment=1024)[:3]:
+                await h.send(pdu)
         await trio.testing.wait_all_tasks_blocked()
-        assert h.sink.leftovers()
+        assert len(h.sink.leftovers()) == mid_dataset
         nursery.cancel_scope.cancel()
+    t, body = await h.read()
+    assert t == P.A_ABORT
+    assert P.decode_abort(body) == (P.ABORT_SOURCE_USER, P.ABORT_REASON_NOT_SPECIFIED)
+    await h.expect_closed()
     assert h.sink.leftovers() == []
+
+
+async def test_cancellation_after_release_only_closes(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Once the A-RELEASE-RP has gone out there is no association left to abort."""
+    h = Harness(tmp_path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.serve)
+        await h.associate()
+        await h.send(P.RELEASE_RQ_BYTES)
+        assert (await h.read())[0] == P.A_RELEASE_RP
+        nursery.cancel_scope.cancel()  # while the acceptor waits (ARTIM) for us to close
+    await h.expect_closed()
 
 
 # ---------------------------------------------------------------------------- fuzz

@@ -30,7 +30,8 @@ in its own task. One association is a loop over PDUs read by `Transport` (1 MiB 
   C-GET association; its listener does not check): else a context accepted for one class
   would carry one that `reject_abstract_syntaxes` refuses.
 - Whatever ends the association — A-ABORT, a protocol error (we answer A-ABORT), the peer
-  vanishing, a timeout, cancellation — the temp file of an unfinished instance is removed.
+  vanishing, a timeout, cancellation (we send A-ABORT, shielded and bounded, unless our last
+  PDU had gone out) — the temp file of an unfinished instance is removed.
 """
 
 from __future__ import annotations
@@ -223,6 +224,8 @@ class _Association:
         #: called as our last PDU (A-RELEASE-RP, A-ASSOCIATE-RJ) goes out: what is left is the
         #: wait for the peer to close, which must not hold a `max_clients` slot
         self._on_over = on_over
+        #: our last PDU (A-RELEASE-RP, A-ASSOCIATE-RJ) has gone out: nothing is left to abort
+        self._over = False
         self.calling_ae = ""
         self.called_ae = ""
         self.contexts: dict[int, P.ContextResult] = {}
@@ -252,6 +255,7 @@ class _Association:
     async def _last_pdu(self, data: bytes) -> None:
         """Send our last PDU, then wait (ARTIM) for the peer to close the transport. The slot is
         given back first, so a peer that connects again as soon as it reads the PDU finds it."""
+        self._over = True
         if self._on_over is not None:
             self._on_over()
         await self.t.send_all(data)
@@ -284,6 +288,12 @@ class _Association:
         except _Abort as exc:
             log.warning("DICOM association from %s: aborting: %s", self.calling_ae or "?", exc)
             await self._send_abort(exc.reason)
+        except trio.Cancelled:
+            # router shutdown: an A-ABORT tells the peer at once that what it has not seen
+            # answered must be sent again (a bare close looks like a network fault)
+            if not self._over:
+                await self._send_abort(P.ABORT_REASON_NOT_SPECIFIED, P.ABORT_SOURCE_USER)
+            raise
 
     async def _reject(self, result: int, source: int, reason: int) -> None:
         await self._last_pdu(P.encode_associate_rj(result, source, reason))
