@@ -479,10 +479,11 @@ async def test_peer_abort_mid_batch(
 class AcceptingPeer:
     """A fake peer on an in-memory stream: accepts every context advertising `max_pdu`, answers
     each C-STORE with success, records (PDU type, body length) of what it reads, and hangs up
-    after `give_up` PDUs (so a sender that never stops makes a test fail, not hang)."""
+    after `give_up` PDUs (so a sender that never stops makes a test fail, not hang). It sends
+    `after_accept` right after its A-ASSOCIATE-AC."""
 
-    def __init__(self, max_pdu: int, give_up: int = 1000) -> None:
-        self.max_pdu, self.give_up = max_pdu, give_up
+    def __init__(self, max_pdu: int, give_up: int = 1000, after_accept: bytes = b"") -> None:
+        self.max_pdu, self.give_up, self.after_accept = max_pdu, give_up, after_accept
         self.seen: list[tuple[int, int]] = []
 
     async def serve(self, stream: trio.abc.Stream) -> None:
@@ -490,7 +491,7 @@ class AcceptingPeer:
         kind, body = await t.read_pdu()
         rq = P.decode_associate_rq(P.PDU_HEADER.pack(kind, 0, len(body)) + bytes(body))
         results = [P.ContextResult(c.context_id, 0, c.transfer_syntaxes[0]) for c in rq.contexts]
-        await t.send_all(P.encode_associate_ac(rq, results, self.max_pdu))
+        await t.send_all(P.encode_associate_ac(rq, results, self.max_pdu) + self.after_accept)
         command = bytearray()
         with contextlib.suppress(PeerClosed):
             while len(self.seen) < self.give_up:
@@ -571,6 +572,46 @@ async def test_fragments_follow_the_peer_maximum_pdu_and_ours_when_it_has_none(
     data_pdus = [n for kind, n in peer.seen if kind == P.P_DATA_TF]
     assert max(data_pdus) == largest
     assert peer.seen[-1] == (P.A_RELEASE_RQ, 4)
+
+
+#: a P-DATA-TF header whose length field claims 100 MB (no body follows)
+HUGE_PDU_HEADER = P.PDU_HEADER.pack(P.P_DATA_TF, 0, 100_000_000)
+
+
+async def test_a_pdu_longer_than_our_maximum_aborts_the_send(
+    monkeypatch: pytest.MonkeyPatch,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A PDU length far beyond the maximum we advertised is a protocol error, not a buffer of
+    that size to fill: A-ABORT and RetryLater at once (it used to wait for the bytes until the
+    DIMSE timeout)."""
+    peer = AcceptingPeer(16384, after_accept=HUGE_PDU_HEADER)
+    peer.install(monkeypatch, nursery)
+    got, cb = collect()
+    start = trio.current_time()
+    await send_batch(
+        PEER, [outgoing(f) for f in write_corpus(tmp_path / "in", 2)], SendOptions("ROUTER"), cb
+    )
+    assert trio.current_time() == start
+    assert len(got) == 2 and all(
+        isinstance(o, RetryLater) and "protocol error" in o.reason and "exceeds" in o.reason
+        for o in got.values()
+    )
+    assert peer.seen[-1] == (P.A_ABORT, 4)
+
+
+async def test_an_echo_reply_longer_than_our_maximum_aborts_the_echo(
+    monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    peer = AcceptingPeer(16384, after_accept=HUGE_PDU_HEADER)
+    peer.install(monkeypatch, nursery)
+    start = trio.current_time()
+    result = await requestor.echo(PEER, "ROUTER", timeout=10)
+    assert trio.current_time() == start
+    assert not result.success and "exceeds" in (result.error or "")
+    assert peer.seen[-1] == (P.A_ABORT, 4)
 
 
 async def test_transient_reject_and_refused_context(

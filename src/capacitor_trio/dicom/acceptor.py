@@ -56,7 +56,7 @@ from . import dimse
 from . import pdu as P
 from . import status as S
 from .part10 import HeaderError, file_meta_bytes, parse_header, parse_header_file
-from .transport import PeerClosed, Transport, overdue
+from .transport import PeerClosed, Transport, overdue, read_limit
 
 log = logging.getLogger("capacitor_trio.dicom")
 
@@ -384,8 +384,7 @@ class _Association:
         read completed although the watchdog had cancelled the scope meanwhile (it arrived as
         the timeout fell due): `_serve` handles that one outside the cancelled scope, as a
         cancel scope per read let such a PDU through, and starts the loop again."""
-        # Tolerate peers that overshoot our maximum (some count it differently); bound memory.
-        limit = 2 * max(self.config.max_pdu_size, 65536) if self.config.max_pdu_size else 64 << 20
+        limit = read_limit(self.config.max_pdu_size)
         assert self._idle_scope is not None
         while True:
             # only this wait is bounded by client_timeout (idle_watchdog cancels it)

@@ -36,7 +36,7 @@ from . import dimse
 from . import pdu as P
 from .part10 import EXPLICIT_VR_LE, IMPLICIT_VR_LE, HeaderError, read_meta
 from .status import store_status_outcome
-from .transport import PeerClosed, Transport, overdue
+from .transport import PeerClosed, Transport, overdue, read_limit
 
 log = logging.getLogger("capacitor_trio.dicom")
 
@@ -53,6 +53,8 @@ ABORT_GRACE = 1.0
 #: image would be cut into thousands of PDUs
 MIN_PEER_PDU = 1024
 _MAX_CONTEXTS = 128
+#: the maximum PDU length `echo` proposes (its replies are a few hundred bytes)
+_ECHO_MAX_PDU = 65536
 
 
 @attrs.frozen
@@ -508,9 +510,10 @@ class _Session:
     async def _reader(self, send_rsp: trio.MemorySendChannel[dimse.Command]) -> None:
         assert self.t is not None
         fragments: bytearray | None = None
+        limit = read_limit(self.options.max_pdu_size)
         try:
             while True:
-                pdu_type, body = await self.t.read_pdu(0)
+                pdu_type, body = await self.t.read_pdu(limit)
                 if pdu_type == P.P_DATA_TF:
                     with memoryview(body) as mv:
                         for _ctx, mch, data in P.iter_pdvs(mv):
@@ -661,7 +664,7 @@ async def echo(peer: Peer, calling_ae: str, *, timeout: float = 10.0) -> EchoRes
                 ctx = P.ProposedContext(
                     1, dimse.VERIFICATION_SOP_CLASS, (IMPLICIT_VR_LE, EXPLICIT_VR_LE)
                 )
-                accept = await _associate(t, peer, calling_ae, [ctx], 65536, timeout)
+                accept = await _associate(t, peer, calling_ae, [ctx], _ECHO_MAX_PDU, timeout)
                 if not any(r.result == P.PC_ACCEPTANCE for r in accept.contexts):
                     await _send_abort(t)
                     return EchoResult(False, None, "verification presentation context refused")
@@ -671,7 +674,7 @@ async def echo(peer: Peer, calling_ae: str, *, timeout: float = 10.0) -> EchoRes
                 status: int | None = None
                 buf = bytearray()
                 while status is None:
-                    pdu_type, body = await t.read_pdu(0)
+                    pdu_type, body = await t.read_pdu(read_limit(_ECHO_MAX_PDU))
                     if pdu_type != P.P_DATA_TF:
                         return EchoResult(
                             False, None, f"unexpected PDU 0x{pdu_type:02X} in reply to C-ECHO"
@@ -686,7 +689,7 @@ async def echo(peer: Peer, calling_ae: str, *, timeout: float = 10.0) -> EchoRes
                 latency = (trio.current_time() - start) * 1000
                 await t.send_all(P.RELEASE_RQ_BYTES)
                 with trio.move_on_after(min(timeout, 2.0)):
-                    await t.read_pdu(0)
+                    await t.read_pdu(read_limit(_ECHO_MAX_PDU))
                 if status != 0:
                     return EchoResult(False, latency, f"C-ECHO status 0x{status:04X}")
                 return EchoResult(True, latency, None)
@@ -694,7 +697,11 @@ async def echo(peer: Peer, calling_ae: str, *, timeout: float = 10.0) -> EchoRes
                 if t is not None and f.abort:
                     await _send_abort(t)
                 return EchoResult(False, None, getattr(f.outcome, "reason", str(f.outcome)))
-            except (PeerClosed, P.PduError, dimse.CommandDecodeError) as exc:
+            except PeerClosed as exc:
+                return EchoResult(False, None, f"echo failed: {exc}")
+            except (P.PduError, dimse.CommandDecodeError) as exc:
+                if t is not None:
+                    await _send_abort(t)
                 return EchoResult(False, None, f"echo failed: {exc}")
     except trio.TooSlowError:
         if t is not None:

@@ -58,6 +58,14 @@ async def overdue(started: Callable[[], float | None], limit: float) -> float:
             await trio.sleep_until(since + limit)
 
 
+def read_limit(max_pdu: int) -> int:
+    """The longest PDU body to read from a peer that we told our maximum PDU length `max_pdu`
+    (0: none). Some peers overshoot it (they count the header in, or not), so twice that, at
+    least 128 KiB; 64 MiB when we set none. A longer length field is a protocol error: reading
+    it would allocate whatever the peer claims, up to 4 GiB."""
+    return 2 * max(max_pdu, 65536) if max_pdu else 64 << 20
+
+
 def tune_socket(sock: trio.socket.SocketType) -> None:
     """TCP_NODELAY on, QUICKACK on (Linux), generous buffers."""
     try:
