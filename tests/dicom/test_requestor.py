@@ -685,8 +685,12 @@ async def test_empty_batch_does_nothing() -> None:
         (0xB000, Delivered),
         (0xB006, Delivered),
         (0xB007, Delivered),
+        (0x0001, Delivered),
+        (0x0107, Delivered),
+        (0x0116, Delivered),
         (0xA700, RetryLater),
         (0xA7FF, RetryLater),
+        (0x0213, RetryLater),
         (0xA900, Rejected),
         (0xC000, Rejected),
         (0xC211, Rejected),
@@ -695,9 +699,11 @@ async def test_empty_batch_does_nothing() -> None:
     ],
 )
 def test_status_mapping(status: int, kind: type) -> None:
+    """Warnings (0xB000, 0xB006, 0xB007 and PS3.7's 0x0001, 0x0107, 0x0116) mean the instance
+    was stored; 0x0213 (resource limitation) is a failure, but one worth retrying."""
     outcome = store_status_outcome(status)
     assert isinstance(outcome, kind)
-    if status in (0xB000, 0xB006, 0xB007):
+    if status in (0xB000, 0xB006, 0xB007, 0x0001, 0x0107, 0x0116):
         assert f"0x{status:04X}" in outcome.warning
 
 

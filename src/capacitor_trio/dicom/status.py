@@ -19,7 +19,13 @@ STATUS_CANNOT_PROCESS = 0xC001
 STATUS_UNPARSEABLE = 0xC210
 STATUS_UID_MISMATCH = 0xC211
 
+RESOURCE_LIMITATION = 0x0213
+
+#: warnings: the instance was stored (PS3.4 B.2.3 for 0xBxxx, PS3.7 C for the general ones)
 _WARNINGS = {
+    0x0001: "requested optional attributes are not supported",
+    0x0107: "attribute list error",
+    0x0116: "attribute value out of range",
     0xB000: "coercion of data elements",
     0xB006: "elements discarded",
     0xB007: "data set does not match SOP class",
@@ -43,6 +49,9 @@ def store_status_outcome(status: int, error_comment: str | None = None) -> Outco
         return Rejected(f"cannot understand (0x{status:04X}){detail}")
     if status == SOP_CLASS_NOT_SUPPORTED:
         return Rejected(f"SOP class not supported (0x0122){detail}")
+    if status == RESOURCE_LIMITATION:
+        # a failure by class, but a transient one (the peer is short of memory, disk…)
+        return RetryLater(f"resource limitation (0x0213){detail}")
     if status == 0xFE00:
         return RetryLater(f"cancelled by peer (0xFE00){detail}")
     if 0xB000 <= status <= 0xBFFF:
