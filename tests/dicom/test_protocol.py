@@ -10,7 +10,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage
 
@@ -661,11 +661,31 @@ def _valid_stream() -> bytes:
 
 
 VALID = _valid_stream()
+#: where VALID holds the ID of its (one) presentation context
+CONTEXT_ID_AT = next(
+    i
+    for i, (a, b) in enumerate(zip(VALID, with_context_ids(associate_rq(), 2), strict=False))
+    if a != b
+)
 
 
-async def _fuzz_once(raw: bytes, tmp: Path) -> list[int]:
-    h = Harness(tmp, AcceptorConfig(artim_timeout=5, client_timeout=10, max_pdu_size=65536))
+async def _fuzz_once(raw: bytes, tmp: Path, memory_max: int) -> tuple[list[int], int]:
+    """(PDU types answered, temporary files made) for the session `raw`; asserts that none of
+    those files is left behind."""
+    config = AcceptorConfig(
+        artim_timeout=5, client_timeout=10, max_pdu_size=65536, memory_max_bytes=memory_max
+    )
+    h = Harness(tmp, config)
     answers: list[int] = []
+    temp_files = 0
+    new_temp_path = h.sink.new_temp_path
+
+    def counted_temp_path() -> Path:
+        nonlocal temp_files
+        temp_files += 1
+        return new_temp_path()
+
+    h.sink.new_temp_path = counted_temp_path  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(h.serve)
         await h.send(raw)
@@ -678,20 +698,34 @@ async def _fuzz_once(raw: bytes, tmp: Path) -> list[int]:
                 pass
             await h.done.wait()
     assert h.sink.leftovers() == []
-    return answers
+    return answers, temp_files
 
 
-def _run_fuzz(raw: bytes) -> list[int]:
+def _run_fuzz(raw: bytes, memory_max: int = 0) -> tuple[list[int], int]:
+    """Every data set goes to a temporary file unless `memory_max` says otherwise, so that
+    "never leaves a file" is tested."""
     with tempfile.TemporaryDirectory() as d:
         return trio.run(
-            _fuzz_once, raw, Path(d), clock=trio.testing.MockClock(autojump_threshold=0)
+            _fuzz_once,
+            raw,
+            Path(d),
+            memory_max,
+            clock=trio.testing.MockClock(autojump_threshold=0),
         )
+
+
+def test_the_fuzzed_session_goes_through_a_temporary_file() -> None:
+    assert _run_fuzz(VALID) == ([P.A_ASSOCIATE_AC, P.P_DATA_TF, P.A_RELEASE_RP], 1)
+    assert _run_fuzz(VALID, CONFIG.memory_max_bytes) == (
+        [P.A_ASSOCIATE_AC, P.P_DATA_TF, P.A_RELEASE_RP],
+        0,
+    )
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(min_size=1, max_size=600))
 def test_fuzz_random_bytes(raw: bytes) -> None:
-    answers = _run_fuzz(raw)
+    answers, _ = _run_fuzz(raw)
     assert set(answers) <= {P.A_ABORT, P.A_ASSOCIATE_RJ}
 
 
@@ -701,12 +735,15 @@ def test_fuzz_random_bytes(raw: bytes) -> None:
         st.tuples(st.integers(0, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=6
     ),
     st.integers(0, len(VALID)),
+    st.booleans(),
 )
-def test_fuzz_mutated_session(mutations: list[tuple[int, int]], cut: int) -> None:
+@example(mutations=[(CONTEXT_ID_AT, 2)], cut=0, in_memory=False)
+def test_fuzz_mutated_session(mutations: list[tuple[int, int]], cut: int, in_memory: bool) -> None:
     raw = bytearray(VALID)
     for pos, value in mutations:
         raw[pos] = value
-    answers = _run_fuzz(bytes(raw[:cut]) if cut else bytes(raw))
+    memory_max = CONFIG.memory_max_bytes if in_memory else 0
+    answers, _ = _run_fuzz(bytes(raw[:cut]) if cut else bytes(raw), memory_max)
     if answers and answers[0] != P.A_ASSOCIATE_AC:
         assert set(answers) <= {P.A_ABORT, P.A_ASSOCIATE_RJ}
     assert set(answers) <= {
