@@ -257,6 +257,20 @@ async def test_process_delay_groups_a_study_with_adaptive_window(make_world: Any
     assert w.sender.times == [7.0, 9.0, 114.5]
 
 
+async def test_process_delay_sends_a_quiet_study_behind_a_busier_older_one(
+    make_world: Any, autojump_clock: Any
+) -> None:
+    w = await make_world((Node("PACS", process_delay=5000),), process_delay_window_multiplier=0)
+    w.add(study="A", series="A1")
+    await trio.sleep(0.1)
+    quiet = w.add(study="B", series="B1")
+    for _ in range(4):  # study A keeps receiving (committed without waking the node)
+        await trio.sleep(4.9)
+        w.store.add(study="A", series="A1")
+    await trio.sleep(20)
+    assert w.sender.sends[0].sops == [quiet.sop_instance_uid] and w.sender.times[0] == 5.1
+
+
 async def test_process_delay_window_multiplier_zero_turns_the_window_off(
     make_world: Any, autojump_clock: Any
 ) -> None:

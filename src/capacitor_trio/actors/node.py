@@ -75,6 +75,9 @@ log = logging.getLogger("capacitor_trio.node")
 
 #: Largest batch when BatchSize is 0 ("one series per association").
 SERIES_BATCH_CAP = 1000
+#: ProcessDelay: the next look is planned from the studies of this many of the oldest waiting
+#: items (a bounded query), so a quiet study behind a busier older one goes when it is quiet
+STUDY_LOOKAHEAD = 100
 #: How long recording a batch's outcomes may take when shielded from cancellation.
 RECORD_GRACE = 30.0
 #: How long an open association waits for new items once everything sent has been answered.
@@ -382,14 +385,18 @@ class NodeActor:
         return next_change if wake_at is None else min(wake_at, next_change)
 
     async def _study_quiet_at(self, now: float, delay: float) -> float:
-        """When the oldest waiting item's study will have been quiet for `delay` seconds."""
+        """When the first of the waiting studies will have been quiet for `delay` seconds (the
+        studies of the oldest STUDY_LOOKAHEAD waiting items)."""
         store = self.ctx.store
         f = ItemFilter(destination=self.node.ae_title, role=self.node.role, state="prepared")
-        items, _total = await store.list_items(f, limit=1)
+        items, _total = await store.list_items(f, limit=STUDY_LOOKAHEAD)
         if not items:
             return now + delay
-        last = await store.study_last_arrival(self.handle.destination, items[0].study_instance_uid)
-        return max(now, (last if last is not None else now) + delay)
+        quiet_at = []
+        for study in dict.fromkeys(i.study_instance_uid for i in items):
+            last = await store.study_last_arrival(self.handle.destination, study)
+            quiet_at.append((last if last is not None else now) + delay)
+        return max(now, min(quiet_at))
 
     def _may_continue(self) -> bool:
         """May an open association take more items (the gates `step` checks, minus the wait)?"""
