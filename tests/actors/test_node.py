@@ -176,6 +176,21 @@ async def test_rejected_is_not_retried(make_world: Any, autojump_clock: Any) -> 
     assert w.store.states() == {bad.id: "rejected"}
 
 
+async def test_a_refused_association_rejects_one_batch_per_backoff(make_world: Any, autojump_clock: Any) -> None:
+    """A permanent A-ASSOCIATE-RJ (the destination does not know our AE title) rejects the
+    batch's items, and the node backs off as for an unreachable destination: an operator who
+    fixes the destination finds the rest of the queue still waiting, not all rejected."""
+    refused = Rejected("A-ASSOCIATE-RJ permanent: calling AE title not recognized", association=True)
+    w = await make_world((Node("PACS", batch_size=2),), sender=FakeSender(lambda _i: refused))
+    for n in range(10):
+        w.store.add(series=f"s{n}")
+    w.sup.wake_all()
+    await trio.sleep(100)
+    assert w.sender.times == [0.0, 30.0, 90.0]
+    assert sorted(w.store.states().values()) == ["prepared"] * 4 + ["rejected"] * 6
+    assert (await w.handle.call(GetStatus())).activity == "backing-off"
+
+
 async def test_operator_actions_that_put_items_back_to_new_ask_the_preparer(make_world: Any, autojump_clock: Any) -> None:
     asked: list[float] = []
     w = await make_world(

@@ -614,19 +614,23 @@ async def test_an_echo_reply_longer_than_our_maximum_aborts_the_echo(
     assert peer.seen[-1] == (P.A_ABORT, 4)
 
 
-async def test_transient_reject_and_refused_context(
+@pytest.mark.parametrize("result", [2, 1], ids=["transient", "permanent"])
+async def test_association_reject(
+    result: int,
     monkeypatch: pytest.MonkeyPatch,
     nursery: trio.Nursery,
     tmp_path: Path,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    """A transient reject is retried; a permanent one rejects the items, marked as refused with
+    the association (the node then backs off)."""
     async def open_stream(host: str, port: int) -> trio.abc.Stream:
         ours, theirs = trio.testing.memory_stream_pair()
 
         async def peer() -> None:
             t = Transport(theirs)
             await t.read_pdu()
-            await t.send_all(P.encode_associate_rj(2, 3, 1))
+            await t.send_all(P.encode_associate_rj(result, 3, 1))
             with contextlib.suppress(PeerClosed):
                 await t.read_pdu()
 
@@ -638,7 +642,11 @@ async def test_transient_reject_and_refused_context(
     await send_batch(
         PEER, [outgoing(f) for f in write_corpus(tmp_path / "in", 2)], SendOptions("ROUTER"), cb
     )
-    assert all(isinstance(o, RetryLater) and "transient" in o.reason for o in got.values())
+    if result == 2:
+        assert all(isinstance(o, RetryLater) and "transient" in o.reason for o in got.values())
+    else:
+        assert all(isinstance(o, Rejected) and o.association for o in got.values())
+        assert len(got) == 2
 
 
 async def test_rejected_context_for_sop_class(

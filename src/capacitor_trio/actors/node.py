@@ -559,8 +559,10 @@ class NodeActor:
             state.backoff_until = 0.0
             for item in delivered:
                 state.recent_studies[item.study_instance_uid] = now
-        if failed and not delivered:
-            # the destination is unreachable or out of resources: the whole node backs off
+        refused = any(isinstance(o, Rejected) and o.association for _, o in batch)
+        if (failed or refused) and not delivered:
+            # the destination is unreachable, out of resources, or refuses to talk to us at all
+            # (its items are rejected, one batch per backoff): the whole node backs off
             state.consecutive_failures += 1
             state.backoff_until = now + retry_delay(
                 state.consecutive_failures, base=ctx.config.retry_delay_seconds,

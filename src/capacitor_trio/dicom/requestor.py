@@ -155,7 +155,9 @@ async def _associate(
     if pdu_type == P.A_ASSOCIATE_RJ:
         rj = P.decode_associate_rj(body)
         log.warning("%s by %s (%s:%s)", rj.describe(), peer.ae_title, peer.host, peer.port)
-        outcome: Outcome = Rejected(rj.describe()) if rj.permanent else RetryLater(rj.describe())
+        outcome: Outcome = (
+            Rejected(rj.describe(), association=True) if rj.permanent else RetryLater(rj.describe())
+        )
         raise _Failed(outcome, abort=False)
     if pdu_type == P.A_ABORT:
         raise _Failed(RetryLater("association aborted by peer during negotiation"), abort=False)

@@ -21,6 +21,10 @@ class Rejected:
     """The destination will keep refusing this instance: no automatic retry."""
 
     reason: str
+    #: refused with the whole association (a permanent A-ASSOCIATE-RJ: the destination does not
+    #: know our AE title, say): the node backs off as for an unreachable destination, so that
+    #: one batch per backoff is rejected, not its whole queue at once
+    association: bool = False
 
 
 @attrs.frozen
