@@ -5,7 +5,8 @@ scripted fake peer on our own acceptor, plus a healthy node.
 |----------|--------------------------------------------------|-----------------------------------|
 | REFUSE   | rejects every association (transient, busy)      | items stay queued (failed), the   |
 |          |                                                  | node backs off: few connections   |
-| REJECTAE | rejects every association (permanent)            | every item rejected               |
+| REJECTAE | rejects every association (permanent)            | every item rejected, one batch    |
+|          |                                                  | per backoff                       |
 | BUSY     | answers 0xA700 to the first images, then accepts | everything delivered (retried)    |
 | C000     | answers 0xC001 (cannot understand) to MR images  | MR rejected, CT delivered         |
 | ABORT    | aborts twice in the middle of a data set         | everything delivered (retried)    |
