@@ -376,6 +376,90 @@ async def test_unknown_called_ae(h: Harness, autojump_clock: trio.testing.MockCl
     assert P.decode_associate_rj(body) == P.AssociateReject(1, 1, 7)
 
 
+def with_protocol_version(rq: bytes, version: int) -> bytes:
+    """`rq` with its protocol-version field (the two bytes after the PDU header) set."""
+    return rq[:6] + struct.pack(">H", version) + rq[8:]
+
+
+def with_application_context(rq: bytes, uid: str) -> bytes:
+    """`rq` with its application context item (the first item, at offset 74) naming `uid`, the
+    item and PDU lengths adjusted (our encoder, like pynetdicom's, always writes the DICOM one)."""
+    assert rq[74] == 0x10
+    end = 74 + 4 + struct.unpack_from(">H", rq, 76)[0]
+    body = rq[6:74] + struct.pack(">BxH", 0x10, len(uid)) + uid.encode() + rq[end:]
+    return P.PDU_HEADER.pack(P.A_ASSOCIATE_RQ, 0, len(body)) + body
+
+
+#: (reserved, result, source, reason) of the A-ASSOCIATE-RJ bodies `_negotiate` sends
+RJ_PROTOCOL_VERSION = bytes((0, P.RJ_PERMANENT, P.RJ_SOURCE_ACSE, 2))
+RJ_APPLICATION_CONTEXT = bytes((0, P.RJ_PERMANENT, P.RJ_SOURCE_USER, 2))
+RJ_CALLED_AE = bytes((0, P.RJ_PERMANENT, P.RJ_SOURCE_USER, P.RJ_REASON_CALLED_AE_NOT_RECOGNIZED))
+
+
+@pytest.mark.parametrize(
+    ("rq", "answer"),
+    [
+        (with_protocol_version(associate_rq(), 0x0002), RJ_PROTOCOL_VERSION),
+        (with_protocol_version(associate_rq(), 0x0000), RJ_PROTOCOL_VERSION),
+        (with_protocol_version(associate_rq(), 0x8000), RJ_PROTOCOL_VERSION),
+        (with_protocol_version(associate_rq(), 0x0003), None),  # bit 0 set: version 1 spoken
+        (with_application_context(associate_rq(), "1.2.840.10008.3.1.1.2"), RJ_APPLICATION_CONTEXT),
+        (with_application_context(associate_rq(), "1.2.3.4"), RJ_APPLICATION_CONTEXT),
+        (with_application_context(associate_rq(), P.APPLICATION_CONTEXT), None),
+    ],
+    ids=[
+        "version 2",
+        "version 0",
+        "version 0x8000",
+        "version 3 accepted",
+        "context ...3.1.1.2",
+        "context 1.2.3.4",
+        "context rebuilt accepted",
+    ],
+)
+async def test_protocol_version_and_application_context_rejects(
+    h: Harness, autojump_clock: trio.testing.MockClock, rq: bytes, answer: bytes | None
+) -> None:
+    """PS3.8 9.3.2: a protocol version without bit 0 (version 1) -> A-ASSOCIATE-RJ permanent,
+    source ACSE (2), reason 2 (protocol version not supported); an application context name
+    other than DICOM's -> permanent, source service user (1), reason 2 (application context
+    name not supported). The exact bytes on the wire, A-ASSOCIATE-RJ header included."""
+    await h.send(rq)
+    t, body = await h.read()
+    if answer is None:
+        assert t == P.A_ASSOCIATE_AC
+        return
+    assert P.PDU_HEADER.pack(t, 0, len(body)) + body == b"\x03\x00\x00\x00\x00\x04" + answer
+    assert h.sink.received == []
+    await h.client_stream.aclose()
+    await h.done.wait()
+
+
+@pytest.mark.parametrize(
+    ("rq", "answer"),
+    [
+        (with_protocol_version(associate_rq(), 0x0002), RJ_PROTOCOL_VERSION),
+        (with_application_context(associate_rq(), "1.2.3.4"), RJ_APPLICATION_CONTEXT),
+        (associate_rq(called="NOBODY"), RJ_CALLED_AE),
+    ],
+    ids=["protocol version", "application context", "called AE"],
+)
+async def test_artim_closes_the_connection_after_a_reject_the_peer_does_not_close(
+    h: Harness, autojump_clock: trio.testing.MockClock, rq: bytes, answer: bytes
+) -> None:
+    """After its A-ASSOCIATE-RJ the acceptor waits ARTIM (30 s here), counted from the reject,
+    for the peer to close; a peer that never does is cut off then."""
+    await trio.sleep(10)  # the A-ASSOCIATE-RQ comes well within its own ARTIM
+    await h.send(rq)
+    t, body = await h.read()
+    assert (t, body) == (P.A_ASSOCIATE_RJ, answer)
+    rejected = trio.current_time()
+    assert rejected == 10.0
+    with trio.fail_after(1000):  # not closed at all: fail in virtual time, not at pytest-timeout
+        await h.expect_closed()  # we never close our end
+    assert h.finished_at == trio.current_time() == rejected + 30.0
+
+
 async def test_contexts_negotiated(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
     ac = await h.associate(
         contexts=(
