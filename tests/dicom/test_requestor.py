@@ -478,18 +478,26 @@ async def test_peer_abort_mid_batch(
 
 class AcceptingPeer:
     """A fake peer on an in-memory stream: accepts every context advertising `max_pdu`, answers
-    each C-STORE with success, records (PDU type, body length) of what it reads, and hangs up
-    after `give_up` PDUs (so a sender that never stops makes a test fail, not hang). It sends
-    `after_accept` right after its A-ASSOCIATE-AC."""
+    each C-STORE with `status` (success), records (PDU type, body length) of what it reads, the
+    A-ASSOCIATE-RQ as received and every command set, and hangs up after `give_up` PDUs (so a
+    sender that never stops makes a test fail, not hang). It sends `after_accept` right after
+    its A-ASSOCIATE-AC."""
 
-    def __init__(self, max_pdu: int, give_up: int = 1000, after_accept: bytes = b"") -> None:
+    def __init__(
+        self, max_pdu: int, give_up: int = 1000, after_accept: bytes = b"", status: int = 0
+    ) -> None:
         self.max_pdu, self.give_up, self.after_accept = max_pdu, give_up, after_accept
+        self.status = status
         self.seen: list[tuple[int, int]] = []
+        self.associate_rq = b""
+        self.commands: list[bytes] = []
+        self.done = trio.Event()  # the peer has closed its end
 
     async def serve(self, stream: trio.abc.Stream) -> None:
         t = Transport(stream)
         kind, body = await t.read_pdu()
-        rq = P.decode_associate_rq(P.PDU_HEADER.pack(kind, 0, len(body)) + bytes(body))
+        self.associate_rq = P.PDU_HEADER.pack(kind, 0, len(body)) + bytes(body)
+        rq = P.decode_associate_rq(self.associate_rq)
         results = [P.ContextResult(c.context_id, 0, c.transfer_syntaxes[0]) for c in rq.contexts]
         await t.send_all(P.encode_associate_ac(rq, results, self.max_pdu) + self.after_accept)
         command = bytearray()
@@ -505,16 +513,18 @@ class AcceptingPeer:
                     if mch & 0x01:
                         command += data
                         if mch & 0x02:
+                            self.commands.append(bytes(command))
                             cmd, command = dimse.decode_command(command), bytearray()
                     elif mch & 0x02:
                         rsp = dimse.encode_c_store_rsp(
                             cmd.message_id or 0,
                             cmd.affected_sop_class_uid or "",
                             cmd.affected_sop_instance_uid or "",
-                            0,
+                            self.status,
                         )
                         await t.send_all(P.encode_command_pdus(ctx, rsp, 16384))
         await t.aclose()
+        self.done.set()
 
     def install(self, monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery) -> None:
         async def open_stream(host: str, port: int) -> trio.abc.Stream:
@@ -572,6 +582,146 @@ async def test_fragments_follow_the_peer_maximum_pdu_and_ours_when_it_has_none(
     data_pdus = [n for kind, n in peer.seen if kind == P.P_DATA_TF]
     assert max(data_pdus) == largest
     assert peer.seen[-1] == (P.A_RELEASE_RQ, 4)
+
+
+@pytest.mark.parametrize("priority", [0, 1, 2])
+async def test_calling_ae_and_priority_on_the_wire(
+    monkeypatch: pytest.MonkeyPatch,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    priority: int,
+) -> None:
+    """The calling AE of SendOptions (the source's AE title when the node impersonates) is the
+    calling AE title field of the A-ASSOCIATE-RQ, and its priority (a node's Priority, passed
+    through: DIMSE's 0 medium, 1 high, 2 low) the Priority (0000,0700) of every C-STORE-RQ, as
+    a peer reads them (the command sets decoded by pynetdicom, not by our codec)."""
+    from io import BytesIO
+
+    from pynetdicom.dsutils import decode
+
+    peer = AcceptingPeer(16384)
+    peer.install(monkeypatch, nursery)
+    items = [outgoing(f) for f in write_corpus(tmp_path / "in", 2)]
+    got, cb = collect()
+    await send_batch(PEER, items, SendOptions("IMPERSONATED", priority=priority), cb)
+    assert got == {0: Delivered(), 1: Delivered()}
+    assert peer.associate_rq[10:26] == b"CAPACITOR       "  # called AE title
+    assert peer.associate_rq[26:42] == b"IMPERSONATED    "  # calling AE title
+    commands = [decode(BytesIO(c), True, True) for c in peer.commands]
+    assert [(c.CommandField, c.Priority, c.AffectedSOPInstanceUID) for c in commands] == [
+        (0x0001, priority, i.sop_instance_uid) for i in items
+    ]
+
+
+class StallingStream(trio.abc.Stream):
+    """Wraps our end of a stream: its `stall_at`-th send_all (from 1) sends nothing and never
+    returns, as on a connection with no room left at a PDU boundary; with `for_good`, neither do
+    the sends after it, else they go through."""
+
+    def __init__(self, inner: trio.abc.Stream, stall_at: int, *, for_good: bool) -> None:
+        self.inner, self.stall_at, self.for_good = inner, stall_at, for_good
+        self.sends = 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.sends += 1
+        if self.sends == self.stall_at or (self.for_good and self.sends > self.stall_at):
+            await trio.sleep_forever()
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.parametrize("abort_blocked", [False, True], ids=["abort sent", "abort blocked"])
+async def test_cancelling_a_send_mid_data_set_aborts_and_returns_promptly(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    abort_blocked: bool,
+) -> None:
+    """The caller cancels send_batch while a data set is half sent (its fourth send blocks:
+    the command and two data fragments are out): the peer reads an A-ABORT next (service user,
+    no reason) and then the close, and the call returns at the cancel. When the A-ABORT cannot
+    go out either, the call gives up on it after ABORT_GRACE and closes. Nothing is reported."""
+    peer = AcceptingPeer(16384)
+    stalled: list[StallingStream] = []
+
+    async def open_stream(host: str, port: int) -> trio.abc.Stream:
+        ours, theirs = trio.testing.memory_stream_pair()
+        nursery.start_soon(peer.serve, theirs)
+        stalled.append(StallingStream(ours, 4, for_good=abort_blocked))
+        return stalled[-1]
+
+    monkeypatch.setattr(requestor, "_open_stream", open_stream)
+    files = write_corpus(tmp_path / "in", 1, rows=256)  # 128 KiB: 9 fragments of 16 KiB
+    got, cb = collect()
+    with trio.move_on_after(5) as cs:
+        await send_batch(PEER, [outgoing(f) for f in files], SendOptions("ROUTER"), cb)
+    assert cs.cancelled_caught
+    assert trio.current_time() == 5.0 + (requestor.ABORT_GRACE if abort_blocked else 0.0)
+    assert stalled[0].sends == 5  # the A-ABORT was attempted either way
+    await peer.done.wait()
+    assert trio.current_time() == 5.0 + (requestor.ABORT_GRACE if abort_blocked else 0.0)
+    assert got == {}
+    # the command, then two full data fragments (of 9); then the A-ABORT, or only the close
+    assert [kind for kind, _ in peer.seen] == [P.P_DATA_TF] * 3 + [P.A_ABORT] * (not abort_blocked)
+    assert [n for _, n in peer.seen[1:3]] == [16384, 16384] and len(peer.commands) == 1
+
+
+@pytest.mark.parametrize("answers", ["nothing", "the association only"])
+async def test_echo_to_a_silent_peer_fails_at_its_timeout(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    answers: str,
+) -> None:
+    """A peer that takes the connection but never answers the A-ASSOCIATE-RQ (or, once
+    associated, the C-ECHO-RQ): echo(timeout=1.5) returns a failed result at exactly 1.5 s, and
+    the peer reads an A-ABORT."""
+    seen: list[int] = []
+    done = trio.Event()
+
+    async def silent_peer(stream: trio.abc.Stream) -> None:
+        t = Transport(stream)
+        with contextlib.suppress(PeerClosed):
+            while True:
+                kind, body = await t.read_pdu()
+                seen.append(kind)
+                if kind == P.A_ASSOCIATE_RQ and answers == "the association only":
+                    rq = P.decode_associate_rq(P.PDU_HEADER.pack(kind, 0, len(body)) + body)
+                    results = [
+                        P.ContextResult(c.context_id, 0, c.transfer_syntaxes[0])
+                        for c in rq.contexts
+                    ]
+                    await t.send_all(P.encode_associate_ac(rq, results, 16384))
+        done.set()
+
+    async def open_stream(host: str, port: int) -> trio.abc.Stream:
+        ours, theirs = trio.testing.memory_stream_pair()
+        nursery.start_soon(silent_peer, theirs)
+        return ours
+
+    monkeypatch.setattr(requestor, "_open_stream", open_stream)
+    start = trio.current_time()
+    result = await requestor.echo(PEER, "ROUTER", timeout=1.5)
+    assert trio.current_time() - start == 1.5
+    assert (result.success, result.latency_ms) == (False, None)
+    # (the whole echo's deadline and the negotiation's are the same moment: either may say so)
+    timed_out = {"no C-ECHO response within 1.5s"}
+    if answers == "nothing":
+        timed_out.add("association negotiation timed out")
+    assert result.error in timed_out
+    await done.wait()
+    expected = [P.A_ASSOCIATE_RQ] + [P.P_DATA_TF] * (answers != "nothing") + [P.A_ABORT]
+    assert seen == expected
 
 
 #: a P-DATA-TF header whose length field claims 100 MB (no body follows)
