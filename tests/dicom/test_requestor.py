@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -863,6 +864,71 @@ def test_status_mapping(status: int, kind: type) -> None:
     assert isinstance(outcome, kind)
     if status in (0xB000, 0xB006, 0xB007, 0x0001, 0x0107, 0x0116):
         assert f"0x{status:04X}" in outcome.warning
+
+
+
+WARNINGS = {
+    0xB000: "coercion of data elements",
+    0xB006: "elements discarded",
+    0xB007: "data set does not match SOP class",
+    0x0001: "requested optional attributes are not supported",
+    0x0107: "attribute list error",
+    0x0116: "attribute value out of range",
+    0xB123: "",  # another 0xBxxx: a warning too, with no name of its own
+}
+
+
+def _status_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "capacitor_trio.dicom"]
+
+
+@pytest.mark.parametrize("status", list(WARNINGS), ids=[f"0x{s:04X}" for s in WARNINGS])
+def test_a_warning_status_is_delivered_with_a_warning_line_naming_it(
+    caplog: pytest.LogCaptureFixture, status: int
+) -> None:
+    """store_status_outcome (status.py) is where a C-STORE warning is logged: one WARNING line
+    with the status in hex, its meaning and the peer's error comment; the outcome is Delivered
+    and carries the same text."""
+    caplog.set_level(logging.WARNING, logger="capacitor_trio.dicom")
+    outcome = store_status_outcome(status, "Patient Name coerced")
+    [line] = _status_lines(caplog)
+    assert line.levelno == logging.WARNING
+    assert line.getMessage() == f"C-STORE {outcome.warning}"
+    assert isinstance(outcome, Delivered)
+    assert outcome.warning.startswith(f"warning 0x{status:04X}")
+    assert WARNINGS[status] in outcome.warning and "(Patient Name coerced)" in outcome.warning
+
+
+@pytest.mark.parametrize("status", [0x0000, 0xA700, 0x0213, 0xA900, 0xC000, 0x0122, 0xFE00])
+def test_success_and_failure_statuses_log_no_warning_there(
+    caplog: pytest.LogCaptureFixture, status: int
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="capacitor_trio.dicom")
+    store_status_outcome(status, "comment")
+    assert _status_lines(caplog) == []
+
+
+async def test_a_warning_from_the_destination_is_delivered_and_logged(
+    monkeypatch: pytest.MonkeyPatch,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Through a send: a peer answering 0x0107 to each C-STORE -> Delivered with the warning,
+    and one WARNING line per instance."""
+    caplog.set_level(logging.WARNING, logger="capacitor_trio.dicom")
+    peer = AcceptingPeer(16384, status=0x0107)
+    peer.install(monkeypatch, nursery)
+    got, cb = collect()
+    await send_batch(
+        PEER, [outgoing(f) for f in write_corpus(tmp_path / "in", 2)], SendOptions("ROUTER"), cb
+    )
+    warning = "warning 0x0107: attribute list error"
+    assert got == {0: Delivered(warning=warning), 1: Delivered(warning=warning)}
+    assert [(r.levelno, r.getMessage()) for r in _status_lines(caplog)] == [
+        (logging.WARNING, f"C-STORE {warning}")
+    ] * 2
 
 
 _ = (CTImageStorage, ExplicitVRLittleEndian)
