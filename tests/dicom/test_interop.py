@@ -196,6 +196,41 @@ async def test_pynetdicom_send_c_store_to_acceptor(
         )
 
 
+async def test_pynetdicom_sends_encapsulated_instances_that_arrive_byte_identical(
+    acceptor: RunningAcceptor, tmp_path: Path
+) -> None:
+    """RLE Lossless (encapsulated pixel data) from pynetdicom's send_c_store, given the file
+    (its data set bytes sent as they are) and given the data set (pynetdicom encodes it): the
+    acceptor stores exactly those bytes, one instance small enough to be received in memory,
+    one in a temporary file."""
+    from pynetdicom import AE
+
+    files = write_corpus(tmp_path / "small", 1, transfer_syntax=RLELossless) + write_corpus(
+        tmp_path / "big", 1, rows=256, transfer_syntax=RLELossless
+    )
+    sizes = [f.stat().st_size for f in files]
+    assert sizes[0] < acceptor.config.memory_max_bytes < sizes[1]
+
+    def send() -> list[int]:
+        ae = AE(ae_title="PYNETDICOM")
+        ae.add_requested_context(pydicom.dcmread(files[0]).SOPClassUID, RLELossless)
+        assoc = ae.associate("127.0.0.1", acceptor.port, ae_title="CAPACITOR")
+        assert assoc.is_established
+        by_path = [assoc.send_c_store(f).Status for f in files]
+        by_dataset = [assoc.send_c_store(pydicom.dcmread(f)).Status for f in files]
+        assoc.release()
+        return by_path + by_dataset
+
+    assert await trio.to_thread.run_sync(send) == [0] * 4
+    received = acceptor.sink.received
+    assert len(received) == 4
+    assert [rx.data is not None for rx in received] == [True, False] * 2
+    assert {rx.header.transfer_syntax_uid for rx in received} == {RLELossless}
+    for src in files:
+        ds = pydicom.dcmread(src, stop_before_pixels=True)
+        assert_same_instance(src, acceptor.sink.out / f"{ds.SOPInstanceUID}.dcm")
+
+
 # ------------------------------------------------------------------------- from our requestor
 
 
@@ -269,6 +304,54 @@ async def test_requestor_to_pynetdicom_scp(tmp_path: Path) -> None:
         out.parent.mkdir(exist_ok=True)
         out.write_bytes(received[str(ds.SOPInstanceUID)])
         assert_same_instance(f, out)
+
+
+async def test_requestor_fragments_to_a_pynetdicom_peers_small_maximum_pdu(tmp_path: Path) -> None:
+    """pynetdicom advertising a maximum PDU length of 4096: every P-DATA-TF it reads from us
+    (each PDU whole, as its EVT_DATA_RECV hands them over) has a length field of at most 4096,
+    the data fragments exactly that, and the 50 KB instance arrives byte-identical."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    pdus: list[tuple[int, int, int]] = []  # (PDU type, length field, bytes after the header)
+    received: dict[str, bytes] = {}
+
+    def on_data(event: evt.Event) -> None:
+        data = event.data
+        pdus.append((data[0], int.from_bytes(data[2:6], "big"), len(data) - 6))
+
+    def handle_store(event: evt.Event) -> int:
+        received[event.request.AffectedSOPInstanceUID] = event.encoded_dataset(include_meta=True)
+        return 0
+
+    ae = AE(ae_title="PYSCP")
+    ae.maximum_pdu_size = 4096
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ExplicitVRLittleEndian)
+    server = ae.start_server(
+        ("127.0.0.1", 0),
+        block=False,
+        evt_handlers=[(evt.EVT_DATA_RECV, on_data), (evt.EVT_C_STORE, handle_store)],
+    )
+    try:
+        [f] = write_corpus(tmp_path / "in", 1, rows=160)  # 51,200 bytes of pixel data
+        outcomes, on_outcome = collect()
+        await send_batch(
+            Peer("PYSCP", "127.0.0.1", server.server_address[1]),
+            [outgoing(f)],
+            SendOptions("CAPACITOR"),  # our own maximum: 1 MiB
+            on_outcome,
+        )
+    finally:
+        await trio.to_thread.run_sync(server.shutdown)
+    assert outcomes == {0: Delivered()}
+    assert all(length == rest for _, length, rest in pdus)
+    p_data = [length for kind, length, _ in pdus if kind == 0x04]
+    assert len(p_data) >= 14 and max(p_data) <= 4096
+    assert p_data[1:-1] == [4096] * (len(p_data) - 2)  # the command, full fragments, the rest
+    ds = pydicom.dcmread(f, stop_before_pixels=True)
+    out = tmp_path / "out.dcm"
+    out.write_bytes(received[str(ds.SOPInstanceUID)])
+    assert_same_instance(f, out)
 
 
 async def test_requestor_to_our_acceptor_and_echo(
