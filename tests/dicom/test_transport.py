@@ -74,6 +74,41 @@ async def test_a_send_larger_than_the_socket_buffers_waits_for_room_and_arrives_
     assert received == [data]
 
 
+async def test_nothing_follows_a_pdu_cut_off_part_way(
+    pair: tuple[Transport, trio.SocketStream], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send cancelled while it waits for room in the middle of a PDU leaves the stream inside
+    that PDU: an A-ABORT sent now would be read as the rest of it. Every later send raises
+    PeerClosed instead (the callers' A-ABORT gives up and the connection is closed); a send
+    cancelled before its first byte leaves the stream usable."""
+    t, peer = pair
+    pdu = b"\x04\x00" + (32 << 20).to_bytes(4, "big") + os.urandom(32 << 20)  # P-DATA-TF
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await t.send_all(pdu)
+    assert not t.cut
+    waited = trio.Event()
+    real_wait = trio.lowlevel.wait_writable
+
+    async def wait_writable(sock: object) -> None:
+        waited.set()
+        await real_wait(sock)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trio.lowlevel, "wait_writable", wait_writable)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(t.send_all, pdu)
+        await waited.wait()  # the socket buffers are full, part of the PDU is out
+        nursery.cancel_scope.cancel()
+    assert t.cut and 0 < t.bytes_sent < len(pdu)
+    with pytest.raises(PeerClosed, match="cut off"):
+        await t.send_all(b"\x07\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # an A-ABORT
+    await t.aclose()
+    received = bytearray()
+    while chunk := await peer.receive_some(1 << 20):
+        received += chunk
+    assert bytes(received) == pdu[: len(received)]  # a prefix of the PDU, nothing after it
+
+
 async def test_a_closed_peer_is_peer_closed(pair: tuple[Transport, trio.SocketStream]) -> None:
     t, peer = pair
     await peer.aclose()

@@ -14,7 +14,10 @@ bytes either way for `stall_threshold` seconds) and the line-speed check (while 
 average rate over a window falls below half of `minimum_line_speed_kbps`).
 
 Cancellation from outside (pause, shutdown, a killed actor) sends an A-ABORT under a short
-shielded deadline and lets Cancelled propagate; unreported instances stay unreported.
+shielded deadline and lets Cancelled propagate; unreported instances stay unreported. When the
+association ends in the middle of sending a PDU (a watchdog or a cancel while the peer's window
+was full), no A-ABORT can follow (the peer would read it as the rest of that PDU): the connection
+is closed instead (`Transport.cut`), which the peer sees as a network failure.
 """
 
 from __future__ import annotations

@@ -91,6 +91,10 @@ class Transport:
         self.last_activity = trio.current_time()
         self.bytes_sent = 0
         self.bytes_received = 0
+        #: a send stopped part-way through a PDU (cancelled, or the peer went away): the stream
+        #: cannot carry another PDU, an A-ABORT included (the peer would read it as the rest of
+        #: the cut one), so later sends raise PeerClosed and the connection can only be closed
+        self.cut = False
 
     def _rearm(self) -> None:
         if self._quickack:
@@ -182,6 +186,9 @@ class Transport:
         return pdu_type, big
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send `data`, whole PDUs (callers never split one over two calls)."""
+        if self.cut:
+            raise PeerClosed("an earlier PDU was cut off part-way: nothing more can be sent")
         try:
             if self._sock is None:
                 await self.stream.send_all(data)
@@ -192,16 +199,19 @@ class Transport:
             with memoryview(data) as mv:
                 total = len(mv)
                 off = 0
-                while off < total:
-                    try:
-                        n = os.write(self._sock.fileno(), mv[off:])
-                    except BlockingIOError:
-                        self._unyielded = 0
-                        await trio.lowlevel.wait_writable(self._sock)
-                        continue
-                    off += n
-                    self.bytes_sent += n
-                    self.last_activity = trio.current_time()
+                try:
+                    while off < total:
+                        try:
+                            n = os.write(self._sock.fileno(), mv[off:])
+                        except BlockingIOError:
+                            self._unyielded = 0
+                            await trio.lowlevel.wait_writable(self._sock)
+                            continue
+                        off += n
+                        self.bytes_sent += n
+                        self.last_activity = trio.current_time()
+                finally:
+                    self.cut = 0 < off < total
             await self._moved(total)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerClosed(str(exc)) from exc
