@@ -32,17 +32,14 @@ from .conftest import DirSink, assert_same_instance, collect, outgoing, write_co
 PEER = Peer("CAPACITOR", "peer.invalid", 104)
 
 
-class SlowStream(trio.abc.Stream):
-    """Wraps a stream: sends at `rate` bytes per virtual second."""
+class WrappedStream(trio.abc.Stream):
+    """Passes everything to `inner`; subclasses change how it sends."""
 
-    def __init__(self, inner: trio.abc.Stream, rate: int) -> None:
-        self.inner, self.rate = inner, rate
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        for off in range(0, len(view), 1024):
-            await trio.sleep(min(1024, len(view) - off) / self.rate)
-            await self.inner.send_all(view[off : off + 1024])
+        await self.inner.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
@@ -52,6 +49,20 @@ class SlowStream(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+class SlowStream(WrappedStream):
+    """Wraps a stream: sends at `rate` bytes per virtual second."""
+
+    def __init__(self, inner: trio.abc.Stream, rate: int) -> None:
+        super().__init__(inner)
+        self.rate = rate
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        for off in range(0, len(view), 1024):
+            await trio.sleep(min(1024, len(view) - off) / self.rate)
+            await self.inner.send_all(view[off : off + 1024])
 
 
 @pytest.fixture(autouse=True)
@@ -536,6 +547,21 @@ class AcceptingPeer:
         monkeypatch.setattr(requestor, "_open_stream", open_stream)
 
 
+
+async def send_two_at_once(
+    peer: AcceptingPeer, monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery, tmp_path: Path
+) -> dict[int, Any]:
+    """Send two small instances to `peer`: their outcomes, which came with no time spent."""
+    peer.install(monkeypatch, nursery)
+    got, cb = collect()
+    start = trio.current_time()
+    await send_batch(
+        PEER, [outgoing(f) for f in write_corpus(tmp_path / "in", 2)], SendOptions("ROUTER"), cb
+    )
+    assert trio.current_time() == start
+    return got
+
+
 @pytest.mark.parametrize("peer_max", [1, 6, 1023])
 async def test_a_peer_maximum_pdu_too_small_for_data_ends_the_send_at_once(
     monkeypatch: pytest.MonkeyPatch,
@@ -548,13 +574,7 @@ async def test_a_peer_maximum_pdu_too_small_for_data_ends_the_send_at_once(
     into empty fragments for ever); one below MIN_PEER_PDU is refused as well: A-ABORT before any
     P-DATA, RetryLater for every instance, no time spent."""
     peer = AcceptingPeer(peer_max)
-    peer.install(monkeypatch, nursery)
-    got, cb = collect()
-    start = trio.current_time()
-    await send_batch(
-        PEER, [outgoing(f) for f in write_corpus(tmp_path / "in", 2)], SendOptions("ROUTER"), cb
-    )
-    assert trio.current_time() == start
+    got = await send_two_at_once(peer, monkeypatch, nursery, tmp_path)
     assert len(got) == 2 and all(
         isinstance(o, RetryLater) and f"maximum PDU length {peer_max} " in o.reason
         for o in got.values()
@@ -615,13 +635,14 @@ async def test_calling_ae_and_priority_on_the_wire(
     ]
 
 
-class StallingStream(trio.abc.Stream):
+class StallingStream(WrappedStream):
     """Wraps our end of a stream: its `stall_at`-th send_all (from 1) sends nothing and never
     returns, as on a connection with no room left at a PDU boundary; with `for_good`, neither do
     the sends after it, else they go through."""
 
     def __init__(self, inner: trio.abc.Stream, stall_at: int, *, for_good: bool) -> None:
-        self.inner, self.stall_at, self.for_good = inner, stall_at, for_good
+        super().__init__(inner)
+        self.stall_at, self.for_good = stall_at, for_good
         self.sends = 0
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -629,15 +650,6 @@ class StallingStream(trio.abc.Stream):
         if self.sends == self.stall_at or (self.for_good and self.sends > self.stall_at):
             await trio.sleep_forever()
         await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 @pytest.mark.parametrize("abort_blocked", [False, True], ids=["abort sent", "abort blocked"])
@@ -739,13 +751,7 @@ async def test_a_pdu_longer_than_our_maximum_aborts_the_send(
     that size to fill: A-ABORT and RetryLater at once (it used to wait for the bytes until the
     DIMSE timeout)."""
     peer = AcceptingPeer(16384, after_accept=HUGE_PDU_HEADER)
-    peer.install(monkeypatch, nursery)
-    got, cb = collect()
-    start = trio.current_time()
-    await send_batch(
-        PEER, [outgoing(f) for f in write_corpus(tmp_path / "in", 2)], SendOptions("ROUTER"), cb
-    )
-    assert trio.current_time() == start
+    got = await send_two_at_once(peer, monkeypatch, nursery, tmp_path)
     assert len(got) == 2 and all(
         isinstance(o, RetryLater) and "protocol error" in o.reason and "exceeds" in o.reason
         for o in got.values()

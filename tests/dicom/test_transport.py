@@ -46,12 +46,8 @@ async def read_exactly(stream: trio.SocketStream, n: int) -> bytes:
     return bytes(got)
 
 
-async def test_a_send_larger_than_the_socket_buffers_waits_for_room_and_arrives_whole(
-    pair: tuple[Transport, trio.SocketStream], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The peer reads only once the sender had to wait for room (EAGAIN, `wait_writable`)."""
-    t, peer = pair
-    data = os.urandom(32 << 20)
+def waits_for_room(monkeypatch: pytest.MonkeyPatch) -> trio.Event:
+    """An event set when a send first has to wait for room in the socket buffers."""
     waited = trio.Event()
     real_wait = trio.lowlevel.wait_writable
 
@@ -60,6 +56,16 @@ async def test_a_send_larger_than_the_socket_buffers_waits_for_room_and_arrives_
         await real_wait(sock)  # type: ignore[arg-type]
 
     monkeypatch.setattr(trio.lowlevel, "wait_writable", wait_writable)
+    return waited
+
+
+async def test_a_send_larger_than_the_socket_buffers_waits_for_room_and_arrives_whole(
+    pair: tuple[Transport, trio.SocketStream], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The peer reads only once the sender had to wait for room (EAGAIN, `wait_writable`)."""
+    t, peer = pair
+    data = os.urandom(32 << 20)
+    waited = waits_for_room(monkeypatch)
     received: list[bytes] = []
     async with trio.open_nursery() as nursery:
 
@@ -87,14 +93,7 @@ async def test_nothing_follows_a_pdu_cut_off_part_way(
         scope.cancel()
         await t.send_all(pdu)
     assert not t.cut
-    waited = trio.Event()
-    real_wait = trio.lowlevel.wait_writable
-
-    async def wait_writable(sock: object) -> None:
-        waited.set()
-        await real_wait(sock)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(trio.lowlevel, "wait_writable", wait_writable)
+    waited = waits_for_room(monkeypatch)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(t.send_all, pdu)
         await waited.wait()  # the socket buffers are full, part of the PDU is out
