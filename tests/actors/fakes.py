@@ -167,9 +167,13 @@ class FakeStore:
         ]
         return min((t for t in times if t is not None), default=None)
 
-    async def study_last_arrival(self, destination: Destination, study_uid: str) -> float | None:
+    async def first_quiet_arrival(self, destination: Destination, lookahead: int) -> float | None:
         await trio.lowlevel.checkpoint()
-        return max((i.created_at for i in self._mine(destination) if i.study_instance_uid == study_uid), default=None)
+        mine = sorted(self._mine(destination), key=lambda i: i.id)
+        waiting = [i for i in mine if i.state == "prepared" and not i.checked_out][:lookahead]
+        studies = {i.study_instance_uid for i in waiting}
+        last = [max(i.created_at for i in mine if i.study_instance_uid == s) for s in studies]
+        return min(last, default=None)
 
     async def list_items(self, f: ItemFilter, *, skip: int = 0, limit: int = 100) -> tuple[list[Item], int]:
         await trio.lowlevel.checkpoint()

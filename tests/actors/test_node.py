@@ -191,6 +191,23 @@ async def test_a_refused_association_rejects_one_batch_per_backoff(make_world: A
     assert (await w.handle.call(GetStatus())).activity == "backing-off"
 
 
+async def test_with_impersonate_a_refused_association_holds_up_no_other_modality(
+    make_world: Any, autojump_clock: Any
+) -> None:
+    """With Impersonate the calling AE is the source modality's: a destination that does not
+    know one modality rejects its batches, and the other modalities' go on at once."""
+    refused = Rejected("A-ASSOCIATE-RJ permanent: calling AE title not recognized", association=True)
+    sender = FakeSender(lambda i: refused if i.sop_instance_uid in unknown else Delivered())
+    w = await make_world((Node("PACS", batch_size=2, impersonate=True),), sender=sender)
+    unknown = {w.store.add(series=f"s{n}", source="UNKNOWN").sop_instance_uid for n in range(6)}
+    known = w.store.add(series="k", source="KNOWN")
+    w.sup.wake_all()
+    await trio.sleep(1)
+    assert w.sender.times == [0.0] * 4 and w.store.states() == dict.fromkeys(
+        [i for i in w.store.items if i != known.id], "rejected"
+    )
+
+
 async def test_operator_actions_that_put_items_back_to_new_ask_the_preparer(make_world: Any, autojump_clock: Any) -> None:
     asked: list[float] = []
     w = await make_world(

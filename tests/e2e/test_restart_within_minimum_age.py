@@ -26,9 +26,14 @@ async def test_items_still_new_at_a_restart_are_delivered(tmp_path: Path, nurser
     data = tmp_path / "data"
     data.mkdir()
     scp_port = free_port()
-    (data / "config.yml").write_text(
-        f"scpPort: {scp_port}\nminimumAge: 3\nstorageInterval: 0\ndeliveryProcess: false\n"
-    )
+
+    def config(minimum_age: int) -> None:
+        (data / "config.yml").write_text(
+            f"scpPort: {scp_port}\nminimumAge: {minimum_age}\nstorageInterval: 0\n"
+            "deliveryProcess: false\n"
+        )
+
+    config(30)  # the first run stops long before anything is ripe, however slow the machine
     (data / "nodes.yml").write_text(f"- AeTitle: DEST\n  Port: {port}\n")
     files = write_corpus(tmp_path / "in", 5)
     with trio.CancelScope() as first_run:
@@ -38,6 +43,7 @@ async def test_items_still_new_at_a_restart_are_delivered(tmp_path: Path, nurser
             assert (await router.store.counts()).new == 5
             first_run.cancel()  # stopped (as by SIGTERM) before the instances are ripe
     assert not sink.received
+    config(2)  # the next run finds them new and (on any but a very slow machine) not yet ripe
     async with trio.open_nursery() as run:
         router = await run.start(run_router, load_settings(data, environ={}))
         with trio.fail_after(20):  # ripe at the latest minimumAge after the start

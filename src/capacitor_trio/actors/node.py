@@ -69,7 +69,7 @@ from capacitor_trio.dicom.requestor import MoreInstances, OutgoingInstance, Peer
 from capacitor_trio.domain.backoff import next_attempt, retry_delay
 from capacitor_trio.domain.outcomes import Delivered, Outcome, Rejected, RetryLater
 from capacitor_trio.domain.schedule import Schedule, parse_schedule, schedule_gate
-from capacitor_trio.store import Counts, ItemFilter
+from capacitor_trio.store import Counts
 
 log = logging.getLogger("capacitor_trio.node")
 
@@ -128,8 +128,8 @@ class NodeState:
     backoff_until: float = 0.0
     #: study UID -> wall time its items were last sent (the adaptive ProcessDelay window)
     recent_studies: dict[str, float] = attrs.field(factory=dict)
-    #: SOP Instance UIDs of the last batch cut short (pause, kill, shutdown) that went back to
-    #: the queue unanswered: the only ones its destination may get twice
+    #: SOP Instance UIDs the last send handed to the requestor whose outcome it did not record
+    #: (cut short by a pause, kill or shutdown): the only ones its destination may get twice
     cut_short: list[str] = attrs.field(factory=list)
 
 
@@ -387,16 +387,8 @@ class NodeActor:
     async def _study_quiet_at(self, now: float, delay: float) -> float:
         """When the first of the waiting studies will have been quiet for `delay` seconds (the
         studies of the oldest STUDY_LOOKAHEAD waiting items)."""
-        store = self.ctx.store
-        f = ItemFilter(destination=self.node.ae_title, role=self.node.role, state="prepared")
-        items, _total = await store.list_items(f, limit=STUDY_LOOKAHEAD)
-        if not items:
-            return now + delay
-        quiet_at = []
-        for study in dict.fromkeys(i.study_instance_uid for i in items):
-            last = await store.study_last_arrival(self.handle.destination, study)
-            quiet_at.append((last if last is not None else now) + delay)
-        return max(now, min(quiet_at))
+        last = await self.ctx.store.first_quiet_arrival(self.handle.destination, STUDY_LOOKAHEAD)
+        return now + delay if last is None else max(now, last + delay)
 
     def _may_continue(self) -> bool:
         """May an open association take more items (the gates `step` checks, minus the wait)?"""
@@ -435,6 +427,8 @@ class NodeActor:
             groups.setdefault(self._calling_ae(item), []).append(item)
         #: checked out by this send, outcome not recorded yet: released at the end
         pending: dict[int, Any] = {i.id: i for i in items}
+        #: the groups handed to the requestor (a group grows with its top-ups)
+        started: list[list[Any]] = []
         self.state.activity = "sending"
         self.state.sends_in_progress += 1
         self.ctx.sending.value += 1
@@ -507,6 +501,7 @@ class NodeActor:
                     group.extend(_without_data(i) for i in fit)
                     return [_outgoing(i) for i in fit]
 
+                started.append(group)
                 try:
                     with trio.CancelScope() as self._batch_scope:
                         await ctx.sender.send_batch(
@@ -520,8 +515,11 @@ class NodeActor:
         finally:
             self.state.sends_in_progress -= 1
             self.ctx.sending.value -= 1
+            # sent and not answered (or its answer not recorded): may reach the destination twice
+            self.state.cut_short = [
+                i.sop_instance_uid for g in started for i in g if i.id in pending
+            ]
             if pending:
-                self.state.cut_short = [i.sop_instance_uid for i in pending.values()]
                 with trio.CancelScope(shield=True), trio.move_on_after(RECORD_GRACE):
                     await ctx.store.release(list(pending))
 
@@ -559,7 +557,11 @@ class NodeActor:
             state.backoff_until = 0.0
             for item in delivered:
                 state.recent_studies[item.study_instance_uid] = now
-        refused = any(isinstance(o, Rejected) and o.association for _, o in batch)
+        # an association refused for good: with Impersonate it names the source modality, which
+        # the destination may not know while it knows the others, so the node goes on
+        refused = not self.node.impersonate and any(
+            isinstance(o, Rejected) and o.association for _, o in batch
+        )
         if (failed or refused) and not delivered:
             # the destination is unreachable, out of resources, or refuses to talk to us at all
             # (its items are rejected, one batch per backoff): the whole node backs off

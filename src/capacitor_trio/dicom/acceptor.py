@@ -24,11 +24,11 @@ in its own task. One association is a loop over PDUs read by `Transport` (1 MiB 
   in a worker thread, so other associations keep moving).
   The header is read from the first 64 KiB; then `sink.instance_received` is awaited and only
   then the response is sent: 0x0000, 0xA700 (OutOfResources), 0xC0xx (CannotProcess, unparseable
-  dataset, command/dataset UID mismatch). A C-STORE whose SOP class is not the abstract syntax
-  of its presentation context (an MR image on a CT context, anything on Verification) is
-  drained, nothing written, and answered 0x0122 (pynetdicom's answer to such a C-STORE on a
-  C-GET association; its listener does not check): else a context accepted for one class
-  would carry one that `reject_abstract_syntaxes` refuses.
+  dataset, command/dataset UID mismatch). A C-STORE whose SOP class differs from its
+  presentation context's abstract syntax is stored like any other (Orthanc and pynetdicom's
+  listener do not compare the two, and some modalities rely on that), unless it is a class
+  negotiation would have refused (in `reject_abstract_syntaxes`, or not a storage class): that
+  one is drained, nothing written, and answered 0x0122.
 - Whatever ends the association — A-ABORT, a protocol error (we answer A-ABORT), the peer
   vanishing, a timeout, cancellation (we send A-ABORT, shielded and bounded, unless our last
   PDU had gone out) — the temp file of an unfinished instance is removed.
@@ -485,11 +485,16 @@ class _Association:
             log.warning("C-STORE from %s refused: invalid SOP UID in the command", self.calling_ae)
             return
         context_syntax = self.contexts[ctx].abstract_syntax
-        if cmd.affected_sop_class_uid != context_syntax:
-            # what the context was negotiated for is what `reject_abstract_syntaxes` decided on
+        sop_class = cmd.affected_sop_class_uid
+        if sop_class != context_syntax and not (
+            sop_class not in self.config.reject_abstract_syntaxes and _is_storage(sop_class)
+        ):
+            # a class that negotiation would have refused, sent on a context accepted for
+            # another (Orthanc and pynetdicom do not compare the two at all; we do only so far
+            # as `reject_abstract_syntaxes` and the storage classes are concerned)
             inc.refusal = (
                 S.SOP_CLASS_NOT_SUPPORTED,
-                f"SOP class is not the abstract syntax of presentation context {ctx}",
+                f"SOP class is not accepted here (sent on presentation context {ctx})",
             )
             log.warning(
                 "C-STORE from %s refused: SOP class %s sent on presentation context %d (%s)",

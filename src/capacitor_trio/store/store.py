@@ -911,19 +911,18 @@ class Store:
         """Release every checked-out item (of one destination): the supervisor after a crash.
         Returns their SOP Instance UIDs (what may reach the destination twice)."""
 
+        where = "checked_out = 1"
+        params: tuple[str, ...] = ()
+        if destination is not None:
+            where += " AND destination_ae = ? AND destination_role = ?"
+            params = (destination.ae_title, destination.role)
+
         def job(conn: sqlite3.Connection) -> list[str]:
-            if destination is None:
-                rows = conn.execute(
-                    "UPDATE items SET checked_out = 0 WHERE checked_out = 1 "
-                    "RETURNING sop_instance_uid"
-                ).fetchall()
-            else:
-                rows = conn.execute(
-                    "UPDATE items SET checked_out = 0 WHERE checked_out = 1 "
-                    "AND destination_ae = ? AND destination_role = ? RETURNING sop_instance_uid",
-                    (destination.ae_title, destination.role),
-                ).fetchall()
-            return [r[0] for r in rows]
+            # (not UPDATE ... RETURNING: that needs SQLite 3.35, and some systems' Python has 3.34)
+            select = f"SELECT sop_instance_uid FROM items WHERE {where}"
+            uids = [r[0] for r in conn.execute(select, params)]
+            conn.execute(f"UPDATE items SET checked_out = 0 WHERE {where}", params)
+            return uids
 
         return await self._write(job, durable=False)
 
@@ -1200,12 +1199,20 @@ class Store:
 
         return await self._read(q)
 
-    async def study_last_arrival(self, destination: Destination, study_uid: str) -> float | None:
+    async def first_quiet_arrival(self, destination: Destination, lookahead: int) -> float | None:
+        """Of the studies of the `lookahead` oldest items waiting for `destination` (prepared,
+        not checked out), the earliest last arrival: when the first of them fell quiet (the
+        ProcessDelay's next look). None when nothing waits."""
+
         def q(conn: sqlite3.Connection) -> float | None:
+            dest = (destination.ae_title, destination.role)
             row = conn.execute(
-                "SELECT MAX(created_at) FROM items WHERE destination_ae = ? AND "
-                "destination_role = ? AND study_uid = ?",
-                (destination.ae_title, destination.role, study_uid),
+                "SELECT MIN(last) FROM (SELECT MAX(created_at) AS last FROM items "
+                "WHERE destination_ae = ? AND destination_role = ? AND study_uid IN ("
+                "SELECT study_uid FROM items WHERE destination_ae = ? AND destination_role = ? "
+                "AND state = 'prepared' AND checked_out = 0 ORDER BY id LIMIT ?) "
+                "GROUP BY study_uid)",
+                (*dest, *dest, lookahead),
             ).fetchone()
             return None if row is None or row[0] is None else float(row[0])
 
