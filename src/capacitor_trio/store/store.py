@@ -1210,7 +1210,7 @@ class Store:
                 "SELECT MIN(last) FROM (SELECT MAX(created_at) AS last FROM items "
                 "WHERE destination_ae = ? AND destination_role = ? AND study_uid IN ("
                 "SELECT study_uid FROM items WHERE destination_ae = ? AND destination_role = ? "
-                "AND state = 'prepared' AND checked_out = 0 ORDER BY id LIMIT ?) "
+                "AND state = 'prepared' AND checked_out = 0 ORDER BY created_at, id LIMIT ?) "
                 "GROUP BY study_uid)",
                 (*dest, *dest, lookahead),
             ).fetchone()
