@@ -158,6 +158,21 @@ async def test_retries_at_backoff_times_and_node_backs_off(make_world: Any, auto
     assert w.sender.times[-1] == 450.0 and w.store.items == {}
 
 
+async def test_an_unreachable_node_does_not_hold_up_another(make_world: Any, autojump_clock: Any) -> None:
+    """DEAD refuses every connection and backs off; OK delivers each arrival at once."""
+    sender = FakeSender(lambda i: RetryLater("connection refused") if i.sop_instance_uid in dead else Delivered())
+    w = await make_world((Node("DEAD"), Node("OK")), sender=sender)
+    dead = {w.store.add("DEAD").sop_instance_uid}
+    w.sup.wake_all()
+    for k in range(5):
+        await trio.sleep(7)
+        w.add("OK", series=f"s{k}")
+    await trio.sleep(1)
+    ok_sends = [s.at for s in w.sender.sends if s.sops[0] not in dead]
+    assert ok_sends == [7.0, 14.0, 21.0, 28.0, 35.0]
+    assert [s.at for s in w.sender.sends if s.sops[0] in dead] == [0.0, 30.0]
+
+
 async def test_max_attempts_leaves_item_failed(make_world: Any, autojump_clock: Any) -> None:
     w = await make_world(sender=FakeSender(lambda _i: RetryLater("timeout")), max_attempts=2)
     item = w.add()
