@@ -146,6 +146,12 @@ def _is_storage(abstract_syntax: str) -> bool:
         return False
 
 
+def _stores(sop_class: str, rejected: frozenset[str]) -> bool:
+    """A storage SOP class that `reject_abstract_syntaxes` does not refuse: negotiation accepts
+    its context, and a C-STORE of it is stored whatever context it came on."""
+    return sop_class not in rejected and _is_storage(sop_class)
+
+
 @functools.lru_cache(maxsize=1024)
 def _is_known_transfer_syntax(uid: str) -> bool:
     try:
@@ -159,8 +165,10 @@ def negotiate_contexts(
 ) -> list[P.ContextResult]:
     results = []
     for pc in contexts:
-        if pc.abstract_syntax in rejected or not (
-            pc.abstract_syntax == dimse.VERIFICATION_SOP_CLASS or _is_storage(pc.abstract_syntax)
+        syntax = pc.abstract_syntax
+        if not (
+            _stores(syntax, rejected)
+            or (syntax == dimse.VERIFICATION_SOP_CLASS and syntax not in rejected)
         ):
             results.append(
                 P.ContextResult(
@@ -485,9 +493,9 @@ class _Association:
             log.warning("C-STORE from %s refused: invalid SOP UID in the command", self.calling_ae)
             return
         context_syntax = self.contexts[ctx].abstract_syntax
-        sop_class = cmd.affected_sop_class_uid
-        if sop_class != context_syntax and not (
-            sop_class not in self.config.reject_abstract_syntaxes and _is_storage(sop_class)
+        sop_class = cmd.affected_sop_class_uid or ""  # valid: checked above
+        if sop_class != context_syntax and not _stores(
+            sop_class, self.config.reject_abstract_syntaxes
         ):
             # a class that negotiation would have refused, sent on a context accepted for
             # another (Orthanc and pynetdicom do not compare the two at all; we do only so far
@@ -499,7 +507,7 @@ class _Association:
             log.warning(
                 "C-STORE from %s refused: SOP class %s sent on presentation context %d (%s)",
                 self.calling_ae,
-                cmd.affected_sop_class_uid,
+                sop_class,
                 ctx,
                 context_syntax,
             )
