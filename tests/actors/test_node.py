@@ -601,11 +601,15 @@ async def test_streaming_association_records_outcomes_when_arrivals_pause(
     assert len(w.sender.sends) == 1 and w.store.items == {}
     # one record for the ten images that came 5 ms apart, and one for the last: not one store
     # job per image. Each image is answered 1 ms after it is sent, and after each small top-up
-    # the association lets arrivals gather for TOP_UP_GATHER (5 ms) before it checks out again,
-    # so the tenth is answered 4 ms after it came; nothing came in the gather after that, nor in
-    # the RECORD_IDLE after the gather.
+    # the association lets arrivals gather for TOP_UP_GATHER (20 ms) before it checks out again:
+    # the batch at 0 ms, then top-ups at 5 ms (one image: the first top-up does not gather),
+    # 26 ms (four) and 50 ms (four, the tenth, which came at 45 ms, among them: answered at
+    # 54 ms); nothing came in the gather after that, nor in the RECORD_IDLE after the gather.
+    assert [n for _, n in w.store.checkouts if n] == [1, 1, 4, 4, 1]
     assert [n for _, n in w.store.records] == [10, 1]
-    assert w.store.records[0][0] == pytest.approx(tenth + 0.004 + TOP_UP_GATHER + RECORD_IDLE)
+    assert w.store.records[0][0] == pytest.approx(
+        tenth + 0.005 + 0.004 + TOP_UP_GATHER + RECORD_IDLE
+    )
 
 
 async def test_top_ups_let_arrivals_gather_when_they_bring_few_images(
@@ -622,12 +626,12 @@ async def test_top_ups_let_arrivals_gather_when_they_bring_few_images(
     sizes = [n for _, n in checkouts]
     # the batch (1 image), an empty top-up, the arrival at 1 ms taken at once (the first top-up
     # of an association does not gather); that one was few, so the next waits TOP_UP_GATHER after it was answered
-    # (1.2 ms) and takes the five that came meanwhile; and so on, a few images per checkout
-    # rather than one checkout (a store job) per image
-    assert sizes[:4] == [1, 0, 1, 5]
+    # (1.2 ms) and takes the twenty that came meanwhile; and so on, twenty-odd images per
+    # checkout rather than one checkout (a store job) per image
+    assert sizes[:4] == [1, 0, 1, 20]
     assert checkouts[3][0] == pytest.approx(0.0012 + TOP_UP_GATHER)
     assert all(n < TOP_UP_FEW for n in sizes) and sum(sizes) == 61
-    assert len([n for n in sizes if n]) == 12  # checkouts that took images, for 61 images
+    assert len([n for n in sizes if n]) == 5  # checkouts that took images, for 61 images
 
 
 async def test_top_up_stops_at_batch_size_and_on_pause(make_world: Any, autojump_clock: Any) -> None:

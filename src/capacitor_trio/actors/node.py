@@ -91,9 +91,9 @@ RECORD_IDLE = 0.01
 #: When a top-up brought fewer than TOP_UP_FEW items (the destination takes images as fast as
 #: they arrive), the next one first lets arrivals gather for TOP_UP_GATHER: one checkout, a
 #: store job between the commits of the receiving associations, then serves several images, not
-#: each one (docs/performance.md, seventh landing).
-TOP_UP_FEW = 8
-TOP_UP_GATHER = 0.005
+#: each one (docs/performance.md, seventh and tenth landings: 8 and 5 ms before the tenth).
+TOP_UP_FEW = 32
+TOP_UP_GATHER = 0.02
 
 
 class Sender(Protocol):
