@@ -19,13 +19,13 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from capacitor_trio.config.load import write_nodes
 from capacitor_trio.config.models import ApiConfig, Config, Node, Settings
 from capacitor_trio.domain.instance import Destination, InstanceHeader
 from capacitor_trio.logs import RingBufferHandler
 from capacitor_trio.runtime import Router, run_router
 from tests.helpers.datasets import make_dataset, write_dataset
 from tests.helpers.fill import bulk_insert  # noqa: F401 (the API tests import it from here)
+from tests.helpers.nodes_yml import write_nodes
 
 TOKEN = "test-token"
 PASSWORD = "test-password"

@@ -315,6 +315,34 @@ async def test_put_node(start_router: StartRouter, scp: StorageScp) -> None:
     assert n["batchSize"] is None
 
 
+async def test_put_edits_the_file_as_it_is_on_disk(start_router: StartRouter) -> None:
+    # a new user's edits: a comment above a node and a node added by hand since start-up
+    r = await start_router((dead_node("A"), dead_node("B")))
+    path = r.data_dir / "nodes.yml"
+    path.write_text("# site nodes: keep this comment\n" + path.read_text() + "- AeTitle: HANDADDED\n  HostName: h\n  Port: 7\n")
+    await r.client.post("/api/nodes/B/pause", headers=AUTH)
+    n = data(await r.client.put("/api/nodes/B", json={"role": "Storage", "priority": 2}, headers=AUTH))
+    assert n["priority"] == 2
+    text = path.read_text()
+    assert text.startswith("# site nodes: keep this comment\n")
+    assert [e["AeTitle"] for e in yaml.safe_load(text)] == ["A", "B", "HANDADDED"]
+
+
+async def test_put_refused_when_the_node_was_changed_in_the_file(start_router: StartRouter) -> None:
+    r = await start_router((dead_node("A"),))
+    path = r.data_dir / "nodes.yml"
+    await r.client.post("/api/nodes/A/pause", headers=AUTH)
+    edited = path.read_text().replace("HostName: 127.0.0.1", "HostName: elsewhere")
+    path.write_text(edited)
+    message = error(await r.client.put("/api/nodes/A", json={"role": "Storage", "priority": 1}, headers=AUTH), "CONFLICT", 409)
+    assert "changed in the file" in message
+    assert path.read_text() == edited
+    path.write_text("- [broken\n")
+    message = error(await r.client.put("/api/nodes/A", json={"role": "Storage", "priority": 1}, headers=AUTH), "CONFLICT", 409)
+    assert "no longer loads" in message
+    assert r.router.supervisor.handle("A").node.priority == 0  # the running node is untouched
+
+
 async def test_concurrent_node_edits_are_all_kept(start_router: StartRouter) -> None:
     names = [f"N{i}" for i in range(6)]
     r = await start_router(tuple(dead_node(n) for n in names))

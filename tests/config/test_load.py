@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from capacitor_trio.config import ConfigError, effective, load_settings
-from capacitor_trio.config.load import GLOBAL_KEYS, env_name, node_to_yaml, parse_node, write_nodes
+from capacitor_trio.config.load import GLOBAL_KEYS, env_name, node_to_yaml, parse_node
 from capacitor_trio.config.models import Config, Node
+from tests.helpers.nodes_yml import write_nodes
 
 
 def write(d: Path, config: str = "", nodes: str = "[]\n") -> Path:

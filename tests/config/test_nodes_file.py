@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from capacitor_trio.config.load import ConfigError, load_nodes
-from capacitor_trio.config.nodes_file import NodesFileConflict, edit_node
+from capacitor_trio.config.models import Node
+from capacitor_trio.config.nodes_file import NodesFileConflict, plan_edit
 
 NODES = """\
 # Our PACS, behind the firewall. Ask Anna before changing the port.
@@ -36,8 +38,19 @@ def nodes_yml(tmp_path: Path) -> Path:
     return path
 
 
-def running(path: Path, ae: str) -> object:
+def running(path: Path, ae: str) -> Node:
     return next(n for n in load_nodes(path, []) if n.ae_title == ae)
+
+
+def edit_node(path: Path, node: Node, changes: dict[str, Any]) -> tuple[Node, tuple[Node, ...]]:
+    planned = plan_edit(path, node, changes)
+    planned.write()
+    return planned.node, planned.nodes
+
+
+def test_nothing_is_written_before_the_planned_edit_is(nodes_yml: Path) -> None:
+    planned = plan_edit(nodes_yml, running(nodes_yml, "PACS"), {"Port": 4242})
+    assert nodes_yml.read_text() == NODES and planned.node.port == 4242
 
 
 def test_an_edit_changes_one_key_and_keeps_comments_order_and_spelling(nodes_yml: Path) -> None:

@@ -34,8 +34,9 @@ from capacitor_trio.actors.messages import (
     SetOverride,
     UpdateNode,
 )
-from capacitor_trio.config.load import check_node_set, node_to_yaml, parse_node, write_nodes
+from capacitor_trio.config.load import check_node_set
 from capacitor_trio.config.models import NODE_ROLES, Node
+from capacitor_trio.config.nodes_file import NodesFileConflict, plan_edit
 from capacitor_trio.dicom.requestor import Peer
 from capacitor_trio.logs import LEVELS, parse_level
 from capacitor_trio.store import STATES, Counts, ItemFilter, ItemNotFound
@@ -343,13 +344,14 @@ class Api:
         current = self.find_node(ae, role)
         if current.role != role:
             raise not_found(f"no node {ae!r} with role {role}")
-        mapping = node_to_yaml(current)
-        mapping["NodeRole"] = role
-        for name, value in body.items():
-            mapping[PUT_FIELDS[name]] = value
-        for key in [k for k, v in mapping.items() if v is None]:
-            del mapping[key]  # null: blank, inherit the global value
-        updated = parse_node(mapping, "request body", 0)
+        changes = {PUT_FIELDS[name]: value for name, value in body.items()}
+        changes["NodeRole"] = role
+        path = self.router.settings.config.data_dir / "nodes.yml"
+        try:
+            planned = await trio.to_thread.run_sync(plan_edit, path, current, changes)
+        except NodesFileConflict as exc:
+            raise conflict(str(exc)) from None
+        updated = planned.node
         nodes = list(self.router.nodes)
         index = next(i for i, n in enumerate(nodes) if n.key == current.key)
         nodes[index] = updated
@@ -358,9 +360,8 @@ class Api:
         status = None
         if handle is not None:
             status = await handle.call(UpdateNode(updated))
-        path = self.router.settings.config.data_dir / "nodes.yml"
         try:
-            await trio.to_thread.run_sync(write_nodes, path, nodes)
+            await trio.to_thread.run_sync(planned.write)
         except OSError as exc:
             if handle is not None:  # put the running node back as it was
                 await handle.call(UpdateNode(current))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
 import zoneinfo
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -478,27 +477,6 @@ def node_to_yaml(node: Node) -> dict[str, Any]:
             continue
         out[key] = list(value) if isinstance(value, tuple) else value
     return out
-
-
-def write_nodes(path: Path, nodes: Sequence[Node]) -> None:
-    """Replace nodes.yml atomically (temp file, fsync, rename, fsync of the directory)."""
-    text = yaml.safe_dump([node_to_yaml(n) for n in nodes], sort_keys=False, default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with open(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def redacted(settings: Settings) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import attrs
 import yaml
 from ruamel.yaml import YAML
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
@@ -39,13 +40,25 @@ class NodesFileConflict(Exception):
     """nodes.yml on disk cannot take the edit; str() is one line for the operator."""
 
 
-def edit_node(path: Path, running: Node, changes: Mapping[str, Any]) -> tuple[Node, tuple[Node, ...]]:
-    """Apply `changes` (nodes.yml key -> value; None removes the key, so the node inherits the
-    global value) to `running`'s entry in the file at `path`, and write the file back.
+@attrs.frozen
+class PlannedEdit:
+    """An edit of nodes.yml, validated and not yet written."""
 
-    Returns the edited node and every node now in the file. Raises NodesFileConflict (see the
-    module's docstring) or ConfigError when the edited node or the node set is invalid; the file
-    is unchanged then.
+    path: Path
+    text: str
+    node: Node  #: the edited node, as a restart would load it
+    nodes: tuple[Node, ...]  #: every node in the file after the edit
+
+    def write(self) -> None:
+        replace_file(self.path, self.text)
+
+
+def plan_edit(path: Path, running: Node, changes: Mapping[str, Any]) -> PlannedEdit:
+    """Apply `changes` (nodes.yml key -> value; None removes the key, so the node inherits the
+    global value) to `running`'s entry in the file at `path` as it is now.
+
+    Raises NodesFileConflict (see the module's docstring), or ConfigError when the edited node
+    or the node set would be invalid. Nothing is written until `PlannedEdit.write`.
     """
     on_disk = _load_checked(path)
     index = _index_of(on_disk, running)
@@ -62,8 +75,7 @@ def edit_node(path: Path, running: Node, changes: Mapping[str, Any]) -> tuple[No
     out = io.StringIO()
     rt.dump(document, out)
     nodes = parse_nodes_text(out.getvalue(), "request body")
-    replace_file(path, out.getvalue())
-    return nodes[index], nodes
+    return PlannedEdit(path, out.getvalue(), nodes[index], nodes)
 
 
 def _load_checked(path: Path) -> tuple[Node, ...]:
