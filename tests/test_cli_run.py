@@ -115,3 +115,35 @@ async def test_a_second_router_on_the_same_directory_is_refused(
 
 
 pytestmark = pytest.mark.timeout(120)
+
+
+@needs_dcmtk
+async def test_sighup_reloads_nodes_and_a_bad_file_keeps_the_router_up(tmp_path: Path, nursery: trio.Nursery) -> None:
+    data = tmp_path / "capacitor-data"
+    scp, api = free_port(), free_port()
+    router = RouterProcess(data, f"--config.scpPort={scp}", f"--config.api.port={api}")
+    try:
+        await router.start(nursery)
+
+        async def echo(called: str) -> int:
+            done = await trio.run_process(
+                ["echoscu", "-aec", called, "127.0.0.1", str(scp)], env=dcmtk_env(), check=False,
+                capture_stdout=True, capture_stderr=True,
+            )
+            return done.returncode
+
+        assert await echo("ADDED") != 0
+        (data / "nodes.yml").write_text("- AeTitle: ADDED\n  HostName: 127.0.0.1\n  Port: 9\n")
+        router.signal(signal.SIGHUP)
+        await router.wait_for_line(lambda line: "configuration reloaded: added ADDED" in line)
+        assert await echo("ADDED") == 0  # the called AE now names a node
+        (data / "nodes.yml").write_text("- AeTitle: [broken\n")
+        router.signal(signal.SIGHUP)
+        line = await router.wait_for_line(lambda line: "configuration reload refused" in line)
+        assert line.startswith("ERROR: ") and "nodes.yml" in line
+        assert await echo("ADDED") == 0  # the previous configuration stays in force
+        router.signal(signal.SIGTERM)
+        assert await router.wait() == 0
+        assert not any("Traceback" in line for line in router.lines)
+    finally:
+        await router.aclose()

@@ -11,6 +11,7 @@ are restarted in-process.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 import attrs
 import trio
+from trio_util import AsyncValue
 
 from capacitor_trio import gctune
 from capacitor_trio.actors.node import NodeContext
@@ -54,6 +56,8 @@ class Router:
     dicom_port: int | None = None
     api_port: int | None = None
     nodes: list[Node] = attrs.field(factory=list)
+    #: held by every change of the configuration in force (a reload, a node edit)
+    config_lock: trio.Lock = attrs.field(factory=trio.Lock)
 
 
 async def run_router(
@@ -121,8 +125,8 @@ async def run_router(
 
 
 async def _expire_forever(router: Router) -> None:
-    threshold = router.settings.config.expiry_threshold
     while True:
+        threshold = router.settings.config.expiry_threshold  # a reload may change it
         moved = await router.store.expire(router.clock(), threshold)
         if moved:
             log.warning("%d item(s) older than expiryThreshold (%d s) moved to expired", moved, threshold)
@@ -130,23 +134,37 @@ async def _expire_forever(router: Router) -> None:
 
 
 async def _main(settings: Settings, ring: RingBufferHandler) -> int:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
+            running: AsyncValue[Router | None] = AsyncValue(None)
 
-            async def stop_on_signal() -> None:
+            async def on_signals() -> None:
                 async for signum in signals:
-                    log.info("received %s, shutting down", signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel(reason="signal")
-                    return
+                    if signum != signal.SIGHUP:
+                        log.info("received %s, shutting down", signal.Signals(signum).name)
+                        nursery.cancel_scope.cancel(reason="signal")
+                        return
+                    if running.value is None:
+                        log.warning("received SIGHUP while starting: nothing to reload yet")
+                    else:
+                        nursery.start_soon(_reload_logged, running.value)
 
-            nursery.start_soon(stop_on_signal)
-            await nursery.start(
+            nursery.start_soon(on_signals)
+            running.value = await nursery.start(
                 lambda task_status: run_router(
                     settings, ring=ring, settle_gc=True, task_status=task_status
                 )
             )
     log.info("stopped")
     return 0
+
+
+async def _reload_logged(router: Router) -> None:
+    """SIGHUP: reload; reload_configuration logs the outcome, and a refusal keeps the router up."""
+    from capacitor_trio.actors.reload import reload_configuration
+
+    with contextlib.suppress(Exception):
+        await reload_configuration(router)
 
 
 def run_daemon(settings: Settings, *, log_level: str = "INFO") -> int:

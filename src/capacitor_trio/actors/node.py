@@ -133,9 +133,10 @@ class NodeState:
     cut_short: list[str] = attrs.field(factory=list)
 
 
-@attrs.frozen
+@attrs.define(eq=False)
 class NodeContext:
-    """What every node actor gets from the runtime."""
+    """What every node actor gets from the runtime. `config` is replaced as a whole by a
+    configuration reload (actors/reload.py), so actors read it where they use it."""
 
     store: Any
     sender: Sender

@@ -52,6 +52,9 @@ class _Slot:
     state: NodeState
     tracker: RestartTracker
     scope: trio.CancelScope | None = None
+    #: cancels the whole supervision of this node (a node removed by a reload)
+    outer: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    stopped: trio.Event = attrs.field(factory=trio.Event)
     killed: bool = False
     restart_requested: trio.Event = attrs.field(factory=trio.Event)
 
@@ -75,10 +78,14 @@ class Supervisor:
         self.chaos_in_flight: set[str] = set()
         self._chaos_rng = chaos_rng or random.Random()
         self._slots: dict[tuple[str, str], _Slot] = {}
+        self._nursery: trio.Nursery | None = None
         for node in nodes:
             if node.role == "Storage":
-                self._slots[node.key] = _Slot(NodeHandle(node), NodeState(), RestartTracker(policy))
+                self._slots[node.key] = self._new_slot(node)
         ctx.service.on_change(self.wake_all)
+
+    def _new_slot(self, node: Node) -> _Slot:
+        return _Slot(NodeHandle(node), NodeState(), RestartTracker(self.policy))
 
     # ---- lookup ------------------------------------------------------------------------------
 
@@ -106,6 +113,30 @@ class Supervisor:
         slot.restart_requested.set()
         return True
 
+    # ---- node set changes (a configuration reload) --------------------------------------------
+
+    async def add(self, node: Node) -> NodeHandle:
+        """Start supervising a new Storage node; returns once its actor serves."""
+        assert self._nursery is not None, "the supervisor is not running"
+        slot = self._new_slot(node)
+        slot.state.paused = node.key in await self.ctx.store.get_paused()
+        self._slots[node.key] = slot
+        await self._nursery.start(self._supervise, slot)
+        return slot.handle
+
+    async def remove(self, key: tuple[str, str]) -> None:
+        """Stop a node's actor (it releases what it has checked out) and forget the node."""
+        slot = self._slots.pop(key)
+        slot.outer.cancel(reason="node removed from nodes.yml")
+        await slot.stopped.wait()
+        self._refuse_queued(slot.handle)
+
+    def reconfigure(self, node: Node) -> None:
+        """New settings for a running node (same AE title and role), used from its next batch."""
+        handle = self._slots[node.key].handle
+        handle.node = node
+        handle.wake()
+
     # ---- running -----------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED) -> None:
@@ -113,6 +144,7 @@ class Supervisor:
         for key, slot in self._slots.items():
             slot.state.paused = key in paused
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for slot in self._slots.values():
                 await nursery.start(self._supervise, slot)
             if self.chaos_every > 0:
@@ -122,8 +154,17 @@ class Supervisor:
                 )
                 nursery.start_soon(self._chaos)
             task_status.started(self)
+            await trio.sleep_forever()  # open for nodes a reload adds, even with none yet
 
     async def _supervise(self, slot: _Slot, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            with slot.outer:
+                await self._supervise_until_cancelled(slot, task_status)
+        finally:
+            slot.handle.status = "stopped"
+            slot.stopped.set()
+
+    async def _supervise_until_cancelled(self, slot: _Slot, task_status: trio.TaskStatus[None]) -> None:
         handle = slot.handle
         first = True
         while True:

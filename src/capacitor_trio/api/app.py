@@ -34,6 +34,7 @@ from capacitor_trio.actors.messages import (
     SetOverride,
     UpdateNode,
 )
+from capacitor_trio.actors.reload import reload_configuration
 from capacitor_trio.config.load import check_node_set
 from capacitor_trio.config.models import NODE_ROLES, Node
 from capacitor_trio.config.nodes_file import NodesFileConflict, plan_edit
@@ -204,8 +205,6 @@ class Api:
         #: aggregate counts, recomputed in the background (see queries.Recent)
         self.totals = Recent(lambda: self.store.counts())
         self.per_destination = Recent(self._per_destination)
-        #: one node edit at a time: each one rewrites the whole nodes.yml
-        self._edit_lock = trio.Lock()
 
     async def _per_destination(self) -> dict[tuple[str, str], Counts]:
         by_dest = await self.store.counts_by_destination()
@@ -314,7 +313,7 @@ class Api:
         return ok(node_json(node, await self.node_status(node)))
 
     async def put_node(self, ae: str) -> Response:
-        async with self._edit_lock:
+        async with self.router.config_lock:
             return await self._put_node(ae)
 
     async def _put_node(self, ae: str) -> Response:
@@ -564,6 +563,16 @@ class Api:
         self.router.service.set_all(False)
         return ok(self.router.service.as_dict())
 
+    async def reload_config(self) -> Response:
+        report = await reload_configuration(self.router)
+        return ok({
+            "added": list(report.added),
+            "removed": list(report.removed),
+            "changed": list(report.changed),
+            "configChanged": list(report.config_changed),
+            "needsRestart": list(report.needs_restart),
+        })
+
     async def service_resume(self) -> Response:
         self.router.service.set_all(True)
         return ok(self.router.service.as_dict())
@@ -675,6 +684,7 @@ ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("POST", "/api/service/pause", "service_pause", True),
     ("POST", "/api/service/resume", "service_resume", True),
     ("GET", "/api/service/processing-status", "processing_status", False),
+    ("POST", "/api/config/reload", "reload_config", True),
     ("GET", "/api/metrics", "metrics", False),
     ("GET", "/api/logs/recent", "logs_recent", False),
     ("GET", "/api/queue/stats", "queue_stats", False),

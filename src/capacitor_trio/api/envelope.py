@@ -16,6 +16,7 @@ from typing import Any
 from quart import Response
 
 from capacitor_trio.actors.messages import CommandRefused, NodeUnavailable
+from capacitor_trio.actors.reload import ReloadRefused
 from capacitor_trio.config.load import ConfigError
 from capacitor_trio.store import ItemNotFound, StoreFull, TransitionError
 
@@ -92,7 +93,7 @@ def translate(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, ItemNotFound):
         return ApiError("NOT_FOUND", str(exc))
-    if isinstance(exc, TransitionError | CommandRefused):  # ItemCheckedOut is a TransitionError
+    if isinstance(exc, TransitionError | CommandRefused | ReloadRefused):  # ItemCheckedOut is a TransitionError
         return ApiError("CONFLICT", str(exc))
     if isinstance(exc, NodeUnavailable):
         return ApiError("UNAVAILABLE", str(exc))

@@ -154,6 +154,13 @@ SCHEMAS: S = {
     "BulkFilter": obj(
         {"source": nullable(STR), "destination": nullable(STR), "modality": nullable(STR)}, required=[]
     ),
+    "ReloadReport": obj({
+        "added": {"type": "array", "items": STR},
+        "removed": {"type": "array", "items": STR},
+        "changed": {"type": "array", "items": STR},
+        "configChanged": {"type": "array", "items": STR},
+        "needsRestart": {"type": "array", "items": STR},
+    }),
     "ServiceFlags": obj({"storageScu": BOOL, "worklistScu": BOOL, "storageCommitScu": BOOL, "prepare": BOOL}),
     "ProcessingStatus": obj(
         {
@@ -350,6 +357,7 @@ def paths() -> S:
         "/api/service/status": {"get": op("Processing flags", ref("ServiceFlags"), tag="Service")},
         "/api/service/pause": {"post": op("Disable all processing (receiving continues)", ref("ServiceFlags"), write=True, tag="Service")},
         "/api/service/resume": {"post": op("Re-enable all processing", ref("ServiceFlags"), write=True, tag="Service")},
+        "/api/config/reload": {"post": op("Re-read config.yml and nodes.yml; apply node additions, removals and edits and the reloadable keys, or change nothing", ref("ReloadReport"), write=True, tag="Service")},
         "/api/service/processing-status": {"get": op("Pause state, checked-out items, active jobs, idle", ref("ProcessingStatus"), tag="Service")},
         "/api/metrics": {"get": op("Aggregate queue statistics and service status", ref("Metrics"), tag="Metrics")},
         "/api/logs/recent": {

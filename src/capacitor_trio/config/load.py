@@ -364,7 +364,7 @@ def load_settings(
             "instances are sent in the syntax they were received in"
         )
     nodes = load_nodes(data_dir / "nodes.yml", warnings)
-    return Settings(config=config, nodes=nodes, warnings=tuple(warnings))
+    return Settings(config=config, nodes=nodes, warnings=tuple(warnings), overrides=dict(overrides))
 
 
 def parse_node(entry: Any, source: str, index: int, warnings: list[str] | None = None) -> Node:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import attrs
@@ -154,6 +155,8 @@ class Settings:
     config: Config
     nodes: tuple[Node, ...] = ()
     warnings: tuple[str, ...] = ()
+    #: the command line's `--config.<key>=<value>` overrides, applied again by a reload
+    overrides: Mapping[str, str] = attrs.field(factory=dict)
 
     def storage_nodes(self) -> tuple[Node, ...]:
         return tuple(n for n in self.nodes if n.role == "Storage")

@@ -1,0 +1,186 @@
+"""Configuration reload (SIGHUP, `POST /api/config/reload`): read config.yml and nodes.yml again,
+check everything first, then apply what can change while the router runs.
+
+Nothing is applied unless everything is valid: a file that does not load, a node set that is
+ambiguous, or a Storage node removed while it still has queued items refuses the whole reload,
+and the configuration in force stays as it was.
+
+What is applied:
+- nodes.yml: added Storage nodes get an actor, removed ones are stopped (what they had checked
+  out goes back to the queue first), edited ones use their new settings from their next batch;
+  the called-AE routes are rebuilt.
+- config.yml: the keys in `RELOADABLE_KEYS`, which the node actors and the receiver read each
+  time they use them. Any other key that changed is listed as needing a restart.
+
+One configuration change at a time (`Router.config_lock`, which node edits through the API take
+too): two overlapping changes would each start from the same old state.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from capacitor_trio.config.load import GLOBAL_KEYS, load_settings
+from capacitor_trio.config.models import Config, Node
+from capacitor_trio.domain.instance import Destination
+
+if TYPE_CHECKING:
+    from capacitor_trio.runtime import Router
+
+log = logging.getLogger("capacitor_trio.reload")
+
+#: Config attributes a reload applies: the ones node actors, the receiver and the expiry task
+#: read where they use them.
+RELOADABLE_KEYS = (
+    "ae_title_prefix",
+    "batch_size",
+    "process_delay",
+    "process_delay_window_multiplier",
+    "process_schedule",
+    "minimum_line_speed",
+    "stall_threshold_seconds",
+    "connect_timeout_seconds",
+    "expiry_threshold",
+    "minimum_age",
+    "storage_interval",
+    "default_transfer_syntax",
+    "retry_delay_seconds",
+    "retry_max_delay_seconds",
+    "max_attempts",
+    "time_zone",
+)
+
+
+class ReloadRefused(Exception):
+    """The new configuration cannot be applied; str() is one line for the operator."""
+
+
+@attrs.frozen
+class ReloadReport:
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
+    config_changed: tuple[str, ...] = ()
+    needs_restart: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class _NodeDiff:
+    added: tuple[Node, ...]
+    removed: tuple[Node, ...]
+    changed: tuple[Node, ...]
+
+
+
+async def reload_configuration(router: Router) -> ReloadReport:
+    """Reload and apply, or raise ReloadRefused (ConfigError for an invalid file) with the
+    configuration in force untouched. Either way one log line says what happened."""
+    async with router.config_lock:
+        try:
+            report = await _reload(router)
+        except Exception as exc:
+            log.error("configuration reload refused, the previous configuration stays in force: %s", exc)
+            raise
+    log.info("configuration reloaded: %s", _summary(report))
+    for key in report.needs_restart:
+        log.warning("configuration reload: %s changed in config.yml; it takes effect at the next restart", key)
+    return report
+
+
+async def _reload(router: Router) -> ReloadReport:
+    old = router.settings
+    new = await trio.to_thread.run_sync(
+        lambda: load_settings(old.config.data_dir, overrides=old.overrides)
+    )
+    diff = _diff_nodes(old.nodes, new.nodes)
+    await _check_removals(router, diff.removed)
+    config, config_changed, needs_restart = _merge_config(old.config, new.config)
+    router.settings = attrs.evolve(new, config=config)
+    router.supervisor.ctx.config = config
+    router.receiver.config = config
+    await _apply_nodes(router, new.nodes, diff)
+    return ReloadReport(
+        added=_titles(diff.added),
+        removed=_titles(diff.removed),
+        changed=_titles(diff.changed),
+        config_changed=config_changed,
+        needs_restart=needs_restart,
+    )
+
+
+def _diff_nodes(old: tuple[Node, ...], new: tuple[Node, ...]) -> _NodeDiff:
+    before = {n.key: n for n in old}
+    after = {n.key: n for n in new}
+    return _NodeDiff(
+        added=tuple(n for k, n in after.items() if k not in before),
+        removed=tuple(n for k, n in before.items() if k not in after),
+        changed=tuple(n for k, n in after.items() if k in before and before[k] != n),
+    )
+
+
+async def _check_removals(router: Router, removed: tuple[Node, ...]) -> None:
+    for node in removed:
+        if node.role != "Storage":
+            continue
+        counts = await router.store.counts(Destination(node.ae_title, node.role))
+        if counts.total:
+            raise ReloadRefused(
+                f"nodes.yml: node {node.ae_title} was removed but still has {counts.total} "
+                "queued item(s); move or delete them first, or keep the node"
+            )
+
+
+def _merge_config(old: Config, new: Config) -> tuple[Config, tuple[str, ...], tuple[str, ...]]:
+    """The config in force after a reload (`old` with the reloadable keys of `new`), the keys
+    applied and the keys that changed but wait for a restart, both in config.yml's spelling."""
+    changed = [key for key in GLOBAL_KEYS if _value(old, key.field) != _value(new, key.field)]
+    applied = [key for key in changed if key.field in RELOADABLE_KEYS]
+    merged = attrs.evolve(old, **{key.field: _value(new, key.field) for key in applied})
+    waiting = tuple(key.name for key in changed if key.field not in RELOADABLE_KEYS)
+    return merged, tuple(key.name for key in applied), waiting
+
+
+def _value(config: Config, field: str) -> Any:
+    value: Any = config
+    for part in field.split("."):
+        value = getattr(value, part)
+    return value
+
+
+async def _apply_nodes(router: Router, nodes: tuple[Node, ...], diff: _NodeDiff) -> None:
+    """Routes first, so that nothing is queued for a node being removed; then the actors."""
+    supervisor = router.supervisor
+    router.nodes[:] = nodes  # in place: the receiver reads this list
+    router.receiver.refresh_routes()
+    for node in diff.removed:
+        if node.role == "Storage":
+            await supervisor.remove(node.key)
+    for node in diff.changed:
+        if node.role == "Storage":
+            supervisor.reconfigure(node)
+    for node in diff.added:
+        if node.role == "Storage":
+            await supervisor.add(node)
+
+
+def _titles(nodes: tuple[Node, ...]) -> tuple[str, ...]:
+    return tuple(f"{n.ae_title} ({n.role})" if n.role != "Storage" else n.ae_title for n in nodes)
+
+
+def _summary(report: ReloadReport) -> str:
+    parts = [
+        f"{label} {', '.join(values)}"
+        for label, values in (
+            ("added", report.added),
+            ("removed", report.removed),
+            ("changed", report.changed),
+            ("config", report.config_changed),
+        )
+        if values
+    ]
+    return "; ".join(parts) or "no change"
+
