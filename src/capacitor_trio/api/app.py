@@ -353,7 +353,7 @@ class Api:
         nodes = list(self.router.nodes)
         index = next(i for i, n in enumerate(nodes) if n.key == current.key)
         nodes[index] = updated
-        check_node_set(nodes, "request body")
+        check_node_set(nodes, "request body", prefix=self.router.settings.config.ae_title_prefix, edited=updated)
         handle = self.handle_for(current)
         status = None
         if handle is not None:
