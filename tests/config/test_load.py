@@ -178,6 +178,27 @@ def test_typed_keys_from_env_and_cli(tmp_path: Path) -> None:
         assert f"environment {env_name_}" in str(info.value) and repr(raw) in str(info.value)
 
 
+def test_numbers_in_yaml_files_are_read_as_written(tmp_path: Path) -> None:
+    """A string key written as a YAML number keeps the text (`012345` is not octal 5349, which
+    would misroute an AE title or change a secret), and a whole number with a leading zero is
+    decimal, as from the environment."""
+    config = "myAeTitle: 012345\napi:\n  token: 0777\n  servicePassword: 1e3\nbatchSize: 010\naeTitlePrefix: 0_\n"
+    nodes = "- AeTitle: 0123\n  Aliases: [00042, 1_0]\n  Port: 0104\n"
+    s = load_settings(write(tmp_path, config, nodes), environ={})
+    c = s.config
+    assert (c.my_ae_title, c.api.token, c.api.service_password, c.batch_size) == ("012345", "0777", "1e3", 10)
+    assert type(c.batch_size) is int and c.ae_title_prefix == "0_"
+    (node,) = s.nodes
+    assert (node.ae_title, node.aliases, node.port) == ("0123", ("00042", "1_0"), 104)
+    assert type(node.port) is int
+    write_nodes(tmp_path / "nodes.yml", s.nodes)
+    assert load_settings(tmp_path, environ={}).nodes == s.nodes  # written back quoted
+    with pytest.raises(ConfigError, match="nodes.yml: node 0123: Port = 070000: must be 1..65535"):
+        load_settings(write(tmp_path, "", "- AeTitle: 0123\n  Port: 070000\n"), environ={})
+    with pytest.raises(ConfigError, match="finite"):
+        load_settings(write(tmp_path, "processDelayWindowMultiplier: .nan\n"), environ={})
+
+
 def test_open_writes_warn_once_at_start(tmp_path: Path) -> None:
     """No credential: writes are open, as the contract says, and one warning says so."""
     s = load_settings(write(tmp_path, "api:\n  enabled: true\n"), environ={})

@@ -10,6 +10,7 @@ key and the value (secrets redacted).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import tempfile
@@ -63,8 +64,48 @@ def shown_value(key: str, value: object) -> object:
 def _show(value: object) -> str:
     if value is REDACTED:
         return REDACTED
-    text = repr(value)
+    text = value.text if isinstance(value, _YamlInt | _YamlFloat) else repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML numbers that remember how they were written
+
+
+class _YamlInt(int):
+    """An int read from a YAML file, with its text: a string-typed key (an AE title, a secret)
+    takes the text (`012345` stays `012345`, not YAML 1.1's octal 5349), a whole-number key a
+    plain run of digits as decimal."""
+
+    text: str
+
+
+class _YamlFloat(float):
+    text: str
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader, except that numbers keep their text (see `_YamlInt`)."""
+
+
+def _add_number(tag: str, cls: type[_YamlInt] | type[_YamlFloat]) -> None:
+    construct = _Loader.yaml_constructors[tag]
+
+    def build(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+        value = cls(construct(loader, node))
+        value.text = str(node.value)
+        return value
+
+    _Loader.add_constructor(tag, build)
+
+
+_add_number("tag:yaml.org,2002:int", _YamlInt)
+_add_number("tag:yaml.org,2002:float", _YamlFloat)
+
+
+def _as_written(v: Any) -> Any:
+    """A YAML number's text, anything else as it is."""
+    return v.text if isinstance(v, _YamlInt | _YamlFloat) else v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,6 +116,8 @@ def _int(lo: int | None = 0, hi: int | None = None) -> Callable[[Any], int]:
     def check(v: Any) -> int:
         if isinstance(v, bool) or not isinstance(v, int):
             raise ValueError("must be a whole number")
+        text = _as_written(v)
+        v = int(text) if isinstance(text, str) and re.fullmatch(r"[+-]?[0-9]+", text) else int(v)
         if lo is not None and v < lo:
             raise ValueError(f"must be at least {lo}" if hi is None else f"must be {lo}..{hi}")
         if hi is not None and v > hi:
@@ -88,6 +131,8 @@ def _float(lo: float = 0.0) -> Callable[[Any], float]:
     def check(v: Any) -> float:
         if isinstance(v, bool) or not isinstance(v, int | float):
             raise ValueError("must be a number")
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number")
         if v < lo:
             raise ValueError(f"must be at least {lo:g}")
         return float(v)
@@ -102,12 +147,14 @@ def _bool(v: Any) -> bool:
 
 
 def _str(v: Any) -> str:
+    v = _as_written(v)
     if isinstance(v, bool) or not isinstance(v, str | int | float):
         raise ValueError("must be a string")
     return str(v)
 
 
 def check_ae_title(v: Any) -> str:
+    v = _as_written(v)
     if isinstance(v, int) and not isinstance(v, bool):
         v = str(v)
     if not isinstance(v, str):
@@ -285,7 +332,7 @@ def _read_yaml(path: Path) -> Any:
     except OSError as e:
         raise ConfigError(str(path), "file", _MISSING, f"cannot be read: {e.strerror}") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
