@@ -193,7 +193,7 @@ def test_numbers_in_yaml_files_are_read_as_written(tmp_path: Path) -> None:
     assert type(node.port) is int
     write_nodes(tmp_path / "nodes.yml", s.nodes)
     assert load_settings(tmp_path, environ={}).nodes == s.nodes  # written back quoted
-    with pytest.raises(ConfigError, match="nodes.yml: node 0123: Port = 070000: must be 1..65535"):
+    with pytest.raises(ConfigError, match=r"nodes\.yml: node 0123: Port = 070000: must be 1\.\.65535"):
         load_settings(write(tmp_path, "", "- AeTitle: 0123\n  Port: 070000\n"), environ={})
     with pytest.raises(ConfigError, match="finite"):
         load_settings(write(tmp_path, "processDelayWindowMultiplier: .nan\n"), environ={})
@@ -334,6 +334,8 @@ BAD = [
     ("", '- AeTitle: "PACS\\t"\n', "nodes.yml: node 1: AeTitle = 'PACS\\t'", "control characters"),
     ("", '- AeTitle: "PA\\x01CS"\n', "nodes.yml: node 1: AeTitle", "control characters"),
     ("myAeTitle: \"ROUTER\\n\"\n", "[]", "myAeTitle = 'ROUTER\\n'", "control characters"),
+    ("aeTitlePrefix: SIXTEEN_CHARS_XX\n", "[]", "aeTitlePrefix = 'SIXTEEN_CHARS_XX'", "at most 16"),
+    ("aeTitlePrefix: 'A\\B_'\n", "[]", "aeTitlePrefix", "backslashes or control"),
     # issue 19 #9: a secret's value is never echoed (redacted as check-config does)
     ("api:\n  servicePassword: [hunter2-secret]\n", "[]", "api.servicePassword = <redacted>", "must be a string"),
     ("api:\n  token: {a: hunter2-secret}\n", "[]", "api.token = <redacted>", "must be a string"),

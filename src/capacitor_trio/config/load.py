@@ -169,6 +169,16 @@ def check_ae_title(v: Any) -> str:
     return title
 
 
+def _ae_prefix(v: Any) -> str:
+    """aeTitlePrefix: blank (no prefixed titles), or what can start an AE title."""
+    prefix = _str(v)
+    if not prefix.strip(" "):
+        return ""
+    if prefix.startswith(" "):
+        raise ValueError("an AE title prefix cannot start with a space")
+    return check_ae_title(prefix + "X")[:-1]  # room for at least one character of the title
+
+
 def _host(v: Any) -> str:
     if not isinstance(v, str):
         raise ValueError("must be a host name or IP address")
@@ -261,7 +271,7 @@ def env_name(key: str) -> str:
 GLOBAL_KEYS: tuple[Key, ...] = (
     Key("myAeTitle", "my_ae_title", check_ae_title),
     Key("scpPort", "scp_port", _port_or_off),
-    Key("aeTitlePrefix", "ae_title_prefix", _str),
+    Key("aeTitlePrefix", "ae_title_prefix", _ae_prefix),
     Key("cachePath", "cache_path", _str),
     Key("batchSize", "batch_size", _int(0)),
     Key("processDelay", "process_delay", _int(0)),
