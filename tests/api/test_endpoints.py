@@ -343,6 +343,42 @@ async def test_put_refused_when_the_node_was_changed_in_the_file(start_router: S
     assert r.router.supervisor.handle("A").node.priority == 0  # the running node is untouched
 
 
+async def test_put_node_refuses_what_the_config_refuses(start_router: StartRouter) -> None:
+    """issue 19 #18/#19: PUT runs the config's own checks: every called AE (titles, aliases and
+    aeTitlePrefix + either) names one Storage node, with both nodes named in the error; and an
+    empty HostName, a port outside 1-65535 or an AE title no peer can send are refused."""
+    r = await start_router((dead_node("STORESCP"), dead_node("ORTHANC"), dead_node("X")))
+    await r.client.post("/api/nodes/STORESCP/pause", headers=AUTH)
+    before = (r.data_dir / "nodes.yml").read_text()
+    msg = error(
+        await r.client.put("/api/nodes/STORESCP", json={"role": "Storage", "aliases": ["DCP_ORTHANC"]}, headers=AUTH),
+        "BAD_REQUEST", 400,
+    )
+    assert msg == (
+        "request body: node STORESCP: Aliases = 'DCP_ORTHANC': called AE DCP_ORTHANC (its alias DCP_ORTHANC) "
+        "already names Storage node ORTHANC (aeTitlePrefix + its AeTitle); a called AE must name one Storage node"
+    )
+    msg = error(
+        await r.client.put("/api/nodes/STORESCP", json={"role": "Storage", "aliases": ["X"]}, headers=AUTH),
+        "BAD_REQUEST", 400,
+    )
+    assert "node STORESCP: Aliases = 'X': called AE X (its alias X) already names Storage node X (its AeTitle)" in msg
+    for bad, why in (
+        ({"hostName": ""}, "HostName = '': a host name cannot be empty"),
+        ({"hostName": "  "}, "a host name cannot be empty"),
+        ({"hostName": "pacs\nevil"}, "control characters"),
+        ({"port": 0}, "Port = 0: must be 1..65535"),
+        ({"port": 65536}, "Port = 65536: must be 1..65535"),
+        ({"aliases": ["SEVENTEEN_CHARS_X"]}, "at most 16"),
+        ({"aliases": ["A\\B"]}, "backslashes or control characters"),
+        ({"aliases": ["ARCH\t"]}, "backslashes or control characters"),
+    ):
+        msg = error(await r.client.put("/api/nodes/STORESCP", json={"role": "Storage", **bad}, headers=AUTH), "BAD_REQUEST", 400)
+        assert why in msg, (bad, msg)
+    assert (r.data_dir / "nodes.yml").read_text() == before  # nothing written
+    assert r.router.receiver.destinations_for("DCP_ORTHANC")[0].ae_title == "ORTHANC"
+
+
 async def test_concurrent_node_edits_are_all_kept(start_router: StartRouter) -> None:
     names = [f"N{i}" for i in range(6)]
     r = await start_router(tuple(dead_node(n) for n in names))

@@ -113,10 +113,105 @@ def test_legacy_ae_title_alias(tmp_path: Path) -> None:
 
 
 def test_unimplemented_and_unknown_keys_warn_once(tmp_path: Path) -> None:
-    s = load_settings(write(tmp_path, "findScpPort: 1041\nfilters: route\nfooBar: 1\n"), environ={})
+    s = load_settings(write(tmp_path, "findScpPort: 1041\nworklistDays: 3\nfooBar: 1\nfilters:\n"), environ={})
     assert len(s.warnings) == 2
-    assert "filters, findScpPort" in s.warnings[0] and "not implemented" in s.warnings[0]
+    assert "findScpPort, worklistDays" in s.warnings[0] and "not implemented" in s.warnings[0]
     assert "fooBar" in s.warnings[1] and "unknown" in s.warnings[1]
+
+
+def test_unimplemented_keys_warn_alike_from_every_source(tmp_path: Path) -> None:
+    """issue 19 #15: worklistDays warns in config.yml, in the environment and on the command line
+    alike (it stopped start-up on the command line and was ignored silently in the environment),
+    and each warning names its source."""
+    d = write(tmp_path, "worklistDays: 3\n")
+    s = load_settings(d, environ={"CAPACITOR_WORKLIST_DAYS": "3"}, overrides={"worklistDays": "3", "echoInterval": "5"})
+    assert s.warnings == (
+        f"{d / 'config.yml'}: keys accepted but not implemented yet (ignored): worklistDays",
+        "environment: keys accepted but not implemented yet (ignored): CAPACITOR_WORKLIST_DAYS",
+        "command line: keys accepted but not implemented yet (ignored): --config.echoInterval, --config.worklistDays",
+    )
+    write(tmp_path)
+    r = run_cli("check-config", "--path", str(tmp_path), "--config.worklistDays=3", env={"CAPACITOR_ECHO_INTERVAL": "5"})
+    assert r.returncode == 0, r.stderr
+    assert "WARNING: command line: keys accepted but not implemented yet (ignored): --config.worklistDays" in r.stderr
+    assert "WARNING: environment: keys accepted but not implemented yet (ignored): CAPACITOR_ECHO_INTERVAL" in r.stderr
+
+
+# issue 19 #8: what the environment and the command line give is text, read by the key's type
+PLAIN_STRINGS = ["#abc", "~", "null", "012345", "yes", "[a, b]", "a: b", "1e3", " padded ", "'quoted'"]
+
+
+@pytest.mark.parametrize("secret", PLAIN_STRINGS)
+def test_secrets_from_env_and_cli_are_the_exact_text(tmp_path: Path, secret: str) -> None:
+    d = write(tmp_path)
+    c = load_settings(d, environ={"CAPACITOR_API_TOKEN": secret}).config
+    assert c.api.token == secret and c.api.auth_required
+    c = load_settings(d, environ={}, overrides={"api.servicePassword": secret}).config
+    assert c.api.service_password == secret and c.api.auth_required
+
+
+def test_string_keys_from_env_and_cli_are_not_yaml(tmp_path: Path) -> None:
+    d = write(tmp_path)
+    env = {"CAPACITOR_MY_AE_TITLE": "012345", "CAPACITOR_AE_TITLE_PREFIX": "~", "CAPACITOR_TIME_ZONE": "UTC"}
+    c = load_settings(d, environ=env, overrides={"cachePath": "null"}).config
+    assert (c.my_ae_title, c.ae_title_prefix, c.time_zone, c.cache_path) == ("012345", "~", "UTC", d / "null")
+
+
+def test_typed_keys_from_env_and_cli(tmp_path: Path) -> None:
+    d = write(tmp_path)
+    env = {
+        "CAPACITOR_SCP_PORT": "012345", "CAPACITOR_DURABLE_WRITES": "False", "CAPACITOR_API_ENABLED": "yes",
+        "CAPACITOR_PROCESS_DELAY_WINDOW_MULTIPLIER": "2.5", "CAPACITOR_PROCESS_SCHEDULE": "['19:00 - 23:59', 00:00 - 06:00]",
+    }
+    c = load_settings(d, environ=env, overrides={"batchSize": " 7 "}).config
+    assert (c.scp_port, c.durable_writes, c.api.enabled, c.batch_size) == (12345, False, True, 7)
+    assert c.process_delay_window_multiplier == 2.5
+    assert c.process_schedule == ("19:00 - 23:59", "00:00 - 06:00")
+    c = load_settings(d, environ={"CAPACITOR_BATCH_SIZE": "", "CAPACITOR_API_TOKEN": ""}).config
+    assert c.batch_size == 0 and c.api.token == ""  # blank keeps the default
+    for env_name_, raw, why in (
+        ("CAPACITOR_SCP_PORT", "0x10", "whole number"),
+        ("CAPACITOR_DURABLE_WRITES", "1", "true or false"),
+        ("CAPACITOR_PROCESS_DELAY_WINDOW_MULTIPLIER", "nan", "number"),
+    ):
+        with pytest.raises(ConfigError, match=why) as info:
+            load_settings(d, environ={env_name_: raw})
+        assert f"environment {env_name_}" in str(info.value) and repr(raw) in str(info.value)
+
+
+def test_numbers_in_yaml_files_are_read_as_written(tmp_path: Path) -> None:
+    """A string key written as a YAML number keeps the text (`012345` is not octal 5349, which
+    would misroute an AE title or change a secret), and a whole number with a leading zero is
+    decimal, as from the environment."""
+    config = "myAeTitle: 012345\napi:\n  token: 0777\n  servicePassword: 1e3\nbatchSize: 010\naeTitlePrefix: 0_\n"
+    nodes = "- AeTitle: 0123\n  Aliases: [00042, 1_0]\n  Port: 0104\n"
+    s = load_settings(write(tmp_path, config, nodes), environ={})
+    c = s.config
+    assert (c.my_ae_title, c.api.token, c.api.service_password, c.batch_size) == ("012345", "0777", "1e3", 10)
+    assert type(c.batch_size) is int and c.ae_title_prefix == "0_"
+    (node,) = s.nodes
+    assert (node.ae_title, node.aliases, node.port) == ("0123", ("00042", "1_0"), 104)
+    assert type(node.port) is int
+    write_nodes(tmp_path / "nodes.yml", s.nodes)
+    assert load_settings(tmp_path, environ={}).nodes == s.nodes  # written back quoted
+    with pytest.raises(ConfigError, match=r"nodes\.yml: node 0123: Port = 070000: must be 1\.\.65535"):
+        load_settings(write(tmp_path, "", "- AeTitle: 0123\n  Port: 070000\n"), environ={})
+    with pytest.raises(ConfigError, match="finite"):
+        load_settings(write(tmp_path, "processDelayWindowMultiplier: .nan\n"), environ={})
+
+
+def test_open_writes_warn_once_at_start(tmp_path: Path) -> None:
+    """No credential: writes are open, as the contract says, and one warning says so."""
+    s = load_settings(write(tmp_path, "api:\n  enabled: true\n"), environ={})
+    assert len(s.warnings) == 1 and "write endpoints are open" in s.warnings[0]
+    s = load_settings(tmp_path, environ={"CAPACITOR_API_TOKEN": "#abc"})
+    assert s.warnings == ()
+    assert load_settings(write(tmp_path, "api:\n  enabled: false\n"), environ={}).warnings == ()
+    write(tmp_path, "api:\n  enabled: true\n")
+    r = run_cli("check-config", "--path", str(tmp_path), env={"CAPACITOR_API_TOKEN": "~"})
+    assert r.returncode == 0 and "write endpoints are open" not in r.stderr, r.stderr
+    r = run_cli("check-config", "--path", str(tmp_path))
+    assert r.returncode == 0 and r.stderr.count("WARNING") == 1 and "write endpoints are open" in r.stderr
 
 
 NODES = """
@@ -214,7 +309,41 @@ BAD = [
     ("", "- AeTitle: THIS_IS_SEVENTEEN\n", "nodes.yml: node 1: AeTitle", "at most 16"),
     ("", "- AeTitle: PACS\n  ProcessSchedule: ['9 to 5']\n", "ProcessSchedule", "9 to 5"),
     ("", "- AeTitle: PACS\n- AeTitle: PACS\n", "nodes.yml: node PACS: AeTitle = 'PACS'", "duplicate"),
-    ("", "- AeTitle: A\n- AeTitle: B\n  Aliases: [A]\n", "Aliases = 'A'", "already names"),
+    ("", "- AeTitle: A\n- AeTitle: B\n  Aliases: [A]\n", "node B: Aliases = 'A'",
+     "called AE A (its alias A) already names Storage node A (its AeTitle)"),
+    # issue 19 #18: every called AE (titles, aliases, prefixed titles) names one Storage node,
+    # and the error names both nodes and what each answers to
+    ("", "- AeTitle: A\n  Aliases: [B]\n- AeTitle: B\n", "node B: AeTitle = 'B'",
+     "called AE B (its AeTitle) already names Storage node A (its alias B)"),
+    ("", "- AeTitle: STORESCP\n  Aliases: [DCP_ORTHANC]\n- AeTitle: ORTHANC\n", "node ORTHANC: AeTitle = 'ORTHANC'",
+     "called AE DCP_ORTHANC (aeTitlePrefix + its AeTitle) already names Storage node STORESCP (its alias DCP_ORTHANC)"),
+    ("", "- AeTitle: ORTHANC\n- AeTitle: STORESCP\n  Aliases: [DCP_ORTHANC]\n", "node STORESCP: Aliases = 'DCP_ORTHANC'",
+     "called AE DCP_ORTHANC (its alias DCP_ORTHANC) already names Storage node ORTHANC (aeTitlePrefix + its AeTitle)"),
+    ("", "- AeTitle: X\n- AeTitle: DCP_X\n", "node DCP_X: AeTitle = 'DCP_X'",
+     "called AE DCP_X (its AeTitle) already names Storage node X (aeTitlePrefix + its AeTitle)"),
+    ("aeTitlePrefix: FWD_\n", "- AeTitle: X\n  Aliases: [Y]\n- AeTitle: FWD_Y\n", "node FWD_Y: AeTitle = 'FWD_Y'",
+     "already names Storage node X (aeTitlePrefix + its alias Y)"),
+    # issue 19 #19: what no peer can be reached at or called as
+    ("", "- AeTitle: PACS\n  HostName: ''\n", "nodes.yml: node PACS: HostName = ''", "cannot be empty"),
+    ("", "- AeTitle: PACS\n  HostName:\n", "nodes.yml: node PACS: HostName = None", "cannot be empty"),
+    ("", "- AeTitle: PACS\n  HostName: '  '\n", "nodes.yml: node PACS: HostName", "cannot be empty"),
+    ("", '- AeTitle: PACS\n  HostName: "pacs\\nevil"\n', "nodes.yml: node PACS: HostName", "control characters"),
+    ("", "- AeTitle: PACS\n  Port: 0\n", "nodes.yml: node PACS: Port = 0", "1..65535"),
+    ("", "- AeTitle: PACS\n  Port: 65536\n", "nodes.yml: node PACS: Port = 65536", "1..65535"),
+    ("", "- AeTitle: PACS\n  Aliases: [SEVENTEEN_CHARS_X]\n", "node PACS: Aliases", "at most 16"),
+    ("", "- AeTitle: PACS\n  Aliases: ['A\\B']\n", "node PACS: Aliases", "backslashes or control"),
+    ("", '- AeTitle: "PACS\\t"\n', "nodes.yml: node 1: AeTitle = 'PACS\\t'", "control characters"),
+    ("", '- AeTitle: "PA\\x01CS"\n', "nodes.yml: node 1: AeTitle", "control characters"),
+    ("myAeTitle: \"ROUTER\\n\"\n", "[]", "myAeTitle = 'ROUTER\\n'", "control characters"),
+    ("aeTitlePrefix: SIXTEEN_CHARS_XX\n", "[]", "aeTitlePrefix = 'SIXTEEN_CHARS_XX'", "at most 16"),
+    ("aeTitlePrefix: 'A\\B_'\n", "[]", "aeTitlePrefix", "backslashes or control"),
+    # issue 19 #9: a secret's value is never echoed (redacted as check-config does)
+    ("api:\n  servicePassword: [hunter2-secret]\n", "[]", "api.servicePassword = <redacted>", "must be a string"),
+    ("api:\n  token: {a: hunter2-secret}\n", "[]", "api.token = <redacted>", "must be a string"),
+    # issue 19 #14: a filter capacitor-trio does not run yet stops start-up
+    ("filters: route\n", "[]", "config.yml: filters = 'route'", "the route filter is not supported yet"),
+    ("filters: route, lua, mutate\n", "[]", "filters = 'route, lua, mutate'", "the filters route, lua, mutate are not supported yet"),
+    ("filters: [sort]\n", "[]", "filters = ['sort']", "the sort filter is not supported yet"),
     ("", "- HostName: x\n", "nodes.yml: node 1: AeTitle", "required"),
     ("", "PACS: 1\n", "nodes.yml: file", "list"),
 ]
@@ -236,6 +365,43 @@ def test_bad_config_one_line_exit_2(tmp_path: Path, config: str, nodes: str, whe
     assert len(lines) == 1, r.stderr
     assert "Traceback" not in r.stderr
     assert where in lines[0] and why in lines[0], lines[0]
+    assert "hunter2" not in r.stderr
+
+
+@pytest.mark.parametrize(("file_name", "filter_name"), [
+    ("routings.yml", "route"), ("mutations.yml", "mutate"), ("sortings.yml", "sort"), ("lua.yml", "lua"),
+])
+def test_filter_file_stops_start_up(tmp_path: Path, file_name: str, filter_name: str) -> None:
+    """issue 19 #14: a Capacitor filter file in the data directory stops `run` and `check-config`
+    (it was one warning, and instances went out unfiltered)."""
+    write(tmp_path)
+    (tmp_path / file_name).write_text("[]\n")
+    for command in ("check-config", "run"):
+        r = run_cli(command, "--path", str(tmp_path), "--config.scpPort=0")
+        assert r.returncode == 2, r.stderr
+        (line,) = r.stderr.strip().splitlines()
+        assert f"{tmp_path / file_name}: file: the {filter_name} filter is not supported yet" in line, line
+
+
+def test_filters_from_env_or_cli_stop_start_up(tmp_path: Path) -> None:
+    write(tmp_path)
+    r = run_cli("check-config", "--path", str(tmp_path), env={"CAPACITOR_FILTERS": "route"})
+    assert r.returncode == 2 and "environment CAPACITOR_FILTERS: filters = 'route': the route filter" in r.stderr
+    r = run_cli("check-config", "--path", str(tmp_path), "--config.filters=mutate")
+    assert r.returncode == 2 and "command line --config.filters: filters = 'mutate': the mutate filter" in r.stderr
+    r = run_cli("check-config", "--path", str(tmp_path), "--config.filters=")  # blank: no filter
+    assert r.returncode == 0, r.stderr
+
+
+def test_called_ae_check_follows_ae_title_prefix(tmp_path: Path) -> None:
+    nodes = "- AeTitle: X\n- AeTitle: DCP_X\n"
+    s = load_settings(write(tmp_path, "aeTitlePrefix: ''\n", nodes), environ={})
+    assert [n.ae_title for n in s.nodes] == ["X", "DCP_X"]
+    with pytest.raises(ConfigError, match="already names Storage node X"):
+        load_settings(tmp_path, environ={"CAPACITOR_AE_TITLE_PREFIX": "DCP_"})
+    # only Storage nodes are called; a node's own names may overlap
+    ok = "- AeTitle: X\n  Aliases: [DCP_X, X]\n- AeTitle: DCP_X\n  NodeRole: QueryRetrieve\n"
+    assert len(load_settings(write(tmp_path, "", ok), environ={}).nodes) == 2
 
 
 def test_bad_env_and_cli_values_name_their_source(tmp_path: Path) -> None:
@@ -246,6 +412,9 @@ def test_bad_env_and_cli_values_name_their_source(tmp_path: Path) -> None:
     assert r.returncode == 2 and "command line --config.scpPort: scpPort = -1" in r.stderr
     r = run_cli("check-config", "--path", str(tmp_path), "--config.noSuchKey=1")
     assert r.returncode == 2 and "unknown configuration key" in r.stderr
+    r = run_cli("check-config", "--path", str(tmp_path), "--config.api.tokn=hunter2")  # a typo'd secret
+    assert r.returncode == 2 and "--config.api.tokn: unknown configuration key" in r.stderr
+    assert "hunter2" not in r.stderr
 
 
 def test_missing_files(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 from capacitor_trio.actors.service import ServiceFlags
-from capacitor_trio.config.models import Config, Node
+from capacitor_trio.config.models import Config, Node, called_aes
 from capacitor_trio.dicom.acceptor import CannotProcess, OutOfResources, ReceivedInstance
 from capacitor_trio.domain.instance import Destination
 from capacitor_trio.store import StoreError, StoreFull
@@ -31,16 +31,15 @@ log = logging.getLogger("capacitor_trio.receiver")
 
 
 def called_ae_routes(nodes: list[Node] | tuple[Node, ...], prefix: str) -> dict[str, Destination]:
-    """Every called AE title a Storage node answers to -> that node."""
+    """Every called AE title a Storage node answers to -> that node (the config refuses a node
+    set in which one called AE would name two)."""
     routes: dict[str, Destination] = {}
     for node in nodes:
         if node.role != "Storage":
             continue
         dest = Destination(node.ae_title, node.role)
-        for title in (node.ae_title, *node.aliases):
-            routes.setdefault(title, dest)
-            if prefix:
-                routes.setdefault(prefix + title, dest)
+        for route in called_aes(node, prefix):
+            routes.setdefault(route.called_ae, dest)
     return routes
 
 
@@ -64,6 +63,7 @@ class Receiver:
         self._on_prepared = on_prepared
         self._limiter = trio.CapacityLimiter(max_in_flight)
         self._routes: dict[str, Destination] = {}
+        self._folded: dict[str, str] = {}  # upper-cased called AE -> the title as configured
         self.refresh_routes()
         #: wall times of commits not yet prepared (oldest first) — when to prepare next
         self._unprepared: collections.deque[float] = collections.deque()
@@ -75,6 +75,7 @@ class Receiver:
     def refresh_routes(self) -> None:
         """Rebuild the called-AE table (after a node edit)."""
         self._routes = called_ae_routes(self._nodes(), self.config.ae_title_prefix)
+        self._folded = {title.upper(): title for title in (self.config.my_ae_title, *self._routes)}
 
     # ---- InstanceSink ------------------------------------------------------------------------
 
@@ -83,8 +84,17 @@ class Receiver:
         return [dest] if dest else []
 
     def accepts_called_ae(self, called_ae: str) -> bool:
+        """Exact match only (DICOM AE titles are case-sensitive). A title that matches only in
+        another case is logged with the one it resembles, as the operator's hint."""
         called = called_ae.strip()
-        return called == self.config.my_ae_title or called in self._routes
+        if called == self.config.my_ae_title or called in self._routes:
+            return True
+        near = self._folded.get(called.upper())
+        if near is not None:
+            log.warning(
+                "called AE %r not recognized (AE titles are case-sensitive): did you mean %s?", called, near
+            )
+        return False
 
     def new_temp_path(self) -> Path:
         return self.store.new_incoming_path()

@@ -345,16 +345,18 @@ class Api:
             raise not_found(f"no node {ae!r} with role {role}")
         changes = {PUT_FIELDS[name]: value for name, value in body.items()}
         changes["NodeRole"] = role
-        path = self.router.settings.config.data_dir / "nodes.yml"
+        config = self.router.settings.config
+        path = config.data_dir / "nodes.yml"
+        edit = functools.partial(plan_edit, path, current, changes, prefix=config.ae_title_prefix)
         try:
-            planned = await trio.to_thread.run_sync(plan_edit, path, current, changes)
+            planned = await trio.to_thread.run_sync(edit)
         except NodesFileConflict as exc:
             raise conflict(str(exc)) from None
         updated = planned.node
         nodes = list(self.router.nodes)
         index = next(i for i, n in enumerate(nodes) if n.key == current.key)
         nodes[index] = updated
-        check_node_set(nodes, "request body")
+        check_node_set(nodes, "request body", prefix=config.ae_title_prefix, edited=updated)
         handle = self.handle_for(current)
         status = None
         if handle is not None:

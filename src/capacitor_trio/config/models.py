@@ -11,6 +11,9 @@ from pathlib import Path
 
 import attrs
 
+#: aeTitlePrefix's default: node PACS also answers to called AE DCP_PACS.
+DEFAULT_PREFIX = "DCP_"
+
 NODE_ROLES = ("Storage", "QueryRetrieve", "Worklist", "StorageCommitSCP", "StorageCommitSCU")
 
 # Transfer syntax names Capacitor accepts for `defaultTransferSyntax` and node `TransferSyntax`.
@@ -62,7 +65,7 @@ class Config:
     cache_path: Path
     my_ae_title: str = "CAPACITOR"
     scp_port: int = 1040
-    ae_title_prefix: str = "DCP_"
+    ae_title_prefix: str = DEFAULT_PREFIX
     batch_size: int = 0
     process_delay: int = 0  # ms
     process_delay_window_multiplier: float = 1.0
@@ -114,6 +117,32 @@ class Node:
     @property
     def key(self) -> tuple[str, str]:
         return (self.ae_title, self.role)
+
+
+@attrs.frozen
+class CalledAe:
+    """One called AE title a Storage node answers to, and where it comes from."""
+
+    called_ae: str
+    key: str  # the nodes.yml key it comes from: "AeTitle" or "Aliases"
+    value: str  # that key's title (the AeTitle or the alias)
+    prefixed: bool  # aeTitlePrefix + value
+
+    @property
+    def how(self) -> str:
+        what = "its AeTitle" if self.key == "AeTitle" else f"its alias {self.value}"
+        return f"aeTitlePrefix + {what}" if self.prefixed else what
+
+
+def called_aes(node: Node, prefix: str) -> tuple[CalledAe, ...]:
+    """Every called AE a Storage node answers to: its AeTitle, its aliases, and each of them
+    with `prefix` (aeTitlePrefix) in front. The receiver's route table and the config's
+    uniqueness check both come from here."""
+    own = [CalledAe(node.ae_title, "AeTitle", node.ae_title, False)]
+    own += [CalledAe(alias, "Aliases", alias, False) for alias in node.aliases]
+    if not prefix:
+        return tuple(own)
+    return (*own, *(attrs.evolve(c, called_ae=prefix + c.value, prefixed=True) for c in own))
 
 
 @attrs.frozen

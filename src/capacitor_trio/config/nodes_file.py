@@ -27,6 +27,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
 from capacitor_trio.config.load import (
+    DEFAULT_PREFIX,
     NODE_KEY_ALIASES,
     ConfigError,
     check_node_set,
@@ -53,14 +54,15 @@ class PlannedEdit:
         replace_file(self.path, self.text)
 
 
-def plan_edit(path: Path, running: Node, changes: Mapping[str, Any]) -> PlannedEdit:
+def plan_edit(path: Path, running: Node, changes: Mapping[str, Any], *, prefix: str = DEFAULT_PREFIX) -> PlannedEdit:
     """Apply `changes` (nodes.yml key -> value; None removes the key, so the node inherits the
-    global value) to `running`'s entry in the file at `path` as it is now.
+    global value) to `running`'s entry in the file at `path` as it is now. `prefix` is
+    aeTitlePrefix, for the check that every called AE names one Storage node.
 
     Raises NodesFileConflict (see the module's docstring), or ConfigError when the edited node
     or the node set would be invalid. Nothing is written until `PlannedEdit.write`.
     """
-    on_disk = _load_checked(path)
+    on_disk = _load_checked(path, prefix)
     index = _index_of(on_disk, running)
     if on_disk[index] != running:
         raise NodesFileConflict(
@@ -74,13 +76,13 @@ def plan_edit(path: Path, running: Node, changes: Mapping[str, Any]) -> PlannedE
         _set_key(entry, key, value)
     out = io.StringIO()
     rt.dump(document, out)
-    nodes = parse_nodes_text(out.getvalue(), "request body")
+    nodes = parse_nodes_text(out.getvalue(), "request body", prefix=prefix, edited=index)
     return PlannedEdit(path, out.getvalue(), nodes[index], nodes)
 
 
-def _load_checked(path: Path) -> tuple[Node, ...]:
+def _load_checked(path: Path, prefix: str) -> tuple[Node, ...]:
     try:
-        return load_nodes(path, [])
+        return load_nodes(path, [], prefix=prefix)
     except ConfigError as exc:
         raise NodesFileConflict(f"{path.name} no longer loads ({exc}); fix it before editing nodes") from None
 
@@ -95,11 +97,12 @@ def _index_of(nodes: tuple[Node, ...], running: Node) -> int:
     )
 
 
-def parse_nodes_text(text: str, source: str) -> tuple[Node, ...]:
-    """The nodes a restart would load from `text` (the loader's reading), checked as a set."""
+def parse_nodes_text(text: str, source: str, *, prefix: str, edited: int) -> tuple[Node, ...]:
+    """The nodes a restart would load from `text` (the loader's reading), checked as a set; a
+    clash is reported on node `edited` (the one being changed)."""
     raw = yaml.safe_load(text)
     nodes = tuple(parse_node(entry, source, i) for i, entry in enumerate(raw or ()))
-    check_node_set(nodes, source)
+    check_node_set(nodes, source, prefix=prefix, edited=nodes[edited])
     return nodes
 
 
