@@ -379,6 +379,23 @@ async def test_put_node_refuses_what_the_config_refuses(start_router: StartRoute
     assert r.router.receiver.destinations_for("DCP_ORTHANC")[0].ae_title == "ORTHANC"
 
 
+async def test_put_that_cannot_write_the_file_changes_nothing(
+    start_router: StartRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = await start_router((dead_node("A"),))
+    await r.client.post("/api/nodes/A/pause", headers=AUTH)
+    before = (r.data_dir / "nodes.yml").read_text()
+
+    def disk_full(path: object, text: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("capacitor_trio.config.nodes_file.replace_file", disk_full)
+    message = error(await r.client.put("/api/nodes/A", json={"role": "Storage", "priority": 2}, headers=AUTH), "INTERNAL", 500)
+    assert message == "cannot write nodes.yml: No space left on device"
+    assert r.router.supervisor.handle("A").node.priority == 0  # the actor was put back
+    assert (r.data_dir / "nodes.yml").read_text() == before
+
+
 async def test_concurrent_node_edits_are_all_kept(start_router: StartRouter) -> None:
     names = [f"N{i}" for i in range(6)]
     r = await start_router(tuple(dead_node(n) for n in names))

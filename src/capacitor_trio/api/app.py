@@ -11,34 +11,24 @@ from __future__ import annotations
 import functools
 import io
 import json
-import math
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
-import attrs
 import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 import capacitor_trio
+from capacitor_trio.actors.control import Control
 from capacitor_trio.actors.messages import (
     BulkCommand,
-    Echo,
-    ItemCommand,
     NodeStatus,
-    NodeUnavailable,
     Pause,
-    Resume,
     SetOverride,
-    UpdateNode,
 )
-from capacitor_trio.actors.reload import reload_configuration
-from capacitor_trio.config.load import check_node_set
 from capacitor_trio.config.models import NODE_ROLES, Node
-from capacitor_trio.config.nodes_file import NodesFileConflict, plan_edit
-from capacitor_trio.dicom.requestor import Peer
 from capacitor_trio.logs import LEVELS, parse_level
 from capacitor_trio.store import STATES, Counts, ItemFilter, ItemNotFound
 
@@ -46,7 +36,6 @@ from .auth import COOKIE, SESSION_TTL, Auth
 from .envelope import (
     ApiError,
     bad_request,
-    conflict,
     error_response,
     iso,
     json_response,
@@ -58,10 +47,6 @@ from .envelope import (
 from .queries import Recent
 from .views import item_json, node_json, read_tags
 
-#: How long an echo may take (the page: "Times out after 10 seconds").
-ECHO_TIMEOUT = 10.0
-#: Reply deadline for commands that may touch many items.
-BULK_TIMEOUT = 60.0
 MAX_LIMIT = 1000
 MAX_LOG_LINES = 1000
 
@@ -202,6 +187,7 @@ class Api:
     def __init__(self, router: Any) -> None:
         self.router = router
         self.auth = Auth(router.settings.config.api)
+        self.control = Control(router)
         #: aggregate counts, recomputed in the background (see queries.Recent)
         self.totals = Recent(lambda: self.store.counts())
         self.per_destination = Recent(self._per_destination)
@@ -238,13 +224,7 @@ class Api:
         return (storage or matches)[0]
 
     def handle_for(self, node: Node) -> Any:
-        return self.supervisor.handle(node.ae_title, node.role)
-
-    def need_handle(self, node: Node) -> Any:
-        handle = self.handle_for(node)
-        if handle is None:
-            raise conflict(f"node {node.ae_title} ({node.role}) has no queue to act on")
-        return handle
+        return self.control.handle(node)
 
     async def node_status(self, node: Node) -> NodeStatus | None:
         handle = self.handle_for(node)
@@ -313,10 +293,6 @@ class Api:
         return ok(node_json(node, await self.node_status(node)))
 
     async def put_node(self, ae: str) -> Response:
-        async with self.router.config_lock:
-            return await self._put_node(ae)
-
-    async def _put_node(self, ae: str) -> Response:
         allowed: dict[str, Any] = {
             "aeTitle": str,
             "role": str,
@@ -345,55 +321,19 @@ class Api:
             raise not_found(f"no node {ae!r} with role {role}")
         changes = {PUT_FIELDS[name]: value for name, value in body.items()}
         changes["NodeRole"] = role
-        config = self.router.settings.config
-        path = config.data_dir / "nodes.yml"
-        edit = functools.partial(plan_edit, path, current, changes, prefix=config.ae_title_prefix)
-        try:
-            planned = await trio.to_thread.run_sync(edit)
-        except NodesFileConflict as exc:
-            raise conflict(str(exc)) from None
-        updated = planned.node
-        nodes = list(self.router.nodes)
-        index = next(i for i, n in enumerate(nodes) if n.key == current.key)
-        nodes[index] = updated
-        check_node_set(nodes, "request body", prefix=config.ae_title_prefix, edited=updated)
-        handle = self.handle_for(current)
-        status = None
-        if handle is not None:
-            status = await handle.call(UpdateNode(updated))
-        try:
-            await trio.to_thread.run_sync(planned.write)
-        except OSError as exc:
-            if handle is not None:  # put the running node back as it was
-                await handle.call(UpdateNode(current))
-            raise ApiError("INTERNAL", f"cannot write {path.name}: {exc.strerror}") from None
-        self.router.nodes[index] = updated  # in place: the receiver reads this list
-        self.router.receiver.refresh_routes()
-        if status is not None:
-            status = await self.node_status(updated)
+        updated, status = await self.control.edit_node(current, changes)
         return ok(node_json(updated, status))
 
     async def _node_command(self, ae: str, command: Any) -> Response:
         node = self.find_node(ae, _role_arg())
-        handle = self.need_handle(node)
-        status = await handle.call(command)
-        return ok(node_json(node, status))
+        return ok(node_json(node, await self.control.node_command(node, command)))
 
     async def pause_node(self, ae: str) -> Response:
         return await self._node_command(ae, Pause())
 
     async def resume_node(self, ae: str) -> Response:
         node = self.find_node(ae, _role_arg())
-        handle = self.need_handle(node)
-        if handle.status == "failed":
-            self.supervisor.restart(handle)  # resume of a failed node is an explicit restart
-            with trio.move_on_after(5):
-                while handle.status != "running":  # noqa: ASYNC110 - a plain field, no event
-                    await trio.sleep(0.02)
-            if handle.status != "running":
-                raise NodeUnavailable(f"node {node.ae_title} is {handle.status} after restart")
-        status = await handle.call(Resume())
-        return ok(node_json(node, status))
+        return ok(node_json(node, await self.control.resume(node)))
 
     async def override_on(self, ae: str) -> Response:
         return await self._node_command(ae, SetOverride(True))
@@ -402,18 +342,8 @@ class Api:
         return await self._node_command(ae, SetOverride(False))
 
     async def echo_node(self, ae: str) -> Response:
-        node = self.find_node(ae, _role_arg())
-        handle = self.handle_for(node)
-        if handle is not None:
-            result = await handle.call(Echo(timeout=ECHO_TIMEOUT), timeout=ECHO_TIMEOUT + 2)
-        else:
-            sender = self.supervisor.ctx.sender
-            peer = Peer(node.ae_title, node.host_name, node.port)
-            with trio.move_on_after(ECHO_TIMEOUT + 1):
-                result = await sender.echo(peer, self.router.settings.config.my_ae_title, timeout=ECHO_TIMEOUT)
-                return ok(_echo_json(result))
-            raise ApiError("UNAVAILABLE", f"echo to {node.ae_title} did not finish in time")
-        return ok(_echo_json(result))
+        result = await self.control.echo(self.find_node(ae, _role_arg()))
+        return ok({"success": result.success, "latencyMs": result.latency_ms, "error": result.error})
 
     # ---- queue -------------------------------------------------------------------------------
 
@@ -456,17 +386,7 @@ class Api:
         return ok(out)
 
     async def _item_action(self, item_id: str, action: str, target: str | None = None) -> Any:
-        ident = _item_id(item_id)
-        item = await self.store.get_item(ident)
-        handle = self.supervisor.handle(item.destination_ae, item.destination_role)
-        if handle is not None:
-            return await handle.call(ItemCommand(action, ident, target))
-        store = self.store
-        if action == "delete":
-            return await store.delete(ident)
-        if action == "retry":
-            return await store.retry(ident)
-        return await store.move(ident, {"fail": "failed", "reject": "rejected"}.get(action, target))
+        return await self.control.item_action(_item_id(item_id), action, target)
 
     async def fail_item(self, item_id: str) -> Response:
         return ok(item_json(await self._item_action(item_id, "fail")))
@@ -488,40 +408,7 @@ class Api:
         return ok({"id": ident, "deleted": True})
 
     async def _bulk(self, command: BulkCommand) -> int:
-        """Send `command` to every node actor concerned (and act directly on the store for
-        destinations without an actor); the number of items changed."""
-        f = command.filter
-        store = self.store
-        handles = [h for h in self.supervisor.handles if f.destination in (None, h.ae_title)]
-        actor_keys = {(h.ae_title, h.destination.role) for h in handles}
-        orphans = [
-            d
-            for d in await self.store.destinations()
-            if (d.ae_title, d.role) not in actor_keys
-            and self.supervisor.handle(d.ae_title, d.role) is None
-            and f.destination in (None, d.ae_title)
-        ]
-        total = 0
-        unavailable: list[str] = []
-        for handle in handles:
-            try:
-                total += int(await handle.call(command, timeout=BULK_TIMEOUT))
-            except NodeUnavailable:
-                unavailable.append(handle.ae_title)
-        for dest in orphans:
-            g = attrs.evolve(f, destination=dest.ae_title, role=dest.role)
-            if command.action == "move":
-                total += await store.move_where(g, command.target_state)
-            elif command.action == "retry":
-                total += await store.retry_where(g, command.from_state)
-            else:
-                total += await store.delete_where(g)
-        if unavailable:
-            raise ApiError(
-                "UNAVAILABLE",
-                f"changed {total} item(s), but node(s) {', '.join(unavailable)} did not answer; try again",
-            )
-        return total
+        return await self.control.bulk(command)
 
     async def _bulk_filter_body(self) -> ItemFilter:
         body = await _json_body(
@@ -562,11 +449,10 @@ class Api:
         return ok(self.router.service.as_dict())
 
     async def service_pause(self) -> Response:
-        self.router.service.set_all(False)
-        return ok(self.router.service.as_dict())
+        return ok(self.control.set_service(False))
 
     async def reload_config(self) -> Response:
-        report = await reload_configuration(self.router)
+        report = await self.control.reload()
         return ok({
             "added": list(report.added),
             "removed": list(report.removed),
@@ -576,8 +462,7 @@ class Api:
         })
 
     async def service_resume(self) -> Response:
-        self.router.service.set_all(True)
-        return ok(self.router.service.as_dict())
+        return ok(self.control.set_service(True))
 
     async def processing_status(self) -> Response:
         r = self.router
@@ -647,13 +532,6 @@ class Api:
 
     async def queue_health(self) -> Response:
         return json_response({"status": "ok", "timestamp": now_iso()})
-
-
-def _echo_json(result: Any) -> dict[str, Any]:
-    latency = result.latency_ms
-    if latency is not None and not math.isfinite(latency):
-        latency = None
-    return {"success": bool(result.success), "latencyMs": latency, "error": result.error or None}
 
 
 #: (method, path, handler name, needs a credential)

@@ -15,9 +15,11 @@ from typing import Any
 
 from quart import Response
 
+from capacitor_trio.actors.control import PartlyDone, WriteFailed
 from capacitor_trio.actors.messages import CommandRefused, NodeUnavailable
 from capacitor_trio.actors.reload import ReloadRefused
 from capacitor_trio.config.load import ConfigError
+from capacitor_trio.config.nodes_file import NodesFileConflict
 from capacitor_trio.store import ItemNotFound, StoreFull, TransitionError
 
 log = logging.getLogger("capacitor_trio.api")
@@ -93,9 +95,11 @@ def translate(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, ItemNotFound):
         return ApiError("NOT_FOUND", str(exc))
-    if isinstance(exc, TransitionError | CommandRefused | ReloadRefused):  # ItemCheckedOut is a TransitionError
+    if isinstance(exc, TransitionError | CommandRefused | ReloadRefused | NodesFileConflict):  # ItemCheckedOut is a TransitionError
         return ApiError("CONFLICT", str(exc))
-    if isinstance(exc, NodeUnavailable):
+    if isinstance(exc, WriteFailed):
+        return ApiError("INTERNAL", str(exc))
+    if isinstance(exc, NodeUnavailable | PartlyDone):
         return ApiError("UNAVAILABLE", str(exc))
     if isinstance(exc, ConfigError):
         return ApiError("BAD_REQUEST", str(exc))

@@ -205,7 +205,8 @@ ERROR_TEXT = {
     400: "BAD_REQUEST: invalid JSON, unknown field, wrong type, unknown state, bad paging",
     403: "FORBIDDEN: missing or wrong credentials",
     404: "NOT_FOUND",
-    409: "CONFLICT: the node or item is in a state that forbids it",
+    409: "CONFLICT: the node or item is in a state that forbids it, or nodes.yml changed on disk",
+    500: "INTERNAL: a file the change needed could not be written; nothing was changed",
     503: "UNAVAILABLE: a node actor is restarting or did not answer in time",
 }
 
@@ -291,8 +292,8 @@ def paths() -> S:
         "/api/nodes/{aeTitle}": {
             "get": op("One node", ref("Node"), errors=(400, 404), params=NODE_PARAMS, tag="Nodes"),
             "put": op(
-                "Update a node (paused, nothing checked out); persisted to nodes.yml", ref("Node"),
-                errors=(400, 404, 409, 503), write=True, params=NODE_PARAMS, body=ref("NodeUpdate"), tag="Nodes",
+                "Update a node (paused, nothing checked out); edited in nodes.yml as it is on disk", ref("Node"),
+                errors=(400, 404, 409, 500, 503), write=True, params=NODE_PARAMS, body=ref("NodeUpdate"), tag="Nodes",
             ),
         },
         "/api/nodes/{aeTitle}/pause": {
@@ -357,7 +358,7 @@ def paths() -> S:
         "/api/service/status": {"get": op("Processing flags", ref("ServiceFlags"), tag="Service")},
         "/api/service/pause": {"post": op("Disable all processing (receiving continues)", ref("ServiceFlags"), write=True, tag="Service")},
         "/api/service/resume": {"post": op("Re-enable all processing", ref("ServiceFlags"), write=True, tag="Service")},
-        "/api/config/reload": {"post": op("Re-read config.yml and nodes.yml; apply node additions, removals and edits and the reloadable keys, or change nothing", ref("ReloadReport"), write=True, tag="Service")},
+        "/api/config/reload": {"post": op("Re-read config.yml and nodes.yml; apply node additions, removals and edits and the reloadable keys, or change nothing", ref("ReloadReport"), errors=(400, 409), write=True, tag="Service")},
         "/api/service/processing-status": {"get": op("Pause state, checked-out items, active jobs, idle", ref("ProcessingStatus"), tag="Service")},
         "/api/metrics": {"get": op("Aggregate queue statistics and service status", ref("Metrics"), tag="Metrics")},
         "/api/logs/recent": {

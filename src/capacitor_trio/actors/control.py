@@ -1,0 +1,220 @@
+"""The control port: the one way in for every change an operator asks for.
+
+The API translates HTTP into calls on `Control` and never changes anything itself. Each call
+goes to the owner of the fact it changes, which decides and answers:
+
+| fact                                   | owner                          |
+|----------------------------------------|--------------------------------|
+| an item's state (one, or in bulk)      | its destination's node actor   |
+| a node's pause flag, schedule override | its node actor                 |
+| a node's settings                      | nodes.yml through `config/`, then its node actor |
+| the node set, the called-AE routes     | a configuration reload (`actors/reload.py`) |
+| the service flags                      | `ServiceFlags`                 |
+
+Items of a destination that has no actor (a node removed from nodes.yml, a role without a
+queue) are changed here, in the store, since no actor can be sending them.
+
+Every change of the configuration in force (a node edit, a reload) holds `Router.config_lock`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import trio
+
+from capacitor_trio.actors.handle import NodeHandle
+from capacitor_trio.actors.messages import (
+    BulkCommand,
+    CommandRefused,
+    Echo,
+    ItemCommand,
+    NodeStatus,
+    NodeUnavailable,
+    Resume,
+    UpdateNode,
+)
+from capacitor_trio.actors.reload import ReloadReport, reload_configuration
+from capacitor_trio.config.load import check_node_set
+from capacitor_trio.config.models import Node
+from capacitor_trio.config.nodes_file import plan_edit
+from capacitor_trio.dicom.requestor import Peer
+
+if TYPE_CHECKING:
+    from capacitor_trio.runtime import Router
+
+#: How long an echo may take (the contract: "Times out after 10 seconds").
+ECHO_TIMEOUT = 10.0
+#: How long a bulk action may take in one node actor.
+BULK_TIMEOUT = 60.0
+#: How long a failed node may take to come back after an operator restart.
+RESTART_TIMEOUT = 5.0
+
+
+class WriteFailed(Exception):
+    """A file the change needed could not be written; nothing was changed (API: 500)."""
+
+
+class PartlyDone(Exception):
+    """A bulk action changed some items, but some node actors did not answer (API: 503)."""
+
+
+@attrs.frozen
+class EchoResult:
+    success: bool
+    latency_ms: float | None
+    error: str | None
+
+
+class Control:
+    """Commands for the running router, each answered by the owner of what it changes."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    @property
+    def _supervisor(self) -> Any:
+        return self.router.supervisor
+
+    def handle(self, node: Node) -> NodeHandle | None:
+        handle: NodeHandle | None = self._supervisor.handle(node.ae_title, node.role)
+        return handle
+
+    def _need_handle(self, node: Node) -> NodeHandle:
+        handle = self.handle(node)
+        if handle is None:
+            raise CommandRefused(f"node {node.ae_title} ({node.role}) has no queue to act on")
+        return handle
+
+    # ---- nodes --------------------------------------------------------------------------------
+
+    async def node_command(self, node: Node, command: object) -> NodeStatus:
+        """Pause, SetOverride, GetStatus: answered by the node's actor."""
+        status: NodeStatus = await self._need_handle(node).call(command)
+        return status
+
+    async def resume(self, node: Node) -> NodeStatus:
+        """Resume; a failed node is restarted first (the operator's explicit restart)."""
+        handle = self._need_handle(node)
+        if handle.status == "failed":
+            self._supervisor.restart(handle)
+            with trio.move_on_after(RESTART_TIMEOUT):
+                while handle.status != "running":  # noqa: ASYNC110 - a plain field, no event
+                    await trio.sleep(0.02)
+            if handle.status != "running":
+                raise NodeUnavailable(f"node {node.ae_title} is {handle.status} after restart")
+        status: NodeStatus = await handle.call(Resume())
+        return status
+
+    async def echo(self, node: Node) -> EchoResult:
+        handle = self.handle(node)
+        if handle is not None:
+            result = await handle.call(Echo(timeout=ECHO_TIMEOUT), timeout=ECHO_TIMEOUT + 2)
+        else:  # a node without a queue (QueryRetrieve, …): echoed from here
+            sender = self._supervisor.ctx.sender
+            peer = Peer(node.ae_title, node.host_name, node.port)
+            my_ae = self.router.settings.config.my_ae_title
+            result = None
+            with trio.move_on_after(ECHO_TIMEOUT + 1):
+                result = await sender.echo(peer, my_ae, timeout=ECHO_TIMEOUT)
+            if result is None:
+                raise NodeUnavailable(f"echo to {node.ae_title} did not finish in time")
+        latency = result.latency_ms
+        if latency is not None and not math.isfinite(latency):
+            latency = None
+        return EchoResult(bool(result.success), latency, result.error or None)
+
+    async def edit_node(self, current: Node, changes: dict[str, Any]) -> tuple[Node, NodeStatus | None]:
+        """Edit one node: nodes.yml first checked as it is on disk (config/nodes_file), then the
+        node's actor takes the new settings (it refuses unless paused with nothing checked
+        out), then the file is written; a failed write puts the actor back as it was."""
+        async with self.router.config_lock:
+            return await self._edit_node(current, changes)
+
+    async def _edit_node(self, current: Node, changes: dict[str, Any]) -> tuple[Node, NodeStatus | None]:
+        config = self.router.settings.config
+        path = config.data_dir / "nodes.yml"
+        edit = functools.partial(plan_edit, path, current, changes, prefix=config.ae_title_prefix)
+        planned = await trio.to_thread.run_sync(edit)
+        updated = planned.node
+        nodes = list(self.router.nodes)
+        index = next(i for i, n in enumerate(nodes) if n.key == current.key)
+        nodes[index] = updated
+        check_node_set(nodes, "request body", prefix=config.ae_title_prefix, edited=updated)
+        handle = self.handle(current)
+        status: NodeStatus | None = None
+        if handle is not None:
+            status = await handle.call(UpdateNode(updated))
+        try:
+            await trio.to_thread.run_sync(planned.write)
+        except OSError as exc:
+            if handle is not None:  # put the running node back as it was
+                await handle.call(UpdateNode(current))
+            raise WriteFailed(f"cannot write {path.name}: {exc.strerror}") from None
+        self.router.nodes[index] = updated  # in place: the receiver reads this list
+        self.router.receiver.refresh_routes()
+        return updated, status
+
+    # ---- items --------------------------------------------------------------------------------
+
+    async def item_action(self, item_id: int, action: str, target: str | None = None) -> Any:
+        """fail, reject, retry, move or delete one item, by the actor that owns it."""
+        store = self.router.store
+        item = await store.get_item(item_id)
+        handle = self._supervisor.handle(item.destination_ae, item.destination_role)
+        if handle is not None:
+            return await handle.call(ItemCommand(action, item_id, target))
+        if action == "delete":
+            return await store.delete(item_id)
+        if action == "retry":
+            return await store.retry(item_id)
+        return await store.move(item_id, {"fail": "failed", "reject": "rejected"}.get(action, target))
+
+    async def bulk(self, command: BulkCommand) -> int:
+        """`command` in every node actor concerned, and here for destinations without an actor;
+        the number of items changed. Raises PartlyDone when an actor did not answer."""
+        f = command.filter
+        handles = [h for h in self._supervisor.handles if f.destination in (None, h.ae_title)]
+        total = 0
+        unavailable: list[str] = []
+        for handle in handles:
+            try:
+                total += int(await handle.call(command, timeout=BULK_TIMEOUT))
+            except NodeUnavailable:
+                unavailable.append(handle.ae_title)
+        total += await self._bulk_without_actor(command, {h.destination for h in handles})
+        if unavailable:
+            raise PartlyDone(
+                f"changed {total} item(s), but node(s) {', '.join(unavailable)} did not answer; try again"
+            )
+        return total
+
+    async def _bulk_without_actor(self, command: BulkCommand, with_actor: set[Any]) -> int:
+        store = self.router.store
+        f = command.filter
+        total = 0
+        for dest in await store.destinations():
+            if dest in with_actor or self._supervisor.handle(dest.ae_title, dest.role) is not None:
+                continue
+            if f.destination not in (None, dest.ae_title):
+                continue
+            g = attrs.evolve(f, destination=dest.ae_title, role=dest.role)
+            if command.action == "move":
+                total += await store.move_where(g, command.target_state)
+            elif command.action == "retry":
+                total += await store.retry_where(g, command.from_state)
+            else:
+                total += await store.delete_where(g)
+        return total
+
+    # ---- service ------------------------------------------------------------------------------
+
+    def set_service(self, enabled: bool) -> dict[str, bool]:
+        self.router.service.set_all(enabled)
+        return self.router.service.as_dict()
+
+    async def reload(self) -> ReloadReport:
+        return await reload_configuration(self.router)
