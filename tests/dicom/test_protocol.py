@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import tempfile
+import threading
 from pathlib import Path
 
 import attrs
@@ -740,6 +741,207 @@ async def test_cancellation_after_release_only_closes(
         assert (await h.read())[0] == P.A_RELEASE_RP
         nursery.cancel_scope.cancel()  # while the acceptor waits (ARTIM) for us to close
     await h.expect_closed()
+
+
+# ---------------------------------------------------------------------------- hostile peers
+
+
+def raw_associate_rq(
+    contexts: list[tuple[int, str, list[str]]], called: str = "CAPACITOR"
+) -> bytes:
+    """An A-ASSOCIATE-RQ built item by item (our encoder, like pynetdicom's, refuses what a
+    hostile peer sends: context IDs over 255, more syntaxes than an item length can hold)."""
+
+    def item(kind: int, payload: bytes) -> bytes:
+        return struct.pack(">BxH", kind, len(payload)) + payload
+
+    pcs = b"".join(
+        item(0x20, bytes((cid, 0, 0, 0)) + item(0x30, a.encode()) + b"".join(
+            item(0x40, t.encode()) for t in ts
+        ))
+        for cid, a, ts in contexts
+    )
+    body = (
+        struct.pack(">HH", 1, 0)
+        + called.encode().ljust(16)
+        + b"MODALITY".ljust(16)
+        + bytes(32)
+        + item(0x10, P.APPLICATION_CONTEXT.encode())
+        + pcs
+        + item(0x50, item(0x51, struct.pack(">I", 16384)))
+    )
+    return P.PDU_HEADER.pack(P.A_ASSOCIATE_RQ, 0, len(body)) + body
+
+
+def bogus_syntaxes(n: int) -> list[str]:
+    return [f"1.2.3.{i}" for i in range(n)]
+
+
+@pytest.fixture
+def decoded(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """(size, on the event loop's thread) of each A-ASSOCIATE-RQ decoded (pynetdicom's codec:
+    5-10 µs per item)."""
+    sizes: list[tuple[int, bool]] = []
+    real = P.decode_associate_rq
+
+    def spy(pdu_bytes: bytes) -> P.AssociateRequest:
+        sizes.append((len(pdu_bytes), threading.current_thread() is threading.main_thread()))
+        return real(pdu_bytes)
+
+    monkeypatch.setattr(P, "decode_associate_rq", spy)
+    return sizes
+
+
+async def test_the_called_ae_is_checked_before_the_request_is_decoded(
+    h: Harness, autojump_clock: trio.testing.MockClock, decoded: list[tuple[int, bool]]
+) -> None:
+    """issue 19 #3: an A-ASSOCIATE-RQ to an unknown called AE is refused from its fixed part
+    (the called AE is at a fixed offset); its items, however many, are not decoded."""
+    rq = raw_associate_rq([(2 * i + 1, CT, bogus_syntaxes(60)) for i in range(60)], "NOBODY")
+    await h.send(rq)
+    t, body = await h.read()
+    assert (t, body) == (P.A_ASSOCIATE_RJ, RJ_CALLED_AE)
+    assert decoded == []
+
+
+RJ_LOCAL_LIMIT = bytes(
+    (0, P.RJ_PERMANENT, P.RJ_SOURCE_PRESENTATION, P.RJ_REASON_LOCAL_LIMIT_EXCEEDED)
+)
+
+
+@pytest.mark.parametrize(
+    "contexts",
+    [
+        [(1, CT, bogus_syntaxes(P.MAX_TRANSFER_SYNTAXES + 1))],
+        [((2 * i + 1) % 256, CT, [EXPLICIT]) for i in range(P.MAX_CONTEXTS + 1)],
+        [(2 * i + 1, CT, bogus_syntaxes(60)) for i in range(70)],
+    ],
+    ids=["syntaxes in a context", "contexts", "items"],
+)
+async def test_a_request_over_the_caps_is_refused_undecoded(
+    h: Harness,
+    autojump_clock: trio.testing.MockClock,
+    decoded: list[tuple[int, bool]],
+    contexts: list[tuple[int, str, list[str]]],
+) -> None:
+    """issue 19 #3: more transfer syntaxes in a context, more contexts, or more items in all
+    than any real peer proposes: A-ASSOCIATE-RJ (permanent, service provider, local limit
+    exceeded) after counting the item headers, nothing decoded."""
+    await h.send(raw_associate_rq(contexts))
+    t, body = await h.read()
+    assert (t, body) == (P.A_ASSOCIATE_RJ, RJ_LOCAL_LIMIT)
+    assert decoded == []
+
+
+async def test_the_reported_950_kb_request_is_not_even_read(
+    h: Harness, autojump_clock: trio.testing.MockClock, decoded: list[tuple[int, bool]]
+) -> None:
+    """issue 19 #3: 20 contexts of 2,700 bogus transfer syntaxes (≈ 600 KB here) exceed the
+    size cap: A-ABORT on the PDU header, before its body is read."""
+    rq = raw_associate_rq([(2 * i + 1, CT, bogus_syntaxes(2700)) for i in range(20)])
+    assert len(rq) > P.MAX_ASSOCIATE_RQ
+    await h.send(rq[:6])
+    await h.expect_abort()
+    assert decoded == []
+
+
+async def test_a_request_at_the_caps_is_served(
+    h: Harness, autojump_clock: trio.testing.MockClock, decoded: list[tuple[int, bool]]
+) -> None:
+    """128 contexts (every odd ID) of six transfer syntaxes, one of 64: within the caps, and
+    decoded in a worker thread (over 16 KiB); a small request is decoded on the loop."""
+    six = [EXPLICIT, *(f"1.2.840.10008.1.2{s}" for s in ("", ".2", ".4.50", ".4.70", ".4.90"))]
+    contexts = [(2 * i + 1, CT, six) for i in range(P.MAX_CONTEXTS)]
+    contexts[0] = (1, CT, [*bogus_syntaxes(P.MAX_TRANSFER_SYNTAXES - 1), EXPLICIT])
+    rq = raw_associate_rq(contexts)
+    assert len(rq) > acceptor.DECODE_ON_LOOP_BYTES
+    await h.send(rq)
+    t, body = await h.read()
+    assert t == P.A_ASSOCIATE_AC
+    ac = P.decode_associate_ac(P.PDU_HEADER.pack(t, 0, len(body)) + body, [])
+    assert len(ac.contexts) == P.MAX_CONTEXTS
+    assert all(r.result == P.PC_ACCEPTANCE for r in ac.contexts)
+    assert decoded == [(len(rq), False)]
+
+
+async def test_a_small_request_is_decoded_on_the_loop(
+    h: Harness, autojump_clock: trio.testing.MockClock, decoded: list[tuple[int, bool]]
+) -> None:
+    await h.associate()
+    assert decoded == [(len(associate_rq()), True)]
+
+
+async def test_empty_pdvs_are_refused(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    """issue 19 #3: a PDV with no data that does not end its message carries nothing, and a
+    PDU holds hundreds of thousands of them: A-ABORT, nothing stored."""
+    uid, data = dataset_bytes()
+    await h.associate()
+    command, *rest = store_pdus(uid, data, fragment=len(data))
+    await h.send(command)
+    empties = struct.pack(">IBB", 2, 1, 0x00) * 1000
+    await h.send(P.PDU_HEADER.pack(P.P_DATA_TF, 0, len(empties)) + empties)
+    for pdu in rest:
+        await h.send(pdu)
+    await h.expect_abort()
+    assert h.sink.received == [] and h.sink.leftovers() == []
+
+
+async def test_an_empty_last_fragment_ends_the_data_set(
+    h: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A data set whose last PDV has no data (its bytes all came before) is stored."""
+    uid, data = dataset_bytes()
+    await h.associate()
+    command = store_pdus(uid, data)[0]
+    await h.send(command)
+    await h.send(P.p_data_header(1, 0x00, len(data)) + data)
+    await h.send(P.p_data_header(1, 0x02, 0))
+    assert (await h.read_command()).status == 0
+    assert [rx.header.sop_instance_uid for rx in h.sink.received] == [uid]
+
+
+async def test_many_small_pdvs_let_other_tasks_run(
+    h: Harness, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 19 #3: a data set in one-byte PDVs, all in one PDU, is stored, and the other
+    tasks get a turn at least every 1024 PDVs (each counts PDV_COST towards the transport's
+    yield budget), not once per PDU."""
+    handled = 0
+    real = acceptor._Association._data_fragment
+
+    async def counting(self: acceptor._Association, ctx: int, mch: int, data: memoryview) -> None:
+        nonlocal handled
+        handled += 1
+        await real(self, ctx, mch, data)
+
+    monkeypatch.setattr(acceptor._Association, "_data_fragment", counting)
+    ds = make_dataset(rows=64, columns=64, sop_class_uid=CT)
+    raw = to_part10_bytes(ds)
+    uid, data = str(ds.SOPInstanceUID), raw[144 + struct.unpack_from("<I", raw, 140)[0] :]
+    await h.associate()
+    await h.send(store_pdus(uid, data)[0])
+    pdvs = b"".join(
+        struct.pack(">IBB", 3, 1, 0x02 if i == len(data) - 1 else 0x00) + data[i : i + 1]
+        for i in range(len(data))
+    )
+    longest = 0
+
+    async def observe() -> None:
+        nonlocal longest
+        seen = 0
+        while True:
+            await trio.lowlevel.checkpoint()
+            longest, seen = max(longest, handled - seen), handled
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(observe)
+        await h.send(P.PDU_HEADER.pack(P.P_DATA_TF, 0, len(pdvs)) + pdvs)
+        assert (await h.read_command()).status == 0
+        nursery.cancel_scope.cancel()
+    assert handled == len(data) > 8000
+    # Trio runs each batch of runnable tasks in either order: between two turns of the
+    # observer the association may have had two
+    assert longest <= 2 * 1024
 
 
 # ---------------------------------------------------------------------------- fuzz

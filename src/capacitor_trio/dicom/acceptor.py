@@ -8,14 +8,23 @@ in its own task. One association is a loop over PDUs read by `Transport` (1 MiB 
   bound is kept by a watchdog task per association (`idle_watchdog`, `transport.overdue`), not by
   a cancel scope per PDU: entering and leaving a scope with a deadline costs ≈ 20 µs here, two
   per small C-STORE.
-- The A-ASSOCIATE-RQ is decoded with pynetdicom's codec. A presentation context ID that is not
-  odd (0 included) or is proposed twice -> A-ABORT (invalid PDU parameter value), as is any
-  value of the request that the A-ASSOCIATE-AC cannot echo. Unknown called AE -> A-ASSOCIATE-RJ
-  (permanent, called-AE-title-not-recognized); over `max_clients` -> A-ASSOCIATE-RJ (transient,
-  local-limit-exceeded). An association stops counting towards `max_clients` once it has sent
-  its last PDU (A-RELEASE-RP, A-ASSOCIATE-RJ): the wait for the peer to close holds no slot. Every proposed context gets a result: Verification and every storage SOP
-  class are accepted (unless in `reject_abstract_syntaxes`) with the first proposed transfer
-  syntax we know, compressed ones included — we store the bytes as received.
+- The A-ASSOCIATE-RQ (at most `P.MAX_ASSOCIATE_RQ` bytes, else A-ABORT before its body is
+  read) is checked from its fixed part first: protocol version, then the called AE (unknown ->
+  A-ASSOCIATE-RJ permanent, called-AE-title-not-recognized). Its items are then counted
+  against `P.MAX_CONTEXTS`, `P.MAX_TRANSFER_SYNTAXES` and `P.MAX_ASSOCIATE_ITEMS` (over ->
+  A-ASSOCIATE-RJ permanent, local-limit-exceeded), and only then decoded with pynetdicom's
+  codec (5-10 µs per item: in a worker thread, one at a time, beyond `DECODE_ON_LOOP_BYTES`).
+  A presentation context ID that is not odd (0 included) or is proposed twice -> A-ABORT
+  (invalid PDU parameter value), as is any value of the request that the A-ASSOCIATE-AC
+  cannot echo; over `max_clients` -> A-ASSOCIATE-RJ (transient, local-limit-exceeded). Every
+  proposed context gets a result: Verification and every storage SOP class are accepted
+  (unless in `reject_abstract_syntaxes`) with the first proposed transfer syntax we know,
+  compressed ones included — we store the bytes as received.
+- An association stops counting towards `max_clients` once it has sent its last PDU
+  (A-RELEASE-RP, A-ASSOCIATE-RJ): the wait for the peer to close holds no slot.
+- Work per PDU is bounded: a PDV with no data that is not a last fragment -> A-ABORT, and every
+  PDV counts `PDV_COST` towards the transport's yield budget, so a PDU of tiny PDVs lets the
+  other tasks run every 1024 of them.
 - A C-STORE's command set is decoded by hand (dimse.py). The sink's admission check runs first
   (OutOfResources -> the dataset is drained and 0xA700 answered, nothing written). Otherwise the
   Part 10 preamble and file meta are built and every data PDV is appended as it arrives: in
@@ -62,7 +71,12 @@ log = logging.getLogger("capacitor_trio.dicom")
 
 HEAD_BYTES = 64 * 1024
 THREAD_WRITE_THRESHOLD = 256 * 1024
-_MAX_ASSOCIATE_RQ = 1 << 20
+#: an A-ASSOCIATE-RQ body up to this size (≈ 700 items at most) is decoded on the event loop;
+#: a larger one in a worker thread
+DECODE_ON_LOOP_BYTES = 16 * 1024
+#: what acting on one PDV counts towards the transport's yield budget (`Transport.spend`):
+#: a task yields at least once per 1024 PDVs, however small they are
+PDV_COST = 4096
 
 
 @attrs.frozen
@@ -188,6 +202,27 @@ def negotiate_contexts(
     return results
 
 
+_DECODE_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar(
+    "capacitor_trio_associate_rq_decoder"
+)
+
+
+async def _decode_associate_rq(body: bytes | bytearray) -> P.AssociateRequest:
+    """Decode an A-ASSOCIATE-RQ body that is within the caps. Up to `DECODE_ON_LOOP_BYTES` on
+    the event loop (a few ms at most); a larger one (up to 4096 items, tens of ms) in a worker
+    thread, one at a time whatever the number of connections: many such requests at once
+    queue for the thread instead of taking turns on the loop."""
+    raw = P.PDU_HEADER.pack(P.A_ASSOCIATE_RQ, 0, len(body)) + bytes(body)
+    if len(body) <= DECODE_ON_LOOP_BYTES:
+        return P.decode_associate_rq(raw)
+    try:
+        limiter = _DECODE_LIMITER.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(1)
+        _DECODE_LIMITER.set(limiter)
+    return await trio.to_thread.run_sync(P.decode_associate_rq, raw, limiter=limiter)
+
+
 def _unlink(path: Path | None) -> None:
     if path is None:
         return
@@ -273,7 +308,7 @@ class _Association:
     async def _run(self, busy: bool) -> None:
         try:
             with trio.move_on_after(self.config.artim_timeout) as cs:
-                pdu_type, body = await self.t.read_pdu(_MAX_ASSOCIATE_RQ)
+                pdu_type, body = await self.t.read_pdu(P.MAX_ASSOCIATE_RQ)
             if cs.cancelled_caught:
                 log.info("DICOM association: no A-ASSOCIATE-RQ within ARTIM, closing")
                 return
@@ -307,15 +342,37 @@ class _Association:
         await self._last_pdu(P.encode_associate_rj(result, source, reason))
 
     async def _negotiate(self, body: bytes | bytearray, busy: bool) -> bool:
+        """Answer the A-ASSOCIATE-RQ `body`; True when accepted. What the fixed part of the
+        request says (protocol version, called AE) is checked before its items are decoded,
+        and the items are counted against the caps (`P.associate_rq_excess`) before they are:
+        a request the router would refuse costs no more than reading it."""
         if len(body) < 68:
             raise P.PduError("A-ASSOCIATE-RQ too short")
-        rq = P.decode_associate_rq(P.PDU_HEADER.pack(P.A_ASSOCIATE_RQ, 0, len(body)) + bytes(body))
-        self.calling_ae, self.called_ae = rq.calling_ae, rq.called_ae
-        P.check_context_ids(rq.contexts)
+        self.calling_ae, self.called_ae = P.associate_rq_titles(body)
         if not (body[1] & 0x01):
-            log.warning("A-ASSOCIATE-RJ to %s: protocol version not supported", rq.calling_ae)
+            log.warning("A-ASSOCIATE-RJ to %s: protocol version not supported", self.calling_ae)
             await self._reject(P.RJ_PERMANENT, P.RJ_SOURCE_ACSE, 2)
             return False
+        if not self.sink.accepts_called_ae(self.called_ae):
+            log.warning(
+                "A-ASSOCIATE-RJ: called AE %r not recognized (calling AE %r)",
+                self.called_ae,
+                self.calling_ae,
+            )
+            await self._reject(
+                P.RJ_PERMANENT, P.RJ_SOURCE_USER, P.RJ_REASON_CALLED_AE_NOT_RECOGNIZED
+            )
+            return False
+        excess = P.associate_rq_excess(body)
+        if excess is not None:
+            log.warning("A-ASSOCIATE-RJ to %s: the request has %s", self.calling_ae, excess)
+            await self._reject(
+                P.RJ_PERMANENT, P.RJ_SOURCE_PRESENTATION, P.RJ_REASON_LOCAL_LIMIT_EXCEEDED
+            )
+            return False
+        rq = await _decode_associate_rq(body)
+        self.calling_ae, self.called_ae = rq.calling_ae, rq.called_ae
+        P.check_context_ids(rq.contexts)
         if rq.application_context != P.APPLICATION_CONTEXT:
             log.warning(
                 "A-ASSOCIATE-RJ to %s: application context %r not supported",
@@ -324,16 +381,6 @@ class _Association:
             )
             await self._reject(
                 P.RJ_PERMANENT, P.RJ_SOURCE_USER, P.RJ_REASON_APP_CONTEXT_NOT_SUPPORTED
-            )
-            return False
-        if not self.sink.accepts_called_ae(rq.called_ae):
-            log.warning(
-                "A-ASSOCIATE-RJ: called AE %r not recognized (calling AE %r)",
-                rq.called_ae,
-                rq.calling_ae,
-            )
-            await self._reject(
-                P.RJ_PERMANENT, P.RJ_SOURCE_USER, P.RJ_REASON_CALLED_AE_NOT_RECOGNIZED
             )
             return False
         if busy:
@@ -432,6 +479,7 @@ class _Association:
     async def _p_data(self, body: bytes | bytearray) -> None:
         with memoryview(body) as mv:
             for ctx, mch, data in P.iter_pdvs(mv):
+                await self.t.spend(PDV_COST)
                 if ctx not in self.contexts:
                     raise _Abort(
                         f"PDV on presentation context {ctx} not accepted",
