@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 import tempfile
 import threading
+import tracemalloc
 from pathlib import Path
 
 import attrs
@@ -618,6 +619,83 @@ async def test_max_clients_counts_associations_until_their_last_pdu(tmp_path: Pa
         for t in (first, refused, second, third):
             await t.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def open_association(port: int) -> tuple[Transport, int, bytes]:
+    """A TCP connection to the acceptor that sends an A-ASSOCIATE-RQ: (it, answer type, body)."""
+    t = Transport(await trio.open_tcp_stream("127.0.0.1", port))
+    await t.send_all(associate_rq())
+    pdu_type, body = await t.read_pdu()
+    return t, pdu_type, bytes(body)
+
+
+async def test_bare_connections_take_no_association_slot(tmp_path: Path) -> None:
+    """issue 19 #4: with `max_clients` 1, two TCP connections that never send an A-ASSOCIATE-RQ
+    do not keep a modality out (they counted as clients until ARTIM closed them); associations
+    alone count, so a second one is still refused while the first is open."""
+    sink = DirSink(tmp_path)
+    config = AcceptorConfig(host="127.0.0.1", port=0, max_clients=1, artim_timeout=30)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(acceptor.serve_acceptor, config, sink)
+        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+        first, t1, _ = await open_association(port)
+        assert t1 == P.A_ASSOCIATE_AC
+        second, t2, body = await open_association(port)
+        assert t2 == P.A_ASSOCIATE_RJ and P.decode_associate_rj(body) == P.AssociateReject(2, 3, 2)
+        for s in (*idle, first.stream, second.stream):
+            await s.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_new_connection_closes_the_oldest_unassociated_one(tmp_path: Path) -> None:
+    """issue 19 #4: at `max_unassociated` connections without an association, a new one closes
+    the oldest (an A-ABORT, then the close): idle sockets cannot fill the listener, and a
+    modality that sends its A-ASSOCIATE-RQ at once is served."""
+    sink = DirSink(tmp_path)
+    config = AcceptorConfig(host="127.0.0.1", port=0, max_unassociated=2, artim_timeout=30)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(acceptor.serve_acceptor, config, sink)
+        idle = [Transport(await trio.open_tcp_stream("127.0.0.1", port)) for _ in range(3)]
+        with trio.fail_after(10):
+            assert (await idle[0].read_pdu())[0] == P.A_ABORT
+            with pytest.raises(PeerClosed):
+                await idle[0].read_pdu()
+            modality, t, _ = await open_association(port)  # closes idle[1]
+            assert t == P.A_ASSOCIATE_AC
+            assert (await idle[1].read_pdu())[0] == P.A_ABORT
+        for c in (*idle, modality):
+            await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_claimed_lengths_hold_no_memory(tmp_path: Path) -> None:
+    """issue 19 #2: 150 connections, each sending a PDU header that claims 200,000 bytes and
+    1,000 of them, hold a few MB (64 unassociated connections at most, each with what it sent
+    in a 64 KiB buffer), not 150 x 200,000 bytes; a modality is served meanwhile."""
+    sink = DirSink(tmp_path)
+    config = AcceptorConfig(host="127.0.0.1", port=0, artim_timeout=30)
+    claim = P.PDU_HEADER.pack(P.A_ASSOCIATE_RQ, 0, 200_000) + bytes(1000)
+    tracemalloc.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(acceptor.serve_acceptor, config, sink)
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            base = tracemalloc.get_traced_memory()[0]
+            hostile = []
+            for _ in range(150):
+                hostile.append(s := await trio.open_tcp_stream("127.0.0.1", port))
+                await s.send_all(claim)
+            modality, t, _ = await open_association(port)
+            assert t == P.A_ASSOCIATE_AC
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            held = tracemalloc.get_traced_memory()[0] - base
+            assert held < 8 << 20  # 30 MB when the length field sized the buffers
+            for s in hostile:
+                await s.aclose()
+            await modality.aclose()
+            nursery.cancel_scope.cancel()
+    finally:
+        tracemalloc.stop()
 
 
 async def test_admission_refused_writes_nothing(

@@ -20,8 +20,10 @@ in its own task. One association is a loop over PDUs read by `Transport` (1 MiB 
   proposed context gets a result: Verification and every storage SOP class are accepted
   (unless in `reject_abstract_syntaxes`) with the first proposed transfer syntax we know,
   compressed ones included — we store the bytes as received.
-- An association stops counting towards `max_clients` once it has sent its last PDU
-  (A-RELEASE-RP, A-ASSOCIATE-RJ): the wait for the peer to close holds no slot.
+- `max_clients` counts associations only (`_Connections`): from acceptance until our last PDU
+  (A-RELEASE-RP, A-ASSOCIATE-RJ). A connection without one — before its A-ASSOCIATE-RQ is
+  accepted (ARTIM), or while we wait for the peer to close — counts against
+  `max_unassociated`, and a new connection beyond it closes the oldest such one.
 - Work per PDU is bounded: a PDV with no data that is not a last fragment -> A-ABORT, and every
   PDV counts `PDV_COST` towards the transport's yield budget, so a PDU of tiny PDVs lets the
   other tasks run every 1024 of them.
@@ -85,7 +87,11 @@ class AcceptorConfig:
     host: str = "0.0.0.0"
     port: int = 1040
     max_pdu_size: int = 1_048_576
-    max_clients: int = 0  # 0 = unlimited
+    max_clients: int = 0  # 0 = unlimited; counts associations, not connections
+    #: connections without an association (before their A-ASSOCIATE-RQ is accepted, and after
+    #: our A-ASSOCIATE-RJ or A-RELEASE-RP while the peer closes); a new one beyond this closes
+    #: the oldest
+    max_unassociated: int = 64
     client_timeout: float = 600.0  # idle association
     artim_timeout: float = 30.0
     reject_abstract_syntaxes: frozenset[str] = frozenset()
@@ -260,10 +266,14 @@ class _Association:
         config: AcceptorConfig,
         sink: InstanceSink,
         on_over: Callable[[], None] | None = None,
+        admit: Callable[[], bool] = lambda: True,
     ) -> None:
         self.t = transport
         self.config = config
         self.sink = sink
+        #: asked once the request is acceptable: may it take an association slot (False: all
+        #: `max_clients` are taken, the request is refused as transient)
+        self._admit = admit
         #: called as our last PDU (A-RELEASE-RP, A-ASSOCIATE-RJ) goes out: what is left is the
         #: wait for the peer to close, which must not hold a `max_clients` slot
         self._on_over = on_over
@@ -283,9 +293,9 @@ class _Association:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def run(self, *, busy: bool = False) -> None:
+    async def run(self) -> None:
         try:
-            await self._run(busy)
+            await self._run()
         finally:
             self._discard_incoming()
 
@@ -305,7 +315,7 @@ class _Association:
         with trio.move_on_after(self.config.artim_timeout):
             await self.t.wait_closed()
 
-    async def _run(self, busy: bool) -> None:
+    async def _run(self) -> None:
         try:
             with trio.move_on_after(self.config.artim_timeout) as cs:
                 pdu_type, body = await self.t.read_pdu(P.MAX_ASSOCIATE_RQ)
@@ -314,7 +324,7 @@ class _Association:
                 return
             if pdu_type != P.A_ASSOCIATE_RQ:
                 raise _Abort(f"PDU type 0x{pdu_type:02X} before association")
-            if not await self._negotiate(body, busy):
+            if not await self._negotiate(body):
                 return
             await self._serve()
         except PeerClosed:
@@ -341,7 +351,7 @@ class _Association:
     async def _reject(self, result: int, source: int, reason: int) -> None:
         await self._last_pdu(P.encode_associate_rj(result, source, reason))
 
-    async def _negotiate(self, body: bytes | bytearray, busy: bool) -> bool:
+    async def _negotiate(self, body: bytes | bytearray) -> bool:
         """Answer the A-ASSOCIATE-RQ `body`; True when accepted. What the fixed part of the
         request says (protocol version, called AE) is checked before its items are decoded,
         and the items are counted against the caps (`P.associate_rq_excess`) before they are:
@@ -383,7 +393,7 @@ class _Association:
                 P.RJ_PERMANENT, P.RJ_SOURCE_USER, P.RJ_REASON_APP_CONTEXT_NOT_SUPPORTED
             )
             return False
-        if busy:
+        if not self._admit():
             log.warning(
                 "A-ASSOCIATE-RJ to %s: too many clients (max %d)",
                 rq.calling_ae,
@@ -754,16 +764,20 @@ async def handle_association(
     *,
     busy: bool = False,
     on_over: Callable[[], None] | None = None,
+    admit: Callable[[], bool] | None = None,
 ) -> None:
     """Serve one association on `stream` until it ends; never raises for peer misbehaviour.
-    `on_over` is called as our last PDU goes out (release, reject), before the wait for the
-    peer to close."""
+    `admit` is asked once the request is acceptable whether it may take an association slot
+    (`busy`: never); `on_over` is called as our last PDU goes out (release, reject), before the
+    wait for the peer to close."""
     transport = Transport(stream)
-    association = _Association(transport, config, sink, on_over)
+    if admit is None:
+        admit = (lambda: False) if busy else (lambda: True)
+    association = _Association(transport, config, sink, on_over, admit)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(association.idle_watchdog)
-            await association.run(busy=busy)
+            await association.run()
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # the watchdog raises nothing: an error of the association comes out as itself, as it
@@ -773,6 +787,58 @@ async def handle_association(
         raise
     finally:
         await transport.aclose()
+
+
+class _Connections:
+    """The listener's connections, in two groups. An association (from the moment it is
+    accepted until its last PDU goes out) counts against `max_clients`. A connection without
+    one (waiting for its A-ASSOCIATE-RQ, bounded by ARTIM, or for the peer to close after our
+    A-ASSOCIATE-RJ / A-RELEASE-RP) counts against `max_unassociated` instead, and when that
+    group is full a new connection closes its oldest member: sockets that never associate
+    cannot hold a modality out, whatever their number, and hold no more than their buffers."""
+
+    def __init__(self, max_clients: int, max_unassociated: int) -> None:
+        self.max_clients = max_clients
+        self.max_unassociated = max(1, max_unassociated)
+        self.associations = 0
+        #: the unassociated connections, oldest first, by the cancel scope that closes each
+        self._waiting: dict[trio.CancelScope, None] = {}
+        self._crowded = False  # closing the oldest has been logged (once per burst)
+
+    def arrive(self, scope: trio.CancelScope) -> None:
+        if len(self._waiting) >= self.max_unassociated:
+            oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
+            oldest.cancel()
+            if not self._crowded:
+                self._crowded = True
+                log.warning(
+                    "DICOM: %d connections without an association; closing the oldest for "
+                    "each new one (logged once until it eases)",
+                    self.max_unassociated,
+                )
+        self._waiting[scope] = None
+
+    def admit(self, scope: trio.CancelScope) -> bool:
+        """Move the connection to the associations, if one is free."""
+        if self.max_clients and self.associations >= self.max_clients:
+            return False
+        self._waiting.pop(scope, None)
+        self.associations += 1
+        return True
+
+    def over(self, scope: trio.CancelScope, associated: bool) -> None:
+        """Its last PDU went out: back among the unassociated while the peer closes."""
+        if associated:
+            self.associations -= 1
+            self._waiting[scope] = None
+
+    def leave(self, scope: trio.CancelScope, associated: bool) -> None:
+        if associated:
+            self.associations -= 1
+        self._waiting.pop(scope, None)
+        if len(self._waiting) < self.max_unassociated // 2:
+            self._crowded = False
 
 
 async def serve_acceptor(
@@ -786,28 +852,33 @@ async def serve_acceptor(
     listeners = await trio.open_tcp_listeners(config.port, host=host, backlog=128)
     port = listeners[0].socket.getsockname()[1]
     log.info("DICOM listening on %s:%s as %s", config.host, port, config.ae_title)
-    active = 0
+    connections = _Connections(config.max_clients, config.max_unassociated)
 
     async def handler(stream: trio.SocketStream) -> None:
-        nonlocal active
-        busy = bool(config.max_clients) and active >= config.max_clients
-        active += 1
-        counted = True
+        associated = False
+
+        def admit() -> bool:
+            nonlocal associated
+            associated = connections.admit(scope)
+            return associated
 
         def over() -> None:
             # released or rejected: the slot is free while we wait for the peer to close (a
             # modality that opens its next association at once is not refused for it)
-            nonlocal active, counted
-            if counted:
-                counted = False
-                active -= 1
+            nonlocal associated
+            connections.over(scope, associated)
+            associated = False
 
-        try:
-            await handle_association(stream, config, sink, busy=busy, on_over=over)
-        except Exception:
-            log.exception("DICOM association handler failed")
-        finally:
-            over()
+        with trio.CancelScope() as scope:
+            connections.arrive(scope)
+            try:
+                await handle_association(stream, config, sink, admit=admit, on_over=over)
+            except Exception:
+                log.exception("DICOM association handler failed")
+            finally:
+                connections.leave(scope, associated)
+        if scope.cancelled_caught:
+            log.debug("DICOM connection closed to make room for a new one (never associated)")
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handler, listeners)
