@@ -21,9 +21,10 @@ in its own task. One association is a loop over PDUs read by `Transport` (1 MiB 
   (unless in `reject_abstract_syntaxes`) with the first proposed transfer syntax we know,
   compressed ones included — we store the bytes as received.
 - `max_clients` counts associations only (`_Connections`): from acceptance until our last PDU
-  (A-RELEASE-RP, A-ASSOCIATE-RJ). A connection without one — before its A-ASSOCIATE-RQ is
-  accepted (ARTIM), or while we wait for the peer to close — counts against
-  `max_unassociated`, and a new connection beyond it closes the oldest such one.
+  (A-RELEASE-RP, A-ASSOCIATE-RJ). Connections waiting for their A-ASSOCIATE-RQ to be answered
+  (ARTIM), and apart those waiting for the peer to close, count against `max_unassociated`:
+  beyond it a new connection closes the oldest (a waiting one only once it has waited
+  `STALE_AFTER`, unless a burst reaches `BURST_FACTOR` times the cap).
 - Work per PDU is bounded: a PDV with no data that is not a last fragment -> A-ABORT, and every
   PDV counts `PDV_COST` towards the transport's yield budget, so a PDU of tiny PDVs lets the
   other tasks run every 1024 of them.
@@ -88,9 +89,9 @@ class AcceptorConfig:
     port: int = 1040
     max_pdu_size: int = 1_048_576
     max_clients: int = 0  # 0 = unlimited; counts associations, not connections
-    #: connections without an association (before their A-ASSOCIATE-RQ is accepted, and after
-    #: our A-ASSOCIATE-RJ or A-RELEASE-RP while the peer closes); a new one beyond this closes
-    #: the oldest
+    #: connections waiting for their A-ASSOCIATE-RQ to be answered, and, apart, connections
+    #: waiting for the peer to close after our last PDU: beyond this, a new connection closes
+    #: the oldest (see `_Connections`)
     max_unassociated: int = 64
     client_timeout: float = 600.0  # idle association
     artim_timeout: float = 30.0
@@ -789,35 +790,56 @@ async def handle_association(
         await transport.aclose()
 
 
+#: a connection that has not had its A-ASSOCIATE-RQ answered after this many seconds (a real
+#: peer sends it as soon as it has connected) may be closed for a new one once
+#: `max_unassociated` are waiting; younger ones are let in beyond that, up to
+#: `BURST_FACTOR` times as many, so that a burst of modalities connecting at once is served
+STALE_AFTER = 2.0
+BURST_FACTOR = 4
+
+
 class _Connections:
-    """The listener's connections, in two groups. An association (from the moment it is
-    accepted until its last PDU goes out) counts against `max_clients`. A connection without
-    one (waiting for its A-ASSOCIATE-RQ, bounded by ARTIM, or for the peer to close after our
-    A-ASSOCIATE-RJ / A-RELEASE-RP) counts against `max_unassociated` instead, and when that
-    group is full a new connection closes its oldest member: sockets that never associate
-    cannot hold a modality out, whatever their number, and hold no more than their buffers."""
+    """The listener's connections, in three groups.
+
+    - An association, from the acceptance of its request until its last PDU goes out, counts
+      against `max_clients`.
+    - A connection waiting for its A-ASSOCIATE-RQ to come and be answered (ARTIM bounds it)
+      counts against `max_unassociated`. When that many wait, a new connection closes those
+      that have waited `STALE_AFTER` or more, oldest first; when all are younger it is let in
+      beyond the cap, up to `BURST_FACTOR` times it, where the oldest is closed whatever its
+      age. So idle sockets cannot keep a modality out however many are opened, and what they
+      can hold (their buffers, at most a 256 KiB request each) is bounded.
+    - A connection whose last PDU (A-ASSOCIATE-RJ, A-RELEASE-RP) has gone out, while the peer
+      closes (ARTIM bounds it): at most `max_unassociated`, the oldest closed for a new one
+      (it has its answer already)."""
 
     def __init__(self, max_clients: int, max_unassociated: int) -> None:
         self.max_clients = max_clients
         self.max_unassociated = max(1, max_unassociated)
         self.associations = 0
-        #: the unassociated connections, oldest first, by the cancel scope that closes each
-        self._waiting: dict[trio.CancelScope, None] = {}
-        self._crowded = False  # closing the oldest has been logged (once per burst)
+        #: connections waiting for their request, oldest first: cancel scope -> arrival time
+        self._waiting: dict[trio.CancelScope, float] = {}
+        #: connections whose last PDU went out, oldest first
+        self._closing: dict[trio.CancelScope, None] = {}
+        self._crowded = False  # closing waiting connections has been logged (once per burst)
 
     def arrive(self, scope: trio.CancelScope) -> None:
-        if len(self._waiting) >= self.max_unassociated:
-            oldest = next(iter(self._waiting))
-            del self._waiting[oldest]
+        now = trio.current_time()
+        waiting = self._waiting
+        while len(waiting) >= self.max_unassociated:
+            oldest, since = next(iter(waiting.items()))
+            if now - since < STALE_AFTER and len(waiting) < BURST_FACTOR * self.max_unassociated:
+                break
+            del waiting[oldest]
             oldest.cancel()
             if not self._crowded:
                 self._crowded = True
                 log.warning(
-                    "DICOM: %d connections without an association; closing the oldest for "
-                    "each new one (logged once until it eases)",
-                    self.max_unassociated,
+                    "DICOM: %d connections without an association; closing the oldest to "
+                    "let new ones in (logged once until it eases)",
+                    len(waiting) + 1,
                 )
-        self._waiting[scope] = None
+        waiting[scope] = now
 
     def admit(self, scope: trio.CancelScope) -> bool:
         """Move the connection to the associations, if one is free."""
@@ -828,15 +850,21 @@ class _Connections:
         return True
 
     def over(self, scope: trio.CancelScope, associated: bool) -> None:
-        """Its last PDU went out: back among the unassociated while the peer closes."""
+        """Its last PDU went out: among the closing ones while the peer closes."""
         if associated:
             self.associations -= 1
-            self._waiting[scope] = None
+        self._waiting.pop(scope, None)
+        if len(self._closing) >= self.max_unassociated:
+            oldest = next(iter(self._closing))
+            del self._closing[oldest]
+            oldest.cancel()
+        self._closing[scope] = None
 
     def leave(self, scope: trio.CancelScope, associated: bool) -> None:
         if associated:
             self.associations -= 1
         self._waiting.pop(scope, None)
+        self._closing.pop(scope, None)
         if len(self._waiting) < self.max_unassociated // 2:
             self._crowded = False
 
@@ -878,7 +906,7 @@ async def serve_acceptor(
             finally:
                 connections.leave(scope, associated)
         if scope.cancelled_caught:
-            log.debug("DICOM connection closed to make room for a new one (never associated)")
+            log.debug("DICOM connection closed to make room for a new one")
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handler, listeners)
