@@ -857,7 +857,7 @@ async def test_cancellation_after_release_only_closes(
 
 
 def raw_associate_rq(
-    contexts: list[tuple[int, str, list[str]]], called: str = "CAPACITOR"
+    contexts: list[tuple[int, str, list[str]]], called: str = "CAPACITOR", user_items: int = 0
 ) -> bytes:
     """An A-ASSOCIATE-RQ built item by item (our encoder, like pynetdicom's, refuses what a
     hostile peer sends: context IDs over 255, more syntaxes than an item length can hold)."""
@@ -878,7 +878,7 @@ def raw_associate_rq(
         + bytes(32)
         + item(0x10, P.APPLICATION_CONTEXT.encode())
         + pcs
-        + item(0x50, item(0x51, struct.pack(">I", 16384)))
+        + item(0x50, item(0x51, struct.pack(">I", 16384)) + item(0x55, b"") * user_items)
     )
     return P.PDU_HEADER.pack(P.A_ASSOCIATE_RQ, 0, len(body)) + body
 
@@ -920,11 +920,11 @@ RJ_LOCAL_LIMIT = bytes(
 
 
 @pytest.mark.parametrize(
-    "contexts",
+    ("contexts", "user_items"),
     [
-        [(1, CT, bogus_syntaxes(P.MAX_TRANSFER_SYNTAXES + 1))],
-        [((2 * i + 1) % 256, CT, [EXPLICIT]) for i in range(P.MAX_CONTEXTS + 1)],
-        [(2 * i + 1, CT, bogus_syntaxes(60)) for i in range(70)],
+        ([(1, CT, bogus_syntaxes(P.MAX_TRANSFER_SYNTAXES + 1))], 0),
+        ([((2 * i + 1) % 256, CT, [EXPLICIT]) for i in range(P.MAX_CONTEXTS + 1)], 0),
+        ([(1, CT, [EXPLICIT])], P.MAX_ASSOCIATE_ITEMS),
     ],
     ids=["syntaxes in a context", "contexts", "items"],
 )
@@ -933,11 +933,12 @@ async def test_a_request_over_the_caps_is_refused_undecoded(
     autojump_clock: trio.testing.MockClock,
     decoded: list[tuple[int, bool]],
     contexts: list[tuple[int, str, list[str]]],
+    user_items: int,
 ) -> None:
     """issue 19 #3: more transfer syntaxes in a context, more contexts, or more items in all
     than any real peer proposes: A-ASSOCIATE-RJ (permanent, service provider, local limit
     exceeded) after counting the item headers, nothing decoded."""
-    await h.send(raw_associate_rq(contexts))
+    await h.send(raw_associate_rq(contexts, user_items=user_items))
     t, body = await h.read()
     assert (t, body) == (P.A_ASSOCIATE_RJ, RJ_LOCAL_LIMIT)
     assert decoded == []

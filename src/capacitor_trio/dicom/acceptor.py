@@ -216,7 +216,7 @@ _DECODE_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunV
 
 async def _decode_associate_rq(body: bytes | bytearray) -> P.AssociateRequest:
     """Decode an A-ASSOCIATE-RQ body that is within the caps. Up to `DECODE_ON_LOOP_BYTES` on
-    the event loop (a few ms at most); a larger one (up to 4096 items, tens of ms) in a worker
+    the event loop (a few ms at most); a larger one (up to 8,960 items, tens of ms) in a worker
     thread, one at a time whatever the number of connections: many such requests at once
     queue for the thread instead of taking turns on the loop."""
     raw = P.PDU_HEADER.pack(P.A_ASSOCIATE_RQ, 0, len(body)) + bytes(body)

@@ -230,12 +230,15 @@ def decode_associate_rq(pdu_bytes: bytes) -> AssociateRequest:
 
 
 #: What an A-ASSOCIATE-RQ may hold (PS3.8 sets no bound). No real peer comes near: a modality
-#: proposing every storage class with every transfer syntax it knows is ~128 contexts of ~10
-#: syntaxes, 40-60 KB. Each item costs pynetdicom's decoder 5-10 µs on the event loop.
+#: proposing every storage class is ~128 contexts of a few transfer syntaxes, 20-60 KB (a
+#: pynetdicom AE proposing all 45 syntaxes it knows in each, ~6,000 items, is within them).
+#: Each item costs pynetdicom's decoder 5-10 µs.
 MAX_ASSOCIATE_RQ = 256 << 10  # bytes of the PDU body
 MAX_CONTEXTS = 128  # as many as there are odd context IDs
 MAX_TRANSFER_SYNTAXES = 64  # per presentation context
-MAX_ASSOCIATE_ITEMS = 4096  # items and sub-items of the request together
+#: items and sub-items of the request together: every context at its cap, and room for the
+#: user information (role selection and extended negotiation for each context, and more)
+MAX_ASSOCIATE_ITEMS = MAX_CONTEXTS * (MAX_TRANSFER_SYNTAXES + 2) + 512
 
 _PRESENTATION_CONTEXT_ITEM = 0x20
 _USER_INFORMATION_ITEM = 0x50
