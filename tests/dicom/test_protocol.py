@@ -982,6 +982,30 @@ async def test_a_small_request_is_decoded_on_the_loop(
     assert decoded == [(len(associate_rq()), True)]
 
 
+async def test_a_claimed_p_data_length_holds_no_memory_until_client_timeout(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """issue 19 #2: after association, a P-DATA-TF header claiming 2 MiB (the most a 1 MiB
+    `maxPduSize` reads) and 1,000 bytes of it hold a 64 KiB buffer, not 2 MiB, for the
+    `clientTimeout` until the association is aborted."""
+    h = Harness(tmp_path, attrs.evolve(CONFIG, max_pdu_size=1 << 20))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.serve)
+        await h.associate()
+        await trio.testing.wait_all_tasks_blocked()
+        tracemalloc.start()
+        try:
+            await h.send(P.PDU_HEADER.pack(P.P_DATA_TF, 0, 2 << 20) + bytes(1000))
+            await trio.testing.wait_all_tasks_blocked()
+            held = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        assert held < 128 << 10  # 2 MiB when the length field sized the buffer
+        start = trio.current_time()
+        await h.expect_abort()
+        assert trio.current_time() - start == pytest.approx(CONFIG.client_timeout)
+
+
 async def test_empty_pdvs_are_refused(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
     """issue 19 #3: a PDV with no data that does not end its message carries nothing, and a
     PDU holds hundreds of thousands of them: A-ABORT, nothing stored."""
