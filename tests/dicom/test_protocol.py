@@ -648,13 +648,13 @@ async def test_bare_connections_take_no_association_slot(tmp_path: Path) -> None
         nursery.cancel_scope.cancel()
 
 
-async def test_a_new_connection_closes_the_oldest_stale_unassociated_one(
+async def test_a_stale_connection_gives_its_place_to_a_waiting_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """issue 19 #4: at `max_unassociated` connections waiting for their A-ASSOCIATE-RQ, a new
-    one closes the oldest that has waited `STALE_AFTER` (0 here; an A-ABORT, then the close):
-    idle sockets cannot fill the listener, and a modality that sends its request at once is
-    served."""
+    """issue 19 #4: with `max_unassociated` connections reading their A-ASSOCIATE-RQ, a new
+    one waits for a place; a reader whose request has not come `STALE_AFTER` (0 here) after
+    it started gives its place up (an A-ABORT, then the close): idle sockets cannot fill the
+    listener, and a modality is served."""
     monkeypatch.setattr(acceptor, "STALE_AFTER", 0.0)
     sink = DirSink(tmp_path)
     config = AcceptorConfig(host="127.0.0.1", port=0, max_unassociated=2, artim_timeout=30)
@@ -679,31 +679,55 @@ def nothing_received(t: Transport) -> bool:
     return not readable
 
 
-async def test_a_burst_of_new_connections_is_let_in_beyond_the_cap(tmp_path: Path) -> None:
-    """Connections younger than `STALE_AFTER` (2 s) are not closed for newer ones until
-    `BURST_FACTOR` (4) times `max_unassociated` wait: modalities connecting at once, faster
-    than their requests arrive, are not cut off. Beyond that the oldest goes, whatever its
-    age."""
+async def test_a_burst_of_connections_is_served_in_turn(tmp_path: Path) -> None:
+    """Twenty modalities connect at once, their requests coming only once all are connected:
+    with places for two readers at a time, the others wait their turn (not closed for being
+    many), and every one is accepted."""
     sink = DirSink(tmp_path)
     config = AcceptorConfig(host="127.0.0.1", port=0, max_unassociated=2, artim_timeout=30)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(acceptor.serve_acceptor, config, sink)
-        idle = [Transport(await trio.open_tcp_stream("127.0.0.1", port)) for _ in range(8)]
-        modality, t, _ = await open_association(port)  # the ninth: closes idle[0]
-        assert t == P.A_ASSOCIATE_AC
-        with trio.fail_after(10):
-            assert (await idle[0].read_pdu())[0] == P.A_ABORT
+        burst = [Transport(await trio.open_tcp_stream("127.0.0.1", port)) for _ in range(20)]
         await trio.testing.wait_all_tasks_blocked(0.05)
-        assert all(nothing_received(c) for c in idle[1:])
-        for c in (*idle, modality):
+        assert all(nothing_received(c) for c in burst)
+        for c in burst:
+            await c.send_all(associate_rq())
+        with trio.fail_after(10):
+            assert [(await c.read_pdu())[0] for c in burst] == [P.A_ASSOCIATE_AC] * 20
+        for c in burst:
             await c.aclose()
         nursery.cancel_scope.cancel()
 
 
-async def test_claimed_lengths_hold_no_memory(tmp_path: Path) -> None:
+async def test_connections_beyond_the_queue_are_closed_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One place for a reader, two waiting per place: a fourth connection is closed at once
+    (no A-ABORT: nothing was read from it), the first three stay."""
+    monkeypatch.setattr(acceptor, "QUEUE_FACTOR", 2)
+    sink = DirSink(tmp_path)
+    config = AcceptorConfig(host="127.0.0.1", port=0, max_unassociated=1, artim_timeout=30)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(acceptor.serve_acceptor, config, sink)
+        conns = [Transport(await trio.open_tcp_stream("127.0.0.1", port)) for _ in range(4)]
+        with trio.fail_after(10):
+            with pytest.raises(PeerClosed):
+                await conns[3].read_pdu()
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        assert all(nothing_received(c) for c in conns[:3])
+        for c in conns:
+            await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_claimed_lengths_hold_no_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """issue 19 #2: 150 connections, each sending a PDU header that claims 250,000 bytes and
-    1,000 of them, hold what they sent in 64 KiB buffers (10 MB), not 150 x 250,000 bytes; a
-    modality is served meanwhile."""
+    1,000 of them, hold what they sent in 64 KiB buffers, 64 connections at a time (the
+    others wait unread), not 150 x 250,000 bytes; a modality is served meanwhile, once the
+    readers ahead of it have had `STALE_AFTER` (0.05 s here)."""
+    monkeypatch.setattr(acceptor, "STALE_AFTER", 0.05)
     sink = DirSink(tmp_path)
     config = AcceptorConfig(host="127.0.0.1", port=0, artim_timeout=30)
     claim = P.PDU_HEADER.pack(P.A_ASSOCIATE_RQ, 0, 250_000) + bytes(1000)
@@ -721,7 +745,7 @@ async def test_claimed_lengths_hold_no_memory(tmp_path: Path) -> None:
             assert t == P.A_ASSOCIATE_AC
             await trio.testing.wait_all_tasks_blocked(0.05)
             held = tracemalloc.get_traced_memory()[0] - base
-            assert held < 16 << 20  # 37.5 MB when the length field sized the buffers
+            assert held < 8 << 20  # 37.5 MB when the length field sized the buffers
             for s in hostile:
                 await s.aclose()
             await modality.aclose()

@@ -21,10 +21,9 @@ in its own task. One association is a loop over PDUs read by `Transport` (1 MiB 
   (unless in `reject_abstract_syntaxes`) with the first proposed transfer syntax we know,
   compressed ones included — we store the bytes as received.
 - `max_clients` counts associations only (`_Connections`): from acceptance until our last PDU
-  (A-RELEASE-RP, A-ASSOCIATE-RJ). Connections waiting for their A-ASSOCIATE-RQ to be answered
-  (ARTIM), and apart those waiting for the peer to close, count against `max_unassociated`:
-  beyond it a new connection closes the oldest (a waiting one only once it has waited
-  `STALE_AFTER`, unless a burst reaches `BURST_FACTOR` times the cap).
+  (A-RELEASE-RP, A-ASSOCIATE-RJ). At most `max_unassociated` connections read their
+  A-ASSOCIATE-RQ at once; the others wait their turn unread, and a reader that has not had
+  its request answered `STALE_AFTER` after it started gives its place to the first of them.
 - Work per PDU is bounded: a PDV with no data that is not a last fragment -> A-ABORT, and every
   PDV counts `PDV_COST` towards the transport's yield budget, so a PDU of tiny PDVs lets the
   other tasks run every 1024 of them.
@@ -51,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -89,9 +89,8 @@ class AcceptorConfig:
     port: int = 1040
     max_pdu_size: int = 1_048_576
     max_clients: int = 0  # 0 = unlimited; counts associations, not connections
-    #: connections waiting for their A-ASSOCIATE-RQ to be answered, and, apart, connections
-    #: waiting for the peer to close after our last PDU: beyond this, a new connection closes
-    #: the oldest (see `_Connections`)
+    #: connections reading their A-ASSOCIATE-RQ at once (more wait their turn, unread), and
+    #: connections waiting for the peer to close after our last PDU (see `_Connections`)
     max_unassociated: int = 64
     client_timeout: float = 600.0  # idle association
     artim_timeout: float = 30.0
@@ -790,62 +789,100 @@ async def handle_association(
         await transport.aclose()
 
 
-#: a connection that has not had its A-ASSOCIATE-RQ answered after this many seconds (a real
-#: peer sends it as soon as it has connected) may be closed for a new one once
-#: `max_unassociated` are waiting; younger ones are let in beyond that, up to
-#: `BURST_FACTOR` times as many, so that a burst of modalities connecting at once is served
+#: a connection reading its A-ASSOCIATE-RQ that has not had it answered after this many
+#: seconds (a real peer sends it as soon as it has connected) gives its place to a connection
+#: waiting for one
 STALE_AFTER = 2.0
-BURST_FACTOR = 4
+#: connections waiting for a place among those reading their request, per place; beyond that
+#: a new connection is closed at once
+QUEUE_FACTOR = 16
 
 
 class _Connections:
-    """The listener's connections, in three groups.
+    """The listener's connections, in four groups.
 
     - An association, from the acceptance of its request until its last PDU goes out, counts
       against `max_clients`.
-    - A connection waiting for its A-ASSOCIATE-RQ to come and be answered (ARTIM bounds it)
-      counts against `max_unassociated`. When that many wait, a new connection closes those
-      that have waited `STALE_AFTER` or more, oldest first; when all are younger it is let in
-      beyond the cap, up to `BURST_FACTOR` times it, where the oldest is closed whatever its
-      age. So idle sockets cannot keep a modality out however many are opened, and what they
-      can hold (their buffers, at most a 256 KiB request each) is bounded.
+    - At most `max_unassociated` connections read their A-ASSOCIATE-RQ at once (ARTIM bounds
+      each); that bounds what requests not yet answered can hold (256 KiB each).
+    - Further connections wait their turn, unread, first come first served (ARTIM bounds the
+      wait; at most `QUEUE_FACTOR` per place, a new one beyond is closed at once). A reader
+      whose request has not been answered `STALE_AFTER` after it started gives its place to
+      the first of them (it is closed: an A-ABORT, then the close). A burst of modalities is
+      served in turn, and idle sockets cannot keep one out, however many are opened.
     - A connection whose last PDU (A-ASSOCIATE-RJ, A-RELEASE-RP) has gone out, while the peer
-      closes (ARTIM bounds it): at most `max_unassociated`, the oldest closed for a new one
-      (it has its answer already)."""
+      closes (ARTIM bounds it): at most `max_unassociated`, the oldest closed for a new one (it
+      has its answer already)."""
 
     def __init__(self, max_clients: int, max_unassociated: int) -> None:
         self.max_clients = max_clients
-        self.max_unassociated = max(1, max_unassociated)
+        self.max_readers = max(1, max_unassociated)
         self.associations = 0
-        #: connections waiting for their request, oldest first: cancel scope -> arrival time
-        self._waiting: dict[trio.CancelScope, float] = {}
+        #: connections reading their request, oldest first: cancel scope -> start
+        self._readers: dict[trio.CancelScope, float] = {}
         #: connections whose last PDU went out, oldest first
         self._closing: dict[trio.CancelScope, None] = {}
-        self._crowded = False  # closing waiting connections has been logged (once per burst)
+        self._turns = trio.lowlevel.ParkingLot()  # the connections waiting for a place
+        self._queued = 0
+        self._handed = 0  # places handed to waiting connections that have not taken them yet
+        self._crowded = False  # a close for crowding has been logged (once per burst)
 
-    def arrive(self, scope: trio.CancelScope) -> None:
-        now = trio.current_time()
-        waiting = self._waiting
-        while len(waiting) >= self.max_unassociated:
-            oldest, since = next(iter(waiting.items()))
-            if now - since < STALE_AFTER and len(waiting) < BURST_FACTOR * self.max_unassociated:
-                break
-            del waiting[oldest]
-            oldest.cancel()
-            if not self._crowded:
-                self._crowded = True
-                log.warning(
-                    "DICOM: %d connections without an association; closing the oldest to "
-                    "let new ones in (logged once until it eases)",
-                    len(waiting) + 1,
-                )
-        waiting[scope] = now
+    async def reading_turn(self, scope: trio.CancelScope) -> bool:
+        """Wait for a place among the connections reading their request, and take it; False
+        (at once) when too many wait already."""
+        if self._queued >= QUEUE_FACTOR * self.max_readers:
+            self._crowd("too many connections waiting for their turn; closing new ones")
+            return False
+        self._queued += 1
+        try:
+            if self._turns or len(self._readers) + self._handed >= self.max_readers:
+                await self._wait_turn()
+        finally:
+            self._queued -= 1
+        self._readers[scope] = trio.current_time()
+        return True
+
+    async def _wait_turn(self) -> None:
+        while True:
+            since = next(iter(self._readers.values()), None)
+            deadline = math.inf if since is None else since + STALE_AFTER
+            if trio.current_time() >= deadline:  # the oldest reader is stale: take its place
+                oldest = next(iter(self._readers))
+                del self._readers[oldest]
+                oldest.cancel()
+                self._crowd("closing connections that have not sent their request in time")
+                return
+            with trio.move_on_at(deadline) as waited:
+                await self._turns.park()
+            if not waited.cancelled_caught:  # a place was handed over
+                self._handed -= 1
+                return
+
+    def _crowd(self, what: str) -> None:
+        if not self._crowded:
+            self._crowded = True
+            log.warning(
+                "DICOM: %d connections reading their A-ASSOCIATE-RQ, %d waiting: %s (logged "
+                "once until it eases)",
+                len(self._readers),
+                self._queued,
+                what,
+            )
+
+    def _stop_reading(self, scope: trio.CancelScope) -> None:
+        if self._readers.pop(scope, None) is None:
+            return
+        if self._turns:
+            self._turns.unpark()
+            self._handed += 1
+        elif len(self._readers) < self.max_readers // 2:
+            self._crowded = False
 
     def admit(self, scope: trio.CancelScope) -> bool:
         """Move the connection to the associations, if one is free."""
         if self.max_clients and self.associations >= self.max_clients:
             return False
-        self._waiting.pop(scope, None)
+        self._stop_reading(scope)
         self.associations += 1
         return True
 
@@ -853,8 +890,8 @@ class _Connections:
         """Its last PDU went out: among the closing ones while the peer closes."""
         if associated:
             self.associations -= 1
-        self._waiting.pop(scope, None)
-        if len(self._closing) >= self.max_unassociated:
+        self._stop_reading(scope)
+        if len(self._closing) >= self.max_readers:
             oldest = next(iter(self._closing))
             del self._closing[oldest]
             oldest.cancel()
@@ -863,10 +900,8 @@ class _Connections:
     def leave(self, scope: trio.CancelScope, associated: bool) -> None:
         if associated:
             self.associations -= 1
-        self._waiting.pop(scope, None)
+        self._stop_reading(scope)
         self._closing.pop(scope, None)
-        if len(self._waiting) < self.max_unassociated // 2:
-            self._crowded = False
 
 
 async def serve_acceptor(
@@ -898,9 +933,14 @@ async def serve_acceptor(
             associated = False
 
         with trio.CancelScope() as scope:
-            connections.arrive(scope)
             try:
-                await handle_association(stream, config, sink, admit=admit, on_over=over)
+                turn = False
+                with trio.move_on_after(config.artim_timeout):  # the wait for a turn
+                    turn = await connections.reading_turn(scope)
+                if turn:
+                    await handle_association(stream, config, sink, admit=admit, on_over=over)
+                else:
+                    await trio.aclose_forcefully(stream)  # closed unread
             except Exception:
                 log.exception("DICOM association handler failed")
             finally:
