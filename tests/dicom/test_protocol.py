@@ -984,12 +984,12 @@ async def test_a_request_at_the_caps_is_served(
     h: Harness, autojump_clock: trio.testing.MockClock, decoded: list[tuple[int, bool]]
 ) -> None:
     """128 contexts (every odd ID) of six transfer syntaxes, one of 64: within the caps, and
-    decoded in a worker thread (over 16 KiB); a small request is decoded on the loop."""
+    decoded in a worker thread (over 512 items); a small request is decoded on the loop."""
     six = [EXPLICIT, *(f"1.2.840.10008.1.2{s}" for s in ("", ".2", ".4.50", ".4.70", ".4.90"))]
     contexts = [(2 * i + 1, CT, six) for i in range(P.MAX_CONTEXTS)]
     contexts[0] = (1, CT, [*bogus_syntaxes(P.MAX_TRANSFER_SYNTAXES - 1), EXPLICIT])
     rq = raw_associate_rq(contexts)
-    assert len(rq) > acceptor.DECODE_ON_LOOP_BYTES
+    assert P.associate_rq_items(rq[6:]) == (128 * 8 + 64 - 6 + 3, None)
     await h.send(rq)
     t, body = await h.read()
     assert t == P.A_ASSOCIATE_AC

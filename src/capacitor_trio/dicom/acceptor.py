@@ -13,7 +13,7 @@ in its own task. One association is a loop over PDUs read by `Transport` (1 MiB 
   A-ASSOCIATE-RJ permanent, called-AE-title-not-recognized). Its items are then counted
   against `P.MAX_CONTEXTS`, `P.MAX_TRANSFER_SYNTAXES` and `P.MAX_ASSOCIATE_ITEMS` (over ->
   A-ASSOCIATE-RJ permanent, local-limit-exceeded), and only then decoded with pynetdicom's
-  codec (5-10 µs per item: in a worker thread, one at a time, beyond `DECODE_ON_LOOP_BYTES`).
+  codec (5-10 µs per item: in a worker thread, one at a time, beyond `DECODE_ON_LOOP_ITEMS`).
   A presentation context ID that is not odd (0 included) or is proposed twice -> A-ABORT
   (invalid PDU parameter value), as is any value of the request that the A-ASSOCIATE-AC
   cannot echo; over `max_clients` -> A-ASSOCIATE-RJ (transient, local-limit-exceeded). Every
@@ -74,9 +74,10 @@ log = logging.getLogger("capacitor_trio.dicom")
 
 HEAD_BYTES = 64 * 1024
 THREAD_WRITE_THRESHOLD = 256 * 1024
-#: an A-ASSOCIATE-RQ body up to this size (≈ 700 items at most) is decoded on the event loop;
-#: a larger one in a worker thread
-DECODE_ON_LOOP_BYTES = 16 * 1024
+#: an A-ASSOCIATE-RQ of up to this many items and sub-items (≈ 5 ms of pynetdicom's decoder;
+#: a request of a few dozen contexts) is decoded on the event loop, a larger one in a worker
+#: thread
+DECODE_ON_LOOP_ITEMS = 512
 #: what acting on one PDV counts towards the transport's yield budget (`Transport.spend`):
 #: a task yields at least once per 1024 PDVs, however small they are
 PDV_COST = 4096
@@ -213,13 +214,13 @@ _DECODE_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunV
 )
 
 
-async def _decode_associate_rq(body: bytes | bytearray) -> P.AssociateRequest:
-    """Decode an A-ASSOCIATE-RQ body that is within the caps. Up to `DECODE_ON_LOOP_BYTES` on
-    the event loop (a few ms at most); a larger one (up to 8,960 items, tens of ms) in a worker
-    thread, one at a time whatever the number of connections: many such requests at once
-    queue for the thread instead of taking turns on the loop."""
+async def _decode_associate_rq(body: bytes | bytearray, items: int) -> P.AssociateRequest:
+    """Decode an A-ASSOCIATE-RQ body of `items` items, within the caps. Up to
+    `DECODE_ON_LOOP_ITEMS` on the event loop (a few ms at most); a larger one (up to 8,960
+    items, tens of ms) in a worker thread, one at a time whatever the number of connections:
+    many such requests at once queue for the thread instead of taking turns on the loop."""
     raw = P.PDU_HEADER.pack(P.A_ASSOCIATE_RQ, 0, len(body)) + bytes(body)
-    if len(body) <= DECODE_ON_LOOP_BYTES:
+    if items <= DECODE_ON_LOOP_ITEMS:
         return P.decode_associate_rq(raw)
     try:
         limiter = _DECODE_LIMITER.get()
@@ -354,7 +355,7 @@ class _Association:
     async def _negotiate(self, body: bytes | bytearray) -> bool:
         """Answer the A-ASSOCIATE-RQ `body`; True when accepted. What the fixed part of the
         request says (protocol version, called AE) is checked before its items are decoded,
-        and the items are counted against the caps (`P.associate_rq_excess`) before they are:
+        and the items are counted against the caps (`P.associate_rq_items`) before they are:
         a request the router would refuse costs no more than reading it."""
         if len(body) < 68:
             raise P.PduError("A-ASSOCIATE-RQ too short")
@@ -373,14 +374,14 @@ class _Association:
                 P.RJ_PERMANENT, P.RJ_SOURCE_USER, P.RJ_REASON_CALLED_AE_NOT_RECOGNIZED
             )
             return False
-        excess = P.associate_rq_excess(body)
+        items, excess = P.associate_rq_items(body)
         if excess is not None:
             log.warning("A-ASSOCIATE-RJ to %s: the request has %s", self.calling_ae, excess)
             await self._reject(
                 P.RJ_PERMANENT, P.RJ_SOURCE_PRESENTATION, P.RJ_REASON_LOCAL_LIMIT_EXCEEDED
             )
             return False
-        rq = await _decode_associate_rq(body)
+        rq = await _decode_associate_rq(body, items)
         self.calling_ae, self.called_ae = rq.calling_ae, rq.called_ae
         P.check_context_ids(rq.contexts)
         if rq.application_context != P.APPLICATION_CONTEXT:

@@ -245,11 +245,11 @@ _USER_INFORMATION_ITEM = 0x50
 _TRANSFER_SYNTAX_SUB_ITEM = 0x40
 
 
-def associate_rq_excess(body: bytes | bytearray) -> str | None:
-    """What makes an A-ASSOCIATE-RQ body (the PDU without its 6-byte header) exceed the caps
-    above, or None. Walks the item headers only (4 bytes each), and stops at the first excess:
-    it costs at most `MAX_ASSOCIATE_ITEMS` steps whatever the request holds. A malformed
-    structure is left to the decoder to report."""
+def associate_rq_items(body: bytes | bytearray) -> tuple[int, str | None]:
+    """(items and sub-items, what exceeds the caps above or None) of an A-ASSOCIATE-RQ body
+    (the PDU without its 6-byte header). Walks the item headers only (4 bytes each), and stops
+    at the first excess: it costs at most `MAX_ASSOCIATE_ITEMS` steps whatever the request
+    holds. A malformed structure is left to the decoder to report."""
     n = len(body)
     off = 68  # protocol version, reserved, called AE, calling AE, reserved
     items = contexts = 0
@@ -260,7 +260,7 @@ def associate_rq_excess(body: bytes | bytearray) -> str | None:
         if kind == _PRESENTATION_CONTEXT_ITEM:
             contexts += 1
             if contexts > MAX_CONTEXTS:
-                return f"more than {MAX_CONTEXTS} presentation contexts"
+                return items, f"more than {MAX_CONTEXTS} presentation contexts"
         if kind in (_PRESENTATION_CONTEXT_ITEM, _USER_INFORMATION_ITEM):
             sub = off + (8 if kind == _PRESENTATION_CONTEXT_ITEM else 4)
             syntaxes = 0
@@ -269,12 +269,12 @@ def associate_rq_excess(body: bytes | bytearray) -> str | None:
                 if body[sub] == _TRANSFER_SYNTAX_SUB_ITEM:
                     syntaxes += 1
                     if syntaxes > MAX_TRANSFER_SYNTAXES:
-                        return f"more than {MAX_TRANSFER_SYNTAXES} transfer syntaxes in a context"
+                        return items, f"more than {MAX_TRANSFER_SYNTAXES} transfer syntaxes in a context"
                 sub += 4 + int.from_bytes(body[sub + 2 : sub + 4], "big")
         if items > MAX_ASSOCIATE_ITEMS:
-            return f"more than {MAX_ASSOCIATE_ITEMS} items"
+            return items, f"more than {MAX_ASSOCIATE_ITEMS} items"
         off += 4 + length
-    return None
+    return items, None
 
 
 def associate_rq_titles(body: bytes | bytearray) -> tuple[str, str]:
