@@ -720,6 +720,32 @@ async def test_connections_beyond_the_queue_are_closed_unread(
         nursery.cancel_scope.cancel()
 
 
+async def test_reading_turns_are_first_come_first_served_and_stale_readers_give_way(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """`_Connections` in virtual time, one place: b and then d wait; a associates at once, so
+    its place goes to b (not to d, nor to a newcomer); b sends nothing, and STALE_AFTER (2 s)
+    later d takes its place (b's connection is closed)."""
+    connections = acceptor._Connections(max_clients=0, max_unassociated=1)
+    a, b, d = trio.CancelScope(), trio.CancelScope(), trio.CancelScope()
+    turns: list[tuple[str, float]] = []
+
+    async def wait(scope: trio.CancelScope, name: str) -> None:
+        assert await connections.reading_turn(scope)
+        turns.append((name, trio.current_time()))
+
+    assert await connections.reading_turn(a)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait, b, "b")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(wait, d, "d")
+        await trio.testing.wait_all_tasks_blocked()
+        assert connections.admit(a)
+    assert turns == [("b", 0.0), ("d", acceptor.STALE_AFTER)]
+    assert b.cancel_called and not a.cancel_called and not d.cancel_called
+    assert connections.associations == 1
+
+
 async def test_claimed_lengths_hold_no_memory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

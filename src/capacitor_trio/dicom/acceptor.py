@@ -845,6 +845,8 @@ class _Connections:
 
     async def _wait_turn(self) -> None:
         while True:
+            if len(self._readers) + self._handed < self.max_readers:
+                return  # a place came free while this one was not parked (after a timeout)
             since = next(iter(self._readers.values()), None)
             deadline = math.inf if since is None else since + STALE_AFTER
             if trio.current_time() >= deadline:  # the oldest reader is stale: take its place
