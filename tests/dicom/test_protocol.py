@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import select
 import struct
 import tempfile
+import threading
+import tracemalloc
 from pathlib import Path
 
 import attrs
@@ -619,6 +622,164 @@ async def test_max_clients_counts_associations_until_their_last_pdu(tmp_path: Pa
         nursery.cancel_scope.cancel()
 
 
+async def open_association(port: int) -> tuple[Transport, int, bytes]:
+    """A TCP connection to the acceptor that sends an A-ASSOCIATE-RQ: (it, answer type, body)."""
+    t = Transport(await trio.open_tcp_stream("127.0.0.1", port))
+    await t.send_all(associate_rq())
+    pdu_type, body = await t.read_pdu()
+    return t, pdu_type, bytes(body)
+
+
+async def test_bare_connections_take_no_association_slot(tmp_path: Path) -> None:
+    """issue 19 #4: with `max_clients` 1, two TCP connections that never send an A-ASSOCIATE-RQ
+    do not keep a modality out (they counted as clients until ARTIM closed them); associations
+    alone count, so a second one is still refused while the first is open."""
+    sink = DirSink(tmp_path)
+    config = AcceptorConfig(host="127.0.0.1", port=0, max_clients=1, artim_timeout=30)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(acceptor.serve_acceptor, config, sink)
+        idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+        first, t1, _ = await open_association(port)
+        assert t1 == P.A_ASSOCIATE_AC
+        second, t2, body = await open_association(port)
+        assert t2 == P.A_ASSOCIATE_RJ and P.decode_associate_rj(body) == P.AssociateReject(2, 3, 2)
+        for s in (*idle, first.stream, second.stream):
+            await s.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stale_connection_gives_its_place_to_a_waiting_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 19 #4: with `max_unassociated` connections reading their A-ASSOCIATE-RQ, a new
+    one waits for a place; a reader whose request has not come `STALE_AFTER` (0 here) after
+    it started gives its place up (an A-ABORT, then the close): idle sockets cannot fill the
+    listener, and a modality is served."""
+    monkeypatch.setattr(acceptor, "STALE_AFTER", 0.0)
+    sink = DirSink(tmp_path)
+    config = AcceptorConfig(host="127.0.0.1", port=0, max_unassociated=2, artim_timeout=30)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(acceptor.serve_acceptor, config, sink)
+        idle = [Transport(await trio.open_tcp_stream("127.0.0.1", port)) for _ in range(3)]
+        with trio.fail_after(10):
+            assert (await idle[0].read_pdu())[0] == P.A_ABORT
+            with pytest.raises(PeerClosed):
+                await idle[0].read_pdu()
+            modality, t, _ = await open_association(port)  # closes idle[1]
+            assert t == P.A_ASSOCIATE_AC
+            assert (await idle[1].read_pdu())[0] == P.A_ABORT
+        for c in (*idle, modality):
+            await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+def nothing_received(t: Transport) -> bool:
+    """Neither a PDU nor the close has reached `t` (its socket is not readable)."""
+    readable, _, _ = select.select([t.stream.socket.fileno()], [], [], 0)  # type: ignore[attr-defined]
+    return not readable
+
+
+async def test_a_burst_of_connections_is_served_in_turn(tmp_path: Path) -> None:
+    """Twenty modalities connect at once, their requests coming only once all are connected:
+    with places for two readers at a time, the others wait their turn (not closed for being
+    many), and every one is accepted."""
+    sink = DirSink(tmp_path)
+    config = AcceptorConfig(host="127.0.0.1", port=0, max_unassociated=2, artim_timeout=30)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(acceptor.serve_acceptor, config, sink)
+        burst = [Transport(await trio.open_tcp_stream("127.0.0.1", port)) for _ in range(20)]
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        assert all(nothing_received(c) for c in burst)
+        for c in burst:
+            await c.send_all(associate_rq())
+        with trio.fail_after(10):
+            assert [(await c.read_pdu())[0] for c in burst] == [P.A_ASSOCIATE_AC] * 20
+        for c in burst:
+            await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_connections_beyond_the_queue_are_closed_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One place for a reader, two waiting per place: a fourth connection is closed at once
+    (no A-ABORT: nothing was read from it), the first three stay."""
+    monkeypatch.setattr(acceptor, "QUEUE_FACTOR", 2)
+    sink = DirSink(tmp_path)
+    config = AcceptorConfig(host="127.0.0.1", port=0, max_unassociated=1, artim_timeout=30)
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(acceptor.serve_acceptor, config, sink)
+        conns = [Transport(await trio.open_tcp_stream("127.0.0.1", port)) for _ in range(4)]
+        with trio.fail_after(10):
+            with pytest.raises(PeerClosed):
+                await conns[3].read_pdu()
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        assert all(nothing_received(c) for c in conns[:3])
+        for c in conns:
+            await c.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_reading_turns_are_first_come_first_served_and_stale_readers_give_way(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """`_Connections` in virtual time, one place: b and then d wait; a associates at once, so
+    its place goes to b (not to d, nor to a newcomer); b sends nothing, and STALE_AFTER (2 s)
+    later d takes its place (b's connection is closed)."""
+    connections = acceptor._Connections(max_clients=0, max_unassociated=1)
+    a, b, d = trio.CancelScope(), trio.CancelScope(), trio.CancelScope()
+    turns: list[tuple[str, float]] = []
+
+    async def wait(scope: trio.CancelScope, name: str) -> None:
+        assert await connections.reading_turn(scope)
+        turns.append((name, trio.current_time()))
+
+    assert await connections.reading_turn(a)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait, b, "b")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(wait, d, "d")
+        await trio.testing.wait_all_tasks_blocked()
+        assert connections.admit(a)
+    assert turns == [("b", 0.0), ("d", acceptor.STALE_AFTER)]
+    assert b.cancel_called and not a.cancel_called and not d.cancel_called
+    assert connections.associations == 1
+
+
+async def test_claimed_lengths_hold_no_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 19 #2: 150 connections, each sending a PDU header that claims 250,000 bytes and
+    1,000 of them, hold what they sent in 64 KiB buffers, 64 connections at a time (the
+    others wait unread), not 150 x 250,000 bytes; a modality is served meanwhile, once the
+    readers ahead of it have had `STALE_AFTER` (0.05 s here)."""
+    monkeypatch.setattr(acceptor, "STALE_AFTER", 0.05)
+    sink = DirSink(tmp_path)
+    config = AcceptorConfig(host="127.0.0.1", port=0, artim_timeout=30)
+    claim = P.PDU_HEADER.pack(P.A_ASSOCIATE_RQ, 0, 250_000) + bytes(1000)
+    tracemalloc.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(acceptor.serve_acceptor, config, sink)
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            base = tracemalloc.get_traced_memory()[0]
+            hostile = []
+            for _ in range(150):
+                hostile.append(s := await trio.open_tcp_stream("127.0.0.1", port))
+                await s.send_all(claim)
+            modality, t, _ = await open_association(port)
+            assert t == P.A_ASSOCIATE_AC
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            held = tracemalloc.get_traced_memory()[0] - base
+            assert held < 8 << 20  # 37.5 MB when the length field sized the buffers
+            for s in hostile:
+                await s.aclose()
+            await modality.aclose()
+            nursery.cancel_scope.cancel()
+    finally:
+        tracemalloc.stop()
+
+
 async def test_admission_refused_writes_nothing(
     h: Harness, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -740,6 +901,232 @@ async def test_cancellation_after_release_only_closes(
         assert (await h.read())[0] == P.A_RELEASE_RP
         nursery.cancel_scope.cancel()  # while the acceptor waits (ARTIM) for us to close
     await h.expect_closed()
+
+
+# ---------------------------------------------------------------------------- hostile peers
+
+
+def raw_associate_rq(
+    contexts: list[tuple[int, str, list[str]]], called: str = "CAPACITOR", user_items: int = 0
+) -> bytes:
+    """An A-ASSOCIATE-RQ built item by item (our encoder, like pynetdicom's, refuses what a
+    hostile peer sends: context IDs over 255, more syntaxes than an item length can hold)."""
+
+    def item(kind: int, payload: bytes) -> bytes:
+        return struct.pack(">BxH", kind, len(payload)) + payload
+
+    pcs = b"".join(
+        item(0x20, bytes((cid, 0, 0, 0)) + item(0x30, a.encode()) + b"".join(
+            item(0x40, t.encode()) for t in ts
+        ))
+        for cid, a, ts in contexts
+    )
+    body = (
+        struct.pack(">HH", 1, 0)
+        + called.encode().ljust(16)
+        + b"MODALITY".ljust(16)
+        + bytes(32)
+        + item(0x10, P.APPLICATION_CONTEXT.encode())
+        + pcs
+        + item(0x50, item(0x51, struct.pack(">I", 16384)) + item(0x55, b"") * user_items)
+    )
+    return P.PDU_HEADER.pack(P.A_ASSOCIATE_RQ, 0, len(body)) + body
+
+
+def bogus_syntaxes(n: int) -> list[str]:
+    return [f"1.2.3.{i}" for i in range(n)]
+
+
+@pytest.fixture
+def decoded(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, bool]]:
+    """(size, on the event loop's thread) of each A-ASSOCIATE-RQ decoded (pynetdicom's codec:
+    5-10 µs per item)."""
+    sizes: list[tuple[int, bool]] = []
+    real = P.decode_associate_rq
+
+    def spy(pdu_bytes: bytes) -> P.AssociateRequest:
+        sizes.append((len(pdu_bytes), threading.current_thread() is threading.main_thread()))
+        return real(pdu_bytes)
+
+    monkeypatch.setattr(P, "decode_associate_rq", spy)
+    return sizes
+
+
+async def test_the_called_ae_is_checked_before_the_request_is_decoded(
+    h: Harness, autojump_clock: trio.testing.MockClock, decoded: list[tuple[int, bool]]
+) -> None:
+    """issue 19 #3: an A-ASSOCIATE-RQ to an unknown called AE is refused from its fixed part
+    (the called AE is at a fixed offset); its items, however many, are not decoded."""
+    rq = raw_associate_rq([(2 * i + 1, CT, bogus_syntaxes(60)) for i in range(60)], "NOBODY")
+    await h.send(rq)
+    t, body = await h.read()
+    assert (t, body) == (P.A_ASSOCIATE_RJ, RJ_CALLED_AE)
+    assert decoded == []
+
+
+RJ_LOCAL_LIMIT = bytes(
+    (0, P.RJ_PERMANENT, P.RJ_SOURCE_PRESENTATION, P.RJ_REASON_LOCAL_LIMIT_EXCEEDED)
+)
+
+
+@pytest.mark.parametrize(
+    ("contexts", "user_items"),
+    [
+        ([(1, CT, bogus_syntaxes(P.MAX_TRANSFER_SYNTAXES + 1))], 0),
+        ([((2 * i + 1) % 256, CT, [EXPLICIT]) for i in range(P.MAX_CONTEXTS + 1)], 0),
+        ([(1, CT, [EXPLICIT])], P.MAX_ASSOCIATE_ITEMS),
+    ],
+    ids=["syntaxes in a context", "contexts", "items"],
+)
+async def test_a_request_over_the_caps_is_refused_undecoded(
+    h: Harness,
+    autojump_clock: trio.testing.MockClock,
+    decoded: list[tuple[int, bool]],
+    contexts: list[tuple[int, str, list[str]]],
+    user_items: int,
+) -> None:
+    """issue 19 #3: more transfer syntaxes in a context, more contexts, or more items in all
+    than any real peer proposes: A-ASSOCIATE-RJ (permanent, service provider, local limit
+    exceeded) after counting the item headers, nothing decoded."""
+    await h.send(raw_associate_rq(contexts, user_items=user_items))
+    t, body = await h.read()
+    assert (t, body) == (P.A_ASSOCIATE_RJ, RJ_LOCAL_LIMIT)
+    assert decoded == []
+
+
+async def test_the_reported_950_kb_request_is_not_even_read(
+    h: Harness, autojump_clock: trio.testing.MockClock, decoded: list[tuple[int, bool]]
+) -> None:
+    """issue 19 #3: 20 contexts of 2,700 bogus transfer syntaxes (≈ 600 KB here) exceed the
+    size cap: A-ABORT on the PDU header, before its body is read."""
+    rq = raw_associate_rq([(2 * i + 1, CT, bogus_syntaxes(2700)) for i in range(20)])
+    assert len(rq) > P.MAX_ASSOCIATE_RQ
+    await h.send(rq[:6])
+    await h.expect_abort()
+    assert decoded == []
+
+
+async def test_a_request_at_the_caps_is_served(
+    h: Harness, autojump_clock: trio.testing.MockClock, decoded: list[tuple[int, bool]]
+) -> None:
+    """128 contexts (every odd ID) of six transfer syntaxes, one of 64: within the caps, and
+    decoded in a worker thread (over 512 items); a small request is decoded on the loop."""
+    six = [EXPLICIT, *(f"1.2.840.10008.1.2{s}" for s in ("", ".2", ".4.50", ".4.70", ".4.90"))]
+    contexts = [(2 * i + 1, CT, six) for i in range(P.MAX_CONTEXTS)]
+    contexts[0] = (1, CT, [*bogus_syntaxes(P.MAX_TRANSFER_SYNTAXES - 1), EXPLICIT])
+    rq = raw_associate_rq(contexts)
+    assert P.associate_rq_items(rq[6:]) == (128 * 8 + 64 - 6 + 3, None)
+    await h.send(rq)
+    t, body = await h.read()
+    assert t == P.A_ASSOCIATE_AC
+    ac = P.decode_associate_ac(P.PDU_HEADER.pack(t, 0, len(body)) + body, [])
+    assert len(ac.contexts) == P.MAX_CONTEXTS
+    assert all(r.result == P.PC_ACCEPTANCE for r in ac.contexts)
+    assert decoded == [(len(rq), False)]
+
+
+async def test_a_small_request_is_decoded_on_the_loop(
+    h: Harness, autojump_clock: trio.testing.MockClock, decoded: list[tuple[int, bool]]
+) -> None:
+    await h.associate()
+    assert decoded == [(len(associate_rq()), True)]
+
+
+async def test_a_claimed_p_data_length_holds_no_memory_until_client_timeout(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """issue 19 #2: after association, a P-DATA-TF header claiming 2 MiB (the most a 1 MiB
+    `maxPduSize` reads) and 1,000 bytes of it hold a 64 KiB buffer, not 2 MiB, for the
+    `clientTimeout` until the association is aborted."""
+    h = Harness(tmp_path, attrs.evolve(CONFIG, max_pdu_size=1 << 20))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(h.serve)
+        await h.associate()
+        await trio.testing.wait_all_tasks_blocked()
+        tracemalloc.start()
+        try:
+            await h.send(P.PDU_HEADER.pack(P.P_DATA_TF, 0, 2 << 20) + bytes(1000))
+            await trio.testing.wait_all_tasks_blocked()
+            held = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        assert held < 128 << 10  # 2 MiB when the length field sized the buffer
+        start = trio.current_time()
+        await h.expect_abort()
+        assert trio.current_time() - start == pytest.approx(CONFIG.client_timeout)
+
+
+async def test_empty_pdvs_are_refused(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
+    """issue 19 #3: a PDV with no data that does not end its message carries nothing, and a
+    PDU holds hundreds of thousands of them: A-ABORT, nothing stored."""
+    uid, data = dataset_bytes()
+    await h.associate()
+    command, *rest = store_pdus(uid, data, fragment=len(data))
+    await h.send(command)
+    empties = struct.pack(">IBB", 2, 1, 0x00) * 1000
+    await h.send(P.PDU_HEADER.pack(P.P_DATA_TF, 0, len(empties)) + empties)
+    for pdu in rest:
+        await h.send(pdu)
+    await h.expect_abort()
+    assert h.sink.received == [] and h.sink.leftovers() == []
+
+
+async def test_an_empty_last_fragment_ends_the_data_set(
+    h: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A data set whose last PDV has no data (its bytes all came before) is stored."""
+    uid, data = dataset_bytes()
+    await h.associate()
+    command = store_pdus(uid, data)[0]
+    await h.send(command)
+    await h.send(P.p_data_header(1, 0x00, len(data)) + data)
+    await h.send(P.p_data_header(1, 0x02, 0))
+    assert (await h.read_command()).status == 0
+    assert [rx.header.sop_instance_uid for rx in h.sink.received] == [uid]
+
+
+async def test_many_small_pdvs_let_other_tasks_run(
+    h: Harness, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 19 #3: a data set in one-byte PDVs, all in one PDU, is stored, and the other
+    tasks get a turn at least every 1024 PDVs (each counts PDV_COST towards the transport's
+    yield budget), not once per PDU."""
+    handled = 0
+    real = acceptor._Association._data_fragment
+
+    async def counting(self: acceptor._Association, ctx: int, mch: int, data: memoryview) -> None:
+        nonlocal handled
+        handled += 1
+        await real(self, ctx, mch, data)
+
+    monkeypatch.setattr(acceptor._Association, "_data_fragment", counting)
+    ds = make_dataset(rows=64, columns=64, sop_class_uid=CT)
+    raw = to_part10_bytes(ds)
+    uid, data = str(ds.SOPInstanceUID), raw[144 + struct.unpack_from("<I", raw, 140)[0] :]
+    await h.associate()
+    await h.send(store_pdus(uid, data)[0])
+    pdvs = b"".join(
+        struct.pack(">IBB", 3, 1, 0x02 if i == len(data) - 1 else 0x00) + data[i : i + 1]
+        for i in range(len(data))
+    )
+    longest = 0
+
+    async def observe() -> None:
+        nonlocal longest
+        seen = 0
+        while True:
+            await trio.lowlevel.checkpoint()
+            longest, seen = max(longest, handled - seen), handled
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(observe)
+        await h.send(P.PDU_HEADER.pack(P.P_DATA_TF, 0, len(pdvs)) + pdvs)
+        assert (await h.read_command()).status == 0
+        nursery.cancel_scope.cancel()
+    assert handled == len(data) > 8000
+    # Trio runs each batch of runnable tasks in either order: between two turns of the
+    # observer the association may have had two
+    assert longest <= 2 * 1024
 
 
 # ---------------------------------------------------------------------------- fuzz

@@ -4,6 +4,7 @@ directly and wait only when the socket cannot go on."""
 from __future__ import annotations
 
 import os
+import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import trio
 import trio.testing
 
+from capacitor_trio.dicom import pdu as P
 from capacitor_trio.dicom import transport
 from capacitor_trio.dicom.transport import PeerClosed, Transport
 
@@ -179,3 +181,55 @@ async def test_a_closed_transport_raises_peer_closed_and_touches_no_other_fd(
         assert os.fstat(other).st_size == 0
     finally:
         os.close(other)
+
+
+async def test_memory_follows_the_bytes_that_arrive_not_the_length_field() -> None:
+    """issue 19 #2: a PDU header claiming 2 MiB followed by a few bytes holds no more than the
+    first buffer (64 KiB), not 2 MiB for as long as the peer waits; as the rest trickles in,
+    the buffer stays within twice what arrived; the PDU comes out whole."""
+    client, server = trio.testing.memory_stream_pair()
+    t = Transport(server)
+    length = 2 << 20
+    body = os.urandom(length)
+    got: list[tuple[int, bytes | bytearray]] = []
+
+    async def reader() -> None:
+        got.append(await t.read_pdu(4 << 20))
+
+    tracemalloc.start()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            base = tracemalloc.get_traced_memory()[0]
+            await client.send_all(P.PDU_HEADER.pack(P.P_DATA_TF, 0, length) + body[:1000])
+            await trio.testing.wait_all_tasks_blocked()
+            assert tracemalloc.get_traced_memory()[0] - base < 128 << 10  # was 2 MiB
+            sent = 1000
+            for size in (50_000, 200_000, 300_000):  # 551,000 bytes in all
+                await client.send_all(body[sent : sent + size])
+                sent += size
+                await trio.testing.wait_all_tasks_blocked()
+            assert tracemalloc.get_traced_memory()[0] - base < 2 * sent + (64 << 10)
+            await client.send_all(body[sent:])
+    finally:
+        tracemalloc.stop()
+    assert got == [(P.P_DATA_TF, body)]
+
+
+async def test_tiny_pdus_taken_from_the_buffer_still_yield(
+    pair: tuple[Transport, trio.SocketStream], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """issue 19 #3: PDUs that one receive brought in are acted on without a system call each;
+    every one counts PDU_COST towards the yield budget, so a burst of tiny PDUs (a 1 MiB
+    receive holds 100,000 A-ABORTs' worth) lets the other tasks run now and then."""
+    t, peer = pair
+    monkeypatch.setattr(transport, "YIELD_BYTES", 10 * 4096)  # ten PDUs of PDU_COST
+    pdus = 100
+    await peer.send_all(P.abort_bytes() * pdus)  # 1,000 bytes: one segment on loopback
+    await trio.lowlevel.wait_readable(t.stream.socket)  # type: ignore[attr-defined]
+    t._unyielded = 0
+    before = schedule_points()
+    for _ in range(pdus):
+        assert (await t.read_pdu())[0] == P.A_ABORT
+    assert schedule_points() - before >= 9  # 99 PDUs from the buffer: 9 budgets spent

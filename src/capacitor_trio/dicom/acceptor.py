@@ -8,14 +8,25 @@ in its own task. One association is a loop over PDUs read by `Transport` (1 MiB 
   bound is kept by a watchdog task per association (`idle_watchdog`, `transport.overdue`), not by
   a cancel scope per PDU: entering and leaving a scope with a deadline costs ≈ 20 µs here, two
   per small C-STORE.
-- The A-ASSOCIATE-RQ is decoded with pynetdicom's codec. A presentation context ID that is not
-  odd (0 included) or is proposed twice -> A-ABORT (invalid PDU parameter value), as is any
-  value of the request that the A-ASSOCIATE-AC cannot echo. Unknown called AE -> A-ASSOCIATE-RJ
-  (permanent, called-AE-title-not-recognized); over `max_clients` -> A-ASSOCIATE-RJ (transient,
-  local-limit-exceeded). An association stops counting towards `max_clients` once it has sent
-  its last PDU (A-RELEASE-RP, A-ASSOCIATE-RJ): the wait for the peer to close holds no slot. Every proposed context gets a result: Verification and every storage SOP
-  class are accepted (unless in `reject_abstract_syntaxes`) with the first proposed transfer
-  syntax we know, compressed ones included — we store the bytes as received.
+- The A-ASSOCIATE-RQ (at most `P.MAX_ASSOCIATE_RQ` bytes, else A-ABORT before its body is
+  read) is checked from its fixed part first: protocol version, then the called AE (unknown ->
+  A-ASSOCIATE-RJ permanent, called-AE-title-not-recognized). Its items are then counted
+  against `P.MAX_CONTEXTS`, `P.MAX_TRANSFER_SYNTAXES` and `P.MAX_ASSOCIATE_ITEMS` (over ->
+  A-ASSOCIATE-RJ permanent, local-limit-exceeded), and only then decoded with pynetdicom's
+  codec (5-10 µs per item: in a worker thread, one at a time, beyond `DECODE_ON_LOOP_ITEMS`).
+  A presentation context ID that is not odd (0 included) or is proposed twice -> A-ABORT
+  (invalid PDU parameter value), as is any value of the request that the A-ASSOCIATE-AC
+  cannot echo; over `max_clients` -> A-ASSOCIATE-RJ (transient, local-limit-exceeded). Every
+  proposed context gets a result: Verification and every storage SOP class are accepted
+  (unless in `reject_abstract_syntaxes`) with the first proposed transfer syntax we know,
+  compressed ones included — we store the bytes as received.
+- `max_clients` counts associations only (`_Connections`): from acceptance until our last PDU
+  (A-RELEASE-RP, A-ASSOCIATE-RJ). At most `max_unassociated` connections read their
+  A-ASSOCIATE-RQ at once; the others wait their turn unread, and a reader that has not had
+  its request answered `STALE_AFTER` after it started gives its place to the first of them.
+- Work per PDU is bounded: a PDV with no data that is not a last fragment -> A-ABORT, and every
+  PDV counts `PDV_COST` towards the transport's yield budget, so a PDU of tiny PDVs lets the
+  other tasks run every 1024 of them.
 - A C-STORE's command set is decoded by hand (dimse.py). The sink's admission check runs first
   (OutOfResources -> the dataset is drained and 0xA700 answered, nothing written). Otherwise the
   Part 10 preamble and file meta are built and every data PDV is appended as it arrives: in
@@ -39,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -62,7 +74,13 @@ log = logging.getLogger("capacitor_trio.dicom")
 
 HEAD_BYTES = 64 * 1024
 THREAD_WRITE_THRESHOLD = 256 * 1024
-_MAX_ASSOCIATE_RQ = 1 << 20
+#: an A-ASSOCIATE-RQ of up to this many items and sub-items (≈ 5 ms of pynetdicom's decoder;
+#: a request of a few dozen contexts) is decoded on the event loop, a larger one in a worker
+#: thread
+DECODE_ON_LOOP_ITEMS = 512
+#: what acting on one PDV counts towards the transport's yield budget (`Transport.spend`):
+#: a task yields at least once per 1024 PDVs, however small they are
+PDV_COST = 4096
 
 
 @attrs.frozen
@@ -71,7 +89,10 @@ class AcceptorConfig:
     host: str = "0.0.0.0"
     port: int = 1040
     max_pdu_size: int = 1_048_576
-    max_clients: int = 0  # 0 = unlimited
+    max_clients: int = 0  # 0 = unlimited; counts associations, not connections
+    #: connections reading their A-ASSOCIATE-RQ at once (more wait their turn, unread), and
+    #: connections waiting for the peer to close after our last PDU (see `_Connections`)
+    max_unassociated: int = 64
     client_timeout: float = 600.0  # idle association
     artim_timeout: float = 30.0
     reject_abstract_syntaxes: frozenset[str] = frozenset()
@@ -188,6 +209,27 @@ def negotiate_contexts(
     return results
 
 
+_DECODE_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar(
+    "capacitor_trio_associate_rq_decoder"
+)
+
+
+async def _decode_associate_rq(body: bytes | bytearray, items: int) -> P.AssociateRequest:
+    """Decode an A-ASSOCIATE-RQ body of `items` items, within the caps. Up to
+    `DECODE_ON_LOOP_ITEMS` on the event loop (a few ms at most); a larger one (up to 8,960
+    items, tens of ms) in a worker thread, one at a time whatever the number of connections:
+    many such requests at once queue for the thread instead of taking turns on the loop."""
+    raw = P.PDU_HEADER.pack(P.A_ASSOCIATE_RQ, 0, len(body)) + bytes(body)
+    if items <= DECODE_ON_LOOP_ITEMS:
+        return P.decode_associate_rq(raw)
+    try:
+        limiter = _DECODE_LIMITER.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(1)
+        _DECODE_LIMITER.set(limiter)
+    return await trio.to_thread.run_sync(P.decode_associate_rq, raw, limiter=limiter)
+
+
 def _unlink(path: Path | None) -> None:
     if path is None:
         return
@@ -225,10 +267,14 @@ class _Association:
         config: AcceptorConfig,
         sink: InstanceSink,
         on_over: Callable[[], None] | None = None,
+        admit: Callable[[], bool] = lambda: True,
     ) -> None:
         self.t = transport
         self.config = config
         self.sink = sink
+        #: asked once the request is acceptable: may it take an association slot (False: all
+        #: `max_clients` are taken, the request is refused as transient)
+        self._admit = admit
         #: called as our last PDU (A-RELEASE-RP, A-ASSOCIATE-RJ) goes out: what is left is the
         #: wait for the peer to close, which must not hold a `max_clients` slot
         self._on_over = on_over
@@ -248,9 +294,9 @@ class _Association:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def run(self, *, busy: bool = False) -> None:
+    async def run(self) -> None:
         try:
-            await self._run(busy)
+            await self._run()
         finally:
             self._discard_incoming()
 
@@ -270,16 +316,16 @@ class _Association:
         with trio.move_on_after(self.config.artim_timeout):
             await self.t.wait_closed()
 
-    async def _run(self, busy: bool) -> None:
+    async def _run(self) -> None:
         try:
             with trio.move_on_after(self.config.artim_timeout) as cs:
-                pdu_type, body = await self.t.read_pdu(_MAX_ASSOCIATE_RQ)
+                pdu_type, body = await self.t.read_pdu(P.MAX_ASSOCIATE_RQ)
             if cs.cancelled_caught:
                 log.info("DICOM association: no A-ASSOCIATE-RQ within ARTIM, closing")
                 return
             if pdu_type != P.A_ASSOCIATE_RQ:
                 raise _Abort(f"PDU type 0x{pdu_type:02X} before association")
-            if not await self._negotiate(body, busy):
+            if not await self._negotiate(body):
                 return
             await self._serve()
         except PeerClosed:
@@ -306,16 +352,38 @@ class _Association:
     async def _reject(self, result: int, source: int, reason: int) -> None:
         await self._last_pdu(P.encode_associate_rj(result, source, reason))
 
-    async def _negotiate(self, body: bytes | bytearray, busy: bool) -> bool:
+    async def _negotiate(self, body: bytes | bytearray) -> bool:
+        """Answer the A-ASSOCIATE-RQ `body`; True when accepted. What the fixed part of the
+        request says (protocol version, called AE) is checked before its items are decoded,
+        and the items are counted against the caps (`P.associate_rq_items`) before they are:
+        a request the router would refuse costs no more than reading it."""
         if len(body) < 68:
             raise P.PduError("A-ASSOCIATE-RQ too short")
-        rq = P.decode_associate_rq(P.PDU_HEADER.pack(P.A_ASSOCIATE_RQ, 0, len(body)) + bytes(body))
-        self.calling_ae, self.called_ae = rq.calling_ae, rq.called_ae
-        P.check_context_ids(rq.contexts)
+        self.calling_ae, self.called_ae = P.associate_rq_titles(body)
         if not (body[1] & 0x01):
-            log.warning("A-ASSOCIATE-RJ to %s: protocol version not supported", rq.calling_ae)
+            log.warning("A-ASSOCIATE-RJ to %s: protocol version not supported", self.calling_ae)
             await self._reject(P.RJ_PERMANENT, P.RJ_SOURCE_ACSE, 2)
             return False
+        if not self.sink.accepts_called_ae(self.called_ae):
+            log.warning(
+                "A-ASSOCIATE-RJ: called AE %r not recognized (calling AE %r)",
+                self.called_ae,
+                self.calling_ae,
+            )
+            await self._reject(
+                P.RJ_PERMANENT, P.RJ_SOURCE_USER, P.RJ_REASON_CALLED_AE_NOT_RECOGNIZED
+            )
+            return False
+        items, excess = P.associate_rq_items(body)
+        if excess is not None:
+            log.warning("A-ASSOCIATE-RJ to %s: the request has %s", self.calling_ae, excess)
+            await self._reject(
+                P.RJ_PERMANENT, P.RJ_SOURCE_PRESENTATION, P.RJ_REASON_LOCAL_LIMIT_EXCEEDED
+            )
+            return False
+        rq = await _decode_associate_rq(body, items)
+        self.calling_ae, self.called_ae = rq.calling_ae, rq.called_ae
+        P.check_context_ids(rq.contexts)
         if rq.application_context != P.APPLICATION_CONTEXT:
             log.warning(
                 "A-ASSOCIATE-RJ to %s: application context %r not supported",
@@ -326,17 +394,7 @@ class _Association:
                 P.RJ_PERMANENT, P.RJ_SOURCE_USER, P.RJ_REASON_APP_CONTEXT_NOT_SUPPORTED
             )
             return False
-        if not self.sink.accepts_called_ae(rq.called_ae):
-            log.warning(
-                "A-ASSOCIATE-RJ: called AE %r not recognized (calling AE %r)",
-                rq.called_ae,
-                rq.calling_ae,
-            )
-            await self._reject(
-                P.RJ_PERMANENT, P.RJ_SOURCE_USER, P.RJ_REASON_CALLED_AE_NOT_RECOGNIZED
-            )
-            return False
-        if busy:
+        if not self._admit():
             log.warning(
                 "A-ASSOCIATE-RJ to %s: too many clients (max %d)",
                 rq.calling_ae,
@@ -432,6 +490,7 @@ class _Association:
     async def _p_data(self, body: bytes | bytearray) -> None:
         with memoryview(body) as mv:
             for ctx, mch, data in P.iter_pdvs(mv):
+                await self.t.spend(PDV_COST)
                 if ctx not in self.contexts:
                     raise _Abort(
                         f"PDV on presentation context {ctx} not accepted",
@@ -706,16 +765,20 @@ async def handle_association(
     *,
     busy: bool = False,
     on_over: Callable[[], None] | None = None,
+    admit: Callable[[], bool] | None = None,
 ) -> None:
     """Serve one association on `stream` until it ends; never raises for peer misbehaviour.
-    `on_over` is called as our last PDU goes out (release, reject), before the wait for the
-    peer to close."""
+    `admit` is asked once the request is acceptable whether it may take an association slot
+    (`busy`: never); `on_over` is called as our last PDU goes out (release, reject), before the
+    wait for the peer to close."""
     transport = Transport(stream)
-    association = _Association(transport, config, sink, on_over)
+    if admit is None:
+        admit = (lambda: False) if busy else (lambda: True)
+    association = _Association(transport, config, sink, on_over, admit)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(association.idle_watchdog)
-            await association.run(busy=busy)
+            await association.run()
             nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # the watchdog raises nothing: an error of the association comes out as itself, as it
@@ -725,6 +788,123 @@ async def handle_association(
         raise
     finally:
         await transport.aclose()
+
+
+#: a connection reading its A-ASSOCIATE-RQ that has not had it answered after this many
+#: seconds (a real peer sends it as soon as it has connected) gives its place to a connection
+#: waiting for one
+STALE_AFTER = 2.0
+#: connections waiting for a place among those reading their request, per place; beyond that
+#: a new connection is closed at once
+QUEUE_FACTOR = 16
+
+
+class _Connections:
+    """The listener's connections, in four groups.
+
+    - An association, from the acceptance of its request until its last PDU goes out, counts
+      against `max_clients`.
+    - At most `max_unassociated` connections read their A-ASSOCIATE-RQ at once (ARTIM bounds
+      each); that bounds what requests not yet answered can hold (256 KiB each).
+    - Further connections wait their turn, unread, first come first served (ARTIM bounds the
+      wait; at most `QUEUE_FACTOR` per place, a new one beyond is closed at once). A reader
+      whose request has not been answered `STALE_AFTER` after it started gives its place to
+      the first of them (it is closed: an A-ABORT, then the close). A burst of modalities is
+      served in turn, and idle sockets cannot keep one out, however many are opened.
+    - A connection whose last PDU (A-ASSOCIATE-RJ, A-RELEASE-RP) has gone out, while the peer
+      closes (ARTIM bounds it): at most `max_unassociated`, the oldest closed for a new one (it
+      has its answer already)."""
+
+    def __init__(self, max_clients: int, max_unassociated: int) -> None:
+        self.max_clients = max_clients
+        self.max_readers = max(1, max_unassociated)
+        self.associations = 0
+        #: connections reading their request, oldest first: cancel scope -> start
+        self._readers: dict[trio.CancelScope, float] = {}
+        #: connections whose last PDU went out, oldest first
+        self._closing: dict[trio.CancelScope, None] = {}
+        self._turns = trio.lowlevel.ParkingLot()  # the connections waiting for a place
+        self._queued = 0
+        self._handed = 0  # places handed to waiting connections that have not taken them yet
+        self._crowded = False  # a close for crowding has been logged (once per burst)
+
+    async def reading_turn(self, scope: trio.CancelScope) -> bool:
+        """Wait for a place among the connections reading their request, and take it; False
+        (at once) when too many wait already."""
+        if self._queued >= QUEUE_FACTOR * self.max_readers:
+            self._crowd("too many connections waiting for their turn; closing new ones")
+            return False
+        self._queued += 1
+        try:
+            if self._turns or len(self._readers) + self._handed >= self.max_readers:
+                await self._wait_turn()
+        finally:
+            self._queued -= 1
+        self._readers[scope] = trio.current_time()
+        return True
+
+    async def _wait_turn(self) -> None:
+        while True:
+            if len(self._readers) + self._handed < self.max_readers:
+                return  # a place came free while this one was not parked (after a timeout)
+            since = next(iter(self._readers.values()), None)
+            deadline = math.inf if since is None else since + STALE_AFTER
+            if trio.current_time() >= deadline:  # the oldest reader is stale: take its place
+                oldest = next(iter(self._readers))
+                del self._readers[oldest]
+                oldest.cancel()
+                self._crowd("closing connections that have not sent their request in time")
+                return
+            with trio.move_on_at(deadline) as waited:
+                await self._turns.park()
+            if not waited.cancelled_caught:  # a place was handed over
+                self._handed -= 1
+                return
+
+    def _crowd(self, what: str) -> None:
+        if not self._crowded:
+            self._crowded = True
+            log.warning(
+                "DICOM: %d connections reading their A-ASSOCIATE-RQ, %d waiting: %s (logged "
+                "once until it eases)",
+                len(self._readers),
+                self._queued,
+                what,
+            )
+
+    def _stop_reading(self, scope: trio.CancelScope) -> None:
+        if self._readers.pop(scope, None) is None:
+            return
+        if self._turns:
+            self._turns.unpark()
+            self._handed += 1
+        elif len(self._readers) < self.max_readers // 2:
+            self._crowded = False
+
+    def admit(self, scope: trio.CancelScope) -> bool:
+        """Move the connection to the associations, if one is free."""
+        if self.max_clients and self.associations >= self.max_clients:
+            return False
+        self._stop_reading(scope)
+        self.associations += 1
+        return True
+
+    def over(self, scope: trio.CancelScope, associated: bool) -> None:
+        """Its last PDU went out: among the closing ones while the peer closes."""
+        if associated:
+            self.associations -= 1
+        self._stop_reading(scope)
+        if len(self._closing) >= self.max_readers:
+            oldest = next(iter(self._closing))
+            del self._closing[oldest]
+            oldest.cancel()
+        self._closing[scope] = None
+
+    def leave(self, scope: trio.CancelScope, associated: bool) -> None:
+        if associated:
+            self.associations -= 1
+        self._stop_reading(scope)
+        self._closing.pop(scope, None)
 
 
 async def serve_acceptor(
@@ -738,28 +918,38 @@ async def serve_acceptor(
     listeners = await trio.open_tcp_listeners(config.port, host=host, backlog=128)
     port = listeners[0].socket.getsockname()[1]
     log.info("DICOM listening on %s:%s as %s", config.host, port, config.ae_title)
-    active = 0
+    connections = _Connections(config.max_clients, config.max_unassociated)
 
     async def handler(stream: trio.SocketStream) -> None:
-        nonlocal active
-        busy = bool(config.max_clients) and active >= config.max_clients
-        active += 1
-        counted = True
+        associated = False
+
+        def admit() -> bool:
+            nonlocal associated
+            associated = connections.admit(scope)
+            return associated
 
         def over() -> None:
             # released or rejected: the slot is free while we wait for the peer to close (a
             # modality that opens its next association at once is not refused for it)
-            nonlocal active, counted
-            if counted:
-                counted = False
-                active -= 1
+            nonlocal associated
+            connections.over(scope, associated)
+            associated = False
 
-        try:
-            await handle_association(stream, config, sink, busy=busy, on_over=over)
-        except Exception:
-            log.exception("DICOM association handler failed")
-        finally:
-            over()
+        with trio.CancelScope() as scope:
+            try:
+                turn = False
+                with trio.move_on_after(config.artim_timeout):  # the wait for a turn
+                    turn = await connections.reading_turn(scope)
+                if turn:
+                    await handle_association(stream, config, sink, admit=admit, on_over=over)
+                else:
+                    await trio.aclose_forcefully(stream)  # closed unread
+            except Exception:
+                log.exception("DICOM association handler failed")
+            finally:
+                connections.leave(scope, associated)
+        if scope.cancelled_caught:
+            log.debug("DICOM connection closed to make room for a new one")
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handler, listeners)

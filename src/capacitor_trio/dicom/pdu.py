@@ -93,7 +93,9 @@ def decode_abort(body: bytes | bytearray | memoryview) -> tuple[int, int]:
 
 
 def iter_pdvs(body: memoryview) -> Iterator[tuple[int, int, memoryview]]:
-    """Yield (context_id, message_control_header, data) for each PDV of a P-DATA-TF body."""
+    """Yield (context_id, message_control_header, data) for each PDV of a P-DATA-TF body. A PDV
+    with no data is refused unless it is the last fragment of its message (which ends the
+    message: one per command or data set, so they cannot pile up)."""
     n = len(body)
     off = 0
     if n == 0:
@@ -104,6 +106,10 @@ def iter_pdvs(body: memoryview) -> Iterator[tuple[int, int, memoryview]]:
         length, ctx, mch = PDV_HEADER.unpack_from(body, off)
         if length < 2 or off + 4 + length > n:
             raise PduError(f"PDV item length {length} does not fit the PDU")
+        if length == 2 and not mch & 0x02:
+            # a fragment with no data that does not end its message carries nothing; allowed,
+            # hundreds of thousands of them fit in one PDU, each one a step of work
+            raise PduError("PDV item with no data that is not the last fragment")
         yield ctx, mch, body[off + 6 : off + 4 + length]
         off += 4 + length
 
@@ -221,6 +227,62 @@ def decode_associate_rq(pdu_bytes: bytes) -> AssociateRequest:
         )
     except Exception as exc:  # pynetdicom raises many kinds on malformed input
         raise PduError(f"malformed A-ASSOCIATE-RQ: {exc!r}") from exc
+
+
+#: What an A-ASSOCIATE-RQ may hold (PS3.8 sets no bound). No real peer comes near: a modality
+#: proposing every storage class is ~128 contexts of a few transfer syntaxes, 20-60 KB (a
+#: pynetdicom AE proposing all 45 syntaxes it knows in each, ~6,000 items, is within them).
+#: Each item costs pynetdicom's decoder 5-10 µs.
+MAX_ASSOCIATE_RQ = 256 << 10  # bytes of the PDU body
+MAX_CONTEXTS = 128  # as many as there are odd context IDs
+MAX_TRANSFER_SYNTAXES = 64  # per presentation context
+#: items and sub-items of the request together: every context at its cap, and room for the
+#: user information (role selection and extended negotiation for each context, and more)
+MAX_ASSOCIATE_ITEMS = MAX_CONTEXTS * (MAX_TRANSFER_SYNTAXES + 2) + 512
+
+_PRESENTATION_CONTEXT_ITEM = 0x20
+_USER_INFORMATION_ITEM = 0x50
+_TRANSFER_SYNTAX_SUB_ITEM = 0x40
+
+
+def associate_rq_items(body: bytes | bytearray) -> tuple[int, str | None]:
+    """(items and sub-items, what exceeds the caps above or None) of an A-ASSOCIATE-RQ body
+    (the PDU without its 6-byte header). Walks the item headers only (4 bytes each), and stops
+    at the first excess: it costs at most `MAX_ASSOCIATE_ITEMS` steps whatever the request
+    holds. A malformed structure is left to the decoder to report."""
+    n = len(body)
+    off = 68  # protocol version, reserved, called AE, calling AE, reserved
+    items = contexts = 0
+    while off + 4 <= n:
+        kind, length = body[off], int.from_bytes(body[off + 2 : off + 4], "big")
+        end = min(off + 4 + length, n)
+        items += 1
+        if kind == _PRESENTATION_CONTEXT_ITEM:
+            contexts += 1
+            if contexts > MAX_CONTEXTS:
+                return items, f"more than {MAX_CONTEXTS} presentation contexts"
+        if kind in (_PRESENTATION_CONTEXT_ITEM, _USER_INFORMATION_ITEM):
+            sub = off + (8 if kind == _PRESENTATION_CONTEXT_ITEM else 4)
+            syntaxes = 0
+            while sub + 4 <= end and items <= MAX_ASSOCIATE_ITEMS:
+                items += 1
+                if body[sub] == _TRANSFER_SYNTAX_SUB_ITEM:
+                    syntaxes += 1
+                    if syntaxes > MAX_TRANSFER_SYNTAXES:
+                        return items, f"more than {MAX_TRANSFER_SYNTAXES} transfer syntaxes in a context"
+                sub += 4 + int.from_bytes(body[sub + 2 : sub + 4], "big")
+        if items > MAX_ASSOCIATE_ITEMS:
+            return items, f"more than {MAX_ASSOCIATE_ITEMS} items"
+        off += 4 + length
+    return items, None
+
+
+def associate_rq_titles(body: bytes | bytearray) -> tuple[str, str]:
+    """(calling AE, called AE) of an A-ASSOCIATE-RQ body (at least 68 bytes), read at their
+    fixed offsets without decoding the rest; leading and trailing spaces are not significant."""
+    called = bytes(body[4:20]).decode("ascii", "replace").strip()
+    calling = bytes(body[20:36]).decode("ascii", "replace").strip()
+    return calling, called
 
 
 def check_context_ids(contexts: Sequence[ProposedContext]) -> None:

@@ -1,7 +1,8 @@
 """A PDU-level transport over a Trio stream: large receives, QUICKACK, activity accounting.
 
 On a `trio.SocketStream` it talks to the socket directly: receives of up to 1 MiB (large PDU
-bodies are received straight into their own buffer, no intermediate copy), TCP_QUICKACK re-armed
+bodies are received straight into their own buffer, no intermediate copy, which grows with the
+bytes that arrive: never sized by the peer's length field alone), TCP_QUICKACK re-armed
 after every receive on Linux (stock DCMTK leaves Nagle on and writes each response in two pieces;
 without QUICKACK every message waits ~40 ms for our delayed ACK), and partial sends so the stall
 detector sees progress. Any other `trio.abc.Stream` (memory streams in tests) works too.
@@ -32,6 +33,12 @@ from .pdu import (
 RECEIVE_SIZE = 1 << 20
 #: a task moving bytes without ever waiting yields to the others after this many
 YIELD_BYTES = 4 << 20
+#: what a PDU taken from the receive buffer (no system call) counts towards YIELD_BYTES: a
+#: task yields at least once per 1024 such PDUs (each costs microseconds to act on)
+PDU_COST = 4096
+#: a PDU body that has not arrived yet is received into a buffer of at least this size, which
+#: doubles as it fills (up to the PDU's length)
+GROW_BYTES = 64 << 10
 _TCP_QUICKACK = getattr(_stdsocket, "TCP_QUICKACK", None)
 
 
@@ -110,6 +117,11 @@ class Transport:
             self._unyielded = 0
             await trio.lowlevel.cancel_shielded_checkpoint()
 
+    async def spend(self, cost: int) -> None:
+        """Count work done on received bytes (`cost`, in bytes' worth) towards the next yield:
+        what a PDU holds many small pieces of costs more than its bytes."""
+        await self._moved(cost)
+
     async def _receive(self, max_bytes: int) -> bytes | bytearray:
         data: bytes | bytearray
         try:
@@ -160,10 +172,19 @@ class Transport:
 
     async def read_pdu(self, max_length: int = 0) -> tuple[int, bytes | bytearray]:
         """The next PDU as (type, body). Raises PduError for an unknown type or a PDU longer than
-        `max_length` (0 = no limit), PeerClosed on EOF (also mid-PDU)."""
+        `max_length` (0 = no limit), PeerClosed on EOF (also mid-PDU).
+
+        Memory follows the bytes that arrived, not the length field: a PDU that is not in the
+        buffer yet is received into a buffer that starts at what is there (at least
+        `GROW_BYTES`) and doubles as it fills, so a peer that claims 2 MiB and sends 6 bytes
+        holds 64 KiB, and one that sends half a PDU holds at most what it sent, twice over. A
+        PDU taken whole from the buffer costs `PDU_COST` towards the next yield: a stream of
+        tiny PDUs received in one go cannot keep the other tasks waiting either."""
         buf = self._buf
+        received = False
         while len(buf) < 6:
             buf += await self._receive(self._receive_size)
+            received = True
         pdu_type, _, length = PDU_HEADER.unpack_from(buf, 0)
         if pdu_type not in KNOWN_PDU_TYPES:
             raise PduError(f"unknown PDU type 0x{pdu_type:02X}", ABORT_REASON_UNRECOGNIZED_PDU)
@@ -174,14 +195,17 @@ class Transport:
             with memoryview(buf) as mv:
                 body = bytes(mv[6:total])
             del buf[:total]
+            if not received:
+                await self._moved(PDU_COST)
             return pdu_type, body
-        # A large PDU: receive the rest straight into its own buffer.
-        big = bytearray(length)
-        have = len(buf) - 6
-        big[:have] = buf[6:]
-        buf.clear()
-        with memoryview(big) as mv:
-            while have < length:
+        # The rest of a PDU: received straight into the buffer that becomes its body.
+        del buf[:6]  # O(1) at the start of a bytearray
+        big, self._buf = buf, bytearray()
+        have = len(big)
+        while have < length:
+            if have == len(big):  # full: grow (no view of it may be alive)
+                big += bytes(min(length, max(2 * have, GROW_BYTES)) - have)
+            with memoryview(big) as mv:
                 have += await self._receive_into(mv[have:])
         return pdu_type, big
 
