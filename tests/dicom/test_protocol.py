@@ -24,6 +24,7 @@ from capacitor_trio.dicom import (
     handle_association,
 )
 from capacitor_trio.dicom import pdu as P
+from capacitor_trio.dicom.assembler import MAX_COMMAND_BYTES
 from capacitor_trio.dicom.transport import PeerClosed, Transport
 from tests.helpers.datasets import make_dataset, to_part10_bytes
 
@@ -368,6 +369,23 @@ async def test_data_without_command(h: Harness, autojump_clock: trio.testing.Moc
     await h.associate()
     await h.send(P.p_data_header(1, 0x02, 4) + b"\x00" * 4)
     await h.expect_abort()
+
+
+async def test_an_endless_command_set_is_cut_off_at_the_cap(
+    h: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Command fragments that never end are gathered up to the assembler's cap and no further:
+    A-ABORT (invalid PDU parameter value) as the fragment that passes it arrives."""
+    await h.associate()
+    fragment = P.p_data_header(1, 0x01, 16000) + b"\x00" * 16000
+    for _ in range(MAX_COMMAND_BYTES // 16000 + 1):
+        await h.send(fragment)
+    t, body = await h.read()
+    assert (t, P.decode_abort(body)) == (
+        P.A_ABORT,
+        (P.ABORT_SOURCE_PROVIDER, P.ABORT_REASON_INVALID_PARAMETER),
+    )
+    await h.expect_closed()
 
 
 async def test_unknown_called_ae(h: Harness, autojump_clock: trio.testing.MockClock) -> None:

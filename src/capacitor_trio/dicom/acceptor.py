@@ -18,8 +18,10 @@ in its own task. One association is a loop over PDUs read by `Transport` (1 MiB 
   unless in `reject_abstract_syntaxes`, a non-storage service pynetdicom knows, or no SOP class
   at all) with the first proposed transfer syntax we know, compressed ones included — we store
   the bytes as received. The refused contexts and why are logged, one line per association.
-- A C-STORE's command set is decoded by hand (dimse.py). The sink's admission check runs first
-  (OutOfResources -> the dataset is drained and 0xA700 answered, nothing written). Otherwise the
+- PDVs go through a `MessageAssembler` (assembler.py: the order of a DIMSE message, command
+  sets gathered up to its cap and decoded by hand in dimse.py). For a C-STORE the sink's
+  admission check runs first (OutOfResources -> the dataset is drained and 0xA700 answered,
+  nothing written). Otherwise the
   Part 10 preamble and file meta are built and every data PDV is appended as it arrives: in
   memory while the instance is at most `memory_max_bytes` (32 KiB; handed over as
   `ReceivedInstance.data`), else in a temporary file from `sink.new_temp_path()` (large writes
@@ -57,6 +59,7 @@ from capacitor_trio.domain.instance import InstanceHeader
 from . import dimse
 from . import pdu as P
 from . import status as S
+from .assembler import DataFragment, MessageAssembler
 from .part10 import HeaderError, file_meta_bytes, parse_header, parse_header_file
 from .transport import PeerClosed, Transport, overdue, read_limit
 
@@ -307,8 +310,8 @@ class _Association:
         self.contexts: dict[int, P.ContextResult] = {}
         self.max_pdu_peer = 0
         self.incoming: _Incoming | None = None
-        self.command_buf: bytearray | None = None
-        self.command_ctx = 0
+        #: the DIMSE message being read: command sets gathered, data fragments in order
+        self.assembler = MessageAssembler()
         #: when the PDU being waited for was first waited for (None: not waiting for one), and
         #: the scope of the PDU loop, which `idle_watchdog` cancels after `client_timeout` of it
         self._reading_since: float | None = None
@@ -481,7 +484,7 @@ class _Association:
             await self._p_data(body)
             return False
         if pdu_type == P.A_RELEASE_RQ:
-            if self.incoming is not None or self.command_buf is not None:
+            if self.incoming is not None or not self.assembler.idle:
                 raise _Abort("A-RELEASE-RQ in the middle of a message")
             await self._last_pdu(P.RELEASE_RP_BYTES)
             return True
@@ -506,31 +509,13 @@ class _Association:
                         f"PDV on presentation context {ctx} not accepted",
                         P.ABORT_REASON_INVALID_PARAMETER,
                     )
-                if mch & 0x01:
-                    await self._command_fragment(ctx, mch, data)
-                else:
-                    await self._data_fragment(ctx, mch, data)
+                part = self.assembler.feed(ctx, mch, data)
+                if isinstance(part, DataFragment):
+                    await self._data_fragment(part)
+                elif part is not None:
+                    await self._command(part.context_id, part.command)
 
-    async def _command_fragment(self, ctx: int, mch: int, data: memoryview) -> None:
-        if self.incoming is not None:
-            raise _Abort("command fragment while a data set was expected")
-        if self.command_buf is None:
-            self.command_buf = bytearray()
-            self.command_ctx = ctx
-        elif ctx != self.command_ctx:
-            raise _Abort("command fragments on two presentation contexts")
-        self.command_buf += data
-        if len(self.command_buf) > 1 << 20:
-            raise _Abort("command set too large", P.ABORT_REASON_INVALID_PARAMETER)
-        if not mch & 0x02:
-            return
-        raw, self.command_buf = self.command_buf, None
-        try:
-            cmd = dimse.decode_command(raw)
-        except dimse.CommandDecodeError as exc:
-            raise _Abort(
-                f"undecodable command set: {exc}", P.ABORT_REASON_INVALID_PARAMETER
-            ) from exc
+    async def _command(self, ctx: int, cmd: dimse.Command) -> None:
         if cmd.command_field == dimse.C_ECHO_RQ and cmd.message_id is not None:
             rsp = dimse.encode_c_echo_rsp(
                 cmd.message_id,
@@ -624,14 +609,11 @@ class _Association:
         inc.path = None
         inc.refusal = (S.OUT_OF_RESOURCES, f"cannot store the data set: {exc.strerror or exc}")
 
-    async def _data_fragment(self, ctx: int, mch: int, data: memoryview) -> None:
+    async def _data_fragment(self, fragment: DataFragment) -> None:
         inc = self.incoming
-        if inc is None:
-            raise _Abort("data fragment without a command")
-        if ctx != inc.context_id:
-            raise _Abort(
-                "data fragment on another presentation context", P.ABORT_REASON_INVALID_PARAMETER
-            )
+        if inc is None:  # the data set of a command that has none here (a C-ECHO's)
+            raise _Abort("data fragment without a C-STORE")
+        data = fragment.data
         if len(inc.head) < HEAD_BYTES:
             inc.head += data[: HEAD_BYTES - len(inc.head)]
         if inc.mem is not None:
@@ -650,7 +632,7 @@ class _Association:
                 self._write_failed(inc, exc)
             else:
                 inc.size += len(data)
-        if mch & 0x02:
+        if fragment.last:
             await self._finish_store()
 
     async def _finish_store(self) -> None:
@@ -740,7 +722,6 @@ class _Association:
     def _discard_incoming(self) -> None:
         inc = self.incoming
         self.incoming = None
-        self.command_buf = None
         if inc is None:
             return
         if inc.fd is not None:
