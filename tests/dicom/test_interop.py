@@ -15,6 +15,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossl
 
 from capacitor_trio.dicom import AcceptorConfig, Peer, SendOptions, echo, send_batch, serve_acceptor
 from capacitor_trio.domain.outcomes import Delivered, Rejected, RetryLater
+from tests.helpers.datasets import CSA_NON_IMAGE, MADE_UP, vendor_instances
 
 from .conftest import (
     DirSink,
@@ -24,11 +25,9 @@ from .conftest import (
     collect,
     dataset_bytes,
     dcmtk_env,
-    make_dataset,
     needs_dcmtk,
     outgoing,
     write_corpus,
-    write_dataset,
 )
 
 SYNTAXES = {
@@ -430,24 +429,7 @@ async def test_connection_refused_is_retry_later(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------- vendor SOP classes
 
-CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"  # Siemens CSA Non-Image Storage (private)
-MADE_UP = "1.2.3.4.5.6"
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
-
-
-def vendor_instances(directory: Path) -> list[Path]:
-    """A Siemens CSA Non-Image object (no pixel data; a 100 KB private CSA element, so it is
-    received in a temporary file) and a small image of a made-up class (received in memory)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    csa = make_dataset(sop_class_uid=CSA_NON_IMAGE, modality="MR", rows=8, columns=8)
-    for keyword in ("Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
-                    "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "PixelData"):
-        delattr(csa, keyword)
-    block = csa.private_block(0x0029, "SIEMENS CSA NON-IMAGE", create=True)
-    block.add_new(0x08, "CS", "SPEC NUM 4")
-    block.add_new(0x10, "OB", bytes(range(256)) * 400)
-    made_up = make_dataset(sop_class_uid=MADE_UP, rows=16, columns=16)
-    return [write_dataset(directory / "csa.dcm", csa), write_dataset(directory / "x.dcm", made_up)]
 
 
 class UnrestrictedStorageScp:
