@@ -40,8 +40,8 @@ class CommandSet:
 
 class DataFragment(NamedTuple):
     """One data PDV of the data set being received: a view of the PDU it came in, valid until
-    the next PDU is read. `last`: the data set ends with it. (A named tuple: one is built per
-    data PDV, on the receiving hot path, at a tenth of a frozen attrs instance's cost.)"""
+    the next PDU is read. `last`: the data set ends with it. (A named tuple, not an attrs
+    class: one is built per data PDV, on the receiving hot path, where it is cheaper.)"""
 
     context_id: int
     data: memoryview
