@@ -13,8 +13,9 @@ import pytest
 import trio
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
-from capacitor_trio.dicom import Peer, SendOptions, echo, send_batch
+from capacitor_trio.dicom import AcceptorConfig, Peer, SendOptions, echo, send_batch, serve_acceptor
 from capacitor_trio.domain.outcomes import Delivered, Rejected, RetryLater
+from tests.helpers.datasets import CSA_NON_IMAGE, MADE_UP, vendor_instances
 
 from .conftest import (
     DirSink,
@@ -22,6 +23,7 @@ from .conftest import (
     StorescpInetd,
     assert_same_instance,
     collect,
+    dataset_bytes,
     dcmtk_env,
     needs_dcmtk,
     outgoing,
@@ -423,6 +425,124 @@ async def test_connection_refused_is_retry_later(tmp_path: Path) -> None:
     assert all(isinstance(o, RetryLater) for o in outcomes.values()) and len(outcomes) == 2
     result = await echo(Peer("X", "127.0.0.1", port), "ROUTER")
     assert not result.success and result.latency_ms is None
+
+
+# ------------------------------------------------------------------------- vendor SOP classes
+
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+
+
+class UnrestrictedStorageScp:
+    """A pynetdicom storage SCP that takes any SOP class (UNRESTRICTED_STORAGE_SERVICE, which
+    the test sets), keeping each data set's bytes as received."""
+
+    def __init__(self) -> None:
+        from pynetdicom import AE, evt
+
+        self.received: dict[str, bytes] = {}
+        ae = AE(ae_title="PYSCP")
+        for uid in (CSA_NON_IMAGE, MADE_UP):
+            ae.add_supported_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        self.server = ae.start_server(
+            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+        self.port = int(self.server.server_address[1])
+
+    def _on_store(self, event: object) -> int:
+        request = event.request  # type: ignore[attr-defined]
+        self.received[str(request.AffectedSOPInstanceUID)] = request.DataSet.getvalue()
+        return 0
+
+
+async def deliver_and_compare(
+    nursery: trio.Nursery, tmp_path: Path, sources: list[Path], stored: Path
+) -> None:
+    """Send what the acceptor stored (in `stored`) to a pynetdicom SCP and to another acceptor
+    of ours: each is delivered, its data set byte-identical to the original in `sources`."""
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in sources]
+    outgoing_instances = [outgoing(stored / f"{uid}.dcm") for uid in uids]
+    scp = UnrestrictedStorageScp()
+    try:
+        outcomes, on_outcome = collect()
+        await send_batch(
+            Peer("PYSCP", "127.0.0.1", scp.port), outgoing_instances, SendOptions("ROUTER"), on_outcome
+        )
+    finally:
+        await trio.to_thread.run_sync(scp.server.shutdown)
+    assert outcomes == {i: Delivered() for i in range(len(sources))}
+    assert [scp.received[uid] for uid in uids] == [dataset_bytes(f) for f in sources]
+
+    sink = DirSink(tmp_path / "second")
+    config = AcceptorConfig(host="127.0.0.1", port=0, artim_timeout=5, client_timeout=30)
+    port = await nursery.start(serve_acceptor, config, sink)
+    outcomes, on_outcome = collect()
+    await send_batch(
+        Peer("CAPACITOR", "127.0.0.1", port), outgoing_instances, SendOptions("ROUTER"), on_outcome
+    )
+    assert outcomes == {i: Delivered() for i in range(len(sources))}
+    for f, uid in zip(sources, uids, strict=True):
+        assert_same_instance(f, sink.out / f"{uid}.dcm")
+
+
+async def test_vendor_classes_from_pynetdicom_are_stored_and_delivered_byte_identical(
+    acceptor: RunningAcceptor,
+    tmp_path: Path,
+    nursery: trio.Nursery,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A private (Siemens CSA Non-Image) and a made-up SOP class, sent by pynetdicom, are
+    accepted at negotiation and stored as received; a Q/R FIND context on the same association
+    is still refused. Delivery proposes their contexts and sends them byte-identical."""
+    from pynetdicom import AE, _config
+
+    monkeypatch.setattr(_config, "UNRESTRICTED_STORAGE_SERVICE", True)
+    files = vendor_instances(tmp_path / "in")
+
+    def send() -> tuple[set[str], set[str], list[int]]:
+        ae = AE(ae_title="MRI")
+        for uid in (CSA_NON_IMAGE, MADE_UP, PATIENT_ROOT_FIND):
+            ae.add_requested_context(uid, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", acceptor.port, ae_title="CAPACITOR")
+        assert assoc.is_established
+        accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+        refused = {str(cx.abstract_syntax) for cx in assoc.rejected_contexts}
+        statuses = [assoc.send_c_store(f).Status for f in files]
+        assoc.release()
+        return accepted, refused, statuses
+
+    accepted, refused, statuses = await trio.to_thread.run_sync(send)
+    assert (accepted, refused, statuses) == ({CSA_NON_IMAGE, MADE_UP}, {PATIENT_ROOT_FIND}, [0, 0])
+    assert [rx.data is None for rx in acceptor.sink.received] == [True, False]
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        assert_same_instance(f, acceptor.sink.out / f"{ds.SOPInstanceUID}.dcm")
+    await deliver_and_compare(nursery, tmp_path, files, acceptor.sink.out)
+
+
+@needs_dcmtk
+async def test_vendor_classes_from_storescu_are_stored(
+    acceptor: RunningAcceptor, tmp_path: Path
+) -> None:
+    """storescu proposing the private classes from an association profile (as a modality is
+    configured to): both accepted, stored byte-identical."""
+    files = vendor_instances(tmp_path / "in")
+    profile = tmp_path / "private.cfg"
+    profile.write_text(
+        "[[TransferSyntaxes]]\n[Uncompressed]\nTransferSyntax1 = LocalEndianExplicit\n"
+        "[[PresentationContexts]]\n[Private]\n"
+        f"PresentationContext1 = {CSA_NON_IMAGE}\\Uncompressed\n"
+        f"PresentationContext2 = {MADE_UP}\\Uncompressed\n"
+        "[[Profiles]]\n[Private]\nPresentationContexts = Private\n"
+    )
+    result = await trio.run_process(
+        ["storescu", "-aet", "MRI", "-aec", "CAPACITOR", "-xf", str(profile), "Private",
+         "127.0.0.1", str(acceptor.port), *map(str, files)],
+        capture_stdout=True, capture_stderr=True, check=False, env=dcmtk_env(),
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    for f in files:
+        ds = pydicom.dcmread(f, stop_before_pixels=True)
+        assert_same_instance(f, acceptor.sink.out / f"{ds.SOPInstanceUID}.dcm")
 
 
 # ------------------------------------------------------------------------- Orthanc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import select
 import struct
 import tempfile
@@ -26,6 +27,7 @@ from capacitor_trio.dicom import (
     handle_association,
 )
 from capacitor_trio.dicom import pdu as P
+from capacitor_trio.dicom.assembler import MAX_COMMAND_BYTES, DataFragment
 from capacitor_trio.dicom.transport import PeerClosed, Transport
 from tests.helpers.datasets import make_dataset, to_part10_bytes
 
@@ -372,6 +374,23 @@ async def test_data_without_command(h: Harness, autojump_clock: trio.testing.Moc
     await h.expect_abort()
 
 
+async def test_an_endless_command_set_is_cut_off_at_the_cap(
+    h: Harness, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Command fragments that never end are gathered up to the assembler's cap and no further:
+    A-ABORT (invalid PDU parameter value) as the fragment that passes it arrives."""
+    await h.associate()
+    fragment = P.p_data_header(1, 0x01, 16000) + b"\x00" * 16000
+    for _ in range(MAX_COMMAND_BYTES // 16000 + 1):
+        await h.send(fragment)
+    t, body = await h.read()
+    assert (t, P.decode_abort(body)) == (
+        P.A_ABORT,
+        (P.ABORT_SOURCE_PROVIDER, P.ABORT_REASON_INVALID_PARAMETER),
+    )
+    await h.expect_closed()
+
+
 async def test_unknown_called_ae(h: Harness, autojump_clock: trio.testing.MockClock) -> None:
     await h.send(associate_rq(called="NOBODY"))
     t, body = await h.read()
@@ -499,6 +518,86 @@ async def test_reject_abstract_syntaxes(
     assert ac.contexts[0].result == P.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED
 
 
+CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"  # Siemens CSA Non-Image Storage (private)
+MADE_UP = "1.2.3.4.5.6"
+FIND = "1.2.840.10008.5.1.4.1.2.1.1"  # Patient Root Q/R FIND
+
+
+async def test_private_and_unknown_storage_classes_are_accepted_and_stored(
+    h: Harness, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A router stores what it is sent: a SOP class pynetdicom does not know (a vendor's private
+    class, a made-up UID) is negotiated like any storage class and its instances stored."""
+    ac = await h.associate(contexts=((1, CSA_NON_IMAGE, EXPLICIT), (3, MADE_UP, EXPLICIT)))
+    assert [r.result for r in ac.contexts] == [P.PC_ACCEPTANCE, P.PC_ACCEPTANCE]
+    stored = []
+    for msg_id, (ctx, sop_class) in enumerate(((1, CSA_NON_IMAGE), (3, MADE_UP)), 1):
+        uid, data = dataset_bytes(sop_class)
+        for pdu in store_pdus(uid, data, ctx=ctx, msg_id=msg_id, sop_class=sop_class):
+            await h.send(pdu)
+        assert (await h.read_command()).status == 0
+        stored.append((sop_class, uid))
+    assert [(rx.header.sop_class_uid, rx.header.sop_instance_uid) for rx in h.sink.received] == (
+        stored
+    )
+    assert not [r for r in caplog.records if "refused" in r.getMessage()]
+
+
+# pydicom warns about the invalid UID as it decodes it (and goes on); the tests make warnings errors
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+async def test_refused_contexts_are_logged_once_with_their_reasons(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every refused presentation context is named, with why, in one log line per association:
+    a warning when it could have carried instances, info when each is a service not provided."""
+    caplog.set_level(logging.INFO, logger="capacitor_trio")
+    h = Harness(tmp_path, attrs.evolve(CONFIG, reject_abstract_syntaxes=frozenset({MADE_UP})))
+    nursery.start_soon(h.serve)
+    refused = {
+        3: (FIND, EXPLICIT, "non-storage service not provided"),
+        5: ("1.2.840.10008.5.1.4.1.2.2.2", EXPLICIT, "non-storage service not provided"),  # MOVE
+        7: ("1.2.840.10008.5.1.4.31", EXPLICIT, "non-storage service not provided"),  # worklist
+        9: ("1.2.840.10008.1.20.1", EXPLICIT, "non-storage service not provided"),  # commitment
+        11: ("1.2.840.10008.5.1.1.9", EXPLICIT, "non-storage service not provided"),  # print
+        13: (EXPLICIT, EXPLICIT, "not a SOP class (Transfer Syntax)"),
+        15: (MADE_UP, EXPLICIT, "rejectAbstractSyntaxes"),
+        17: (CSA_NON_IMAGE, "1.2.3.4.5", "no supported transfer syntax: '1.2.3.4.5'"),
+        19: ("1.2.9999.3", EXPLICIT, "not a valid UID"),  # sent as 1.2.xyz*.3
+    }
+    contexts = ((1, CSA_NON_IMAGE, EXPLICIT), *((c, a, t) for c, (a, t, _) in refused.items()))
+    rq = associate_rq(contexts=contexts)
+    await h.send(rq.replace(b"1.2.9999.3", b"1.2.xyz*.3"))  # our encoder refuses to write it
+    t, body = await h.read()
+    assert t == P.A_ASSOCIATE_AC
+    ac = P.decode_associate_ac(P.PDU_HEADER.pack(t, 0, len(body)) + body, [])
+    results = {r.context_id: r.result for r in ac.contexts}
+    assert results[1] == P.PC_ACCEPTANCE
+    assert results[17] == P.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED
+    assert all(results[c] == P.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED for c in refused if c != 17)
+    (line,) = [r for r in caplog.records if "presentation contexts refused" in r.getMessage()]
+    assert line.levelno == logging.WARNING
+    message = line.getMessage()
+    assert message.startswith("DICOM association MODALITY -> CAPACITOR: 9 of 10 presentation")
+    for ctx, (uid, _, reason) in refused.items():
+        shown = "'1.2.xyz*.3'" if ctx == 19 else uid
+        assert f"{ctx} {shown}" in message and f"({reason})" in message, (ctx, message)
+    assert "Patient Root Query/Retrieve Information Model - FIND" in message
+    # a routine refusal (a service not provided, nothing else) is an info line
+    caplog.clear()
+    h2 = Harness(tmp_path / "2")
+    nursery.start_soon(h2.serve)
+    await h2.associate(contexts=((1, CT, EXPLICIT), (3, FIND, EXPLICIT)))
+    (line,) = [r for r in caplog.records if "presentation contexts refused" in r.getMessage()]
+    assert line.levelno == logging.INFO
+    assert line.getMessage().endswith(
+        "1 of 2 presentation contexts refused: 3 1.2.840.10008.5.1.4.1.2.1.1 "
+        "Patient Root Query/Retrieve Information Model - FIND (non-storage service not provided)"
+    )
+
+
 def with_context_ids(rq: bytes, *ids: int) -> bytes:
     """`rq` with its presentation context items' IDs replaced by `ids`, in order (our encoder,
     like pynetdicom's, refuses to write an invalid one)."""
@@ -535,8 +634,24 @@ def test_an_associate_ac_the_encoder_refuses_is_a_pdu_error() -> None:
 
 @pytest.mark.parametrize(
     ("sop_class", "ctx", "status"),
-    [(MR, 1, 0x0122), (VERIFICATION, 1, 0x0122), (CT, 3, 0x0000)],
-    ids=["refused MR on the CT context", "Verification on the CT context", "CT on Verification"],
+    [
+        (MR, 1, 0x0122),
+        (VERIFICATION, 1, 0x0122),
+        (VERIFICATION, 3, 0x0122),
+        (FIND, 1, 0x0122),
+        (CT, 3, 0x0000),
+        (CSA_NON_IMAGE, 1, 0x0000),
+        (MADE_UP, 3, 0x0000),
+    ],
+    ids=[
+        "refused MR on the CT context",
+        "Verification on the CT context",
+        "Verification on its own context",
+        "Q/R FIND on the CT context",
+        "CT on Verification",
+        "a private class on the CT context",
+        "a made-up class on Verification",
+    ],
 )
 async def test_a_store_on_a_context_of_another_abstract_syntax(
     tmp_path: Path,
@@ -547,8 +662,9 @@ async def test_a_store_on_a_context_of_another_abstract_syntax(
     status: int,
 ) -> None:
     """A C-STORE whose SOP class is not its presentation context's abstract syntax is stored
-    like any other (as Orthanc and pynetdicom's listener do: some modalities rely on it), unless
-    negotiation would have refused its class (`reject_abstract_syntaxes`, not a storage class):
+    like any other (as Orthanc and pynetdicom's listener do: some modalities rely on it), private
+    and unknown classes too, unless negotiation would have refused its class (in
+    `reject_abstract_syntaxes`, a non-storage service: Verification even on its own context):
     then the data set is drained, nothing written, 0x0122 answered; the association goes on."""
     config = attrs.evolve(CONFIG, reject_abstract_syntaxes=frozenset({MR}), memory_max_bytes=0)
     h = Harness(tmp_path, config)
@@ -1094,10 +1210,10 @@ async def test_many_small_pdvs_let_other_tasks_run(
     handled = 0
     real = acceptor._Association._data_fragment
 
-    async def counting(self: acceptor._Association, ctx: int, mch: int, data: memoryview) -> None:
+    async def counting(self: acceptor._Association, fragment: DataFragment) -> None:
         nonlocal handled
         handled += 1
-        await real(self, ctx, mch, data)
+        await real(self, fragment)
 
     monkeypatch.setattr(acceptor._Association, "_data_fragment", counting)
     ds = make_dataset(rows=64, columns=64, sop_class_uid=CT)

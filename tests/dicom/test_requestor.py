@@ -938,3 +938,77 @@ async def test_a_warning_from_the_destination_is_delivered_and_logged(
 
 
 _ = (CTImageStorage, ExplicitVRLittleEndian)
+
+
+class EndlessCommandPeer:
+    """A hostile destination on a lockstep stream (each send returns once the requestor has read
+    it): accepts the association, then sends command fragments that never end (16 KiB each, the
+    last bit never set) while another task records what it reads. It gives up after `give_up`
+    bytes, so that a requestor without a cap makes the test fail rather than hang."""
+
+    def __init__(self, give_up: int = 4 << 20) -> None:
+        self.give_up = give_up
+        self.sent = 0  # command bytes the requestor has taken
+        self.seen: list[int] = []  # PDU types read from the requestor
+
+    async def serve(self, stream: trio.abc.Stream) -> None:
+        t = Transport(stream)
+        kind, body = await t.read_pdu()
+        rq = P.decode_associate_rq(P.PDU_HEADER.pack(kind, 0, len(body)) + bytes(body))
+        results = [P.ContextResult(c.context_id, 0, c.transfer_syntaxes[0]) for c in rq.contexts]
+        await t.send_all(P.encode_associate_ac(rq, results, 16384))
+        fragment = P.p_data_header(1, 0x01, 16384) + b"\0" * 16384
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read, t)
+            with contextlib.suppress(PeerClosed):
+                while self.sent < self.give_up:
+                    await t.send_all(fragment)
+                    self.sent += 16384
+                await trio.sleep_forever()
+
+    async def _read(self, t: Transport) -> None:
+        with contextlib.suppress(PeerClosed):
+            while True:
+                kind, _ = await t.read_pdu()
+                self.seen.append(kind)
+
+    def install(self, monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery) -> None:
+        async def open_stream(host: str, port: int) -> trio.abc.Stream:
+            ours, theirs = trio.testing.lockstep_stream_pair()
+            nursery.start_soon(self.serve, theirs)
+            return ours
+
+        monkeypatch.setattr(requestor, "_open_stream", open_stream)
+
+
+@pytest.mark.parametrize("service", ["C-STORE", "C-ECHO"])
+async def test_an_endless_command_set_from_the_destination_is_cut_off_at_the_cap(
+    monkeypatch: pytest.MonkeyPatch,
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    autojump_clock: trio.testing.MockClock,
+    service: str,
+) -> None:
+    """A destination that streams a command set without end is read up to the assembler's cap
+    (1 MiB, as the acceptor's) and no further: A-ABORT and a protocol error at once (the
+    requestor used to gather it without bound, copying it whole for each fragment)."""
+    from capacitor_trio.dicom.assembler import MAX_COMMAND_BYTES
+
+    peer = EndlessCommandPeer()
+    peer.install(monkeypatch, nursery)
+    start = trio.current_time()
+    if service == "C-STORE":
+        got, cb = collect()
+        await send_batch(
+            PEER, [outgoing(f) for f in write_corpus(tmp_path / "in", 2)], SendOptions("ROUTER"), cb
+        )
+        reasons = [getattr(o, "reason", "") for o in got.values()]
+        assert len(got) == 2 and all(isinstance(o, RetryLater) for o in got.values())
+    else:
+        result = await requestor.echo(PEER, "ROUTER", timeout=10)
+        assert not result.success
+        reasons = [result.error or ""]
+    assert all(f"command set larger than {MAX_COMMAND_BYTES} bytes" in r for r in reasons), reasons
+    assert trio.current_time() == start
+    assert MAX_COMMAND_BYTES <= peer.sent <= MAX_COMMAND_BYTES + 2 * 16384
+    assert peer.seen[-1] == P.A_ABORT

@@ -98,3 +98,24 @@ def write_corpus(
         ds = make_dataset(rows=rows, columns=rows, transfer_syntax=transfer_syntax, seed=i)
         paths.append(write_dataset(directory / f"img{i:04d}.dcm", ds))
     return paths
+
+
+CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"  # Siemens CSA Non-Image Storage (private)
+MADE_UP = "1.2.3.4.5.6"  # a SOP class no list knows
+
+
+def vendor_instances(directory: Path) -> list[Path]:
+    """A Siemens CSA Non-Image object (no pixel data; a 100 KB private CSA element, so that it
+    is received in a temporary file) and a small image of a made-up class (received in memory)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    csa = make_dataset(sop_class_uid=CSA_NON_IMAGE, modality="MR", rows=8, columns=8)
+    for keyword in (
+        "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation", "BitsAllocated",
+        "BitsStored", "HighBit", "PixelRepresentation", "PixelData",
+    ):
+        delattr(csa, keyword)
+    block = csa.private_block(0x0029, "SIEMENS CSA NON-IMAGE", create=True)
+    block.add_new(0x08, "CS", "SPEC NUM 4")
+    block.add_new(0x10, "OB", bytes(range(256)) * 400)
+    made_up = make_dataset(sop_class_uid=MADE_UP, rows=16, columns=16)
+    return [write_dataset(directory / "csa.dcm", csa), write_dataset(directory / "x.dcm", made_up)]

@@ -137,11 +137,12 @@ class PynetdicomDestination:
         raw = event.request.DataSet.getvalue()
         uid = str(event.request.AffectedSOPInstanceUID)
         self.times[uid] += 1
-        if uid in self.received:
-            self.duplicates += 1
-        else:
+        new = uid not in self.received
+        self.received[uid] = raw  # before the count: a waiter woken by it finds the bytes
+        if new:
             self.count.add_from_thread()  # counts distinct instances
-        self.received[uid] = raw
+        else:
+            self.duplicates += 1
         return 0x0000
 
 

@@ -17,9 +17,11 @@ in its own task. One association is a loop over PDUs read by `Transport` (1 MiB 
   A presentation context ID that is not odd (0 included) or is proposed twice -> A-ABORT
   (invalid PDU parameter value), as is any value of the request that the A-ASSOCIATE-AC
   cannot echo; over `max_clients` -> A-ASSOCIATE-RJ (transient, local-limit-exceeded). Every
-  proposed context gets a result: Verification and every storage SOP class are accepted
-  (unless in `reject_abstract_syntaxes`) with the first proposed transfer syntax we know,
-  compressed ones included — we store the bytes as received.
+  proposed context gets a result: Verification and every SOP class that may be stored are
+  accepted (`_refusal`: any class, private and unknown ones included, unless in
+  `reject_abstract_syntaxes`, a non-storage service pynetdicom knows, or no SOP class at all)
+  with the first proposed transfer syntax we know, compressed ones included — we store the
+  bytes as received. The refused contexts and why are logged, one line per association.
 - `max_clients` counts associations only (`_Connections`): from acceptance until our last PDU
   (A-RELEASE-RP, A-ASSOCIATE-RJ). At most `max_unassociated` connections read their
   A-ASSOCIATE-RQ at once; the others wait their turn unread, and a reader that has not had
@@ -27,19 +29,21 @@ in its own task. One association is a loop over PDUs read by `Transport` (1 MiB 
 - Work per PDU is bounded: a PDV with no data that is not a last fragment -> A-ABORT, and every
   PDV counts `PDV_COST` towards the transport's yield budget, so a PDU of tiny PDVs lets the
   other tasks run every 1024 of them.
-- A C-STORE's command set is decoded by hand (dimse.py). The sink's admission check runs first
-  (OutOfResources -> the dataset is drained and 0xA700 answered, nothing written). Otherwise the
+- PDVs go through a `MessageAssembler` (assembler.py: the order of a DIMSE message, command
+  sets gathered up to its cap and decoded by hand in dimse.py). For a C-STORE the sink's
+  admission check runs first (OutOfResources -> the dataset is drained and 0xA700 answered,
+  nothing written). Otherwise the
   Part 10 preamble and file meta are built and every data PDV is appended as it arrives: in
   memory while the instance is at most `memory_max_bytes` (32 KiB; handed over as
   `ReceivedInstance.data`), else in a temporary file from `sink.new_temp_path()` (large writes
   in a worker thread, so other associations keep moving).
   The header is read from the first 64 KiB; then `sink.instance_received` is awaited and only
   then the response is sent: 0x0000, 0xA700 (OutOfResources), 0xC0xx (CannotProcess, unparseable
-  dataset, command/dataset UID mismatch). A C-STORE whose SOP class differs from its
-  presentation context's abstract syntax is stored like any other (Orthanc and pynetdicom's
-  listener do not compare the two, and some modalities rely on that), unless it is a class
-  negotiation would have refused (in `reject_abstract_syntaxes`, or not a storage class): that
-  one is drained, nothing written, and answered 0x0122.
+  dataset, command/dataset UID mismatch). A C-STORE is stored whatever presentation context
+  it came on (Orthanc and pynetdicom's listener do not compare its SOP class with the context's
+  abstract syntax, and some modalities rely on that), unless its class is one negotiation
+  refuses (the same rule, `_refusal`; Verification too, which is not stored): that one is
+  drained, nothing written, and answered 0x0122.
 - Whatever ends the association — A-ABORT, a protocol error (we answer A-ABORT), the peer
   vanishing, a timeout, cancellation (we send A-ABORT, shielded and bounded, unless our last
   PDU had gone out) — the temp file of an unfinished instance is removed.
@@ -59,7 +63,7 @@ from typing import Any, Protocol
 import attrs
 import trio
 from pydicom.uid import UID
-from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from capacitor_trio.domain.instance import InstanceHeader
@@ -67,6 +71,7 @@ from capacitor_trio.domain.instance import InstanceHeader
 from . import dimse
 from . import pdu as P
 from . import status as S
+from .assembler import DataFragment, MessageAssembler
 from .part10 import HeaderError, file_meta_bytes, parse_header, parse_header_file
 from .transport import PeerClosed, Transport, overdue, read_limit
 
@@ -159,18 +164,41 @@ class _Abort(Exception):
         self.reason = reason
 
 
+#: why a presentation context or a C-STORE is refused (the log line names it)
+REFUSED_BY_CONFIG = "rejectAbstractSyntaxes"
+NOT_PROVIDED = "non-storage service not provided"
+NO_TRANSFER_SYNTAX = "no supported transfer syntax"
+
+
 @functools.lru_cache(maxsize=4096)
-def _is_storage(abstract_syntax: str) -> bool:
+def _not_storage(sop_class: str) -> str | None:
+    """Why `sop_class` is not one a router stores, whatever the configuration; None when it is.
+    A router stores what it is sent: any SOP class is taken for a storage class (private and
+    vendor ones included: Siemens CSA Non-Image, Philips private classes…) unless it is not a
+    valid UID, is a service pynetdicom lists that is not storage (Query/Retrieve, worklist,
+    storage commitment, print, Verification…), or is a DICOM UID that names no SOP class (a
+    transfer syntax, a well-known instance…)."""
+    if not _valid_uid(sop_class):
+        return "not a valid UID"
     try:
-        return issubclass(uid_to_service_class(abstract_syntax), StorageServiceClass)
-    except Exception:
-        return False
+        service = uid_to_service_class(sop_class)
+    except Exception:  # pragma: no cover - pynetdicom's lookup is a dict walk
+        service = ServiceClass
+    if service is not ServiceClass and not issubclass(service, StorageServiceClass):
+        return NOT_PROVIDED
+    kind = UID(sop_class).type  # "" for a UID pydicom does not know (a private one)
+    if kind and kind != "SOP Class":
+        return f"not a SOP class ({kind})"
+    return None
 
 
-def _stores(sop_class: str, rejected: frozenset[str]) -> bool:
-    """A storage SOP class that `reject_abstract_syntaxes` does not refuse: negotiation accepts
-    its context, and a C-STORE of it is stored whatever context it came on."""
-    return sop_class not in rejected and _is_storage(sop_class)
+def _refusal(sop_class: str, rejected: frozenset[str]) -> str | None:
+    """Why a C-STORE of `sop_class` is not stored here; None when it is. The one rule of both
+    negotiation (a context for the class is accepted when this is None) and the C-STORE check
+    (an instance of the class is stored whatever context it came on when this is None)."""
+    if sop_class in rejected:
+        return REFUSED_BY_CONFIG
+    return _not_storage(sop_class)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -181,32 +209,75 @@ def _is_known_transfer_syntax(uid: str) -> bool:
         return False
 
 
+@attrs.frozen
+class Refused:
+    """A presentation context negotiation refused, and why."""
+
+    context: P.ProposedContext
+    reason: str
+
+
 def negotiate_contexts(
     contexts: tuple[P.ProposedContext, ...], rejected: frozenset[str]
-) -> list[P.ContextResult]:
-    results = []
+) -> tuple[list[P.ContextResult], list[Refused]]:
+    """A result for every proposed context, and the refused ones with their reasons.
+    Verification and every class `_refusal` lets through are accepted, with the first proposed
+    transfer syntax we know (compressed ones included: we store the bytes as received)."""
+    results: list[P.ContextResult] = []
+    refused: list[Refused] = []
     for pc in contexts:
         syntax = pc.abstract_syntax
-        if not (
-            _stores(syntax, rejected)
-            or (syntax == dimse.VERIFICATION_SOP_CLASS and syntax not in rejected)
-        ):
-            results.append(
-                P.ContextResult(
-                    pc.context_id, P.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED, "", pc.abstract_syntax
-                )
-            )
-            continue
-        ts = next((t for t in pc.transfer_syntaxes if _is_known_transfer_syntax(t)), None)
-        if ts is None:
-            results.append(
-                P.ContextResult(
-                    pc.context_id, P.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED, "", pc.abstract_syntax
-                )
-            )
+        if syntax == dimse.VERIFICATION_SOP_CLASS and syntax not in rejected:
+            why = None
         else:
-            results.append(P.ContextResult(pc.context_id, P.PC_ACCEPTANCE, ts, pc.abstract_syntax))
-    return results
+            why = _refusal(syntax, rejected)
+        ts = next((t for t in pc.transfer_syntaxes if _is_known_transfer_syntax(t)), None)
+        if why is None and ts is not None:
+            results.append(P.ContextResult(pc.context_id, P.PC_ACCEPTANCE, ts, syntax))
+            continue
+        result = P.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED
+        if why is None:
+            why, result = NO_TRANSFER_SYNTAX, P.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED
+        results.append(P.ContextResult(pc.context_id, result, "", syntax))
+        refused.append(Refused(pc, why))
+    return results, refused
+
+
+#: refused contexts named in one log line at the most
+_REFUSED_LOGGED = 16
+
+
+def _log_refused(calling_ae: str, called_ae: str, total: int, refused: list[Refused]) -> None:
+    """One line per association naming the refused contexts and why: a warning when one could
+    have carried instances (refused by configuration, no transfer syntax, not a valid UID),
+    info when each is a service we do not provide (a modality proposing Query/Retrieve…)."""
+    if not refused:
+        return
+    routine = all(r.reason == NOT_PROVIDED or r.reason.startswith("not a SOP") for r in refused)
+    shown = "; ".join(_describe(r) for r in refused[:_REFUSED_LOGGED])
+    if len(refused) > _REFUSED_LOGGED:
+        shown += f"; and {len(refused) - _REFUSED_LOGGED} more"
+    log.log(
+        logging.INFO if routine else logging.WARNING,
+        "DICOM association %s -> %s: %d of %d presentation contexts refused: %s",
+        calling_ae,
+        called_ae,
+        len(refused),
+        total,
+        shown,
+    )
+
+
+def _describe(r: Refused) -> str:
+    uid = r.context.abstract_syntax
+    if not _valid_uid(uid):
+        return f"{r.context.context_id} {uid[:80]!a} ({r.reason})"
+    name = UID(uid).name
+    named = f"{uid} {name}" if name != uid else uid
+    if r.reason == NO_TRANSFER_SYNTAX:
+        proposed = ", ".join(ascii(t[:80]) for t in r.context.transfer_syntaxes[:4])
+        return f"{r.context.context_id} {named} ({r.reason}: {proposed})"
+    return f"{r.context.context_id} {named} ({r.reason})"
 
 
 _DECODE_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar(
@@ -285,8 +356,8 @@ class _Association:
         self.contexts: dict[int, P.ContextResult] = {}
         self.max_pdu_peer = 0
         self.incoming: _Incoming | None = None
-        self.command_buf: bytearray | None = None
-        self.command_ctx = 0
+        #: the DIMSE message being read: command sets gathered, data fragments in order
+        self.assembler = MessageAssembler()
         #: when the PDU being waited for was first waited for (None: not waiting for one), and
         #: the scope of the PDU loop, which `idle_watchdog` cancels after `client_timeout` of it
         self._reading_since: float | None = None
@@ -404,7 +475,8 @@ class _Association:
                 P.RJ_TRANSIENT, P.RJ_SOURCE_PRESENTATION, P.RJ_REASON_LOCAL_LIMIT_EXCEEDED
             )
             return False
-        results = negotiate_contexts(rq.contexts, self.config.reject_abstract_syntaxes)
+        results, refused = negotiate_contexts(rq.contexts, self.config.reject_abstract_syntaxes)
+        _log_refused(rq.calling_ae, rq.called_ae, len(results), refused)
         self.contexts = {r.context_id: r for r in results if r.result == P.PC_ACCEPTANCE}
         self.max_pdu_peer = rq.max_pdu
         await self.t.send_all(P.encode_associate_ac(rq, results, self.config.max_pdu_size))
@@ -470,7 +542,7 @@ class _Association:
             await self._p_data(body)
             return False
         if pdu_type == P.A_RELEASE_RQ:
-            if self.incoming is not None or self.command_buf is not None:
+            if self.incoming is not None or not self.assembler.idle:
                 raise _Abort("A-RELEASE-RQ in the middle of a message")
             await self._last_pdu(P.RELEASE_RP_BYTES)
             return True
@@ -496,31 +568,13 @@ class _Association:
                         f"PDV on presentation context {ctx} not accepted",
                         P.ABORT_REASON_INVALID_PARAMETER,
                     )
-                if mch & 0x01:
-                    await self._command_fragment(ctx, mch, data)
-                else:
-                    await self._data_fragment(ctx, mch, data)
+                part = self.assembler.feed(ctx, mch, data)
+                if isinstance(part, DataFragment):
+                    await self._data_fragment(part)
+                elif part is not None:
+                    await self._command(part.context_id, part.command)
 
-    async def _command_fragment(self, ctx: int, mch: int, data: memoryview) -> None:
-        if self.incoming is not None:
-            raise _Abort("command fragment while a data set was expected")
-        if self.command_buf is None:
-            self.command_buf = bytearray()
-            self.command_ctx = ctx
-        elif ctx != self.command_ctx:
-            raise _Abort("command fragments on two presentation contexts")
-        self.command_buf += data
-        if len(self.command_buf) > 1 << 20:
-            raise _Abort("command set too large", P.ABORT_REASON_INVALID_PARAMETER)
-        if not mch & 0x02:
-            return
-        raw, self.command_buf = self.command_buf, None
-        try:
-            cmd = dimse.decode_command(raw)
-        except dimse.CommandDecodeError as exc:
-            raise _Abort(
-                f"undecodable command set: {exc}", P.ABORT_REASON_INVALID_PARAMETER
-            ) from exc
+    async def _command(self, ctx: int, cmd: dimse.Command) -> None:
         if cmd.command_field == dimse.C_ECHO_RQ and cmd.message_id is not None:
             rsp = dimse.encode_c_echo_rsp(
                 cmd.message_id,
@@ -551,24 +605,23 @@ class _Association:
             inc.refusal = (S.STATUS_UNPARSEABLE, "invalid SOP UID in the command")
             log.warning("C-STORE from %s refused: invalid SOP UID in the command", self.calling_ae)
             return
-        context_syntax = self.contexts[ctx].abstract_syntax
         sop_class = cmd.affected_sop_class_uid or ""  # valid: checked above
-        if sop_class != context_syntax and not _stores(
-            sop_class, self.config.reject_abstract_syntaxes
-        ):
-            # a class that negotiation would have refused, sent on a context accepted for
-            # another (Orthanc and pynetdicom do not compare the two at all; we do only so far
-            # as `reject_abstract_syntaxes` and the storage classes are concerned)
+        refusal = _refusal(sop_class, self.config.reject_abstract_syntaxes)
+        if refusal is not None:
+            # negotiation's rule, whatever context it came on: a class negotiation would have
+            # refused, sent on a context accepted for another (Orthanc and pynetdicom do not
+            # compare the two at all, and some modalities rely on that), is not stored
             inc.refusal = (
                 S.SOP_CLASS_NOT_SUPPORTED,
                 f"SOP class is not accepted here (sent on presentation context {ctx})",
             )
             log.warning(
-                "C-STORE from %s refused: SOP class %s sent on presentation context %d (%s)",
+                "C-STORE from %s refused: SOP class %s (%s) sent on presentation context %d (%s)",
                 self.calling_ae,
                 sop_class,
+                refusal,
                 ctx,
-                context_syntax,
+                self.contexts[ctx].abstract_syntax,
             )
             return
         try:
@@ -615,14 +668,11 @@ class _Association:
         inc.path = None
         inc.refusal = (S.OUT_OF_RESOURCES, f"cannot store the data set: {exc.strerror or exc}")
 
-    async def _data_fragment(self, ctx: int, mch: int, data: memoryview) -> None:
+    async def _data_fragment(self, fragment: DataFragment) -> None:
         inc = self.incoming
-        if inc is None:
-            raise _Abort("data fragment without a command")
-        if ctx != inc.context_id:
-            raise _Abort(
-                "data fragment on another presentation context", P.ABORT_REASON_INVALID_PARAMETER
-            )
+        if inc is None:  # the data set of a command that has none here (a C-ECHO's)
+            raise _Abort("data fragment without a C-STORE")
+        data = fragment.data
         if len(inc.head) < HEAD_BYTES:
             inc.head += data[: HEAD_BYTES - len(inc.head)]
         if inc.mem is not None:
@@ -641,7 +691,7 @@ class _Association:
                 self._write_failed(inc, exc)
             else:
                 inc.size += len(data)
-        if mch & 0x02:
+        if fragment.last:
             await self._finish_store()
 
     async def _finish_store(self) -> None:
@@ -731,7 +781,6 @@ class _Association:
     def _discard_incoming(self) -> None:
         inc = self.incoming
         self.incoming = None
-        self.command_buf = None
         if inc is None:
             return
         if inc.fd is not None:

@@ -5,7 +5,8 @@ context per (SOP class, stored transfer syntax) pair. Each C-STORE streams the s
 dataset bytes (everything after the file meta) in P-DATA-TF PDUs sized to the peer's maximum
 (ours when it has none; one below `MIN_PEER_PDU` fails the association), with the command set
 in front of the first fragment so a small instance is one `send`. Exactly
-one task reads from the peer (`_reader`): responses are matched by message ID, an A-ABORT or a
+one task reads from the peer (`_reader`, its PDVs through a `MessageAssembler`, as the acceptor's,
+with the same cap on a command set): responses are matched by message ID, an A-ABORT or a
 broken connection fails the association at once, so no response can be lost in a race.
 
 Three watchdogs end an association with an A-ABORT and a RetryLater for every instance not yet
@@ -37,6 +38,7 @@ from capacitor_trio.domain.outcomes import Delivered, Outcome, Rejected, RetryLa
 
 from . import dimse
 from . import pdu as P
+from .assembler import CommandSet, MessageAssembler
 from .part10 import EXPLICIT_VR_LE, IMPLICIT_VR_LE, HeaderError, read_meta
 from .status import store_status_outcome
 from .transport import PeerClosed, Transport, overdue, read_limit
@@ -514,20 +516,18 @@ class _Session:
 
     async def _reader(self, send_rsp: trio.MemorySendChannel[dimse.Command]) -> None:
         assert self.t is not None
-        fragments: bytearray | None = None
+        assembler = MessageAssembler()
         limit = read_limit(self.options.max_pdu_size)
         try:
             while True:
                 pdu_type, body = await self.t.read_pdu(limit)
                 if pdu_type == P.P_DATA_TF:
                     with memoryview(body) as mv:
-                        for _ctx, mch, data in P.iter_pdvs(mv):
-                            if not mch & 0x01:
-                                continue  # no data sets in C-STORE/C-ECHO responses
-                            fragments = (fragments or bytearray()) + data
-                            if mch & 0x02:
-                                raw, fragments = fragments, None
-                                await send_rsp.send(dimse.decode_command(raw))
+                        for ctx, mch, data in P.iter_pdvs(mv):
+                            part = assembler.feed(ctx, mch, data)
+                            # a data set (none belongs to a C-STORE-RSP) is passed over
+                            if isinstance(part, CommandSet):
+                                await send_rsp.send(part.command)
                 elif pdu_type == P.A_RELEASE_RP:
                     self.released.set()
                     return
@@ -677,7 +677,7 @@ async def echo(peer: Peer, calling_ae: str, *, timeout: float = 10.0) -> EchoRes
                     P.encode_command_pdus(1, dimse.encode_c_echo_rq(1), accept.max_pdu)
                 )
                 status: int | None = None
-                buf = bytearray()
+                assembler = MessageAssembler()
                 while status is None:
                     pdu_type, body = await t.read_pdu(read_limit(_ECHO_MAX_PDU))
                     if pdu_type != P.P_DATA_TF:
@@ -685,12 +685,11 @@ async def echo(peer: Peer, calling_ae: str, *, timeout: float = 10.0) -> EchoRes
                             False, None, f"unexpected PDU 0x{pdu_type:02X} in reply to C-ECHO"
                         )
                     with memoryview(body) as mv:
-                        for _ctx, mch, data in P.iter_pdvs(mv):
-                            if mch & 0x01:
-                                buf += data
-                                if mch & 0x02:
-                                    rsp = dimse.decode_command(buf)
-                                    status = rsp.status if rsp.status is not None else 0xC000
+                        for context_id, mch, data in P.iter_pdvs(mv):
+                            part = assembler.feed(context_id, mch, data)
+                            if isinstance(part, CommandSet):
+                                rsp = part.command
+                                status = rsp.status if rsp.status is not None else 0xC000
                 latency = (trio.current_time() - start) * 1000
                 await t.send_all(P.RELEASE_RQ_BYTES)
                 with trio.move_on_after(min(timeout, 2.0)):
