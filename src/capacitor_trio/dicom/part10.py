@@ -2,8 +2,12 @@
 
 The acceptor writes `file_meta_bytes(...)` and then the dataset bytes exactly as received; the
 requestor sends a spool file's bytes from `dataset_offset(...)` on. The index's header fields are
-read with pydicom from the first bytes of the dataset, stopping after (0020,000E) — never near the
-pixel data.
+read from the first bytes of the dataset by a small element walker (`parse_header_fast`, cheap
+enough for the event loop), stopping after (0020,000E) — never near the pixel data. What that
+cannot settle (the header beyond the first bytes, deflated or big endian data sets, other
+character sets) `read_header` reads by walking the whole data set forward, inflating as it goes,
+within `HeaderLimits`: whatever a data set holds, the walk costs bounded memory and time, and
+a header it cannot reach within them is a `HeaderLimitExceeded`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import zlib
 from pathlib import Path
 from typing import BinaryIO
 
+import attrs
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 
@@ -63,6 +68,26 @@ _HEADER_TAGS = [
 
 class HeaderError(ValueError):
     """The dataset's header cannot be read."""
+
+
+class HeaderLimitExceeded(HeaderError):
+    """The header was not reached within `HeaderLimits` (a deflate bomb, millions of items…)."""
+
+
+@attrs.frozen
+class HeaderLimits:
+    """How far `read_header` walks a data set looking for its header: the bound on the memory
+    and time one data set can cost, whatever it holds. Real headers are passed within a few
+    hundred elements and kilobytes."""
+
+    #: bytes of the data set read (inflated, for a deflated one) before the header is passed
+    max_bytes: int = 64 << 20
+    #: elements and sequence items passed before the header is passed
+    max_elements: int = 50_000
+    #: sequences nested in one another
+    max_depth: int = 32
+    #: one header value (UIDs, names, IDs are at most a few hundred bytes)
+    max_value: int = 16 << 10
 
 
 def _pad(raw: bytes, pad: bytes) -> bytes:
@@ -122,6 +147,9 @@ def read_meta(fp: BinaryIO) -> tuple[int, dict[int, bytes]]:
         fp.seek(off)
 
 
+#: what `parse_header_pydicom` inflates of a deflated prefix, at most
+_PYDICOM_INFLATED = 256 << 10
+
 _FAST_CHARSETS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 
 
@@ -160,30 +188,41 @@ def _header_from(ds: Dataset, transfer_syntax_uid: str) -> InstanceHeader:
     )
 
 
-def parse_header(data: bytes, transfer_syntax_uid: str, *, complete: bool) -> InstanceHeader | None:
-    """Read the index fields from the first bytes of a dataset.
+def parse_header_fast(
+    data: bytes, transfer_syntax_uid: str, *, complete: bool
+) -> InstanceHeader | None:
+    """Read the index fields from the first bytes of a dataset with the element walker alone.
 
-    Returns None when `data` is a prefix (not `complete`) that ends before (0020,000E) was passed:
-    the caller then reads the whole file with `parse_header_file`. Raises HeaderError when the
-    bytes are not a readable dataset.
-
-    Little endian datasets in a simple character set are read by a small element walker (no
-    dataset object: ~10x cheaper than pydicom for a typical header); anything it does not know
-    (big endian, deflated, other character sets, unusual encodings) goes to pydicom.
+    Returns None when that does not settle it — a prefix (not `complete`) that ends before
+    (0020,000E) was passed, a data set cut inside an element, big endian or deflated data sets,
+    an encoding the walker leaves to pydicom, a character set it does not decode itself — and
+    `read_header` then reads the whole data set. Raises HeaderError when the header was read
+    and has no SOP UIDs. Cheap (no dataset objects, never more than `data` walked): fit for the
+    event loop.
     """
-    if transfer_syntax_uid not in (EXPLICIT_VR_BE, DEFLATED_EXPLICIT_VR_LE):
-        try:
-            values, reached = _scan(data, implicit=transfer_syntax_uid == IMPLICIT_VR_LE)
-        except _Unsupported:
-            pass
-        else:
-            if not reached and not complete:
-                return None
-            # a complete dataset cut inside an element is malformed: pydicom decides what of it
-            # can be read, as it always has
-            header = _header_from_values(values, transfer_syntax_uid) if reached is not None else None
-            if header is not None:
-                return _checked(header)
+    if transfer_syntax_uid in (EXPLICIT_VR_BE, DEFLATED_EXPLICIT_VR_LE):
+        return None
+    try:
+        values, reached = _scan(data, implicit=transfer_syntax_uid == IMPLICIT_VR_LE)
+    except _Unsupported:
+        return None
+    if reached is None or (not reached and not complete):
+        return None
+    header = _header_from_values(values, transfer_syntax_uid)
+    return None if header is None else _checked(header)
+
+
+def parse_header(data: bytes, transfer_syntax_uid: str, *, complete: bool) -> InstanceHeader | None:
+    """Read the index fields from the first bytes of a dataset: `parse_header_fast`, and pydicom
+    for what that does not settle.
+
+    Returns None when `data` is a prefix (not `complete`) that ends before (0020,000E) was
+    passed. Raises HeaderError when the bytes are not a readable dataset. pydicom's cost grows
+    with what `data` holds: the acceptor uses `parse_header_fast` and `read_header` instead.
+    """
+    header = parse_header_fast(data, transfer_syntax_uid, complete=complete)
+    if header is not None:
+        return header
     return parse_header_pydicom(data, transfer_syntax_uid, complete=complete)
 
 
@@ -204,7 +243,7 @@ def parse_header_pydicom(
     little = transfer_syntax_uid != EXPLICIT_VR_BE
     if transfer_syntax_uid == DEFLATED_EXPLICIT_VR_LE:
         try:
-            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data, 1 << 20)
+            data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data, _PYDICOM_INFLATED)
         except zlib.error as exc:
             raise HeaderError(f"cannot inflate dataset: {exc}") from exc
         complete = False  # a prefix of the inflated stream at best
@@ -353,17 +392,273 @@ def _header_from_values(values: dict[int, bytes], transfer_syntax_uid: str) -> I
     )
 
 
-def parse_header_file(path: Path, transfer_syntax_uid: str) -> InstanceHeader:
-    """Read the index fields from a complete Part 10 file (the slow path, rarely used)."""
-    import pydicom
+# -- the bounded walk of a whole data set -------------------------------------------------------
 
+_CHUNK = 64 << 10
+_TL = {False: struct.Struct("<HHI"), True: struct.Struct(">HHI")}  # tag, 32-bit length
+_VR_SHORT_LENGTH = {False: struct.Struct("<H"), True: struct.Struct(">H")}
+_UINT32_BY = {False: _UINT32, True: struct.Struct(">I")}
+#: the VRs of the header tags, for a data set rebuilt from their raw values (implicit VR)
+_HEADER_VRS = {
+    0x00080005: b"CS",
+    0x00080016: b"UI",
+    0x00080018: b"UI",
+    0x00080050: b"SH",
+    0x00080060: b"CS",
+    0x00100010: b"PN",
+    0x00100020: b"LO",
+    0x0020000D: b"UI",
+    0x0020000E: b"UI",
+}
+
+
+class _Stream:
+    """A data set's bytes read forward in chunks, from a file object positioned at its start:
+    skipped values are sought over, or, in a deflated data set, inflated (at most a chunk at a
+    time: `decompressobj` with `max_length`) and dropped. Every byte read or inflated counts
+    against `max_bytes`."""
+
+    def __init__(self, fp: BinaryIO, *, deflated: bool, max_bytes: int) -> None:
+        self._fp = fp
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS) if deflated else None
+        self._buf = b""
+        self._pos = 0
+        self._max_bytes = max_bytes
+        self._taken = 0
+        #: the offset in the data set of the next byte `read` returns
+        self.offset = 0
+
+    def _next_chunk(self) -> bytes:
+        z = self._inflater
+        if z is None:
+            return self._fp.read(_CHUNK)
+        while not z.eof:
+            data = z.unconsumed_tail or self._fp.read(_CHUNK)
+            if not data:
+                return b""
+            try:
+                out = z.decompress(data, _CHUNK)
+            except zlib.error as exc:
+                raise HeaderError(f"cannot inflate data set: {exc}") from exc
+            if out:
+                return out
+        return b""
+
+    def _fill(self) -> bool:
+        """One more chunk in the buffer; False at the end of the data set."""
+        chunk = self._next_chunk()
+        if not chunk:
+            return False
+        self._taken += len(chunk)
+        if self._taken > self._max_bytes:
+            raise HeaderLimitExceeded(f"not within the first {self._max_bytes} bytes")
+        self._buf = self._buf[self._pos :] + chunk
+        self._pos = 0
+        return True
+
+    def at_end(self) -> bool:
+        return self._pos == len(self._buf) and not self._fill()
+
+    def unpack(self, st: struct.Struct) -> tuple[int, ...]:
+        """The next `st.size` bytes, unpacked."""
+        n = st.size
+        while len(self._buf) - self._pos < n:
+            if not self._fill():
+                raise _Truncated
+        out = st.unpack_from(self._buf, self._pos)
+        self._pos += n
+        self.offset += n
+        return out
+
+    def read(self, n: int) -> bytes:
+        while len(self._buf) - self._pos < n:
+            if not self._fill():
+                raise _Truncated
+        out = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        self.offset += n
+        return out
+
+    def skip(self, n: int) -> None:
+        self.offset += n
+        have = len(self._buf) - self._pos
+        if n <= have:
+            self._pos += n
+            return
+        n -= have
+        self._buf, self._pos = b"", 0
+        if self._inflater is None:
+            self._fp.seek(n, io.SEEK_CUR)  # beyond the end: the next read finds nothing
+            return
+        while n > 0:
+            if not self._fill():
+                raise _Truncated
+            self._pos = min(n, len(self._buf))
+            n -= self._pos
+
+
+def _read_element(stream: _Stream, implicit: bool, big: bool) -> tuple[int, bytes, int]:
+    """(tag, VR, value length) of the next element; the VR is b"" in implicit VR and for items
+    and delimiters."""
+    group, elem, length = stream.unpack(_TL[big])
+    if implicit or group == 0xFFFE:
+        return group << 16 | elem, b"", length
+    # the four bytes after the tag were read as a length: they are the VR and a 16-bit length
+    vr = length.to_bytes(4, "big" if big else "little")[:2]
+    if vr[0] not in _VR_LETTERS or vr[1] not in _VR_LETTERS:
+        raise _Unsupported  # not explicit VR after all (pydicom knows the tricks)
+    if vr in _LONG_VRS:
+        return group << 16 | elem, vr, stream.unpack(_UINT32_BY[big])[0]
+    return group << 16 | elem, vr, length >> 16 if not big else length & 0xFFFF
+
+
+class _Walk:
+    """What a walk may still pass, of `HeaderLimits`."""
+
+    def __init__(self, limits: HeaderLimits) -> None:
+        self.limits = limits
+        self.left = limits.max_elements
+
+    def exceeded(self) -> HeaderLimitExceeded:
+        return HeaderLimitExceeded(f"not within the first {self.limits.max_elements} elements")
+
+    def nest(self, depth: int) -> None:
+        if depth > self.limits.max_depth:
+            raise HeaderLimitExceeded(f"sequences nested deeper than {self.limits.max_depth}")
+
+
+def _skip_undefined(stream: _Stream, walk: _Walk, implicit: bool, big: bool) -> None:
+    """Past a sequence (or encapsulated value) of undefined length whose header was just read,
+    iteratively: only a stack of encodings is kept, as deep as the nesting."""
+    frames: list[tuple[bool, bool, bool]] = [(False, implicit, big)]  # (in an item?, encoding)
+    left = walk.left
+    while frames:
+        left -= 1
+        if left < 0:
+            raise walk.exceeded()
+        in_item, imp, bg = frames[-1]
+        tag, vr, length = _read_element(stream, imp, bg)
+        if tag == (_ITEM_END if in_item else _SEQUENCE_END):
+            frames.pop()
+        elif not in_item and tag == _ITEM:
+            if length == _UNDEFINED:
+                frames.append((True, imp, bg))
+                walk.nest((len(frames) + 1) // 2)
+            else:
+                stream.skip(length)
+        elif not in_item or tag >> 16 == 0xFFFE:
+            raise _Unsupported  # neither an item nor its delimiter where one belongs
+        elif length == _UNDEFINED:
+            # a sequence; a UN one holds implicit VR little endian (PS3.5 6.2.2)
+            frames.append((False, imp or vr == b"UN", bg and vr != b"UN"))
+            walk.nest((len(frames) + 1) // 2)  # sequences open
+        else:
+            stream.skip(length)
+    walk.left = left
+
+
+def _walk_header(
+    stream: _Stream, implicit: bool, big: bool, limits: HeaderLimits
+) -> dict[int, tuple[bytes, bytes]]:
+    """{tag: (VR, raw value)} of the header tags among the top-level elements, up to the first
+    element past (0020,000E) or the end of the data set."""
+    walk = _Walk(limits)
+    values: dict[int, tuple[bytes, bytes]] = {}
+    while not stream.at_end():
+        walk.left -= 1
+        if walk.left < 0:
+            raise walk.exceeded()
+        tag, vr, length = _read_element(stream, implicit, big)
+        if tag > _LAST_HEADER_TAG:
+            break
+        if tag >> 16 == 0xFFFE:
+            raise _Unsupported  # an item or delimiter at the top level
+        if length == _UNDEFINED:
+            if tag in _WANTED:
+                raise _Unsupported
+            _skip_undefined(stream, walk, implicit, big)
+        elif tag in _WANTED:
+            if length > limits.max_value:
+                raise HeaderLimitExceeded(f"a header value of {length} bytes")
+            values[tag] = (vr or _HEADER_VRS[tag], stream.read(length))
+        else:
+            stream.skip(length)
+    return values
+
+
+def _header_from_raw(values: dict[int, tuple[bytes, bytes]], transfer_syntax_uid: str) -> InstanceHeader:
+    """The index fields from raw values: decoded here in a simple character set, else by
+    pydicom from a small data set rebuilt from those values alone."""
+    header = _header_from_values({t: v for t, (_, v) in values.items()}, transfer_syntax_uid)
+    if header is not None:
+        return header
+    rebuilt = b"".join(
+        (_TAG_VR_LONG if vr in _LONG_VRS else _TAG_VR_SHORT).pack(tag >> 16, tag & 0xFFFF, vr, len(v)) + v
+        for tag, (vr, v) in sorted(values.items())
+    )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-            header = _header_from(ds, transfer_syntax_uid)
+            ds = read_dataset(io.BytesIO(rebuilt), False, True)
+            return _header_from(ds, transfer_syntax_uid)
     except Exception as exc:
         raise HeaderError(f"cannot read dataset header: {exc!r}") from exc
-    if not header.sop_class_uid or not header.sop_instance_uid:
-        raise HeaderError("dataset has no SOP Class UID or SOP Instance UID")
+
+
+def _dataset_file(source: Path | bytes) -> BinaryIO:
+    """A file object at the start of the data set: of a Part 10 file, or of the bytes given."""
+    if isinstance(source, bytes):
+        return io.BytesIO(source)
+    fp = open(source, "rb")  # noqa: SIM115 (returned open)
+    try:
+        offset, _ = read_meta(fp)
+        fp.seek(offset)
+    except BaseException:
+        fp.close()
+        raise
+    return fp
+
+
+def read_header(
+    source: Path | bytes, transfer_syntax_uid: str, limits: HeaderLimits = HeaderLimits()
+) -> InstanceHeader:
+    """Read the index fields of a whole data set — a Part 10 file, or the data set's bytes — by
+    walking it forward (inflating a deflated one as it goes) up to (0020,000E), within `limits`.
+
+    Blocking, and up to `limits` costly: call it in a worker thread. Raises HeaderLimitExceeded
+    when the header is not reached within the limits, HeaderError when it cannot be read. An
+    encoding the walker does not read (implicit VR elements in an explicit VR data set, a data
+    set cut inside an element…) is left to pydicom on the data set's first 64 KiB.
+    """
+    implicit = transfer_syntax_uid == IMPLICIT_VR_LE
+    big = transfer_syntax_uid == EXPLICIT_VR_BE
+    deflated = transfer_syntax_uid == DEFLATED_EXPLICIT_VR_LE
+    try:
+        with _dataset_file(source) as fp:
+            start = fp.tell()
+            try:
+                stream = _Stream(fp, deflated=deflated, max_bytes=limits.max_bytes)
+                values = _walk_header(stream, implicit, big, limits)
+            except (_Unsupported, _Truncated):
+                fp.seek(start)
+                return _pydicom_prefix(fp, transfer_syntax_uid)
+    except OSError as exc:
+        raise HeaderError(f"cannot read the data set: {exc}") from exc
+    return _checked(_header_from_raw(values, transfer_syntax_uid))
+
+
+_PREFIX = 64 << 10
+
+
+def _pydicom_prefix(fp: BinaryIO, transfer_syntax_uid: str) -> InstanceHeader:
+    """The header read by pydicom from the data set's first 64 KiB (a bounded cost)."""
+    prefix = fp.read(_PREFIX + 1)
+    header = parse_header_pydicom(prefix[:_PREFIX], transfer_syntax_uid, complete=len(prefix) <= _PREFIX)
+    if header is None:
+        raise HeaderError("header not in the first 64 KiB, in an encoding the walker does not read")
     return header
+
+
+def parse_header_file(path: Path, transfer_syntax_uid: str) -> InstanceHeader:
+    """Read the index fields from a complete Part 10 file: `read_header` with the default limits."""
+    return read_header(path, transfer_syntax_uid)
