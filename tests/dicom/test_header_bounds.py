@@ -89,11 +89,13 @@ def deflated(data: bytes) -> bytes:
     return c.compress(data) + c.flush()
 
 
-def many_items(count: int, item_bytes: int = 24) -> Iterator[bytes]:
-    """An explicit VR little endian data set with `count` items in an undefined-length sequence
-    (0008,1140) between the SOP UIDs and the rest of the header, in pieces."""
+def many_items(count: int) -> Iterator[bytes]:
+    """An explicit VR little endian data set with `count` items (32 bytes each, a Referenced SOP
+    Instance UID in each) in an undefined-length sequence (0008,1140) between the SOP UIDs and
+    the rest of the header, in pieces."""
     yield HEADER + struct.pack("<HH2s2xI", 0x0008, 0x1140, b"SQ", 0xFFFFFFFF)
-    item = struct.pack("<HHI", 0xFFFE, 0xE000, item_bytes) + bytes(item_bytes)
+    content = _el(0x00081155, b"UI", b"1.2.840.1234567\0")
+    item = struct.pack("<HHI", 0xFFFE, 0xE000, len(content)) + content
     batch = 1 << 15
     for done in range(0, count, batch):
         yield item * min(batch, count - done)
