@@ -264,15 +264,18 @@ def test_read_header_reads_implicit_vr_too() -> None:
 # -- the acceptor refuses, stores nothing, and walks off the loop ----------------------------------
 
 
-def _store_pdus(data: Iterator[bytes], ctx: int = 1, fragment: int = 16000) -> Iterator[bytes]:
+def _store_pdus(data: Iterator[bytes], ctx: int = 1, fragment: int = 60000) -> Iterator[bytes]:
     cmd = dimse.encode_c_store_rq(1, CT, UID)
     yield P.encode_command_pdus(ctx, cmd, 16384)
     pending = b""
     for piece in data:
         pending += piece
-        while len(pending) > fragment:
-            chunk, pending = pending[:fragment], pending[fragment:]
-            yield P.p_data_header(ctx, 0x00, len(chunk)) + chunk
+        cut = len(pending) - len(pending) % fragment
+        if cut == len(pending):
+            cut -= fragment  # the last fragment goes out with the last-fragment flag
+        for off in range(0, cut, fragment):
+            yield P.p_data_header(ctx, 0x00, fragment) + pending[off : off + fragment]
+        pending = pending[cut:]
     yield P.p_data_header(ctx, 0x02, len(pending)) + pending
 
 
@@ -308,7 +311,10 @@ def walker_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 async def test_the_acceptor_refuses_a_deflate_bomb_and_keeps_nothing(
-    tmp_path: Path, walker_threads: list[str], autojump_clock: trio.testing.MockClock
+    tmp_path: Path,
+    walker_threads: list[str],
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     bomb = deflate_bomb(64 * MiB)
     tracemalloc.start()
@@ -321,6 +327,7 @@ async def test_the_acceptor_refuses_a_deflate_bomb_and_keeps_nothing(
         tracemalloc.stop()
     assert status == S.STATUS_HEADER_OUT_OF_BOUNDS
     assert sink.received == [] and sink.leftovers() == [] and list(sink.out.iterdir()) == []
+    assert "C-STORE from MODALITY refused (0xC212): header not reached within 4194304 bytes" in caplog.text
     assert walker_threads and threading.main_thread().name not in walker_threads
     assert peak < 8 * MiB
 
@@ -349,6 +356,21 @@ async def test_the_acceptor_refuses_a_data_set_of_too_many_items(
     assert status == S.STATUS_HEADER_OUT_OF_BOUNDS
     assert sink.received == [] and sink.leftovers() == []
     assert walker_threads and threading.main_thread().name not in walker_threads
+
+
+async def test_the_acceptor_refuses_the_2_million_item_data_set_of_the_issue(
+    tmp_path: Path, walker_threads: list[str], autojump_clock: trio.testing.MockClock
+) -> None:
+    tracemalloc.start()
+    try:
+        status, sink = await _store(tmp_path, EXPLICIT_VR_LE, many_items(2_000_000), HeaderLimits())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert status == S.STATUS_HEADER_OUT_OF_BOUNDS
+    assert sink.received == [] and sink.leftovers() == []
+    assert threading.main_thread().name not in walker_threads
+    assert peak < 16 * MiB
 
 
 async def test_the_acceptor_stores_a_deflated_instance_whose_header_is_far_in(

@@ -647,7 +647,7 @@ class _Association:
                     source, inc.size - inc.meta_len, inc.transfer_syntax, self.config.header_limits
                 )
         except HeaderLimitExceeded as exc:
-            log.warning("C-STORE from %s: data set header %s, refused", self.calling_ae, exc)
+            log.warning("C-STORE from %s refused (0xC212): %s", self.calling_ae, exc)
             return S.STATUS_HEADER_OUT_OF_BOUNDS, "header not found within bounds"
         except HeaderError as exc:
             log.warning("C-STORE from %s: unparseable data set: %s", self.calling_ae, exc)

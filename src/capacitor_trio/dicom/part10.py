@@ -452,7 +452,7 @@ class _Stream:
             return False
         self._taken += len(chunk)
         if self._taken > self._max_bytes:
-            raise HeaderLimitExceeded(f"not within the first {self._max_bytes} bytes")
+            raise HeaderLimitExceeded(f"header not reached within {self._max_bytes} bytes")
         self._buf = self._buf[self._pos :] + chunk
         self._pos = 0
         return True
@@ -521,11 +521,11 @@ class _Walk:
         self.left = limits.max_elements
 
     def exceeded(self) -> HeaderLimitExceeded:
-        return HeaderLimitExceeded(f"not within the first {self.limits.max_elements} elements")
+        return HeaderLimitExceeded(f"header not reached within {self.limits.max_elements} elements")
 
     def nest(self, depth: int) -> None:
         if depth > self.limits.max_depth:
-            raise HeaderLimitExceeded(f"sequences nested deeper than {self.limits.max_depth}")
+            raise HeaderLimitExceeded(f"sequences nested deeper than {self.limits.max_depth} before the header")
 
 
 def _skip_undefined(stream: _Stream, walk: _Walk, implicit: bool, big: bool) -> None:
@@ -580,7 +580,7 @@ def _walk_header(
             _skip_undefined(stream, walk, implicit, big)
         elif tag in _WANTED:
             if length > limits.max_value:
-                raise HeaderLimitExceeded(f"a header value of {length} bytes")
+                raise HeaderLimitExceeded(f"a header value of {length} bytes (at most {limits.max_value})")
             values[tag] = (vr or _HEADER_VRS[tag], stream.read(length))
         else:
             stream.skip(length)
