@@ -26,11 +26,11 @@ in its own task. One association is a loop over PDUs read by `Transport` (1 MiB 
   not settle, the whole data set walked forward in a worker thread within `header_limits`
   (bytes read or inflated, elements passed, nesting), so a deflate bomb or millions of items
   cost bounded memory and time; a header not reached within them is answered 0xC212. Then
-  `sink.instance_received` is awaited and only
-  then the response is sent: 0x0000, 0xA700 (OutOfResources), 0xC0xx (CannotProcess, unparseable
-  dataset, header out of bounds, command/dataset UID mismatch). A C-STORE whose SOP class differs from its
-  presentation context's abstract syntax is stored like any other (Orthanc and pynetdicom's
-  listener do not compare the two, and some modalities rely on that), unless it is a class
+  `sink.instance_received` is awaited and only then the response is sent: 0x0000, 0xA700
+  (OutOfResources), 0xC0xx (CannotProcess, unparseable dataset, header out of bounds,
+  command/dataset UID mismatch). A C-STORE whose SOP class differs from its presentation
+  context's abstract syntax is stored like any other (Orthanc and pynetdicom's listener do not
+  compare the two, and some modalities rely on that), unless it is a class
   negotiation would have refused (in `reject_abstract_syntaxes`, or not a storage class): that
   one is drained, nothing written, and answered 0x0122.
 - Whatever ends the association — A-ABORT, a protocol error (we answer A-ABORT), the peer

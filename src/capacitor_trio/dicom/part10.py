@@ -148,8 +148,9 @@ def read_meta(fp: BinaryIO) -> tuple[int, dict[int, bytes]]:
         fp.seek(off)
 
 
-#: what `parse_header_pydicom` inflates of a deflated prefix, at most
-_PYDICOM_INFLATED = 256 << 10
+#: what `parse_header_pydicom` inflates of a deflated prefix, at most (as much as it reads of
+#: any other: its cost grows with what it reads)
+_PYDICOM_INFLATED = 64 << 10
 
 _FAST_CHARSETS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 
