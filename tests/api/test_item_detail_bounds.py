@@ -107,6 +107,18 @@ def test_each_limit_cuts_and_is_named() -> None:
     assert few.cut_by == ("elements",) and len(few.json) <= 3
 
 
+def test_deep_nesting_is_walked_in_bounded_memory() -> None:
+    opening = (
+        struct.pack("<HH2s2xI", 0x0008, 0x1140, b"SQ", 0xFFFFFFFF)
+        + struct.pack("<HHI", 0xFFFE, 0xE000, 0xFFFFFFFF)
+    ) * 50_000
+    raw = file_meta_bytes(CT, UID, EXPLICIT_VR_LE) + HEADER + opening
+    shown, peak = _peak_of(read_tags, io.BytesIO(raw))
+    assert shown.cut_by == ("sequenceDepth",)
+    assert shown.json["00080018"]["Value"] == [UID]
+    assert peak < 8 * MiB
+
+
 def _peak_of(fn: Any, *args: Any) -> tuple[Any, int]:
     tracemalloc.start()
     try:

@@ -815,6 +815,10 @@ def bounded_copy(source: Path | BinaryIO, limits: ShowLimits = ShowLimits()) -> 
         return BoundedCopy(b"".join(copy.out), implicit, big, tuple(copy.cut_by))
 
 
+#: sequences and items open at once in `bounded_copy`'s walk, shown or walked past
+_MAX_FRAMES = 256
+
+
 def _copy_elements(stream: _Stream, copy: _Copy) -> None:
     walked = 0
     while True:
@@ -827,6 +831,9 @@ def _copy_elements(stream: _Stream, copy: _Copy) -> None:
         walked += 1
         if walked > copy.limits.max_walked:
             copy.cut("walkedElements")
+            return
+        if len(copy.frames) > _MAX_FRAMES:  # nested deeper than anything shown, walked past
+            copy.cut("sequenceDepth")
             return
         tag, vr, length = _read_element(stream, *copy.encoding())
         if frame is not None and not frame.is_item:
