@@ -41,7 +41,7 @@ from capacitor_trio.dicom.part10 import (
     read_header,
 )
 
-from .conftest import DirSink
+from .conftest import DirSink, RunningAcceptor
 from .test_header_walker import datasets
 from .test_protocol import Harness
 
@@ -392,3 +392,35 @@ async def test_the_acceptor_stores_a_small_deflated_instance_kept_in_memory(
     assert status == S.SUCCESS
     (rx,) = sink.received
     assert rx.data is not None and rx.header.patient_name == "DOE^JANE"
+
+
+async def test_a_deflate_bomb_from_pynetdicom_is_refused_and_a_far_header_stored(
+    acceptor: RunningAcceptor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real peer over TCP: pynetdicom sends the bytes of two deflated files as they are, the
+    2 GiB bomb of the issue (refused) and an instance whose header is 300 KB in (stored)."""
+    from pynetdicom import AE, _config
+
+    # send the files' bytes as they are (else pynetdicom decodes them: the bomb included)
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+    bomb = tmp_path / "bomb.dcm"
+    bomb.write_bytes(file_meta_bytes(CT, UID, DEFLATED_EXPLICIT_VR_LE) + deflate_bomb(2048 * MiB))
+    fine_uid = UID + ".9"
+    sop = _el(0x00080016, b"UI", _uid(CT)) + _el(0x00080018, b"UI", _uid(fine_uid))
+    body = _el(0x00080015, b"UN", bytes(300_000)) + sop + TAIL
+    fine = tmp_path / "fine.dcm"
+    fine.write_bytes(file_meta_bytes(CT, fine_uid, DEFLATED_EXPLICIT_VR_LE) + deflated(body))
+
+    def send() -> list[int]:
+        ae = AE(ae_title="PYNETDICOM")
+        ae.add_requested_context(CT, DEFLATED_EXPLICIT_VR_LE)
+        assoc = ae.associate("127.0.0.1", acceptor.port, ae_title="CAPACITOR")
+        assert assoc.is_established
+        statuses = [assoc.send_c_store(f).Status for f in (bomb, fine)]
+        assoc.release()
+        return statuses
+
+    assert await trio.to_thread.run_sync(send) == [S.STATUS_HEADER_OUT_OF_BOUNDS, S.SUCCESS]
+    assert [rx.header.sop_instance_uid for rx in acceptor.sink.received] == [fine_uid]
+    assert acceptor.sink.leftovers() == []
