@@ -661,11 +661,6 @@ def _pydicom_prefix(fp: BinaryIO, transfer_syntax_uid: str) -> InstanceHeader:
     return header
 
 
-def parse_header_file(path: Path, transfer_syntax_uid: str) -> InstanceHeader:
-    """Read the index fields from a complete Part 10 file: `read_header` with the default limits."""
-    return read_header(path, transfer_syntax_uid)
-
-
 # -- a bounded copy of a data set, for showing it ---------------------------------------------------
 
 
