@@ -369,9 +369,10 @@ class Api:
         out = item_json(item)
         try:
             source = io.BytesIO(item.data) if item.data is not None else item.path
-            tags = await trio.to_thread.run_sync(read_tags, source)
+            shown = await trio.to_thread.run_sync(read_tags, source)
         except Exception:  # a missing or unreadable file: the item is still shown
-            tags = None
+            shown = None
+        tags = shown.json if shown is not None else None
         if tags is not None and tags.get("00080018", {}).get("Value") != [item.sop_instance_uid]:
             tags = None  # not this instance's file (gone and its name reused): never show it
         if tags is not None and item.data is None:
@@ -383,7 +384,12 @@ class Api:
             except ItemNotFound:
                 tags = None
         out["tags"] = tags
-        return ok(out)
+        # what the header shown leaves out beyond bulk data (views.read_tags's limits)
+        # (also when the cut left out the SOP Instance UID, so that nothing could be shown)
+        foreign = shown is not None and tags is None and "00080018" in shown.json
+        out["tagsLimits"] = list(shown.cut_by) if shown is not None and not foreign else []
+        out["tagsTruncated"] = bool(out["tagsLimits"])
+        return await trio.to_thread.run_sync(ok, out)  # up to a few MB of JSON: off the loop
 
     async def _item_action(self, item_id: str, action: str, target: str | None = None) -> Any:
         return await self.control.item_action(_item_id(item_id), action, target)

@@ -46,6 +46,8 @@ def any_case(values: list[str]) -> S:
     return {"type": "string", "enum": list(dict.fromkeys(spelled))}
 
 
+TAG_LIMITS = ["elements", "valueSize", "sequenceItems", "sequenceDepth", "readBytes", "walkedElements", "unreadable"]
+
 QUEUE = obj({k: {"type": "integer", "minimum": 0} for k in ("new", "prepared", "failed", "rejected", "expired", "checkedOut")})
 
 ITEM_PROPS: S = {
@@ -139,10 +141,20 @@ SCHEMAS: S = {
             "tags": nullable(
                 {
                     "type": "object",
-                    "description": "the header in the DICOM JSON model (PS3.18 F.2), bulk data left out; "
-                    "null when the file cannot be read",
+                    "description": "the header in the DICOM JSON model (PS3.18 F.2), up to the pixel data, "
+                    "bulk data left out, cut to the limits tagsLimits names; null when the file cannot be read "
+                    "or its SOP Instance UID is not the item's",
                 }
             ),
+            "tagsTruncated": {**BOOL, "description": "true when tags leaves out more than bulk data"},
+            "tagsLimits": {
+                "type": "array",
+                "items": {"type": "string", "enum": TAG_LIMITS},
+                "description": "the limits that cut tags: elements (2000 shown), valueSize (1024 bytes: "
+                "a longer text is cut, a longer binary value left out), sequenceItems (100 per sequence), "
+                "sequenceDepth (8), readBytes (16 MiB read or inflated), walkedElements (100,000 passed), "
+                "unreadable (an encoding not read, shown up to there)",
+            },
         }
     ),
     "ItemPage": obj(

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import pydicom
+import attrs
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 
 from capacitor_trio.actors.messages import NodeStatus
 from capacitor_trio.config.models import Node
+from capacitor_trio.dicom.part10 import ShowLimits, bounded_copy
 from capacitor_trio.store import Counts, Item
 
 from .envelope import iso
@@ -97,9 +101,25 @@ def _strip_bulk(ds: Dataset) -> None:
             del ds[elem.tag]
 
 
-def read_tags(path: Path | BinaryIO) -> dict[str, Any]:
-    """The header of a Part 10 file in the DICOM JSON model, pixel data and bulk data left out.
-    Blocking: call in a worker thread."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
-    _strip_bulk(ds)
-    return ds.to_json_dict(suppress_invalid_tags=True)
+@attrs.frozen
+class Tags:
+    """What the item detail shows of an instance's header, and the limits that cut it."""
+
+    json: dict[str, Any]
+    cut_by: tuple[str, ...]
+
+
+#: what the item detail shows of a header at most
+SHOW_LIMITS = ShowLimits()
+
+
+def read_tags(path: Path | BinaryIO, limits: ShowLimits = SHOW_LIMITS) -> Tags:
+    """The header of a Part 10 file in the DICOM JSON model, up to the pixel data, bulk data left
+    out, cut to `limits` (elements, value sizes, items per sequence, nesting, bytes read): bounded
+    in memory and time whatever the file holds. Blocking: call in a worker thread."""
+    copy = bounded_copy(path, limits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = read_dataset(io.BytesIO(copy.data), copy.implicit, not copy.big)
+        _strip_bulk(ds)
+        return Tags(ds.to_json_dict(suppress_invalid_tags=True), copy.cut_by)

@@ -37,13 +37,17 @@ in its own task. One association is a loop over PDUs read by `Transport` (1 MiB 
   memory while the instance is at most `memory_max_bytes` (32 KiB; handed over as
   `ReceivedInstance.data`), else in a temporary file from `sink.new_temp_path()` (large writes
   in a worker thread, so other associations keep moving).
-  The header is read from the first 64 KiB; then `sink.instance_received` is awaited and only
-  then the response is sent: 0x0000, 0xA700 (OutOfResources), 0xC0xx (CannotProcess, unparseable
-  dataset, command/dataset UID mismatch). A C-STORE is stored whatever presentation context
-  it came on (Orthanc and pynetdicom's listener do not compare its SOP class with the context's
-  abstract syntax, and some modalities rely on that), unless its class is one negotiation
-  refuses (the same rule, `_refusal`; Verification too, which is not stored): that one is
-  drained, nothing written, and answered 0x0122.
+  The header is read from the first 64 KiB on the loop (a small element walker); what that does
+  not settle, the whole data set walked forward in a worker thread within `header_limits`
+  (bytes read or inflated, elements passed, nesting), so a deflate bomb or millions of items
+  cost bounded memory and time; a header not reached within them is answered 0xC212. Then
+  `sink.instance_received` is awaited and only then the response is sent: 0x0000, 0xA700
+  (OutOfResources), 0xC0xx (CannotProcess, unparseable dataset, header out of bounds,
+  command/dataset UID mismatch). A C-STORE is stored whatever presentation context it came on
+  (Orthanc and pynetdicom's listener do not compare its SOP class with the context's abstract
+  syntax, and some modalities rely on that), unless its class is one negotiation refuses (the
+  same rule, `_refusal`; Verification too, which is not stored): that one is drained, nothing
+  written, and answered 0x0122.
 - Whatever ends the association — A-ABORT, a protocol error (we answer A-ABORT), the peer
   vanishing, a timeout, cancellation (we send A-ABORT, shielded and bounded, unless our last
   PDU had gone out) — the temp file of an unfinished instance is removed.
@@ -72,7 +76,15 @@ from . import dimse
 from . import pdu as P
 from . import status as S
 from .assembler import DataFragment, MessageAssembler
-from .part10 import HeaderError, file_meta_bytes, parse_header, parse_header_file
+from .part10 import (
+    DEFLATED_EXPLICIT_VR_LE,
+    HeaderError,
+    HeaderLimitExceeded,
+    HeaderLimits,
+    file_meta_bytes,
+    parse_header_fast,
+    read_header,
+)
 from .transport import PeerClosed, Transport, overdue, read_limit
 
 log = logging.getLogger("capacitor_trio.dicom")
@@ -106,6 +118,8 @@ class AcceptorConfig:
     #: it to the store's `inline_max_bytes`); a larger one is streamed to a temporary file from
     #: the sink's `new_temp_path()` once it outgrows this
     memory_max_bytes: int = 32 * 1024
+    #: how far a data set is walked for its header when its first 64 KiB do not settle it
+    header_limits: HeaderLimits = attrs.field(factory=HeaderLimits)
 
 
 @attrs.frozen
@@ -734,11 +748,16 @@ class _Association:
         assert inc.path is not None or inc.mem is not None
         complete = inc.size - inc.meta_len <= len(inc.head)
         try:
-            header = parse_header(bytes(inc.head), inc.transfer_syntax, complete=complete)
-            if header is None:
-                if inc.path is None:  # pragma: no cover - in memory means complete
-                    raise HeaderError("data set too short")
-                header = parse_header_file(inc.path, inc.transfer_syntax)
+            header = parse_header_fast(bytes(inc.head), inc.transfer_syntax, complete=complete)
+            if header is None:  # the whole data set, walked within the limits off the loop
+                source = inc.path if inc.mem is None else bytes(inc.mem[inc.meta_len :])
+                assert source is not None
+                header = await _read_header(
+                    source, inc.size - inc.meta_len, inc.transfer_syntax, self.config.header_limits
+                )
+        except HeaderLimitExceeded as exc:
+            log.warning("C-STORE from %s refused (0xC212): %s", self.calling_ae, exc)
+            return S.STATUS_HEADER_OUT_OF_BOUNDS, "header not found within bounds"
         except HeaderError as exc:
             log.warning("C-STORE from %s: unparseable data set: %s", self.calling_ae, exc)
             return S.STATUS_UNPARSEABLE, "unparseable data set"
@@ -790,6 +809,31 @@ class _Association:
         _unlink(inc.path)
         inc.path = None
         inc.mem = None
+
+
+#: header walks that run at once in worker threads (each holds at most a few hundred KiB)
+_HEADER_THREADS = 2
+_header_limiter: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("header_limiter")
+#: a data set up to this size (not deflated) is walked on the loop: even read by pydicom, a few
+#: hundred elements at most (≈ 25 ms), less than a worker thread's hand-over for most
+ON_LOOP_BYTES = 4096
+
+
+async def _read_header(
+    source: Path | bytes, size: int, transfer_syntax: str, limits: HeaderLimits
+) -> InstanceHeader:
+    """`read_header` of a data set of `size` bytes: on the loop when it is small, else in a
+    worker thread (at most `_HEADER_THREADS` at once), since up to its limits it is costly."""
+    if size <= ON_LOOP_BYTES and transfer_syntax != DEFLATED_EXPLICIT_VR_LE:
+        return read_header(source, transfer_syntax, limits)
+    try:
+        limiter = _header_limiter.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(_HEADER_THREADS)
+        _header_limiter.set(limiter)
+    return await trio.to_thread.run_sync(
+        read_header, source, transfer_syntax, limits, limiter=limiter
+    )
 
 
 _UID_CHARS = frozenset("0123456789.")

@@ -18,6 +18,8 @@ SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_CANNOT_PROCESS = 0xC001
 STATUS_UNPARSEABLE = 0xC210
 STATUS_UID_MISMATCH = 0xC211
+#: the data set's header was not reached within the header walk's limits (part10.HeaderLimits)
+STATUS_HEADER_OUT_OF_BOUNDS = 0xC212
 
 RESOURCE_LIMITATION = 0x0213
 
