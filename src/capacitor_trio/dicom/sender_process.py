@@ -43,10 +43,12 @@ import pickle
 import struct
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import trio
 
+import capacitor_trio
 from capacitor_trio.domain.outcomes import Outcome, RetryLater
 
 from . import requestor
@@ -57,6 +59,22 @@ log = logging.getLogger("capacitor_trio.dicom")
 _LENGTH = struct.Struct("<I")
 #: a child that dies at once is not restarted more often than this
 RESTART_DELAY = 1.0
+#: The child's program: an isolated interpreter (``-I``: neither the working directory, nor
+#: PYTHONPATH, nor the user's site-packages on ``sys.path``, so that no module lying in the
+#: directory the router was started from runs inside it) that imports capacitor_trio from where
+#: the router did, first on its path, then runs the worker as ``__main__``.
+_BOOTSTRAP = (
+    "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "runpy.run_module('capacitor_trio.dicom.sender_worker', run_name='__main__', alter_sys=True)"
+)
+
+
+def worker_argv() -> list[str]:
+    """The command line of the child: the router's own interpreter, isolated (`_BOOTSTRAP`)."""
+    package_root = Path(capacitor_trio.__file__).resolve().parent.parent
+    return [sys.executable, "-I", "-c", _BOOTSTRAP, str(package_root)]
+
+
 #: how long a stopping router waits for the child to abort its associations and exit
 STOP_GRACE = 2.0
 
@@ -94,7 +112,7 @@ class SenderProcess:
     """A `Sender` whose associations run in a child process; `run` keeps the child going."""
 
     def __init__(self, *, argv: Sequence[str] | None = None) -> None:
-        self._argv = list(argv or [sys.executable, "-m", "capacitor_trio.dicom.sender_worker"])
+        self._argv = list(argv or worker_argv())
         self._ids = itertools.count(1)
         self._batches: dict[int, trio.MemorySendChannel[tuple[Any, ...]]] = {}
         #: messages for the running child; one task writes them, so a cancelled caller can
