@@ -6,6 +6,15 @@ random session id, never the password. When neither secret is configured, writes
 (backward-compatible). Every secret comparison is constant-time (`hmac.compare_digest`), and
 sessions are looked up by comparing against each live session id, not by a dict lookup on the
 attacker's string.
+
+A write from a browser must come from the API's own origin: `same_origin` compares an Origin
+header's scheme, host and port with the API's (``http``, a loopback name, the port it listens
+on), so that a page served by another program on this machine cannot post to it.
+
+Password guessing is slowed per client address (`LoginThrottle`): after `FREE_FAILURES` wrong
+passwords in a row, each further attempt must wait, 1 s doubling up to `MAX_WAIT` (30 s), and one
+made earlier is answered 429 with Retry-After without looking at the password. The wait stays
+short because every local client shares 127.0.0.1 with the operator, who also has the token.
 """
 
 from __future__ import annotations
@@ -13,7 +22,9 @@ from __future__ import annotations
 import hmac
 import secrets
 import time
+import urllib.parse
 from collections import OrderedDict
+from collections.abc import Callable
 
 from capacitor_trio.config.models import ApiConfig
 
@@ -24,16 +35,77 @@ SESSION_TTL = 12 * 3600.0
 MAX_SESSIONS = 256
 
 
+#: Wrong passwords a client may send in a row before it has to wait.
+FREE_FAILURES = 5
+#: The wait after the first failure beyond FREE_FAILURES; it doubles with each further one...
+FIRST_WAIT = 1.0
+#: ...up to this (seconds).
+MAX_WAIT = 30.0
+#: A client's failures are forgotten this long after its last one (seconds).
+FORGET_AFTER = 600.0
+#: Most client addresses remembered at once; the one idle longest is dropped beyond that.
+MAX_CLIENTS = 4096
+
+
+class LoginThrottle:
+    """Failed logins per client address, and how long each client must wait before the next."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        #: client -> (failures in a row, earliest time of the next attempt, time of the last failure)
+        self._clients: OrderedDict[str, tuple[int, float, float]] = OrderedDict()
+
+    def wait(self, client: str) -> float:
+        """Seconds `client` must still wait before its password is looked at (0: go ahead)."""
+        now = self._clock()
+        state = self._clients.get(client)
+        if state is None:
+            return 0.0
+        if now - state[2] >= FORGET_AFTER:
+            del self._clients[client]
+            return 0.0
+        return max(0.0, state[1] - now)
+
+    def failed(self, client: str) -> None:
+        now = self._clock()
+        failures = self._clients.pop(client, (0, 0.0, now))[0] + 1
+        extra = failures - FREE_FAILURES
+        delay = 0.0 if extra <= 0 else min(FIRST_WAIT * 2.0 ** min(extra - 1, 32), MAX_WAIT)
+        self._clients[client] = (failures, now + delay, now)
+        while len(self._clients) > MAX_CLIENTS:
+            self._clients.popitem(last=False)
+
+    def succeeded(self, client: str) -> None:
+        self._clients.pop(client, None)
+
+
+#: The host names the API is reached by (it listens on 127.0.0.1 only).
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def same_origin(origin: str, port: int | None) -> bool:
+    """True when the Origin header `origin` is the API's own: ``http://`` + a loopback name +
+    `port` (the port the request came in on; None: unknown, nothing matches)."""
+    try:
+        url = urllib.parse.urlsplit(origin.strip())
+        origin_port = url.port if url.port is not None else 80
+    except ValueError:  # a port that is not a number, a malformed IPv6 literal
+        return False
+    plain = not (url.path or url.query or url.fragment or url.username or url.password)
+    return plain and url.scheme == "http" and url.hostname in LOOPBACK_NAMES and origin_port == port
+
+
 def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
 
 
 class Auth:
-    def __init__(self, config: ApiConfig, clock: object = time.monotonic) -> None:
+    def __init__(self, config: ApiConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._clock = clock
         #: session id -> expiry (monotonic seconds)
         self._sessions: OrderedDict[str, float] = OrderedDict()
+        self.throttle = LoginThrottle(clock)
 
     @property
     def required(self) -> bool:
@@ -44,7 +116,7 @@ class Auth:
         return bool(self.config.service_password)
 
     def _now(self) -> float:
-        return self._clock()  # type: ignore[operator]
+        return self._clock()
 
     def check_password(self, password: str) -> bool:
         return self.login_enabled and _same(password, self.config.service_password)
