@@ -51,6 +51,7 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from capacitor_trio.domain.instance import InstanceHeader
+from capacitor_trio.serving import serve_listeners
 
 from . import dimse
 from . import pdu as P
@@ -762,5 +763,6 @@ async def serve_acceptor(
             over()
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, handler, listeners)
+        # our accept loop: an EMFILE is one log line per burst, not a traceback per attempt
+        await nursery.start(functools.partial(serve_listeners, handler, listeners, name="DICOM", logger=log))
         task_status.started(port)
