@@ -540,7 +540,8 @@ class _Association:
             # no O_TRUNC: the path is new, an empty file made ahead or a reused one (truncating
             # an existing file makes ext4 write it out at close, on the loop: auto_da_alloc);
             # the end of the data set cuts what a reused file held beyond it
-            inc.fd = os.open(inc.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            # the owner's only (patient data), and never through a symbolic link
+            inc.fd = os.open(inc.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             _write_fd(inc.fd, data)
         except OSError as exc:
             self._write_failed(inc, exc)
