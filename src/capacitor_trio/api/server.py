@@ -9,8 +9,9 @@ once the socket listens. Cancelling it stops the server.
 Connections are accepted by our own loop (`serving.serve_listeners`) and each is served by
 hypercorn's `TCPServer`: at most `MAX_CONNECTIONS` at once (more wait in the listen backlog,
 holding no descriptor), so that a flood of slow local connections cannot take the descriptors the
-DICOM listener and the store need; a connection that sends nothing for `READ_TIMEOUT` seconds is
-closed. An accept failing for want of descriptors is one log line per burst.
+DICOM listener and the store need; a connection that has not sent a whole request head within
+`keep_alive_timeout` (30 s) of its start or of its last response is closed by hypercorn. An accept
+failing for want of descriptors is one log line per burst.
 """
 
 from __future__ import annotations
@@ -40,8 +41,6 @@ LOOPBACK = "127.0.0.1"
 PORT_TRIES = 10
 #: Most API connections served at once (the operator's browser opens a handful).
 MAX_CONNECTIONS = 64
-#: A connection that sends nothing for this long is closed (seconds).
-READ_TIMEOUT = 30
 
 
 class _TCPServer(TCPServer):
@@ -93,7 +92,6 @@ def hypercorn_config() -> HyperConfig:
     config.errorlog = http_log
     config.graceful_timeout = 2.0
     config.keep_alive_timeout = 30.0
-    config.read_timeout = READ_TIMEOUT
     return config
 
 
