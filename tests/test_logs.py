@@ -227,3 +227,20 @@ def test_a_traceback_stays_readable_and_indented(restore_root):
     assert all(line.startswith("    ") for line in lines[1:])
     assert "ValueError: bad AE 'X" in lines[-2] and lines[-1] == "    ERROR: forged'"
     assert not any(re.match(r"(DEBUG|INFO|WARN|ERROR):", line) for line in lines[1:])
+
+
+def test_pynetdicom_cannot_be_made_to_forge_a_line(restore_root):
+    """The finding itself: an A-ASSOCIATE-RQ whose calling AE holds a newline, decoded by the
+    acceptor, makes pynetdicom log the raw value; it stays one escaped line."""
+    from capacitor_trio.dicom import pdu as P
+
+    out = io.StringIO()
+    setup_logging("INFO", None, stream=out)
+    context = P.ProposedContext(1, "1.2.840.10008.1.1", ("1.2.840.10008.1.2",))
+    raw = P.encode_associate_rq("CALLING", "CAPACITOR", [context], 16384)
+    raw = raw.replace(b"CALLING         ", b"X\nERROR: forged!")
+    with pytest.raises(P.PduError):
+        P.decode_associate_rq(raw)
+    lines = out.getvalue().splitlines()
+    assert lines and all(not line.startswith("ERROR: forged") for line in lines), lines
+    assert any("X\\nERROR: forged!" in line for line in lines), lines
