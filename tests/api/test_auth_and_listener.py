@@ -171,6 +171,7 @@ async def test_repeated_wrong_passwords_are_slowed_down(start_router: StartRoute
         assert resp.headers["Retry-After"] == "1"
     assert "capacitor_session" not in r.client.cookies
     data(await r.client.post("/api/nodes/PACS/pause", headers=AUTH))  # the token still works
+    assert any("further attempts are slowed down" in e.message for e in r.ring.recent())
 
 
 def test_login_throttle_on_a_clock() -> None:
@@ -196,6 +197,15 @@ def test_login_throttle_on_a_clock() -> None:
     throttle.succeeded("c")
     throttle.failed("c")
     assert throttle.wait("c") == 0.0  # a right password clears the count
+
+
+def test_every_loopback_address_is_one_client() -> None:
+    """A local guesser cannot start afresh from 127.0.0.2, 127.0.0.3, ... or ::1."""
+    throttle = LoginThrottle(lambda: 0.0)
+    for i in range(FREE_FAILURES + 1):
+        throttle.failed(f"127.0.{i}.{i + 2}")
+    assert throttle.wait("127.0.0.1") == throttle.wait("::1") == 1.0
+    assert throttle.wait("10.1.2.3") == 0.0
 
 
 # ---- the listener ----------------------------------------------------------------------------

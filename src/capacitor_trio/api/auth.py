@@ -13,13 +13,17 @@ on), so that a page served by another program on this machine cannot post to it.
 
 Password guessing is slowed per client address (`LoginThrottle`): after `FREE_FAILURES` wrong
 passwords in a row, each further attempt must wait, 1 s doubling up to `MAX_WAIT` (30 s), and one
-made earlier is answered 429 with Retry-After without looking at the password. The wait stays
-short because every local client shares 127.0.0.1 with the operator, who also has the token.
+made earlier is answered 429 with Retry-After without looking at the password. Every loopback
+address counts as one client (a local user can connect from any of 127.0.0.0/8, so counting them
+apart would give a guesser 16 million fresh starts); the wait stays short because the operator
+shares that client with everyone on the machine (the bearer token is not throttled).
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import logging
 import secrets
 import time
 import urllib.parse
@@ -27,6 +31,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from capacitor_trio.config.models import ApiConfig
+
+log = logging.getLogger("capacitor_trio.api")
 
 COOKIE = "capacitor_session"
 #: How long a browser session lasts without being used (seconds).
@@ -55,8 +61,17 @@ class LoginThrottle:
         #: client -> (failures in a row, earliest time of the next attempt, time of the last failure)
         self._clients: OrderedDict[str, tuple[int, float, float]] = OrderedDict()
 
+    @staticmethod
+    def _key(client: str) -> str:
+        """The client's address; every loopback address is the same client."""
+        try:
+            return "loopback" if ipaddress.ip_address(client).is_loopback else client
+        except ValueError:  # not an address (a Unix socket, a test's name)
+            return client
+
     def wait(self, client: str) -> float:
         """Seconds `client` must still wait before its password is looked at (0: go ahead)."""
+        client = self._key(client)
         now = self._clock()
         state = self._clients.get(client)
         if state is None:
@@ -67,16 +82,22 @@ class LoginThrottle:
         return max(0.0, state[1] - now)
 
     def failed(self, client: str) -> None:
+        client = self._key(client)
         now = self._clock()
         failures = self._clients.pop(client, (0, 0.0, now))[0] + 1
         extra = failures - FREE_FAILURES
         delay = 0.0 if extra <= 0 else min(FIRST_WAIT * 2.0 ** min(extra - 1, 32), MAX_WAIT)
+        if extra == 1:
+            log.warning(
+                "login: %d wrong passwords in a row from %s; further attempts are slowed down "
+                "(up to %d s apart)", failures, client, MAX_WAIT,
+            )
         self._clients[client] = (failures, now + delay, now)
         while len(self._clients) > MAX_CLIENTS:
             self._clients.popitem(last=False)
 
     def succeeded(self, client: str) -> None:
-        self._clients.pop(client, None)
+        self._clients.pop(self._key(client), None)
 
 
 #: The host names the API is reached by (it listens on 127.0.0.1 only).
