@@ -367,3 +367,30 @@ async def test_the_child_ignores_modules_in_the_working_directory(
         nursery.cancel_scope.cancel()
     assert sp.start_error is None and sp.starts == 1
     assert not marker.exists(), f"the child imported {marker.read_text()} from the working directory"
+
+
+def test_a_childs_traceback_stays_readable_and_its_message_one_line() -> None:
+    """The child sends its records formatted; in the router's log the message is one escaped
+    line (a peer's text in it cannot forge a record) and a traceback keeps its lines, indented."""
+    import io
+
+    from capacitor_trio.dicom.sender_process import _log_from_child
+    from capacitor_trio.logs import setup_logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    out = io.StringIO()
+    setup_logging("INFO", None, stream=out)
+    try:
+        text = "send failed for 'X\nERROR: forged'\nTraceback (most recent call last):\n  File \"x\"\nValueError: y"
+        _log_from_child(logging.ERROR, "capacitor_trio.dicom", text)
+        _log_from_child(logging.DEBUG, "capacitor_trio.dicom", "hidden")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert out.getvalue().splitlines() == [
+        "ERROR: send failed for 'X\\nERROR: forged'",
+        "    Traceback (most recent call last):",
+        '      File "x"',
+        "    ValueError: y",
+    ]

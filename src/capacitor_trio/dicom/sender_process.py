@@ -104,6 +104,23 @@ class Decoder:
         return out
 
 
+_TRACEBACK = "\nTraceback (most recent call last):"
+
+
+def _log_from_child(levelno: int, name: str, text: str) -> None:
+    """Log a record the child formatted (its message, then any traceback) as the router's own,
+    the traceback as the record's exception text: the log shows it on lines of its own
+    (indented), the message on one line (logs.escape_controls)."""
+    logger = logging.getLogger(name)
+    if not logger.isEnabledFor(levelno):
+        return
+    message, found, rest = text.partition(_TRACEBACK)
+    record = logger.makeRecord(name, levelno, "(sender process)", 0, "%s", (message,), None)
+    if found:
+        record.exc_text = found.lstrip("\n") + rest
+    logger.handle(record)
+
+
 class _ChildDied(Exception):
     pass
 
@@ -200,8 +217,7 @@ class SenderProcess:
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         if message[0] == "log":
-            _, levelno, name, text = message
-            logging.getLogger(name).log(levelno, "%s", text)
+            _log_from_child(*message[1:])
             return
         channel = self._batches.get(message[1])
         if channel is not None:  # else: a batch its caller gave up (cancelled)
