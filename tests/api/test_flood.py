@@ -111,7 +111,7 @@ async def test_a_flood_of_api_connections_leaves_dicom_intake_working(
         for _ in range(3):  # DICOM intake goes on: a listener, a spool file, the index
             assert await trio.to_thread.run_sync(c_store, dicom_port) == 0x0000
         # what the API holds is the cap, not the flood
-        assert open_fds() - before <= server.MAX_CONNECTIONS + 4
+        assert open_fds() - before <= server.MAX_CONNECTIONS + 8  # (uncapped: 40 more)
         await end(proc)
     assert not [rec for rec in caplog.records if "EMFILE" in rec.getMessage()]
     assert data(await r.client.get("/api/nodes"))[0]["aeTitle"] == "PACS"  # the API serves again
