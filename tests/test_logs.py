@@ -197,3 +197,50 @@ def test_setup_logging_is_idempotent(restore_root):
     setup_logging(logging.ERROR, None, stream=out)
     assert ring not in root.handlers
     assert root.level == logging.ERROR
+
+
+def test_control_characters_cannot_forge_a_line(restore_root):
+    """A calling AE with a newline, logged through pynetdicom's logger, stays on its own line."""
+    out = io.StringIO()
+    ring = RingBufferHandler()
+    setup_logging("INFO", ring, stream=out)
+    ae = "EVIL\nERROR: disk failed, delete the spool\r\x1b[2K\u2028x\x85"
+    logging.getLogger("pynetdicom.acse").info("Association request from %s", ae)
+    logging.getLogger("hypercorn.error").warning(ae)
+    assert out.getvalue().splitlines() == [
+        "INFO: Association request from EVIL\\nERROR: disk failed, delete the spool\\r\\x1b[2K\\u2028x\\x85",
+        "WARN: EVIL\\nERROR: disk failed, delete the spool\\r\\x1b[2K\\u2028x\\x85",
+    ]
+    assert "\n" not in ring.recent()[0].message and "\\nERROR: disk" in ring.recent()[0].message
+
+
+def test_a_traceback_stays_readable_and_indented(restore_root):
+    out = io.StringIO()
+    setup_logging("INFO", None, stream=out)
+    try:
+        raise ValueError("bad AE 'X\nERROR: forged'")
+    except ValueError:
+        logging.getLogger("pynetdicom").exception("handler failed for %s", "A\nB")
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "ERROR: handler failed for A\\nB"
+    assert lines[1] == "    Traceback (most recent call last):"
+    assert all(line.startswith("    ") for line in lines[1:])
+    assert "ValueError: bad AE 'X" in lines[-2] and lines[-1] == "    ERROR: forged'"
+    assert not any(re.match(r"(DEBUG|INFO|WARN|ERROR):", line) for line in lines[1:])
+
+
+def test_pynetdicom_cannot_be_made_to_forge_a_line(restore_root):
+    """The finding itself: an A-ASSOCIATE-RQ whose calling AE holds a newline, decoded by the
+    acceptor, makes pynetdicom log the raw value; it stays one escaped line."""
+    from capacitor_trio.dicom import pdu as P
+
+    out = io.StringIO()
+    setup_logging("INFO", None, stream=out)
+    context = P.ProposedContext(1, "1.2.840.10008.1.1", ("1.2.840.10008.1.2",))
+    raw = P.encode_associate_rq("CALLING", "CAPACITOR", [context], 16384)
+    raw = raw.replace(b"CALLING         ", b"X\nERROR: forged!")
+    with pytest.raises(P.PduError):
+        P.decode_associate_rq(raw)
+    lines = out.getvalue().splitlines()
+    assert lines and all(not line.startswith("ERROR: forged") for line in lines), lines
+    assert any("X\\nERROR: forged!" in line for line in lines), lines

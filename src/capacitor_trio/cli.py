@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from capacitor_trio import __version__
-from capacitor_trio.config import ConfigError, ensure_data_dir, load_settings
+from capacitor_trio.config import ConfigError, Settings, ensure_data_dir, load_settings
 from capacitor_trio.config.load import redacted
+from capacitor_trio.store.fsops import UnsafePath, check_private_dir
 
 EXIT_CONFIG = 2
 
@@ -57,6 +59,23 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     return rest, overrides
 
 
+def _check_private(settings: Settings) -> None:
+    """Refuse a cache directory another user owns or others may write to (`UnsafePath`); warn
+    when config.yml holds an API secret and other users may read it."""
+    cache = settings.config.cache_path
+    if cache.exists():
+        check_private_dir(cache)
+    api = settings.config.api
+    config_yml = settings.config.data_dir / "config.yml"
+    with contextlib.suppress(OSError):
+        if (api.token or api.service_password) and config_yml.stat().st_mode & 0o044:
+            print(
+                f"WARNING: {config_yml} holds an API secret and other users may read it "
+                f"(chmod 600 {config_yml})",
+                file=sys.stderr,
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -66,8 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run" and ensure_data_dir(data_dir):
             print(f"INFO: created a default configuration in {data_dir}", file=sys.stderr)
         settings = load_settings(data_dir, overrides=overrides)
+        if args.command == "run":
+            _check_private(settings)
     except ConfigError as e:
         print(f"capacitor-trio: config error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except UnsafePath as e:
+        print(f"capacitor-trio: cannot start: {e.strerror}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check-config":
         for w in settings.warnings:

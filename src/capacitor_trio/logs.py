@@ -4,6 +4,12 @@ The ring keeps the last ``capacity`` records (1000 by default) as frozen :class:
 with the API's level names (``DEBUG``, ``INFO``, ``WARN``, ``ERROR``; WARNING shows as WARN,
 CRITICAL as ERROR). It is safe to use from any thread: pynetdicom, hypercorn and Trio's
 ``to_thread`` workers may all log.
+
+Messages can carry what a peer sent (a calling AE title, a file name, a URL): every control
+character in a message is escaped (``\\n``, ``\\r``, ``\\t``, ``\\xNN``, ``\\u2028``) in both
+the stderr line and the ring, whoever logs it (our code, pynetdicom, hypercorn), so that no
+record can print a line of its own. A traceback keeps its lines, each indented on stderr, so
+that it cannot pass for a record either.
 """
 
 from __future__ import annotations
@@ -40,6 +46,23 @@ def parse_level(text: str) -> str:
     if name not in _RANK:
         raise ValueError(f"unknown log level {text!r}; expected one of {', '.join(LEVELS)}")
     return name
+
+
+_ESCAPES: dict[int, str] = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+_ESCAPES.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+_ESCAPES.update({c: f"\\u{c:04x}" for c in (0x2028, 0x2029)})  # line/paragraph separators
+#: how each line of a traceback starts on stderr
+TRACEBACK_INDENT = "    "
+
+
+def escape_controls(text: str) -> str:
+    """`text` with its control characters (C0, DEL, C1, the Unicode line separators) escaped."""
+    return text.translate(_ESCAPES)
+
+
+def _indented(text: str) -> str:
+    """A traceback as lines that cannot pass for a record: each escaped and indented."""
+    return "\n".join(TRACEBACK_INDENT + escape_controls(line) for line in text.splitlines())
 
 
 def _timestamp(created: float) -> str:
@@ -79,7 +102,7 @@ class RingBufferHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            message = record.getMessage()
+            message = escape_controls(record.getMessage())
             if record.exc_info:
                 message = f"{message}\n{logging.Formatter().formatException(record.exc_info)}"
             elif record.exc_text:
@@ -118,13 +141,22 @@ class RingBufferHandler(logging.Handler):
 
 
 class _LevelFormatter(logging.Formatter):
-    """``LEVEL: message`` with the API's level names."""
+    """``LEVEL: message`` with the API's level names, the message escaped (`escape_controls`),
+    a traceback or stack below it indented (`_indented`)."""
 
     def __init__(self) -> None:
         super().__init__("%(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        return f"{level_name(record.levelno)}: {super().format(record)}"
+        record.message = record.getMessage()
+        text = f"{level_name(record.levelno)}: {escape_controls(record.message)}"
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            text += "\n" + _indented(record.exc_text)
+        if record.stack_info:
+            text += "\n" + _indented(self.formatStack(record.stack_info))
+        return text
 
 
 _INSTALLED = "_capacitor_trio_installed"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import resource
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -167,11 +168,31 @@ async def _reload_logged(router: Router) -> None:
         await reload_configuration(router)
 
 
+#: the soft descriptor limit asked for when the hard limit is unlimited
+FD_LIMIT_WANTED = 65536
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (1024 by default on Linux, where the hard
+    limit is often 524288): every association, spool file and API connection holds descriptors,
+    and running out of them stops intake. Returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = FD_LIMIT_WANTED if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, wanted, exc)
+    return soft
+
+
 def run_daemon(settings: Settings, *, log_level: str = "INFO") -> int:
     from capacitor_trio.logs import setup_logging
 
     ring = RingBufferHandler()
     setup_logging(log_level, ring)
+    log.debug("open-file limit: %d", raise_fd_limit())
     try:
         return trio.run(_main, settings, ring)
     except (OSError, StoreInUse, BaseExceptionGroup) as exc:  # e.g. the DICOM port is taken

@@ -13,10 +13,11 @@ import httpx
 import pytest
 import trio
 
+from capacitor_trio.api.auth import FORGET_AFTER, FREE_FAILURES, MAX_WAIT, LoginThrottle
 from capacitor_trio.api.server import ApiPortsBusy, bind_loopback
 from capacitor_trio.config.models import ApiConfig
 
-from .conftest import AUTH, PASSWORD, StartRouter, StorageScp, free_port, pacs
+from .conftest import AUTH, PASSWORD, StartRouter, StorageScp, dead_node, free_port, pacs
 from .test_endpoints import data, error
 
 
@@ -115,8 +116,96 @@ async def test_other_sites_cannot_reach_the_api(start_router: StartRouter, scp: 
     )
     assert r.router.service.storage_scu  # nothing was paused
     data(await r.client.get("/api/nodes", headers={"Origin": "https://evil.example"}))  # reads carry no harm
-    data(await r.client.post("/api/service/pause", headers={"Origin": "http://localhost:1080"}))
+    data(await r.client.post("/api/service/pause", headers={"Origin": f"http://localhost:{r.router.api_port}"}))
     data(await r.client.get("/api/nodes", headers={"Host": "localhost"}))
+
+
+async def test_only_the_apis_own_origin_may_write(start_router: StartRouter, scp: StorageScp) -> None:
+    """Another program's page on this machine (another port, https, an opaque origin) cannot
+    post to the API: scheme, host and port of the Origin must be the API's own."""
+    r = await start_router((pacs(scp),), token="", password="")
+    port = r.router.api_port
+    for origin in (
+        f"http://127.0.0.1:{port + 1}",
+        "http://127.0.0.1:8000",
+        "http://127.0.0.1",
+        f"https://127.0.0.1:{port}",
+        f"http://evil.example:{port}",
+        f"http://127.0.0.1.evil.example:{port}",
+        f"http://user@127.0.0.1:{port}",
+        "http://127.0.0.1:notaport",
+        "null",
+    ):
+        error(await r.client.post("/api/service/pause", headers={"Origin": origin}), "FORBIDDEN", 403)
+    assert r.router.service.storage_scu  # nothing was paused
+    for origin in (f"http://127.0.0.1:{port}", f"http://LOCALHOST:{port}", f"http://[::1]:{port}"):
+        data(await r.client.post("/api/service/resume", headers={"Origin": origin}))
+
+
+async def test_a_json_body_needs_the_json_content_type(start_router: StartRouter, scp: StorageScp) -> None:
+    """A no-cors text/plain (or form) post is not parsed as JSON: 415 in the envelope."""
+    r = await start_router((dead_node(),), token="", password="")
+    (item,) = await r.queue(dest="DEAD")
+    body = b'{"targetState": "Rejected"}'
+    url = f"/api/queue/items/{item}/move"
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "text/plain; charset=utf-8", None):
+        headers = {"Content-Type": content_type} if content_type else {}
+        resp = await r.client.post(url, content=body, headers=headers)
+        assert "application/json" in error(resp, "BAD_REQUEST", 415)
+        assert data(await r.client.get(f"/api/queue/items/{item}"))["state"] != "rejected"
+    resp = await r.client.post("/api/auth/login", content=b'{"password": "x"}', headers={"Content-Type": "text/plain"})
+    error(resp, "BAD_REQUEST", 415)
+    json_type = {"Content-Type": "application/json; charset=utf-8"}
+    assert data(await r.client.post(url, content=body, headers=json_type))["state"] == "rejected"
+
+
+async def test_repeated_wrong_passwords_are_slowed_down(start_router: StartRouter, scp: StorageScp) -> None:
+    """After FREE_FAILURES wrong passwords the client must wait: 429 with Retry-After, and the
+    password is not even looked at (the right one too) until the wait is over."""
+    r = await start_router((pacs(scp),))
+    for _ in range(FREE_FAILURES + 1):
+        error(await r.client.post("/api/auth/login", json={"password": "guess"}), "FORBIDDEN", 403)
+    for password in ("guess", PASSWORD):
+        resp = await r.client.post("/api/auth/login", json={"password": password})
+        assert "try again" in error(resp, "TOO_MANY_REQUESTS", 429)
+        assert resp.headers["Retry-After"] == "1"
+    assert "capacitor_session" not in r.client.cookies
+    data(await r.client.post("/api/nodes/PACS/pause", headers=AUTH))  # the token still works
+    assert any("further attempts are slowed down" in e.message for e in r.ring.recent())
+
+
+def test_login_throttle_on_a_clock() -> None:
+    now = [0.0]
+    throttle = LoginThrottle(lambda: now[0])
+    waits = []
+    for _ in range(FREE_FAILURES + 8):
+        assert throttle.wait("a") == 0.0
+        throttle.failed("a")
+        waits.append(throttle.wait("a"))
+        now[0] += waits[-1]
+    assert waits == [0.0] * FREE_FAILURES + [1.0, 2.0, 4.0, 8.0, 16.0, MAX_WAIT, MAX_WAIT, MAX_WAIT]
+    assert throttle.wait("b") == 0.0  # per client
+    throttle.failed("a")
+    now[0] += 10.0
+    assert throttle.wait("a") == MAX_WAIT - 10.0
+    now[0] += FORGET_AFTER
+    assert throttle.wait("a") == 0.0
+    throttle.failed("a")
+    assert throttle.wait("a") == 0.0  # forgotten: a fresh start
+    for _ in range(FREE_FAILURES):
+        throttle.failed("c")
+    throttle.succeeded("c")
+    throttle.failed("c")
+    assert throttle.wait("c") == 0.0  # a right password clears the count
+
+
+def test_every_loopback_address_is_one_client() -> None:
+    """A local guesser cannot start afresh from 127.0.0.2, 127.0.0.3, ... or ::1."""
+    throttle = LoginThrottle(lambda: 0.0)
+    for i in range(FREE_FAILURES + 1):
+        throttle.failed(f"127.0.{i}.{i + 2}")
+    assert throttle.wait("127.0.0.1") == throttle.wait("::1") == 1.0
+    assert throttle.wait("10.1.2.3") == 0.0
 
 
 # ---- the listener ----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from tests.store.util import content
 
 from .conftest import AUTH, StartRouter, StorageScp, dead_node, pacs
 
+AUTH_JSON = {**AUTH, "Content-Type": "application/json"}  # a JSON body sent as raw bytes
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
 NODE_FIELDS = {
     "aeTitle", "hostName", "port", "role", "queue", "aliases", "priority", "processDelay",
@@ -292,8 +293,8 @@ async def test_put_node(start_router: StartRouter, scp: StorageScp) -> None:
         {**body, "aeTitle": "RENAMED"},
     ):
         error(await r.client.put("/api/nodes/PACS", json=bad, headers=AUTH), "BAD_REQUEST", 400)
-    error(await r.client.put("/api/nodes/PACS", content=b"{not json", headers=AUTH), "BAD_REQUEST", 400)
-    error(await r.client.put("/api/nodes/PACS", content=b"[1]", headers=AUTH), "BAD_REQUEST", 400)
+    error(await r.client.put("/api/nodes/PACS", content=b"{not json", headers=AUTH_JSON), "BAD_REQUEST", 400)
+    error(await r.client.put("/api/nodes/PACS", content=b"[1]", headers=AUTH_JSON), "BAD_REQUEST", 400)
     error(await r.client.put("/api/nodes/PACS", headers=AUTH), "BAD_REQUEST", 400)
 
     n = data(await r.client.put("/api/nodes/PACS", json=body, headers=AUTH))
@@ -531,7 +532,7 @@ async def test_item_actions(start_router: StartRouter) -> None:
     assert moved["state"] == "new"
     for bad in ({"targetState": "gone"}, {}, {"targetState": 3}, {"targetState": "new", "x": 1}):
         error(await r.client.post(f"/api/queue/items/{i3}/move", json=bad, headers=AUTH), "BAD_REQUEST", 400)
-    error(await r.client.post(f"/api/queue/items/{i3}/move", content=b"nope", headers=AUTH), "BAD_REQUEST", 400)
+    error(await r.client.post(f"/api/queue/items/{i3}/move", content=b"nope", headers=AUTH_JSON), "BAD_REQUEST", 400)
     error(await r.client.post(f"/api/queue/items/{i3}/move", json={"targetState": "new"}), "FORBIDDEN", 403)
     for action in ("fail", "reject", "retry"):
         error(await r.client.post(f"/api/queue/items/424242/{action}", headers=AUTH), "NOT_FOUND", 404)

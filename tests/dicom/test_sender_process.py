@@ -1,7 +1,7 @@
 """The requestor in a child process (`SenderProcess`), against our acceptor on 127.0.0.1.
 
-Real processes and a real socket: the child is `python -m capacitor_trio.dicom.sender_worker`,
-exactly as the router starts it. Waits are on events (the sink's, the child's pidfd), never on
+Real processes and a real socket: the child is started exactly as the router starts it (an
+isolated interpreter running `capacitor_trio.dicom.sender_worker`). Waits are on events (the sink's, the child's pidfd), never on
 sleeps.
 """
 
@@ -346,3 +346,51 @@ async def test_a_batch_the_child_never_got_is_left_unreported(tmp_path: Path) ->
     files = write_corpus(tmp_path / "in", 2)
     await sp.send_batch(Peer("X", "127.0.0.1", 1), [outgoing(f) for f in files], SendOptions("ROUTER"), cb)
     assert got == {} and sp._batches == {}
+
+
+async def test_the_child_ignores_modules_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An `attrs.py` (or `trio.py`) in the directory the router was started from is not imported
+    by the child: it runs isolated, importing capacitor_trio from where the router did."""
+    trap = tmp_path / "cwd"
+    trap.mkdir()
+    marker = tmp_path / "imported"
+    for name in ("attrs", "trio", "pickle"):
+        (trap / f"{name}.py").write_text(f"open({str(marker)!r}, 'a').write({name!r})\n")
+    monkeypatch.chdir(trap)
+    monkeypatch.setenv("PYTHONPATH", str(trap))
+    sp = SenderProcess()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sp.run)
+        await sp.send_batch(None, [], SendOptions("X"), lambda i, o: None)  # type: ignore[arg-type]
+        nursery.cancel_scope.cancel()
+    assert sp.start_error is None and sp.starts == 1
+    assert not marker.exists(), f"the child imported {marker.read_text()} from the working directory"
+
+
+def test_a_childs_traceback_stays_readable_and_its_message_one_line() -> None:
+    """The child sends its records formatted; in the router's log the message is one escaped
+    line (a peer's text in it cannot forge a record) and a traceback keeps its lines, indented."""
+    import io
+
+    from capacitor_trio.dicom.sender_process import _log_from_child
+    from capacitor_trio.logs import setup_logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    out = io.StringIO()
+    setup_logging("INFO", None, stream=out)
+    try:
+        text = "send failed for 'X\nERROR: forged'\nTraceback (most recent call last):\n  File \"x\"\nValueError: y"
+        _log_from_child(logging.ERROR, "capacitor_trio.dicom", text)
+        _log_from_child(logging.DEBUG, "capacitor_trio.dicom", "hidden")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert out.getvalue().splitlines() == [
+        "ERROR: send failed for 'X\\nERROR: forged'",
+        "    Traceback (most recent call last):",
+        '      File "x"',
+        "    ValueError: y",
+    ]

@@ -224,6 +224,7 @@ async def api_abuse(base: str, port_ae: str, n_fuzz: int) -> dict[str, int]:
     4xx in the envelope. Returns how many requests of each kind were made."""
     tried = {"API hostile requests": 0, "API fuzzed requests": 0}
     auth = {"Authorization": f"Bearer {TOKEN}"}
+    auth_json = {**auth, "Content-Type": "application/json"}  # else 415 before any parsing
     cases: list[tuple[str, str, dict[str, Any], set[int]]] = [
         # missing and forged credentials
         ("POST", "/api/service/pause", {}, {403}),
@@ -237,15 +238,15 @@ async def api_abuse(base: str, port_ae: str, n_fuzz: int) -> dict[str, int]:
         ("DELETE", "/api/queue/items/1", {}, {403}),
         ("PUT", f"/api/nodes/{port_ae}", {"json": {"port": 1}}, {403}),
         # malformed JSON, wrong types, huge bodies
-        ("PUT", f"/api/nodes/{port_ae}", {"headers": auth, "content": b"{not json"}, {400}),
+        ("PUT", f"/api/nodes/{port_ae}", {"headers": auth_json, "content": b"{not json"}, {400}),
         ("PUT", f"/api/nodes/{port_ae}", {"headers": auth, "json": {"port": "eighty"}}, {400, 409}),
         ("PUT", f"/api/nodes/{port_ae}", {"headers": auth, "json": [1, 2, 3]}, {400, 409}),
         ("PUT", f"/api/nodes/{port_ae}",
-         {"headers": auth, "content": b'{"a":' + b"[" * 100000 + b"]" * 100000 + b"}"},
+         {"headers": auth_json, "content": b'{"a":' + b"[" * 100000 + b"]" * 100000 + b"}"},
          {400, 409, 413}),
         ("POST", "/api/queue/items/1/move", {"headers": auth, "json": {"state": ["x"]}},
          {400, 404}),
-        ("POST", "/api/queue/items/1/move", {"headers": auth, "content": b"\xff\xfe\x00"},
+        ("POST", "/api/queue/items/1/move", {"headers": auth_json, "content": b"\xff\xfe\x00"},
          {400, 404}),
         ("POST", "/api/queue/actions/retry-failed", {"headers": auth, "json": {"node": 5}},
          {400}),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
@@ -32,7 +33,7 @@ from capacitor_trio.config.models import NODE_ROLES, Node
 from capacitor_trio.logs import LEVELS, parse_level
 from capacitor_trio.store import STATES, Counts, ItemFilter, ItemNotFound
 
-from .auth import COOKIE, SESSION_TTL, Auth
+from .auth import COOKIE, SESSION_TTL, Auth, same_origin
 from .envelope import (
     ApiError,
     bad_request,
@@ -85,6 +86,8 @@ async def _json_body(allowed: dict[str, Any], *, required: tuple[str, ...] = (),
         if optional and not required:
             return {}
         raise bad_request("a JSON object body is required")
+    if request.mimetype != "application/json":  # a form or a text/plain post is not JSON
+        raise ApiError("BAD_REQUEST", f"Content-Type must be application/json, not {request.mimetype or 'none'!r}", status=415)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
@@ -244,8 +247,16 @@ class Api:
 
     async def login(self) -> Response:
         body = await _json_body({"password": str}, required=("password",))
+        client = str((request.scope.get("client") or ("",))[0])
+        wait = self.auth.throttle.wait(client)
+        if wait > 0:  # too many wrong passwords from this address: the password is not looked at
+            seconds = math.ceil(wait)
+            err = ApiError("TOO_MANY_REQUESTS", f"too many failed logins; try again in {seconds} s", status=429)
+            return error_response(err, {"Retry-After": str(seconds)})
         if not self.auth.check_password(body["password"]):
+            self.auth.throttle.failed(client)
             raise ApiError("FORBIDDEN", "wrong password" if self.auth.login_enabled else "login is disabled: api.servicePassword is not set")
+        self.auth.throttle.succeeded(client)
         sid = self.auth.new_session()
         response = ok({"authenticated": True})
         response.set_cookie(
@@ -626,12 +637,13 @@ def create_app(router: Any) -> QuartTrio:
     async def same_machine_only() -> Response | None:
         # The API is for this machine. A browser page from elsewhere must not reach it: refuse a
         # Host that is not loopback (DNS rebinding) and a cross-site Origin on writes (a form
-        # posted from another site), whatever the credentials configuration.
+        # posted from another site, or from another program's page on this machine: scheme, host
+        # and port must be the API's own), whatever the credentials configuration.
         if _host_name(request.host or "") not in LOOPBACK_HOSTS:
             return error_response(ApiError("FORBIDDEN", f"Host {request.host!r} is not this machine's loopback address"))
         origin = request.headers.get("Origin")
         writing = request.method not in ("GET", "HEAD", "OPTIONS")
-        if writing and origin and _host_name(origin.split("://", 1)[-1]) not in LOOPBACK_HOSTS:
+        if writing and origin and not same_origin(origin, (request.scope.get("server") or (None, None))[1]):
             return error_response(ApiError("FORBIDDEN", f"cross-site request from {origin!r} refused"))
         return None
 

@@ -6,16 +6,33 @@ random session id, never the password. When neither secret is configured, writes
 (backward-compatible). Every secret comparison is constant-time (`hmac.compare_digest`), and
 sessions are looked up by comparing against each live session id, not by a dict lookup on the
 attacker's string.
+
+A write from a browser must come from the API's own origin: `same_origin` compares an Origin
+header's scheme, host and port with the API's (``http``, a loopback name, the port it listens
+on), so that a page served by another program on this machine cannot post to it.
+
+Password guessing is slowed per client address (`LoginThrottle`): after `FREE_FAILURES` wrong
+passwords in a row, each further attempt must wait, 1 s doubling up to `MAX_WAIT` (30 s), and one
+made earlier is answered 429 with Retry-After without looking at the password. Every loopback
+address counts as one client (a local user can connect from any of 127.0.0.0/8, so counting them
+apart would give a guesser 16 million fresh starts); the wait stays short because the operator
+shares that client with everyone on the machine (the bearer token is not throttled).
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
+import logging
 import secrets
 import time
+import urllib.parse
 from collections import OrderedDict
+from collections.abc import Callable
 
 from capacitor_trio.config.models import ApiConfig
+
+log = logging.getLogger("capacitor_trio.api")
 
 COOKIE = "capacitor_session"
 #: How long a browser session lasts without being used (seconds).
@@ -24,16 +41,92 @@ SESSION_TTL = 12 * 3600.0
 MAX_SESSIONS = 256
 
 
+#: Wrong passwords a client may send in a row before it has to wait.
+FREE_FAILURES = 5
+#: The wait after the first failure beyond FREE_FAILURES; it doubles with each further one...
+FIRST_WAIT = 1.0
+#: ...up to this (seconds).
+MAX_WAIT = 30.0
+#: A client's failures are forgotten this long after its last one (seconds).
+FORGET_AFTER = 600.0
+#: Most client addresses remembered at once; the one idle longest is dropped beyond that.
+MAX_CLIENTS = 4096
+
+
+class LoginThrottle:
+    """Failed logins per client address, and how long each client must wait before the next."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        #: client -> (failures in a row, earliest time of the next attempt, time of the last failure)
+        self._clients: OrderedDict[str, tuple[int, float, float]] = OrderedDict()
+
+    @staticmethod
+    def _key(client: str) -> str:
+        """The client's address; every loopback address is the same client."""
+        try:
+            return "loopback" if ipaddress.ip_address(client).is_loopback else client
+        except ValueError:  # not an address (a Unix socket, a test's name)
+            return client
+
+    def wait(self, client: str) -> float:
+        """Seconds `client` must still wait before its password is looked at (0: go ahead)."""
+        client = self._key(client)
+        now = self._clock()
+        state = self._clients.get(client)
+        if state is None:
+            return 0.0
+        if now - state[2] >= FORGET_AFTER:
+            del self._clients[client]
+            return 0.0
+        return max(0.0, state[1] - now)
+
+    def failed(self, client: str) -> None:
+        client = self._key(client)
+        now = self._clock()
+        failures = self._clients.pop(client, (0, 0.0, now))[0] + 1
+        extra = failures - FREE_FAILURES
+        delay = 0.0 if extra <= 0 else min(FIRST_WAIT * 2.0 ** min(extra - 1, 32), MAX_WAIT)
+        if extra == 1:
+            log.warning(
+                "login: %d wrong passwords in a row from %s; further attempts are slowed down "
+                "(up to %d s apart)", failures, client, MAX_WAIT,
+            )
+        self._clients[client] = (failures, now + delay, now)
+        while len(self._clients) > MAX_CLIENTS:
+            self._clients.popitem(last=False)
+
+    def succeeded(self, client: str) -> None:
+        self._clients.pop(self._key(client), None)
+
+
+#: The host names the API is reached by (it listens on 127.0.0.1 only).
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def same_origin(origin: str, port: int | None) -> bool:
+    """True when the Origin header `origin` is the API's own: ``http://`` + a loopback name +
+    `port` (the port the request came in on; None: unknown, nothing matches)."""
+    try:
+        url = urllib.parse.urlsplit(origin.strip())
+        origin_port = url.port if url.port is not None else 80
+    except ValueError:  # a port that is not a number, a malformed IPv6 literal
+        return False
+    plain = not (url.path or url.query or url.fragment or url.username or url.password)
+    return plain and url.scheme == "http" and url.hostname in LOOPBACK_NAMES and origin_port == port
+
+
 def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
 
 
 class Auth:
-    def __init__(self, config: ApiConfig, clock: object = time.monotonic) -> None:
+    def __init__(self, config: ApiConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._clock = clock
         #: session id -> expiry (monotonic seconds)
         self._sessions: OrderedDict[str, float] = OrderedDict()
+        self.throttle = LoginThrottle(clock)
 
     @property
     def required(self) -> bool:
@@ -44,7 +137,7 @@ class Auth:
         return bool(self.config.service_password)
 
     def _now(self) -> float:
-        return self._clock()  # type: ignore[operator]
+        return self._clock()
 
     def check_password(self, password: str) -> bool:
         return self.login_enabled and _same(password, self.config.service_password)

@@ -29,6 +29,7 @@ STATUS = {
     "FORBIDDEN": 403,
     "NOT_FOUND": 404,
     "CONFLICT": 409,
+    "TOO_MANY_REQUESTS": 429,
     "INTERNAL": 500,
     "UNAVAILABLE": 503,
 }

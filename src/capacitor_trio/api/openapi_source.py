@@ -14,7 +14,7 @@ from typing import Any
 from capacitor_trio.config.models import NODE_ROLES
 
 STATES = ["new", "prepared", "failed", "rejected", "expired"]
-CODES = ["BAD_REQUEST", "FORBIDDEN", "NOT_FOUND", "CONFLICT", "INTERNAL", "UNAVAILABLE"]
+CODES = ["BAD_REQUEST", "FORBIDDEN", "NOT_FOUND", "CONFLICT", "TOO_MANY_REQUESTS", "INTERNAL", "UNAVAILABLE"]
 
 S = dict[str, Any]
 
@@ -219,6 +219,8 @@ ERROR_TEXT = {
     404: "NOT_FOUND",
     409: "CONFLICT: the node or item is in a state that forbids it, or nodes.yml changed on disk",
     500: "INTERNAL: a file the change needed could not be written; nothing was changed",
+    415: "BAD_REQUEST: a body whose Content-Type is not application/json",
+    429: "TOO_MANY_REQUESTS: too many wrong passwords from this address; wait Retry-After seconds",
     503: "UNAVAILABLE: a node actor is restarting or did not answer in time",
 }
 
@@ -261,7 +263,7 @@ def op(
     responses: S = {}
     if data is not None:
         responses["200"] = {"description": "OK", "content": json_content(data if raw else envelope(data))}
-    codes = set(errors) | ({403} if write else set()) | ({400} if body is not None else set())
+    codes = set(errors) | ({403} if write else set()) | ({400, 415} if body is not None else set())
     for code in sorted(codes):
         responses[str(code)] = {"description": ERROR_TEXT[code], "content": json_content(ref("ErrorEnvelope"))}
     out: S = {"summary": summary + (" 🔒" if write else ""), "responses": responses}
@@ -296,7 +298,7 @@ def paths() -> S:
         "/api/openapi.json": {"get": op("This document", {"type": "object"}, raw=True, tag="System")},
         "/api/auth/login": {
             "post": op("Log in with api.servicePassword; sets the capacitor_session cookie", ref("Session"),
-                       errors=(403,), body=ref("Login"), tag="Auth")
+                       errors=(403, 429), body=ref("Login"), tag="Auth")
         },
         "/api/auth/logout": {"post": op("End the session of the capacitor_session cookie", ref("Session"), tag="Auth")},
         "/api/system/info": {"get": op("Version, uptime, AE title and activation state", ref("SystemInfo"), tag="System")},

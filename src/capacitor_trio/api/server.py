@@ -4,7 +4,14 @@
 app runs in the same process and Trio run as the actors. It binds the loopback address whatever
 the configured host (the API is never reachable from another machine), tries `api.port` and the
 next ports up to `PORT_TRIES` in all, and reports the bound port with ``task_status.started``
-once the socket listens. Cancelling it stops the server (connections get a short grace period).
+once the socket listens. Cancelling it stops the server.
+
+Connections are accepted by our own loop (`serving.serve_listeners`) and each is served by
+hypercorn's `TCPServer`: at most `MAX_CONNECTIONS` at once (more wait in the listen backlog,
+holding no descriptor), so that a flood of slow local connections cannot take the descriptors the
+DICOM listener and the store need; a connection that has not sent a whole request head within
+`keep_alive_timeout` (30 s) of its start or of its last response is closed by hypercorn. An accept
+failing for want of descriptors is one log line per burst.
 """
 
 from __future__ import annotations
@@ -12,13 +19,18 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+from functools import partial
 from typing import Any
 
 import trio
 from hypercorn.config import Config as HyperConfig
-from hypercorn.config import Sockets
-from hypercorn.trio.run import worker_serve
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import AppWrapper, ConnectionState, LifespanState
 from hypercorn.utils import wrap_app
+
+from capacitor_trio.serving import serve_listeners
 
 from .app import create_app
 
@@ -27,6 +39,18 @@ log = logging.getLogger("capacitor_trio.api")
 LOOPBACK = "127.0.0.1"
 #: How many consecutive ports are tried, starting at api.port.
 PORT_TRIES = 10
+#: Most API connections served at once (the operator's browser opens a handful).
+MAX_CONNECTIONS = 64
+
+
+class _TCPServer(TCPServer):
+    """hypercorn's connection, which ends when the client's side does: otherwise its keep-alive
+    timer would hold the connection's slot (`MAX_CONNECTIONS`) for up to `keep_alive_timeout`
+    after the client has gone."""
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        await self.idle_task.stop()
 
 
 class ApiPortsBusy(OSError):
@@ -79,12 +103,31 @@ async def run_api(router: Any, *, task_status: trio.TaskStatus[int] = trio.TASK_
     config = hypercorn_config()
     quart_app = create_app(router)
     app = wrap_app(quart_app, config.wsgi_max_body_size, "asgi")
-    sockets = Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[])
     try:
         async with trio.open_nursery() as nursery:
             quart_app.extensions["capacitor_api"].set_background_nursery(nursery)
-            await nursery.start(lambda task_status: worker_serve(app, config, sockets=sockets, task_status=task_status))
+            await nursery.start(partial(_serve, app, config, sock))
             log.info("API listening on http://%s:%d", LOOPBACK, port)
             task_status.started(port)
     finally:
         sock.close()
+
+
+async def _serve(
+    app: AppWrapper, config: HyperConfig, sock: socket.socket, *, task_status: trio.TaskStatus[None]
+) -> None:
+    """hypercorn's Trio worker (`hypercorn.trio.run.worker_serve`) with our accept loop: the
+    app's lifespan (startup, then shutdown when the listener ends), each connection a
+    `TCPServer`."""
+    state: LifespanState = {}
+    lifespan = Lifespan(app, config, state)
+    context = WorkerContext(None)
+    handler = partial(_TCPServer, app, config, context, ConnectionState(state))
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        await serve_listeners(
+            handler, [listener], name="API", logger=log, max_connections=MAX_CONNECTIONS,
+            task_status=task_status,
+        )

@@ -657,12 +657,14 @@ def ensure_data_dir(data_dir: Path) -> bool:
     """Create a data directory with a default config.yml and an empty nodes.yml when missing.
     Returns True when anything was created."""
     created = False
-    data_dir.mkdir(parents=True, exist_ok=True)
-    if not (data_dir / "config.yml").exists():
-        (data_dir / "config.yml").write_text(DEFAULT_CONFIG_YML, encoding="utf-8")
-        created = True
-    if not (data_dir / "nodes.yml").exists():
-        (data_dir / "nodes.yml").write_text("[]\n", encoding="utf-8")
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # 0700: it holds the API's secrets
+    for name, text in (("config.yml", DEFAULT_CONFIG_YML), ("nodes.yml", "[]\n")):
+        try:  # 0600, and never through a symbolic link (O_EXCL refuses one, dangling or not)
+            fd = os.open(data_dir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            continue
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         created = True
     return created
 

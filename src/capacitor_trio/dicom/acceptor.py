@@ -71,6 +71,7 @@ from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
 from capacitor_trio.domain.instance import InstanceHeader
+from capacitor_trio.serving import serve_listeners
 
 from . import dimse
 from . import pdu as P
@@ -665,7 +666,8 @@ class _Association:
             # no O_TRUNC: the path is new, an empty file made ahead or a reused one (truncating
             # an existing file makes ext4 write it out at close, on the loop: auto_da_alloc);
             # the end of the data set cuts what a reused file held beyond it
-            inc.fd = os.open(inc.path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            # the owner's only (patient data), and never through a symbolic link
+            inc.fd = os.open(inc.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             _write_fd(inc.fd, data)
         except OSError as exc:
             self._write_failed(inc, exc)
@@ -1045,5 +1047,6 @@ async def serve_acceptor(
             log.debug("DICOM connection closed to make room for a new one")
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(trio.serve_listeners, handler, listeners)
+        # our accept loop: an EMFILE is one log line per burst, not a traceback per attempt
+        await nursery.start(functools.partial(serve_listeners, handler, listeners, name="DICOM", logger=log))
         task_status.started(port)

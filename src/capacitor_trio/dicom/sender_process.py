@@ -43,10 +43,12 @@ import pickle
 import struct
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import trio
 
+import capacitor_trio
 from capacitor_trio.domain.outcomes import Outcome, RetryLater
 
 from . import requestor
@@ -57,6 +59,22 @@ log = logging.getLogger("capacitor_trio.dicom")
 _LENGTH = struct.Struct("<I")
 #: a child that dies at once is not restarted more often than this
 RESTART_DELAY = 1.0
+#: The child's program: an isolated interpreter (``-I``: neither the working directory, nor
+#: PYTHONPATH, nor the user's site-packages on ``sys.path``, so that no module lying in the
+#: directory the router was started from runs inside it) that imports capacitor_trio from where
+#: the router did, first on its path, then runs the worker as ``__main__``.
+_BOOTSTRAP = (
+    "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "runpy.run_module('capacitor_trio.dicom.sender_worker', run_name='__main__', alter_sys=True)"
+)
+
+
+def worker_argv() -> list[str]:
+    """The command line of the child: the router's own interpreter, isolated (`_BOOTSTRAP`)."""
+    package_root = Path(capacitor_trio.__file__).resolve().parent.parent
+    return [sys.executable, "-I", "-c", _BOOTSTRAP, str(package_root)]
+
+
 #: how long a stopping router waits for the child to abort its associations and exit
 STOP_GRACE = 2.0
 
@@ -86,6 +104,23 @@ class Decoder:
         return out
 
 
+_TRACEBACK = "\nTraceback (most recent call last):"
+
+
+def _log_from_child(levelno: int, name: str, text: str) -> None:
+    """Log a record the child formatted (its message, then any traceback) as the router's own,
+    the traceback as the record's exception text: the log shows it on lines of its own
+    (indented), the message on one line (logs.escape_controls)."""
+    logger = logging.getLogger(name)
+    if not logger.isEnabledFor(levelno):
+        return
+    message, found, rest = text.partition(_TRACEBACK)
+    record = logger.makeRecord(name, levelno, "(sender process)", 0, "%s", (message,), None)
+    if found:
+        record.exc_text = found.lstrip("\n") + rest
+    logger.handle(record)
+
+
 class _ChildDied(Exception):
     pass
 
@@ -94,7 +129,7 @@ class SenderProcess:
     """A `Sender` whose associations run in a child process; `run` keeps the child going."""
 
     def __init__(self, *, argv: Sequence[str] | None = None) -> None:
-        self._argv = list(argv or [sys.executable, "-m", "capacitor_trio.dicom.sender_worker"])
+        self._argv = list(argv or worker_argv())
         self._ids = itertools.count(1)
         self._batches: dict[int, trio.MemorySendChannel[tuple[Any, ...]]] = {}
         #: messages for the running child; one task writes them, so a cancelled caller can
@@ -182,8 +217,7 @@ class SenderProcess:
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         if message[0] == "log":
-            _, levelno, name, text = message
-            logging.getLogger(name).log(levelno, "%s", text)
+            _log_from_child(*message[1:])
             return
         channel = self._batches.get(message[1])
         if channel is not None:  # else: a batch its caller gave up (cancelled)

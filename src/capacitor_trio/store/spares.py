@@ -47,6 +47,8 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from .fsops import open_private
+
 log = logging.getLogger("capacitor_trio.store")
 
 SPARE_PREFIX = "spare-"
@@ -108,7 +110,7 @@ def _unused_elsewhere(fd: int) -> bool:
 def _reusable(path: Path) -> int | None:
     """The size of a retired file if it may be reused: small enough, and open nowhere else."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_private(path, os.O_RDONLY)  # a symbolic link put in its place is not reused
     except OSError:
         return None
     try:
@@ -128,7 +130,7 @@ def _emptied(path: Path) -> bool:
     last minutes to find one: 9 % of the router's CPU time receiving 0.5 MB images without
     durable writes). False: unlink it."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        fd = open_private(path, os.O_WRONLY)  # never truncate the target of a symbolic link
     except OSError:
         return False
     try:
@@ -389,7 +391,7 @@ class SpareFiles:
                 path = self._dir / f"{SPARE_PREFIX}{uuid.uuid4().hex}.part"
                 try:
                     os.close(
-                        os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                        open_private(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
                     )
                 except OSError as exc:  # no inodes, no directory: callers make their own
                     log.debug("store: cannot make a spare file: %s", exc)

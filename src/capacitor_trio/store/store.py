@@ -22,7 +22,7 @@ import trio
 
 from ..domain.instance import Destination, InstanceHeader
 from .errors import ItemCheckedOut, ItemNotFound, StoreError, StoreFull, StoreInUse, TransitionError
-from .fsops import FileOps
+from .fsops import FileOps, check_private_dir, make_private, open_private
 from .model import QUEUED_STATES, STATES, Counts, Item, ItemFilter, RecoveryReport
 from .recovery import recover, spool_buckets
 from .schema import INLINE_PREFIX, migrate
@@ -124,7 +124,7 @@ def _blob(conn: sqlite3.Connection, instance_id: int) -> bytes | None:
 def _write_file(path: Path, data: bytes) -> None:
     # no O_TRUNC: the path is new, made ahead or reused (see the acceptor's _spill); cut what
     # a reused file held beyond the new bytes
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = open_private(path, os.O_WRONLY | os.O_CREAT)
     with open(fd, "wb") as f:
         f.write(data)
         f.truncate()
@@ -226,7 +226,7 @@ class Store:
         disk must not keep the router from starting to deliver). Where the file system has no
         locks (some NFS mounts), a warning, and the router runs unguarded."""
         path = self.root / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = open_private(path, os.O_RDWR | os.O_CREAT)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -254,8 +254,13 @@ class Store:
 
     def _open_sync(self) -> sqlite3.Connection:
         self._ops.mkdir(self.root)
+        check_private_dir(self.root)  # not another user's, not writable by others; 0700
         self._lock()
         try:
+            # the index and its journals 0600 (SQLite gives the WAL and SHM the index's mode),
+            # and never a symbolic link to another file
+            for suffix in ("", "-wal", "-shm"):
+                make_private(self._db_path.with_name(self._db_path.name + suffix), create=not suffix)
             return self._open_locked()
         except BaseException:
             self._unlock()

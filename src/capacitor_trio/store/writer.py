@@ -32,7 +32,7 @@ import attrs
 import trio
 
 from .errors import StoreFull, translate
-from .fsops import FileOps
+from .fsops import FileOps, open_private
 from .spares import SpareFiles
 
 log = logging.getLogger("capacitor_trio.store")
@@ -505,7 +505,7 @@ def unlinking(value: Any, paths: Iterable[Path], *, delivered: bool = False) -> 
 
 def write_reserve(path: Path, size: int, ops: FileOps) -> None:
     """Allocate `size` bytes at `path` (really allocated blocks, not a sparse file)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    fd = open_private(path, os.O_WRONLY | os.O_CREAT)
     try:
         try:
             os.posix_fallocate(fd, 0, size)
