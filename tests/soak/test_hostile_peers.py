@@ -124,12 +124,13 @@ class Harness:
     def api(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
-    def alive(self) -> bool:
-        return self.router is not None and self.router.proc is not None \
-            and self.router.proc.returncode is None
-
     def pid(self) -> int | None:
-        return self.router.proc.pid if self.alive() and self.router and self.router.proc else None
+        """The running router's process ID (None: none is running)."""
+        proc = self.router.proc if self.router is not None else None
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    def alive(self) -> bool:
+        return self.pid() is not None
 
     async def fresh_router(self, config: str) -> None:
         """A router just started with `config`, on the same data directory: it delivers what an
