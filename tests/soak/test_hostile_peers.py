@@ -360,7 +360,11 @@ async def deflate_bomb(h: Harness) -> Outcome:
     answer = await hostile_store(h, "bomb", lambda suffix: H.deflate_bomb(h.sizes.bomb, suffix),
                                  H.DEFLATED)
     size = f"{h.sizes.bomb / (1 << 30):.0f} GiB"
-    problem = "the bomb was acknowledged (success)" if answer == "status 0x0000" else None
+    problem = None
+    if answer == "status 0x0000":
+        problem = "the bomb was acknowledged (success)"
+    elif not answer.startswith("status "):
+        problem = f"the bomb got no C-STORE status ({answer}), not a clear refusal"
     return Outcome(f"C-STORE inflating to {size}: {answer}", problem)
 
 
