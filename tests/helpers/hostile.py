@@ -138,6 +138,9 @@ async def associate(
         ctx = P.ProposedContext(1, CTImageStorage, (transfer_syntax,))
         await t.send_all(P.encode_associate_rq("HOSTILE", called, [ctx], max_pdu))
         pdu_type, _body = await t.read_pdu()
+    except P.PduError as exc:
+        await t.aclose()
+        raise Refused(f"protocol error: {exc}") from exc
     except BaseException:
         await t.aclose()
         raise
@@ -171,6 +174,8 @@ async def answer(t: Transport) -> str:
                     return f"status 0x{status or 0:04X}"
     except PeerClosed:
         return "closed"
+    except P.PduError as exc:
+        return f"protocol error ({exc})"
 
 
 async def store(t: Transport, uid: str, chunks: Iterable[bytes]) -> str:

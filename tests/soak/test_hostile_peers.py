@@ -234,6 +234,8 @@ def _stalls(row: Row, before: dict[str, Any] | None, after: dict[str, Any] | Non
         row.max_stall = f"{max(logged):.0f} ms (log)" if logged else unknown
         if logged:
             row.problems.append(f"event loop stalled {max(logged):.0f} ms")
+        if not killed:
+            row.problems.append("no loop figures from GET /api/metrics (loop.maxStallMs)")
         return
     row.stalls_over = after["stallsOver100ms"] - before["stallsOver100ms"]
     if after["maxStallMs"] > before["maxStallMs"]:
@@ -393,6 +395,8 @@ async def big_rqs(h: Harness) -> Outcome:
                 (await t.read_pdu())[0], "other")
         except PeerClosed:
             kind = "closed"
+        except P.PduError:
+            kind = "protocol error"
         finally:
             await t.aclose()
         answers[kind] = answers.get(kind, 0) + 1
