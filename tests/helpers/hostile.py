@@ -181,8 +181,8 @@ async def answer(t: Transport) -> str:
 async def store(t: Transport, uid: str, chunks: Iterable[bytes]) -> str:
     """A C-STORE of the data set in `chunks` on context 1; the router's answer (see `answer`).
     A router that answers or closes while the data set is still going out stops the sending."""
-    await store_command(t, uid)
     try:
+        await store_command(t, uid)
         for pdu in pdus(1, chunks):
             await t.send_all(pdu)
     except PeerClosed:

@@ -424,9 +424,9 @@ async def empty_pdvs(h: Harness) -> Outcome:
     except (H.Refused, OSError, PeerClosed) as exc:
         return Outcome(f"association refused ({exc})")
     try:
-        await H.store_command(t, uid)
         pdu = H.empty_pdvs_pdu(1, per_pdu)
         try:
+            await H.store_command(t, uid)
             for _ in range(h.sizes.empty_pdv_pdus):
                 await t.send_all(pdu)
             await t.send_all(H.data_pdu(1, suffix, last=True))
