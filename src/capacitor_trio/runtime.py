@@ -34,6 +34,7 @@ from capacitor_trio.dicom import requestor
 from capacitor_trio.dicom.acceptor import AcceptorConfig, serve_acceptor
 from capacitor_trio.dicom.sender_process import SenderProcess
 from capacitor_trio.logs import RingBufferHandler
+from capacitor_trio.loopwatch import LoopLag
 from capacitor_trio.store import StoreInUse, open_store
 
 log = logging.getLogger("capacitor_trio")
@@ -59,6 +60,8 @@ class Router:
     nodes: list[Node] = attrs.field(factory=list)
     #: held by every change of the configuration in force (a reload, a node edit)
     config_lock: trio.Lock = attrs.field(factory=trio.Lock)
+    #: how late the event loop wakes a sleeping task (zeros unless `watch_loop`)
+    loop: LoopLag = attrs.field(factory=LoopLag)
 
 
 async def run_router(
@@ -68,11 +71,13 @@ async def run_router(
     ring: RingBufferHandler | None = None,
     sender: Any = None,
     settle_gc: bool = False,
+    watch_loop: bool = False,
     task_status: trio.TaskStatus[Router] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run every service of the router until cancelled; `task_status.started(router)` once all
     listeners serve. `settle_gc`: set the garbage collector for the long run then (`gctune`;
-    the daemon does, tests running the router in their own process do not)."""
+    the daemon does, tests running the router in their own process do not). `watch_loop`:
+    measure event-loop stalls (`loopwatch`; the daemon does, tests on virtual time must not)."""
     config = settings.config
     for warning in settings.warnings:
         log.warning(warning)
@@ -118,6 +123,8 @@ async def run_router(
                     router.dicom_port = await edge.start(serve_acceptor, acceptor, receiver)
                 if config.api.enabled:
                     router.api_port = await edge.start(run_api, router)
+                if watch_loop:  # after start-up's one-off costs (gctune.settle, first imports)
+                    core.start_soon(router.loop.watch)
                 log.info(
                     "router ready: %d Storage node(s), spool %s, durable writes %s",
                     len(supervisor.handles), config.cache_path, "on" if config.durable_writes else "off",
@@ -153,7 +160,7 @@ async def _main(settings: Settings, ring: RingBufferHandler) -> int:
             nursery.start_soon(on_signals)
             running.value = await nursery.start(
                 lambda task_status: run_router(
-                    settings, ring=ring, settle_gc=True, task_status=task_status
+                    settings, ring=ring, settle_gc=True, watch_loop=True, task_status=task_status
                 )
             )
     log.info("stopped")

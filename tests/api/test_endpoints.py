@@ -118,6 +118,7 @@ async def test_metrics_stats_and_health(start_router: StartRouter) -> None:
     assert m["byState"] == {"new": 0, "prepared": 0, "failed": 3, "rejected": 2, "expired": 0}
     assert m["checkedOut"] == 0
     assert m["service"] == {"storageScu": True, "worklistScu": True, "storageCommitScu": True, "prepare": True}
+    assert m["loop"] == {"maxStallMs": 0.0, "stallsOver100ms": 0}  # only the daemon watches the loop
 
     resp = await r.client.get("/api/queue/stats")
     assert resp.status_code == 200

@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import resource
 import shutil
 import socket
 import subprocess
@@ -149,9 +150,12 @@ class PynetdicomDestination:
 class RouterProcess:
     """`capacitor-trio run` as a subprocess; `start` returns once it logged that it is ready."""
 
-    def __init__(self, data_dir: Path, *args: str) -> None:
+    def __init__(self, data_dir: Path, *args: str, nofile: int | None = None) -> None:
         self.data_dir = data_dir
         self.args = args
+        #: the router's limit of open files (RLIMIT_NOFILE), as a shell or a service manager
+        #: would set it (commonly 1024); None: this process's own
+        self.nofile = nofile
         self.lines: list[str] = []
         self.proc: trio.Process | None = None
         self._ready = trio.Event()
@@ -180,6 +184,7 @@ class RouterProcess:
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=self._limit if self.nofile is not None else None,
         )
         nursery.start_soon(self._read, self.proc)
         with trio.fail_after(timeout):
@@ -188,6 +193,12 @@ class RouterProcess:
                 await self._ready.wait()
                 waiter.cancel_scope.cancel()
 
+    def _limit(self) -> None:
+        """In the child, before exec: lower RLIMIT_NOFILE."""
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limit = self.nofile or 1024
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(limit, hard), hard))
+
     async def _fail_on_exit(self, _nursery: trio.Nursery) -> None:
         await self._exited.wait()
         raise RuntimeError("router exited during start-up:\n" + "\n".join(self.lines[-20:]))
@@ -195,19 +206,22 @@ class RouterProcess:
     async def _read(self, proc: trio.Process) -> None:
         assert proc.stderr is not None
         buf = b""
-        async for chunk in proc.stderr:
-            buf += chunk
-            *complete, buf = buf.split(b"\n")
-            for raw in complete:
-                line = raw.decode(errors="replace")
-                self.lines.append(line)
-                if "router ready" in line:
-                    self._ready.set()
-                for predicate, event in self._line_waiters:
-                    if predicate(line):
-                        event.set()
+        with contextlib.suppress(trio.ClosedResourceError):  # closed by `aclose`
+            async for chunk in proc.stderr:
+                buf += chunk
+                *complete, buf = buf.split(b"\n")
+                for raw in complete:
+                    self._line(raw.decode(errors="replace"))
         await proc.wait()
         self._exited.set()
+
+    def _line(self, line: str) -> None:
+        self.lines.append(line)
+        if "router ready" in line:
+            self._ready.set()
+        for predicate, event in self._line_waiters:
+            if predicate(line):
+                event.set()
 
     async def aclose(self) -> None:
         """SIGKILL if still running and reap it (test clean-up)."""
@@ -217,6 +231,8 @@ class RouterProcess:
             if self.proc.returncode is None:
                 self.proc.kill()
             await self.proc.wait()
+            with trio.move_on_after(5):  # the reader gets the last lines, then EOF
+                await self._exited.wait()
             if self.proc.stderr is not None:
                 await self.proc.stderr.aclose()
 

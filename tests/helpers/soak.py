@@ -8,6 +8,7 @@ import collections
 import contextlib
 import hashlib
 import logging
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -221,19 +222,99 @@ class LogWatch(logging.Handler):
 
 
 class RssSampler:
-    """Peak resident memory of a process, sampled every `every` seconds while `run` runs."""
+    """Peak resident memory of a process, sampled every `every` seconds while `run` runs. With a
+    `fuse` (bytes), a process found above it is killed (SIGKILL) and `blown` set: an attack
+    that makes the router take gigabytes must not take the machine with it."""
 
-    def __init__(self, every: float = 0.2) -> None:
+    def __init__(self, every: float = 0.2, fuse: int = 0) -> None:
         self.every = every
+        self.fuse = fuse
         self.peak = 0
+        self.blown = False
 
     async def run(self, pid_of: Callable[[], int | None]) -> None:
         while True:
             pid = pid_of()
             if pid is not None:
                 with contextlib.suppress(psutil.Error):
-                    self.peak = max(self.peak, psutil.Process(pid).memory_info().rss)
+                    proc = psutil.Process(pid)
+                    self.peak = max(self.peak, proc.memory_info().rss)
+                    if self.fuse and self.peak > self.fuse and not self.blown:
+                        self.blown = True
+                        proc.kill()
             await trio.sleep(self.every)
+
+
+@attrs.define
+class StorescuLoop:
+    """A well-behaved modality: DCMTK storescu sending `per_run` fresh small CT instances per
+    association to `called_ae`, again and again until `stop` is set. Keeps the SOP Instance UIDs
+    storescu got a success status for, and counts runs that failed (refused, timed out, broken);
+    `pause` seconds between a failed run and the next."""
+
+    port: int
+    called_ae: str
+    workdir: Path
+    per_run: int = 3
+    pause: float = 0.2
+    acked: list[str] = attrs.field(factory=list)
+    runs_ok: int = 0
+    runs_failed: int = 0
+    errors: list[str] = attrs.field(factory=list)
+    _n: int = 0
+
+    async def run(self, stop: trio.Event) -> None:
+        while not stop.is_set():
+            if not await self.once():
+                with trio.move_on_after(self.pause):
+                    await stop.wait()
+
+    async def once(self) -> bool:
+        """One storescu association; True when every instance got a success status."""
+        self._n += 1
+        run_dir = self.workdir / f"run{self._n}"
+        uids = _write_instances(run_dir, self.per_run)
+        result = await trio.run_process(
+            ["storescu", "-v", "-aet", "MODALITY", "-aec", self.called_ae, "-to", "10",
+             "-ta", "10", "-td", "30", "127.0.0.1", str(self.port), *uids],
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+        acked = storescu_acked(result.stdout.decode(errors="replace")
+                               + result.stderr.decode(errors="replace"))
+        self.acked += [uids[p] for p in acked if p in uids]
+        shutil.rmtree(run_dir)
+        ok = result.returncode == 0 and len(acked) == len(uids)
+        if ok:
+            self.runs_ok += 1
+        else:
+            self.runs_failed += 1
+            self.errors.append(result.stderr.decode(errors="replace")[-300:])
+        return ok
+
+
+def _write_instances(run_dir: Path, n: int) -> dict[str, str]:
+    """`n` fresh Part 10 files in `run_dir`: path -> SOP Instance UID."""
+    run_dir.mkdir(parents=True)
+    uids = {}
+    for i, ds in enumerate(series_of(n, rows=16, patient="STORESCU")):
+        path = run_dir / f"{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        uids[str(path)] = str(ds.SOPInstanceUID)
+    return uids
+
+
+def storescu_acked(output: str) -> list[str]:
+    """The files that `storescu -v` reports a success status for: each "Sending file: X" line
+    is answered by a "Received Store Response (...)" line."""
+    acked, current = [], None
+    for line in output.splitlines():
+        if "Sending file: " in line:
+            current = line.split("Sending file: ", 1)[1].strip()
+        elif "Received Store Response" in line and current is not None:
+            if "(Success" in line:
+                acked.append(current)
+            current = None
+    return acked
 
 
 class ApiProber:

@@ -523,6 +523,7 @@ class Api:
                 "checkedOut": counts.checked_out,
                 "received": self.router.receiver.received,
                 "service": self.router.service.as_dict(),
+                "loop": self.router.loop.to_json(),
             }
         )
 

@@ -194,6 +194,13 @@ SCHEMAS: S = {
             "checkedOut": INT,
             "received": INT,
             "service": ref("ServiceFlags"),
+            "loop": ref("LoopLag"),
+        }
+    ),
+    "LoopLag": obj(
+        {
+            "maxStallMs": {"type": "number", "minimum": 0, "description": "the longest the event loop was held since start (ms); 0 when not measured"},
+            "stallsOver100ms": {"type": "integer", "minimum": 0, "description": "stalls over 100 ms since start"},
         }
     ),
     "LogEntry": obj({"timestamp": TIME, "level": {"type": "string", "enum": ["DEBUG", "INFO", "WARN", "ERROR"]}, "message": STR, "logger": STR}),
