@@ -488,6 +488,9 @@ def serve_acceptor_main(port: int, out: Path, durable: bool) -> None:
         def accepts_called_ae(self, called_ae: str) -> bool:
             return True
 
+        def called_ae_hint(self, called_ae: str) -> str | None:
+            return None
+
         def new_temp_path(self) -> Path:
             return new_file()
 
@@ -525,6 +528,9 @@ def serve_store_acceptor_main(port: int, out: Path, steady: bool = False) -> Non
             class Sink:
                 def accepts_called_ae(self, called_ae: str) -> bool:
                     return True
+
+                def called_ae_hint(self, called_ae: str) -> str | None:
+                    return None
 
                 def new_temp_path(self) -> Path:
                     return store.new_incoming_path()

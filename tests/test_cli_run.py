@@ -34,6 +34,15 @@ async def test_fresh_data_dir_echo_and_clean_shutdown(tmp_path: Path, nursery: t
             capture_stdout=True, capture_stderr=True,
         )
         assert unknown.returncode != 0  # association rejected: called AE not recognised
+        near = await trio.run_process(
+            ["echoscu", "-aec", "capacitor", "127.0.0.1", str(scp)], env=dcmtk_env(), check=False,
+            capture_stdout=True, capture_stderr=True,
+        )
+        assert near.returncode != 0  # AE titles are case-sensitive: refused, with a hint
+        await router.wait_for_line(
+            lambda line: line.startswith("WARN: A-ASSOCIATE-RJ: called AE 'capacitor' not recognized")
+            and line.endswith("AE titles are case-sensitive: did you mean CAPACITOR?")
+        )
         router.signal(signal.SIGTERM)
         assert await router.wait() == 0
         assert router.lines[-1] == "INFO: stopped"

@@ -48,6 +48,9 @@ class DirSink:
     def accepts_called_ae(self, called_ae: str) -> bool:
         return called_ae in self.ae_titles
 
+    def called_ae_hint(self, called_ae: str) -> str | None:
+        return None
+
     def new_temp_path(self) -> Path:
         return self.incoming / f"{uuid.uuid4().hex}.part"
 

@@ -46,6 +46,9 @@ class CountingSink:
     def accepts_called_ae(self, called_ae: str) -> bool:
         return True
 
+    def called_ae_hint(self, called_ae: str) -> str | None:
+        return None
+
     def new_temp_path(self) -> Path:
         self._n += 1
         return self.dir / f"{self._n}.part"
@@ -109,6 +112,9 @@ class _ScriptedSink(CountingSink):
 
     def accepts_called_ae(self, called_ae: str) -> bool:
         return not self.refuse_ae
+
+    def called_ae_hint(self, called_ae: str) -> str | None:
+        return None
 
     async def instance_received(self, rx: ReceivedInstance) -> None:
         self.peer.instances += 1

@@ -84,17 +84,14 @@ class Receiver:
         return [dest] if dest else []
 
     def accepts_called_ae(self, called_ae: str) -> bool:
-        """Exact match only (DICOM AE titles are case-sensitive). A title that matches only in
-        another case is logged with the one it resembles, as the operator's hint."""
+        """Exact match only (DICOM AE titles are case-sensitive)."""
         called = called_ae.strip()
-        if called == self.config.my_ae_title or called in self._routes:
-            return True
-        near = self._folded.get(called.upper())
-        if near is not None:
-            log.warning(
-                "called AE %r not recognized (AE titles are case-sensitive): did you mean %s?", called, near
-            )
-        return False
+        return called == self.config.my_ae_title or called in self._routes
+
+    def called_ae_hint(self, called_ae: str) -> str | None:
+        """The title a refused called AE matches in another case: the operator's hint, since
+        modalities are often configured by hand."""
+        return self._folded.get(called_ae.strip().upper())
 
     def new_temp_path(self) -> Path:
         return self.store.new_incoming_path()

@@ -157,6 +157,10 @@ class CannotProcess(Exception):
 class InstanceSink(Protocol):
     def accepts_called_ae(self, called_ae: str) -> bool: ...
 
+    def called_ae_hint(self, called_ae: str) -> str | None:
+        """For a refused called AE: the title it resembles, for the reject's log line."""
+        ...
+
     def new_temp_path(self) -> Path: ...
 
     def check_admission(self) -> None: ...
@@ -451,10 +455,12 @@ class _Association:
             await self._reject(P.RJ_PERMANENT, P.RJ_SOURCE_ACSE, 2)
             return False
         if not self.sink.accepts_called_ae(self.called_ae):
+            near = self.sink.called_ae_hint(self.called_ae)
             log.warning(
-                "A-ASSOCIATE-RJ: called AE %r not recognized (calling AE %r)",
+                "A-ASSOCIATE-RJ: called AE %r not recognized (calling AE %r)%s",
                 self.called_ae,
                 self.calling_ae,
+                f"; AE titles are case-sensitive: did you mean {near}?" if near else "",
             )
             await self._reject(
                 P.RJ_PERMANENT, P.RJ_SOURCE_USER, P.RJ_REASON_CALLED_AE_NOT_RECOGNIZED
