@@ -69,6 +69,7 @@ from capacitor_trio.dicom.requestor import MoreInstances, OutgoingInstance, Peer
 from capacitor_trio.domain.backoff import next_attempt, retry_delay
 from capacitor_trio.domain.outcomes import Delivered, Outcome, Rejected, RetryLater
 from capacitor_trio.domain.schedule import Schedule, parse_schedule, schedule_gate
+from capacitor_trio.domain.states import FAILED, NEW, REJECTED
 from capacitor_trio.store import Counts
 
 log = logging.getLogger("capacitor_trio.node")
@@ -274,7 +275,7 @@ class NodeActor:
         elif cmd.action == "retry":
             result = await store.retry(cmd.item_id)
         elif cmd.action in ("fail", "reject", "move"):
-            target = {"fail": "failed", "reject": "rejected"}.get(cmd.action, cmd.target_state)
+            target = {"fail": FAILED, "reject": REJECTED}.get(cmd.action, cmd.target_state)
             result = await store.move(cmd.item_id, target)
         else:
             raise CommandRefused(f"unknown item action {cmd.action}")
@@ -594,7 +595,7 @@ def _without_data(item: Any) -> Any:
 
 
 def _is_new(state: object) -> bool:
-    return str(state or "").strip().lower() == "new"
+    return str(state or "").strip().lower() == NEW
 
 
 def node_schedule_gate(node: Node, ctx: NodeContext, now: float) -> tuple[bool, float | None]:

@@ -25,6 +25,7 @@ from capacitor_trio.actors.service import ServiceFlags
 from capacitor_trio.config.models import Config, Node
 from capacitor_trio.dicom.acceptor import CannotProcess, OutOfResources, ReceivedInstance
 from capacitor_trio.domain.instance import Destination
+from capacitor_trio.domain.states import NEW, PREPARED
 from capacitor_trio.store import StoreError, StoreFull
 
 log = logging.getLogger("capacitor_trio.receiver")
@@ -108,7 +109,7 @@ class Receiver:
             try:
                 await self.store.commit_instance(
                     rx.path, rx.header, rx.calling_ae.strip(), destinations, data=rx.data,
-                    state="prepared" if ripe else "new", sync=rx.sync,
+                    state=PREPARED if ripe else NEW, sync=rx.sync,
                 )
             except StoreFull as exc:
                 log.warning("refusing %s from %s: %s", rx.header.sop_instance_uid, rx.calling_ae, exc)

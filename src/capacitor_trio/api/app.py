@@ -37,6 +37,7 @@ from capacitor_trio.actors.messages import (
 from capacitor_trio.config.load import check_node_set, node_to_yaml, parse_node, write_nodes
 from capacitor_trio.config.models import NODE_ROLES, Node
 from capacitor_trio.dicom.requestor import Peer
+from capacitor_trio.domain.states import FAILED, REJECTED
 from capacitor_trio.logs import LEVELS, parse_level
 from capacitor_trio.store import STATES, Counts, ItemFilter, ItemNotFound
 
@@ -464,7 +465,7 @@ class Api:
             return await store.delete(ident)
         if action == "retry":
             return await store.retry(ident)
-        return await store.move(ident, {"fail": "failed", "reject": "rejected"}.get(action, target))
+        return await store.move(ident, {"fail": FAILED, "reject": REJECTED}.get(action, target))
 
     async def fail_item(self, item_id: str) -> Response:
         return ok(item_json(await self._item_action(item_id, "fail")))
@@ -533,11 +534,11 @@ class Api:
 
     async def retry_failed(self) -> Response:
         f = await self._bulk_filter_body()
-        return ok({"count": await self._bulk(BulkCommand("retry", f, from_state="failed"))})
+        return ok({"count": await self._bulk(BulkCommand("retry", f, from_state=FAILED))})
 
     async def retry_rejected(self) -> Response:
         f = await self._bulk_filter_body()
-        return ok({"count": await self._bulk(BulkCommand("retry", f, from_state="rejected"))})
+        return ok({"count": await self._bulk(BulkCommand("retry", f, from_state=REJECTED))})
 
     async def _target_body(self) -> str:
         body = await _json_body({"targetState": str}, required=("targetState",))

@@ -12,6 +12,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+from ..domain.states import FAILED, NEW, REJECTED
 from .fsops import FileOps
 from .model import RecoveryReport
 from .schema import INLINE_PREFIX
@@ -99,7 +100,7 @@ def recover(
         for rel in missing:
             what = "stored bytes" if rel.startswith(INLINE_PREFIX) else "spool file"
             n = conn.execute(
-                "UPDATE items SET state = 'failed', next_attempt_at = NULL, updated_at = ?, "
+                f"UPDATE items SET state = '{FAILED}', next_attempt_at = NULL, updated_at = ?, "
                 "last_error = ? WHERE instance_id = ?",
                 (now, f"{what} missing at startup: {rel}", known[rel]),
             ).rowcount
@@ -109,8 +110,8 @@ def recover(
         rejected_cycled = 0
         if cycle_rejected:
             rejected_cycled = conn.execute(
-                "UPDATE items SET state = 'new', next_attempt_at = NULL, updated_at = ? "
-                "WHERE state = 'rejected'",
+                f"UPDATE items SET state = '{NEW}', next_attempt_at = NULL, updated_at = ? "
+                f"WHERE state = '{REJECTED}'",
                 (now,),
             ).rowcount
 

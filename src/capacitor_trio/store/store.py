@@ -21,6 +21,7 @@ import attrs
 import trio
 
 from ..domain.instance import Destination, InstanceHeader
+from ..domain.states import EXPIRED, FAILED, NEW, PREPARED, REJECTED, RETRYABLE
 from .errors import ItemCheckedOut, ItemNotFound, StoreError, StoreFull, StoreInUse, TransitionError
 from .fsops import FileOps
 from .model import QUEUED_STATES, STATES, Counts, Item, ItemFilter, RecoveryReport
@@ -63,12 +64,12 @@ _CHUNK = 500  # ids per IN (...) clause
 
 #: a delivery outcome (params: last_error, next_attempt_at, updated_at, id)
 _FAIL_SQL = (
-    "UPDATE items SET state = 'failed', checked_out = 0, attempt_count = attempt_count + 1, "
+    f"UPDATE items SET state = '{FAILED}', checked_out = 0, attempt_count = attempt_count + 1, "
     "last_error = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?"
 )
 #: a delivery outcome (params: last_error, updated_at, id)
 _REJECT_SQL = (
-    "UPDATE items SET state = 'rejected', checked_out = 0, attempt_count = attempt_count + 1, "
+    f"UPDATE items SET state = '{REJECTED}', checked_out = 0, attempt_count = attempt_count + 1, "
     "last_error = ?, next_attempt_at = NULL, updated_at = ? WHERE id = ?"
 )
 
@@ -447,7 +448,7 @@ class Store:
         source_ae: str,
         destinations: Sequence[Destination],
         *,
-        state: str = "new",
+        state: str = NEW,
         data: bytes | None = None,
         sync: concurrent.futures.Future[None] | None = None,
     ) -> list[int]:
@@ -589,8 +590,8 @@ class Store:
 
         def job(conn: sqlite3.Connection) -> int:
             return conn.execute(
-                "UPDATE items SET state = 'prepared', updated_at = ? "
-                "WHERE state = 'new' AND checked_out = 0 AND created_at <= ?",
+                f"UPDATE items SET state = '{PREPARED}', updated_at = ? "
+                f"WHERE state = '{NEW}' AND checked_out = 0 AND created_at <= ?",
                 (now, now - minimum_age),
             ).rowcount
 
@@ -683,7 +684,7 @@ class Store:
         # failed items are walked in FIFO order rather than sorted by due time)
         row = conn.execute(
             "SELECT MIN(next_attempt_at) FROM items WHERE destination_ae = ? AND "
-            "destination_role = ? AND state = 'failed' AND checked_out = 0 "
+            f"destination_role = ? AND state = '{FAILED}' AND checked_out = 0 "
             "AND next_attempt_at IS NOT NULL",
             (dest.ae_title, dest.role),
         ).fetchone()
@@ -691,14 +692,14 @@ class Store:
 
         def fetch(extra: str, extra_params: list[Any], n: int) -> list[tuple[Any, ...]]:
             prepared = conn.execute(
-                f"{_SELECT_ITEMS} WHERE {base} AND i.state = 'prepared' AND {extra} "
+                f"{_SELECT_ITEMS} WHERE {base} AND i.state = '{PREPARED}' AND {extra} "
                 "ORDER BY i.created_at, i.id LIMIT ?",
                 (*base_params, *extra_params, n),
             ).fetchall()
             if not any_failed_due:
                 return prepared
             failed = conn.execute(
-                f"{_SELECT_QUEUE} WHERE {base} AND i.state = 'failed' "
+                f"{_SELECT_QUEUE} WHERE {base} AND i.state = '{FAILED}' "
                 "AND i.next_attempt_at IS NOT NULL AND i.next_attempt_at <= ? AND "
                 f"{extra} ORDER BY i.created_at, i.id LIMIT ?",
                 (*base_params, now, *extra_params, n),
@@ -938,7 +939,7 @@ class Store:
 
     @staticmethod
     def _target_next_attempt(target: str, now: float) -> float | None:
-        return now if target == "failed" else None
+        return now if target == FAILED else None
 
     async def move(self, item_id: int, target_state: str) -> Item:
         """Move an item to any state ('failed': retried on the next cycle)."""
@@ -962,16 +963,16 @@ class Store:
 
         def job(conn: sqlite3.Connection) -> Item:
             row = self._get_for_change(conn, item_id)
-            if row[1] not in ("failed", "rejected"):
+            if row[1] not in RETRYABLE:
                 raise TransitionError(
                     f"item {item_id} is {row[1]}; only failed or rejected items retry"
                 )
             conn.execute(
-                "UPDATE items SET state = 'new', next_attempt_at = NULL, attempt_count = 0, "
+                f"UPDATE items SET state = '{NEW}', next_attempt_at = NULL, attempt_count = 0, "
                 "updated_at = ? WHERE id = ?",
                 (now, item_id),
             )
-            return self._item(row, state="new", next_attempt_at=None, attempt_count=0, updated_at=now)
+            return self._item(row, state=NEW.value, next_attempt_at=None, attempt_count=0, updated_at=now)
 
         return await self._write(job)
 
@@ -1001,7 +1002,7 @@ class Store:
     async def retry_where(self, f: ItemFilter, from_state: str) -> int:
         """Matching items in `from_state` (failed or rejected) go back to new."""
         from_state = str(from_state).strip().lower()
-        if from_state not in ("failed", "rejected"):
+        if from_state not in RETRYABLE:
             raise TransitionError(f"only failed or rejected items retry, not {from_state!r}")
         if f.state is not None and _state(f.state) != from_state:
             return 0
@@ -1010,7 +1011,7 @@ class Store:
 
         def job(conn: sqlite3.Connection) -> int:
             return conn.execute(
-                "UPDATE items SET state = 'new', next_attempt_at = NULL, attempt_count = 0, "
+                f"UPDATE items SET state = '{NEW}', next_attempt_at = NULL, attempt_count = 0, "
                 "updated_at = ? WHERE id IN "
                 f"(SELECT i.id FROM items i WHERE {where} AND i.state = ? AND i.checked_out = 0)",
                 (now, *params, from_state),
@@ -1039,7 +1040,7 @@ class Store:
         def job(conn: sqlite3.Connection) -> int:
             marks = ",".join("?" * len(QUEUED_STATES))
             return conn.execute(
-                "UPDATE items SET state = 'expired', next_attempt_at = NULL, updated_at = ? "
+                f"UPDATE items SET state = '{EXPIRED}', next_attempt_at = NULL, updated_at = ? "
                 f"WHERE created_at < ? AND checked_out = 0 AND state IN ({marks})",
                 (now, now - threshold_seconds, *QUEUED_STATES),
             ).rowcount
@@ -1183,13 +1184,13 @@ class Store:
             key = (destination.ae_title, destination.role)
             if conn.execute(
                 "SELECT 1 FROM items WHERE destination_ae = ? AND destination_role = ? "
-                "AND state = 'prepared' AND checked_out = 0 LIMIT 1",
+                f"AND state = '{PREPARED}' AND checked_out = 0 LIMIT 1",
                 key,
             ).fetchone():
                 return now
             row = conn.execute(
                 "SELECT MIN(next_attempt_at) FROM items WHERE destination_ae = ? AND "
-                "destination_role = ? AND state = 'failed' AND checked_out = 0 "
+                f"destination_role = ? AND state = '{FAILED}' AND checked_out = 0 "
                 "AND next_attempt_at IS NOT NULL",
                 key,
             ).fetchone()
@@ -1210,7 +1211,7 @@ class Store:
                 "SELECT MIN(last) FROM (SELECT MAX(created_at) AS last FROM items "
                 "WHERE destination_ae = ? AND destination_role = ? AND study_uid IN ("
                 "SELECT study_uid FROM items WHERE destination_ae = ? AND destination_role = ? "
-                "AND state = 'prepared' AND checked_out = 0 ORDER BY created_at, id LIMIT ?) "
+                f"AND state = '{PREPARED}' AND checked_out = 0 ORDER BY created_at, id LIMIT ?) "
                 "GROUP BY study_uid)",
                 (*dest, *dest, lookahead),
             ).fetchone()
