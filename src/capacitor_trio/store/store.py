@@ -117,6 +117,13 @@ def _normalise_priorities(priorities: Sequence[str] | None) -> list[str] | None:
     return out
 
 
+def _item_rows(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+    """The rows of an item query (`_SELECT_ITEMS`, `_SELECT_QUEUE`), read by column name."""
+    cur = conn.cursor()
+    cur.row_factory = sqlite3.Row
+    return cur.execute(sql, params).fetchall()
+
+
 def _blob(conn: sqlite3.Connection, instance_id: int) -> bytes | None:
     row = conn.execute("SELECT data FROM blobs WHERE instance_id = ?", (instance_id,)).fetchone()
     return None if row is None else bytes(row[0])
@@ -690,25 +697,27 @@ class Store:
         ).fetchone()
         any_failed_due = row[0] is not None and row[0] <= now
 
-        def fetch(extra: str, extra_params: list[Any], n: int) -> list[tuple[Any, ...]]:
-            prepared = conn.execute(
+        def fetch(extra: str, extra_params: list[Any], n: int) -> list[sqlite3.Row]:
+            prepared = _item_rows(
+                conn,
                 f"{_SELECT_ITEMS} WHERE {base} AND i.state = '{PREPARED}' AND {extra} "
                 "ORDER BY i.created_at, i.id LIMIT ?",
                 (*base_params, *extra_params, n),
-            ).fetchall()
+            )
             if not any_failed_due:
                 return prepared
-            failed = conn.execute(
+            failed = _item_rows(
+                conn,
                 f"{_SELECT_QUEUE} WHERE {base} AND i.state = '{FAILED}' "
                 "AND i.next_attempt_at IS NOT NULL AND i.next_attempt_at <= ? AND "
                 f"{extra} ORDER BY i.created_at, i.id LIMIT ?",
                 (*base_params, now, *extra_params, n),
-            ).fetchall()
-            both = sorted(prepared + failed, key=lambda r: (r[19], r[0]))
+            )
+            both = sorted(prepared + failed, key=lambda r: (r["created_at"], r["id"]))
             return both[:n]
 
-        def collect(series_clause: str, series_params: list[Any]) -> list[tuple[Any, ...]]:
-            out: list[tuple[Any, ...]] = []
+        def collect(series_clause: str, series_params: list[Any]) -> list[sqlite3.Row]:
+            out: list[sqlite3.Row] = []
             for extra, extra_params in groups:
                 if len(out) >= limit:
                     break
@@ -721,20 +730,20 @@ class Store:
         else:
             rows = collect("", [])
         if by_series and rows and series_uid is None:
-            rows = collect("i.series_uid = ?", [rows[0][7]])
+            rows = collect("i.series_uid = ?", [rows[0]["series_uid"]])
         if not rows:
             return []
         # the bytes of small instances come with the batch: bound them (the rest waits for
         # the next checkout or top-up)
-        budget, kept = CHECKOUT_INLINE_BYTES, list[tuple[Any, ...]]()
+        budget, kept = CHECKOUT_INLINE_BYTES, list[sqlite3.Row]()
         for r in rows:
-            if r[21].startswith(INLINE_PREFIX):
-                if kept and r[15] > budget:
+            if r["rel_path"].startswith(INLINE_PREFIX):
+                if kept and r["size_bytes"] > budget:
                     break
-                budget -= r[15]
+                budget -= r["size_bytes"]
             kept.append(r)
         rows = kept
-        ids = [r[0] for r in rows]
+        ids = [r["id"] for r in rows]
         for chunk in _chunks(ids):
             conn.execute(
                 f"UPDATE items SET checked_out = 1, updated_at = ? WHERE id IN ({','.join('?' * len(chunk))})",
@@ -761,32 +770,33 @@ class Store:
             attrs.evolve(it, data=data.get(it.instance_id)) if it.inline else it for it in items
         ]
 
-    def _item(self, r: Sequence[Any], **override: Any) -> Item:
+    def _item(self, r: sqlite3.Row, **override: Any) -> Item:
+        """An `Item` from a row of `_item_rows`, with `override` taking the place of columns."""
         fields = dict(
-            id=r[0],
-            state=r[1],
-            checked_out=bool(r[2]),
-            source_ae=r[3],
-            destination_ae=r[4],
-            destination_role=r[5],
-            study_instance_uid=r[6],
-            series_instance_uid=r[7],
-            sop_instance_uid=r[8],
-            sop_class_uid=r[9],
-            modality=r[10],
-            patient_id=r[11],
-            patient_name=r[12],
-            accession_number=r[13],
-            transfer_syntax_uid=r[14],
-            size_bytes=r[15],
-            attempt_count=r[16],
-            last_error=r[17],
-            next_attempt_at=r[18],
-            created_at=r[19],
-            updated_at=r[20],
-            path=self.root / r[21],
-            instance_id=r[22],
-            inline=r[21].startswith(INLINE_PREFIX),
+            id=r["id"],
+            state=r["state"],
+            checked_out=bool(r["checked_out"]),
+            source_ae=r["source_ae"],
+            destination_ae=r["destination_ae"],
+            destination_role=r["destination_role"],
+            study_instance_uid=r["study_uid"],
+            series_instance_uid=r["series_uid"],
+            sop_instance_uid=r["sop_instance_uid"],
+            sop_class_uid=r["sop_class_uid"],
+            modality=r["modality"],
+            patient_id=r["patient_id"],
+            patient_name=r["patient_name"],
+            accession_number=r["accession_number"],
+            transfer_syntax_uid=r["transfer_syntax_uid"],
+            size_bytes=r["size_bytes"],
+            attempt_count=r["attempt_count"],
+            last_error=r["last_error"],
+            next_attempt_at=r["next_attempt_at"],
+            created_at=r["created_at"],
+            updated_at=r["updated_at"],
+            path=self.root / r["rel_path"],
+            instance_id=r["instance_id"],
+            inline=r["rel_path"].startswith(INLINE_PREFIX),
         )
         fields.update(override)
         return Item(**fields)
@@ -929,13 +939,13 @@ class Store:
 
     # -- operator transitions (API) ----------------------------------------------------------------
 
-    def _get_for_change(self, conn: sqlite3.Connection, item_id: int) -> tuple[Any, ...]:
-        row = conn.execute(f"{_SELECT_ITEMS} WHERE i.id = ?", (item_id,)).fetchone()
-        if row is None:
+    def _get_for_change(self, conn: sqlite3.Connection, item_id: int) -> sqlite3.Row:
+        rows = _item_rows(conn, f"{_SELECT_ITEMS} WHERE i.id = ?", (item_id,))
+        if not rows:
             raise ItemNotFound(f"no item {item_id}")
-        if row[2]:
+        if rows[0]["checked_out"]:
             raise ItemCheckedOut(f"item {item_id} is being delivered")
-        return tuple(row)
+        return rows[0]
 
     @staticmethod
     def _target_next_attempt(target: str, now: float) -> float | None:
@@ -963,9 +973,9 @@ class Store:
 
         def job(conn: sqlite3.Connection) -> Item:
             row = self._get_for_change(conn, item_id)
-            if row[1] not in RETRYABLE:
+            if row["state"] not in RETRYABLE:
                 raise TransitionError(
-                    f"item {item_id} is {row[1]}; only failed or rejected items retry"
+                    f"item {item_id} is {row['state']}; only failed or rejected items retry"
                 )
             conn.execute(
                 f"UPDATE items SET state = '{NEW}', next_attempt_at = NULL, attempt_count = 0, "
@@ -1082,17 +1092,18 @@ class Store:
                 total = len(ids)
                 ids.sort()
                 page = ids[max(0, skip) : max(0, skip) + max(0, limit)]
-                rows = []
+                rows: list[sqlite3.Row] = []
                 for chunk in _chunks(page):
-                    rows += conn.execute(
-                        f"{_SELECT_ITEMS} WHERE i.id IN ({','.join('?' * len(chunk))})", chunk
-                    ).fetchall()
-                rows.sort(key=lambda r: r[0])
+                    rows += _item_rows(
+                        conn, f"{_SELECT_ITEMS} WHERE i.id IN ({','.join('?' * len(chunk))})", chunk
+                    )
+                rows.sort(key=lambda r: r["id"])
             else:
-                rows = conn.execute(
+                rows = _item_rows(
+                    conn,
                     f"{_SELECT_ITEMS} WHERE {where} ORDER BY i.id LIMIT ? OFFSET ?",
                     (*params, max(0, limit), max(0, skip)),
-                ).fetchall()
+                )
                 total = conn.execute(
                     f"SELECT COUNT(*) FROM items i WHERE {where}", params
                 ).fetchone()[0]
@@ -1105,10 +1116,10 @@ class Store:
         (`Item.data`), in the same snapshot."""
 
         def q(conn: sqlite3.Connection) -> Item:
-            row = conn.execute(f"{_SELECT_ITEMS} WHERE i.id = ?", (item_id,)).fetchone()
-            if row is None:
+            rows = _item_rows(conn, f"{_SELECT_ITEMS} WHERE i.id = ?", (item_id,))
+            if not rows:
                 raise ItemNotFound(f"no item {item_id}")
-            item = self._item(row)
+            item = self._item(rows[0])
             if with_data and item.inline:
                 item = attrs.evolve(item, data=_blob(conn, item.instance_id))
             return item
