@@ -70,7 +70,7 @@ from capacitor_trio.domain.backoff import next_attempt, retry_delay
 from capacitor_trio.domain.outcomes import Delivered, Outcome, Rejected, RetryLater
 from capacitor_trio.domain.schedule import Schedule, parse_schedule, schedule_gate
 from capacitor_trio.domain.states import FAILED, NEW, REJECTED
-from capacitor_trio.store import Counts
+from capacitor_trio.store import Counts, QueuePort
 
 log = logging.getLogger("capacitor_trio.node")
 
@@ -138,7 +138,7 @@ class NodeState:
 class NodeContext:
     """What every node actor gets from the runtime."""
 
-    store: Any
+    store: QueuePort
     sender: Sender
     config: Config
     service: ServiceFlags
@@ -276,7 +276,7 @@ class NodeActor:
             result = await store.retry(cmd.item_id)
         elif cmd.action in ("fail", "reject", "move"):
             target = {"fail": FAILED, "reject": REJECTED}.get(cmd.action, cmd.target_state)
-            result = await store.move(cmd.item_id, target)
+            result = await store.move(cmd.item_id, _state_given(target, cmd.action))
         else:
             raise CommandRefused(f"unknown item action {cmd.action}")
         self._after_operator_change(cmd.action == "retry" or _is_new(cmd.target_state))
@@ -286,9 +286,9 @@ class NodeActor:
         store = self.ctx.store
         f = attrs.evolve(cmd.filter, destination=self.node.ae_title, role=self.node.role)
         if cmd.action == "move":
-            n = await store.move_where(f, cmd.target_state)
+            n = await store.move_where(f, _state_given(cmd.target_state, cmd.action))
         elif cmd.action == "retry":
-            n = await store.retry_where(f, cmd.from_state)
+            n = await store.retry_where(f, _state_given(cmd.from_state, cmd.action))
         elif cmd.action == "delete":
             n = await store.delete_where(f)
         else:
@@ -592,6 +592,13 @@ def _outgoing(item: Any) -> OutgoingInstance:
 
 def _without_data(item: Any) -> Any:
     return attrs.evolve(item, data=None) if getattr(item, "data", None) is not None else item
+
+
+def _state_given(state: str | None, action: str) -> str:
+    """The state a command names; a command that needs one and names none is refused."""
+    if state is None:
+        raise CommandRefused(f"{action} needs a state")
+    return state
 
 
 def _is_new(state: object) -> bool:

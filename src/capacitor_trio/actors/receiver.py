@@ -26,7 +26,7 @@ from capacitor_trio.config.models import Config, Node
 from capacitor_trio.dicom.acceptor import CannotProcess, OutOfResources, ReceivedInstance
 from capacitor_trio.domain.instance import Destination
 from capacitor_trio.domain.states import NEW, PREPARED
-from capacitor_trio.store import StoreError, StoreFull
+from capacitor_trio.store import StoreError, StoreFull, StorePort
 
 log = logging.getLogger("capacitor_trio.receiver")
 
@@ -49,7 +49,7 @@ class Receiver:
     def __init__(
         self,
         config: Config,
-        store: Any,
+        store: StorePort,
         nodes: Callable[[], list[Node]],
         service: ServiceFlags,
         clock: Callable[[], float],
