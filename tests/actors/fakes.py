@@ -20,8 +20,9 @@ from capacitor_trio.dicom.requestor import EchoResult, OutgoingInstance, Peer, S
 from capacitor_trio.domain.instance import Destination
 from capacitor_trio.domain.ordering import sop_class_rank
 from capacitor_trio.domain.outcomes import Delivered, Outcome
-from capacitor_trio.domain.states import FAILED, NEW, RETRYABLE, parse_state
+from capacitor_trio.domain.states import FAILED, NEW, PREPARED, REJECTED, RETRYABLE, parse_state
 from capacitor_trio.store import (
+    STATES,
     Counts,
     Item,
     ItemCheckedOut,
@@ -49,7 +50,7 @@ class FakeStore:
 
     def add(
         self, dest: str = "PACS", *, study: str = "1.2.3", series: str = "1.2.3.1", sop_class: str = CT,
-        state: str = "prepared", source: str = "MODALITY", created_at: float | None = None,
+        state: str = PREPARED, source: str = "MODALITY", created_at: float | None = None,
         role: str = "Storage", sop: str | None = None,
     ) -> Item:
         i = next(self._ids)
@@ -79,13 +80,13 @@ class FakeStore:
     async def counts(self, destination: Destination | None = None) -> Counts:
         await trio.lowlevel.checkpoint()
         items = self._mine(destination) if destination else list(self.items.values())
-        by = {s: sum(1 for i in items if i.state == s) for s in ("new", "prepared", "failed", "rejected", "expired")}
+        by = {s: sum(1 for i in items if i.state == s) for s in STATES}
         return Counts(**by, checked_out=sum(1 for i in items if i.checked_out), total=len(items))
 
     def _eligible(self, d: Destination, now: float) -> list[Item]:
         return [
             i for i in self._mine(d) if not i.checked_out and (
-                i.state == "prepared" or (i.state == "failed" and i.next_attempt_at is not None and i.next_attempt_at <= now)
+                i.state == PREPARED or (i.state == FAILED and i.next_attempt_at is not None and i.next_attempt_at <= now)
             )
         ]
 
@@ -119,13 +120,13 @@ class FakeStore:
     async def fail(self, item_id: int, error: str, next_attempt_at: float | None) -> None:
         await trio.lowlevel.checkpoint()
         it = self.items[item_id]
-        self._set(item_id, state="failed", checked_out=False, attempt_count=it.attempt_count + 1,
+        self._set(item_id, state=FAILED.value, checked_out=False, attempt_count=it.attempt_count + 1,
                   last_error=error, next_attempt_at=next_attempt_at)
 
     async def reject(self, item_id: int, error: str) -> None:
         await trio.lowlevel.checkpoint()
         it = self.items[item_id]
-        self._set(item_id, state="rejected", checked_out=False, attempt_count=it.attempt_count + 1, last_error=error)
+        self._set(item_id, state=REJECTED.value, checked_out=False, attempt_count=it.attempt_count + 1, last_error=error)
 
     async def record_outcomes(
         self, delivered: Sequence[int] = (), failed: Sequence[tuple[int, str, float | None]] = (),
@@ -140,12 +141,12 @@ class FakeStore:
         for item_id, error, at in failed:
             if item_id in self.items:
                 it = self.items[item_id]
-                self._set(item_id, state="failed", checked_out=False, attempt_count=it.attempt_count + 1,
+                self._set(item_id, state=FAILED.value, checked_out=False, attempt_count=it.attempt_count + 1,
                           last_error=error, next_attempt_at=at)
         for item_id, error in rejected:
             if item_id in self.items:
                 it = self.items[item_id]
-                self._set(item_id, state="rejected", checked_out=False, attempt_count=it.attempt_count + 1,
+                self._set(item_id, state=REJECTED.value, checked_out=False, attempt_count=it.attempt_count + 1,
                           last_error=error)
 
     async def release(self, ids: Iterable[int]) -> None:
@@ -164,9 +165,9 @@ class FakeStore:
     async def next_eligible_at(self, destination: Destination, now: float) -> float | None:
         await trio.lowlevel.checkpoint()
         times = [
-            now if i.state == "prepared" else i.next_attempt_at
+            now if i.state == PREPARED else i.next_attempt_at
             for i in self._mine(destination)
-            if not i.checked_out and (i.state == "prepared" or (i.state == "failed" and i.next_attempt_at is not None))
+            if not i.checked_out and (i.state == PREPARED or (i.state == FAILED and i.next_attempt_at is not None))
         ]
         first = min((t for t in times if t is not None), default=None)
         return None if first is None else max(now, first)
@@ -174,7 +175,7 @@ class FakeStore:
     async def first_quiet_arrival(self, destination: Destination, lookahead: int) -> float | None:
         await trio.lowlevel.checkpoint()
         mine = sorted(self._mine(destination), key=lambda i: (i.created_at, i.id))
-        waiting = [i for i in mine if i.state == "prepared" and not i.checked_out][:lookahead]
+        waiting = [i for i in mine if i.state == PREPARED and not i.checked_out][:lookahead]
         studies = {i.study_instance_uid for i in waiting}
         last = [max(i.created_at for i in mine if i.study_instance_uid == s) for s in studies]
         return min(last, default=None)
@@ -265,7 +266,7 @@ class FakeStore:
             if i.state == NEW and not i.checked_out and i.created_at <= now - minimum_age
         ]
         for i in ripe:
-            self._set(i, state="prepared")
+            self._set(i, state=PREPARED.value)
         return len(ripe)
 
 
@@ -354,7 +355,7 @@ class IntakeStore(FakeStore):
 
     async def commit_instance(
         self, temp_path: Path | None, header: Any, source_ae: str, destinations: Sequence[Destination], *,
-        state: str = "new", data: bytes | None = None, sync: Any = None,
+        state: str = NEW, data: bytes | None = None, sync: Any = None,
     ) -> list[int]:
         self.check_admission()
         self.in_commit += 1
