@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 import pytest
 
+from capacitor_trio.actors.node import Sender
 from capacitor_trio.domain.instance import Destination
 from capacitor_trio.domain.states import FAILED, NEW, PREPARED, REJECTED
 from capacitor_trio.store import (
@@ -25,7 +26,7 @@ from capacitor_trio.store import (
     TransitionError,
     open_store,
 )
-from tests.actors.fakes import FakeStore, IntakeStore
+from tests.actors.fakes import FakeSender, FakeStore, IntakeStore
 
 from .util import CT, MR, SR, FakeClock, header
 
@@ -72,7 +73,10 @@ def _signature(cls: type, name: str) -> list[tuple[str, Any, Any]]:
     return [(p.name, p.kind, p.default) for p in sig.parameters.values()]
 
 
-@pytest.mark.parametrize(("impl", "port"), [(Store, StorePort), (IntakeStore, StorePort), (FakeStore, QueuePort)])
+@pytest.mark.parametrize(
+    ("impl", "port"),
+    [(Store, StorePort), (IntakeStore, StorePort), (FakeStore, QueuePort), (FakeSender, Sender)],
+)
 def test_implementations_have_the_ports_methods_with_the_same_parameters(impl: type, port: type) -> None:
     members = [n for n, v in inspect.getmembers(port) if inspect.isfunction(v) and not n.startswith("_")]
     assert members

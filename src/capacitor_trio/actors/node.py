@@ -65,7 +65,13 @@ from capacitor_trio.actors.messages import (
 )
 from capacitor_trio.actors.service import ServiceFlags
 from capacitor_trio.config.models import Config, Node, effective, effective_schedule
-from capacitor_trio.dicom.requestor import MoreInstances, OutgoingInstance, Peer, SendOptions
+from capacitor_trio.dicom.requestor import (
+    EchoResult,
+    MoreInstances,
+    OutgoingInstance,
+    Peer,
+    SendOptions,
+)
 from capacitor_trio.domain.backoff import next_attempt, retry_delay
 from capacitor_trio.domain.outcomes import Delivered, Outcome, Rejected, RetryLater
 from capacitor_trio.domain.schedule import Schedule, parse_schedule, schedule_gate
@@ -111,7 +117,7 @@ class Sender(Protocol):
         more: MoreInstances | None = None,
     ) -> None: ...
 
-    async def echo(self, peer: Peer, calling_ae: str, *, timeout: float = 10) -> Any: ...  # noqa: ASYNC109
+    async def echo(self, peer: Peer, calling_ae: str, *, timeout: float = 10) -> EchoResult: ...  # noqa: ASYNC109
 
 
 @attrs.define
