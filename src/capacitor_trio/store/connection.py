@@ -39,8 +39,6 @@ BUCKET_SIZE = 4096
 #: directory fsync). Larger ones get a spool file. Bounds the memory of a checked-out batch too
 #: (at most SERIES_BATCH_CAP x this for a node).
 INLINE_MAX_BYTES = 32 * 1024
-#: At most this many bytes of small instances are handed out by one checkout.
-CHECKOUT_INLINE_BYTES = 16 * 1024 * 1024
 
 
 class StoreCore:
