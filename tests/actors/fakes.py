@@ -1,7 +1,8 @@
 """Scripted fakes for actor tests on virtual time.
 
 `FakeStore` keeps items in memory with the same transitions the real store offers the actors
-(no threads, so `autojump_clock` stays exact). `FakeSender` records every send with
+(no threads, so `autojump_clock` stays exact): it implements `QueuePort`, `IntakeStore`
+`StorePort`, and tests/store/test_contract.py runs one suite against them and the real store. `FakeSender` records every send with
 `trio.current_time()` and answers from a script.
 """
 
@@ -19,7 +20,9 @@ from capacitor_trio.dicom.requestor import EchoResult, OutgoingInstance, Peer, S
 from capacitor_trio.domain.instance import Destination
 from capacitor_trio.domain.ordering import sop_class_rank
 from capacitor_trio.domain.outcomes import Delivered, Outcome
+from capacitor_trio.domain.states import FAILED, NEW, PREPARED, REJECTED, RETRYABLE, parse_state
 from capacitor_trio.store import (
+    STATES,
     Counts,
     Item,
     ItemCheckedOut,
@@ -47,14 +50,15 @@ class FakeStore:
 
     def add(
         self, dest: str = "PACS", *, study: str = "1.2.3", series: str = "1.2.3.1", sop_class: str = CT,
-        state: str = "prepared", source: str = "MODALITY", created_at: float | None = None,
+        state: str = PREPARED, source: str = "MODALITY", created_at: float | None = None,
+        role: str = "Storage", sop: str | None = None,
     ) -> Item:
         i = next(self._ids)
         now = self.clock() if created_at is None else created_at
         item = Item(
-            id=i, state=state, checked_out=False, source_ae=source, destination_ae=dest,
-            destination_role="Storage", study_instance_uid=study, series_instance_uid=series,
-            sop_instance_uid=f"1.2.826.0.1.{i}", sop_class_uid=sop_class, modality="CT", patient_id="P",
+            id=i, state=parse_state(state).value, checked_out=False, source_ae=source, destination_ae=dest,
+            destination_role=role, study_instance_uid=study, series_instance_uid=series,
+            sop_instance_uid=sop or f"1.2.826.0.1.{i}", sop_class_uid=sop_class, modality="CT", patient_id="P",
             patient_name="N", accession_number="A", transfer_syntax_uid="1.2.840.10008.1.2.1",
             size_bytes=100, attempt_count=0, last_error="", next_attempt_at=None, created_at=now,
             updated_at=now, path=Path(f"/spool/{i}.dcm"),
@@ -76,13 +80,13 @@ class FakeStore:
     async def counts(self, destination: Destination | None = None) -> Counts:
         await trio.lowlevel.checkpoint()
         items = self._mine(destination) if destination else list(self.items.values())
-        by = {s: sum(1 for i in items if i.state == s) for s in ("new", "prepared", "failed", "rejected", "expired")}
+        by = {s: sum(1 for i in items if i.state == s) for s in STATES}
         return Counts(**by, checked_out=sum(1 for i in items if i.checked_out), total=len(items))
 
     def _eligible(self, d: Destination, now: float) -> list[Item]:
         return [
             i for i in self._mine(d) if not i.checked_out and (
-                i.state == "prepared" or (i.state == "failed" and i.next_attempt_at is not None and i.next_attempt_at <= now)
+                i.state == PREPARED or (i.state == FAILED and i.next_attempt_at is not None and i.next_attempt_at <= now)
             )
         ]
 
@@ -116,13 +120,13 @@ class FakeStore:
     async def fail(self, item_id: int, error: str, next_attempt_at: float | None) -> None:
         await trio.lowlevel.checkpoint()
         it = self.items[item_id]
-        self._set(item_id, state="failed", checked_out=False, attempt_count=it.attempt_count + 1,
+        self._set(item_id, state=FAILED.value, checked_out=False, attempt_count=it.attempt_count + 1,
                   last_error=error, next_attempt_at=next_attempt_at)
 
     async def reject(self, item_id: int, error: str) -> None:
         await trio.lowlevel.checkpoint()
         it = self.items[item_id]
-        self._set(item_id, state="rejected", checked_out=False, attempt_count=it.attempt_count + 1, last_error=error)
+        self._set(item_id, state=REJECTED.value, checked_out=False, attempt_count=it.attempt_count + 1, last_error=error)
 
     async def record_outcomes(
         self, delivered: Sequence[int] = (), failed: Sequence[tuple[int, str, float | None]] = (),
@@ -137,12 +141,12 @@ class FakeStore:
         for item_id, error, at in failed:
             if item_id in self.items:
                 it = self.items[item_id]
-                self._set(item_id, state="failed", checked_out=False, attempt_count=it.attempt_count + 1,
+                self._set(item_id, state=FAILED.value, checked_out=False, attempt_count=it.attempt_count + 1,
                           last_error=error, next_attempt_at=at)
         for item_id, error in rejected:
             if item_id in self.items:
                 it = self.items[item_id]
-                self._set(item_id, state="rejected", checked_out=False, attempt_count=it.attempt_count + 1,
+                self._set(item_id, state=REJECTED.value, checked_out=False, attempt_count=it.attempt_count + 1,
                           last_error=error)
 
     async def release(self, ids: Iterable[int]) -> None:
@@ -161,16 +165,17 @@ class FakeStore:
     async def next_eligible_at(self, destination: Destination, now: float) -> float | None:
         await trio.lowlevel.checkpoint()
         times = [
-            now if i.state == "prepared" else i.next_attempt_at
+            now if i.state == PREPARED else i.next_attempt_at
             for i in self._mine(destination)
-            if not i.checked_out and (i.state == "prepared" or (i.state == "failed" and i.next_attempt_at is not None))
+            if not i.checked_out and (i.state == PREPARED or (i.state == FAILED and i.next_attempt_at is not None))
         ]
-        return min((t for t in times if t is not None), default=None)
+        first = min((t for t in times if t is not None), default=None)
+        return None if first is None else max(now, first)
 
     async def first_quiet_arrival(self, destination: Destination, lookahead: int) -> float | None:
         await trio.lowlevel.checkpoint()
-        mine = sorted(self._mine(destination), key=lambda i: i.id)
-        waiting = [i for i in mine if i.state == "prepared" and not i.checked_out][:lookahead]
+        mine = sorted(self._mine(destination), key=lambda i: (i.created_at, i.id))
+        waiting = [i for i in mine if i.state == PREPARED and not i.checked_out][:lookahead]
         studies = {i.study_instance_uid for i in waiting}
         last = [max(i.created_at for i in mine if i.study_instance_uid == s) for s in studies]
         return min(last, default=None)
@@ -201,15 +206,16 @@ class FakeStore:
 
     async def move(self, item_id: int, target_state: str) -> Item:
         await trio.lowlevel.checkpoint()
+        target = parse_state(target_state)
         self._changeable(item_id)
-        nxt = self.clock() if target_state == "failed" else None
-        return self._set(item_id, state=target_state, next_attempt_at=nxt)
+        nxt = self.clock() if target == FAILED else None
+        return self._set(item_id, state=target.value, next_attempt_at=nxt)
 
     async def retry(self, item_id: int) -> Item:
         await trio.lowlevel.checkpoint()
-        if self._changeable(item_id).state not in ("failed", "rejected"):
+        if self._changeable(item_id).state not in RETRYABLE:
             raise TransitionError("only failed or rejected items can be retried")
-        return self._set(item_id, state="new", next_attempt_at=None)
+        return self._set(item_id, state=NEW.value, next_attempt_at=None, attempt_count=0)
 
     async def delete(self, item_id: int) -> None:
         await trio.lowlevel.checkpoint()
@@ -217,25 +223,50 @@ class FakeStore:
         del self.items[item_id]
 
     def _matching(self, f: ItemFilter) -> list[Item]:
+        """Items `f` matches that are not checked out (`search` is not modelled)."""
+        wanted = {
+            "state": None if f.state is None else parse_state(f.state).value,
+            "source_ae": f.source, "destination_ae": f.destination, "destination_role": f.role,
+            "modality": f.modality, "study_instance_uid": f.study_uid, "series_instance_uid": f.series_uid,
+        }
         return [
             i for i in self.items.values()
-            if not i.checked_out
-            and (f.destination is None or i.destination_ae == f.destination)
-            and (f.state is None or i.state == f.state)
+            if not i.checked_out and all(v is None or getattr(i, k) == v for k, v in wanted.items())
         ]
 
     async def move_where(self, f: ItemFilter, target_state: str) -> int:
         await trio.lowlevel.checkpoint()
+        target = parse_state(target_state)
         items = self._matching(f)
         for i in items:
-            self._set(i.id, state=str(target_state).lower(), next_attempt_at=None)
+            self._set(i.id, state=target.value, next_attempt_at=self.clock() if target == FAILED else None)
+        return len(items)
+
+    async def retry_where(self, f: ItemFilter, from_state: str) -> int:
+        await trio.lowlevel.checkpoint()
+        source = str(from_state).strip().lower()
+        if source not in RETRYABLE:
+            raise TransitionError(f"only failed or rejected items retry, not {from_state!r}")
+        items = [i for i in self._matching(f) if i.state == source]
+        for i in items:
+            self._set(i.id, state=NEW.value, next_attempt_at=None, attempt_count=0)
+        return len(items)
+
+    async def delete_where(self, f: ItemFilter) -> int:
+        await trio.lowlevel.checkpoint()
+        items = self._matching(f)
+        for i in items:
+            del self.items[i.id]
         return len(items)
 
     async def prepare_ripe(self, now: float, minimum_age: float) -> int:
         await trio.lowlevel.checkpoint()
-        ripe = [i.id for i in self.items.values() if i.state == "new" and i.created_at <= now - minimum_age]
+        ripe = [
+            i.id for i in self.items.values()
+            if i.state == NEW and not i.checked_out and i.created_at <= now - minimum_age
+        ]
         for i in ripe:
-            self._set(i, state="prepared")
+            self._set(i, state=PREPARED.value)
         return len(ripe)
 
 
@@ -324,7 +355,7 @@ class IntakeStore(FakeStore):
 
     async def commit_instance(
         self, temp_path: Path | None, header: Any, source_ae: str, destinations: Sequence[Destination], *,
-        state: str = "new", data: bytes | None = None, sync: Any = None,
+        state: str = NEW, data: bytes | None = None, sync: Any = None,
     ) -> list[int]:
         self.check_admission()
         self.in_commit += 1
@@ -334,8 +365,9 @@ class IntakeStore(FakeStore):
             await trio.lowlevel.checkpoint()
             return [
                 self.add(d.ae_title, study=header.study_instance_uid, series=header.series_instance_uid,
-                         state=state, source=source_ae).id
-                for d in destinations
+                         sop_class=header.sop_class_uid, sop=header.sop_instance_uid, state=state,
+                         source=source_ae, role=d.role).id
+                for d in dict.fromkeys(destinations)
             ]
         finally:
             self.in_commit -= 1

@@ -537,7 +537,7 @@ async def test_index_of_version_1_is_migrated(tmp_path: Path) -> None:
 async def test_checkout_bounds_the_bytes_it_hands_out(
     inline_store: Store, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from capacitor_trio.store import store as store_module
+    from capacitor_trio.store import queue as store_module
 
     monkeypatch.setattr(store_module, "CHECKOUT_INLINE_BYTES", 2500)
     ids = [
@@ -780,7 +780,7 @@ async def test_the_lock_is_refused_clearly_and_given_back_on_every_failure(
     import os
 
     from capacitor_trio.store import StoreInUse
-    from capacitor_trio.store import store as store_module
+    from capacitor_trio.store import connection as store_module
     from capacitor_trio.store import writer as writer_module
 
     # a holder caught before it wrote its pid: refused all the same, without a pid

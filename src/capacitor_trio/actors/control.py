@@ -42,6 +42,7 @@ from capacitor_trio.config.load import check_node_set
 from capacitor_trio.config.models import Node
 from capacitor_trio.config.nodes_file import plan_edit
 from capacitor_trio.dicom.requestor import Peer
+from capacitor_trio.domain.states import FAILED, REJECTED
 
 if TYPE_CHECKING:
     from capacitor_trio.runtime import Router
@@ -171,7 +172,7 @@ class Control:
             return await store.delete(item_id)
         if action == "retry":
             return await store.retry(item_id)
-        return await store.move(item_id, {"fail": "failed", "reject": "rejected"}.get(action, target))
+        return await store.move(item_id, {"fail": FAILED, "reject": REJECTED}.get(action, target))
 
     async def bulk(self, command: BulkCommand) -> int:
         """`command` in every node actor concerned, and here for destinations without an actor;

@@ -65,11 +65,18 @@ from capacitor_trio.actors.messages import (
 )
 from capacitor_trio.actors.service import ServiceFlags
 from capacitor_trio.config.models import Config, Node, effective, effective_schedule
-from capacitor_trio.dicom.requestor import MoreInstances, OutgoingInstance, Peer, SendOptions
+from capacitor_trio.dicom.requestor import (
+    EchoResult,
+    MoreInstances,
+    OutgoingInstance,
+    Peer,
+    SendOptions,
+)
 from capacitor_trio.domain.backoff import next_attempt, retry_delay
 from capacitor_trio.domain.outcomes import Delivered, Outcome, Rejected, RetryLater
 from capacitor_trio.domain.schedule import Schedule, parse_schedule, schedule_gate
-from capacitor_trio.store import Counts
+from capacitor_trio.domain.states import FAILED, NEW, REJECTED
+from capacitor_trio.store import Counts, QueuePort
 
 log = logging.getLogger("capacitor_trio.node")
 
@@ -110,7 +117,7 @@ class Sender(Protocol):
         more: MoreInstances | None = None,
     ) -> None: ...
 
-    async def echo(self, peer: Peer, calling_ae: str, *, timeout: float = 10) -> Any: ...  # noqa: ASYNC109
+    async def echo(self, peer: Peer, calling_ae: str, *, timeout: float = 10) -> EchoResult: ...  # noqa: ASYNC109
 
 
 @attrs.define
@@ -138,7 +145,7 @@ class NodeContext:
     """What every node actor gets from the runtime. `config` is replaced as a whole by a
     configuration reload (actors/reload.py), so actors read it where they use it."""
 
-    store: Any
+    store: QueuePort
     sender: Sender
     config: Config
     service: ServiceFlags
@@ -275,8 +282,8 @@ class NodeActor:
         elif cmd.action == "retry":
             result = await store.retry(cmd.item_id)
         elif cmd.action in ("fail", "reject", "move"):
-            target = {"fail": "failed", "reject": "rejected"}.get(cmd.action, cmd.target_state)
-            result = await store.move(cmd.item_id, target)
+            target = {"fail": FAILED, "reject": REJECTED}.get(cmd.action, cmd.target_state)
+            result = await store.move(cmd.item_id, _state_given(target, cmd.action))
         else:
             raise CommandRefused(f"unknown item action {cmd.action}")
         self._after_operator_change(cmd.action == "retry" or _is_new(cmd.target_state))
@@ -286,9 +293,9 @@ class NodeActor:
         store = self.ctx.store
         f = attrs.evolve(cmd.filter, destination=self.node.ae_title, role=self.node.role)
         if cmd.action == "move":
-            n = await store.move_where(f, cmd.target_state)
+            n = await store.move_where(f, _state_given(cmd.target_state, cmd.action))
         elif cmd.action == "retry":
-            n = await store.retry_where(f, cmd.from_state)
+            n = await store.retry_where(f, _state_given(cmd.from_state, cmd.action))
         elif cmd.action == "delete":
             n = await store.delete_where(f)
         else:
@@ -594,8 +601,15 @@ def _without_data(item: Any) -> Any:
     return attrs.evolve(item, data=None) if getattr(item, "data", None) is not None else item
 
 
+def _state_given(state: str | None, action: str) -> str:
+    """The state a command names; a command that needs one and names none is refused."""
+    if state is None:
+        raise CommandRefused(f"{action} needs a state")
+    return state
+
+
 def _is_new(state: object) -> bool:
-    return str(state or "").strip().lower() == "new"
+    return str(state or "").strip().lower() == NEW
 
 
 def node_schedule_gate(node: Node, ctx: NodeContext, now: float) -> tuple[bool, float | None]:

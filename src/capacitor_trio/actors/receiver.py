@@ -25,7 +25,8 @@ from capacitor_trio.actors.service import ServiceFlags
 from capacitor_trio.config.models import Config, Node, called_aes
 from capacitor_trio.dicom.acceptor import CannotProcess, OutOfResources, ReceivedInstance
 from capacitor_trio.domain.instance import Destination
-from capacitor_trio.store import StoreError, StoreFull
+from capacitor_trio.domain.states import NEW, PREPARED
+from capacitor_trio.store import StoreError, StoreFull, StorePort
 
 log = logging.getLogger("capacitor_trio.receiver")
 
@@ -47,7 +48,7 @@ class Receiver:
     def __init__(
         self,
         config: Config,
-        store: Any,
+        store: StorePort,
         nodes: Callable[[], list[Node]],
         service: ServiceFlags,
         clock: Callable[[], float],
@@ -115,7 +116,7 @@ class Receiver:
             try:
                 await self.store.commit_instance(
                     rx.path, rx.header, rx.calling_ae.strip(), destinations, data=rx.data,
-                    state="prepared" if ripe else "new", sync=rx.sync,
+                    state=PREPARED if ripe else NEW, sync=rx.sync,
                 )
             except StoreFull as exc:
                 log.warning("refusing %s from %s: %s", rx.header.sop_instance_uid, rx.calling_ae, exc)

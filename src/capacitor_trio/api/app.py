@@ -30,6 +30,7 @@ from capacitor_trio.actors.messages import (
     SetOverride,
 )
 from capacitor_trio.config.models import NODE_ROLES, Node
+from capacitor_trio.domain.states import FAILED, REJECTED
 from capacitor_trio.logs import LEVELS, parse_level
 from capacitor_trio.store import STATES, Counts, ItemFilter, ItemNotFound
 
@@ -439,11 +440,11 @@ class Api:
 
     async def retry_failed(self) -> Response:
         f = await self._bulk_filter_body()
-        return ok({"count": await self._bulk(BulkCommand("retry", f, from_state="failed"))})
+        return ok({"count": await self._bulk(BulkCommand("retry", f, from_state=FAILED))})
 
     async def retry_rejected(self) -> Response:
         f = await self._bulk_filter_body()
-        return ok({"count": await self._bulk(BulkCommand("retry", f, from_state="rejected"))})
+        return ok({"count": await self._bulk(BulkCommand("retry", f, from_state=REJECTED))})
 
     async def _target_body(self) -> str:
         body = await _json_body({"targetState": str}, required=("targetState",))

@@ -12,8 +12,9 @@ import json
 from typing import Any
 
 from capacitor_trio.config.models import NODE_ROLES
+from capacitor_trio.domain.states import ALL_STATES
 
-STATES = ["new", "prepared", "failed", "rejected", "expired"]
+STATES = [s.value for s in ALL_STATES]
 CODES = ["BAD_REQUEST", "FORBIDDEN", "NOT_FOUND", "CONFLICT", "TOO_MANY_REQUESTS", "INTERNAL", "UNAVAILABLE"]
 
 S = dict[str, Any]
@@ -48,7 +49,7 @@ def any_case(values: list[str]) -> S:
 
 TAG_LIMITS = ["elements", "valueSize", "sequenceItems", "sequenceDepth", "readBytes", "walkedElements", "unreadable"]
 
-QUEUE = obj({k: {"type": "integer", "minimum": 0} for k in ("new", "prepared", "failed", "rejected", "expired", "checkedOut")})
+QUEUE = obj({k: {"type": "integer", "minimum": 0} for k in (*STATES, "checkedOut")})
 
 ITEM_PROPS: S = {
     "id": INT,

@@ -14,20 +14,14 @@ from pydicom.filereader import read_dataset
 from capacitor_trio.actors.messages import NodeStatus
 from capacitor_trio.config.models import Node
 from capacitor_trio.dicom.part10 import ShowLimits, bounded_copy
-from capacitor_trio.store import Counts, Item
+from capacitor_trio.store import STATES, Counts, Item
 
 from .envelope import iso
 
 
 def queue_json(q: Any) -> dict[str, int]:
-    return {
-        "new": q.new,
-        "prepared": q.prepared,
-        "failed": q.failed,
-        "rejected": q.rejected,
-        "expired": q.expired,
-        "checkedOut": q.checked_out,
-    }
+    """Items per state (`domain.states`, in its order) and checked out."""
+    return {**{s: getattr(q, s) for s in STATES}, "checkedOut": q.checked_out}
 
 
 def node_json(node: Node, status: NodeStatus | None) -> dict[str, Any]:

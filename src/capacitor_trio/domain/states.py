@@ -32,6 +32,9 @@ EXPIRED = ItemState.EXPIRED
 
 ALL_STATES: tuple[ItemState, ...] = tuple(ItemState)
 
+#: States an item waits in to be delivered (expiry applies to these).
+QUEUED: tuple[ItemState, ...] = (NEW, PREPARED, FAILED)
+
 #: States from which the API's "retry" moves an item back to New.
 RETRYABLE: frozenset[ItemState] = frozenset({FAILED, REJECTED})
 

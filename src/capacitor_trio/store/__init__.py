@@ -96,6 +96,7 @@ from __future__ import annotations
 from .errors import ItemCheckedOut, ItemNotFound, StoreError, StoreFull, StoreInUse, TransitionError
 from .fsops import FileOps
 from .model import QUEUED_STATES, STATES, Counts, Item, ItemFilter, RecoveryReport
+from .port import QueuePort, StorePort
 from .schema import SCHEMA_VERSION
 from .store import Store, open_store
 
@@ -109,11 +110,13 @@ __all__ = [
     "ItemCheckedOut",
     "ItemFilter",
     "ItemNotFound",
+    "QueuePort",
     "RecoveryReport",
     "Store",
     "StoreError",
     "StoreFull",
     "StoreInUse",
+    "StorePort",
     "TransitionError",
     "open_store",
 ]

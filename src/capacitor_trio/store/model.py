@@ -6,9 +6,12 @@ from pathlib import Path
 
 import attrs
 
-STATES: tuple[str, ...] = ("new", "prepared", "failed", "rejected", "expired")
+from ..domain.states import ALL_STATES, QUEUED
+
+#: The item states' stored spellings, in the order of `domain.states.ItemState`.
+STATES: tuple[str, ...] = tuple(s.value for s in ALL_STATES)
 #: States an item waits in to be delivered (expiry applies to these).
-QUEUED_STATES: tuple[str, ...] = ("new", "prepared", "failed")
+QUEUED_STATES: tuple[str, ...] = tuple(s.value for s in QUEUED)
 
 
 def _check_state(_inst: object, attribute: attrs.Attribute[str | None], value: str | None) -> None:

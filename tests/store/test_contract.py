@@ -1,0 +1,270 @@
+"""One suite of behaviour for every implementation of `StorePort`: the real store and the actor
+tests' fake (tests/actors/fakes.py), so the fake cannot drift from what the actors get in
+production. Only the port's methods are used (and `list_items` to look at the items)."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+
+from capacitor_trio.actors.node import Sender
+from capacitor_trio.domain.instance import Destination
+from capacitor_trio.domain.states import FAILED, NEW, PREPARED, REJECTED
+from capacitor_trio.store import (
+    Item,
+    ItemCheckedOut,
+    ItemFilter,
+    ItemNotFound,
+    QueuePort,
+    Store,
+    StorePort,
+    TransitionError,
+    open_store,
+)
+from tests.actors.fakes import FakeSender, FakeStore, IntakeStore
+
+from .util import CT, MR, SR, FakeClock, header
+
+PACS = Destination("PACS")
+AI = Destination("AI")
+
+
+@attrs.define
+class Harness:
+    port: Any  # a StorePort: the real Store or the fake
+    clock: FakeClock
+
+    async def commit(
+        self, dests: list[Destination] | None = None, *, state: str = PREPARED, study: str = "1.2.3.1",
+        series: str = "1.2.3.1.1", sop_class: str = CT,
+    ) -> list[int]:
+        hdr = header(study=study, series=series, sop_class=sop_class)
+        ids: list[int] = await self.port.commit_instance(
+            None, hdr, "CT01", dests or [PACS], state=state, data=b"DICM" * 64
+        )
+        return ids
+
+    async def items(self, dest: Destination = PACS) -> dict[int, Item]:
+        items, _ = await self.port.list_items(ItemFilter(destination=dest.ae_title), limit=1000)
+        return {i.id: i for i in items}
+
+    async def checkout(self, dest: Destination = PACS, **kw: Any) -> list[int]:
+        kw.setdefault("limit", 100)
+        batch = await self.port.checkout_batch(dest, now=self.clock(), **kw)
+        return [i.id for i in batch]
+
+
+@pytest.fixture(params=["store", "fake"])
+async def h(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> AsyncIterator[Harness]:
+    if request.param == "fake":
+        yield Harness(IntakeStore(clock), clock)
+        return
+    async with open_store(tmp_path / "cache", durable=False, clock=clock) as store:
+        yield Harness(store, clock)
+
+
+def _signature(cls: type, name: str) -> list[tuple[str, Any, Any]]:
+    sig = inspect.signature(getattr(cls, name))
+    return [(p.name, p.kind, p.default) for p in sig.parameters.values()]
+
+
+@pytest.mark.parametrize(
+    ("impl", "port"),
+    [(Store, StorePort), (IntakeStore, StorePort), (FakeStore, QueuePort), (FakeSender, Sender)],
+)
+def test_implementations_have_the_ports_methods_with_the_same_parameters(impl: type, port: type) -> None:
+    members = [n for n, v in inspect.getmembers(port) if inspect.isfunction(v) and not n.startswith("_")]
+    assert members
+    for name in members:
+        assert hasattr(impl, name), f"{impl.__name__} has no {name}"
+        assert _signature(impl, name) == _signature(port, name), f"{impl.__name__}.{name}"
+        assert inspect.iscoroutinefunction(getattr(impl, name)) == inspect.iscoroutinefunction(getattr(port, name))
+
+
+async def test_commit_queues_one_item_per_distinct_destination(h: Harness) -> None:
+    ids = await h.commit([PACS, AI, PACS], state=NEW)
+    assert len(ids) == 2
+    assert [i.state for i in (await h.items(PACS)).values()] == ["new"]
+    counts = await h.port.counts()
+    assert (counts.new, counts.total, counts.checked_out) == (2, 2, 0)
+    assert (await h.port.counts(AI)).total == 1
+
+
+async def test_prepare_ripe_prepares_new_items_old_enough(h: Harness) -> None:
+    (old,) = await h.commit(state=NEW)
+    h.clock.advance(10)
+    (young,) = await h.commit(state=NEW)
+    assert await h.port.prepare_ripe(h.clock(), 5) == 1
+    items = await h.items()
+    assert (items[old].state, items[young].state) == ("prepared", "new")
+
+
+async def test_checkout_hands_out_prepared_items_oldest_first_once(h: Harness) -> None:
+    ids = []
+    for _ in range(3):
+        ids += await h.commit()
+        h.clock.advance(1)
+    await h.commit(state=NEW)
+    assert await h.checkout(limit=2) == ids[:2]
+    assert await h.checkout() == ids[2:]
+    assert await h.checkout() == []
+    assert (await h.port.counts(PACS)).checked_out == 3
+
+
+async def test_outcomes_remove_reschedule_or_reject(h: Harness) -> None:
+    a, b, c = [(await h.commit())[0] for _ in range(3)]
+    assert await h.checkout() == [a, b, c]
+    due = h.clock() + 60
+    await h.port.record_outcomes(delivered=[a], failed=[(b, "busy", due)], rejected=[(c, "refused")])
+    items = await h.items()
+    assert set(items) == {b, c}
+    assert (items[b].state, items[b].attempt_count, items[b].last_error, items[b].next_attempt_at) == (
+        "failed", 1, "busy", due
+    )
+    assert (items[c].state, items[c].attempt_count, items[c].last_error) == ("rejected", 1, "refused")
+    assert not items[b].checked_out and not items[c].checked_out
+    # a failed item waits for its time; an id no longer there is skipped
+    assert await h.checkout() == []
+    assert await h.port.next_eligible_at(PACS, h.clock()) == due
+    await h.port.record_outcomes(delivered=[a])
+    h.clock.advance(60)
+    assert await h.port.next_eligible_at(PACS, h.clock()) == h.clock()
+    assert await h.checkout() == [b]
+
+
+async def test_next_eligible_at(h: Harness) -> None:
+    assert await h.port.next_eligible_at(PACS, h.clock()) is None
+    (a,) = await h.commit()
+    assert await h.port.next_eligible_at(PACS, h.clock()) == h.clock()
+    await h.checkout()
+    assert await h.port.next_eligible_at(PACS, h.clock()) is None
+    await h.port.record_outcomes(failed=[(a, "busy", h.clock() - 5)])
+    # overdue: now, not the past
+    assert await h.port.next_eligible_at(PACS, h.clock()) == h.clock()
+
+
+async def test_release_gives_items_back_unchanged(h: Harness) -> None:
+    ids = [(await h.commit())[0] for _ in range(2)]
+    (other,) = await h.commit([AI])
+    assert await h.checkout() == ids
+    await h.port.release(ids[:1])
+    assert await h.checkout() == ids[:1]
+    assert await h.checkout(AI) == [other]
+    released = await h.port.release_all_checked_out(PACS)
+    items = await h.items()
+    assert sorted(released) == sorted(i.sop_instance_uid for i in items.values())
+    assert all(i.state == "prepared" and not i.checked_out and i.attempt_count == 0 for i in items.values())
+    assert (await h.port.counts(AI)).checked_out == 1
+    assert len(await h.port.release_all_checked_out()) == 1
+
+
+async def test_operator_transitions_of_one_item(h: Harness) -> None:
+    a, b = [(await h.commit())[0] for _ in range(2)]
+    moved = await h.port.move(a, "Failed")
+    assert (moved.state, moved.next_attempt_at) == ("failed", h.clock())
+    retried = await h.port.retry(a)
+    assert (retried.state, retried.next_attempt_at, retried.attempt_count) == ("new", None, 0)
+    with pytest.raises(TransitionError):
+        await h.port.retry(b)  # prepared: nothing to retry
+    moved = await h.port.move(a, REJECTED)
+    assert (moved.state, moved.next_attempt_at) == ("rejected", None)
+    await h.port.delete(a)
+    assert set(await h.items()) == {b}
+    with pytest.raises(ItemNotFound):
+        await h.port.move(a, PREPARED)
+    with pytest.raises(ValueError):
+        await h.port.move(b, "delivered")
+    assert await h.checkout() == [b]
+    for action in (h.port.retry, h.port.delete, lambda i: h.port.move(i, NEW)):
+        with pytest.raises(ItemCheckedOut):
+            await action(b)
+
+
+async def test_retry_resets_the_attempts_of_a_delivery_failure(h: Harness) -> None:
+    (a,) = await h.commit()
+    await h.checkout()
+    await h.port.record_outcomes(failed=[(a, "busy", h.clock() + 60)])
+    item = await h.port.retry(a)
+    assert (item.state, item.attempt_count, item.next_attempt_at) == ("new", 0, None)
+
+
+async def test_bulk_transitions_skip_checked_out_items_and_honour_the_filter(h: Harness) -> None:
+    busy = (await h.commit(study="S1"))[0]
+    s1 = [(await h.commit(study="S1"))[0] for _ in range(2)]
+    s2 = (await h.commit(study="S2"))[0]
+    (ai,) = await h.commit([AI], study="S1")
+    assert await h.checkout(limit=1) == [busy]
+    mine = ItemFilter(destination="PACS", role="Storage")
+    assert await h.port.move_where(attrs.evolve(mine, study_uid="S1"), FAILED) == 2
+    items = await h.items()
+    assert {i: items[i].state for i in [busy, *s1, s2]} == {busy: "prepared", s1[0]: "failed", s1[1]: "failed", s2: "prepared"}
+    assert all(items[i].next_attempt_at == h.clock() for i in s1)
+    with pytest.raises(TransitionError):
+        await h.port.retry_where(mine, PREPARED)
+    assert await h.port.retry_where(attrs.evolve(mine, state="rejected"), FAILED) == 0
+    assert await h.port.retry_where(mine, FAILED) == 2
+    assert {(await h.items())[i].state for i in s1} == {"new"}
+    assert await h.port.delete_where(attrs.evolve(mine, study_uid="S1")) == 2
+    assert set(await h.items()) == {busy, s2}
+    assert set(await h.items(AI)) == {ai}
+
+
+async def test_sop_class_priorities_order_the_checkout(h: Harness) -> None:
+    ct = (await h.commit(sop_class=CT))[0]
+    h.clock.advance(1)
+    mr = (await h.commit(sop_class=MR))[0]
+    h.clock.advance(1)
+    sr = (await h.commit(sop_class=SR))[0]
+    # listed classes first in their order, the rest where "default" stands (any case)
+    assert await h.checkout(sop_class_priorities=[SR, "DEFAULT", MR]) == [sr, ct, mr]
+    await h.port.release_all_checked_out()
+    # no "default": the unlisted ones come last, oldest first
+    assert await h.checkout(sop_class_priorities=[MR]) == [mr, ct, sr]
+    await h.port.release_all_checked_out()
+    assert await h.checkout(sop_class_priorities=[MR], limit=1) == [mr]
+
+
+async def test_failed_items_due_join_the_prepared_ones_in_arrival_order(h: Harness) -> None:
+    ids = []
+    for _ in range(3):
+        ids += await h.commit()
+        h.clock.advance(1)
+    a, b, c = ids
+    assert await h.checkout(limit=1) == [a]
+    await h.port.record_outcomes(failed=[(a, "busy", h.clock() + 10)])
+    h.clock.advance(10)
+    assert await h.checkout() == [a, b, c]
+
+
+async def test_series_batches(h: Harness) -> None:
+    a1 = (await h.commit(series="A"))[0]
+    b1 = (await h.commit(series="B"))[0]
+    a2 = (await h.commit(series="A"))[0]
+    assert await h.checkout(by_series=True) == [a1, a2]
+    await h.port.release_all_checked_out()
+    assert await h.checkout(series_uid="B") == [b1]
+
+
+async def test_process_delay_holds_back_studies_still_arriving(h: Harness) -> None:
+    quiet = (await h.commit(study="Q"))[0]
+    h.clock.advance(30)
+    busy = (await h.commit(study="B"))[0]
+    before = h.clock() - 10
+    assert await h.port.first_quiet_arrival(PACS, 10) == before - 20
+    assert await h.checkout(study_quiet_before=before) == [quiet]
+    assert await h.port.first_quiet_arrival(PACS, 10) == h.clock()
+    assert await h.checkout(study_quiet_before=before, exempt_studies={"B"}) == [busy]
+    assert await h.port.first_quiet_arrival(PACS, 10) is None
+
+
+async def test_pause_flags(h: Harness) -> None:
+    assert await h.port.get_paused() == set()
+    await h.port.set_paused(PACS, True)
+    await h.port.set_paused(AI, True)
+    await h.port.set_paused(AI, False)
+    assert await h.port.get_paused() == {("PACS", "Storage")}
