@@ -19,7 +19,7 @@ from capacitor_trio.dicom.acceptor import ReceivedInstance
 from capacitor_trio.domain.instance import InstanceHeader
 from capacitor_trio.domain.processing import NodeProcessing
 from capacitor_trio.runtime import Router
-from capacitor_trio.store import Counts
+from capacitor_trio.store import Counts, Item, ItemNotFound
 
 from .fakes import IntakeStore
 from .test_node import BASE, World, config, world_factory
@@ -34,9 +34,19 @@ async def make_world() -> AsyncIterator[Callable[..., Any]]:
         nursery.cancel_scope.cancel()
 
 
+class DetailStore(IntakeStore):
+    """With one item read back, as the item detail asks the real store."""
+
+    async def get_item(self, item_id: int, *, with_data: bool = False) -> Item:
+        await trio.lowlevel.checkpoint()
+        if item_id not in self.items:
+            raise ItemNotFound(f"no item {item_id}")
+        return self.items[item_id]
+
+
 async def reads_for(make_world: Callable[..., Any], **cfg: Any) -> tuple[RouterReads, World, Receiver]:
     clock: Callable[[], float] = lambda: BASE + trio.current_time()  # noqa: E731
-    world: World = await make_world(NODES, store=IntakeStore(clock), **cfg)
+    world: World = await make_world(NODES, store=DetailStore(clock), **cfg)
     receiver = Receiver(config(**cfg), world.store, lambda: list(NODES), world.service, clock)
     settings = Settings(config(**cfg), NODES)
     router = Router(settings, world.store, world.sup, receiver, world.service, clock, clock(), nodes=list(NODES))
@@ -86,3 +96,23 @@ async def test_node_status_with_its_queue(make_world: Any, autojump_clock: Any) 
     assert await reads.node_status_now(query_retrieve) is None  # no actor: nothing to show
     assert reads.service_flags()["storageScu"] is True
     assert reads.system().ae_title == world.sup.ctx.config.my_ae_title
+
+
+async def test_read_stored_only_while_the_item_is_there(make_world: Any, autojump_clock: Any, tmp_path: Path) -> None:
+    reads, world, _receiver = await reads_for(make_world)
+    await world.handle.call(Pause())
+    spooled = attrs.evolve(world.store.add("PACS"), path=tmp_path / "1.dcm")
+    spooled.path.write_bytes(b"spool file")
+    inline = attrs.evolve(world.store.add("PACS"), inline=True, data=b"in the index")
+    read: Callable[[Any], bytes] = lambda source: source.read() if hasattr(source, "read") else source.read_bytes()  # noqa: E731
+    assert await reads.read_stored(spooled, read) == b"spool file"
+    assert await reads.read_stored(inline, read) == b"in the index"
+    assert await reads.read_stored(attrs.evolve(spooled, path=tmp_path / "gone.dcm"), read) is None
+
+    def delivered_while_read(source: Any) -> bytes:
+        del world.store.items[spooled.id]  # its file may now hold another instance
+        return read(source)
+
+    assert await reads.read_stored(spooled, delivered_while_read) is None
+    del world.store.items[inline.id]  # bytes from the index are the instance's own, whatever follows
+    assert await reads.read_stored(inline, read) == b"in the index"

@@ -8,6 +8,7 @@ goes to the owner of the fact, as `actors/control.py` does for writes:
 | the node set in force                       | the router's node list (a reload replaces it) |
 | a node's status (pause, override, activity) | the supervisor's snapshot (works while the actor restarts) |
 | item listings, one item, counts             | the store's read-only queries (a snapshot on a reader connection) |
+| an item's stored bytes (the item detail's tags) | its spool file or the index, checked against reuse |
 | received, preparing, ripe for preparing     | the receiver and its preparer              |
 | service flags                               | `ServiceFlags`                             |
 | loop stalls, recent log lines               | `LoopLag`, the log ring buffer             |
@@ -18,9 +19,13 @@ formats the snapshot it gets.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
 
 import attrs
+import trio
 
 from capacitor_trio.actors.messages import NodeStatus
 from capacitor_trio.config.models import Node
@@ -32,13 +37,14 @@ from capacitor_trio.domain.processing import (
     processing_status,
 )
 from capacitor_trio.logs import LogEntry
-from capacitor_trio.store import Counts, Item, ItemFilter
+from capacitor_trio.store import Counts, Item, ItemFilter, ItemNotFound
 
 if TYPE_CHECKING:
     from capacitor_trio.runtime import Router
 
 #: a node's key: (AE title, role)
 NodeKey = tuple[str, str]
+T = TypeVar("T")
 
 
 @attrs.frozen
@@ -64,6 +70,8 @@ class ReadPort(Protocol):
     async def list_items(self, f: ItemFilter, *, skip: int, limit: int) -> tuple[list[Item], int]: ...
 
     async def get_item(self, item_id: int, *, with_data: bool = False) -> Item: ...
+
+    async def read_stored(self, item: Item, read: Callable[[Path | BinaryIO], T]) -> T | None: ...
 
     async def processing_status(self) -> ProcessingStatus: ...
 
@@ -139,6 +147,24 @@ class RouterReads:
         """One item (ItemNotFound if there is none); `with_data`: with the bytes of an instance
         kept in the index."""
         return await self._store.get_item(item_id, with_data=with_data)
+
+    async def read_stored(self, item: Item, read: Callable[[Path | BinaryIO], T]) -> T | None:
+        """`read` applied in a worker thread to the stored Part 10 bytes of `item` (as
+        `get_item(..., with_data=True)` gave it): `read` must be bounded in memory and time.
+        None when they cannot be read, or when a spool file's item went away while it was read:
+        a spool file is reused for a new reception only after the commit that removed its items,
+        so what was read may then be another instance's."""
+        try:
+            source = io.BytesIO(item.data) if item.data is not None else item.path
+            result = await trio.to_thread.run_sync(read, source)
+        except Exception:  # a missing or unreadable file: the item is still there to show
+            return None
+        if item.data is None:
+            try:
+                await self._store.get_item(item.id)
+            except ItemNotFound:
+                return None
+        return result
 
     # ---- the router as a whole ----------------------------------------------------------------
 

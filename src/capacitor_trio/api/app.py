@@ -9,7 +9,6 @@ become the envelope in `_endpoint`; nothing ever answers with a traceback.
 from __future__ import annotations
 
 import functools
-import io
 import json
 import math
 from collections.abc import Awaitable, Callable
@@ -32,7 +31,7 @@ from capacitor_trio.actors.queries import ReadPort, RouterReads
 from capacitor_trio.config.models import NODE_ROLES, Node
 from capacitor_trio.domain.states import FAILED, REJECTED
 from capacitor_trio.logs import LEVELS, parse_level
-from capacitor_trio.store import STATES, Counts, ItemFilter, ItemNotFound
+from capacitor_trio.store import STATES, Counts, ItemFilter
 
 from .auth import COOKIE, SESSION_TTL, Auth, same_origin
 from .envelope import (
@@ -356,22 +355,11 @@ class Api:
     async def get_item(self, item_id: str) -> Response:
         item = await self.reads.get_item(_item_id(item_id), with_data=True)
         out = item_json(item)
-        try:
-            source = io.BytesIO(item.data) if item.data is not None else item.path
-            shown = await trio.to_thread.run_sync(read_tags, source)
-        except Exception:  # a missing or unreadable file: the item is still shown
-            shown = None
+        # None: unreadable, or the item went away while it was read (read_stored)
+        shown = await self.reads.read_stored(item, read_tags)
         tags = shown.json if shown is not None else None
         if tags is not None and tags.get("00080018", {}).get("Value") != [item.sop_instance_uid]:
             tags = None  # not this instance's file (gone and its name reused): never show it
-        if tags is not None and item.data is None:
-            # the file may have been delivered and reused while it was read (its UID read before
-            # a new reception overwrote what followed): its tags count only if the item is still
-            # there, since a file is reused only after the commit that removed its items
-            try:
-                await self.reads.get_item(item.id)
-            except ItemNotFound:
-                tags = None
         out["tags"] = tags
         # what the header shown leaves out beyond bulk data (views.read_tags's limits)
         # (also when the cut left out the SOP Instance UID, so that nothing could be shown)
