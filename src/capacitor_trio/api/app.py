@@ -1,20 +1,19 @@
 """The management API: `create_app(router)` builds a Quart-Trio app with every route.
 
-Routes are thin: they parse and validate the request, read the store directly for listings and
-counts, and send every write as a command to the owning node actor through its handle (the reply
-is awaited under a deadline). Errors are raised (`ApiError`, or the core's own exceptions) and
+Routes are thin: they parse and validate the request, send every write through the control port
+(`actors/control.py`: each command answered by the owner of what it changes) and every read
+through the read port (`actors/queries.py`), and format the answers. Errors are raised (`ApiError`, or the core's own exceptions) and
 become the envelope in `_endpoint`; nothing ever answers with a traceback.
 """
 
 from __future__ import annotations
 
 import functools
-import io
 import json
 import math
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from quart import Response, request
@@ -25,14 +24,14 @@ import capacitor_trio
 from capacitor_trio.actors.control import Control
 from capacitor_trio.actors.messages import (
     BulkCommand,
-    NodeStatus,
     Pause,
     SetOverride,
 )
+from capacitor_trio.actors.queries import ReadPort, RouterReads
 from capacitor_trio.config.models import NODE_ROLES, Node
 from capacitor_trio.domain.states import FAILED, REJECTED
 from capacitor_trio.logs import LEVELS, parse_level
-from capacitor_trio.store import STATES, Counts, ItemFilter, ItemNotFound
+from capacitor_trio.store import STATES, Counts, ItemFilter
 
 from .auth import COOKIE, SESSION_TTL, Auth, same_origin
 from .envelope import (
@@ -48,6 +47,9 @@ from .envelope import (
 )
 from .queries import Recent
 from .views import item_json, node_json, read_tags
+
+if TYPE_CHECKING:
+    from capacitor_trio.runtime import Router
 
 MAX_LIMIT = 1000
 MAX_LOG_LINES = 1000
@@ -188,17 +190,14 @@ def _host_name(host: str) -> str:
 class Api:
     """The routes, bound to one running router."""
 
-    def __init__(self, router: Any) -> None:
-        self.router = router
+    def __init__(self, router: Router) -> None:
         self.auth = Auth(router.settings.config.api)
+        #: every write goes through `control`, every read through `reads`
         self.control = Control(router)
+        self.reads: ReadPort = RouterReads(router)
         #: aggregate counts, recomputed in the background (see queries.Recent)
-        self.totals = Recent(lambda: self.store.counts())
-        self.per_destination = Recent(self._per_destination)
-
-    async def _per_destination(self) -> dict[tuple[str, str], Counts]:
-        by_dest = await self.store.counts_by_destination()
-        return {(d.ae_title, d.role): c for d, c in by_dest.items()}
+        self.totals = Recent(lambda: self.reads.counts())
+        self.per_destination = Recent(lambda: self.reads.counts_by_node())
 
     def set_background_nursery(self, nursery: trio.Nursery) -> None:
         self.totals.nursery = self.per_destination.nursery = nursery
@@ -209,16 +208,8 @@ class Api:
 
     # ---- lookups -----------------------------------------------------------------------------
 
-    @property
-    def store(self) -> Any:
-        return self.router.store
-
-    @property
-    def supervisor(self) -> Any:
-        return self.router.supervisor
-
     def find_node(self, ae: str, role: str | None) -> Node:
-        matches = [n for n in self.router.nodes if n.ae_title == ae]
+        matches = [n for n in self.reads.nodes() if n.ae_title == ae]
         if role is not None:
             matches = [n for n in matches if n.role == role]
         if not matches:
@@ -226,19 +217,6 @@ class Api:
             raise not_found(f"no node {ae!r}{suffix}")
         storage = [n for n in matches if n.role == "Storage"]
         return (storage or matches)[0]
-
-    def handle_for(self, node: Node) -> Any:
-        return self.control.handle(node)
-
-    async def node_status(self, node: Node) -> NodeStatus | None:
-        handle = self.handle_for(node)
-        if handle is None:
-            return None
-        counts = await self.store.counts(handle.destination)
-        return self.supervisor.snapshot(handle, counts)
-
-    def node_response(self, node: Node, status: NodeStatus | None) -> Any:
-        return node_json(node, status)
 
     # ---- auth --------------------------------------------------------------------------------
 
@@ -274,14 +252,14 @@ class Api:
     # ---- system ------------------------------------------------------------------------------
 
     async def system_info(self) -> Response:
-        r = self.router
+        info = self.reads.system()
         return ok(
             {
                 "product": "capacitor-trio",
                 "version": capacitor_trio.__version__,
-                "startedAt": iso(r.started_at, ms=False),
-                "uptimeSeconds": max(0, int(r.clock() - r.started_at)),
-                "aeTitle": r.settings.config.my_ae_title,
+                "startedAt": iso(info.started_at, ms=False),
+                "uptimeSeconds": info.uptime_seconds,
+                "aeTitle": info.ae_title,
                 "activationState": "Active",
             }
         )
@@ -294,15 +272,13 @@ class Api:
     async def list_nodes(self) -> Response:
         by_dest = await self.per_destination.get()
         out = []
-        for node in list(self.router.nodes):
-            handle = self.handle_for(node)
-            status = None if handle is None else self.supervisor.snapshot(handle, by_dest.get(node.key, Counts()))
-            out.append(node_json(node, status))
+        for node in self.reads.nodes():
+            out.append(node_json(node, self.reads.node_status(node, by_dest.get(node.key, Counts()))))
         return ok(out)
 
     async def get_node(self, ae: str) -> Response:
         node = self.find_node(ae, _role_arg())
-        return ok(node_json(node, await self.node_status(node)))
+        return ok(node_json(node, await self.reads.node_status_now(node)))
 
     async def put_node(self, ae: str) -> Response:
         allowed: dict[str, Any] = {
@@ -373,28 +349,17 @@ class Api:
         f = self._list_filter()
         skip = _int_arg("skip", 0, 0, 2**62)
         limit = _int_arg("limit", 100, 1, MAX_LIMIT)
-        items, total = await self.store.list_items(f, skip=skip, limit=limit)
+        items, total = await self.reads.list_items(f, skip=skip, limit=limit)
         return ok({"items": [item_json(i) for i in items], "total": total, "skip": skip, "limit": limit})
 
     async def get_item(self, item_id: str) -> Response:
-        item = await self.store.get_item(_item_id(item_id), with_data=True)
+        item = await self.reads.get_item(_item_id(item_id), with_data=True)
         out = item_json(item)
-        try:
-            source = io.BytesIO(item.data) if item.data is not None else item.path
-            shown = await trio.to_thread.run_sync(read_tags, source)
-        except Exception:  # a missing or unreadable file: the item is still shown
-            shown = None
+        # None: unreadable, or the item went away while it was read (read_stored)
+        shown = await self.reads.read_stored(item, read_tags)
         tags = shown.json if shown is not None else None
         if tags is not None and tags.get("00080018", {}).get("Value") != [item.sop_instance_uid]:
             tags = None  # not this instance's file (gone and its name reused): never show it
-        if tags is not None and item.data is None:
-            # the file may have been delivered and reused while it was read (its UID read before
-            # a new reception overwrote what followed): its tags count only if the item is still
-            # there, since a file is reused only after the commit that removed its items
-            try:
-                await self.store.get_item(item.id)
-            except ItemNotFound:
-                tags = None
         out["tags"] = tags
         # what the header shown leaves out beyond bulk data (views.read_tags's limits)
         # (also when the cut left out the SOP Instance UID, so that nothing could be shown)
@@ -464,7 +429,7 @@ class Api:
     # ---- service, metrics, logs --------------------------------------------------------------
 
     async def service_status(self) -> Response:
-        return ok(self.router.service.as_dict())
+        return ok(self.reads.service_flags())
 
     async def service_pause(self) -> Response:
         return ok(self.control.set_service(False))
@@ -483,35 +448,17 @@ class Api:
         return ok(self.control.set_service(True))
 
     async def processing_status(self) -> Response:
-        r = self.router
-        service = r.service
-        checked_out = (await self.store.counts()).checked_out  # live: `idle` must be exact
-        now = r.clock()
-        nodes = []
-        sends = 0
-        ripe = service.prepare and r.receiver.ripe_pending(now)
-        for handle in self.supervisor.handles:
-            snap = self.supervisor.snapshot(handle)
-            sends += snap.sends_in_progress
-            nodes.append({"aeTitle": snap.ae_title, "role": snap.role, "paused": snap.paused, "status": snap.status})
-            can_send = (
-                service.storage_scu
-                and not snap.paused
-                and snap.status == "running"
-                and (snap.in_window or snap.schedule_override)
-            )
-            if can_send and not ripe:
-                at = await self.store.next_eligible_at(handle.destination, now)
-                ripe = at is not None and at <= now
-        active = sends + r.receiver.preparing
-        all_paused = service.all_paused or (bool(nodes) and all(n["paused"] for n in nodes))
+        st = await self.reads.processing_status()
         return ok(
             {
-                "allPaused": all_paused,
-                "checkedOutItems": checked_out,
-                "activeJobs": active,
-                "idle": active == 0 and checked_out == 0 and not ripe,
-                "nodes": nodes,
+                "allPaused": st.all_paused,
+                "checkedOutItems": st.checked_out_items,
+                "activeJobs": st.active_jobs,
+                "idle": st.idle,
+                "nodes": [
+                    {"aeTitle": n.ae_title, "role": n.role, "paused": n.paused, "status": n.status}
+                    for n in st.nodes
+                ],
             }
         )
 
@@ -522,9 +469,9 @@ class Api:
                 "totalItems": counts.total,
                 "byState": {s: getattr(counts, s) for s in STATES},
                 "checkedOut": counts.checked_out,
-                "received": self.router.receiver.received,
-                "service": self.router.service.as_dict(),
-                "loop": self.router.loop.to_json(),
+                "received": self.reads.received(),
+                "service": self.reads.service_flags(),
+                "loop": self.reads.loop_figures(),
             }
         )
 
@@ -537,9 +484,7 @@ class Api:
                 level = parse_level(raw)
             except ValueError:
                 raise bad_request(f"level: unknown level {raw!r}; expected one of {', '.join(LEVELS)}") from None
-        ring = self.router.ring
-        entries = ring.recent(lines, level) if ring is not None else []
-        return ok([e.to_json() for e in entries])
+        return ok([e.to_json() for e in self.reads.recent_logs(lines, level)])
 
     # ---- backward compatible (no envelope) ---------------------------------------------------
 
@@ -610,7 +555,7 @@ def _endpoint(api: Api, handler: Handler, write: bool) -> Handler:
     return view
 
 
-def create_app(router: Any) -> QuartTrio:
+def create_app(router: Router) -> QuartTrio:
     """A fresh app serving `router` (no module-level app)."""
     app = QuartTrio("capacitor_trio.api", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024

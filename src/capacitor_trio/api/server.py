@@ -20,7 +20,7 @@ import errno
 import logging
 import socket
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING
 
 import trio
 from hypercorn.config import Config as HyperConfig
@@ -33,6 +33,9 @@ from hypercorn.utils import wrap_app
 from capacitor_trio.serving import serve_listeners
 
 from .app import create_app
+
+if TYPE_CHECKING:
+    from capacitor_trio.runtime import Router
 
 log = logging.getLogger("capacitor_trio.api")
 
@@ -95,7 +98,7 @@ def hypercorn_config() -> HyperConfig:
     return config
 
 
-async def run_api(router: Any, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+async def run_api(router: Router, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve the API for `router` until cancelled; `task_status.started(port)` once listening."""
     api = router.settings.config.api
     sock = bind_loopback(api.port)

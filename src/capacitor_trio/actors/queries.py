@@ -1,0 +1,221 @@
+"""The read port: everything the API shows, asked of the owners without changing anything.
+
+`ReadPort` is what the API may read; `RouterReads` answers it from the running router. Each read
+goes to the owner of the fact, as `actors/control.py` does for writes:
+
+| fact                                        | asked of                                   |
+|---------------------------------------------|--------------------------------------------|
+| the node set in force                       | the router's node list (a reload replaces it) |
+| a node's status (pause, override, activity) | the supervisor's snapshot (works while the actor restarts) |
+| item listings, one item, counts             | the store's read-only queries (a snapshot on a reader connection) |
+| an item's stored bytes (the item detail's tags) | its spool file or the index, checked against reuse |
+| received, preparing, ripe for preparing     | the receiver and its preparer              |
+| service flags                               | `ServiceFlags`                             |
+| loop stalls, recent log lines               | `LoopLag`, the log ring buffer             |
+
+Whether the router is idle is decided by `domain.processing` from these inputs; the API only
+formats the snapshot it gets.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
+
+import attrs
+import trio
+
+from capacitor_trio.actors.messages import NodeStatus
+from capacitor_trio.config.models import Node
+from capacitor_trio.domain.instance import Destination
+from capacitor_trio.domain.processing import (
+    NodeProcessing,
+    ProcessingStatus,
+    may_send,
+    processing_status,
+)
+from capacitor_trio.logs import LogEntry
+from capacitor_trio.store import Counts, Item, ItemFilter, ItemNotFound
+
+if TYPE_CHECKING:
+    from capacitor_trio.runtime import Router
+
+#: a node's key: (AE title, role)
+NodeKey = tuple[str, str]
+T = TypeVar("T")
+
+
+@attrs.frozen
+class SystemInfo:
+    ae_title: str
+    started_at: float  # wall clock, seconds
+    uptime_seconds: int
+
+
+class ReadPort(Protocol):
+    """What the API reads of the running router (never a change)."""
+
+    def nodes(self) -> list[Node]: ...
+
+    def node_status(self, node: Node, counts: Counts | None = None) -> NodeStatus | None: ...
+
+    async def node_status_now(self, node: Node) -> NodeStatus | None: ...
+
+    async def counts(self) -> Counts: ...
+
+    async def counts_by_node(self) -> dict[NodeKey, Counts]: ...
+
+    async def list_items(self, f: ItemFilter, *, skip: int, limit: int) -> tuple[list[Item], int]: ...
+
+    async def get_item(self, item_id: int, *, with_data: bool = False) -> Item: ...
+
+    async def read_stored(self, item: Item, read: Callable[[Path | BinaryIO], T]) -> T | None: ...
+
+    async def processing_status(self) -> ProcessingStatus: ...
+
+    def received(self) -> int: ...
+
+    def service_flags(self) -> dict[str, bool]: ...
+
+    def loop_figures(self) -> dict[str, Any]: ...
+
+    def recent_logs(self, lines: int, level: str | None) -> list[LogEntry]: ...
+
+    def system(self) -> SystemInfo: ...
+
+
+class StoreReads(Protocol):
+    """The store's read-only queries the read port uses."""
+
+    async def counts(self, destination: Destination | None = None) -> Counts: ...
+
+    async def counts_by_destination(self) -> dict[Destination, Counts]: ...
+
+    async def list_items(self, f: ItemFilter, *, skip: int = 0, limit: int = 100) -> tuple[list[Item], int]: ...
+
+    async def get_item(self, item_id: int, *, with_data: bool = False) -> Item: ...
+
+    async def next_eligible_at(self, destination: Destination, now: float) -> float | None: ...
+
+
+class RouterReads:
+    """`ReadPort` over the running router; every read looks the owner up at call time (a reload
+    replaces the settings and the node list)."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    @property
+    def _store(self) -> StoreReads:
+        store: StoreReads = self.router.store
+        return store
+
+    # ---- nodes --------------------------------------------------------------------------------
+
+    def nodes(self) -> list[Node]:
+        return list(self.router.nodes)
+
+    def node_status(self, node: Node, counts: Counts | None = None) -> NodeStatus | None:
+        """The node actor's snapshot with `counts` as its queue; None for a node without an actor
+        (a role other than Storage)."""
+        supervisor = self.router.supervisor
+        handle = supervisor.handle(node.ae_title, node.role)
+        return None if handle is None else supervisor.snapshot(handle, counts)
+
+    async def node_status_now(self, node: Node) -> NodeStatus | None:
+        """`node_status` with the node's queue counted now."""
+        if self.router.supervisor.handle(node.ae_title, node.role) is None:
+            return None
+        counts = await self._store.counts(Destination(node.ae_title, node.role))
+        return self.node_status(node, counts)
+
+    # ---- items --------------------------------------------------------------------------------
+
+    async def counts(self) -> Counts:
+        return await self._store.counts()
+
+    async def counts_by_node(self) -> dict[NodeKey, Counts]:
+        by_dest = await self._store.counts_by_destination()
+        return {(d.ae_title, d.role): c for d, c in by_dest.items()}
+
+    async def list_items(self, f: ItemFilter, *, skip: int, limit: int) -> tuple[list[Item], int]:
+        return await self._store.list_items(f, skip=skip, limit=limit)
+
+    async def get_item(self, item_id: int, *, with_data: bool = False) -> Item:
+        """One item (ItemNotFound if there is none); `with_data`: with the bytes of an instance
+        kept in the index."""
+        return await self._store.get_item(item_id, with_data=with_data)
+
+    async def read_stored(self, item: Item, read: Callable[[Path | BinaryIO], T]) -> T | None:
+        """`read` applied in a worker thread to the stored Part 10 bytes of `item` (as
+        `get_item(..., with_data=True)` gave it): `read` must be bounded in memory and time.
+        None when they cannot be read, or when a spool file's item went away while it was read:
+        a spool file is reused for a new reception only after the commit that removed its items,
+        so what was read may then be another instance's."""
+        try:
+            source = io.BytesIO(item.data) if item.data is not None else item.path
+            result = await trio.to_thread.run_sync(read, source)
+        except Exception:  # a missing or unreadable file: the item is still there to show
+            return None
+        if item.data is None:
+            try:
+                await self._store.get_item(item.id)
+            except ItemNotFound:
+                return None
+        return result
+
+    # ---- the router as a whole ----------------------------------------------------------------
+
+    async def processing_status(self) -> ProcessingStatus:
+        """Whether the router is idle, with the inputs read from their owners now (the
+        checked-out count live: `idle` must be exact)."""
+        router = self.router
+        service, receiver, supervisor = router.service, router.receiver, router.supervisor
+        checked_out = (await self._store.counts()).checked_out
+        now = router.clock()
+        ripe = service.prepare and receiver.ripe_pending(now)
+        nodes: list[NodeProcessing] = []
+        busy = ripe
+        for handle in supervisor.handles:
+            snap = supervisor.snapshot(handle)
+            ready = False
+            if not busy and _may_send(service.storage_scu, snap):
+                at = await self._store.next_eligible_at(handle.destination, now)
+                ready = busy = at is not None and at <= now
+            nodes.append(NodeProcessing(snap.ae_title, snap.role, snap.paused, snap.status, snap.sends_in_progress, ready))
+        return processing_status(
+            service_all_paused=service.all_paused,
+            checked_out=checked_out,
+            preparing=receiver.preparing,
+            ripe_unprepared=ripe,
+            nodes=nodes,
+        )
+
+    def received(self) -> int:
+        """Instances received (and committed) since start."""
+        return self.router.receiver.received
+
+    def service_flags(self) -> dict[str, bool]:
+        return self.router.service.as_dict()
+
+    def loop_figures(self) -> dict[str, Any]:
+        return self.router.loop.to_json()
+
+    def recent_logs(self, lines: int, level: str | None) -> list[LogEntry]:
+        ring = self.router.ring
+        return ring.recent(lines, level) if ring is not None else []
+
+    def system(self) -> SystemInfo:
+        router = self.router
+        uptime = max(0, int(router.clock() - router.started_at))
+        return SystemInfo(router.settings.config.my_ae_title, router.started_at, uptime)
+
+
+def _may_send(delivery: bool, snap: NodeStatus) -> bool:
+    return may_send(
+        delivery=delivery, paused=snap.paused, status=snap.status, in_window=snap.in_window,
+        schedule_override=snap.schedule_override,
+    )
+
