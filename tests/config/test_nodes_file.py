@@ -49,12 +49,12 @@ def edit_node(path: Path, node: Node, changes: dict[str, Any]) -> tuple[Node, tu
 
 
 def test_nothing_is_written_before_the_planned_edit_is(nodes_yml: Path) -> None:
-    planned = plan_edit(nodes_yml, running(nodes_yml, "PACS"), {"Port": 4242})
+    planned = plan_edit(nodes_yml, running(nodes_yml, "PACS"), {"port": 4242})
     assert nodes_yml.read_text() == NODES and planned.node.port == 4242
 
 
 def test_an_edit_changes_one_key_and_keeps_comments_order_and_spelling(nodes_yml: Path) -> None:
-    node, nodes = edit_node(nodes_yml, running(nodes_yml, "PACS"), {"Port": 4242})
+    node, nodes = edit_node(nodes_yml, running(nodes_yml, "PACS"), {"port": 4242})
     assert node.port == 4242
     assert [n.ae_title for n in nodes] == ["PACS", "WS3"]
     text = nodes_yml.read_text()
@@ -64,7 +64,7 @@ def test_an_edit_changes_one_key_and_keeps_comments_order_and_spelling(nodes_yml
 
 
 def test_none_removes_a_key_and_a_new_key_is_added_to_the_entry(nodes_yml: Path) -> None:
-    node, _ = edit_node(nodes_yml, running(nodes_yml, "WS3"), {"BatchSize": None, "Priority": 2})
+    node, _ = edit_node(nodes_yml, running(nodes_yml, "WS3"), {"batch_size": None, "priority": 2})
     assert node.batch_size is None and node.priority == 2
     text = nodes_yml.read_text()
     assert "BatchSize" not in text
@@ -74,7 +74,7 @@ def test_none_removes_a_key_and_a_new_key_is_added_to_the_entry(nodes_yml: Path)
 
 def test_the_legacy_role_spelling_is_edited_where_it_stands(nodes_yml: Path) -> None:
     # "Role" is the file's spelling of NodeRole: the edit must not add a second key
-    edit_node(nodes_yml, running(nodes_yml, "PACS"), {"NodeRole": "Storage", "HostName": "pacs2"})
+    edit_node(nodes_yml, running(nodes_yml, "PACS"), {"role": "Storage", "host_name": "pacs2"})
     text = nodes_yml.read_text()
     assert "NodeRole" not in text and "Role: Storage" in text and "HostName: pacs2" in text
 
@@ -82,7 +82,7 @@ def test_the_legacy_role_spelling_is_edited_where_it_stands(nodes_yml: Path) -> 
 def test_a_node_added_by_hand_since_start_up_is_kept(nodes_yml: Path) -> None:
     at_start = running(nodes_yml, "PACS")
     nodes_yml.write_text(NODES + "\n- AeTitle: NEWBIE\n  HostName: h\n  Port: 1\n")
-    _, nodes = edit_node(nodes_yml, at_start, {"Port": 105})
+    _, nodes = edit_node(nodes_yml, at_start, {"port": 105})
     assert [n.ae_title for n in nodes] == ["PACS", "WS3", "NEWBIE"]
     assert "NEWBIE" in nodes_yml.read_text()
 
@@ -92,7 +92,7 @@ def test_a_node_changed_by_hand_since_it_was_loaded_is_a_conflict(nodes_yml: Pat
     changed = NODES.replace("Port: 104", "Port: 204")
     nodes_yml.write_text(changed)
     with pytest.raises(NodesFileConflict, match="PACS was changed in the file"):
-        edit_node(nodes_yml, at_start, {"HostName": "x"})
+        edit_node(nodes_yml, at_start, {"host_name": "x"})
     assert nodes_yml.read_text() == changed
 
 
@@ -100,24 +100,24 @@ def test_a_node_removed_by_hand_is_a_conflict(nodes_yml: Path) -> None:
     at_start = running(nodes_yml, "WS3")
     nodes_yml.write_text(NODES.split("# Workstation")[0])
     with pytest.raises(NodesFileConflict, match=r"WS3 .* no longer in the file"):
-        edit_node(nodes_yml, at_start, {"Port": 1})
+        edit_node(nodes_yml, at_start, {"port": 1})
 
 
 def test_a_file_that_no_longer_loads_is_a_conflict_and_untouched(nodes_yml: Path) -> None:
     at_start = running(nodes_yml, "PACS")
     nodes_yml.write_text(NODES + "- [unclosed\n")
     with pytest.raises(NodesFileConflict, match="no longer loads"):
-        edit_node(nodes_yml, at_start, {"Port": 1})
+        edit_node(nodes_yml, at_start, {"port": 1})
     assert nodes_yml.read_text().endswith("- [unclosed\n")
 
 
 def test_an_invalid_edit_raises_config_error_and_leaves_the_file(nodes_yml: Path) -> None:
     with pytest.raises(ConfigError, match="Aliases"):
-        edit_node(nodes_yml, running(nodes_yml, "WS3"), {"Aliases": ["ARCHIVE"]})
+        edit_node(nodes_yml, running(nodes_yml, "WS3"), {"aliases": ["ARCHIVE"]})
     assert nodes_yml.read_text() == NODES
 
 
 def test_a_string_yaml_would_read_as_another_type_stays_a_string(nodes_yml: Path) -> None:
-    node, _ = edit_node(nodes_yml, running(nodes_yml, "WS3"), {"HostName": "yes", "Aliases": ["ON"]})
+    node, _ = edit_node(nodes_yml, running(nodes_yml, "WS3"), {"host_name": "yes", "aliases": ["ON"]})
     assert node.host_name == "yes" and node.aliases == ("ON",)
     assert load_nodes(nodes_yml, [])[1] == node

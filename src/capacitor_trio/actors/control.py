@@ -129,7 +129,8 @@ class Control:
         return EchoResult(bool(result.success), latency, result.error or None)
 
     async def edit_node(self, current: Node, changes: dict[str, Any]) -> tuple[Node, NodeStatus | None]:
-        """Edit one node: nodes.yml first checked as it is on disk (config/nodes_file), then the
+        """Edit one node (`changes`: Node attribute -> new value, None for blank): nodes.yml
+        first checked as it is on disk (config/nodes_file), then the
         node's actor takes the new settings (it refuses unless paused with nothing checked
         out), then the file is written; a failed write puts the actor back as it was."""
         async with self.router.config_lock:

@@ -56,21 +56,21 @@ MAX_LOG_LINES = 1000
 
 Handler = Callable[..., Awaitable[Any]]
 
-#: PUT body (camelCase) -> nodes.yml key (PascalCase), for parse_node.
+#: PUT body field (the contract's camelCase) -> Node attribute; config/ knows the nodes.yml keys.
 PUT_FIELDS = {
-    "role": "NodeRole",
-    "hostName": "HostName",
-    "port": "Port",
-    "priority": "Priority",
-    "processDelay": "ProcessDelay",
-    "impersonate": "Impersonate",
-    "transferSyntax": "TransferSyntax",
-    "batchSize": "BatchSize",
-    "minimumLineSpeed": "MinimumLineSpeed",
-    "stallThreshold": "StallThreshold",
-    "processSchedule": "ProcessSchedule",
-    "sopClassPriorities": "SopClassPriorities",
-    "aliases": "Aliases",
+    "role": "role",
+    "hostName": "host_name",
+    "port": "port",
+    "priority": "priority",
+    "processDelay": "process_delay",
+    "impersonate": "impersonate",
+    "transferSyntax": "transfer_syntax",
+    "batchSize": "batch_size",
+    "minimumLineSpeed": "minimum_line_speed",
+    "stallThreshold": "stall_threshold",
+    "processSchedule": "process_schedule",
+    "sopClassPriorities": "sop_class_priorities",
+    "aliases": "aliases",
 }
 
 
@@ -308,7 +308,7 @@ class Api:
         if current.role != role:
             raise not_found(f"no node {ae!r} with role {role}")
         changes = {PUT_FIELDS[name]: value for name, value in body.items()}
-        changes["NodeRole"] = role
+        changes["role"] = role
         updated, status = await self.control.edit_node(current, changes)
         return ok(node_json(updated, status))
 

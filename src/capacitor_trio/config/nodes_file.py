@@ -29,12 +29,16 @@ from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 from capacitor_trio.config.load import (
     DEFAULT_PREFIX,
     NODE_KEY_ALIASES,
+    NODE_KEYS,
     ConfigError,
     check_node_set,
     load_nodes,
     parse_node,
 )
 from capacitor_trio.config.models import Node
+
+#: Node attribute -> its nodes.yml key
+YAML_KEYS = {attr: key for key, (attr, _check) in NODE_KEYS.items()}
 
 
 class NodesFileConflict(Exception):
@@ -55,8 +59,8 @@ class PlannedEdit:
 
 
 def plan_edit(path: Path, running: Node, changes: Mapping[str, Any], *, prefix: str = DEFAULT_PREFIX) -> PlannedEdit:
-    """Apply `changes` (nodes.yml key -> value; None removes the key, so the node inherits the
-    global value) to `running`'s entry in the file at `path` as it is now. `prefix` is
+    """Apply `changes` (Node attribute -> value, e.g. `host_name`; None removes the key, so the
+    node inherits the global value) to `running`'s entry in the file at `path` as it is now. `prefix` is
     aeTitlePrefix, for the check that every called AE names one Storage node.
 
     Raises NodesFileConflict (see the module's docstring), or ConfigError when the edited node
@@ -72,8 +76,8 @@ def plan_edit(path: Path, running: Node, changes: Mapping[str, Any], *, prefix: 
     rt = _round_trip()
     document = rt.load(path.read_text(encoding="utf-8"))
     entry = document[index]
-    for key, value in changes.items():
-        _set_key(entry, key, value)
+    for attr, value in changes.items():
+        _set_key(entry, YAML_KEYS[attr], value)
     out = io.StringIO()
     rt.dump(document, out)
     nodes = parse_nodes_text(out.getvalue(), "request body", prefix=prefix, edited=index)
