@@ -1,10 +1,9 @@
 """The cyclic garbage collector, set for a long-running process that moves bytes.
 
-Measured with a system profile of the router receiving and sending 0.5 MB images without
-fsync, the collector took about 6 % of the router's CPU time and 10 % of the sender process's:
-young collections every 700 container allocations (a few per message), and older ones walking
-everything the process imported (pydicom's and pynetdicom's tables, Trio, the configuration).
-Once a process is up, `settle()` moves what exists into a generation the collector never walks
+With CPython's defaults the collector makes young collections every 700 container allocations
+(a few per message) and older ones walk everything the process imported (pydicom's and
+pynetdicom's tables, Trio, the configuration): a noticeable share of a router's CPU
+(docs/performance.md has the profile). Once a process is up, `settle()` moves what exists into a generation the collector never walks
 (`gc.freeze`: those objects live as long as the process anyway) and collects young objects less
 often. Reference cycles are still collected; they are rare on the hot paths (docs/performance.md).
 """

@@ -3,8 +3,7 @@ creating a file.
 
 Creating a file is the costly step of starting a large instance on ext4: the inode allocator
 walks its bitmap past recently deleted inodes, and a router deletes a file for every delivered
-instance. Measured on the development VM, taking a ready file instead made the acceptor 9-48 %
-faster for 0.5 MB images (docs/performance.md). A thread keeps a few empty files ready in
+instance (docs/performance.md has the figures for taking a ready file instead). A thread keeps a few empty files ready in
 `incoming/` (names starting with SPARE_PREFIX); the acceptor writes into one as into any
 temporary file, and the commit renames it into the spool as before. Ready files are removed when
 the store closes, and by recovery after a crash, like every other file in `incoming/`.
