@@ -43,11 +43,17 @@ log = logging.getLogger("capacitor_trio")
 EXPIRY_INTERVAL = 60.0
 
 
+def _in_force(value: Settings | AsyncValue[Settings]) -> AsyncValue[Settings]:
+    return value if isinstance(value, AsyncValue) else AsyncValue(value)
+
+
 @attrs.define(eq=False)
 class Router:
     """The running router's parts, for the API and for tests."""
 
-    settings: Settings
+    #: the configuration and nodes in force (replaced whole by a node edit or a reload; tasks
+    #: may wait on it). Pass Settings or an AsyncValue of them.
+    in_force: AsyncValue[Settings] = attrs.field(converter=_in_force)
     store: Any
     supervisor: Supervisor
     receiver: Receiver
@@ -57,11 +63,23 @@ class Router:
     ring: RingBufferHandler | None = None
     dicom_port: int | None = None
     api_port: int | None = None
-    nodes: list[Node] = attrs.field(factory=list)
     #: held by every change of the configuration in force (a reload, a node edit)
     config_lock: trio.Lock = attrs.field(factory=trio.Lock)
     #: how late the event loop wakes a sleeping task (zeros unless `watch_loop`)
     loop: LoopLag = attrs.field(factory=LoopLag)
+
+    @property
+    def settings(self) -> Settings:
+        return self.in_force.value
+
+    @settings.setter
+    def settings(self, value: Settings) -> None:
+        self.in_force.value = value
+
+    @property
+    def nodes(self) -> tuple[Node, ...]:
+        """The nodes in force."""
+        return self.settings.nodes
 
 
 async def run_router(
@@ -97,9 +115,11 @@ async def run_router(
             on_new_items=lambda: receiver.prepare_soon(),
         )
         supervisor = Supervisor(settings.nodes, ctx, chaos_every=config.chaos.kill_node_actors_every_seconds)
-        nodes = list(settings.nodes)
-        receiver = Receiver(config, store, lambda: nodes, service, clock, on_prepared=supervisor.wake_all)
-        router = Router(settings, store, supervisor, receiver, service, clock, clock(), ring, nodes=nodes)
+        in_force = AsyncValue(settings)
+        receiver = Receiver(
+            config, store, lambda: in_force.value.nodes, service, clock, on_prepared=supervisor.wake_all
+        )
+        router = Router(in_force, store, supervisor, receiver, service, clock, clock(), ring)
         async with trio.open_nursery() as core:
             await core.start(supervisor.run)
             await core.start(receiver.run_preparer)

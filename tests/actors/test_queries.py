@@ -49,7 +49,7 @@ async def reads_for(make_world: Callable[..., Any], **cfg: Any) -> tuple[RouterR
     world: World = await make_world(NODES, store=DetailStore(clock), **cfg)
     receiver = Receiver(config(**cfg), world.store, lambda: list(NODES), world.service, clock)
     settings = Settings(config(**cfg), NODES)
-    router = Router(settings, world.store, world.sup, receiver, world.service, clock, clock(), nodes=list(NODES))
+    router = Router(settings, world.store, world.sup, receiver, world.service, clock, clock())
     return RouterReads(router), world, receiver
 
 

@@ -112,3 +112,14 @@ async def test_reload_adds_the_first_node_to_a_router_with_none(start_router: St
     (r.data_dir / "nodes.yml").write_text("- AeTitle: FIRST\n  HostName: 127.0.0.1\n  Port: 9\n")
     assert (await reload(r))["added"] == ["FIRST"]
     assert r.router.supervisor.handle("FIRST").status == "running"
+
+
+async def test_a_reload_after_a_node_edit_finds_nothing_to_change(start_router: StartRouter) -> None:
+    """The node edit replaced the node in force and in nodes.yml alike: one owner, no stale copy."""
+    r = await start_router((dead_node("A"),))
+    write_config(r)
+    await r.client.post("/api/nodes/A/pause", headers=AUTH)
+    data(await r.client.put("/api/nodes/A", json={"role": "Storage", "priority": 2}, headers=AUTH))
+    assert r.router.settings.nodes[0].priority == 2
+    report = await reload(r)
+    assert (report["added"], report["removed"], report["changed"]) == ([], [], [])

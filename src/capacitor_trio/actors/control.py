@@ -156,7 +156,7 @@ class Control:
             if handle is not None:  # put the running node back as it was
                 await handle.call(UpdateNode(current))
             raise WriteFailed(f"cannot write {path.name}: {exc.strerror}") from None
-        self.router.nodes[index] = updated  # in place: the receiver reads this list
+        self.router.settings = attrs.evolve(self.router.settings, nodes=tuple(nodes))
         self.router.receiver.refresh_routes()
         return updated, status
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from capacitor_trio.store import StoreError, StoreFull, StorePort
 log = logging.getLogger("capacitor_trio.receiver")
 
 
-def called_ae_routes(nodes: list[Node] | tuple[Node, ...], prefix: str) -> dict[str, Destination]:
+def called_ae_routes(nodes: Sequence[Node], prefix: str) -> dict[str, Destination]:
     """Every called AE title a Storage node answers to -> that node (the config refuses a node
     set in which one called AE would name two)."""
     routes: dict[str, Destination] = {}
@@ -49,7 +49,7 @@ class Receiver:
         self,
         config: Config,
         store: StorePort,
-        nodes: Callable[[], list[Node]],
+        nodes: Callable[[], Sequence[Node]],
         service: ServiceFlags,
         clock: Callable[[], float],
         on_prepared: Callable[[], None] = lambda: None,

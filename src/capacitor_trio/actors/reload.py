@@ -102,7 +102,7 @@ async def _reload(router: Router) -> ReloadReport:
     router.settings = attrs.evolve(new, config=config)
     router.supervisor.ctx.config = config
     router.receiver.config = config
-    await _apply_nodes(router, new.nodes, diff)
+    await _apply_nodes(router, diff)
     return ReloadReport(
         added=_titles(diff.added),
         removed=_titles(diff.removed),
@@ -151,10 +151,10 @@ def _value(config: Config, field: str) -> Any:
     return value
 
 
-async def _apply_nodes(router: Router, nodes: tuple[Node, ...], diff: _NodeDiff) -> None:
-    """Routes first, so that nothing is queued for a node being removed; then the actors."""
+async def _apply_nodes(router: Router, diff: _NodeDiff) -> None:
+    """Routes first (from `router.settings`, already the new node set), so that nothing is
+    queued for a node being removed; then the actors."""
     supervisor = router.supervisor
-    router.nodes[:] = nodes  # in place: the receiver reads this list
     router.receiver.refresh_routes()
     for node in diff.removed:
         if node.role == "Storage":
