@@ -259,15 +259,27 @@ class FakeStore:
             del self.items[i.id]
         return len(items)
 
-    async def prepare_ripe(self, now: float, minimum_age: float) -> int:
+    async def prepare_ripe(
+        self, now: float, minimum_age: float, destination: Destination | None = None
+    ) -> int:
         await trio.lowlevel.checkpoint()
         ripe = [
-            i.id for i in self.items.values()
-            if i.state == NEW and not i.checked_out and i.created_at <= now - minimum_age
+            i.id for i in self._new(destination) if i.created_at <= now - minimum_age
         ]
         for i in ripe:
             self._set(i, state=PREPARED.value)
         return len(ripe)
+
+    async def oldest_new(self, destination: Destination | None = None) -> float | None:
+        await trio.lowlevel.checkpoint()
+        return min((i.created_at for i in self._new(destination)), default=None)
+
+    def _new(self, destination: Destination | None) -> list[Item]:
+        return [
+            i for i in self.items.values()
+            if i.state == NEW and not i.checked_out
+            and destination in (None, Destination(i.destination_ae, i.destination_role))
+        ]
 
 
 @attrs.define

@@ -104,6 +104,24 @@ async def test_prepare_ripe_prepares_new_items_old_enough(h: Harness) -> None:
     assert (items[old].state, items[young].state) == ("prepared", "new")
 
 
+async def test_prepare_ripe_for_one_destination_and_its_oldest_new_item(h: Harness) -> None:
+    assert await h.port.oldest_new(PACS) is None and await h.port.oldest_new() is None
+    start = h.clock()
+    pacs_and_ai = await h.commit([PACS, AI], state=NEW)
+    h.clock.advance(10)
+    await h.commit([AI], state=NEW)
+    assert await h.port.oldest_new(PACS) == start and await h.port.oldest_new(AI) == start
+    assert await h.port.oldest_new() == start
+    # PACS's ripe item only: AI's stay new
+    assert await h.port.prepare_ripe(h.clock(), 5, PACS) == 1
+    assert [i.state for i in (await h.items(PACS)).values()] == ["prepared"]
+    assert sorted(i.state for i in (await h.items(AI)).values()) == ["new", "new"]
+    assert await h.port.oldest_new(PACS) is None and await h.port.oldest_new(AI) == start
+    assert await h.port.prepare_ripe(h.clock(), 5, AI) == 1  # the older one of AI's
+    assert await h.port.oldest_new(AI) == start + 10
+    assert len(pacs_and_ai) == 2
+
+
 async def test_checkout_hands_out_prepared_items_oldest_first_once(h: Harness) -> None:
     ids = []
     for _ in range(3):

@@ -193,17 +193,41 @@ def _with_inline_bytes(conn: sqlite3.Connection, items: list[Item]) -> list[Item
 class Queue(StoreCore):
     """Each destination's queue as its node actor works it."""
 
-    async def prepare_ripe(self, now: float, minimum_age: float) -> int:
-        """New items received at least `minimum_age` seconds ago become prepared; returns count."""
+    async def prepare_ripe(
+        self, now: float, minimum_age: float, destination: Destination | None = None
+    ) -> int:
+        """New items received at least `minimum_age` seconds ago become prepared, for one
+        destination or for all; returns how many."""
 
         def job(conn: sqlite3.Connection) -> int:
+            where = f"state = '{NEW}' AND checked_out = 0 AND created_at <= ?"
+            params: tuple[object, ...] = (now, now - minimum_age)
+            if destination is not None:
+                where = "destination_ae = ? AND destination_role = ? AND " + where
+                params = (now, destination.ae_title, destination.role, now - minimum_age)
             return conn.execute(
-                f"UPDATE items SET state = '{PREPARED}', updated_at = ? "
-                f"WHERE state = '{NEW}' AND checked_out = 0 AND created_at <= ?",
-                (now, now - minimum_age),
+                f"UPDATE items SET state = '{PREPARED}', updated_at = ? WHERE {where}", params
             ).rowcount
 
         return await self._write(job, durable=False)
+
+    async def oldest_new(self, destination: Destination | None = None) -> float | None:
+        """When the oldest new item (of one destination, or of all) was received; None if none."""
+
+        def q(conn: sqlite3.Connection) -> float | None:
+            if destination is None:
+                row = conn.execute(
+                    f"SELECT MIN(created_at) FROM items WHERE state = '{NEW}'"
+                ).fetchone()
+            else:
+                row = conn.execute(
+                    "SELECT MIN(created_at) FROM items WHERE destination_ae = ? AND "
+                    f"destination_role = ? AND state = '{NEW}' AND checked_out = 0",
+                    (destination.ae_title, destination.role),
+                ).fetchone()
+            return None if row is None or row[0] is None else float(row[0])
+
+        return await self._read(q)
 
     async def checkout_batch(
         self,
