@@ -31,7 +31,8 @@ from capacitor_trio.actors.supervisor import Supervisor
 from capacitor_trio.config import Settings
 from capacitor_trio.config.models import Node
 from capacitor_trio.dicom import requestor
-from capacitor_trio.dicom.acceptor import AcceptorConfig, serve_acceptor
+from capacitor_trio.dicom.acceptor import AcceptorConfig
+from capacitor_trio.dicom.listener import serve_acceptor
 from capacitor_trio.dicom.sender_process import SenderProcess
 from capacitor_trio.logs import RingBufferHandler
 from capacitor_trio.loopwatch import LoopLag

@@ -68,10 +68,10 @@ class SlowStream(WrappedStream):
 @pytest.fixture(autouse=True)
 def no_thread_hops(monkeypatch: pytest.MonkeyPatch) -> None:
     """Virtual time jumps while a worker thread runs; keep file I/O on the loop in these tests."""
-    from capacitor_trio.dicom import acceptor
+    from capacitor_trio.dicom import receive
 
     monkeypatch.setattr(requestor, "THREAD_READ_THRESHOLD", 1 << 40)
-    monkeypatch.setattr(acceptor, "THREAD_WRITE_THRESHOLD", 1 << 40)
+    monkeypatch.setattr(receive, "THREAD_WRITE_THRESHOLD", 1 << 40)
 
 
 @pytest.fixture
@@ -270,12 +270,12 @@ async def test_a_write_error_in_the_acceptor_answers_out_of_resources(
     fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch,
     where: str,
 ) -> None:
-    from capacitor_trio.dicom import acceptor
+    from capacitor_trio.dicom import receive
 
     fake_network.config = attrs.evolve(fake_network.config, memory_max_bytes=0)  # files
     files = write_corpus(tmp_path / "in", 3)
     calls = 0
-    real = acceptor._write_fd
+    real = receive._write_fd
 
     def failing(fd: int, data: bytes | memoryview) -> None:
         nonlocal calls
@@ -284,7 +284,7 @@ async def test_a_write_error_in_the_acceptor_answers_out_of_resources(
             raise OSError(28, "No space left on device")
         real(fd, data)
 
-    monkeypatch.setattr(acceptor, "_write_fd", failing)
+    monkeypatch.setattr(receive, "_write_fd", failing)
     got, cb = collect()
     await send_batch(PEER, [outgoing(f) for f in files], SendOptions("ROUTER"), cb)
     assert isinstance(got[0], RetryLater) and "No space left" in got[0].reason  # 0xA700
