@@ -25,7 +25,7 @@ class AcceptorConfig:
     max_pdu_size: int = 1_048_576
     max_clients: int = 0  # 0 = unlimited; counts associations, not connections
     #: connections reading their A-ASSOCIATE-RQ at once (more wait their turn, unread), and
-    #: connections waiting for the peer to close after our last PDU (see `_Connections`)
+    #: connections waiting for the peer to close after our last PDU (see listener.py's `_Connections`)
     max_unassociated: int = 64
     client_timeout: float = 600.0  # idle association
     artim_timeout: float = 30.0
