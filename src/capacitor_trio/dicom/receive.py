@@ -37,7 +37,8 @@ THREAD_WRITE_THRESHOLD = 256 * 1024
 
 
 class _Abort(Exception):
-    """End the association with an A-ABORT (reason as given)."""
+    """End the association with an A-ABORT (reason as given); raised by the association
+    (acceptor.py) and by its C-STORE steps here."""
 
     def __init__(self, message: str, reason: int = P.ABORT_REASON_UNEXPECTED_PDU) -> None:
         super().__init__(message)
