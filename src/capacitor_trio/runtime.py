@@ -28,10 +28,11 @@ from capacitor_trio.actors.node import NodeContext
 from capacitor_trio.actors.receiver import Receiver
 from capacitor_trio.actors.service import ServiceFlags
 from capacitor_trio.actors.supervisor import Supervisor
-from capacitor_trio.config import Settings
+from capacitor_trio.config import Config, Settings
 from capacitor_trio.config.models import Node
 from capacitor_trio.dicom import requestor
-from capacitor_trio.dicom.acceptor import AcceptorConfig, serve_acceptor
+from capacitor_trio.dicom.acceptor import AcceptorConfig
+from capacitor_trio.dicom.listener import serve_acceptor
 from capacitor_trio.dicom.sender_process import SenderProcess
 from capacitor_trio.logs import RingBufferHandler
 from capacitor_trio.loopwatch import LoopLag
@@ -130,16 +131,7 @@ async def run_router(
                 gctune.settle()
             async with trio.open_nursery() as edge:
                 if config.scp_port:
-                    acceptor = AcceptorConfig(
-                        ae_title=config.my_ae_title,
-                        port=config.scp_port,
-                        max_pdu_size=config.max_pdu_size,
-                        max_clients=config.max_clients_per_server,
-                        client_timeout=float(config.client_timeout),
-                        reject_abstract_syntaxes=frozenset(config.reject_abstract_syntaxes),
-                        # what the store keeps in its index is received in memory, no more
-                        memory_max_bytes=store.inline_max_bytes,
-                    )
+                    acceptor = _acceptor_config(config, store.inline_max_bytes)
                     router.dicom_port = await edge.start(serve_acceptor, acceptor, receiver)
                 if config.api.enabled:
                     router.api_port = await edge.start(run_api, router)
@@ -150,6 +142,20 @@ async def run_router(
                     len(supervisor.handles), config.cache_path, "on" if config.durable_writes else "off",
                 )
                 task_status.started(router)
+
+
+def _acceptor_config(config: Config, inline_max_bytes: int) -> AcceptorConfig:
+    """The DICOM listener's configuration from config.yml's keys."""
+    return AcceptorConfig(
+        ae_title=config.my_ae_title,
+        port=config.scp_port,
+        max_pdu_size=config.max_pdu_size,
+        max_clients=config.max_clients_per_server,
+        client_timeout=float(config.client_timeout),
+        reject_abstract_syntaxes=frozenset(config.reject_abstract_syntaxes),
+        # what the store keeps in its index is received in memory, no more
+        memory_max_bytes=inline_max_bytes,
+    )
 
 
 async def _expire_forever(router: Router) -> None:

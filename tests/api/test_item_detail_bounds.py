@@ -25,11 +25,11 @@ from pydicom.dataset import Dataset
 from capacitor_trio.api import openapi_source
 from capacitor_trio.api import views as views_module
 from capacitor_trio.api.views import read_tags
+from capacitor_trio.dicom.detail import ShowLimits
 from capacitor_trio.dicom.part10 import (
     DEFLATED_EXPLICIT_VR_LE,
     EXPLICIT_VR_LE,
     IMPLICIT_VR_LE,
-    ShowLimits,
     file_meta_bytes,
 )
 from capacitor_trio.domain.instance import Destination, InstanceHeader

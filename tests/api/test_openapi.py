@@ -7,8 +7,8 @@ import re
 from importlib import resources
 from types import SimpleNamespace
 
-from capacitor_trio.api.app import create_app
 from capacitor_trio.api.openapi_source import render
+from capacitor_trio.api.routes import create_app
 from capacitor_trio.config.models import ApiConfig
 
 from .conftest import StartRouter
@@ -46,7 +46,7 @@ def test_document_lists_exactly_the_routes() -> None:
 
 
 def test_write_endpoints_are_marked() -> None:
-    from capacitor_trio.api.app import ROUTES
+    from capacitor_trio.api.routes import ROUTES
 
     writes = {(m, _shape(p)) for m, p, _name, write in ROUTES if write}
     doc = _document()

@@ -25,9 +25,9 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from capacitor_trio.dicom import AcceptorConfig, dimse
-from capacitor_trio.dicom import acceptor as acceptor_module
 from capacitor_trio.dicom import pdu as P
 from capacitor_trio.dicom import status as S
+from capacitor_trio.dicom import walk as walk_module
 from capacitor_trio.dicom.part10 import (
     DEFLATED_EXPLICIT_VR_LE,
     EXPLICIT_VR_BE,
@@ -38,8 +38,8 @@ from capacitor_trio.dicom.part10 import (
     HeaderLimits,
     file_meta_bytes,
     parse_header_pydicom,
-    read_header,
 )
+from capacitor_trio.dicom.walk import read_header
 
 from .conftest import DirSink, RunningAcceptor
 from .test_header_walker import datasets
@@ -300,13 +300,13 @@ async def _store(tmp: Path, ts: str, data: Iterator[bytes], limits: HeaderLimits
 def walker_threads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The names of the threads `read_header` ran in, for the acceptor."""
     names: list[str] = []
-    real = acceptor_module.read_header
+    real = walk_module.read_header
 
     def recorded(*args: object) -> object:
         names.append(threading.current_thread().name)
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(acceptor_module, "read_header", recorded)
+    monkeypatch.setattr(walk_module, "read_header", recorded)
     return names
 
 

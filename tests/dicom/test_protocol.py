@@ -25,6 +25,7 @@ from capacitor_trio.dicom import (
     acceptor,
     dimse,
     handle_association,
+    listener,
 )
 from capacitor_trio.dicom import pdu as P
 from capacitor_trio.dicom.assembler import MAX_COMMAND_BYTES, DataFragment
@@ -721,7 +722,7 @@ async def test_max_clients_counts_associations_until_their_last_pdu(tmp_path: Pa
         return t, pdu_type, bytes(body)
 
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(acceptor.serve_acceptor, config, sink)
+        port = await nursery.start(listener.serve_acceptor, config, sink)
         first, t1, _ = await connect(port)
         refused, t2, body = await connect(port)
         assert t1 == P.A_ASSOCIATE_AC
@@ -753,7 +754,7 @@ async def test_bare_connections_take_no_association_slot(tmp_path: Path) -> None
     sink = DirSink(tmp_path)
     config = AcceptorConfig(host="127.0.0.1", port=0, max_clients=1, artim_timeout=30)
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(acceptor.serve_acceptor, config, sink)
+        port = await nursery.start(listener.serve_acceptor, config, sink)
         idle = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
         first, t1, _ = await open_association(port)
         assert t1 == P.A_ASSOCIATE_AC
@@ -771,11 +772,11 @@ async def test_a_stale_connection_gives_its_place_to_a_waiting_one(
     one waits for a place; a reader whose request has not come `STALE_AFTER` (0 here) after
     it started gives its place up (an A-ABORT, then the close): idle sockets cannot fill the
     listener, and a modality is served."""
-    monkeypatch.setattr(acceptor, "STALE_AFTER", 0.0)
+    monkeypatch.setattr(listener, "STALE_AFTER", 0.0)
     sink = DirSink(tmp_path)
     config = AcceptorConfig(host="127.0.0.1", port=0, max_unassociated=2, artim_timeout=30)
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(acceptor.serve_acceptor, config, sink)
+        port = await nursery.start(listener.serve_acceptor, config, sink)
         idle = [Transport(await trio.open_tcp_stream("127.0.0.1", port)) for _ in range(3)]
         with trio.fail_after(10):
             assert (await idle[0].read_pdu())[0] == P.A_ABORT
@@ -802,7 +803,7 @@ async def test_a_burst_of_connections_is_served_in_turn(tmp_path: Path) -> None:
     sink = DirSink(tmp_path)
     config = AcceptorConfig(host="127.0.0.1", port=0, max_unassociated=2, artim_timeout=30)
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(acceptor.serve_acceptor, config, sink)
+        port = await nursery.start(listener.serve_acceptor, config, sink)
         burst = [Transport(await trio.open_tcp_stream("127.0.0.1", port)) for _ in range(20)]
         await trio.testing.wait_all_tasks_blocked(0.05)
         assert all(nothing_received(c) for c in burst)
@@ -820,11 +821,11 @@ async def test_connections_beyond_the_queue_are_closed_unread(
 ) -> None:
     """One place for a reader, two waiting per place: a fourth connection is closed at once
     (no A-ABORT: nothing was read from it), the first three stay."""
-    monkeypatch.setattr(acceptor, "QUEUE_FACTOR", 2)
+    monkeypatch.setattr(listener, "QUEUE_FACTOR", 2)
     sink = DirSink(tmp_path)
     config = AcceptorConfig(host="127.0.0.1", port=0, max_unassociated=1, artim_timeout=30)
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(acceptor.serve_acceptor, config, sink)
+        port = await nursery.start(listener.serve_acceptor, config, sink)
         conns = [Transport(await trio.open_tcp_stream("127.0.0.1", port)) for _ in range(4)]
         with trio.fail_after(10):
             with pytest.raises(PeerClosed):
@@ -842,7 +843,7 @@ async def test_reading_turns_are_first_come_first_served_and_stale_readers_give_
     """`_Connections` in virtual time, one place: b and then d wait; a associates at once, so
     its place goes to b (not to d, nor to a newcomer); b sends nothing, and STALE_AFTER (2 s)
     later d takes its place (b's connection is closed)."""
-    connections = acceptor._Connections(max_clients=0, max_unassociated=1)
+    connections = listener._Connections(max_clients=0, max_unassociated=1)
     a, b, d = trio.CancelScope(), trio.CancelScope(), trio.CancelScope()
     turns: list[tuple[str, float]] = []
 
@@ -857,7 +858,7 @@ async def test_reading_turns_are_first_come_first_served_and_stale_readers_give_
         nursery.start_soon(wait, d, "d")
         await trio.testing.wait_all_tasks_blocked()
         assert connections.admit(a)
-    assert turns == [("b", 0.0), ("d", acceptor.STALE_AFTER)]
+    assert turns == [("b", 0.0), ("d", listener.STALE_AFTER)]
     assert b.cancel_called and not a.cancel_called and not d.cancel_called
     assert connections.associations == 1
 
@@ -869,14 +870,14 @@ async def test_claimed_lengths_hold_no_memory(
     1,000 of them, hold what they sent in 64 KiB buffers, 64 connections at a time (the
     others wait unread), not 150 x 250,000 bytes; a modality is served meanwhile, once the
     readers ahead of it have had `STALE_AFTER` (0.05 s here)."""
-    monkeypatch.setattr(acceptor, "STALE_AFTER", 0.05)
+    monkeypatch.setattr(listener, "STALE_AFTER", 0.05)
     sink = DirSink(tmp_path)
     config = AcceptorConfig(host="127.0.0.1", port=0, artim_timeout=30)
     claim = P.PDU_HEADER.pack(P.A_ASSOCIATE_RQ, 0, 250_000) + bytes(1000)
     tracemalloc.start()
     try:
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(acceptor.serve_acceptor, config, sink)
+            port = await nursery.start(listener.serve_acceptor, config, sink)
             await trio.testing.wait_all_tasks_blocked(0.05)
             base = tracemalloc.get_traced_memory()[0]
             hostile = []

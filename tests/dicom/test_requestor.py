@@ -17,10 +17,12 @@ from capacitor_trio.dicom import (
     AcceptorConfig,
     Peer,
     SendOptions,
+    association,
     dimse,
     handle_association,
     requestor,
     send_batch,
+    source,
 )
 from capacitor_trio.dicom import pdu as P
 from capacitor_trio.dicom.status import store_status_outcome
@@ -68,10 +70,10 @@ class SlowStream(WrappedStream):
 @pytest.fixture(autouse=True)
 def no_thread_hops(monkeypatch: pytest.MonkeyPatch) -> None:
     """Virtual time jumps while a worker thread runs; keep file I/O on the loop in these tests."""
-    from capacitor_trio.dicom import acceptor
+    from capacitor_trio.dicom import receive
 
-    monkeypatch.setattr(requestor, "THREAD_READ_THRESHOLD", 1 << 40)
-    monkeypatch.setattr(acceptor, "THREAD_WRITE_THRESHOLD", 1 << 40)
+    monkeypatch.setattr(source, "THREAD_READ_THRESHOLD", 1 << 40)
+    monkeypatch.setattr(receive, "THREAD_WRITE_THRESHOLD", 1 << 40)
 
 
 @pytest.fixture
@@ -99,7 +101,7 @@ def fake_network(monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery, tmp_pat
         nursery.start_soon(net.serve, theirs)
         return SlowStream(ours, net.rate) if net.rate else ours
 
-    monkeypatch.setattr(requestor, "_open_stream", open_stream)
+    monkeypatch.setattr(association, "_open_stream", open_stream)
     return net
 
 
@@ -139,13 +141,13 @@ async def test_more_tops_up_the_same_association(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     opened: list[str] = []
-    open_stream = requestor._open_stream
+    open_stream = association._open_stream
 
     async def counting(host: str, port: int) -> trio.abc.Stream:
         opened.append(host)
         return await open_stream(host, port)
 
-    monkeypatch.setattr(requestor, "_open_stream", counting)
+    monkeypatch.setattr(association, "_open_stream", counting)
     files = write_corpus(tmp_path / "in", 5)
     implicit = write_corpus(tmp_path / "imp", 1, transfer_syntax=ImplicitVRLittleEndian)
     queue = [[outgoing(files[1]), outgoing(files[2])], [outgoing(files[3])]]
@@ -193,14 +195,14 @@ async def test_unreadable_file_meta_fails_that_instance_only(
     """An I/O error before any of the instance's bytes went out (its file meta): RetryLater for
     it, and the association goes on with the next."""
     files = write_corpus(tmp_path / "in", 3)
-    real = requestor._Source.read_into
+    real = source._Source.read_into
 
-    async def eio(self: requestor._Source, view: memoryview, offset: int) -> None:
+    async def eio(self: source._Source, view: memoryview, offset: int) -> None:
         if str(self.path) == str(files[1]) and offset == 0:
             raise OSError(5, "Input/output error")
         await real(self, view, offset)
 
-    monkeypatch.setattr(requestor._Source, "read_into", eio)
+    monkeypatch.setattr(source._Source, "read_into", eio)
     got, cb = collect()
     await send_batch(PEER, [outgoing(f) for f in files], SendOptions("ROUTER"), cb)
     assert got[0] == Delivered() and got[2] == Delivered()
@@ -211,14 +213,14 @@ async def test_unreadable_spool_file_is_an_outcome_not_a_crash(
     fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     files = write_corpus(tmp_path / "in", 3)
-    real = requestor._Source.read_into
+    real = source._Source.read_into
 
-    async def eio(self: requestor._Source, view: memoryview, offset: int) -> None:
+    async def eio(self: source._Source, view: memoryview, offset: int) -> None:
         if str(self.path) == str(files[1]) and offset > 0:  # the data set, after its meta
             raise OSError(5, "Input/output error")
         await real(self, view, offset)
 
-    monkeypatch.setattr(requestor._Source, "read_into", eio)
+    monkeypatch.setattr(source._Source, "read_into", eio)
     got, cb = collect()
     await send_batch(PEER, [outgoing(f) for f in files], SendOptions("ROUTER"), cb)
     assert got[0] == Delivered()
@@ -241,7 +243,7 @@ async def test_spool_bytes_not_in_the_page_cache_are_read_in_a_worker_thread(
     import os
     import threading
 
-    if requestor._nowait is None:
+    if source._nowait is None:
         pytest.skip("no RWF_NOWAIT on this platform")
     files = write_corpus(tmp_path / "in", 2, rows=512)  # fragments past THREAD_READ_THRESHOLD
     real = os.preadv
@@ -254,15 +256,15 @@ async def test_spool_bytes_not_in_the_page_cache_are_read_in_a_worker_thread(
         return real(fd, buffers, offset)
 
     monkeypatch.setattr(os, "preadv", preadv)
-    monkeypatch.setattr(requestor, "_nowait", requestor._nowait)  # restored afterwards
+    monkeypatch.setattr(source, "_nowait", source._nowait)  # restored afterwards
     got, cb = collect()
     await send_batch(PEER, [outgoing(f) for f in files], SendOptions("ROUTER"), cb)
     assert got == {0: Delivered(), 1: Delivered()}
     assert plain_reads
     if refusal.errno == 95:  # EOPNOTSUPP: not tried again; reads as before (threads for large ones)
-        assert requestor._nowait is None
+        assert source._nowait is None
     else:  # a cold file: every read of the data set off the loop
-        assert not any(plain_reads) and requestor._nowait is not None
+        assert not any(plain_reads) and source._nowait is not None
 
 
 @pytest.mark.parametrize("where", ["open", "write"])
@@ -270,12 +272,12 @@ async def test_a_write_error_in_the_acceptor_answers_out_of_resources(
     fake_network, tmp_path: Path, autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch,
     where: str,
 ) -> None:
-    from capacitor_trio.dicom import acceptor
+    from capacitor_trio.dicom import receive
 
     fake_network.config = attrs.evolve(fake_network.config, memory_max_bytes=0)  # files
     files = write_corpus(tmp_path / "in", 3)
     calls = 0
-    real = acceptor._write_fd
+    real = receive._write_fd
 
     def failing(fd: int, data: bytes | memoryview) -> None:
         nonlocal calls
@@ -284,7 +286,7 @@ async def test_a_write_error_in_the_acceptor_answers_out_of_resources(
             raise OSError(28, "No space left on device")
         real(fd, data)
 
-    monkeypatch.setattr(acceptor, "_write_fd", failing)
+    monkeypatch.setattr(receive, "_write_fd", failing)
     got, cb = collect()
     await send_batch(PEER, [outgoing(f) for f in files], SendOptions("ROUTER"), cb)
     assert isinstance(got[0], RetryLater) and "No space left" in got[0].reason  # 0xA700
@@ -383,7 +385,7 @@ async def test_connect_timeout(
         await trio.sleep_forever()
         raise AssertionError
 
-    monkeypatch.setattr(requestor, "_open_stream", never)
+    monkeypatch.setattr(association, "_open_stream", never)
     got, cb = collect()
     start = trio.current_time()
     await send_batch(
@@ -478,7 +480,7 @@ async def test_peer_abort_mid_batch(
         nursery.start_soon(peer)
         return ours
 
-    monkeypatch.setattr(requestor, "_open_stream", open_stream)
+    monkeypatch.setattr(association, "_open_stream", open_stream)
     got, cb = collect()
     await send_batch(
         PEER, [outgoing(f) for f in write_corpus(tmp_path / "in", 3)], SendOptions("ROUTER"), cb
@@ -544,7 +546,7 @@ class AcceptingPeer:
             nursery.start_soon(self.serve, theirs)
             return ours
 
-        monkeypatch.setattr(requestor, "_open_stream", open_stream)
+        monkeypatch.setattr(association, "_open_stream", open_stream)
 
 
 
@@ -673,16 +675,16 @@ async def test_cancelling_a_send_mid_data_set_aborts_and_returns_promptly(
         stalled.append(StallingStream(ours, 4, for_good=abort_blocked))
         return stalled[-1]
 
-    monkeypatch.setattr(requestor, "_open_stream", open_stream)
+    monkeypatch.setattr(association, "_open_stream", open_stream)
     files = write_corpus(tmp_path / "in", 1, rows=256)  # 128 KiB: 9 fragments of 16 KiB
     got, cb = collect()
     with trio.move_on_after(5) as cs:
         await send_batch(PEER, [outgoing(f) for f in files], SendOptions("ROUTER"), cb)
     assert cs.cancelled_caught
-    assert trio.current_time() == 5.0 + (requestor.ABORT_GRACE if abort_blocked else 0.0)
+    assert trio.current_time() == 5.0 + (association.ABORT_GRACE if abort_blocked else 0.0)
     assert stalled[0].sends == 5  # the A-ABORT was attempted either way
     await peer.done.wait()
-    assert trio.current_time() == 5.0 + (requestor.ABORT_GRACE if abort_blocked else 0.0)
+    assert trio.current_time() == 5.0 + (association.ABORT_GRACE if abort_blocked else 0.0)
     assert got == {}
     # the command, then two full data fragments (of 9); then the A-ABORT, or only the close
     assert [kind for kind, _ in peer.seen] == [P.P_DATA_TF] * 3 + [P.A_ABORT] * (not abort_blocked)
@@ -722,7 +724,7 @@ async def test_echo_to_a_silent_peer_fails_at_its_timeout(
         nursery.start_soon(silent_peer, theirs)
         return ours
 
-    monkeypatch.setattr(requestor, "_open_stream", open_stream)
+    monkeypatch.setattr(association, "_open_stream", open_stream)
     start = trio.current_time()
     result = await requestor.echo(PEER, "ROUTER", timeout=1.5)
     assert trio.current_time() - start == 1.5
@@ -794,7 +796,7 @@ async def test_association_reject(
         nursery.start_soon(peer)
         return ours
 
-    monkeypatch.setattr(requestor, "_open_stream", open_stream)
+    monkeypatch.setattr(association, "_open_stream", open_stream)
     got, cb = collect()
     await send_batch(
         PEER, [outgoing(f) for f in write_corpus(tmp_path / "in", 2)], SendOptions("ROUTER"), cb
@@ -978,7 +980,7 @@ class EndlessCommandPeer:
             nursery.start_soon(self.serve, theirs)
             return ours
 
-        monkeypatch.setattr(requestor, "_open_stream", open_stream)
+        monkeypatch.setattr(association, "_open_stream", open_stream)
 
 
 @pytest.mark.parametrize("service", ["C-STORE", "C-ECHO"])

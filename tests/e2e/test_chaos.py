@@ -11,7 +11,8 @@ import pytest
 import trio
 
 from capacitor_trio.config import load_settings
-from capacitor_trio.dicom.acceptor import AcceptorConfig, serve_acceptor
+from capacitor_trio.dicom.acceptor import AcceptorConfig
+from capacitor_trio.dicom.listener import serve_acceptor
 from capacitor_trio.runtime import run_router
 from tests.helpers.datasets import write_corpus
 from tests.helpers.peers import PynetdicomDestination, free_port, needs_dcmtk, path_uid, storescu

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from capacitor_trio.dicom.acceptor import AcceptorConfig, serve_acceptor
+from capacitor_trio.dicom.acceptor import AcceptorConfig
+from capacitor_trio.dicom.listener import serve_acceptor
 from tests.helpers.peers import RouterProcess
 from tests.helpers.sinks import CountingSink
 from tests.helpers.soak import RssSampler

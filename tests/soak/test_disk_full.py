@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import trio
 
-from capacitor_trio.dicom.acceptor import AcceptorConfig, serve_acceptor
+from capacitor_trio.dicom.acceptor import AcceptorConfig
+from capacitor_trio.dicom.listener import serve_acceptor
 from tests.helpers.peers import Counter, RouterProcess, free_port
 from tests.helpers.sinks import CountingSink
 from tests.helpers.soak import Gate, RssSampler, Sender, series_of, write_router_config

@@ -1,24 +1,21 @@
-"""The management API: `create_app(router)` builds a Quart-Trio app with every route.
+"""The management API's handlers (`Api`), bound to one running router; routes.py maps the routes
+to them and builds the app (`create_app`), parse.py parses what they are sent.
 
-Routes are thin: they parse and validate the request, send every write through the control port
+Handlers are thin: they parse and validate the request, send every write through the control port
 (`actors/control.py`: each command answered by the owner of what it changes) and every read
-through the read port (`actors/queries.py`), and format the answers. Errors are raised (`ApiError`, or the core's own exceptions) and
-become the envelope in `_endpoint`; nothing ever answers with a traceback.
+through the read port (`actors/queries.py`), and format the answers. Errors are raised
+(`ApiError`, or the core's own exceptions) and become the envelope in routes.py's `_endpoint`;
+nothing ever answers with a traceback.
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import math
-from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import trio
 from quart import Response, request
-from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
 
 import capacitor_trio
 from capacitor_trio.actors.control import Control
@@ -28,12 +25,12 @@ from capacitor_trio.actors.messages import (
     SetOverride,
 )
 from capacitor_trio.actors.queries import ReadPort, RouterReads
-from capacitor_trio.config.models import NODE_ROLES, Node
+from capacitor_trio.config.models import Node
 from capacitor_trio.domain.states import FAILED, REJECTED
 from capacitor_trio.logs import LEVELS, parse_level
 from capacitor_trio.store import STATES, Counts, ItemFilter
 
-from .auth import COOKIE, SESSION_TTL, Auth, same_origin
+from .auth import COOKIE, SESSION_TTL, Auth
 from .envelope import (
     ApiError,
     bad_request,
@@ -43,8 +40,8 @@ from .envelope import (
     not_found,
     now_iso,
     ok,
-    translate,
 )
+from .parse import _int_arg, _item_id, _json_body, _role, _role_arg, _state, _str_arg
 from .queries import Recent
 from .views import item_json, node_json, read_tags
 
@@ -54,7 +51,6 @@ if TYPE_CHECKING:
 MAX_LIMIT = 1000
 MAX_LOG_LINES = 1000
 
-Handler = Callable[..., Awaitable[Any]]
 
 #: PUT body field (the contract's camelCase) -> Node attribute; config/ knows the nodes.yml keys.
 PUT_FIELDS = {
@@ -76,115 +72,6 @@ PUT_FIELDS = {
 
 def _openapi_text() -> str:
     return resources.files("capacitor_trio.api").joinpath("openapi.json").read_text("utf-8")
-
-
-# ---- request parsing -------------------------------------------------------------------------
-
-
-async def _json_body(allowed: dict[str, Any], *, required: tuple[str, ...] = (), optional: bool = False) -> dict[str, Any]:
-    """The request body as a JSON object with only `allowed` keys (name -> type or tuple of types;
-    None in a tuple allows null)."""
-    raw = await request.get_data(as_text=False)
-    if not raw.strip():
-        if optional and not required:
-            return {}
-        raise bad_request("a JSON object body is required")
-    if request.mimetype != "application/json":  # a form or a text/plain post is not JSON
-        raise ApiError("BAD_REQUEST", f"Content-Type must be application/json, not {request.mimetype or 'none'!r}", status=415)
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
-        raise bad_request(f"invalid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise bad_request("the body must be a JSON object")
-    unknown = sorted(set(body) - set(allowed))
-    if unknown:
-        raise bad_request(f"unknown field(s): {', '.join(unknown)}")
-    for name in required:
-        if name not in body:
-            raise bad_request(f"{name} is required")
-    for name, value in body.items():
-        expected = allowed[name]
-        if expected is Any:
-            continue
-        types = expected if isinstance(expected, tuple) else (expected,)
-        if value is None and None in types:
-            continue
-        real = tuple(t for t in types if t is not None)
-        if isinstance(value, bool) and bool not in real:
-            raise bad_request(f"{name}: wrong type")
-        if not isinstance(value, real):
-            raise bad_request(f"{name}: wrong type")
-    return body
-
-
-def _int_arg(name: str, default: int, lo: int, hi: int | None = None, *, clamp_high: bool = False) -> int:
-    raw = request.args.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        raise bad_request(f"{name} must be a whole number, not {raw!r}") from None
-    if value < lo:
-        raise bad_request(f"{name} must be at least {lo}")
-    if hi is not None and value > hi:
-        if clamp_high:
-            return hi
-        raise bad_request(f"{name} must be {lo}..{hi}")
-    return value
-
-
-def _state(value: Any, name: str = "state") -> str:
-    state = str(value).strip().lower()
-    if state not in STATES:
-        raise bad_request(f"{name}: unknown state {value!r}; expected one of {', '.join(STATES)}")
-    return state
-
-
-def _str_arg(name: str) -> str | None:
-    value = request.args.get(name)
-    return value if value not in (None, "") else None
-
-
-def _role_arg() -> str | None:
-    raw = request.args.get("role")
-    if raw in (None, ""):
-        return None
-    return _role(raw)
-
-
-def _role(raw: Any) -> str:
-    for role in NODE_ROLES:
-        if str(raw).strip().lower() == role.lower():
-            return role
-    raise bad_request(f"role: unknown role {raw!r}; expected one of {', '.join(NODE_ROLES)}")
-
-
-def _item_id(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise bad_request(f"item id must be a whole number, not {raw!r}") from None
-    if value < 0:
-        raise bad_request(f"item id must not be negative, not {raw!r}")
-    if value > 2**63 - 1:
-        raise not_found(f"no item {raw}")
-    return value
-
-
-# ---- the app ---------------------------------------------------------------------------------
-
-
-#: Host names a request to the API may carry (it listens on 127.0.0.1 only).
-LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
-
-
-def _host_name(host: str) -> str:
-    """`127.0.0.1:1080` -> `127.0.0.1`, `[::1]:1080` -> `[::1]`, `localhost` -> `localhost`."""
-    if host.startswith("["):
-        return host.split("]", 1)[0] + "]"
-    return host.rsplit(":", 1)[0].lower()
 
 
 class Api:
@@ -496,127 +383,3 @@ class Api:
 
     async def queue_health(self) -> Response:
         return json_response({"status": "ok", "timestamp": now_iso()})
-
-
-#: (method, path, handler name, needs a credential)
-ROUTES: tuple[tuple[str, str, str, bool], ...] = (
-    ("GET", "/api/openapi.json", "openapi", False),
-    ("POST", "/api/auth/login", "login", False),
-    ("POST", "/api/auth/logout", "logout", False),
-    ("GET", "/api/system/info", "system_info", False),
-    ("GET", "/api/nodes", "list_nodes", False),
-    ("GET", "/api/nodes/<ae>", "get_node", False),
-    ("PUT", "/api/nodes/<ae>", "put_node", True),
-    ("POST", "/api/nodes/<ae>/pause", "pause_node", True),
-    ("POST", "/api/nodes/<ae>/resume", "resume_node", True),
-    ("POST", "/api/nodes/<ae>/echo", "echo_node", True),
-    ("POST", "/api/nodes/<ae>/override-schedule", "override_on", True),
-    ("DELETE", "/api/nodes/<ae>/override-schedule", "override_off", True),
-    ("GET", "/api/queue/items", "list_items", False),
-    ("GET", "/api/queue/items/<item_id>", "get_item", False),
-    ("POST", "/api/queue/items/<item_id>/fail", "fail_item", True),
-    ("POST", "/api/queue/items/<item_id>/reject", "reject_item", True),
-    ("POST", "/api/queue/items/<item_id>/retry", "retry_item", True),
-    ("POST", "/api/queue/items/<item_id>/move", "move_item", True),
-    ("DELETE", "/api/queue/items/<item_id>", "delete_item", True),
-    ("POST", "/api/queue/actions/retry-failed", "retry_failed", True),
-    ("POST", "/api/queue/actions/retry-rejected", "retry_rejected", True),
-    ("POST", "/api/queue/studies/<uid>/move", "move_study", True),
-    ("DELETE", "/api/queue/studies/<uid>", "delete_study", True),
-    ("POST", "/api/queue/series/<uid>/move", "move_series", True),
-    ("GET", "/api/service/status", "service_status", False),
-    ("POST", "/api/service/pause", "service_pause", True),
-    ("POST", "/api/service/resume", "service_resume", True),
-    ("GET", "/api/service/processing-status", "processing_status", False),
-    ("POST", "/api/config/reload", "reload_config", True),
-    ("GET", "/api/metrics", "metrics", False),
-    ("GET", "/api/logs/recent", "logs_recent", False),
-    ("GET", "/api/queue/stats", "queue_stats", False),
-    ("GET", "/api/queue/health", "queue_health", False),
-)
-
-
-def _endpoint(api: Api, handler: Handler, write: bool) -> Handler:
-    @functools.wraps(handler)
-    async def view(**kwargs: Any) -> Response:
-        try:
-            if write:
-                api.require_write()
-                try:
-                    return await handler(**kwargs)
-                finally:
-                    api.invalidate()  # the API shows its own changes at once
-            return await handler(**kwargs)
-        except (trio.Cancelled, HTTPException):
-            raise  # HTTPException (e.g. 413 from a body over MAX_CONTENT_LENGTH): http_error below
-        except Exception as exc:
-            return error_response(translate(exc))
-
-    return view
-
-
-def create_app(router: Router) -> QuartTrio:
-    """A fresh app serving `router` (no module-level app)."""
-    app = QuartTrio("capacitor_trio.api", static_folder=None)
-    app.config["MAX_CONTENT_LENGTH"] = 1024 * 1024
-    app.url_map.strict_slashes = False
-    api = Api(router)
-    app.extensions["capacitor_api"] = api
-    for method, path, name, write in ROUTES:
-        view = _endpoint(api, getattr(api, name), write)
-        app.add_url_rule(
-            path, endpoint=f"{method} {path}", view_func=view, methods=[method],
-            provide_automatic_options=False,
-        )
-
-    @app.after_request
-    async def drain_unread_body(response: Response) -> Response:
-        # A refused write (403, 400…) is answered before its body is read; an unread body left on
-        # a keep-alive connection would stall the client's next request behind it.
-        if request.method in ("POST", "PUT", "DELETE", "PATCH"):
-            try:
-                await request.get_data()
-            except HTTPException:  # over MAX_CONTENT_LENGTH: cannot be drained, end the connection
-                response.headers["Connection"] = "close"
-        return response
-
-    @app.before_request
-    async def same_machine_only() -> Response | None:
-        # The API is for this machine. A browser page from elsewhere must not reach it: refuse a
-        # Host that is not loopback (DNS rebinding) and a cross-site Origin on writes (a form
-        # posted from another site, or from another program's page on this machine: scheme, host
-        # and port must be the API's own), whatever the credentials configuration.
-        if _host_name(request.host or "") not in LOOPBACK_HOSTS:
-            return error_response(ApiError("FORBIDDEN", f"Host {request.host!r} is not this machine's loopback address"))
-        origin = request.headers.get("Origin")
-        writing = request.method not in ("GET", "HEAD", "OPTIONS")
-        if writing and origin and not same_origin(origin, (request.scope.get("server") or (None, None))[1]):
-            return error_response(ApiError("FORBIDDEN", f"cross-site request from {origin!r} refused"))
-        return None
-
-    @app.errorhandler(HTTPException)
-    async def http_error(exc: HTTPException) -> Response:
-        status = exc.code or 500
-        headers: dict[str, str] = {}
-        if status == 405:
-            allowed = getattr(exc, "valid_methods", None) or []
-            headers["Allow"] = ", ".join(allowed)
-            err = ApiError("NOT_FOUND", f"{request.method} is not allowed on {request.path}", status=405)
-        elif status == 404:
-            err = ApiError("NOT_FOUND", f"no endpoint {request.method} {request.path}")
-        elif status >= 500:
-            err = ApiError("INTERNAL", "internal error", status=status)
-        elif status == 413:
-            # the rest of the body is never read: end the connection, or the client's next
-            # request on it would wait behind the unread bytes
-            headers["Connection"] = "close"
-            err = ApiError("BAD_REQUEST", exc.description or exc.name, status=status)
-        else:
-            err = ApiError("BAD_REQUEST", exc.description or exc.name, status=status)
-        return error_response(err, headers)
-
-    @app.errorhandler(Exception)
-    async def unexpected(exc: Exception) -> Response:
-        return error_response(translate(exc))
-
-    return app

@@ -297,12 +297,20 @@ NODE_PARAMS = [AE_PARAM, ROLE_PARAM]
 
 
 def paths() -> S:
-    item_ops = {
-        "fail": "Move the item to failed (retried on the next cycle)",
-        "reject": "Move the item to rejected (not retried)",
-        "retry": "Move a failed or rejected item back to new",
+    """Every path of the API, in the order the document lists them."""
+    return {
+        **_system_paths(),
+        **_node_paths(),
+        **_queue_paths(),
+        **_service_paths(),
+        **_compat_paths(),
+        **_item_action_paths(),
     }
-    out: S = {
+
+
+def _system_paths() -> S:
+    """This document, logging in and out, the system information."""
+    return {
         "/api/openapi.json": {"get": op("This document", {"type": "object"}, raw=True, tag="System")},
         "/api/auth/login": {
             "post": op("Log in with api.servicePassword; sets the capacitor_session cookie", ref("Session"),
@@ -310,6 +318,12 @@ def paths() -> S:
         },
         "/api/auth/logout": {"post": op("End the session of the capacitor_session cookie", ref("Session"), tag="Auth")},
         "/api/system/info": {"get": op("Version, uptime, AE title and activation state", ref("SystemInfo"), tag="System")},
+    }
+
+
+def _node_paths() -> S:
+    """The nodes: list, read, edit, pause, resume, echo, schedule override."""
+    return {
         "/api/nodes": {"get": op("All configured nodes with queue depth", {"type": "array", "items": ref("Node")}, tag="Nodes")},
         "/api/nodes/{aeTitle}": {
             "get": op("One node", ref("Node"), errors=(400, 404), params=NODE_PARAMS, tag="Nodes"),
@@ -331,6 +345,12 @@ def paths() -> S:
             "post": op("Override the ProcessSchedule (in memory)", ref("Node"), errors=(400, 404, 409, 503), write=True, params=NODE_PARAMS, tag="Nodes"),
             "delete": op("Clear the schedule override", ref("Node"), errors=(400, 404, 409, 503), write=True, params=NODE_PARAMS, tag="Nodes"),
         },
+    }
+
+
+def _queue_paths() -> S:
+    """The queue: items, one item, and the bulk actions on items, studies and series."""
+    return {
         "/api/queue/items": {
             "get": op(
                 "A page of queue items (filters combine with AND)", ref("ItemPage"), errors=(400,),
@@ -377,6 +397,12 @@ def paths() -> S:
             "post": op("Move every item of a series to a state", ref("Count"), errors=(404, 503), write=True,
                        params=[uid_param("seriesUid")], body=ref("TargetState"), tag="Queue")
         },
+    }
+
+
+def _service_paths() -> S:
+    """The processing flags, the reload, the processing status, metrics and logs."""
+    return {
         "/api/service/status": {"get": op("Processing flags", ref("ServiceFlags"), tag="Service")},
         "/api/service/pause": {"post": op("Disable all processing (receiving continues)", ref("ServiceFlags"), write=True, tag="Service")},
         "/api/service/resume": {"post": op("Re-enable all processing", ref("ServiceFlags"), write=True, tag="Service")},
@@ -393,14 +419,30 @@ def paths() -> S:
                 tag="Logs",
             )
         },
+    }
+
+
+def _compat_paths() -> S:
+    """Capacitor's backward-compatible endpoints (no envelope)."""
+    return {
         "/api/queue/stats": {"get": op("Queue statistics (backward compatible: no envelope)", ref("QueueStats"), raw=True, tag="Queue")},
         "/api/queue/health": {"get": op("Health (backward compatible: no envelope)", ref("Health"), raw=True, tag="Queue")},
     }
-    for action, summary in item_ops.items():
-        out[f"/api/queue/items/{{id}}/{action}"] = {
+
+
+def _item_action_paths() -> S:
+    """The state changes of one item (fail, reject, retry)."""
+    item_ops = {
+        "fail": "Move the item to failed (retried on the next cycle)",
+        "reject": "Move the item to rejected (not retried)",
+        "retry": "Move a failed or rejected item back to new",
+    }
+    return {
+        f"/api/queue/items/{{id}}/{action}": {
             "post": op(summary, ref("Item"), errors=(400, 404, 409, 503), write=True, params=[ID_PARAM], tag="Queue")
         }
-    return out
+        for action, summary in item_ops.items()
+    }
 
 
 def build() -> S:

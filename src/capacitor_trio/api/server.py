@@ -32,7 +32,7 @@ from hypercorn.utils import wrap_app
 
 from capacitor_trio.serving import serve_listeners
 
-from .app import create_app
+from .routes import create_app
 
 if TYPE_CHECKING:
     from capacitor_trio.runtime import Router

@@ -13,7 +13,7 @@ from pydicom.filereader import read_dataset
 
 from capacitor_trio.actors.messages import NodeStatus
 from capacitor_trio.config.models import Node
-from capacitor_trio.dicom.part10 import ShowLimits, bounded_copy
+from capacitor_trio.dicom.detail import ShowLimits, bounded_copy
 from capacitor_trio.store import STATES, Counts, Item
 
 from .envelope import iso

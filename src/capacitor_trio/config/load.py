@@ -1,4 +1,6 @@
-"""Reading config.yml and nodes.yml: the one place that knows Capacitor's spellings.
+"""Reading config.yml and nodes.yml into frozen values, checking them, and writing a new data
+directory. config/ is the one place that knows Capacitor's spellings: the key tables are
+keys.py's, the value checkers values.py's, nodes.yml edits nodes_file.py's.
 
 Precedence for global keys: `--config.<key>=<value>` on the command line > environment variable
 `CAPACITOR_<UPPER_SNAKE_KEY>` > config.yml > defaults. config.yml is YAML; a value from the
@@ -10,22 +12,31 @@ key and the value (secrets redacted).
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import re
 import typing
-import zoneinfo
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import attrs
 import yaml
 
+from capacitor_trio.config.keys import (
+    _KEYS_BY_NAME,
+    _NODE_NULLABLE,
+    FILTER_FILES,
+    GLOBAL_KEYS,
+    LEGACY_ALIASES,
+    NODE_KEY_ALIASES,
+    NODE_KEYS,
+    NODE_NOT_IMPLEMENTED,
+    NOT_IMPLEMENTED_KEYS,
+    Key,
+    env_name,
+)
 from capacitor_trio.config.models import (
     DEFAULT_PREFIX,
     NODE_ROLES,
-    TRANSFER_SYNTAX_NAMES,
     ApiConfig,
     ChaosConfig,
     Config,
@@ -33,7 +44,7 @@ from capacitor_trio.config.models import (
     Settings,
     called_aes,
 )
-from capacitor_trio.domain.schedule import ScheduleError, parse_schedule
+from capacitor_trio.config.values import _Loader, _YamlFloat, _YamlInt, check_ae_title
 
 
 class ConfigError(Exception):
@@ -65,272 +76,6 @@ def _show(value: object) -> str:
         return REDACTED
     text = value.text if isinstance(value, _YamlInt | _YamlFloat) else repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-# ---------------------------------------------------------------------------------------------
-# YAML numbers that remember how they were written
-
-
-class _YamlInt(int):
-    """An int read from a YAML file, with its text: a string-typed key (an AE title, a secret)
-    takes the text (`012345` stays `012345`, not YAML 1.1's octal 5349), a whole-number key a
-    plain run of digits as decimal."""
-
-    text: str
-
-
-class _YamlFloat(float):
-    text: str
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML's safe loader, except that numbers keep their text (see `_YamlInt`)."""
-
-
-def _add_number(tag: str, cls: type[_YamlInt] | type[_YamlFloat]) -> None:
-    construct = _Loader.yaml_constructors[tag]
-
-    def build(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
-        value = cls(construct(loader, node))
-        value.text = str(node.value)
-        return value
-
-    _Loader.add_constructor(tag, build)
-
-
-_add_number("tag:yaml.org,2002:int", _YamlInt)
-_add_number("tag:yaml.org,2002:float", _YamlFloat)
-
-
-def _as_written(v: Any) -> Any:
-    """A YAML number's text, anything else as it is."""
-    return v.text if isinstance(v, _YamlInt | _YamlFloat) else v
-
-
-# ---------------------------------------------------------------------------------------------
-# value checkers: (raw value) -> python value, or raise ValueError(reason)
-
-
-def _int(lo: int | None = 0, hi: int | None = None) -> Callable[[Any], int]:
-    def check(v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError("must be a whole number")
-        text = _as_written(v)
-        v = int(text) if isinstance(text, str) and re.fullmatch(r"[+-]?[0-9]+", text) else int(v)
-        if lo is not None and v < lo:
-            raise ValueError(f"must be at least {lo}" if hi is None else f"must be {lo}..{hi}")
-        if hi is not None and v > hi:
-            raise ValueError(f"must be {lo}..{hi}")
-        return v
-
-    return check
-
-
-def _float(lo: float = 0.0) -> Callable[[Any], float]:
-    def check(v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            raise ValueError("must be a number")
-        if not math.isfinite(v):
-            raise ValueError("must be a finite number")
-        if v < lo:
-            raise ValueError(f"must be at least {lo:g}")
-        return float(v)
-
-    return check
-
-
-def _bool(v: Any) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError("must be true or false")
-    return v
-
-
-def _str(v: Any) -> str:
-    v = _as_written(v)
-    if isinstance(v, bool) or not isinstance(v, str | int | float):
-        raise ValueError("must be a string")
-    return str(v)
-
-
-def check_ae_title(v: Any) -> str:
-    v = _as_written(v)
-    if isinstance(v, int) and not isinstance(v, bool):
-        v = str(v)
-    if not isinstance(v, str):
-        raise ValueError("must be a string")
-    title = v.strip(" ")  # spaces only: DICOM pads with them; any other control character is refused
-    if not title:
-        raise ValueError("an AE title cannot be empty")
-    if len(title) > 16:
-        raise ValueError("an AE title has at most 16 characters")
-    if "\\" in title or any(ord(c) < 32 or ord(c) > 126 for c in title):
-        raise ValueError("an AE title may not contain backslashes or control characters")
-    return title
-
-
-def _ae_prefix(v: Any) -> str:
-    """aeTitlePrefix: blank (no prefixed titles), or what can start an AE title."""
-    prefix = _str(v)
-    if not prefix.strip(" "):
-        return ""
-    if prefix.startswith(" "):
-        raise ValueError("an AE title prefix cannot start with a space")
-    return check_ae_title(prefix + "X")[:-1]  # room for at least one character of the title
-
-
-def _host(v: Any) -> str:
-    if not isinstance(v, str):
-        raise ValueError("must be a host name or IP address")
-    host = v.strip()
-    if not host:
-        raise ValueError("a host name cannot be empty")
-    if len(host) > 253 or any(c.isspace() or not c.isprintable() for c in host):
-        raise ValueError("must be a host name or IP address (no spaces or control characters)")
-    return host
-
-
-def _port(v: Any) -> int:
-    return _int(1, 65535)(v)
-
-
-def _port_or_off(v: Any) -> int:
-    return _int(0, 65535)(v)
-
-
-def _list(item: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, ...]]:
-    def check(v: Any) -> tuple[Any, ...]:
-        if isinstance(v, str):  # from the environment or the command line: comma separated
-            v = [part.strip() for part in v.split(",") if part.strip()]
-        if not isinstance(v, list):
-            raise ValueError("must be a list")
-        return tuple(item(x) for x in v)
-
-    return check
-
-
-def check_schedule(v: Any) -> tuple[str, ...]:
-    entries = _list(_str)(v)
-    try:
-        parse_schedule(entries)
-    except ScheduleError as e:
-        raise ValueError(str(e)) from None
-    return entries
-
-
-def _transfer_syntax(v: Any) -> str:
-    name = _str(v).strip()
-    if name and name not in TRANSFER_SYNTAX_NAMES and name not in TRANSFER_SYNTAX_NAMES.values():
-        raise ValueError("unknown transfer syntax; use one of " + ", ".join(TRANSFER_SYNTAX_NAMES))
-    return name
-
-
-def _time_zone(v: Any) -> str:
-    name = _str(v).strip()
-    if name:
-        try:
-            zoneinfo.ZoneInfo(name)
-        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-            raise ValueError("unknown IANA time zone") from None
-    return name
-
-
-def _uid(v: Any) -> str:
-    uid = _str(v).strip()
-    if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid) or len(uid) > 64:
-        raise ValueError("must be a UID (digits and dots, at most 64 characters)")
-    return uid
-
-
-def _sop_class_priority(v: Any) -> str:
-    text = _str(v).strip()
-    return "default" if text.lower() == "default" else _uid(text)
-
-
-# ---------------------------------------------------------------------------------------------
-# config.yml
-
-
-@attrs.frozen
-class Key:
-    name: str  # Capacitor's spelling, dotted for nested keys ("api.port")
-    field: str  # our attribute path ("api.port")
-    check: Callable[[Any], Any]
-
-    @property
-    def env(self) -> str:
-        return "CAPACITOR_" + env_name(self.name)
-
-
-def env_name(key: str) -> str:
-    """`myAeTitle` -> `MY_AE_TITLE`, `api.port` -> `API_PORT`, `redactedCFindLogging` ->
-    `REDACTED_C_FIND_LOGGING` (Capacitor's rule: an underscore before every capital)."""
-    return "_".join(re.sub(r"(?<=.)([A-Z])", r"_\1", part).upper() for part in key.split("."))
-
-
-GLOBAL_KEYS: tuple[Key, ...] = (
-    Key("myAeTitle", "my_ae_title", check_ae_title),
-    Key("scpPort", "scp_port", _port_or_off),
-    Key("aeTitlePrefix", "ae_title_prefix", _ae_prefix),
-    Key("cachePath", "cache_path", _str),
-    Key("batchSize", "batch_size", _int(0)),
-    Key("processDelay", "process_delay", _int(0)),
-    Key("processDelayWindowMultiplier", "process_delay_window_multiplier", _float(0)),
-    Key("processSchedule", "process_schedule", check_schedule),
-    Key("minimumLineSpeed", "minimum_line_speed", _int(0)),
-    Key("stallThresholdSeconds", "stall_threshold_seconds", _int(0)),
-    Key("connectTimeoutSeconds", "connect_timeout_seconds", _int(0)),
-    Key("clientTimeout", "client_timeout", _int(1)),
-    Key("expiryThreshold", "expiry_threshold", _int(1)),
-    Key("minFreeSpace", "min_free_space", _int(0, 100)),
-    Key("minimumAge", "minimum_age", _int(0)),
-    Key("storageInterval", "storage_interval", _int(0)),
-    Key("rejectAbstractSyntaxes", "reject_abstract_syntaxes", _list(_uid)),
-    Key("maxClientsPerServer", "max_clients_per_server", _int(0)),
-    Key("cycleRejectedFilesOnStartup", "cycle_rejected_files_on_startup", _bool),
-    Key("defaultTransferSyntax", "default_transfer_syntax", _transfer_syntax),
-    Key("api.enabled", "api.enabled", _bool),
-    Key("api.port", "api.port", _port),
-    Key("api.token", "api.token", _str),
-    Key("api.servicePassword", "api.service_password", _str),
-    Key("durableWrites", "durable_writes", _bool),
-    Key("deliveryProcess", "delivery_process", _bool),
-    Key("maxPduSize", "max_pdu_size", _int(4096, 16 * 1024 * 1024)),
-    Key("retryDelaySeconds", "retry_delay_seconds", _int(1)),
-    Key("retryMaxDelaySeconds", "retry_max_delay_seconds", _int(1)),
-    Key("maxAttempts", "max_attempts", _int(0)),
-    Key("timeZone", "time_zone", _time_zone),
-    Key("chaos.killNodeActorsEverySeconds", "chaos.kill_node_actors_every_seconds", _float(0)),
-)
-_KEYS_BY_NAME = {k.name: k for k in GLOBAL_KEYS}
-
-# Renamed keys from older Capacitor versions, still accepted.
-LEGACY_ALIASES = {"aeTitle": "myAeTitle"}
-
-# Keys DICOM Capacitor documents that capacitor-trio does not implement yet: accepted, warned about.
-NOT_IMPLEMENTED_KEYS = frozenset(
-    ["activationCode", "autoAdjustLineSpeed", "autoSaveLineSpeed", "ctoConvert", "ctoExpiryMinutes", "ctoOnExpire", "daysToKeepLogs", "dropUnfilteredInstances", "duplicateBehavior", "duplicateThreshold", "echoInterval", "filters", "findScpPort", "holdIncomingStorageAssociations", "limitMaxCMoveResponseRemainingCount", "logSuffix", "maxDataBuffer", "maxEnumeratedFiles", "maxEnumeratedItems", "maxPDVsPerPDU", "moveRejectedCachedFiles", "prefetchConcurrency", "prefetchQueueSize", "queryRetrieveScpPort", "redactedCFindLogging", "redactedCFindLoggingExtraTags", "removeOrphanedIncomingFiles", "sendAbandonGraceSeconds", "storageAssociationHoldExpectedTtlSeconds", "storageCommitAeTitle", "storageCommitPendingNEventReportRequestExpiry", "storageCommitScpPort", "storageCommitSendTimeout", "storageReceiptExpiryHours", "storageTimeoutFloorSeconds", "supervisionFloorMinutes", "suppressLogAeTitles", "suppressWebLog", "worklistAutomationEnabled", "worklistDays", "worklistFilterStored", "worklistInterval", "studyThreshold", "prefetchEnabled"]
-)
-
-NODE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    "AeTitle": ("ae_title", check_ae_title),
-    "HostName": ("host_name", _host),
-    "Port": ("port", _port),
-    "NodeRole": ("role", _str),  # checked against NODE_ROLES below
-    "Aliases": ("aliases", _list(check_ae_title)),
-    "Priority": ("priority", _int(0, 2)),
-    "ProcessDelay": ("process_delay", _int(0)),
-    "Impersonate": ("impersonate", _bool),
-    "TransferSyntax": ("transfer_syntax", _transfer_syntax),
-    "BatchSize": ("batch_size", _int(0)),
-    "MinimumLineSpeed": ("minimum_line_speed", _int(0)),
-    "StallThreshold": ("stall_threshold", _int(0)),
-    "ProcessSchedule": ("process_schedule", check_schedule),
-    "SopClassPriorities": ("sop_class_priorities", _list(_sop_class_priority)),
-}
-NODE_KEY_ALIASES = {"Role": "NodeRole"}
-NODE_NOT_IMPLEMENTED = frozenset({"ProcessNetworks", "CFindFailureBehavior"})
-# Fields whose blank value means "inherit the global value" (kept as None on the Node).
-_NODE_NULLABLE = {"process_delay", "batch_size", "minimum_line_speed", "stall_threshold", "sop_class_priorities"}
 
 
 def _read_yaml(path: Path) -> Any:
@@ -399,12 +144,6 @@ def _unquote(text: str) -> str:
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
         return text[1:-1]
     return text
-
-
-# Filters Capacitor runs on every instance before it is sent (`filters:` names them, each has
-# its file in the data directory). None is implemented: running without them would send what
-# a site drops or pseudonymises as it arrived, so their presence stops the router.
-FILTER_FILES = {"routings.yml": "route", "mutations.yml": "mutate", "sortings.yml": "sort", "lua.yml": "lua"}
 
 
 def _refuse_filters(source: str, name: str, value: Any) -> None:

@@ -1,7 +1,8 @@
 """Configuration values: frozen attrs models with snake_case fields.
 
-`load.py` is the only module that reads YAML and knows Capacitor's spellings (`scpPort`,
-`AeTitle`, ...); everything else in the router sees these values.
+config/ (`load.py`, its key tables in `keys.py` and checkers in `values.py`, `nodes_file.py`) is
+the only code that reads YAML and knows Capacitor's spellings (`scpPort`, `AeTitle`, ...);
+everything else in the router sees these values.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ from .acceptor import (
     OutOfResources,
     ReceivedInstance,
     handle_association,
-    serve_acceptor,
 )
+from .listener import serve_acceptor
 from .requestor import EchoResult, OutgoingInstance, Peer, SendOptions, echo, send_batch
 
 __all__ = [

@@ -19,15 +19,14 @@ shielded deadline and lets Cancelled propagate; unreported instances stay unrepo
 association ends in the middle of sending a PDU (a watchdog or a cancel while the peer's window
 was full), no A-ABORT can follow (the peer would read it as the rest of that PDU): the connection
 is closed instead (`Transport.cut`), which the peer sees as a network failure.
+
+The rooms next door: association.py (connect, A-ASSOCIATE-RQ and its answer, A-ABORT; `Peer`),
+source.py (an instance's stored bytes, read at offsets), verification.py (`echo`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import io
 import logging
-import os
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -39,34 +38,24 @@ from capacitor_trio.domain.outcomes import Delivered, Outcome, Rejected, RetryLa
 from . import dimse
 from . import pdu as P
 from .assembler import CommandSet, MessageAssembler
-from .part10 import EXPLICIT_VR_LE, IMPLICIT_VR_LE, HeaderError, read_meta
+from .association import Peer, _associate, _connect, _Failed, _send_abort
+from .part10 import HeaderError
+from .source import _Source
 from .status import store_status_outcome
 from .transport import PeerClosed, Transport, overdue, read_limit
+from .verification import EchoResult, echo
 
 log = logging.getLogger("capacitor_trio.dicom")
 
-THREAD_READ_THRESHOLD = 256 * 1024
-#: first read of a spool file: its Part 10 preamble and meta group (a few hundred bytes)
-META_READ = 4096
 LINE_SPEED_WINDOW = 10.0
 DEFAULT_FRAGMENT = 1 << 20
 MAX_FRAGMENT = 4 << 20
-ABORT_GRACE = 1.0
 #: the smallest maximum PDU length of a peer we send to (0, "no maximum", aside). A P-DATA-TF
 #: needs 7 bytes to carry one byte of data; DCMTK, dicom-rs and most toolkits refuse to be set
 #: below 4096, so a peer that advertises less than this is misconfigured or hostile, and each
 #: image would be cut into thousands of PDUs
 MIN_PEER_PDU = 1024
 _MAX_CONTEXTS = 128
-#: the maximum PDU length `echo` proposes (its replies are a few hundred bytes)
-_ECHO_MAX_PDU = 65536
-
-
-@attrs.frozen
-class Peer:
-    ae_title: str
-    host: str
-    port: int
 
 
 @attrs.frozen
@@ -93,162 +82,6 @@ class OutgoingInstance:
 
 #: `send_batch(..., more=)`: instances to send next on the same association (none: release it).
 MoreInstances = Callable[[], Awaitable[Sequence[OutgoingInstance]]]
-
-
-@attrs.frozen
-class EchoResult:
-    success: bool
-    latency_ms: float | None
-    error: str | None
-
-
-class _Failed(Exception):
-    def __init__(self, outcome: Outcome, *, abort: bool = True) -> None:
-        super().__init__(getattr(outcome, "reason", str(outcome)))
-        self.outcome = outcome
-        self.abort = abort
-
-
-async def _open_stream(host: str, port: int) -> trio.abc.Stream:
-    """Open the transport to a peer (tests substitute in-memory streams here)."""
-    return await trio.open_tcp_stream(host, port)
-
-
-async def _connect(peer: Peer, seconds: float) -> Transport:
-    try:
-        with trio.fail_after(seconds):
-            stream = await _open_stream(peer.host, peer.port)
-    except trio.TooSlowError:
-        raise _Failed(
-            RetryLater(f"connect to {peer.host}:{peer.port} timed out"), abort=False
-        ) from None
-    except OSError as exc:
-        raise _Failed(
-            RetryLater(f"cannot connect to {peer.host}:{peer.port}: {exc.strerror or exc}"),
-            abort=False,
-        ) from None
-    return Transport(stream)
-
-
-async def _associate(
-    t: Transport,
-    peer: Peer,
-    calling_ae: str,
-    contexts: Sequence[P.ProposedContext],
-    max_pdu: int,
-    seconds: float,
-) -> P.AssociateAccept:
-    try:
-        with trio.fail_after(seconds):
-            await t.send_all(P.encode_associate_rq(calling_ae, peer.ae_title, contexts, max_pdu))
-            pdu_type, body = await t.read_pdu(1 << 20)
-    except trio.TooSlowError:
-        raise _Failed(RetryLater("association negotiation timed out")) from None
-    except PeerClosed as exc:
-        raise _Failed(
-            RetryLater(f"connection closed during association: {exc}"), abort=False
-        ) from None
-    except P.PduError as exc:
-        raise _Failed(RetryLater(f"protocol error from peer: {exc}")) from None
-    if pdu_type == P.A_ASSOCIATE_AC:
-        try:
-            return P.decode_associate_ac(
-                P.PDU_HEADER.pack(pdu_type, 0, len(body)) + bytes(body), contexts
-            )
-        except P.PduError as exc:
-            raise _Failed(RetryLater(str(exc))) from None
-    if pdu_type == P.A_ASSOCIATE_RJ:
-        rj = P.decode_associate_rj(body)
-        log.warning("%s by %s (%s:%s)", rj.describe(), peer.ae_title, peer.host, peer.port)
-        outcome: Outcome = (
-            Rejected(rj.describe(), association=True) if rj.permanent else RetryLater(rj.describe())
-        )
-        raise _Failed(outcome, abort=False)
-    if pdu_type == P.A_ABORT:
-        raise _Failed(RetryLater("association aborted by peer during negotiation"), abort=False)
-    raise _Failed(RetryLater(f"unexpected PDU 0x{pdu_type:02X} during negotiation"))
-
-
-async def _send_abort(t: Transport) -> None:
-    with trio.move_on_after(ABORT_GRACE) as cs:
-        cs.shield = True
-        with contextlib.suppress(PeerClosed):
-            await t.send_all(P.abort_bytes(P.ABORT_SOURCE_USER, P.ABORT_REASON_NOT_SPECIFIED))
-
-
-def _pread_into(fd: int, view: memoryview, offset: int) -> None:
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if not n:
-            raise HeaderError("spool file shorter than expected")
-        got += n
-
-
-#: preadv(RWF_NOWAIT): read what is in the page cache without blocking (Linux ≥ 4.14); off once
-#: the file system refuses it
-_nowait: int | None = getattr(os, "RWF_NOWAIT", None)
-
-
-class _Source:
-    """The stored bytes of one outgoing instance: its bytes in memory (kept in the index), or its
-    spool file, read at offsets."""
-
-    def __init__(self, inst: OutgoingInstance) -> None:
-        self.path = inst.path
-        self.data = memoryview(inst.data) if inst.data is not None else None
-        self.fd = os.open(inst.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if self.data is None else -1
-
-    async def dataset_span(self) -> tuple[int, int]:
-        """(offset of the data set, size of the Part 10 bytes)."""
-        if self.data is not None:
-            return read_meta(io.BytesIO(self.data))[0], len(self.data)
-        size = os.fstat(self.fd).st_size
-        head = bytearray(min(META_READ, size))  # the meta group is a few hundred bytes
-        with memoryview(head) as mv:
-            await self.read_into(mv, 0)  # like the data: a cold file is read off the loop
-        offset, _ = read_meta(io.BytesIO(head))
-        if offset >= len(head) and len(head) < size:  # an unusually long meta group
-            offset = await trio.to_thread.run_sync(self._long_meta_offset)
-        return offset, size
-
-    def _long_meta_offset(self) -> int:
-        with open(self.fd, "rb", closefd=False) as f:
-            return read_meta(f)[0]
-
-    async def read_into(self, view: memoryview, offset: int) -> None:
-        """Fill `view` from `offset`: on the loop when the bytes are in memory or in the page
-        cache (a file just received), else — a cold file, e.g. queued before a restart — from
-        the disk in a worker thread, so the loop never waits for the disk."""
-        global _nowait
-        if self.data is not None:
-            chunk = self.data[offset : offset + len(view)]
-            if len(chunk) < len(view):
-                raise HeaderError("stored instance shorter than expected")
-            view[:] = chunk
-            return
-        got = 0
-        if _nowait is not None:
-            try:
-                got = os.preadv(self.fd, [view], offset, _nowait)
-            except BlockingIOError:
-                got = 0
-            except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise
-                _nowait = None
-                got = 0
-        if got < len(view):
-            rest = view[got:]
-            if len(rest) >= THREAD_READ_THRESHOLD or _nowait is not None:
-                await trio.to_thread.run_sync(_pread_into, self.fd, rest, offset + got)
-            else:
-                _pread_into(self.fd, rest, offset + got)
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 class _Session:
@@ -464,6 +297,19 @@ class _Session:
         except OSError as exc:  # EIO, EMFILE…: perhaps not for ever
             return RetryLater(f"cannot open spool file {inst.path}: {exc.strerror or exc}")
         try:
+            refused = await self._send_data_set(inst, src, ctx, fragment, cmd)
+        finally:
+            src.close()
+        if refused is not None:
+            return refused
+        return await self._response(msg_id, recv_rsp)
+
+    async def _send_data_set(
+        self, inst: OutgoingInstance, src: _Source, ctx: int, fragment: int, cmd: bytes
+    ) -> Outcome | None:
+        """Send the command `cmd` in front of the data set's first fragment, then the rest; an
+        outcome when the spool file is refused before anything is sent, else None."""
+        try:
             try:
                 offset, size = await src.dataset_span()
             except (HeaderError, ValueError) as exc:
@@ -492,8 +338,12 @@ class _Session:
         except OSError as exc:
             # part of the data set is on the wire already: this association cannot go on
             raise _Failed(RetryLater(f"cannot read spool file {inst.path}: {exc.strerror or exc}")) from None
-        finally:
-            src.close()
+        return None
+
+    async def _response(
+        self, msg_id: int, recv_rsp: trio.MemoryReceiveChannel[dimse.Command]
+    ) -> Outcome:
+        """The outcome the C-STORE-RSP to `msg_id` says (`_response_watchdog` bounds the wait)."""
         self.response_since = trio.current_time()
         try:
             while True:
@@ -656,64 +506,6 @@ async def send_batch(
     if not instances:
         return
     await _Session(peer, instances, options, on_outcome, more).run()
-
-
-async def echo(peer: Peer, calling_ae: str, *, timeout: float = 10.0) -> EchoResult:  # noqa: ASYNC109
-    """C-ECHO `peer`; latency covers connect, association, the echo itself and release."""
-    start = trio.current_time()
-    t: Transport | None = None
-    try:
-        with trio.fail_after(timeout):
-            try:
-                t = await _connect(peer, timeout)
-                ctx = P.ProposedContext(
-                    1, dimse.VERIFICATION_SOP_CLASS, (IMPLICIT_VR_LE, EXPLICIT_VR_LE)
-                )
-                accept = await _associate(t, peer, calling_ae, [ctx], _ECHO_MAX_PDU, timeout)
-                if not any(r.result == P.PC_ACCEPTANCE for r in accept.contexts):
-                    await _send_abort(t)
-                    return EchoResult(False, None, "verification presentation context refused")
-                await t.send_all(
-                    P.encode_command_pdus(1, dimse.encode_c_echo_rq(1), accept.max_pdu)
-                )
-                status: int | None = None
-                assembler = MessageAssembler()
-                while status is None:
-                    pdu_type, body = await t.read_pdu(read_limit(_ECHO_MAX_PDU))
-                    if pdu_type != P.P_DATA_TF:
-                        return EchoResult(
-                            False, None, f"unexpected PDU 0x{pdu_type:02X} in reply to C-ECHO"
-                        )
-                    with memoryview(body) as mv:
-                        for context_id, mch, data in P.iter_pdvs(mv):
-                            part = assembler.feed(context_id, mch, data)
-                            if isinstance(part, CommandSet):
-                                rsp = part.command
-                                status = rsp.status if rsp.status is not None else 0xC000
-                latency = (trio.current_time() - start) * 1000
-                await t.send_all(P.RELEASE_RQ_BYTES)
-                with trio.move_on_after(min(timeout, 2.0)):
-                    await t.read_pdu(read_limit(_ECHO_MAX_PDU))
-                if status != 0:
-                    return EchoResult(False, latency, f"C-ECHO status 0x{status:04X}")
-                return EchoResult(True, latency, None)
-            except _Failed as f:
-                if t is not None and f.abort:
-                    await _send_abort(t)
-                return EchoResult(False, None, getattr(f.outcome, "reason", str(f.outcome)))
-            except PeerClosed as exc:
-                return EchoResult(False, None, f"echo failed: {exc}")
-            except (P.PduError, dimse.CommandDecodeError) as exc:
-                if t is not None:
-                    await _send_abort(t)
-                return EchoResult(False, None, f"echo failed: {exc}")
-    except trio.TooSlowError:
-        if t is not None:
-            await _send_abort(t)
-        return EchoResult(False, None, f"no C-ECHO response within {timeout}s")
-    finally:
-        if t is not None:
-            await t.aclose()
 
 
 __all__ = [

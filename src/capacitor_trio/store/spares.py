@@ -286,6 +286,13 @@ class SpareFiles:
                 keep.append((path, size))
             else:
                 drop.append(path)
+        keep = self._make_durable(keep, drop)
+        self._empty_or_unlink(drop)
+        self._recycle(keep, keep_in_place)
+
+    def _make_durable(self, keep: list[tuple[Path, int]], drop: list[Path]) -> list[tuple[Path, int]]:
+        """One directory fsync makes the renamed files' names durable; what may be kept then
+        (none, all moved to `drop`, when the fsync fails)."""
         if keep:
             try:
                 assert self._fsync_dir is not None
@@ -293,13 +300,21 @@ class SpareFiles:
             except Exception as exc:
                 log.warning("store: cannot fsync %s, retired files not reused: %s", self._dir, exc)
                 drop += [p for p, _ in keep]
-                keep = []
+                return []
+        return keep
+
+    def _empty_or_unlink(self, drop: list[Path]) -> None:
+        """Empty files for receptions while they are wanted, unlink the rest."""
         for path in drop:
             if len(self._ready) < READY_MAX and not self._stop and _emptied(path):
                 self._ready.append(path)
                 continue
             with contextlib.suppress(OSError):
                 os.unlink(path)
+
+    def _recycle(self, keep: list[tuple[Path, int]], keep_in_place: list[tuple[Path, int]]) -> None:
+        """The kept files join the recycled ones (unless stopped or paused meanwhile); the round
+        is over."""
         with self._cond:
             if self._stop:
                 self._retired.extend(p for p, _ in keep + keep_in_place)  # close() removes them

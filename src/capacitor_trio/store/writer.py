@@ -293,13 +293,7 @@ class Writer:
     def _attempt(self, live: list[Job]) -> list[Job] | None:
         """One group transaction; the jobs that succeeded, or None when the disk is full."""
         conn = self._conn
-        if self._ops.durable:
-            # WAL with synchronous=NORMAL commits without an fsync; the next FULL commit (or a
-            # checkpoint) makes it durable too. Only groups of jobs that may be lost use it.
-            mode = "FULL" if any(j.durable for j in live) else "NORMAL"
-            if mode != self._sync_mode:
-                conn.execute(f"PRAGMA synchronous = {mode}")
-                self._sync_mode = mode
+        self._choose_sync_mode(live)
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
@@ -315,33 +309,54 @@ class Writer:
             )
         ok: list[Job] = []
         for job in live:
-            conn.execute("SAVEPOINT job")
+            if self._run_job(job):
+                ok.append(job)
+            elif not conn.in_transaction:
+                # SQLite rolled the whole transaction back itself (SQLITE_FULL inside a
+                # statement, an I/O error): the group fails as one, like a failed COMMIT
+                for other in live:
+                    if other.error is None:
+                        other.error = job.error
+                    other.unlink_after.clear()
+                return None if isinstance(job.error, StoreFull) else []
+        return self._commit(ok)
+
+    def _choose_sync_mode(self, live: list[Job]) -> None:
+        if self._ops.durable:
+            # WAL with synchronous=NORMAL commits without an fsync; the next FULL commit (or a
+            # checkpoint) makes it durable too. Only groups of jobs that may be lost use it.
+            mode = "FULL" if any(j.durable for j in live) else "NORMAL"
+            if mode != self._sync_mode:
+                self._conn.execute(f"PRAGMA synchronous = {mode}")
+                self._sync_mode = mode
+
+    def _run_job(self, job: Job) -> bool:
+        """Run one job in its savepoint; False when it failed (its error set, its savepoint
+        rolled back)."""
+        conn = self._conn
+        conn.execute("SAVEPOINT job")
+        try:
+            job.result = job.fn(conn) if job.place is None else job.fn(conn, job.placed_size)
+        except Exception as exc:
+            job.error = translate(exc)
+            job.unlink_after.clear()
             try:
-                job.result = job.fn(conn) if job.place is None else job.fn(conn, job.placed_size)
-            except Exception as exc:
-                job.error = translate(exc)
-                job.unlink_after.clear()
-                try:
-                    conn.execute("ROLLBACK TO job")
-                    conn.execute("RELEASE job")
-                except sqlite3.Error:
-                    pass
-                if not conn.in_transaction:
-                    # SQLite rolled the whole transaction back itself (SQLITE_FULL inside a
-                    # statement, an I/O error): the group fails as one, like a failed COMMIT
-                    for other in live:
-                        if other.error is None:
-                            other.error = job.error
-                        other.unlink_after.clear()
-                    return None if isinstance(job.error, StoreFull) else []
-                continue
-            conn.execute("RELEASE job")
-            ok.append(job)
-            if isinstance(job.result, _Unlinking):
-                job.unlink_after.extend(job.result.paths)
-                job.retire = job.result.retire
-                job.result = job.result.value
-        # commit: with synchronous=FULL this is the one WAL fsync of the group
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+            except sqlite3.Error:
+                pass
+            return False
+        conn.execute("RELEASE job")
+        if isinstance(job.result, _Unlinking):
+            job.unlink_after.extend(job.result.paths)
+            job.retire = job.result.retire
+            job.result = job.result.value
+        return True
+
+    def _commit(self, ok: list[Job]) -> list[Job] | None:
+        """Commit the group (with synchronous=FULL this is the one WAL fsync of the group); the
+        jobs that succeeded, or none (None when the disk is full) if the commit fails."""
+        conn = self._conn
         try:
             self._ops.before_index_commit()
             conn.execute("COMMIT")
