@@ -102,9 +102,9 @@ def free_port() -> int:
 async def router_main(args: argparse.Namespace) -> None:
     import trio
     from tests.helpers.datasets import make_dataset, write_dataset
+    from tests.helpers.nodes_yml import write_nodes
 
     from capacitor_trio.actors.messages import Pause
-    from capacitor_trio.config.load import write_nodes
     from capacitor_trio.config.models import ApiConfig, Config, Node, Settings
     from capacitor_trio.domain.instance import Destination
     from capacitor_trio.runtime import run_router
