@@ -21,7 +21,7 @@ from capacitor_trio.domain.processing import NodeProcessing
 from capacitor_trio.runtime import Router
 from capacitor_trio.store import Counts, Item, ItemNotFound
 
-from .fakes import IntakeStore
+from .fakes import FakeSender, IntakeStore
 from .test_node import BASE, World, config, world_factory
 
 NODES = (Node("PACS"), Node("PACS", role="QueryRetrieve"))
@@ -44,9 +44,11 @@ class DetailStore(IntakeStore):
         return self.items[item_id]
 
 
-async def reads_for(make_world: Callable[..., Any], **cfg: Any) -> tuple[RouterReads, World, Receiver]:
+async def reads_for(
+    make_world: Callable[..., Any], sender: FakeSender | None = None, **cfg: Any
+) -> tuple[RouterReads, World, Receiver]:
     clock: Callable[[], float] = lambda: BASE + trio.current_time()  # noqa: E731
-    world: World = await make_world(NODES, store=DetailStore(clock), **cfg)
+    world: World = await make_world(NODES, store=DetailStore(clock), sender=sender, **cfg)
     receiver = Receiver(config(**cfg), world.store, lambda: list(NODES), world.service, clock)
     settings = Settings(config(**cfg), NODES)
     router = Router(settings, world.store, world.sup, receiver, world.service, clock, clock())
@@ -71,14 +73,18 @@ async def test_idle_until_a_received_instance_is_ripe(make_world: Any, autojump_
 
 
 async def test_a_prepared_item_makes_it_busy_only_when_its_node_may_send(make_world: Any, autojump_clock: Any) -> None:
-    reads, world, _receiver = await reads_for(make_world)
+    reads, world, _receiver = await reads_for(make_world, sender=FakeSender(per_instance=1e6))
+    await trio.testing.wait_all_tasks_blocked()  # the actor has had its first look: idle
     world.service.storage_scu = False  # as the flag is read; no listener woken, so nothing is sent
     world.store.add("PACS")
     assert (await reads.processing_status()).idle
     world.service.storage_scu = True
     st = await reads.processing_status()
-    assert not st.idle and st.nodes[0].ready
+    # ready to send, unless the actor, woken meanwhile, already took the item (its send never
+    # ends here): busy either way
+    assert not st.idle and (st.nodes[0].ready or st.checked_out_items == 1)
     await world.handle.call(Pause())
+    await trio.testing.wait_all_tasks_blocked()  # a send the pause cut short has given its item back
     st = await reads.processing_status()
     assert st.idle and st.all_paused and st.nodes[0].paused
 

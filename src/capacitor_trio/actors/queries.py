@@ -173,7 +173,6 @@ class RouterReads:
         checked-out count live: `idle` must be exact)."""
         router = self.router
         service, receiver, supervisor = router.service, router.receiver, router.supervisor
-        checked_out = (await self._store.counts()).checked_out
         now = router.clock()
         ripe = service.prepare and receiver.ripe_pending(now)
         nodes: list[NodeProcessing] = []
@@ -185,6 +184,9 @@ class RouterReads:
                 at = await self._store.next_eligible_at(handle.destination, now)
                 ready = busy = at is not None and at <= now
             nodes.append(NodeProcessing(snap.ae_title, snap.role, snap.paused, snap.status, snap.sends_in_progress, ready))
+        # counted last: an item a node checked out while the others were read is counted here
+        # (read first, it could be missed by both: "idle" while it is being sent)
+        checked_out = (await self._store.counts()).checked_out
         return processing_status(
             service_all_paused=service.all_paused,
             checked_out=checked_out,
