@@ -121,3 +121,15 @@ def test_a_string_yaml_would_read_as_another_type_stays_a_string(nodes_yml: Path
     node, _ = edit_node(nodes_yml, running(nodes_yml, "WS3"), {"host_name": "yes", "aliases": ["ON"]})
     assert node.host_name == "yes" and node.aliases == ("ON",)
     assert load_nodes(nodes_yml, [])[1] == node
+
+
+def test_numbers_are_read_as_the_loader_reads_them(tmp_path: Path) -> None:
+    """An AE title or port written as digits with a leading zero is what a restart loads
+    (`0123` stays 0123, not YAML 1.1's octal 83; Port 0104 is 104)."""
+    path = tmp_path / "nodes.yml"
+    path.write_text("- AeTitle: 0123\n  HostName: h\n  Port: 0104\n")
+    node = running(path, "0123")
+    assert node.port == 104
+    edited, _ = edit_node(path, node, {"priority": 1, "aliases": ["0777"]})
+    assert (edited.ae_title, edited.port, edited.aliases, edited.priority) == ("0123", 104, ("0777",), 1)
+    assert load_nodes(path, [])[0] == edited

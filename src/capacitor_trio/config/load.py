@@ -85,13 +85,18 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(str(path), "file", _MISSING, "not found") from None
     except OSError as e:
         raise ConfigError(str(path), "file", _MISSING, f"cannot be read: {e.strerror}") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """YAML text as the loader reads it (numbers keep their text: `values._Loader`)."""
     try:
         return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(str(path), where, _MISSING, f"invalid YAML: {problem}") from None
+        raise ConfigError(source, where, _MISSING, f"invalid YAML: {problem}") from None
 
 
 def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import yaml
 from ruamel.yaml import YAML
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
@@ -34,6 +33,7 @@ from capacitor_trio.config.load import (
     check_node_set,
     load_nodes,
     parse_node,
+    parse_yaml,
 )
 from capacitor_trio.config.models import Node
 
@@ -104,7 +104,7 @@ def _index_of(nodes: tuple[Node, ...], running: Node) -> int:
 def parse_nodes_text(text: str, source: str, *, prefix: str, edited: int) -> tuple[Node, ...]:
     """The nodes a restart would load from `text` (the loader's reading), checked as a set; a
     clash is reported on node `edited` (the one being changed)."""
-    raw = yaml.safe_load(text)
+    raw = parse_yaml(text, source)
     nodes = tuple(parse_node(entry, source, i) for i, entry in enumerate(raw or ()))
     check_node_set(nodes, source, prefix=prefix, edited=nodes[edited])
     return nodes
@@ -139,9 +139,10 @@ def _as_written(value: Any) -> Any:
 
 def _reads_as_str(text: str) -> bool:
     try:
-        return yaml.safe_load(text) == text
-    except yaml.YAMLError:
+        value = parse_yaml(text, "value")
+    except ConfigError:
         return False
+    return isinstance(value, str) and value == text
 
 
 def replace_file(path: Path, text: str) -> None:
