@@ -6,8 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import trio
+import trio.lowlevel
 import yaml
 
+from capacitor_trio.actors.control import Control
+from capacitor_trio.actors.reload import reload_configuration
 from capacitor_trio.domain.instance import Destination
 
 from .conftest import AUTH, PASSWORD, TOKEN, Running, StartRouter, dead_node
@@ -123,3 +127,54 @@ async def test_a_reload_after_a_node_edit_finds_nothing_to_change(start_router: 
     assert r.router.settings.nodes[0].priority == 2
     report = await reload(r)
     assert (report["added"], report["removed"], report["changed"]) == ([], [], [])
+
+
+async def test_a_reload_whose_caller_goes_away_is_applied_whole(start_router: StartRouter) -> None:
+    """A caller cancelled once the new settings are published (an HTTP client disconnecting)
+    does not leave the new node routed without an actor."""
+    r = await start_router((dead_node("A"), dead_node("B")))
+    write_config(r)
+    path = r.data_dir / "nodes.yml"
+    entries = [e for e in yaml.safe_load(path.read_text()) if e["AeTitle"] != "B"]
+    entries.append({"AeTitle": "C", "HostName": "127.0.0.1", "Port": 9})
+    path.write_text(yaml.safe_dump(entries))
+    before = r.router.settings
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reload_configuration, r.router)
+        await r.router.in_force.wait_value(lambda s: s is not before)
+        nursery.cancel_scope.cancel()
+    assert [n.ae_title for n in r.router.nodes] == ["A", "C"]
+    handle = r.router.supervisor.handle("C")
+    assert handle is not None and r.router.supervisor.handle("B") is None
+    assert r.router.receiver.destinations_for("C") == [Destination("C", "Storage")]
+
+
+async def test_removing_a_node_gives_back_what_it_had_checked_out(start_router: StartRouter) -> None:
+    r = await start_router((dead_node("A"), dead_node("B")))
+    write_config(r)
+    await r.client.post("/api/nodes/B/pause", headers=AUTH)
+    (item_id,) = await r.queue(1, dest="B", state="prepared")
+    handle = r.router.supervisor.handle("B")
+    (item,) = await r.store.checkout_batch(handle.destination, now=r.router.clock() + 10, limit=1)
+    await r.router.supervisor.remove(("B", "Storage"))
+    assert not (await r.store.get_item(item.id)).checked_out
+    assert item.id == item_id
+
+
+async def test_a_node_edit_whose_caller_goes_away_is_applied_whole(start_router: StartRouter) -> None:
+    """Cancelled once the actor has the new settings, the edit still reaches nodes.yml, the node
+    set in force and the routes: the actor and the file never disagree."""
+    r = await start_router((dead_node("A"),))
+    await r.client.post("/api/nodes/A/pause", headers=AUTH)
+    handle = r.router.supervisor.handle("A")
+    node = handle.node
+    control = Control(r.router)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(control.edit_node, node, {"aliases": ["ALIASED"]})
+        while handle.node is node:
+            await trio.lowlevel.checkpoint()
+        nursery.cancel_scope.cancel()
+    assert handle.node.aliases == ("ALIASED",)
+    assert r.router.nodes[0].aliases == ("ALIASED",)
+    assert r.router.receiver.destinations_for("ALIASED") == [Destination("A", "Storage")]
+    assert yaml.safe_load((r.data_dir / "nodes.yml").read_text())[0]["Aliases"] == ["ALIASED"]

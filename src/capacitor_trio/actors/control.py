@@ -40,8 +40,8 @@ from capacitor_trio.actors.messages import (
 from capacitor_trio.actors.reload import ReloadReport, reload_configuration
 from capacitor_trio.config.load import check_node_set
 from capacitor_trio.config.models import Node
-from capacitor_trio.config.nodes_file import plan_edit
-from capacitor_trio.dicom.requestor import Peer
+from capacitor_trio.config.nodes_file import PlannedEdit, plan_edit
+from capacitor_trio.dicom.requestor import EchoResult, Peer
 from capacitor_trio.domain.states import FAILED, REJECTED
 
 if TYPE_CHECKING:
@@ -61,13 +61,6 @@ class WriteFailed(Exception):
 
 class PartlyDone(Exception):
     """A bulk action changed some items, but some node actors did not answer (API: 503)."""
-
-
-@attrs.frozen
-class EchoResult:
-    success: bool
-    latency_ms: float | None
-    error: str | None
 
 
 class Control:
@@ -129,10 +122,10 @@ class Control:
         return EchoResult(bool(result.success), latency, result.error or None)
 
     async def edit_node(self, current: Node, changes: dict[str, Any]) -> tuple[Node, NodeStatus | None]:
-        """Edit one node (`changes`: Node attribute -> new value, None for blank): nodes.yml
-        first checked as it is on disk (config/nodes_file), then the
-        node's actor takes the new settings (it refuses unless paused with nothing checked
-        out), then the file is written; a failed write puts the actor back as it was."""
+        """Edit one node (`changes`: Node attribute -> new value, None for blank): nodes.yml is
+        first checked as it is on disk (config/nodes_file), then the node's actor takes the new
+        settings (it refuses unless paused with nothing checked out), then the file is written;
+        a failed write puts the actor back as it was."""
         async with self.router.config_lock:
             return await self._edit_node(current, changes)
 
@@ -146,19 +139,28 @@ class Control:
         index = next(i for i, n in enumerate(nodes) if n.key == current.key)
         nodes[index] = updated
         check_node_set(nodes, "request body", prefix=config.ae_title_prefix, edited=updated)
+        # From the actor's new settings to the file, the node set in force and the routes:
+        # all of it, even if the caller goes away meanwhile, or the actor and the file disagree.
+        with trio.CancelScope(shield=True):
+            status = await self._apply_edit(current, planned, tuple(nodes))
+        return updated, status
+
+    async def _apply_edit(
+        self, current: Node, planned: PlannedEdit, nodes: tuple[Node, ...]
+    ) -> NodeStatus | None:
         handle = self.handle(current)
         status: NodeStatus | None = None
         if handle is not None:
-            status = await handle.call(UpdateNode(updated))
+            status = await handle.call(UpdateNode(planned.node))
         try:
             await trio.to_thread.run_sync(planned.write)
         except OSError as exc:
             if handle is not None:  # put the running node back as it was
                 await handle.call(UpdateNode(current))
-            raise WriteFailed(f"cannot write {path.name}: {exc.strerror}") from None
-        self.router.settings = attrs.evolve(self.router.settings, nodes=tuple(nodes))
+            raise WriteFailed(f"cannot write {planned.path.name}: {exc.strerror}") from None
+        self.router.settings = attrs.evolve(self.router.settings, nodes=nodes)
         self.router.receiver.refresh_routes()
-        return updated, status
+        return status
 
     # ---- items --------------------------------------------------------------------------------
 

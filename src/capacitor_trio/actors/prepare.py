@@ -87,7 +87,8 @@ class NodePreparer:
         if isinstance(decision, PrepareNow):
             self.preparing = True
             try:
-                moved = await self._store.prepare_ripe(now, minimum_age, self.destination)
+                # prepare_ripe takes an age: the one that puts the decision's cutoff at `now`
+                moved = await self._store.prepare_ripe(now, now - decision.cutoff, self.destination)
             finally:
                 self.preparing = False
             if moved:

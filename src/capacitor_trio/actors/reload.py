@@ -59,6 +59,10 @@ class ReloadRefused(Exception):
     """The new configuration cannot be applied; str() is one line for the operator."""
 
 
+class ApplyFailed(Exception):
+    """Applying a valid configuration failed part-way (a store error starting a node)."""
+
+
 @attrs.frozen
 class ReloadReport:
     added: tuple[str, ...] = ()
@@ -82,6 +86,9 @@ async def reload_configuration(router: Router) -> ReloadReport:
     async with router.config_lock:
         try:
             report = await _reload(router)
+        except ApplyFailed as exc:
+            log.error("configuration reload failed while it was being applied: %s", exc)
+            raise
         except Exception as exc:
             log.error("configuration reload refused, the previous configuration stays in force: %s", exc)
             raise
@@ -99,10 +106,16 @@ async def _reload(router: Router) -> ReloadReport:
     diff = _diff_nodes(old.nodes, new.nodes)
     await _check_removals(router, diff.removed)
     config, config_changed, needs_restart = _merge_config(old.config, new.config)
-    router.settings = attrs.evolve(new, config=config)
-    router.supervisor.ctx.config = config
-    router.receiver.config = config
-    await _apply_nodes(router, diff)
+    # All or nothing once it starts: a caller that goes away meanwhile (an HTTP client that
+    # disconnects) must not leave a node routed with no actor, or an actor with no route.
+    with trio.CancelScope(shield=True):
+        try:
+            router.settings = attrs.evolve(new, config=config)
+            router.supervisor.ctx.config = config
+            router.receiver.config = config
+            await _apply_nodes(router, diff)
+        except Exception as exc:
+            raise ApplyFailed(f"{exc!r}; the new configuration is in force in part: reload again") from exc
     return ReloadReport(
         added=_titles(diff.added),
         removed=_titles(diff.removed),
@@ -159,6 +172,13 @@ async def _apply_nodes(router: Router, diff: _NodeDiff) -> None:
     for node in diff.removed:
         if node.role == "Storage":
             await supervisor.remove(node.key)
+            left = (await router.store.counts(Destination(node.ae_title, node.role))).total
+            if left:  # committed while the routes were being switched
+                log.warning(
+                    "node %s was removed with %d item(s) queued since the reload began; "
+                    "they wait in the queue (move or delete them, or add the node again)",
+                    node.ae_title, left,
+                )
     for node in diff.changed:
         if node.role == "Storage":
             supervisor.reconfigure(node)

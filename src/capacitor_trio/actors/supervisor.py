@@ -125,11 +125,15 @@ class Supervisor:
         return slot.handle
 
     async def remove(self, key: tuple[str, str]) -> None:
-        """Stop a node's actor (it releases what it has checked out) and forget the node."""
+        """Stop a node's actor, give back what it had checked out, and forget the node."""
         slot = self._slots.pop(key)
         slot.outer.cancel(reason="node removed from nodes.yml")
         await slot.stopped.wait()
         self._refuse_queued(slot.handle)
+        with trio.CancelScope(shield=True), trio.move_on_after(30):
+            released = await self.ctx.store.release_all_checked_out(slot.handle.destination)
+            if released:
+                log.info("node %s: %d checked-out item(s) back to the queue", slot.handle.ae_title, len(released))
 
     def reconfigure(self, node: Node) -> None:
         """New settings for a running node (same AE title and role), used from its next batch."""

@@ -45,5 +45,6 @@ def prepare_decision(
         return NothingToPrepare()
     ripe_at = oldest_new + max(0.0, minimum_age)
     if ripe_at <= now:
-        return PrepareNow(cutoff=now - max(0.0, minimum_age))
+        # never below the oldest item, which is ripe: rounding must not leave it behind
+        return PrepareNow(cutoff=max(now - max(0.0, minimum_age), oldest_new))
     return PrepareAt(ripe_at)

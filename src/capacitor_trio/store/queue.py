@@ -217,7 +217,7 @@ class Queue(StoreCore):
         def q(conn: sqlite3.Connection) -> float | None:
             if destination is None:
                 row = conn.execute(
-                    f"SELECT MIN(created_at) FROM items WHERE state = '{NEW}'"
+                    f"SELECT MIN(created_at) FROM items WHERE state = '{NEW}' AND checked_out = 0"
                 ).fetchone()
             else:
                 row = conn.execute(
