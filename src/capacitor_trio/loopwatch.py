@@ -9,8 +9,7 @@ the number of stalls over `REPORT_MS` are served in `GET /api/metrics` (`loop`);
 
 The daemon runs the watch (`run_router(watch_loop=True)`); routers run inside tests do not: a
 task waking every 10 ms would make an `autojump_clock` advance in 10 ms steps. Its cost is the
-loop's wake-ups: about 2 % of a core on the 2-core test machine while the router is otherwise
-idle (0.15-0.25 ms of CPU per wake there, mostly the wake-up itself).
+loop's wake-ups, 100 a second (docs/performance.md has the figure).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The acceptor's header walker reads exactly what pydicom reads.
 
-`parse_header` walks the top-level elements of little endian datasets itself and leaves
-everything else to pydicom (`parse_header_pydicom`); on any dataset, whole or cut short, both
-must give the same header, the same "read more" (None) or the same HeaderError.
+`parse_header_fast` walks the top-level elements of little endian datasets itself and leaves
+everything else to pydicom (`parse_header_pydicom`); on any dataset, whole or cut short, the two
+together (`parse_header` below) and pydicom alone must give the same header, the same "read
+more" (None) or the same HeaderError.
 """
 
 from __future__ import annotations
@@ -20,9 +21,18 @@ from capacitor_trio.dicom.part10 import (
     EXPLICIT_VR_LE,
     IMPLICIT_VR_LE,
     HeaderError,
-    parse_header,
+    InstanceHeader,
+    parse_header_fast,
     parse_header_pydicom,
 )
+
+
+def parse_header(data: bytes, transfer_syntax_uid: str, *, complete: bool) -> InstanceHeader | None:
+    """The fast walker, and pydicom for what it does not settle."""
+    header = parse_header_fast(data, transfer_syntax_uid, complete=complete)
+    if header is not None:
+        return header
+    return parse_header_pydicom(data, transfer_syntax_uid, complete=complete)
 
 _TEXT = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789^ -", max_size=16)
 _UID = st.from_regex(r"1\.2\.[1-9][0-9]{0,19}(\.[1-9][0-9]{0,8}){0,4}", fullmatch=True)  # <= 64 chars

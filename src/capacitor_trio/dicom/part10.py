@@ -53,17 +53,19 @@ _LONG_VRS = {
 }
 
 _LAST_HEADER_TAG = 0x0020000E
-_HEADER_TAGS = [
-    0x00080005,  # Specific Character Set (to decode names)
-    0x00080016,
-    0x00080018,
-    0x00080050,
-    0x00080060,
-    0x00100010,
-    0x00100020,
-    0x0020000D,
-    0x0020000E,
-]
+#: the header tags the index needs and their VRs (for a data set rebuilt from raw values)
+HEADER_VRS = {
+    0x00080005: b"CS",  # Specific Character Set (to decode names)
+    0x00080016: b"UI",
+    0x00080018: b"UI",
+    0x00080050: b"SH",
+    0x00080060: b"CS",
+    0x00100010: b"PN",
+    0x00100020: b"LO",
+    0x0020000D: b"UI",
+    0x0020000E: b"UI",
+}
+_HEADER_TAGS = list(HEADER_VRS)
 
 
 class HeaderError(ValueError):
@@ -213,24 +215,12 @@ def parse_header_fast(
     return None if header is None else _checked(header)
 
 
-def parse_header(data: bytes, transfer_syntax_uid: str, *, complete: bool) -> InstanceHeader | None:
-    """Read the index fields from the first bytes of a dataset: `parse_header_fast`, and pydicom
-    for what that does not settle.
-
-    Returns None when `data` is a prefix (not `complete`) that ends before (0020,000E) was
-    passed. Raises HeaderError when the bytes are not a readable dataset. pydicom's cost grows
-    with what `data` holds: the acceptor uses `parse_header_fast` and `read_header` instead.
-    """
-    header = parse_header_fast(data, transfer_syntax_uid, complete=complete)
-    if header is not None:
-        return header
-    return parse_header_pydicom(data, transfer_syntax_uid, complete=complete)
-
-
 def parse_header_pydicom(
     data: bytes, transfer_syntax_uid: str, *, complete: bool
 ) -> InstanceHeader | None:
-    """`parse_header` through pydicom, for every transfer syntax and character set."""
+    """The index fields through pydicom, for every transfer syntax and character set: what
+    `parse_header_fast` does not settle. Its cost grows with what `data` holds: the acceptor
+    calls it on a bounded prefix only (`walk.read_header`)."""
     reached = False
 
     def stop(tag: int, vr: str | None, length: int) -> bool:

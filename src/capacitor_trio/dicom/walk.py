@@ -37,6 +37,7 @@ from .part10 import (
     _WANTED,
     DEFLATED_EXPLICIT_VR_LE,
     EXPLICIT_VR_BE,
+    HEADER_VRS,
     IMPLICIT_VR_LE,
     HeaderError,
     HeaderLimitExceeded,
@@ -54,18 +55,6 @@ _CHUNK = 64 << 10
 _TL = {False: struct.Struct("<HHI"), True: struct.Struct(">HHI")}  # tag, 32-bit length
 _VR_SHORT_LENGTH = {False: struct.Struct("<H"), True: struct.Struct(">H")}
 _UINT32_BY = {False: _UINT32, True: struct.Struct(">I")}
-#: the VRs of the header tags, for a data set rebuilt from their raw values (implicit VR)
-_HEADER_VRS = {
-    0x00080005: b"CS",
-    0x00080016: b"UI",
-    0x00080018: b"UI",
-    0x00080050: b"SH",
-    0x00080060: b"CS",
-    0x00100010: b"PN",
-    0x00100020: b"LO",
-    0x0020000D: b"UI",
-    0x0020000E: b"UI",
-}
 
 
 class _Stream:
@@ -236,7 +225,7 @@ def _walk_header(
         elif tag in _WANTED:
             if length > limits.max_value:
                 raise HeaderLimitExceeded(f"a header value of {length} bytes (at most {limits.max_value})")
-            values[tag] = (vr or _HEADER_VRS[tag], stream.read(length))
+            values[tag] = (vr or HEADER_VRS[tag], stream.read(length))
         else:
             stream.skip(length)
     return values
