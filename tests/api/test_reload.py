@@ -46,7 +46,7 @@ async def test_reload_adds_a_node(start_router: StartRouter) -> None:
     report = await reload(r)
     assert report == {"added": ["NEWNODE"], "removed": [], "changed": [], "configChanged": [], "needsRestart": ["api.port"]}
     handle = r.router.supervisor.handle("NEWNODE")
-    assert handle is not None and handle.status == "running"
+    assert handle is not None and handle.status.value == "running"
     assert r.router.receiver.destinations_for("NEWALIAS") == [Destination("NEWNODE", "Storage")]
     node = data(await r.client.get("/api/nodes/NEWNODE"))
     assert node["port"] == 9
@@ -111,4 +111,4 @@ async def test_reload_adds_the_first_node_to_a_router_with_none(start_router: St
     write_config(r)
     (r.data_dir / "nodes.yml").write_text("- AeTitle: FIRST\n  HostName: 127.0.0.1\n  Port: 9\n")
     assert (await reload(r))["added"] == ["FIRST"]
-    assert r.router.supervisor.handle("FIRST").status == "running"
+    assert r.router.supervisor.handle("FIRST").status.value == "running"

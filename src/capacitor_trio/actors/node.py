@@ -163,8 +163,7 @@ class NodeActor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._deliver_forever)
-            self.handle.status = "running"
-            task_status.started()
+            task_status.started()  # serving: the supervisor marks the handle running
             async for call in self.handle.inbox:
                 await self._on_call(call, nursery)
 
@@ -406,11 +405,12 @@ def make_status(
     """The node's status now; `in_window` is worked out here, not kept: a paused node, or one
     in a long batch, does not look at its schedule meanwhile."""
     queue = counts if counts is not None else Counts()
+    status = handle.status.value
     return NodeStatus(
         ae_title=handle.node.ae_title,
         role=handle.node.role,
-        status=handle.status,
-        activity=state.activity if handle.status == "running" else handle.status,
+        status=status,
+        activity=state.activity if status == "running" else status,
         paused=state.paused,
         schedule_override=state.override,
         in_window=node_schedule_gate(handle.node, ctx, ctx.clock())[0],

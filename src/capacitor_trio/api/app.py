@@ -385,13 +385,12 @@ class Api:
     async def resume_node(self, ae: str) -> Response:
         node = self.find_node(ae, _role_arg())
         handle = self.need_handle(node)
-        if handle.status == "failed":
+        if handle.status.value == "failed":
             self.supervisor.restart(handle)  # resume of a failed node is an explicit restart
             with trio.move_on_after(5):
-                while handle.status != "running":  # noqa: ASYNC110 - a plain field, no event
-                    await trio.sleep(0.02)
-            if handle.status != "running":
-                raise NodeUnavailable(f"node {node.ae_title} is {handle.status} after restart")
+                await handle.status.wait_value("running")
+            if handle.status.value != "running":
+                raise NodeUnavailable(f"node {node.ae_title} is {handle.status.value} after restart")
         status = await handle.call(Resume())
         return ok(node_json(node, status))
 

@@ -46,6 +46,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
+from trio_util import RepeatedEvent
 
 from capacitor_trio.domain.outcomes import Outcome, RetryLater
 
@@ -100,16 +101,13 @@ class SenderProcess:
         #: messages for the running child; one task writes them, so a cancelled caller can
         #: never leave half a message in the pipe
         self._out: trio.MemorySendChannel[tuple[Any, ...]] | None = None
-        self._changed = trio.Event()
+        #: the child started, or could not be started: waiting batches look again
+        self._changed = RepeatedEvent()
         #: the running child's pid (tests kill it)
         self.pid: int | None = None
         self.starts = 0
         #: why the last start failed: batches then run in this process until a start works
         self.start_error: Exception | None = None
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the child and keep one running until cancelled (a dead one is replaced)."""
@@ -122,7 +120,7 @@ class SenderProcess:
         if self.start_error is None:
             log.error("cannot start the sender process (%s); sending from the router process", error)
         self.start_error = error
-        self._notify()  # waiting batches go ahead in this process
+        self._changed.set()  # waiting batches go ahead in this process
 
     async def _serve_one_child(self) -> None:
         """Run one child until it exits; on the way out, fail the batches it had."""
@@ -155,7 +153,7 @@ class SenderProcess:
                             self.starts += 1
                             self.pid = proc.pid
                             self._out = out_send
-                            self._notify()
+                            self._changed.set()
                             log.info("sender process %d started", proc.pid)
                         else:
                             self._dispatch(message)
