@@ -6,30 +6,18 @@ PDUs, reading responses, the watchdogs) runs in a child interpreter, so that rec
 do not share one interpreter lock. `SenderProcess` is a drop-in `Sender` for node actors:
 `send_batch` has the requestor's contract, outcome by outcome, `more()` included.
 
-Between the two processes: length-prefixed pickles over the child's stdin/stdout (a private
-pipe between two copies of this program; nothing else writes to it).
-
-    router -> child   ("batch", id, peer, instances, options, has_more)
-                      ("more", id, instances)      the answer to a "more?"
-                      ("cancel", id)               pause, shutdown, a killed actor: A-ABORT now
-    child -> router   ("ready",)                   started: the router sends through it from now
-                      ("outcome", id, index, outcome)
-                      ("more?", id, took)          the next instances, please; `took`: how many of the
-                                                   last answer the child put in its list (it
-                                                   asks one request ahead, once the destination
-                                                   has taken an instance, so that the router
-                                                   checks them out while these are sent)
-                      ("done", id, error)          error: None, or the text of a bug
-                      ("log", levelno, logger, message)
+Between the two processes: the typed messages of `sender_pipe` (SendBatch, TopUp, CancelBatch
+to the child; Ready, OutcomeReport, WantMore, BatchDone, ChildLog from it) over the child's
+stdin and stdout.
 
 The router writes through one task fed by a queue, so a caller cancelled mid-message never leaves
 half a message in the pipe. The memory channels on both sides are unbounded on purpose: their
 producers are synchronous (the dispatcher, outcome callbacks, the log handler) and must not
 block, and what they carry is bounded by the batches in flight (one outcome per instance, one
-answer per "more?"). The child exits when its stdin closes (the router stopped, or was
+answer per WantMore). The child exits when its stdin closes (the router stopped, or was
 killed). If the child dies, every batch in flight reports RetryLater for the instances the child
 had taken and not seen answered (the others stay unreported: the node releases them), and a new
-child is started. A child that exits before saying "ready", or cannot be started at all, leaves
+child is started. A child that exits before saying Ready, or cannot be started at all, leaves
 sending in the router process (`requestor.send_batch`) until a later start works.
 """
 
@@ -39,12 +27,10 @@ import contextlib
 import itertools
 import logging
 import math
-import pickle
-import struct
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
+import attrs
 import trio
 from trio_util import RepeatedEvent
 
@@ -52,43 +38,41 @@ from capacitor_trio.domain.outcomes import Outcome, RetryLater
 
 from . import requestor
 from .requestor import EchoResult, MoreInstances, OutgoingInstance, Peer, SendOptions
+from .sender_pipe import (
+    BatchDone,
+    CancelBatch,
+    ChildLog,
+    Decoder,
+    FromChild,
+    OutcomeReport,
+    PipeMessage,
+    Ready,
+    SendBatch,
+    ToChild,
+    TopUp,
+    WantMore,
+    write_messages,
+)
 
 log = logging.getLogger("capacitor_trio.dicom")
 
-_LENGTH = struct.Struct("<I")
 #: a child that dies at once is not restarted more often than this
 RESTART_DELAY = 1.0
 #: how long a stopping router waits for the child to abort its associations and exit
 STOP_GRACE = 2.0
 
 
-def encode(message: tuple[Any, ...]) -> bytes:
-    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LENGTH.pack(len(body)) + body
-
-
-class Decoder:
-    """Messages out of a byte stream, however it is cut."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes | bytearray) -> list[tuple[Any, ...]]:
-        self._buf += data
-        out: list[tuple[Any, ...]] = []
-        pos = 0
-        while len(self._buf) - pos >= 4:
-            (n,) = _LENGTH.unpack_from(self._buf, pos)
-            if len(self._buf) - pos - 4 < n:
-                break
-            out.append(pickle.loads(self._buf[pos + 4 : pos + 4 + n]))
-            pos += 4 + n
-        del self._buf[:pos]
-        return out
+#: the messages from the child that go to the batch they name
+_FOR_A_BATCH = (OutcomeReport, WantMore, BatchDone)
 
 
 class _ChildDied(Exception):
     pass
+
+
+@attrs.frozen
+class _Died:
+    """To a batch waiting for its messages: the child died (never on the pipe)."""
 
 
 class SenderProcess:
@@ -97,10 +81,10 @@ class SenderProcess:
     def __init__(self, *, argv: Sequence[str] | None = None) -> None:
         self._argv = list(argv or [sys.executable, "-m", "capacitor_trio.dicom.sender_worker"])
         self._ids = itertools.count(1)
-        self._batches: dict[int, trio.MemorySendChannel[tuple[Any, ...]]] = {}
+        self._batches: dict[int, trio.MemorySendChannel[FromChild | _Died]] = {}
         #: messages for the running child; one task writes them, so a cancelled caller can
         #: never leave half a message in the pipe
-        self._out: trio.MemorySendChannel[tuple[Any, ...]] | None = None
+        self._out: trio.MemorySendChannel[ToChild] | None = None
         #: the child started, or could not be started: waiting batches look again
         self._changed = RepeatedEvent()
         #: the running child's pid (tests kill it)
@@ -132,7 +116,7 @@ class SenderProcess:
             return
         assert proc.stdin is not None and proc.stdout is not None
         ready = False
-        out_send, out_receive = trio.open_memory_channel[tuple[Any, ...]](math.inf)
+        out_send, out_receive = trio.open_memory_channel[ToChild](math.inf)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(write_messages, proc.stdin, out_receive)
@@ -147,7 +131,7 @@ class SenderProcess:
                         log.error("sender process %d: unreadable message (%r); stopping it", proc.pid, exc)
                         break
                     for message in messages:
-                        if message[0] == "ready":
+                        if isinstance(message, Ready):
                             ready = True
                             self.start_error = None
                             self.starts += 1
@@ -163,7 +147,7 @@ class SenderProcess:
             self.pid = None
             out_send.close()
             for channel in self._batches.values():
-                channel.send_nowait(("died",))
+                channel.send_nowait(_Died())
             with trio.CancelScope(shield=True):
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await proc.stdin.aclose()  # the child sees EOF: aborts what it sends, exits
@@ -178,16 +162,17 @@ class SenderProcess:
         else:
             self._start_failed(RuntimeError(f"it exited ({proc.returncode}) before it was ready"))
 
-    def _dispatch(self, message: tuple[Any, ...]) -> None:
-        if message[0] == "log":
-            _, levelno, name, text = message
-            logging.getLogger(name).log(levelno, "%s", text)
-            return
-        channel = self._batches.get(message[1])
-        if channel is not None:  # else: a batch its caller gave up (cancelled)
-            channel.send_nowait(message)
+    def _dispatch(self, message: PipeMessage) -> None:
+        if isinstance(message, _FOR_A_BATCH):
+            channel = self._batches.get(message.batch)
+            if channel is not None:  # else: a batch its caller gave up (cancelled)
+                channel.send_nowait(message)
+        elif isinstance(message, ChildLog):
+            logging.getLogger(message.logger).log(message.levelno, "%s", message.message)
+        else:
+            log.error("sender process: unexpected message %r; ignored", message)
 
-    def _send(self, message: tuple[Any, ...]) -> None:
+    def _send(self, message: ToChild) -> None:
         if self._out is None:
             raise _ChildDied
         try:
@@ -211,7 +196,7 @@ class SenderProcess:
                 return
             await self._changed.wait()
         bid = next(self._ids)
-        send, receive = trio.open_memory_channel[tuple[Any, ...]](math.inf)
+        send, receive = trio.open_memory_channel[FromChild | _Died](math.inf)
         self._batches[bid] = send
         #: instances the child has in its list (it says so when it takes a lot of `more()`)
         taken = 0
@@ -219,10 +204,10 @@ class SenderProcess:
         finished = died = False
         error: str | None = None
 
-        def report(message: tuple[Any, ...]) -> None:
-            if message[0] == "outcome" and message[2] not in reported:
-                reported.add(message[2])
-                on_outcome(message[2], message[3])
+        def report(message: FromChild | _Died) -> None:
+            if isinstance(message, OutcomeReport) and message.index not in reported:
+                reported.add(message.index)
+                on_outcome(message.index, message.outcome)
 
         # `more()` runs in its own task, one request at a time, so that outcomes keep coming in
         # while it checks out (or waits for) the next instances
@@ -232,25 +217,24 @@ class SenderProcess:
             async for _ in more_receive:
                 extra = list(await more()) if more is not None else []
                 with contextlib.suppress(_ChildDied):
-                    self._send(("more", bid, extra))
+                    self._send(TopUp(bid, extra))
 
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(serve_more)
                 try:
-                    self._send(("batch", bid, peer, list(instances), options, more is not None))
+                    self._send(SendBatch(bid, peer, list(instances), options, more is not None))
                     taken = len(instances)
                     async for message in receive:
-                        kind = message[0]
-                        if kind == "outcome":
+                        if isinstance(message, OutcomeReport):
                             report(message)
-                        elif kind == "more?":
-                            taken += message[2]
+                        elif isinstance(message, WantMore):
+                            taken += message.took
                             more_send.send_nowait(None)
-                        elif kind == "done":
-                            finished, error = True, message[2]
+                        elif isinstance(message, BatchDone):
+                            finished, error = True, message.error
                             break
-                        else:  # "died"
+                        else:  # _Died
                             raise _ChildDied
                 except _ChildDied:
                     finished = died = True
@@ -267,7 +251,7 @@ class SenderProcess:
             del self._batches[bid]
             if not finished:  # cancelled: the child aborts the association
                 with contextlib.suppress(_ChildDied):
-                    self._send(("cancel", bid))
+                    self._send(CancelBatch(bid))
         if died:
             for index in range(taken):
                 if index not in reported:
@@ -278,18 +262,3 @@ class SenderProcess:
     async def echo(self, peer: Peer, calling_ae: str, *, timeout: float = 10) -> EchoResult:  # noqa: ASYNC109
         """C-ECHO, in this process (rare, and its latency is what the API reports)."""
         return await requestor.echo(peer, calling_ae, timeout=timeout)
-
-
-async def write_messages(
-    stream: trio.abc.SendStream, messages: trio.MemoryReceiveChannel[tuple[Any, ...]]
-) -> None:
-    """The one writer of a pipe: everything queued meanwhile goes out in one write."""
-    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        async for first in messages:
-            chunk = [encode(first)]
-            while True:
-                try:
-                    chunk.append(encode(messages.receive_nowait()))
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            await stream.send_all(b"".join(chunk))

@@ -2,7 +2,7 @@
 
     python -m capacitor_trio.dicom.sender_worker [LOG_LEVEL]
 
-Reads batches from stdin, writes outcomes to stdout (the protocol is in `sender_process`), and
+Reads batches from stdin, writes outcomes to stdout (the messages are in `sender_pipe`), and
 forwards its log records to the router, which logs them as its own. Exits when stdin closes,
 aborting the associations in progress.
 """
@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import sys
-from typing import Any
 
 import attrs
 import trio
@@ -24,7 +23,19 @@ from capacitor_trio.domain.outcomes import Delivered, Outcome
 
 from . import requestor
 from .requestor import OutgoingInstance
-from .sender_process import Decoder, write_messages
+from .sender_pipe import (
+    BatchDone,
+    CancelBatch,
+    ChildLog,
+    Decoder,
+    FromChild,
+    OutcomeReport,
+    Ready,
+    SendBatch,
+    TopUp,
+    WantMore,
+    write_messages,
+)
 
 
 @attrs.define(eq=False)
@@ -35,33 +46,33 @@ class _Batch:
 
 
 class _Forward(logging.Handler):
-    def __init__(self, out: trio.MemorySendChannel[tuple[Any, ...]]) -> None:
+    def __init__(self, out: trio.MemorySendChannel[FromChild]) -> None:
         super().__init__()
         self._out = out
 
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-            self._out.send_nowait(("log", record.levelno, record.name, self.format(record)))
+            self._out.send_nowait(ChildLog(record.levelno, record.name, self.format(record)))
 
 
 async def serve(stdin: trio.abc.ReceiveStream, stdout: trio.abc.SendStream) -> None:
-    out_send, out_receive = trio.open_memory_channel[tuple[Any, ...]](math.inf)
+    out_send, out_receive = trio.open_memory_channel[FromChild](math.inf)
     handler = _Forward(out_send)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logging.getLogger().addHandler(handler)
     batches: dict[int, _Batch] = {}
 
-    async def run_batch(bid: int, batch: _Batch, args: tuple[Any, ...]) -> None:
-        peer, instances, options, has_more = args
+    async def run_batch(batch: _Batch, order: SendBatch) -> None:
+        bid, has_more = order.batch, order.has_more
         asked = False
 
         def ask(took: int) -> None:
             nonlocal asked
-            out_send.send_nowait(("more?", bid, took))
+            out_send.send_nowait(WantMore(bid, took))
             asked = True
 
         def on_outcome(index: int, outcome: Outcome) -> None:
-            out_send.send_nowait(("outcome", bid, index, outcome))
+            out_send.send_nowait(OutcomeReport(bid, index, outcome))
             if has_more and not asked and isinstance(outcome, Delivered):
                 ask(0)  # the destination takes instances: have the next ones ready in time
 
@@ -81,7 +92,7 @@ async def serve(stdin: trio.abc.ReceiveStream, stdout: trio.abc.SendStream) -> N
         try:
             with batch.scope:
                 await requestor.send_batch(
-                    peer, instances, options, on_outcome, more=more if has_more else None
+                    order.peer, order.instances, order.options, on_outcome, more=more if has_more else None
                 )
         except Exception as exc:  # a bug: the router raises it in the node actor
             logging.getLogger("capacitor_trio.dicom").exception("sender process: batch failed")
@@ -89,9 +100,9 @@ async def serve(stdin: trio.abc.ReceiveStream, stdout: trio.abc.SendStream) -> N
         finally:
             del batches[bid]
         if not batch.scope.cancelled_caught:
-            out_send.send_nowait(("done", bid, error))
+            out_send.send_nowait(BatchDone(bid, error))
 
-    out_send.send_nowait(("ready",))
+    out_send.send_nowait(Ready())
     async with trio.open_nursery() as outer:
         outer.start_soon(write_messages, stdout, out_receive)
         async with trio.open_nursery() as work:
@@ -101,16 +112,15 @@ async def serve(stdin: trio.abc.ReceiveStream, stdout: trio.abc.SendStream) -> N
                 if not data:
                     break
                 for message in decoder.feed(data):
-                    kind, bid = message[0], message[1]
-                    if kind == "batch":
+                    if isinstance(message, SendBatch):
                         send, receive = trio.open_memory_channel[list[OutgoingInstance]](math.inf)
                         batch = _Batch(trio.CancelScope(), send, receive)
-                        batches[bid] = batch
-                        work.start_soon(run_batch, bid, batch, message[2:])
-                    elif kind == "more" and bid in batches:
-                        batches[bid].more_send.send_nowait(message[2])
-                    elif kind == "cancel" and bid in batches:
-                        batches[bid].scope.cancel()
+                        batches[message.batch] = batch
+                        work.start_soon(run_batch, batch, message)
+                    elif isinstance(message, TopUp) and message.batch in batches:
+                        batches[message.batch].more_send.send_nowait(message.instances)
+                    elif isinstance(message, CancelBatch) and message.batch in batches:
+                        batches[message.batch].scope.cancel()
             # the router is gone: abort what is in flight (the requestor sends A-ABORT) and leave
             for batch in batches.values():
                 batch.scope.cancel()
