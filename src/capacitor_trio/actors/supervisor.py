@@ -2,10 +2,12 @@
 
 Theory of operation
 -------------------
-Who owns what. The supervisor owns every node's handle (so its inbox and wake event) and its
+Who owns what. The supervisor owns every node's handle (so its inbox and wake-up) and its
 `NodeState`, and keeps them across actor incarnations: a caller's handle keeps working after a
 restart, the pause flag and the schedule override survive an actor restart (the pause flag is
-also persisted in the store and so survives a process restart; the override does not).
+also persisted in the store and so survives a process restart; the override does not). It is
+the only writer of a handle's `status`, an AsyncValue others wait on ("running" once an actor
+serves).
 
 Crash. When an actor raises, the supervisor marks the handle "restarting" (commands are refused
 at once with NodeUnavailable, never left hanging), answers any command already queued with the
