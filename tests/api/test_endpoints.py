@@ -256,6 +256,28 @@ async def test_resume_of_a_failed_node_restarts_it(
     assert restarted == [handle] and n["paused"] is False and n["status"] == "running"
 
 
+async def test_resume_of_a_failed_node_waits_until_it_runs_again(
+    start_router: StartRouter, scp: StorageScp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = await start_router((pacs(scp),))
+    handle = r.router.supervisor.handle("PACS")
+
+    async def comes_up(h: Any) -> None:
+        await trio.sleep(0.2)
+        h.status.value = "running"
+
+    def restart(h: Any) -> bool:
+        h.status.value = "restarting"
+        trio.lowlevel.spawn_system_task(comes_up, h)
+        return True
+
+    monkeypatch.setattr(r.router.supervisor, "restart", restart)
+    data(await r.client.post("/api/nodes/PACS/pause", headers=AUTH))
+    handle.status.value = "failed"
+    n = data(await r.client.post("/api/nodes/PACS/resume", headers=AUTH))
+    assert n["paused"] is False and n["status"] == "running"
+
+
 async def test_echo(start_router: StartRouter, scp: StorageScp) -> None:
     qr = Node(ae_title="QR", host_name="127.0.0.1", port=scp.port, role="QueryRetrieve")
     r = await start_router((pacs(scp), dead_node("DEAD"), qr))
