@@ -75,6 +75,60 @@ class _Died:
     """To a batch waiting for its messages: the child died (never on the pipe)."""
 
 
+@attrs.define(eq=False)
+class _RemoteBatch:
+    """A batch the child sends, as the router follows it."""
+
+    bid: int
+    on_outcome: Callable[[int, Outcome], None]
+    more: MoreInstances | None
+    receive: trio.MemoryReceiveChannel[FromChild | _Died]
+    #: instances the child has in its list (it says so when it takes a lot of `more()`)
+    taken: int = 0
+    reported: set[int] = attrs.field(factory=set)
+    finished: bool = False
+    died: bool = False
+    #: the text of a bug the child met
+    error: str | None = None
+
+    def report(self, message: FromChild | _Died) -> None:
+        if isinstance(message, OutcomeReport) and message.index not in self.reported:
+            self.reported.add(message.index)
+            self.on_outcome(message.index, message.outcome)
+
+    async def follow(self, more_requests: trio.MemorySendChannel[None]) -> None:
+        """Report outcomes and pass on requests for more until the child is done with it."""
+        async for message in self.receive:
+            if isinstance(message, OutcomeReport):
+                self.report(message)
+            elif isinstance(message, WantMore):
+                self.taken += message.took
+                more_requests.send_nowait(None)
+            elif isinstance(message, BatchDone):
+                self.finished, self.error = True, message.error
+                return
+            else:  # _Died
+                raise _ChildDied
+
+    def drain(self) -> None:
+        """Outcomes that arrived before the end are the node's to record."""
+        while True:
+            try:
+                self.report(self.receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+
+    def settle(self) -> None:
+        """After the end: the instances a dead child had taken without an answer retry later;
+        a bug the child met is raised here."""
+        if self.died:
+            for index in range(self.taken):
+                if index not in self.reported:
+                    self.on_outcome(index, RetryLater("sender process died"))
+        if self.error is not None:
+            raise RuntimeError(f"sender process: {self.error}")
+
+
 class SenderProcess:
     """A `Sender` whose associations run in a child process; `run` keeps the child going."""
 
@@ -198,66 +252,39 @@ class SenderProcess:
         bid = next(self._ids)
         send, receive = trio.open_memory_channel[FromChild | _Died](math.inf)
         self._batches[bid] = send
-        #: instances the child has in its list (it says so when it takes a lot of `more()`)
-        taken = 0
-        reported: set[int] = set()
-        finished = died = False
-        error: str | None = None
+        batch = _RemoteBatch(bid, on_outcome, more, receive)
+        try:
+            await self._run_remote(batch, SendBatch(bid, peer, list(instances), options, more is not None))
+        finally:
+            batch.drain()
+            del self._batches[bid]
+            if not batch.finished:  # cancelled: the child aborts the association
+                with contextlib.suppress(_ChildDied):
+                    self._send(CancelBatch(bid))
+        batch.settle()
 
-        def report(message: FromChild | _Died) -> None:
-            if isinstance(message, OutcomeReport) and message.index not in reported:
-                reported.add(message.index)
-                on_outcome(message.index, message.outcome)
-
+    async def _run_remote(self, batch: _RemoteBatch, order: SendBatch) -> None:
         # `more()` runs in its own task, one request at a time, so that outcomes keep coming in
         # while it checks out (or waits for) the next instances
         more_send, more_receive = trio.open_memory_channel[None](math.inf)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._serve_more, batch, more_receive)
+            try:
+                self._send(order)
+                batch.taken = len(order.instances)
+                await batch.follow(more_send)
+            except _ChildDied:
+                batch.finished = batch.died = True
+            finally:
+                # a `more()` in progress completes (its instances stay unreported: the node
+                # releases them); cancelling it could strand a checkout
+                more_send.close()
 
-        async def serve_more() -> None:
-            async for _ in more_receive:
-                extra = list(await more()) if more is not None else []
-                with contextlib.suppress(_ChildDied):
-                    self._send(TopUp(bid, extra))
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(serve_more)
-                try:
-                    self._send(SendBatch(bid, peer, list(instances), options, more is not None))
-                    taken = len(instances)
-                    async for message in receive:
-                        if isinstance(message, OutcomeReport):
-                            report(message)
-                        elif isinstance(message, WantMore):
-                            taken += message.took
-                            more_send.send_nowait(None)
-                        elif isinstance(message, BatchDone):
-                            finished, error = True, message.error
-                            break
-                        else:  # _Died
-                            raise _ChildDied
-                except _ChildDied:
-                    finished = died = True
-                finally:
-                    # a `more()` in progress completes (its instances stay unreported: the
-                    # node releases them); cancelling it could strand a checkout
-                    more_send.close()
-        finally:
-            while True:  # outcomes that arrived before the end are the node's to record
-                try:
-                    report(receive.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            del self._batches[bid]
-            if not finished:  # cancelled: the child aborts the association
-                with contextlib.suppress(_ChildDied):
-                    self._send(CancelBatch(bid))
-        if died:
-            for index in range(taken):
-                if index not in reported:
-                    on_outcome(index, RetryLater("sender process died"))
-        if error is not None:
-            raise RuntimeError(f"sender process: {error}")
+    async def _serve_more(self, batch: _RemoteBatch, requests: trio.MemoryReceiveChannel[None]) -> None:
+        async for _ in requests:
+            extra = list(await batch.more()) if batch.more is not None else []
+            with contextlib.suppress(_ChildDied):
+                self._send(TopUp(batch.bid, extra))
 
     async def echo(self, peer: Peer, calling_ae: str, *, timeout: float = 10) -> EchoResult:  # noqa: ASYNC109
         """C-ECHO, in this process (rare, and its latency is what the API reports)."""
