@@ -337,7 +337,9 @@ class NodeActor:
     def may_continue(self) -> bool:
         """May an open association take more items (the gates `step` checks)?"""
         now = self.ctx.clock()
-        return self._gate(now, *self._schedule_gate(now)) is SEND
+        # with the override the window does not count: not worked out (asked once per top-up)
+        window = (True, None) if self.state.override else self._schedule_gate(now)
+        return self._gate(now, *window) is SEND
 
     async def checkout(
         self, now: float, *, limit: int | None = None, series_uid: str | None = None
