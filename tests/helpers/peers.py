@@ -137,11 +137,13 @@ class PynetdicomDestination:
         raw = event.request.DataSet.getvalue()
         uid = str(event.request.AffectedSOPInstanceUID)
         self.times[uid] += 1
-        if uid in self.received:
+        new = uid not in self.received
+        if not new:
             self.duplicates += 1
-        else:
-            self.count.add_from_thread()  # counts distinct instances
+        # stored before the count changes: a waiter re-checks `received` as soon as it does
         self.received[uid] = raw
+        if new:
+            self.count.add_from_thread()  # counts distinct instances
         return 0x0000
 
 
