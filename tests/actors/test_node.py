@@ -342,7 +342,7 @@ async def test_chaos_and_a_failed_node_are_logged_loudly(
     await trio.sleep(10)
     warnings = [r for r in caplog.records if r.levelname == "WARNING" and "CHAOS is ON" in r.message]
     assert len(warnings) == 1 and "about every 1000 s" in warnings[0].message
-    assert w.handle.status == "failed"
+    assert w.handle.status.value == "failed"
     assert any(
         r.levelname == "ERROR" and "node PACS: 2 crashes within 60 s; node marked failed" in r.message
         for r in caplog.records
@@ -445,13 +445,13 @@ async def test_crash_restarts_with_backoff_then_gives_up(make_world: Any, autoju
     w = await make_world(sender=FakeSender(boom), policy=policy)
     item = w.add()
     await trio.sleep(0.5)
-    assert w.handle.status == "restarting"
+    assert w.handle.status.value == "restarting"
     with trio.fail_after(0.001):  # a restarting node refuses at once
         with pytest.raises(NodeUnavailable, match="restarting"):
             await w.handle.call(GetStatus())
     await trio.sleep(30)
     assert w.sender.times == [0.0, 1.0, 3.0, 7.0]
-    assert w.handle.status == "failed"
+    assert w.handle.status.value == "failed"
     assert not w.store.items[item.id].checked_out  # released at each crash
     snap = w.sup.snapshot(w.handle)
     # four crashes, three automatic restarts: the fourth crash marked it failed
@@ -460,7 +460,7 @@ async def test_crash_restarts_with_backoff_then_gives_up(make_world: Any, autoju
     w.sender.script = lambda _i: Delivered()
     assert w.sup.restart(w.handle)
     await trio.sleep(1)
-    assert w.handle.status == "running" and w.store.items == {} and w.sender.times[-1] == 30.5
+    assert w.handle.status.value == "running" and w.store.items == {} and w.sender.times[-1] == 30.5
     assert w.sup.snapshot(w.handle).restarts == 4
 
 

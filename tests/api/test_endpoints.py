@@ -227,7 +227,7 @@ async def test_pause_resume_override(start_router: StartRouter, scp: StorageScp)
 async def test_unavailable_node_answers_503(start_router: StartRouter, scp: StorageScp) -> None:
     r = await start_router((pacs(scp),))
     handle = r.router.supervisor.handle("PACS")
-    handle.status = "restarting"  # what the supervisor sets while an actor restarts
+    handle.status.value = "restarting"  # what the supervisor sets while an actor restarts
     try:
         error(await r.client.post("/api/nodes/PACS/pause", headers=AUTH), "UNAVAILABLE", 503)
         (item,) = await r.queue(1, state="failed")
@@ -236,7 +236,7 @@ async def test_unavailable_node_answers_503(start_router: StartRouter, scp: Stor
         # reads still work without the actor
         assert data(await r.client.get("/api/nodes/PACS"))["status"] == "restarting"
     finally:
-        handle.status = "running"
+        handle.status.value = "running"
 
 
 async def test_resume_of_a_failed_node_restarts_it(
@@ -248,14 +248,36 @@ async def test_resume_of_a_failed_node_restarts_it(
 
     def restart(h: Any) -> bool:
         restarted.append(h)
-        h.status = "running"
+        h.status.value = "running"
         return True
 
     monkeypatch.setattr(r.router.supervisor, "restart", restart)
     data(await r.client.post("/api/nodes/PACS/pause", headers=AUTH))
-    handle.status = "failed"
+    handle.status.value = "failed"
     n = data(await r.client.post("/api/nodes/PACS/resume", headers=AUTH))
     assert restarted == [handle] and n["paused"] is False and n["status"] == "running"
+
+
+async def test_resume_of_a_failed_node_waits_until_it_runs_again(
+    start_router: StartRouter, scp: StorageScp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    r = await start_router((pacs(scp),))
+    handle = r.router.supervisor.handle("PACS")
+
+    async def comes_up(h: Any) -> None:
+        await trio.sleep(0.2)
+        h.status.value = "running"
+
+    def restart(h: Any) -> bool:
+        h.status.value = "restarting"
+        trio.lowlevel.spawn_system_task(comes_up, h)
+        return True
+
+    monkeypatch.setattr(r.router.supervisor, "restart", restart)
+    data(await r.client.post("/api/nodes/PACS/pause", headers=AUTH))
+    handle.status.value = "failed"
+    n = data(await r.client.post("/api/nodes/PACS/resume", headers=AUTH))
+    assert n["paused"] is False and n["status"] == "running"
 
 
 async def test_echo(start_router: StartRouter, scp: StorageScp) -> None:

@@ -50,7 +50,7 @@ async def test_reload_adds_a_node(start_router: StartRouter) -> None:
     report = await reload(r)
     assert report == {"added": ["NEWNODE"], "removed": [], "changed": [], "configChanged": [], "needsRestart": ["api.port"]}
     handle = r.router.supervisor.handle("NEWNODE")
-    assert handle is not None and handle.status == "running"
+    assert handle is not None and handle.status.value == "running"
     assert r.router.receiver.destinations_for("NEWALIAS") == [Destination("NEWNODE", "Storage")]
     node = data(await r.client.get("/api/nodes/NEWNODE"))
     assert node["port"] == 9
@@ -115,7 +115,7 @@ async def test_reload_adds_the_first_node_to_a_router_with_none(start_router: St
     write_config(r)
     (r.data_dir / "nodes.yml").write_text("- AeTitle: FIRST\n  HostName: 127.0.0.1\n  Port: 9\n")
     assert (await reload(r))["added"] == ["FIRST"]
-    assert r.router.supervisor.handle("FIRST").status == "running"
+    assert r.router.supervisor.handle("FIRST").status.value == "running"
 
 
 async def test_a_reload_after_a_node_edit_finds_nothing_to_change(start_router: StartRouter) -> None:

@@ -19,7 +19,19 @@ import pytest
 import trio
 
 from capacitor_trio.dicom.requestor import OutgoingInstance, Peer, SendOptions
-from capacitor_trio.dicom.sender_process import Decoder, SenderProcess, encode
+from capacitor_trio.dicom.sender_pipe import (
+    BatchDone,
+    CancelBatch,
+    ChildLog,
+    Decoder,
+    OutcomeReport,
+    Ready,
+    SendBatch,
+    TopUp,
+    WantMore,
+    encode,
+)
+from capacitor_trio.dicom.sender_process import SenderProcess
 from capacitor_trio.domain.outcomes import Delivered, Outcome, Rejected, RetryLater
 
 from .conftest import RunningAcceptor, assert_same_instance, collect, outgoing, write_corpus
@@ -171,14 +183,27 @@ async def test_the_child_exits_when_the_router_goes(acceptor: RunningAcceptor) -
 
 
 def test_messages_survive_any_cut_of_the_byte_stream() -> None:
-    messages = [("outcome", 1, i, Delivered()) for i in range(3)] + [("log", 30, "x", "é" * 70000)]
+    messages = [OutcomeReport(1, i, Delivered()) for i in range(3)] + [ChildLog(30, "x", "é" * 70000)]
     stream = b"".join(encode(m) for m in messages)
     for step in (1, 7, 4096, len(stream)):
         decoder = Decoder()
-        out: list[tuple[object, ...]] = []
+        out: list[object] = []
         for i in range(0, len(stream), step):
             out += decoder.feed(stream[i : i + step])
         assert out == messages
+
+
+def test_every_pipe_message_round_trips_with_its_type() -> None:
+    inst = OutgoingInstance(Path("/spool/1.dcm"), "1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2.1", b"x")
+    messages = [
+        SendBatch(1, Peer("PACS", "127.0.0.1", 104), [inst], SendOptions("ROUTER"), True),
+        TopUp(1, [inst]), TopUp(1, []), CancelBatch(1), Ready(), OutcomeReport(1, 0, Rejected("no")),
+        WantMore(1, 3), BatchDone(1, None), BatchDone(2, "RuntimeError('bug')"), ChildLog(20, "capacitor_trio", "hi"),
+    ]
+    out = Decoder().feed(b"".join(encode(m) for m in messages))
+    assert out == messages and [type(m) for m in out] == [type(m) for m in messages]
+    # pickled as class and field values: no field names on the pipe
+    assert b"took" not in encode(WantMore(1, 3))
 
 
 async def test_batches_go_ahead_in_the_router_if_the_child_cannot_start(

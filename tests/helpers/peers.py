@@ -139,11 +139,12 @@ class PynetdicomDestination:
         uid = str(event.request.AffectedSOPInstanceUID)
         self.times[uid] += 1
         new = uid not in self.received
-        self.received[uid] = raw  # before the count: a waiter woken by it finds the bytes
+        if not new:
+            self.duplicates += 1
+        # stored before the count changes: a waiter re-checks `received` as soon as it does
+        self.received[uid] = raw
         if new:
             self.count.add_from_thread()  # counts distinct instances
-        else:
-            self.duplicates += 1
         return 0x0000
 
 

@@ -93,13 +93,12 @@ class Control:
     async def resume(self, node: Node) -> NodeStatus:
         """Resume; a failed node is restarted first (the operator's explicit restart)."""
         handle = self._need_handle(node)
-        if handle.status == "failed":
+        if handle.status.value == "failed":
             self._supervisor.restart(handle)
             with trio.move_on_after(RESTART_TIMEOUT):
-                while handle.status != "running":  # noqa: ASYNC110 - a plain field, no event
-                    await trio.sleep(0.02)
-            if handle.status != "running":
-                raise NodeUnavailable(f"node {node.ae_title} is {handle.status} after restart")
+                await handle.status.wait_value("running")
+            if handle.status.value != "running":
+                raise NodeUnavailable(f"node {node.ae_title} is {handle.status.value} after restart")
         status: NodeStatus = await handle.call(Resume())
         return status
 

@@ -11,8 +11,10 @@ import contextlib
 from typing import Any
 
 import trio
+from trio_util import AsyncValue
 
 from capacitor_trio.actors.messages import Call, NodeUnavailable, Reply
+from capacitor_trio.actors.wakeup import Wakeup
 from capacitor_trio.config.models import Node
 from capacitor_trio.domain.instance import Destination
 
@@ -25,10 +27,11 @@ class NodeHandle:
         self.node = node
         self.destination = Destination(node.ae_title, node.role)
         self._send, self.inbox = trio.open_memory_channel[Call](inbox_size)
-        #: "running", "restarting" or "failed"; set by the supervisor
-        self.status = "restarting"
+        #: "running", "restarting", "failed" or "stopped"; written only by the supervisor, and
+        #: others wait on it (`wait_value`)
+        self.status: AsyncValue[str] = AsyncValue("restarting")
         #: set when something may have become deliverable (new items, resume, override...)
-        self._wake = trio.Event()
+        self._wake = Wakeup()
 
     @property
     def ae_title(self) -> str:
@@ -42,13 +45,14 @@ class NodeHandle:
         await self._wake.wait()
 
     def clear_wake(self) -> None:
-        if self._wake.is_set():
-            self._wake = trio.Event()
+        """Forget earlier wake-ups (the actor is about to look at its queue)."""
+        self._wake.clear()
 
     async def call(self, command: Any, *, timeout: float = REPLY_TIMEOUT) -> Any:  # noqa: ASYNC109 (a reply deadline is the caller's choice)
         """Send `command`, wait for the reply; raise what the actor raised, or NodeUnavailable."""
-        if self.status != "running":
-            raise NodeUnavailable(f"node {self.ae_title} is {self.status}")
+        status = self.status.value
+        if status != "running":
+            raise NodeUnavailable(f"node {self.ae_title} is {status}")
         reply_send, reply_recv = trio.open_memory_channel[Reply](1)
         with trio.move_on_after(timeout) as scope:
             try:

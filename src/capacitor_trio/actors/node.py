@@ -10,19 +10,16 @@ survive an actor restart (pause, override, restart count, last error, last deliv
 `NodeState` the supervisor keeps between incarnations. The handle (and so the inbox) belongs to
 the supervisor, so callers keep one handle across restarts.
 
-The loop. A delivery task repeats `step()`: decide from plain values whether to send now or wait
-(paused, service paused, outside the schedule window without override, node backing off), check
-a batch out of the store, send it through the `Sender` on one association per calling AE, record
-each outcome (Delivered: removed; RetryLater: failed with the next attempt time from the backoff,
-and the whole node backs off; Rejected: rejected), then pause `storageInterval` ms. While an
-association is open and answered up, items that became eligible meanwhile are checked out and
-sent on it too, up to the batch size (`_send`), so a study still arriving does not cost an
-association per few images; when they arrive no faster than the destination takes them, a
-top-up that follows a small one lets a few gather first (TOP_UP_GATHER) rather than checking
-them out one by one; outcomes are then recorded every RECORD_EVERY items. When nothing is
-eligible it sleeps until the store's next eligible time or until woken (new items, resume,
-override, retry...). A command task answers the inbox concurrently, so the API is answered even
-while a batch is in flight.
+The loop. A delivery task repeats `step()`: decide whether to send now or wait, with the pure
+gate decision of `domain/gate.py` (paused, service paused, outside the schedule window without
+override, node backing off), check a batch out of the store, hand it to a `BatchSend`
+(actors/sending.py), which sends it through the `Sender` on one association per calling AE and
+records each outcome, then pause `storageInterval` ms. While an association is open and answered
+up, items that became eligible meanwhile are checked out and sent on it too, up to the batch
+size, if the same gates (`may_continue`) still let them, so a study still arriving does not cost
+an association per few images. When nothing is eligible it sleeps until the store's next
+eligible time or until woken (new items, resume, override, retry...). A command task answers
+the inbox concurrently, so the API is answered even while a batch is in flight.
 
 Cancel and crash. Pause cancels the in-flight batch at once (the requestor sends A-ABORT); items
 whose outcome was not reported go back to the queue (`release`). Shutdown cancels the same way.
@@ -63,6 +60,10 @@ from capacitor_trio.actors.messages import (
     SetOverride,
     UpdateNode,
 )
+from capacitor_trio.actors.sending import RECORD_IDLE as RECORD_IDLE
+from capacitor_trio.actors.sending import SERIES_BATCH_CAP, BatchSend
+from capacitor_trio.actors.sending import TOP_UP_FEW as TOP_UP_FEW
+from capacitor_trio.actors.sending import TOP_UP_GATHER as TOP_UP_GATHER
 from capacitor_trio.actors.service import ServiceFlags
 from capacitor_trio.config.models import Config, Node, effective, effective_schedule
 from capacitor_trio.dicom.requestor import (
@@ -72,35 +73,17 @@ from capacitor_trio.dicom.requestor import (
     Peer,
     SendOptions,
 )
-from capacitor_trio.domain.backoff import next_attempt, retry_delay
-from capacitor_trio.domain.outcomes import Delivered, Outcome, Rejected, RetryLater
+from capacitor_trio.domain.gate import SEND, Send, Wait, decide, next_look
+from capacitor_trio.domain.outcomes import Outcome
 from capacitor_trio.domain.schedule import Schedule, parse_schedule, schedule_gate
 from capacitor_trio.domain.states import FAILED, NEW, REJECTED
 from capacitor_trio.store import Counts, QueuePort
 
 log = logging.getLogger("capacitor_trio.node")
 
-#: Largest batch when BatchSize is 0 ("one series per association").
-SERIES_BATCH_CAP = 1000
 #: ProcessDelay: the next look is planned from the studies of this many of the oldest waiting
 #: items (a bounded query), so a quiet study behind a busier older one goes when it is quiet
 STUDY_LOOKAHEAD = 100
-#: How long recording a batch's outcomes may take when shielded from cancellation.
-RECORD_GRACE = 30.0
-#: How long an open association waits for new items once everything sent has been answered.
-TOP_UP_LINGER = 0.1
-#: While items keep coming, outcomes are recorded every this many (one store job, one WAL
-#: fsync); they are always recorded before the association waits longer than RECORD_IDLE for
-#: new items (TOP_UP_GATHER + RECORD_IDLE after a gathering top-up), or ends.
-RECORD_EVERY = 64
-#: How long an open association waits for the next arrival before recording the outcomes so far.
-RECORD_IDLE = 0.01
-#: When a top-up brought fewer than TOP_UP_FEW items (the destination takes images as fast as
-#: they arrive), the next one first lets arrivals gather for TOP_UP_GATHER: one checkout, a
-#: store job between the commits of the receiving associations, then serves several images, not
-#: each one (docs/performance.md, seventh and tenth landings: 8 and 5 ms before the tenth).
-TOP_UP_FEW = 32
-TOP_UP_GATHER = 0.02
 
 
 class Sender(Protocol):
@@ -171,7 +154,7 @@ class NodeActor:
         self.handle = handle
         self.state = state
         self.ctx = ctx
-        self._batch_scope: trio.CancelScope | None = None
+        self._batch: BatchSend | None = None
 
     # ---- derived settings (re-read each time: a node edit replaces handle.node) --------------
 
@@ -187,8 +170,7 @@ class NodeActor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._deliver_forever)
-            self.handle.status = "running"
-            task_status.started()
+            task_status.started()  # serving: the supervisor marks the handle running
             async for call in self.handle.inbox:
                 await self._on_call(call, nursery)
 
@@ -241,10 +223,10 @@ class NodeActor:
         if self.state.paused == paused:
             return
         self.state.paused = paused
-        if paused and self._batch_scope is not None:
+        if paused and self._batch is not None:
             # pause means stop now: A-ABORT, items back to the queue; before the flag's write,
             # which may wait behind a busy store
-            self._batch_scope.cancel()
+            self._batch.cancel()
         await self.ctx.store.set_paused(self.handle.destination, paused)
         log.info("node %s %s", self.node.ae_title, "paused" if paused else "resumed")
         self.handle.wake()
@@ -331,19 +313,11 @@ class NodeActor:
         ctx, state = self.ctx, self.state
         now = ctx.clock()
         in_window, next_change = self._schedule_gate(now)
-        if state.paused:
-            state.activity = "paused"
-            return None
-        if not ctx.service.storage_scu:
-            state.activity = "service-paused"
-            return None
-        if not in_window and not state.override:
-            state.activity = "waiting-schedule"
-            return next_change
-        if state.backoff_until > now:
-            state.activity = "backing-off"
-            return state.backoff_until
-        items = await self._checkout(now)
+        gate = self._gate(now, in_window, next_change)
+        if isinstance(gate, Wait):
+            state.activity = gate.activity
+            return gate.until
+        items = await self.checkout(now)
         if items and (state.paused or not ctx.service.storage_scu):
             # paused while the checkout was in progress: do not start this batch
             await ctx.store.release([i.id for i in items])
@@ -351,12 +325,30 @@ class NodeActor:
         if not items:
             state.activity = "idle"
             return await self._next_look(now, next_change)
-        await self._send(items)
+        self._batch = BatchSend(self)
+        try:
+            await self._batch.run(items)
+        finally:
+            self._batch = None
         # storageInterval: a pause between batches that new arrivals do not cut short
         await trio.sleep(ctx.config.storage_interval / 1000)
         return ctx.clock()
 
-    async def _checkout(
+    def _gate(self, now: float, in_window: bool, next_change: float | None) -> Send | Wait:
+        state = self.state
+        return decide(
+            now=now, paused=state.paused, service_on=self.ctx.service.storage_scu, override=state.override,
+            in_window=in_window, next_window_change=next_change, backoff_until=state.backoff_until,
+        )
+
+    def may_continue(self) -> bool:
+        """May an open association take more items (the gates `step` checks)?"""
+        now = self.ctx.clock()
+        # with the override the window does not count: not worked out (asked once per top-up)
+        window = (True, None) if self.state.override else self._schedule_gate(now)
+        return self._gate(now, *window) is SEND
+
+    async def checkout(
         self, now: float, *, limit: int | None = None, series_uid: str | None = None
     ) -> list[Any]:
         eff = effective(self.node, self.ctx.config)
@@ -381,16 +373,12 @@ class NodeActor:
         )
 
     async def _next_look(self, now: float, next_change: float | None) -> float | None:
-        store = self.ctx.store
-        wake_at = await store.next_eligible_at(self.handle.destination, now)
+        wake_at = await self.ctx.store.next_eligible_at(self.handle.destination, now)
         delay = effective(self.node, self.ctx.config).process_delay_ms / 1000
         if wake_at is not None and wake_at <= now and delay > 0:
             # something is eligible but held back by ProcessDelay: wake when its study is quiet
             wake_at = await self._study_quiet_at(now, delay)
-        if self.state.override or next_change is None:
-            return wake_at
-        # keep the in-window flag fresh even when idle
-        return next_change if wake_at is None else min(wake_at, next_change)
+        return next_look(wake_at, next_change, override=self.state.override)
 
     async def _study_quiet_at(self, now: float, delay: float) -> float:
         """When the first of the waiting studies will have been quiet for `delay` seconds (the
@@ -398,207 +386,14 @@ class NodeActor:
         last = await self.ctx.store.first_quiet_arrival(self.handle.destination, STUDY_LOOKAHEAD)
         return now + delay if last is None else max(now, last + delay)
 
-    def _may_continue(self) -> bool:
-        """May an open association take more items (the gates `step` checks, minus the wait)?"""
-        state, now = self.state, self.ctx.clock()
-        if state.paused or not self.ctx.service.storage_scu or state.backoff_until > now:
-            return False
-        return state.override or self._schedule_gate(now)[0]
-
-    def _calling_ae(self, item: Any) -> str:
+    def calling_ae(self, item: Any) -> str:
         if self.node.impersonate and item.source_ae:
             return str(item.source_ae)
         return self.ctx.config.my_ae_title
 
-    async def _send(self, items: list[Any]) -> None:
-        """Send a checked-out batch, one association per calling AE, and record the outcomes.
-
-        While an association is open and everything sent on it has been answered, the requestor
-        asks for more (`more`): outcomes are recorded in one store job every RECORD_EVERY items
-        and whenever nothing new is ready to send within RECORD_IDLE, and items that became eligible meanwhile are checked out and sent on the same association, up to the
-        batch size (BatchSize, or one series capped at SERIES_BATCH_CAP when it is 0). If none
-        is eligible, it waits up to TOP_UP_LINGER for new arrivals before releasing. So a
-        destination fed while a modality is still sending gets one association per batch rather
-        than one per handful of images. A top-up that follows one of fewer than TOP_UP_FEW items
-        first waits TOP_UP_GATHER, so that a destination keeping pace with the arrivals costs a
-        checkout per few images rather than per image."""
-        node, ctx = self.node, self.ctx
-        eff = effective(node, ctx.config)
-        peer = Peer(node.ae_title, node.host_name, node.port)
-        cap = eff.batch_size or SERIES_BATCH_CAP
-        # the bytes of small instances (kept in the index) go to the requestor only; what this
-        # send keeps for its outcomes does not hold them for the whole association
-        outgoing = {i.id: _outgoing(i) for i in items}
-        items = [_without_data(i) for i in items]
-        groups: dict[str, list[Any]] = {}
-        for item in items:
-            groups.setdefault(self._calling_ae(item), []).append(item)
-        #: checked out by this send, outcome not recorded yet: released at the end
-        pending: dict[int, Any] = {i.id: i for i in items}
-        #: the groups handed to the requestor (a group grows with its top-ups)
-        started: list[list[Any]] = []
-        self.state.activity = "sending"
-        self.state.sends_in_progress += 1
-        self.ctx.sending.value += 1
-        try:
-            for calling_ae, group in groups.items():
-                if self.state.paused:
-                    break
-                options = SendOptions(
-                    calling_ae=calling_ae,
-                    priority=node.priority,
-                    connect_timeout=float(ctx.config.connect_timeout_seconds or 75),
-                    dimse_timeout=ctx.dimse_timeout,
-                    stall_threshold=float(eff.stall_threshold),
-                    minimum_line_speed_kbps=float(eff.minimum_line_speed),
-                    max_pdu_size=ctx.config.max_pdu_size,
-                )
-                outcomes: dict[int, Outcome] = {}
-                series = group[0].series_instance_uid if eff.batch_size == 0 else None
-                top_up = len(groups) == 1
-                few = False  # the first top-up of an association checks out at once
-
-                async def flush(group: list[Any] = group, outcomes: dict[int, Outcome] = outcomes) -> None:
-                    if not outcomes:
-                        return
-                    batch = [(group[i], o) for i, o in sorted(outcomes.items())]
-                    outcomes.clear()
-                    await self._record(batch)
-                    for item, _ in batch:
-                        pending.pop(item.id, None)
-
-                async def more(
-                    group: list[Any] = group, flush: Any = flush, calling_ae: str = calling_ae,
-                    series: str | None = series, outcomes: dict[int, Outcome] = outcomes,
-                ) -> list[OutgoingInstance]:
-                    nonlocal top_up, few
-                    if len(outcomes) >= RECORD_EVERY:
-                        await flush()
-                    room = cap - len(group)
-                    if not top_up or room <= 0 or not self._may_continue():
-                        return []
-                    if few:  # let arrivals gather (nothing is checked out while this waits)
-                        await trio.sleep(TOP_UP_GATHER)
-                        if not self._may_continue():
-                            return []
-                    deadline = trio.current_time() + TOP_UP_LINGER
-                    while True:
-                        self.handle.clear_wake()
-                        extra = await self._checkout(ctx.clock(), limit=room, series_uid=series)
-                        if extra:
-                            break
-                        if outcomes:
-                            # nothing to send right now; a modality still sending has the next
-                            # image here within milliseconds: record only if none comes (one
-                            # record per many images, not one per image)
-                            idle_at = min(deadline, trio.current_time() + RECORD_IDLE)
-                            with trio.move_on_at(idle_at) as idle:
-                                await self.handle.wait_woken()
-                            if not idle.cancelled_caught and self._may_continue():
-                                continue
-                            await flush()  # record before waiting longer
-                        with trio.move_on_at(deadline):
-                            await self.handle.wait_woken()
-                        if trio.current_time() >= deadline or not self._may_continue():
-                            return []
-                    for item in extra:
-                        pending[item.id] = _without_data(item)
-                    fit = [i for i in extra if self._calling_ae(i) == calling_ae]
-                    top_up = len(fit) == len(extra)  # the others need another association
-                    few = len(extra) < TOP_UP_FEW
-                    group.extend(_without_data(i) for i in fit)
-                    return [_outgoing(i) for i in fit]
-
-                started.append(group)
-                try:
-                    with trio.CancelScope() as self._batch_scope:
-                        await ctx.sender.send_batch(
-                            peer, [outgoing.pop(i.id) for i in group], options, outcomes.__setitem__,
-                            more=more,
-                        )
-                finally:
-                    self._batch_scope = None
-                    with trio.CancelScope(shield=True), trio.move_on_after(RECORD_GRACE):
-                        await flush()
-        finally:
-            self.state.sends_in_progress -= 1
-            self.ctx.sending.value -= 1
-            # sent and not answered (or its answer not recorded): may reach the destination twice
-            self.state.cut_short = [
-                i.sop_instance_uid for g in started for i in g if i.id in pending
-            ]
-            if pending:
-                with trio.CancelScope(shield=True), trio.move_on_after(RECORD_GRACE):
-                    await ctx.store.release(list(pending))
-
-    async def _record(self, batch: list[tuple[Any, Outcome]]) -> None:
-        """Record (item, outcome) pairs in one store job and update the node's state."""
-        ctx, state = self.ctx, self.state
-        now = ctx.clock()
-        delivered = [item for item, o in batch if isinstance(o, Delivered)]
-        failed: list[tuple[int, str, float | None]] = []
-        rejected: list[tuple[int, str]] = []
-        for item, outcome in batch:
-            if isinstance(outcome, Rejected):
-                rejected.append((item.id, outcome.reason))
-                state.last_error = outcome.reason
-                log.warning("node %s rejected %s: %s", self.node.ae_title, item.sop_instance_uid, outcome.reason)
-            elif isinstance(outcome, RetryLater):
-                attempt = item.attempt_count + 1
-                at = next_attempt(
-                    now, attempt, base=ctx.config.retry_delay_seconds, cap=ctx.config.retry_max_delay_seconds,
-                    jitter=ctx.retry_jitter, rng=ctx.rng, max_attempts=ctx.config.max_attempts,
-                )
-                failed.append((item.id, outcome.reason, at))
-                state.last_error = outcome.reason
-        # losing these records in a power cut only repeats deliveries (at least once), unless a
-        # spool file is removed with them: records of small instances kept in the index (no
-        # file) skip their own WAL fsync; the next durable commit covers them
-        durable = not all(getattr(i, "inline", False) for i, _ in batch)
-        await ctx.store.record_outcomes(
-            delivered=[i.id for i in delivered], failed=failed, rejected=rejected, durable=durable
-        )
-        if delivered:
-            ctx.delivered_count.value += len(delivered)
-            state.last_delivered_at = now
-            state.consecutive_failures = 0
-            state.backoff_until = 0.0
-            for item in delivered:
-                state.recent_studies[item.study_instance_uid] = now
-        # an association refused for good: with Impersonate it names the source modality, which
-        # the destination may not know while it knows the others, so the node goes on
-        refused = not self.node.impersonate and any(
-            isinstance(o, Rejected) and o.association for _, o in batch
-        )
-        if (failed or refused) and not delivered:
-            # the destination is unreachable, out of resources, or refuses to talk to us at all
-            # (its items are rejected, one batch per backoff): the whole node backs off
-            state.consecutive_failures += 1
-            state.backoff_until = now + retry_delay(
-                state.consecutive_failures, base=ctx.config.retry_delay_seconds,
-                cap=ctx.config.retry_max_delay_seconds, jitter=ctx.retry_jitter, rng=ctx.rng,
-            )
-            log.warning(
-                "node %s: delivery failed (%s); node backs off for %.0f s",
-                self.node.ae_title, state.last_error, state.backoff_until - now,
-            )
-        elif delivered:
-            log.info("node %s: delivered %d instance(s)", self.node.ae_title, len(delivered))
-
-
 @functools.lru_cache(maxsize=64)
 def _parsed_schedule(windows: tuple[str, ...]) -> Schedule:
     return parse_schedule(windows)
-
-
-def _outgoing(item: Any) -> OutgoingInstance:
-    return OutgoingInstance(
-        item.path, item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax_uid, item.data
-    )
-
-
-def _without_data(item: Any) -> Any:
-    return attrs.evolve(item, data=None) if getattr(item, "data", None) is not None else item
 
 
 def _state_given(state: str | None, action: str) -> str:
@@ -626,11 +421,12 @@ def make_status(
     """The node's status now; `in_window` is worked out here, not kept: a paused node, or one
     in a long batch, does not look at its schedule meanwhile."""
     queue = counts if counts is not None else Counts()
+    status = handle.status.value
     return NodeStatus(
         ae_title=handle.node.ae_title,
         role=handle.node.role,
-        status=handle.status,
-        activity=state.activity if handle.status == "running" else handle.status,
+        status=status,
+        activity=state.activity if status == "running" else status,
         paused=state.paused,
         schedule_override=state.override,
         in_window=node_schedule_gate(handle.node, ctx, ctx.clock())[0],

@@ -21,7 +21,8 @@ from typing import Any
 
 import trio
 
-from capacitor_trio.actors.service import ServiceFlags
+from capacitor_trio.actors.service import Flags, ServiceFlags
+from capacitor_trio.actors.wakeup import Wakeup
 from capacitor_trio.config.models import Config, Node, called_aes
 from capacitor_trio.dicom.acceptor import CannotProcess, OutOfResources, ReceivedInstance
 from capacitor_trio.domain.instance import Destination
@@ -68,10 +69,9 @@ class Receiver:
         self.refresh_routes()
         #: wall times of commits not yet prepared (oldest first) — when to prepare next
         self._unprepared: collections.deque[float] = collections.deque()
-        self._wake = trio.Event()
+        self._wake = Wakeup()
         self.received = 0
         self.preparing = 0
-        service.on_change(lambda: self._wake.set())
 
     def refresh_routes(self) -> None:
         """Rebuild the called-AE table (after a node edit)."""
@@ -144,10 +144,12 @@ class Receiver:
             self._unprepared.extend((now - min_age, now))
         task_status.started()
         while True:
-            if self._wake.is_set():
-                self._wake = trio.Event()
+            self._wake.clear()
+            if not self.service.prepare:
+                await self.service.flags.wait_value(_prepare_on)
+                continue
             wake_at: float | None = None
-            if self.service.prepare and self._unprepared:
+            if self._unprepared:
                 now = self.clock()
                 if self._unprepared[0] <= now - min_age:
                     self.preparing += 1
@@ -176,3 +178,7 @@ class Receiver:
     def ripe_pending(self, now: float) -> bool:
         """True when some committed item is ripe but not yet prepared."""
         return bool(self._unprepared) and self._unprepared[0] <= now - self.config.minimum_age
+
+
+def _prepare_on(flags: Flags) -> bool:
+    return flags.prepare

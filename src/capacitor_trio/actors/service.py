@@ -2,42 +2,60 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import attrs
+from trio_util import AsyncValue
 
 FLAG_NAMES = ("storageScu", "worklistScu", "storageCommitScu", "prepare")
 
 
-@attrs.define
-class ServiceFlags:
-    """Storage SCU (delivery), Worklist SCU, Storage Commit SCU and Prepare.
-
-    Receiving continues whatever the flags say. Changing a flag calls every registered listener
-    (node handles' `wake`, the preparer's wake) so waiting tasks look again at once."""
+@attrs.frozen
+class Flags:
+    """Storage SCU (delivery), Worklist SCU, Storage Commit SCU and Prepare, at one moment."""
 
     storage_scu: bool = True
     worklist_scu: bool = True
     storage_commit_scu: bool = True
     prepare: bool = True
-    _listeners: list[Callable[[], None]] = attrs.field(factory=list, repr=False)
 
-    def on_change(self, listener: Callable[[], None]) -> None:
-        self._listeners.append(listener)
+
+@attrs.define(eq=False)
+class ServiceFlags:
+    """The service's flags as an `AsyncValue[Flags]` (`flags`): a task that acts on a flag waits
+    on it (`wait_value`, `transitions`), so waiting tasks look again at once when it changes (the
+    supervisor wakes the node actors, the preparer waits for `prepare`). Receiving continues
+    whatever the flags say."""
+
+    flags: AsyncValue[Flags] = attrs.field(factory=lambda: AsyncValue(Flags()))
 
     def set_all(self, enabled: bool) -> None:
-        self.storage_scu = self.worklist_scu = self.storage_commit_scu = self.prepare = enabled
-        for listener in self._listeners:
-            listener()
+        self.flags.value = Flags(enabled, enabled, enabled, enabled)
+
+    @property
+    def storage_scu(self) -> bool:
+        return self.flags.value.storage_scu
+
+    @storage_scu.setter
+    def storage_scu(self, enabled: bool) -> None:
+        self.flags.value = attrs.evolve(self.flags.value, storage_scu=enabled)
+
+    @property
+    def prepare(self) -> bool:
+        return self.flags.value.prepare
+
+    @prepare.setter
+    def prepare(self, enabled: bool) -> None:
+        self.flags.value = attrs.evolve(self.flags.value, prepare=enabled)
 
     @property
     def all_paused(self) -> bool:
-        return not (self.storage_scu or self.worklist_scu or self.storage_commit_scu or self.prepare)
+        f = self.flags.value
+        return not (f.storage_scu or f.worklist_scu or f.storage_commit_scu or f.prepare)
 
     def as_dict(self) -> dict[str, bool]:
+        f = self.flags.value
         return {
-            "storageScu": self.storage_scu,
-            "worklistScu": self.worklist_scu,
-            "storageCommitScu": self.storage_commit_scu,
-            "prepare": self.prepare,
+            "storageScu": f.storage_scu,
+            "worklistScu": f.worklist_scu,
+            "storageCommitScu": f.storage_commit_scu,
+            "prepare": f.prepare,
         }

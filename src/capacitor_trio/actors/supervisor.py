@@ -2,10 +2,12 @@
 
 Theory of operation
 -------------------
-Who owns what. The supervisor owns every node's handle (so its inbox and wake event) and its
+Who owns what. The supervisor owns every node's handle (so its inbox and wake-up) and its
 `NodeState`, and keeps them across actor incarnations: a caller's handle keeps working after a
 restart, the pause flag and the schedule override survive an actor restart (the pause flag is
-also persisted in the store and so survives a process restart; the override does not).
+also persisted in the store and so survives a process restart; the override does not). It is
+the only writer of a handle's `status`, an AsyncValue others wait on ("running" once an actor
+serves).
 
 Crash. When an actor raises, the supervisor marks the handle "restarting" (commands are refused
 at once with NodeUnavailable, never left hanging), answers any command already queued with the
@@ -29,6 +31,7 @@ import random
 
 import attrs
 import trio
+from trio_util import RepeatedEvent
 
 from capacitor_trio.actors.handle import NodeHandle, answer
 from capacitor_trio.actors.messages import NodeStatus, NodeUnavailable
@@ -56,7 +59,19 @@ class _Slot:
     outer: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     stopped: trio.Event = attrs.field(factory=trio.Event)
     killed: bool = False
-    restart_requested: trio.Event = attrs.field(factory=trio.Event)
+    restart_requested: RepeatedEvent = attrs.field(factory=RepeatedEvent)
+
+
+@attrs.define(eq=False)
+class _Serving:
+    """An actor's task status: once it serves, its handle is "running"."""
+
+    handle: NodeHandle
+    outer: trio.TaskStatus[None]
+
+    def started(self, value: None = None) -> None:
+        self.handle.status.value = "running"
+        self.outer.started()
 
 
 class Supervisor:
@@ -82,7 +97,6 @@ class Supervisor:
         for node in nodes:
             if node.role == "Storage":
                 self._slots[node.key] = self._new_slot(node)
-        ctx.service.on_change(self.wake_all)
 
     def _new_slot(self, node: Node) -> _Slot:
         return _Slot(NodeHandle(node), NodeState(), RestartTracker(self.policy))
@@ -108,7 +122,7 @@ class Supervisor:
     def restart(self, handle: NodeHandle) -> bool:
         """Operator restart of a failed node. Returns False if the node was not failed."""
         slot = self._slots[handle.node.key]
-        if handle.status != "failed":
+        if handle.status.value != "failed":
             return False
         slot.restart_requested.set()
         return True
@@ -149,6 +163,7 @@ class Supervisor:
             slot.state.paused = key in paused
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            await nursery.start(self._wake_on_service_change)
             for slot in self._slots.values():
                 await nursery.start(self._supervise, slot)
             if self.chaos_every > 0:
@@ -160,12 +175,18 @@ class Supervisor:
             task_status.started(self)
             await trio.sleep_forever()  # open for nodes a reload adds, even with none yet
 
+    async def _wake_on_service_change(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """A change of the service flags (pause-all, resume-all): every node looks again."""
+        task_status.started()
+        async for _ in self.ctx.service.flags.transitions():
+            self.wake_all()
+
     async def _supervise(self, slot: _Slot, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             with slot.outer:
                 await self._supervise_until_cancelled(slot, task_status)
         finally:
-            slot.handle.status = "stopped"
+            slot.handle.status.value = "stopped"
             slot.stopped.set()
 
     async def _supervise_until_cancelled(self, slot: _Slot, task_status: trio.TaskStatus[None]) -> None:
@@ -176,24 +197,21 @@ class Supervisor:
             error: BaseException | None = None
             try:
                 with trio.CancelScope() as slot.scope:
-                    if first:
-                        await NodeActor(handle, slot.state, self.ctx).run(task_status=task_status)
-                    else:
-                        await NodeActor(handle, slot.state, self.ctx).run()
+                    outer = task_status if first else trio.TASK_STATUS_IGNORED
+                    await NodeActor(handle, slot.state, self.ctx).run(task_status=_Serving(handle, outer))
                 error = ChaosKill("killed by chaos") if slot.killed else RuntimeError("actor returned")
             except Exception as exc:
                 error = exc
             finally:
                 slot.scope = None
                 if error is None:  # cancelled from outside: shutting down
-                    handle.status = "stopped"
-            if first:
-                first = False
+                    handle.status.value = "stopped"
+            first = False
             await self._after_crash(slot, error)
 
     async def _after_crash(self, slot: _Slot, error: BaseException) -> None:
         handle = slot.handle
-        handle.status = "restarting"
+        handle.status.value = "restarting"
         chaos = isinstance(error, ChaosKill)
         if chaos:
             log.info("node %s: actor killed by chaos; restarting", handle.ae_title)
@@ -216,15 +234,14 @@ class Supervisor:
             return
         slot.tracker, decision = slot.tracker.record_crash(trio.current_time())  # monotonic: a clock step cannot change it
         if isinstance(decision, GiveUp):
-            handle.status = "failed"
+            handle.status.value = "failed"
             log.error(
                 "node %s: %d crashes within %g s; node marked failed until restarted",
                 handle.ae_title, len(slot.tracker.crashes), self.policy.window_seconds,
             )
-            slot.restart_requested = trio.Event()
             await slot.restart_requested.wait()
             slot.tracker = slot.tracker.reset()
-            handle.status = "restarting"
+            handle.status.value = "restarting"
             log.info("node %s: restarted by the operator", handle.ae_title)
         else:
             await trio.sleep(decision.delay)
@@ -242,7 +259,7 @@ class Supervisor:
         rng = self._chaos_rng
         while True:
             await trio.sleep(self.chaos_every * rng.uniform(0.5, 1.5))
-            running = [s for s in self._slots.values() if s.handle.status == "running" and s.scope]
+            running = [s for s in self._slots.values() if s.handle.status.value == "running" and s.scope]
             if not running:
                 continue
             victim = rng.choice(running)

@@ -6,30 +6,18 @@ PDUs, reading responses, the watchdogs) runs in a child interpreter, so that rec
 do not share one interpreter lock. `SenderProcess` is a drop-in `Sender` for node actors:
 `send_batch` has the requestor's contract, outcome by outcome, `more()` included.
 
-Between the two processes: length-prefixed pickles over the child's stdin/stdout (a private
-pipe between two copies of this program; nothing else writes to it).
-
-    router -> child   ("batch", id, peer, instances, options, has_more)
-                      ("more", id, instances)      the answer to a "more?"
-                      ("cancel", id)               pause, shutdown, a killed actor: A-ABORT now
-    child -> router   ("ready",)                   started: the router sends through it from now
-                      ("outcome", id, index, outcome)
-                      ("more?", id, took)          the next instances, please; `took`: how many of the
-                                                   last answer the child put in its list (it
-                                                   asks one request ahead, once the destination
-                                                   has taken an instance, so that the router
-                                                   checks them out while these are sent)
-                      ("done", id, error)          error: None, or the text of a bug
-                      ("log", levelno, logger, message)
+Between the two processes: the typed messages of `sender_pipe` (SendBatch, TopUp, CancelBatch
+to the child; Ready, OutcomeReport, WantMore, BatchDone, ChildLog from it) over the child's
+stdin and stdout.
 
 The router writes through one task fed by a queue, so a caller cancelled mid-message never leaves
 half a message in the pipe. The memory channels on both sides are unbounded on purpose: their
 producers are synchronous (the dispatcher, outcome callbacks, the log handler) and must not
 block, and what they carry is bounded by the batches in flight (one outcome per instance, one
-answer per "more?"). The child exits when its stdin closes (the router stopped, or was
+answer per WantMore). The child exits when its stdin closes (the router stopped, or was
 killed). If the child dies, every batch in flight reports RetryLater for the instances the child
 had taken and not seen answered (the others stay unreported: the node releases them), and a new
-child is started. A child that exits before saying "ready", or cannot be started at all, leaves
+child is started. A child that exits before saying Ready, or cannot be started at all, leaves
 sending in the router process (`requestor.send_batch`) until a later start works.
 """
 
@@ -39,24 +27,37 @@ import contextlib
 import itertools
 import logging
 import math
-import pickle
-import struct
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
+import attrs
 import trio
+from trio_util import RepeatedEvent
 
 import capacitor_trio
 from capacitor_trio.domain.outcomes import Outcome, RetryLater
 
 from . import requestor
 from .requestor import EchoResult, MoreInstances, OutgoingInstance, Peer, SendOptions
+from .sender_pipe import (
+    BatchDone,
+    CancelBatch,
+    ChildLog,
+    Decoder,
+    FromChild,
+    OutcomeReport,
+    PipeMessage,
+    Ready,
+    SendBatch,
+    ToChild,
+    TopUp,
+    WantMore,
+    write_messages,
+)
 
 log = logging.getLogger("capacitor_trio.dicom")
 
-_LENGTH = struct.Struct("<I")
 #: a child that dies at once is not restarted more often than this
 RESTART_DELAY = 1.0
 #: The child's program: an isolated interpreter (``-I``: neither the working directory, nor
@@ -79,29 +80,8 @@ def worker_argv() -> list[str]:
 STOP_GRACE = 2.0
 
 
-def encode(message: tuple[Any, ...]) -> bytes:
-    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LENGTH.pack(len(body)) + body
-
-
-class Decoder:
-    """Messages out of a byte stream, however it is cut."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes | bytearray) -> list[tuple[Any, ...]]:
-        self._buf += data
-        out: list[tuple[Any, ...]] = []
-        pos = 0
-        while len(self._buf) - pos >= 4:
-            (n,) = _LENGTH.unpack_from(self._buf, pos)
-            if len(self._buf) - pos - 4 < n:
-                break
-            out.append(pickle.loads(self._buf[pos + 4 : pos + 4 + n]))
-            pos += 4 + n
-        del self._buf[:pos]
-        return out
+#: the messages from the child that go to the batch they name
+_FOR_A_BATCH = (OutcomeReport, WantMore, BatchDone)
 
 
 _TRACEBACK = "\nTraceback (most recent call last):"
@@ -125,26 +105,82 @@ class _ChildDied(Exception):
     pass
 
 
+@attrs.frozen
+class _Died:
+    """To a batch waiting for its messages: the child died (never on the pipe)."""
+
+
+@attrs.define(eq=False)
+class _RemoteBatch:
+    """A batch the child sends, as the router follows it."""
+
+    bid: int
+    on_outcome: Callable[[int, Outcome], None]
+    more: MoreInstances | None
+    receive: trio.MemoryReceiveChannel[FromChild | _Died]
+    #: instances the child has in its list (it says so when it takes a lot of `more()`)
+    taken: int = 0
+    reported: set[int] = attrs.field(factory=set)
+    finished: bool = False
+    died: bool = False
+    #: the text of a bug the child met
+    error: str | None = None
+
+    def report(self, message: FromChild | _Died) -> None:
+        if isinstance(message, OutcomeReport) and message.index not in self.reported:
+            self.reported.add(message.index)
+            self.on_outcome(message.index, message.outcome)
+
+    async def follow(self, more_requests: trio.MemorySendChannel[None]) -> None:
+        """Report outcomes and pass on requests for more until the child is done with it."""
+        async for message in self.receive:
+            if isinstance(message, OutcomeReport):
+                self.report(message)
+            elif isinstance(message, WantMore):
+                self.taken += message.took
+                more_requests.send_nowait(None)
+            elif isinstance(message, BatchDone):
+                self.finished, self.error = True, message.error
+                return
+            else:  # _Died
+                raise _ChildDied
+
+    def drain(self) -> None:
+        """Outcomes that arrived before the end are the node's to record."""
+        while True:
+            try:
+                self.report(self.receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+
+    def settle(self) -> None:
+        """After the end: the instances a dead child had taken without an answer retry later;
+        a bug the child met is raised here."""
+        if self.died:
+            for index in range(self.taken):
+                if index not in self.reported:
+                    self.on_outcome(index, RetryLater("sender process died"))
+        if self.error is not None:
+            raise RuntimeError(f"sender process: {self.error}")
+
+
 class SenderProcess:
     """A `Sender` whose associations run in a child process; `run` keeps the child going."""
 
     def __init__(self, *, argv: Sequence[str] | None = None) -> None:
         self._argv = list(argv or worker_argv())
         self._ids = itertools.count(1)
-        self._batches: dict[int, trio.MemorySendChannel[tuple[Any, ...]]] = {}
+        self._batches: dict[int, trio.MemorySendChannel[FromChild | _Died]] = {}
         #: messages for the running child; one task writes them, so a cancelled caller can
         #: never leave half a message in the pipe
-        self._out: trio.MemorySendChannel[tuple[Any, ...]] | None = None
-        self._changed = trio.Event()
+        self._out: trio.MemorySendChannel[ToChild] | None = None
+        #: the child started, or could not be started: waiting batches look again
+        self._changed = RepeatedEvent()
         #: the running child's pid (tests kill it)
         self.pid: int | None = None
         self.starts = 0
         #: why the last start failed: batches then run in this process until a start works
         self.start_error: Exception | None = None
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the child and keep one running until cancelled (a dead one is replaced)."""
@@ -157,7 +193,7 @@ class SenderProcess:
         if self.start_error is None:
             log.error("cannot start the sender process (%s); sending from the router process", error)
         self.start_error = error
-        self._notify()  # waiting batches go ahead in this process
+        self._changed.set()  # waiting batches go ahead in this process
 
     async def _serve_one_child(self) -> None:
         """Run one child until it exits; on the way out, fail the batches it had."""
@@ -169,7 +205,7 @@ class SenderProcess:
             return
         assert proc.stdin is not None and proc.stdout is not None
         ready = False
-        out_send, out_receive = trio.open_memory_channel[tuple[Any, ...]](math.inf)
+        out_send, out_receive = trio.open_memory_channel[ToChild](math.inf)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(write_messages, proc.stdin, out_receive)
@@ -184,13 +220,13 @@ class SenderProcess:
                         log.error("sender process %d: unreadable message (%r); stopping it", proc.pid, exc)
                         break
                     for message in messages:
-                        if message[0] == "ready":
+                        if isinstance(message, Ready):
                             ready = True
                             self.start_error = None
                             self.starts += 1
                             self.pid = proc.pid
                             self._out = out_send
-                            self._notify()
+                            self._changed.set()
                             log.info("sender process %d started", proc.pid)
                         else:
                             self._dispatch(message)
@@ -200,7 +236,7 @@ class SenderProcess:
             self.pid = None
             out_send.close()
             for channel in self._batches.values():
-                channel.send_nowait(("died",))
+                channel.send_nowait(_Died())
             with trio.CancelScope(shield=True):
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await proc.stdin.aclose()  # the child sees EOF: aborts what it sends, exits
@@ -215,15 +251,17 @@ class SenderProcess:
         else:
             self._start_failed(RuntimeError(f"it exited ({proc.returncode}) before it was ready"))
 
-    def _dispatch(self, message: tuple[Any, ...]) -> None:
-        if message[0] == "log":
-            _log_from_child(*message[1:])
-            return
-        channel = self._batches.get(message[1])
-        if channel is not None:  # else: a batch its caller gave up (cancelled)
-            channel.send_nowait(message)
+    def _dispatch(self, message: PipeMessage) -> None:
+        if isinstance(message, _FOR_A_BATCH):
+            channel = self._batches.get(message.batch)
+            if channel is not None:  # else: a batch its caller gave up (cancelled)
+                channel.send_nowait(message)
+        elif isinstance(message, ChildLog):
+            _log_from_child(message.levelno, message.logger, message.message)
+        else:
+            log.error("sender process: unexpected message %r; ignored", message)
 
-    def _send(self, message: tuple[Any, ...]) -> None:
+    def _send(self, message: ToChild) -> None:
         if self._out is None:
             raise _ChildDied
         try:
@@ -247,85 +285,42 @@ class SenderProcess:
                 return
             await self._changed.wait()
         bid = next(self._ids)
-        send, receive = trio.open_memory_channel[tuple[Any, ...]](math.inf)
+        send, receive = trio.open_memory_channel[FromChild | _Died](math.inf)
         self._batches[bid] = send
-        #: instances the child has in its list (it says so when it takes a lot of `more()`)
-        taken = 0
-        reported: set[int] = set()
-        finished = died = False
-        error: str | None = None
+        batch = _RemoteBatch(bid, on_outcome, more, receive)
+        try:
+            await self._run_remote(batch, SendBatch(bid, peer, list(instances), options, more is not None))
+        finally:
+            batch.drain()
+            del self._batches[bid]
+            if not batch.finished:  # cancelled: the child aborts the association
+                with contextlib.suppress(_ChildDied):
+                    self._send(CancelBatch(bid))
+        batch.settle()
 
-        def report(message: tuple[Any, ...]) -> None:
-            if message[0] == "outcome" and message[2] not in reported:
-                reported.add(message[2])
-                on_outcome(message[2], message[3])
-
+    async def _run_remote(self, batch: _RemoteBatch, order: SendBatch) -> None:
         # `more()` runs in its own task, one request at a time, so that outcomes keep coming in
         # while it checks out (or waits for) the next instances
         more_send, more_receive = trio.open_memory_channel[None](math.inf)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._serve_more, batch, more_receive)
+            try:
+                self._send(order)
+                batch.taken = len(order.instances)
+                await batch.follow(more_send)
+            except _ChildDied:
+                batch.finished = batch.died = True
+            finally:
+                # a `more()` in progress completes (its instances stay unreported: the node
+                # releases them); cancelling it could strand a checkout
+                more_send.close()
 
-        async def serve_more() -> None:
-            async for _ in more_receive:
-                extra = list(await more()) if more is not None else []
-                with contextlib.suppress(_ChildDied):
-                    self._send(("more", bid, extra))
-
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(serve_more)
-                try:
-                    self._send(("batch", bid, peer, list(instances), options, more is not None))
-                    taken = len(instances)
-                    async for message in receive:
-                        kind = message[0]
-                        if kind == "outcome":
-                            report(message)
-                        elif kind == "more?":
-                            taken += message[2]
-                            more_send.send_nowait(None)
-                        elif kind == "done":
-                            finished, error = True, message[2]
-                            break
-                        else:  # "died"
-                            raise _ChildDied
-                except _ChildDied:
-                    finished = died = True
-                finally:
-                    # a `more()` in progress completes (its instances stay unreported: the
-                    # node releases them); cancelling it could strand a checkout
-                    more_send.close()
-        finally:
-            while True:  # outcomes that arrived before the end are the node's to record
-                try:
-                    report(receive.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            del self._batches[bid]
-            if not finished:  # cancelled: the child aborts the association
-                with contextlib.suppress(_ChildDied):
-                    self._send(("cancel", bid))
-        if died:
-            for index in range(taken):
-                if index not in reported:
-                    on_outcome(index, RetryLater("sender process died"))
-        if error is not None:
-            raise RuntimeError(f"sender process: {error}")
+    async def _serve_more(self, batch: _RemoteBatch, requests: trio.MemoryReceiveChannel[None]) -> None:
+        async for _ in requests:
+            extra = list(await batch.more()) if batch.more is not None else []
+            with contextlib.suppress(_ChildDied):
+                self._send(TopUp(batch.bid, extra))
 
     async def echo(self, peer: Peer, calling_ae: str, *, timeout: float = 10) -> EchoResult:  # noqa: ASYNC109
         """C-ECHO, in this process (rare, and its latency is what the API reports)."""
         return await requestor.echo(peer, calling_ae, timeout=timeout)
-
-
-async def write_messages(
-    stream: trio.abc.SendStream, messages: trio.MemoryReceiveChannel[tuple[Any, ...]]
-) -> None:
-    """The one writer of a pipe: everything queued meanwhile goes out in one write."""
-    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-        async for first in messages:
-            chunk = [encode(first)]
-            while True:
-                try:
-                    chunk.append(encode(messages.receive_nowait()))
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-            await stream.send_all(b"".join(chunk))

@@ -2,7 +2,7 @@
 
     python -m capacitor_trio.dicom.sender_worker [LOG_LEVEL]
 
-Reads batches from stdin, writes outcomes to stdout (the protocol is in `sender_process`), and
+Reads batches from stdin, writes outcomes to stdout (the messages are in `sender_pipe`), and
 forwards its log records to the router, which logs them as its own. Exits when stdin closes,
 aborting the associations in progress.
 """
@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import sys
-from typing import Any
 
 import attrs
 import trio
@@ -24,74 +23,94 @@ from capacitor_trio.domain.outcomes import Delivered, Outcome
 
 from . import requestor
 from .requestor import OutgoingInstance
-from .sender_process import Decoder, write_messages
+from .sender_pipe import (
+    BatchDone,
+    CancelBatch,
+    ChildLog,
+    Decoder,
+    FromChild,
+    OutcomeReport,
+    PipeMessage,
+    Ready,
+    SendBatch,
+    TopUp,
+    WantMore,
+    write_messages,
+)
 
 
 @attrs.define(eq=False)
 class _Batch:
-    scope: trio.CancelScope
-    more_send: trio.MemorySendChannel[list[OutgoingInstance]]
-    more_receive: trio.MemoryReceiveChannel[list[OutgoingInstance]]
+    """One batch the router asked this child to send."""
 
+    order: SendBatch
+    out: trio.MemorySendChannel[FromChild]
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    #: the router's TopUps, in order
+    top_up_send: trio.MemorySendChannel[list[OutgoingInstance]] = attrs.field(init=False)
+    top_up_receive: trio.MemoryReceiveChannel[list[OutgoingInstance]] = attrs.field(init=False)
+    #: a WantMore is out and not answered yet
+    asked: bool = False
 
-class _Forward(logging.Handler):
-    def __init__(self, out: trio.MemorySendChannel[tuple[Any, ...]]) -> None:
-        super().__init__()
-        self._out = out
+    def __attrs_post_init__(self) -> None:
+        self.top_up_send, self.top_up_receive = trio.open_memory_channel[list[OutgoingInstance]](math.inf)
 
-    def emit(self, record: logging.LogRecord) -> None:
-        with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-            self._out.send_nowait(("log", record.levelno, record.name, self.format(record)))
-
-
-async def serve(stdin: trio.abc.ReceiveStream, stdout: trio.abc.SendStream) -> None:
-    out_send, out_receive = trio.open_memory_channel[tuple[Any, ...]](math.inf)
-    handler = _Forward(out_send)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logging.getLogger().addHandler(handler)
-    batches: dict[int, _Batch] = {}
-
-    async def run_batch(bid: int, batch: _Batch, args: tuple[Any, ...]) -> None:
-        peer, instances, options, has_more = args
-        asked = False
-
-        def ask(took: int) -> None:
-            nonlocal asked
-            out_send.send_nowait(("more?", bid, took))
-            asked = True
-
-        def on_outcome(index: int, outcome: Outcome) -> None:
-            out_send.send_nowait(("outcome", bid, index, outcome))
-            if has_more and not asked and isinstance(outcome, Delivered):
-                ask(0)  # the destination takes instances: have the next ones ready in time
-
-        async def more() -> list[OutgoingInstance]:
-            # one request ahead: the router checks the next instances out while these are sent,
-            # so a round trip between the processes is not paid per instance
-            nonlocal asked
-            if not asked:
-                ask(0)
-            extra = await batch.more_receive.receive()
-            asked = False
-            if extra:
-                ask(len(extra))  # took these; the next ones, please
-            return extra
-
+    async def run(self, batches: dict[int, _Batch]) -> None:
+        """Send the batch; tell the router it is done (unless it cancelled it)."""
+        order = self.order
         error: str | None = None
         try:
-            with batch.scope:
+            with self.scope:
                 await requestor.send_batch(
-                    peer, instances, options, on_outcome, more=more if has_more else None
+                    order.peer, order.instances, order.options, self._on_outcome,
+                    more=self._more if order.has_more else None,
                 )
         except Exception as exc:  # a bug: the router raises it in the node actor
             logging.getLogger("capacitor_trio.dicom").exception("sender process: batch failed")
             error = repr(exc)
         finally:
-            del batches[bid]
-        if not batch.scope.cancelled_caught:
-            out_send.send_nowait(("done", bid, error))
+            del batches[order.batch]
+        if not self.scope.cancelled_caught:
+            self.out.send_nowait(BatchDone(order.batch, error))
 
-    out_send.send_nowait(("ready",))
+    def _ask(self, took: int) -> None:
+        self.out.send_nowait(WantMore(self.order.batch, took))
+        self.asked = True
+
+    def _on_outcome(self, index: int, outcome: Outcome) -> None:
+        self.out.send_nowait(OutcomeReport(self.order.batch, index, outcome))
+        if self.order.has_more and not self.asked and isinstance(outcome, Delivered):
+            self._ask(0)  # the destination takes instances: have the next ones ready in time
+
+    async def _more(self) -> list[OutgoingInstance]:
+        # one request ahead: the router checks the next instances out while these are sent, so
+        # a round trip between the processes is not paid per instance
+        if not self.asked:
+            self._ask(0)
+        extra = await self.top_up_receive.receive()
+        self.asked = False
+        if extra:
+            self._ask(len(extra))  # took these; the next ones, please
+        return extra
+
+
+class _Forward(logging.Handler):
+    def __init__(self, out: trio.MemorySendChannel[FromChild]) -> None:
+        super().__init__()
+        self._out = out
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            self._out.send_nowait(ChildLog(record.levelno, record.name, self.format(record)))
+
+
+async def serve(stdin: trio.abc.ReceiveStream, stdout: trio.abc.SendStream) -> None:
+    out_send, out_receive = trio.open_memory_channel[FromChild](math.inf)
+    handler = _Forward(out_send)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logging.getLogger().addHandler(handler)
+    batches: dict[int, _Batch] = {}
+    out_send.send_nowait(Ready())
     async with trio.open_nursery() as outer:
         outer.start_soon(write_messages, stdout, out_receive)
         async with trio.open_nursery() as work:
@@ -101,20 +120,23 @@ async def serve(stdin: trio.abc.ReceiveStream, stdout: trio.abc.SendStream) -> N
                 if not data:
                     break
                 for message in decoder.feed(data):
-                    kind, bid = message[0], message[1]
-                    if kind == "batch":
-                        send, receive = trio.open_memory_channel[list[OutgoingInstance]](math.inf)
-                        batch = _Batch(trio.CancelScope(), send, receive)
-                        batches[bid] = batch
-                        work.start_soon(run_batch, bid, batch, message[2:])
-                    elif kind == "more" and bid in batches:
-                        batches[bid].more_send.send_nowait(message[2])
-                    elif kind == "cancel" and bid in batches:
-                        batches[bid].scope.cancel()
+                    _obey(message, batches, out_send, work)
             # the router is gone: abort what is in flight (the requestor sends A-ABORT) and leave
             for batch in batches.values():
                 batch.scope.cancel()
         outer.cancel_scope.cancel()
+
+
+def _obey(
+    message: PipeMessage, batches: dict[int, _Batch], out: trio.MemorySendChannel[FromChild], work: trio.Nursery
+) -> None:
+    if isinstance(message, SendBatch):
+        batch = batches[message.batch] = _Batch(message, out)
+        work.start_soon(batch.run, batches)
+    elif isinstance(message, TopUp) and message.batch in batches:
+        batches[message.batch].top_up_send.send_nowait(message.instances)
+    elif isinstance(message, CancelBatch) and message.batch in batches:
+        batches[message.batch].scope.cancel()
 
 
 async def _main() -> None:
