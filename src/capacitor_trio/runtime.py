@@ -1,6 +1,7 @@
 """The router process: one Trio nursery tree.
 
-config -> store -> supervisor (+ node actors) -> receiver (+ preparer) -> DICOM listener -> API.
+config -> store -> supervisor (+ node actors, each with its prepare stage) -> receiver -> DICOM
+listener -> API.
 Shutdown: SIGINT/SIGTERM cancel the whole tree at once. Listeners stop accepting, associations
 in progress end without answering what was not yet committed, node actors abort their sends
 (A-ABORT; the outcomes already reported are recorded and the rest go back to the queue, shielded
@@ -111,19 +112,16 @@ async def run_router(
         if sender is None and config.delivery_process:
             sender = SenderProcess()
             await senders.start(sender.run)
-        ctx = NodeContext(
-            store=store, sender=sender or requestor, config=config, service=service, clock=clock,
-            on_new_items=lambda: receiver.prepare_soon(),
-        )
+        ctx = NodeContext(store=store, sender=sender or requestor, config=config, service=service, clock=clock)
         supervisor = Supervisor(settings.nodes, ctx, chaos_every=config.chaos.kill_node_actors_every_seconds)
         in_force = AsyncValue(settings)
         receiver = Receiver(
-            config, store, lambda: in_force.value.nodes, service, clock, on_prepared=supervisor.wake_all
+            config, store, lambda: in_force.value.nodes, service, clock,
+            on_prepared=supervisor.wake_all, on_new_items=supervisor.items_arrived,
         )
         router = Router(in_force, store, supervisor, receiver, service, clock, clock(), ring)
         async with trio.open_nursery() as core:
             await core.start(supervisor.run)
-            await core.start(receiver.run_preparer)
             core.start_soon(_expire_forever, router)
             if config.api.enabled:
                 from capacitor_trio.api.server import run_api

@@ -74,7 +74,6 @@ def world_factory(
         policy: RestartPolicy | None = None,
         store: FakeStore | None = None,
         chaos_every: float = 0.0,
-        on_new_items: Callable[[], None] = lambda: None,
         **cfg: Any,
     ) -> World:
         clock: Callable[[], float] = lambda: base + trio.current_time()  # noqa: E731
@@ -83,7 +82,6 @@ def world_factory(
         service = ServiceFlags()
         ctx = NodeContext(
             store, sender, config(**cfg), service, clock, rng=random.Random(0), retry_jitter=0,
-            on_new_items=on_new_items,
         )
         kw: dict[str, Any] = {"chaos_every": chaos_every, "chaos_rng": random.Random(3)}
         if policy:
@@ -223,20 +221,63 @@ async def test_with_impersonate_a_refused_association_holds_up_no_other_modality
     )
 
 
-async def test_operator_actions_that_put_items_back_to_new_ask_the_preparer(make_world: Any, autojump_clock: Any) -> None:
-    asked: list[float] = []
-    w = await make_world(
-        sender=FakeSender(lambda _i: Rejected("0xA900")), on_new_items=lambda: asked.append(trio.current_time())
-    )
+async def test_operator_actions_that_put_items_back_to_new_go_through_its_prepare_stage(
+    make_world: Any, autojump_clock: Any
+) -> None:
+    w = await make_world(sender=FakeSender(lambda _i: Rejected("0xA900")), minimum_age=5)
     item = w.add()
     await trio.sleep(1)
-    assert w.store.items[item.id].state == "rejected" and asked == []
-    await w.handle.call(ItemCommand("retry", item.id))
-    assert w.store.items[item.id].state == "new" and asked == [1.0]
-    await w.handle.call(ItemCommand("move", item.id, "Prepared"))
-    assert asked == [1.0]  # not back to new: the node is woken, the preparer is not needed
-    await w.handle.call(BulkCommand("move", ItemFilter(), "NEW"))
-    assert asked == [1.0, 1.0]
+    assert w.store.items[item.id].state == "rejected" and w.sender.times == [0.0]
+    await w.handle.call(ItemCommand("retry", item.id))  # back to new: ripe at 5 (received at 0)
+    assert w.store.items[item.id].state == "new"
+    await trio.sleep(10)
+    assert w.sender.times == [0.0, 5.0]
+    await w.handle.call(ItemCommand("move", item.id, "Prepared"))  # no prepare stage: sent at once
+    await trio.testing.wait_all_tasks_blocked()
+    assert w.sender.times == [0.0, 5.0, 11.0]
+    await w.handle.call(BulkCommand("move", ItemFilter(), "NEW"))  # ripe already: prepared at once
+    await trio.testing.wait_all_tasks_blocked()
+    assert w.sender.times == [0.0, 5.0, 11.0, 11.0]
+
+
+async def test_its_prepare_stage_prepares_arrivals_when_ripe_and_obeys_the_prepare_flag(
+    make_world: Any, autojump_clock: Any
+) -> None:
+    """What the receiver's preparer did for every node, each node's actor now does for its own
+    items: new items are prepared `minimumAge` after they arrived and sent at once, and nothing
+    is prepared while the service's prepare flag is off."""
+    w = await make_world(minimum_age=2)
+    w.store.add(state="new")
+    w.handle.items_arrived()
+    await trio.sleep(1.5)
+    w.store.add(state="new")
+    w.handle.items_arrived()
+    await trio.sleep(0.49)
+    assert w.sender.times == [] and set(w.store.states().values()) == {"new"}
+    await trio.sleep(2)  # t = 3.99
+    assert w.sender.times == [2.0, 3.5] and w.store.items == {}
+    w.service.set_all(False)  # pause-all: items stay new
+    w.store.add(state="new")
+    w.handle.items_arrived()
+    await trio.sleep(60)
+    assert set(w.store.states().values()) == {"new"}
+    w.service.set_all(True)
+    await trio.testing.wait_all_tasks_blocked()
+    assert w.sender.times == [2.0, 3.5, 63.99] and w.store.items == {}
+
+
+async def test_items_left_new_by_a_restart_are_prepared_once_ripe(make_world: Any, autojump_clock: Any) -> None:
+    """Items the last run committed `new`: at start the node prepares the ripe ones at once and
+    the rest when they are ripe, without another arrival to wake it."""
+    clock_base = BASE
+    store = FakeStore(lambda: clock_base + trio.current_time())
+    old = store.add(state="new", created_at=BASE - 60, series="old")
+    recent = store.add(state="new", created_at=BASE - 1, series="recent")
+    w = await make_world(store=store, minimum_age=2)
+    await trio.testing.wait_all_tasks_blocked()
+    assert old.id not in w.store.items and w.store.items[recent.id].state == "new"
+    await trio.sleep(1.01)
+    assert w.store.items == {} and w.sender.times == [0.0, 1.0]
 
 
 async def test_pause_aborts_batch_in_flight_and_resume_continues(make_world: Any, autojump_clock: Any) -> None:

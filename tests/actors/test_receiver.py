@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,17 @@ def rx(called: str, n: int = 0) -> ReceivedInstance:
     return ReceivedInstance("CT01", called, Path(f"/incoming/{n}.part"), header, 100)
 
 
-def make(**cfg: Any) -> tuple[Receiver, IntakeStore, ServiceFlags, list[int]]:
+def make(
+    on_new_items: Callable[[Sequence[Destination]], None] = lambda destinations: None, **cfg: Any
+) -> tuple[Receiver, IntakeStore, ServiceFlags, list[int]]:
     clock = lambda: BASE + trio.current_time()  # noqa: E731
     store = IntakeStore(clock)
     service = ServiceFlags()
     woken: list[int] = []
-    receiver = Receiver(config(**cfg), store, lambda: NODES, service, clock, lambda: woken.append(1), max_in_flight=2)
+    receiver = Receiver(
+        config(**cfg), store, lambda: NODES, service, clock, lambda: woken.append(1),
+        on_new_items=lambda destinations: on_new_items(list(destinations)), max_in_flight=2,
+    )
     return receiver, store, service, woken
 
 
@@ -94,27 +100,21 @@ async def test_a_store_error_asks_the_sender_to_retry(autojump_clock: Any) -> No
         await receiver.instance_received(rx("PACS"))
 
 
-async def test_preparer_moves_items_after_minimum_age_and_obeys_the_prepare_flag(autojump_clock: Any) -> None:
-    receiver, store, service, woken = make(minimum_age=2)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(receiver.run_preparer)
-        await receiver.instance_received(rx("PACS", 1))
-        await trio.sleep(1.5)
-        await receiver.instance_received(rx("VNA", 2))
-        await trio.sleep(0.49)
-        assert set(store.states().values()) == {"new"}
-        await trio.sleep(0.02)  # t = 2.01: the first is ripe, the second not
-        assert sorted(store.states().values()) == ["new", "prepared"] and woken
-        await trio.sleep(1.5)  # t = 3.51
-        assert set(store.states().values()) == {"prepared"}
-        service.set_all(False)  # pause-all: receiving continues, items stay new
-        await receiver.instance_received(rx("PACS", 3))
-        await trio.sleep(60)
-        assert sorted(store.states().values()) == ["new", "prepared", "prepared"]
-        service.set_all(True)
-        await trio.testing.wait_all_tasks_blocked()
-        assert set(store.states().values()) == {"prepared"}
-        nursery.cancel_scope.cancel()
+async def test_new_items_are_handed_to_their_nodes_and_ripe_ones_wake_them(autojump_clock: Any) -> None:
+    """Committed `new` (minimumAge > 0), the destinations are told (their nodes' prepare stage
+    takes over); committed prepared (minimumAge 0), the nodes are woken to send."""
+    arrived: list[list[Destination]] = []
+    receiver, store, service, woken = make(minimum_age=2, on_new_items=arrived.append)
+    await receiver.instance_received(rx("PACS", 1))
+    await receiver.instance_received(rx("VNA", 2))
+    assert arrived == [[Destination("PACS")], [Destination("VNA")]] and woken == []
+    assert set(store.states().values()) == {"new"}
+    receiver.config = config(minimum_age=0)
+    await receiver.instance_received(rx("PACS", 3))
+    assert len(arrived) == 2 and woken == [1] and sorted(store.states().values()) == ["new", "new", "prepared"]
+    service.set_all(False)  # preparing off: committed new, for the node to prepare later
+    await receiver.instance_received(rx("PACS", 4))
+    assert len(arrived) == 3 and woken == [1]
 
 
 async def test_back_pressure_bounds_commits_in_flight(autojump_clock: Any) -> None:
@@ -127,34 +127,3 @@ async def test_back_pressure_bounds_commits_in_flight(autojump_clock: Any) -> No
         assert store.in_commit == 2  # the other three senders wait (their C-STORE is not answered)
         store.hold.set()
     assert len(store.items) == 5 and receiver.received == 5
-
-
-async def test_items_put_back_to_new_are_prepared_at_once(autojump_clock: Any) -> None:
-    receiver, store, _, woken = make(minimum_age=5)
-    item = store.add("PACS", state="new", created_at=BASE - 3600)  # an operator's retry of an old item
-    async with trio.open_nursery() as nursery:
-        await nursery.start(receiver.run_preparer)
-        await trio.testing.wait_all_tasks_blocked()
-        receiver.prepare_soon()
-        await trio.testing.wait_all_tasks_blocked()
-        assert store.items[item.id].state == "prepared" and woken and trio.current_time() == 0
-        nursery.cancel_scope.cancel()
-
-
-async def test_items_left_new_by_a_restart_are_prepared_once_ripe(autojump_clock: Any) -> None:
-    """Items the last run committed `new` within `minimumAge` of its end: the preparer of the
-    next run prepares the ripe ones at once and the rest at the latest `minimumAge` after the
-    start (it does not know when they arrived), without another arrival to wake it."""
-    receiver, store, _, woken = make(minimum_age=2)
-    old = store.add("PACS", state="new", created_at=BASE - 60)
-    recent = store.add("VNA", state="new", created_at=BASE - 1)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(receiver.run_preparer)
-        await trio.testing.wait_all_tasks_blocked()
-        assert (store.items[old.id].state, store.items[recent.id].state) == ("prepared", "new")
-        assert woken
-        await trio.sleep(1.99)
-        assert store.items[recent.id].state == "new"
-        await trio.sleep(0.02)
-        assert store.items[recent.id].state == "prepared" and len(woken) == 2
-        nursery.cancel_scope.cancel()

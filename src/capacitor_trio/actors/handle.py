@@ -8,7 +8,7 @@ deadline; a node that is restarting or failed refuses at once instead of hanging
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from trio_util import AsyncValue
@@ -17,6 +17,9 @@ from capacitor_trio.actors.messages import Call, NodeUnavailable, Reply
 from capacitor_trio.actors.wakeup import Wakeup
 from capacitor_trio.config.models import Node
 from capacitor_trio.domain.instance import Destination
+
+if TYPE_CHECKING:
+    from capacitor_trio.actors.prepare import NodePreparer
 
 #: Default time a caller waits for an actor's reply.
 REPLY_TIMEOUT = 5.0
@@ -32,6 +35,8 @@ class NodeHandle:
         self.status: AsyncValue[str] = AsyncValue("restarting")
         #: set when something may have become deliverable (new items, resume, override...)
         self._wake = Wakeup()
+        #: the prepare stage of the actor incarnation serving now (set by the actor)
+        self.preparer: NodePreparer | None = None
 
     @property
     def ae_title(self) -> str:
@@ -43,6 +48,16 @@ class NodeHandle:
 
     async def wait_woken(self) -> None:
         await self._wake.wait()
+
+    def items_arrived(self) -> None:
+        """New items for this node were committed `new`: its prepare stage looks if it must."""
+        if self.preparer is not None:
+            self.preparer.arrived()
+
+    def wake_preparer(self) -> None:
+        """The prepare stage looks again (service flags, a reload's minimumAge)."""
+        if self.preparer is not None:
+            self.preparer.wake()
 
     def clear_wake(self) -> None:
         """Forget earlier wake-ups (the actor is about to look at its queue)."""

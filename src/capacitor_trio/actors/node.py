@@ -60,6 +60,7 @@ from capacitor_trio.actors.messages import (
     SetOverride,
     UpdateNode,
 )
+from capacitor_trio.actors.prepare import NodePreparer
 from capacitor_trio.actors.sending import RECORD_IDLE as RECORD_IDLE
 from capacitor_trio.actors.sending import SERIES_BATCH_CAP, BatchSend
 from capacitor_trio.actors.sending import TOP_UP_FEW as TOP_UP_FEW
@@ -140,8 +141,6 @@ class NodeContext:
     delivered_count: AsyncValue[int] = attrs.field(factory=lambda: AsyncValue(0))
     #: associations sending right now, across all nodes
     sending: AsyncValue[int] = attrs.field(factory=lambda: AsyncValue(0))
-    #: an operator action put items back to `new`: the preparer must look again
-    on_new_items: Callable[[], None] = attrs.field(default=lambda: None)
 
     @property
     def tz(self) -> tzinfo:
@@ -155,6 +154,10 @@ class NodeActor:
         self.state = state
         self.ctx = ctx
         self._batch: BatchSend | None = None
+        #: this node's prepare stage (new -> prepared), run in the actor's nursery
+        self.preparer = NodePreparer(
+            handle.destination, ctx.store, lambda: ctx.config, ctx.service, ctx.clock, handle.wake
+        )
 
     # ---- derived settings (re-read each time: a node edit replaces handle.node) --------------
 
@@ -169,6 +172,8 @@ class NodeActor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.preparer.run)
+            self.handle.preparer = self.preparer
             nursery.start_soon(self._deliver_forever)
             task_status.started()  # serving: the supervisor marks the handle running
             async for call in self.handle.inbox:
@@ -286,9 +291,9 @@ class NodeActor:
         return int(n)
 
     def _after_operator_change(self, to_new: bool) -> None:
-        """Items may be deliverable now; items back in `new` need the preparer first."""
+        """Items may be deliverable now; items back in `new` need the prepare stage first."""
         if to_new:
-            self.ctx.on_new_items()
+            self.preparer.wake()
         self.handle.wake()
 
     # ---- delivery ----------------------------------------------------------------------------

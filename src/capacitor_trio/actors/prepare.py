@@ -16,9 +16,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 import trio
-from trio_util import AsyncValue
 
 from capacitor_trio.actors.service import ServiceFlags
+from capacitor_trio.actors.wakeup import Wakeup
 from capacitor_trio.config.models import Config
 from capacitor_trio.domain.instance import Destination
 from capacitor_trio.domain.prepare import NothingToPrepare, PrepareAt, PrepareNow, prepare_decision
@@ -48,15 +48,14 @@ class NodePreparer:
         self._service = service
         self._clock = clock
         self._on_prepared = on_prepared
-        #: counts wake-ups; the preparer waits for it to change
-        self._woken = AsyncValue(0)
+        self._wakeup = Wakeup()
         self._idle = False
         #: a preparation (a store write) in progress, for the processing status
         self.preparing = False
 
     def wake(self) -> None:
         """Look again now (items put back to `new`, the prepare flag, a new minimumAge)."""
-        self._woken.value += 1
+        self._wakeup.set()
 
     def arrived(self) -> None:
         """A new item for this node was committed `new`."""
@@ -66,12 +65,12 @@ class NodePreparer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
-            seen = self._woken.value
+            self._wakeup.clear()
             wait = await self._step()
             if wait is None:
                 continue
             with trio.move_on_after(wait):
-                await self._woken.wait_value(lambda v, seen=seen: v != seen)
+                await self._wakeup.wait()
 
     async def _step(self) -> float | None:
         """Act on the decision; how long to wait before the next look (inf: until woken), or

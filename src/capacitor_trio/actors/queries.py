@@ -5,11 +5,12 @@ goes to the owner of the fact, as `actors/control.py` does for writes:
 
 | fact                                        | asked of                                   |
 |---------------------------------------------|--------------------------------------------|
-| the node set in force                       | the router's node list (a reload replaces it) |
+| the node set in force                       | `Router.in_force` (a node edit or a reload replaces it) |
 | a node's status (pause, override, activity) | the supervisor's snapshot (works while the actor restarts) |
 | item listings, one item, counts             | the store's read-only queries (a snapshot on a reader connection) |
 | an item's stored bytes (the item detail's tags) | its spool file or the index, checked against reuse |
-| received, preparing, ripe for preparing     | the receiver and its preparer              |
+| received                                    | the receiver                               |
+| preparing, ripe for preparing               | each node actor's prepare stage, the store |
 | service flags                               | `ServiceFlags`                             |
 | loop stalls, recent log lines               | `LoopLag`, the log ring buffer             |
 
@@ -99,6 +100,8 @@ class StoreReads(Protocol):
 
     async def next_eligible_at(self, destination: Destination, now: float) -> float | None: ...
 
+    async def oldest_new(self, destination: Destination | None = None) -> float | None: ...
+
 
 class RouterReads:
     """`ReadPort` over the running router; every read looks the owner up at call time (a reload
@@ -172,9 +175,9 @@ class RouterReads:
         """Whether the router is idle, with the inputs read from their owners now (the
         checked-out count live: `idle` must be exact)."""
         router = self.router
-        service, receiver, supervisor = router.service, router.receiver, router.supervisor
+        service, supervisor = router.service, router.supervisor
         now = router.clock()
-        ripe = service.prepare and receiver.ripe_pending(now)
+        ripe = service.prepare and await self._ripe_unprepared(now)
         nodes: list[NodeProcessing] = []
         busy = ripe
         for handle in supervisor.handles:
@@ -190,10 +193,19 @@ class RouterReads:
         return processing_status(
             service_all_paused=service.all_paused,
             checked_out=checked_out,
-            preparing=receiver.preparing,
+            preparing=sum(1 for h in supervisor.handles if h.preparer and h.preparer.preparing),
             ripe_unprepared=ripe,
             nodes=nodes,
         )
+
+    async def _ripe_unprepared(self, now: float) -> bool:
+        """Has a node with an actor a new item old enough for its prepare stage?"""
+        minimum_age = self.router.settings.config.minimum_age
+        for handle in self.router.supervisor.handles:
+            oldest = await self._store.oldest_new(handle.destination)
+            if oldest is not None and oldest <= now - minimum_age:
+                return True
+        return False
 
     def received(self) -> int:
         """Instances received (and committed) since start."""

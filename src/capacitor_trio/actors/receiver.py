@@ -6,14 +6,13 @@ will plug in at `destinations_for`), commits the file and one item per destinati
 store, and only then lets the acceptor answer success. At most `max_in_flight` commits wait at
 once: a slow store slows the senders instead of growing memory (the acceptor's C-STORE waits).
 
-The preparer moves ripe items (older than `minimumAge`) from new to prepared while the service's
-`prepare` flag is on, and wakes the node actors when it did. With `minimumAge: 0` (and `prepare`
-on) an instance is ripe on arrival: it is committed as prepared and the nodes are woken at once.
+Items are committed `new`, and `on_new_items` tells the destinations' node actors, whose prepare
+stage (actors/prepare.py) moves them to prepared once ripe. With `minimumAge: 0` (and `prepare`
+on) an instance is ripe on arrival: it is committed prepared and `on_prepared` wakes the nodes.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,8 +20,7 @@ from typing import Any
 
 import trio
 
-from capacitor_trio.actors.service import Flags, ServiceFlags
-from capacitor_trio.actors.wakeup import Wakeup
+from capacitor_trio.actors.service import ServiceFlags
 from capacitor_trio.config.models import Config, Node, called_aes
 from capacitor_trio.dicom.acceptor import CannotProcess, OutOfResources, ReceivedInstance
 from capacitor_trio.domain.instance import Destination
@@ -55,6 +53,7 @@ class Receiver:
         clock: Callable[[], float],
         on_prepared: Callable[[], None] = lambda: None,
         *,
+        on_new_items: Callable[[Sequence[Destination]], None] = lambda destinations: None,
         max_in_flight: int = 64,
     ) -> None:
         self.config = config
@@ -63,15 +62,12 @@ class Receiver:
         self.service = service
         self.clock = clock
         self._on_prepared = on_prepared
+        self._on_new_items = on_new_items
         self._limiter = trio.CapacityLimiter(max_in_flight)
         self._routes: dict[str, Destination] = {}
         self._folded: dict[str, str] = {}  # upper-cased called AE -> the title as configured
         self.refresh_routes()
-        #: wall times of commits not yet prepared (oldest first) — when to prepare next
-        self._unprepared: collections.deque[float] = collections.deque()
-        self._wake = Wakeup()
         self.received = 0
-        self.preparing = 0
 
     def refresh_routes(self) -> None:
         """Rebuild the called-AE table (after a node edit)."""
@@ -129,56 +125,4 @@ class Receiver:
         if ripe:
             self._on_prepared()
         else:
-            self._unprepared.append(self.clock())
-            self._wake.set()
-
-    # ---- preparer ----------------------------------------------------------------------------
-
-    async def run_preparer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        min_age = float(self.config.minimum_age)
-        counts = await self.store.counts()
-        if counts.new:
-            # items left from before the start: the ones old enough now, and the rest (received
-            # before now) at the latest minimumAge from now
-            now = self.clock()
-            self._unprepared.extend((now - min_age, now))
-        task_status.started()
-        while True:
-            self._wake.clear()
-            if not self.service.prepare:
-                await self.service.flags.wait_value(_prepare_on)
-                continue
-            wake_at: float | None = None
-            if self._unprepared:
-                now = self.clock()
-                if self._unprepared[0] <= now - min_age:
-                    self.preparing += 1
-                    try:
-                        moved = await self.store.prepare_ripe(now, min_age)
-                    finally:
-                        self.preparing -= 1
-                    while self._unprepared and self._unprepared[0] <= now - min_age:
-                        self._unprepared.popleft()
-                    if moved:
-                        self._on_prepared()
-                if self._unprepared:
-                    wake_at = self._unprepared[0] + min_age
-            if wake_at is None:
-                await self._wake.wait()
-            else:
-                with trio.move_on_after(max(0.0, wake_at - self.clock())):
-                    await self._wake.wait()
-
-    def prepare_soon(self) -> None:
-        """Items went back to `new` by an operator's retry or move (they are old enough
-        already): prepare them at the next turn of the preparer."""
-        self._unprepared.appendleft(self.clock() - self.config.minimum_age)
-        self._wake.set()
-
-    def ripe_pending(self, now: float) -> bool:
-        """True when some committed item is ripe but not yet prepared."""
-        return bool(self._unprepared) and self._unprepared[0] <= now - self.config.minimum_age
-
-
-def _prepare_on(flags: Flags) -> bool:
-    return flags.prepare
+            self._on_new_items(destinations)

@@ -114,6 +114,8 @@ async def _reload(router: Router) -> ReloadReport:
             router.supervisor.ctx.config = config
             router.receiver.config = config
             await _apply_nodes(router, diff)
+            for handle in router.supervisor.handles:  # minimumAge may have changed
+                handle.wake_preparer()
         except Exception as exc:
             raise ApplyFailed(f"{exc!r}; the new configuration is in force in part: reload again") from exc
     return ReloadReport(

@@ -22,7 +22,7 @@ class Flags:
 class ServiceFlags:
     """The service's flags as an `AsyncValue[Flags]` (`flags`): a task that acts on a flag waits
     on it (`wait_value`, `transitions`), so waiting tasks look again at once when it changes (the
-    supervisor wakes the node actors, the preparer waits for `prepare`). Receiving continues
+    supervisor wakes the node actors and their prepare stages). Receiving continues
     whatever the flags say."""
 
     flags: AsyncValue[Flags] = attrs.field(factory=lambda: AsyncValue(Flags()))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 
 import attrs
 import trio
@@ -37,6 +38,7 @@ from capacitor_trio.actors.handle import NodeHandle, answer
 from capacitor_trio.actors.messages import NodeStatus, NodeUnavailable
 from capacitor_trio.actors.node import NodeActor, NodeContext, NodeState, make_status
 from capacitor_trio.config.models import Node
+from capacitor_trio.domain.instance import Destination
 from capacitor_trio.domain.restart import GiveUp, RestartPolicy, RestartTracker
 from capacitor_trio.store import Counts
 
@@ -115,6 +117,13 @@ class Supervisor:
         for slot in self._slots.values():
             slot.handle.wake()
 
+    def items_arrived(self, destinations: Sequence[Destination]) -> None:
+        """New items were committed `new` for these destinations: their prepare stages look."""
+        for d in destinations:
+            slot = self._slots.get((d.ae_title, d.role))
+            if slot is not None:
+                slot.handle.items_arrived()
+
     def snapshot(self, handle: NodeHandle, counts: Counts | None = None) -> NodeStatus:
         """A status snapshot that does not need the actor (works while it restarts)."""
         return make_status(handle, self._slots[handle.node.key].state, self.ctx, counts)
@@ -180,6 +189,8 @@ class Supervisor:
         task_status.started()
         async for _ in self.ctx.service.flags.transitions():
             self.wake_all()
+            for slot in self._slots.values():
+                slot.handle.wake_preparer()
 
     async def _supervise(self, slot: _Slot, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
