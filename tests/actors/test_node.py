@@ -712,3 +712,63 @@ def test_system_time_zone_keeps_dst_rules(monkeypatch: pytest.MonkeyPatch) -> No
         assert NodeContext(None, FakeSender(), config(), ServiceFlags(), lambda: 0.0).tz is zone
     finally:
         system_time_zone.cache_clear()
+
+
+async def test_a_long_bulk_action_does_not_hold_up_a_pause(make_world: Any, autojump_clock: Any) -> None:
+    """A bulk move of many items (one long store statement) runs in the node's bulk lane: a Pause
+    sent after it is answered at once; bulk actions are answered in order once done."""
+    w = await make_world()
+    release = trio.Event()
+    real_move_where = w.store.move_where
+
+    async def slow_move_where(f: ItemFilter, target: str) -> int:
+        await release.wait()
+        return await real_move_where(f, target)
+
+    w.store.move_where = slow_move_where  # type: ignore[method-assign]
+    w.store.add(state="failed")
+    answers: list[tuple[str, float]] = []
+
+    async def bulk(target: str) -> None:
+        await w.handle.call(BulkCommand("move", ItemFilter(), target), timeout=600)
+        answers.append((target, trio.current_time()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bulk, "REJECTED")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(bulk, "FAILED")
+        await trio.testing.wait_all_tasks_blocked()
+        status = await w.handle.call(Pause())
+        assert status.paused and trio.current_time() == 0.0 and answers == []
+        await trio.sleep(100)
+        release.set()
+    assert answers == [("REJECTED", 100.0), ("FAILED", 100.0)]
+    assert set(w.store.states().values()) == {"failed"}
+
+
+async def test_bulk_actions_waiting_when_the_actor_dies_are_refused_not_left_hanging(
+    make_world: Any, autojump_clock: Any
+) -> None:
+    w = await make_world(policy=RestartPolicy(max_restarts=5, window_seconds=60, base_delay=1, max_delay=1))
+    never = trio.Event()
+
+    async def stuck(f: ItemFilter, target: str) -> int:
+        await never.wait()
+        return 0
+
+    w.store.move_where = stuck  # type: ignore[method-assign]
+    errors: list[str] = []
+
+    async def bulk() -> None:
+        try:
+            await w.handle.call(BulkCommand("move", ItemFilter(), "FAILED"), timeout=600)
+        except NodeUnavailable as exc:
+            errors.append(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bulk)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(bulk)
+        await trio.testing.wait_all_tasks_blocked()
+        w.sup._slots[w.handle.node.key].scope.cancel()  # the actor dies (as chaos kills it)
+    assert errors == ["node PACS is restarting"] * 2 and trio.current_time() < 1

@@ -82,6 +82,8 @@ from capacitor_trio.store import Counts, QueuePort
 
 log = logging.getLogger("capacitor_trio.node")
 
+#: Bulk actions that may wait for a node's bulk lane; more are refused.
+BULK_QUEUE = 16
 #: ProcessDelay: the next look is planned from the studies of this many of the oldest waiting
 #: items (a bounded query), so a quiet study behind a busier older one goes when it is quiet
 STUDY_LOOKAHEAD = 100
@@ -154,6 +156,8 @@ class NodeActor:
         self.state = state
         self.ctx = ctx
         self._batch: BatchSend | None = None
+        #: bulk actions waiting for their lane (`_queue_bulk`)
+        self._bulk, self._bulk_calls = trio.open_memory_channel[Call](BULK_QUEUE)
         #: this node's prepare stage (new -> prepared), run in the actor's nursery
         self.preparer = NodePreparer(
             handle.destination, ctx.store, lambda: ctx.config, ctx.service, ctx.clock, handle.wake
@@ -175,6 +179,7 @@ class NodeActor:
             await nursery.start(self.preparer.run)
             self.handle.preparer = self.preparer
             nursery.start_soon(self._deliver_forever)
+            nursery.start_soon(self._bulk_lane)
             task_status.started()  # serving: the supervisor marks the handle running
             async for call in self.handle.inbox:
                 await self._on_call(call, nursery)
@@ -203,12 +208,40 @@ class NodeActor:
             elif isinstance(cmd, ItemCommand):
                 answer(call, await self._item_command(cmd))
             elif isinstance(cmd, BulkCommand):
-                answer(call, await self._bulk_command(cmd))
+                self._queue_bulk(call)
             else:
                 answer(call, error=CommandRefused(f"unknown command {type(cmd).__name__}"))
         except Exception as exc:  # the caller gets the error; the actor carries on
             answer(call, error=exc)
         except BaseException:  # killed or stopped while at it: the caller must not wait it out
+            answer(call, error=self._stopped())
+            raise
+
+    def _queue_bulk(self, call: Call) -> None:
+        """A bulk action can take long (one statement over 100,000 items): it runs in its own
+        lane, one at a time in arrival order, so a Pause or an echo is not held up behind it."""
+        try:
+            self._bulk.send_nowait(call)
+        except trio.WouldBlock:
+            answer(call, error=CommandRefused(f"node {self.node.ae_title}: too many bulk actions waiting"))
+
+    async def _bulk_lane(self) -> None:
+        try:
+            async for call in self._bulk_calls:
+                await self._run_bulk(call)
+        finally:  # killed or stopped: the bulk actions still waiting are refused, not left hanging
+            while True:
+                try:
+                    answer(self._bulk_calls.receive_nowait(), error=self._stopped())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+
+    async def _run_bulk(self, call: Call) -> None:
+        try:
+            answer(call, await self._bulk_command(call.command))
+        except Exception as exc:  # the caller gets the error; the lane carries on
+            answer(call, error=exc)
+        except BaseException:  # killed or stopped while at it
             answer(call, error=self._stopped())
             raise
 
