@@ -25,6 +25,7 @@ import trio
 from trio_util import AsyncValue
 
 from capacitor_trio import gctune
+from capacitor_trio.actors.control import Control
 from capacitor_trio.actors.node import NodeContext
 from capacitor_trio.actors.receiver import Receiver
 from capacitor_trio.actors.service import ServiceFlags
@@ -157,11 +158,11 @@ def _acceptor_config(config: Config, inline_max_bytes: int) -> AcceptorConfig:
 
 
 async def _expire_forever(router: Router) -> None:
+    """expiryThreshold, asked of the owners of the items through the control port (each logs
+    what it expired)."""
+    control = Control(router)
     while True:
-        threshold = router.settings.config.expiry_threshold  # a reload may change it
-        moved = await router.store.expire(router.clock(), threshold)
-        if moved:
-            log.warning("%d item(s) older than expiryThreshold (%d s) moved to expired", moved, threshold)
+        await control.expire(router.settings.config.expiry_threshold)  # a reload may change it
         await trio.sleep(EXPIRY_INTERVAL)
 
 

@@ -20,7 +20,16 @@ from capacitor_trio.dicom.requestor import EchoResult, OutgoingInstance, Peer, S
 from capacitor_trio.domain.instance import Destination
 from capacitor_trio.domain.ordering import sop_class_rank
 from capacitor_trio.domain.outcomes import Delivered, Outcome
-from capacitor_trio.domain.states import FAILED, NEW, PREPARED, REJECTED, RETRYABLE, parse_state
+from capacitor_trio.domain.states import (
+    EXPIRED,
+    FAILED,
+    NEW,
+    PREPARED,
+    QUEUED,
+    REJECTED,
+    RETRYABLE,
+    parse_state,
+)
 from capacitor_trio.store import (
     STATES,
     Counts,
@@ -273,6 +282,19 @@ class FakeStore:
     async def oldest_new(self, destination: Destination | None = None) -> float | None:
         await trio.lowlevel.checkpoint()
         return min((i.created_at for i in self._new(destination)), default=None)
+
+    async def expire(
+        self, now: float, threshold_seconds: float, destination: Destination | None = None
+    ) -> int:
+        await trio.lowlevel.checkpoint()
+        old = [
+            i.id for i in self.items.values()
+            if i.state in QUEUED and not i.checked_out and i.created_at < now - threshold_seconds
+            and destination in (None, Destination(i.destination_ae, i.destination_role))
+        ]
+        for i in old:
+            self._set(i, state=EXPIRED.value, next_attempt_at=None)
+        return len(old)
 
     def _new(self, destination: Destination | None) -> list[Item]:
         return [

@@ -18,6 +18,7 @@ from capacitor_trio.actors.messages import (
     BulkCommand,
     CommandRefused,
     Echo,
+    Expire,
     GetStatus,
     ItemCommand,
     NodeUnavailable,
@@ -772,3 +773,13 @@ async def test_bulk_actions_waiting_when_the_actor_dies_are_refused_not_left_han
         await trio.testing.wait_all_tasks_blocked()
         w.sup._slots[w.handle.node.key].scope.cancel()  # the actor dies (as chaos kills it)
     assert errors == ["node PACS is restarting"] * 2 and trio.current_time() < 1
+
+
+async def test_expiry_is_done_by_the_node_for_its_own_items(make_world: Any, autojump_clock: Any) -> None:
+    w = await make_world()
+    await w.handle.call(Pause())
+    old = w.store.add(created_at=BASE - 1000)
+    young = w.store.add(created_at=BASE - 10)
+    other = w.store.add("VNA", created_at=BASE - 1000)
+    assert await w.handle.call(Expire(500)) == 1
+    assert [w.store.items[i.id].state for i in (old, young, other)] == ["expired", "prepared", "prepared"]

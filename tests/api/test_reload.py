@@ -178,3 +178,13 @@ async def test_a_node_edit_whose_caller_goes_away_is_applied_whole(start_router:
     assert r.router.nodes[0].aliases == ("ALIASED",)
     assert r.router.receiver.destinations_for("ALIASED") == [Destination("A", "Storage")]
     assert yaml.safe_load((r.data_dir / "nodes.yml").read_text())[0]["Aliases"] == ["ALIASED"]
+
+
+async def test_expiry_asks_each_node_and_expires_items_of_nodes_gone_itself(start_router: StartRouter) -> None:
+    r = await start_router((dead_node("A"),))
+    await r.client.post("/api/nodes/A/pause", headers=AUTH)
+    await r.queue(2, dest="A")
+    await r.queue(1, dest="GONE")  # a node since removed from nodes.yml: no actor
+    await trio.sleep(0.01)
+    assert await Control(r.router).expire(0.005) == 3
+    assert (await r.store.counts()).expired == 3

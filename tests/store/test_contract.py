@@ -122,6 +122,17 @@ async def test_prepare_ripe_for_one_destination_and_its_oldest_new_item(h: Harne
     assert len(pacs_and_ai) == 2
 
 
+async def test_expire_for_one_destination_or_all(h: Harness) -> None:
+    await h.commit([PACS, AI], state=NEW)
+    h.clock.advance(100)
+    (young,) = await h.commit([PACS])
+    assert await h.port.expire(h.clock(), 50, PACS) == 1
+    assert sorted(i.state for i in (await h.items(PACS)).values()) == ["expired", "prepared"]
+    assert [i.state for i in (await h.items(AI)).values()] == ["new"]
+    assert await h.port.expire(h.clock(), 50) == 1  # AI's, the only old queued one left
+    assert (await h.items(PACS))[young].state == "prepared"
+
+
 async def test_checkout_hands_out_prepared_items_oldest_first_once(h: Harness) -> None:
     ids = []
     for _ in range(3):

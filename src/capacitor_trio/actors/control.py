@@ -19,7 +19,9 @@ Every change of the configuration in force (a node edit, a reload) holds `Router
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +33,7 @@ from capacitor_trio.actors.messages import (
     BulkCommand,
     CommandRefused,
     Echo,
+    Expire,
     ItemCommand,
     NodeStatus,
     NodeUnavailable,
@@ -46,6 +49,8 @@ from capacitor_trio.domain.states import FAILED, REJECTED
 
 if TYPE_CHECKING:
     from capacitor_trio.runtime import Router
+
+log = logging.getLogger("capacitor_trio.control")
 
 #: How long an echo may take (the contract: "Times out after 10 seconds").
 ECHO_TIMEOUT = 10.0
@@ -211,6 +216,27 @@ class Control:
                 total += await store.retry_where(g, command.from_state)
             else:
                 total += await store.delete_where(g)
+        return total
+
+    async def expire(self, threshold_seconds: float) -> int:
+        """expiryThreshold: every node actor expires its own old items; items of destinations
+        without an actor are expired here. A node that does not answer is left for next time."""
+        total = 0
+        handles = self._supervisor.handles
+        for handle in handles:
+            with contextlib.suppress(NodeUnavailable):
+                total += int(await handle.call(Expire(threshold_seconds), timeout=BULK_TIMEOUT))
+        store = self.router.store
+        with_actor = {h.destination for h in handles}
+        for dest in await store.destinations():
+            if dest not in with_actor:
+                moved = await store.expire(self.router.clock(), threshold_seconds, dest)
+                if moved:
+                    log.warning(
+                        "%d item(s) for %s (no such node now) older than expiryThreshold (%d s) "
+                        "moved to expired", moved, dest.ae_title, threshold_seconds,
+                    )
+                total += moved
         return total
 
     # ---- service ------------------------------------------------------------------------------

@@ -89,6 +89,14 @@ class BulkCommand:
     from_state: str | None = None
 
 
+@attrs.frozen
+class Expire:
+    """Move this node's queued items (new, prepared, failed) received more than
+    `threshold_seconds` ago to expired (`expiryThreshold`); the answer is how many."""
+
+    threshold_seconds: float
+
+
 # ---- status ----------------------------------------------------------------------------------
 
 

@@ -51,6 +51,7 @@ from capacitor_trio.actors.messages import (
     Call,
     CommandRefused,
     Echo,
+    Expire,
     GetStatus,
     ItemCommand,
     NodeStatus,
@@ -207,7 +208,7 @@ class NodeActor:
                 answer(call, await self.status())
             elif isinstance(cmd, ItemCommand):
                 answer(call, await self._item_command(cmd))
-            elif isinstance(cmd, BulkCommand):
+            elif isinstance(cmd, BulkCommand | Expire):
                 self._queue_bulk(call)
             else:
                 answer(call, error=CommandRefused(f"unknown command {type(cmd).__name__}"))
@@ -237,8 +238,12 @@ class NodeActor:
                     break
 
     async def _run_bulk(self, call: Call) -> None:
+        cmd = call.command
         try:
-            answer(call, await self._bulk_command(call.command))
+            if isinstance(cmd, Expire):
+                answer(call, await self._expire(cmd))
+            else:
+                answer(call, await self._bulk_command(cmd))
         except Exception as exc:  # the caller gets the error; the lane carries on
             answer(call, error=exc)
         except BaseException:  # killed or stopped while at it
@@ -322,6 +327,15 @@ class NodeActor:
             raise CommandRefused(f"unknown bulk action {cmd.action}")
         self._after_operator_change(cmd.action == "retry" or _is_new(cmd.target_state))
         return int(n)
+
+    async def _expire(self, cmd: Expire) -> int:
+        moved = await self.ctx.store.expire(self.ctx.clock(), cmd.threshold_seconds, self.handle.destination)
+        if moved:
+            log.warning(
+                "node %s: %d item(s) older than expiryThreshold (%d s) moved to expired",
+                self.node.ae_title, moved, cmd.threshold_seconds,
+            )
+        return int(moved)
 
     def _after_operator_change(self, to_new: bool) -> None:
         """Items may be deliverable now; items back in `new` need the prepare stage first."""

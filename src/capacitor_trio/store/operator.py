@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+from ..domain.instance import Destination
 from ..domain.states import EXPIRED, FAILED, NEW, RETRYABLE
 from .connection import StoreCore
 from .errors import ItemCheckedOut, ItemNotFound, TransitionError
@@ -123,15 +124,23 @@ class Operator(StoreCore):
 
         return await self._write(job)
 
-    async def expire(self, now: float, threshold_seconds: float) -> int:
-        """Queued items (new, prepared, failed) created before now - threshold become expired."""
+    async def expire(
+        self, now: float, threshold_seconds: float, destination: Destination | None = None
+    ) -> int:
+        """Queued items (new, prepared, failed) created before now - threshold become expired,
+        for one destination or for all."""
 
         def job(conn: sqlite3.Connection) -> int:
             marks = ",".join("?" * len(QUEUED_STATES))
+            where = f"created_at < ? AND checked_out = 0 AND state IN ({marks})"
+            params: tuple[object, ...] = (now, now - threshold_seconds, *QUEUED_STATES)
+            if destination is not None:
+                where = "destination_ae = ? AND destination_role = ? AND " + where
+                params = (now, destination.ae_title, destination.role, *params[1:])
             return conn.execute(
                 f"UPDATE items SET state = '{EXPIRED}', next_attempt_at = NULL, updated_at = ? "
-                f"WHERE created_at < ? AND checked_out = 0 AND state IN ({marks})",
-                (now, now - threshold_seconds, *QUEUED_STATES),
+                f"WHERE {where}",
+                params,
             ).rowcount
 
         return await self._write(job)
