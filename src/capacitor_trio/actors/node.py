@@ -83,6 +83,8 @@ from capacitor_trio.store import Counts, QueuePort
 
 log = logging.getLogger("capacitor_trio.node")
 
+#: How long giving back a predecessor's checkouts may take when shielded from cancellation.
+RELEASE_GRACE = 30.0
 #: Bulk actions that may wait for a node's bulk lane; more are refused.
 BULK_QUEUE = 16
 #: ProcessDelay: the next look is planned from the studies of this many of the oldest waiting
@@ -125,6 +127,9 @@ class NodeState:
     #: SOP Instance UIDs the last send handed to the requestor whose outcome it did not record
     #: (cut short by a pause, kill or shutdown): the only ones its destination may get twice
     cut_short: list[str] = attrs.field(factory=list)
+    #: SOP Instance UIDs a crash or kill left in flight (released by the next incarnation, or
+    #: cut short): the only ones a restart can send twice
+    in_flight_at_restart: set[str] = attrs.field(factory=set)
 
 
 @attrs.define(eq=False)
@@ -176,6 +181,7 @@ class NodeActor:
     # ---- the actor ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self._release_predecessors_checkouts()
         async with trio.open_nursery() as nursery:
             await nursery.start(self.preparer.run)
             self.handle.preparer = self.preparer
@@ -184,6 +190,16 @@ class NodeActor:
             task_status.started()  # serving: the supervisor marks the handle running
             async for call in self.handle.inbox:
                 await self._on_call(call, nursery)
+
+    async def _release_predecessors_checkouts(self) -> None:
+        """What an incarnation before this one had checked out when it crashed or was killed
+        goes back to the queue (the actor owns its items, checkouts included)."""
+        released: list[str] = []
+        with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_GRACE):
+            released = await self.ctx.store.release_all_checked_out(self.handle.destination)
+        if released:
+            log.info("node %s: %d checked-out item(s) back to the queue", self.node.ae_title, len(released))
+            self.state.in_flight_at_restart.update(released)
 
     async def _on_call(self, call: Call, nursery: trio.Nursery) -> None:
         cmd = call.command

@@ -11,9 +11,11 @@ serves).
 
 Crash. When an actor raises, the supervisor marks the handle "restarting" (commands are refused
 at once with NodeUnavailable, never left hanging), answers any command already queued with the
-same refusal, releases every item still checked out for the node back to its queue, and restarts
-the actor after an exponential delay. More than `max_restarts` crashes within `window_seconds`
-marks the node "failed" (reported in the API and the log) until an explicit `restart()`.
+same refusal, and restarts the actor after an exponential delay; the new incarnation gives back
+what its predecessor had checked out before it serves (the actor owns its items). More than
+`max_restarts` crashes within `window_seconds` marks the node "failed" (reported in the API and
+the log) until an explicit `restart()`; no incarnation runs then, so the supervisor gives its
+checkouts back itself, as it does for a node a reload removes.
 
 Chaos. With `chaos.killNodeActorsEverySeconds` set, a chaos task cancels a random running actor
 roughly that often, at whatever point it has reached; the supervisor treats it as a crash but
@@ -90,9 +92,6 @@ class Supervisor:
         self.policy = policy
         self.chaos_every = chaos_every
         self.chaos_kills = 0
-        #: SOP Instance UIDs checked out by a node when chaos killed it: the only instances a
-        #: destination may receive twice (a soak test checks that)
-        self.chaos_in_flight: set[str] = set()
         self._chaos_rng = chaos_rng or random.Random()
         self._slots: dict[tuple[str, str], _Slot] = {}
         self._nursery: trio.Nursery | None = None
@@ -112,6 +111,12 @@ class Supervisor:
     def handle(self, ae_title: str, role: str = "Storage") -> NodeHandle | None:
         slot = self._slots.get((ae_title, role))
         return slot.handle if slot else None
+
+    @property
+    def chaos_in_flight(self) -> set[str]:
+        """SOP Instance UIDs a node had in flight when it crashed or chaos killed it: the only
+        instances a destination may receive twice (a soak test checks that)."""
+        return set().union(*(slot.state.in_flight_at_restart for slot in self._slots.values()))
 
     def wake_all(self) -> None:
         for slot in self._slots.values():
@@ -153,6 +158,10 @@ class Supervisor:
         slot.outer.cancel(reason="node removed from nodes.yml")
         await slot.stopped.wait()
         self._refuse_queued(slot.handle)
+        await self._release(slot)
+
+    async def _release(self, slot: _Slot) -> None:
+        """Give back what a node had checked out when no actor of it will run (removed, failed)."""
         with trio.CancelScope(shield=True), trio.move_on_after(30):
             released = await self.ctx.store.release_all_checked_out(slot.handle.destination)
             if released:
@@ -230,14 +239,9 @@ class Supervisor:
             log.error("node %s: actor crashed: %r", handle.ae_title, error, exc_info=error)
             slot.state.last_error = f"actor crashed: {error!r}"
         self._refuse_queued(handle)
-        released: list[str] = []
-        with trio.CancelScope(shield=True), trio.move_on_after(30):
-            released = await self.ctx.store.release_all_checked_out(handle.destination)
-            if released:
-                log.info("node %s: %d checked-out item(s) back to the queue", handle.ae_title, len(released))
-        if chaos:
-            self.chaos_in_flight.update(released, slot.state.cut_short)
-            slot.state.cut_short = []
+        # what it had checked out the next incarnation gives back as it starts
+        slot.state.in_flight_at_restart.update(slot.state.cut_short)
+        slot.state.cut_short = []
         slot.state.sends_in_progress = 0
         if chaos:
             slot.state.restarts += 1
@@ -250,6 +254,7 @@ class Supervisor:
                 "node %s: %d crashes within %g s; node marked failed until restarted",
                 handle.ae_title, len(slot.tracker.crashes), self.policy.window_seconds,
             )
+            await self._release(slot)  # no incarnation will until the operator restarts it
             await slot.restart_requested.wait()
             slot.tracker = slot.tracker.reset()
             handle.status.value = "restarting"
