@@ -24,7 +24,7 @@ from capacitor_trio.actors.messages import (
     Pause,
     SetOverride,
 )
-from capacitor_trio.actors.queries import ReadPort, RouterReads
+from capacitor_trio.actors.queries import ReadPort, RouterReads, detail_limiter
 from capacitor_trio.config.models import Node
 from capacitor_trio.domain.states import FAILED, REJECTED
 from capacitor_trio.logs import LEVELS, parse_level
@@ -253,7 +253,8 @@ class Api:
         foreign = shown is not None and tags is None and "00080018" in shown.json
         out["tagsLimits"] = list(shown.cut_by) if shown is not None and not foreign else []
         out["tagsTruncated"] = bool(out["tagsLimits"])
-        return await trio.to_thread.run_sync(ok, out)  # up to a few MB of JSON: off the loop
+        # up to a few MB of JSON: off the loop, sharing the detail reads' threads
+        return await trio.to_thread.run_sync(ok, out, limiter=detail_limiter())
 
     async def _item_action(self, item_id: str, action: str, target: str | None = None) -> Any:
         return await self.control.item_action(_item_id(item_id), action, target)
