@@ -170,8 +170,41 @@ async def test_repeated_wrong_passwords_are_slowed_down(start_router: StartRoute
         assert "try again" in error(resp, "TOO_MANY_REQUESTS", 429)
         assert resp.headers["Retry-After"] == "1"
     assert "capacitor_session" not in r.client.cookies
-    data(await r.client.post("/api/nodes/PACS/pause", headers=AUTH))  # the token still works
+    # wrong passwords and tokens count together: the token waits too (not looked at)
+    resp = await r.client.post("/api/nodes/PACS/pause", headers=AUTH)
+    assert "try again" in error(resp, "TOO_MANY_REQUESTS", 429)
     assert any("further attempts are slowed down" in e.message for e in r.ring.recent())
+
+
+async def test_repeated_wrong_tokens_are_slowed_down(start_router: StartRouter, scp: StorageScp) -> None:
+    """issue 19 #12: a write endpoint took wrong bearer tokens at ~1,000/s. After FREE_FAILURES
+    wrong tokens a client must wait: every write with a bearer token (the right one too) is
+    answered 429 with Retry-After, and a login too (one count); a browser session already
+    open keeps working (a session id is not worth guessing)."""
+    r = await start_router((pacs(scp),))
+    browser = httpx.AsyncClient(base_url=str(r.client.base_url))
+    async with browser:
+        data(await browser.post("/api/auth/login", json={"password": PASSWORD}))
+        for _ in range(FREE_FAILURES + 1):
+            resp = await r.client.post("/api/nodes/PACS/pause", headers={"Authorization": "Bearer guess"})
+            error(resp, "FORBIDDEN", 403)
+        for headers in ({"Authorization": "Bearer guess"}, AUTH):
+            resp = await r.client.post("/api/nodes/PACS/pause", headers=headers)
+            assert "try again" in error(resp, "TOO_MANY_REQUESTS", 429)
+            assert resp.headers["Retry-After"] == "1"
+        resp = await r.client.post("/api/auth/login", json={"password": PASSWORD})
+        error(resp, "TOO_MANY_REQUESTS", 429)
+        data(await browser.post("/api/nodes/PACS/pause"))  # the session cookie alone
+    assert any("wrong passwords or tokens" in e.message for e in r.ring.recent())
+
+
+async def test_the_token_is_compared_exactly_as_sent(start_router: StartRouter, scp: StorageScp) -> None:
+    """issue 19 #12: the token after "Bearer " is compared with api.token as configured, with
+    nothing stripped on either side: a token beginning with a space works as sent."""
+    r = await start_router((pacs(scp),), token=" padded")
+    data(await r.client.post("/api/nodes/PACS/pause", headers={"Authorization": "Bearer  padded"}))
+    resp = await r.client.post("/api/nodes/PACS/resume", headers={"Authorization": "Bearer padded"})
+    error(resp, "FORBIDDEN", 403)
 
 
 def test_login_throttle_on_a_clock() -> None:

@@ -12,6 +12,7 @@ import io
 import json
 import struct
 import threading
+import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -243,3 +244,45 @@ async def test_an_implicit_vr_item_in_the_index_is_shown(start_router: StartRout
     item = await _commit(r, file_meta_bytes(CT, UID, IMPLICIT_VR_LE) + body, IMPLICIT_VR_LE)
     detail = data(await r.client.get(f"/api/queue/items/{item}"))
     assert detail["tags"]["00100020"]["Value"] == ["P1"] and detail["tagsLimits"] == []
+
+
+async def test_detail_reads_run_at_most_two_at_once(
+    start_router: StartRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 19 #5: the detail view's read and JSON encoding are CPU-bound Python in worker
+    threads; many detail requests at once (the API takes 64 connections) run at most
+    `DETAIL_THREADS` of them at once, so that they do not stall the loop for DICOM intake."""
+    from capacitor_trio.actors.queries import DETAIL_THREADS
+    from capacitor_trio.api import app as app_module
+
+    r = await start_router((dead_node("DEAD"),))
+    [item] = await r.queue(1, dest="DEAD")
+    lock = threading.Lock()
+    running = [0, 0]  # now, most at once
+
+    def counted(fn: Any) -> Any:
+        def run(*args: Any) -> Any:
+            with lock:
+                running[0] += 1
+                running[1] = max(running)
+            try:
+                time.sleep(0.02)  # holds its slot a while, so that others overlap it
+                return fn(*args)
+            finally:
+                with lock:
+                    running[0] -= 1
+
+        return run
+
+    monkeypatch.setattr(app_module, "read_tags", counted(app_module.read_tags))
+    monkeypatch.setattr(app_module, "ok", counted(app_module.ok))
+    statuses: list[int] = []
+
+    async def get() -> None:
+        statuses.append((await r.client.get(f"/api/queue/items/{item}")).status_code)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(16):
+            nursery.start_soon(get)
+    assert statuses == [200] * 16
+    assert running == [0, DETAIL_THREADS]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import select
 import struct
@@ -29,7 +30,7 @@ from capacitor_trio.dicom import (
 )
 from capacitor_trio.dicom import pdu as P
 from capacitor_trio.dicom.assembler import MAX_COMMAND_BYTES, DataFragment
-from capacitor_trio.dicom.transport import PeerClosed, Transport
+from capacitor_trio.dicom.transport import GROW_BYTES, BufferBudget, PeerClosed, Transport
 from tests.helpers.datasets import make_dataset, to_part10_bytes
 
 from .conftest import DirSink
@@ -74,9 +75,12 @@ def store_pdus(
 
 
 class Harness:
-    def __init__(self, tmp: Path, config: AcceptorConfig = CONFIG) -> None:
+    def __init__(
+        self, tmp: Path, config: AcceptorConfig = CONFIG, budget: BufferBudget | None = None
+    ) -> None:
         self.sink = DirSink(tmp)
         self.config = config
+        self.budget = budget
         self.client_stream, self.server_stream = trio.testing.memory_stream_pair()
         self.client = Transport(self.client_stream)
         self.done = trio.Event()
@@ -84,7 +88,7 @@ class Harness:
 
     async def serve(self) -> None:
         try:
-            await handle_association(self.server_stream, self.config, self.sink)
+            await handle_association(self.server_stream, self.config, self.sink, budget=self.budget)
         finally:
             self.finished_at = trio.current_time()
             self.done.set()
@@ -1171,6 +1175,78 @@ async def test_a_claimed_p_data_length_holds_no_memory_until_client_timeout(
         start = trio.current_time()
         await h.expect_abort()
         assert trio.current_time() - start == pytest.approx(CONFIG.client_timeout)
+
+
+#: a P-DATA-TF body (CONFIG's read limit, 128 KiB) and its PDU but the last byte
+HELD_BODY = 128 << 10
+HELD_PDU = P.PDU_HEADER.pack(P.P_DATA_TF, 0, HELD_BODY) + bytes(HELD_BODY - 1)
+#: what its buffer is charged to the budget (its first 64 KiB are not)
+HELD = HELD_BODY - GROW_BYTES
+
+
+async def test_pdus_held_short_of_their_last_byte_are_bounded_listener_wide(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """issue 19 #2: with `max_clients` 0 (unlimited), associations that each send a P-DATA-TF
+    but its last byte would hold their buffers for `clientTimeout`, as many as connect; the
+    listener's budget (here two such PDUs) aborts the one that asks for more, logs it once,
+    and what was charged is released as the others close."""
+    budget = BufferBudget(2 * HELD + HELD // 2)
+    peers = [Harness(tmp_path / str(i), budget=budget) for i in range(5)]
+    async with trio.open_nursery() as nursery:
+        for peer in peers:
+            nursery.start_soon(peer.serve)
+            await peer.associate()
+        for peer in peers[:2]:
+            await peer.send(HELD_PDU)
+            await trio.testing.wait_all_tasks_blocked()
+        assert budget.held == 2 * HELD
+        for peer in peers[2:4]:
+            await peer.send(HELD_PDU)
+            await peer.expect_abort()  # at once, not after clientTimeout
+        assert budget.held == 2 * HELD and budget.refused == 2
+        # a PDU of up to 64 KiB (storescu's are 16 KiB) is not charged: never refused for it
+        await peers[4].send(P.PDU_HEADER.pack(P.P_DATA_TF, 0, GROW_BYTES) + bytes(GROW_BYTES - 1))
+        await trio.testing.wait_all_tasks_blocked()
+        assert not peers[4].done.is_set() and budget.refused == 2
+        await peers[4].client_stream.aclose()
+        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1 and "PDUs not received whole" in warnings[0].getMessage()
+        for peer in peers[:2]:
+            await peer.client_stream.aclose()
+            await peer.done.wait()
+        assert budget.held == 0
+
+
+async def test_the_listener_charges_its_connections_to_one_budget(tmp_path: Path) -> None:
+    """issue 19 #2 on real sockets: three associations sending a P-DATA-TF but its last byte
+    at once, a budget for two: one is aborted, the others hold theirs until they close."""
+    sink = DirSink(tmp_path)
+    config = attrs.evolve(
+        CONFIG, host="127.0.0.1", port=0, max_buffered_bytes=2 * HELD + HELD // 2
+    )
+    budget = BufferBudget(config.max_buffered_bytes)
+    answers: list[int] = []
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(
+            functools.partial(listener.serve_acceptor, config, sink, budget=budget)
+        )
+        peers = [(await open_association(port))[0] for _ in range(3)]
+        async with trio.open_nursery() as readers:
+            readers.cancel_scope.deadline = trio.current_time() + 20  # a guard: never reached
+
+            async def hold(t: Transport) -> None:
+                await t.send_all(HELD_PDU)
+                answers.append((await t.read_pdu())[0])  # only the one aborted answers
+                readers.cancel_scope.cancel()
+
+            for t in peers:
+                readers.start_soon(hold, t)
+        assert answers == [P.A_ABORT] and budget.held == 2 * HELD
+        for t in peers:
+            await t.aclose()
+        nursery.cancel_scope.cancel()
+    assert budget.held == 0
 
 
 async def test_empty_pdvs_are_refused(h: Harness, autojump_clock: trio.testing.MockClock) -> None:

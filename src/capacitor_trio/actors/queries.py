@@ -37,6 +37,7 @@ from capacitor_trio.domain.processing import (
     may_send,
     processing_status,
 )
+from capacitor_trio.limiter import run_var_limiter
 from capacitor_trio.logs import LogEntry
 from capacitor_trio.store import Counts, Item, ItemFilter, ItemNotFound
 
@@ -46,6 +47,11 @@ if TYPE_CHECKING:
 #: a node's key: (AE title, role)
 NodeKey = tuple[str, str]
 T = TypeVar("T")
+
+#: item-detail reads and their JSON encodings that run at once in worker threads (CPU-bound
+#: Python that holds the GIL: more at once would stall the loop, and DICOM intake with it)
+DETAIL_THREADS = 2
+detail_limiter = run_var_limiter("capacitor_trio_item_detail", DETAIL_THREADS)
 
 
 @attrs.frozen
@@ -152,14 +158,15 @@ class RouterReads:
         return await self._store.get_item(item_id, with_data=with_data)
 
     async def read_stored(self, item: Item, read: Callable[[Path | BinaryIO], T]) -> T | None:
-        """`read` applied in a worker thread to the stored Part 10 bytes of `item` (as
+        """`read` applied in a worker thread (at most `DETAIL_THREADS` at once, with the detail
+        view's JSON encoding) to the stored Part 10 bytes of `item` (as
         `get_item(..., with_data=True)` gave it): `read` must be bounded in memory and time.
         None when they cannot be read, or when a spool file's item went away while it was read:
         a spool file is reused for a new reception only after the commit that removed its items,
         so what was read may then be another instance's."""
         try:
             source = io.BytesIO(item.data) if item.data is not None else item.path
-            result = await trio.to_thread.run_sync(read, source)
+            result = await trio.to_thread.run_sync(read, source, limiter=detail_limiter())
         except Exception:  # a missing or unreadable file: the item is still there to show
             return None
         if item.data is None:

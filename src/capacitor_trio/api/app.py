@@ -24,7 +24,7 @@ from capacitor_trio.actors.messages import (
     Pause,
     SetOverride,
 )
-from capacitor_trio.actors.queries import ReadPort, RouterReads
+from capacitor_trio.actors.queries import ReadPort, RouterReads, detail_limiter
 from capacitor_trio.config.models import Node
 from capacitor_trio.domain.states import FAILED, REJECTED
 from capacitor_trio.logs import LEVELS, parse_level
@@ -74,6 +74,21 @@ def _openapi_text() -> str:
     return resources.files("capacitor_trio.api").joinpath("openapi.json").read_text("utf-8")
 
 
+def _client() -> str:
+    """The address the request came from (the throttle's client)."""
+    return str((request.scope.get("client") or ("",))[0])
+
+
+def _too_many(wait: float) -> ApiError:
+    seconds = math.ceil(wait)
+    return ApiError(
+        "TOO_MANY_REQUESTS",
+        f"too many wrong passwords or tokens; try again in {seconds} s",
+        status=429,
+        headers={"Retry-After": str(seconds)},
+    )
+
+
 class Api:
     """The routes, bound to one running router."""
 
@@ -108,17 +123,21 @@ class Api:
     # ---- auth --------------------------------------------------------------------------------
 
     def require_write(self) -> None:
-        if not self.auth.allowed(request.headers.get("Authorization"), request.cookies.get(COOKIE)):
+        authorization = request.headers.get("Authorization")
+        client = _client()
+        wait = self.auth.token_wait(authorization, client)
+        if wait > 0:  # too many wrong tokens or passwords from this address: not looked at
+            raise _too_many(wait)
+        if not self.auth.allowed(authorization, request.cookies.get(COOKIE), client):
             raise ApiError("FORBIDDEN", "missing or wrong credentials")
 
     async def login(self) -> Response:
         body = await _json_body({"password": str}, required=("password",))
-        client = str((request.scope.get("client") or ("",))[0])
+        client = _client()
         wait = self.auth.throttle.wait(client)
         if wait > 0:  # too many wrong passwords from this address: the password is not looked at
-            seconds = math.ceil(wait)
-            err = ApiError("TOO_MANY_REQUESTS", f"too many failed logins; try again in {seconds} s", status=429)
-            return error_response(err, {"Retry-After": str(seconds)})
+            err = _too_many(wait)
+            return error_response(err, err.headers)
         if not self.auth.check_password(body["password"]):
             self.auth.throttle.failed(client)
             raise ApiError("FORBIDDEN", "wrong password" if self.auth.login_enabled else "login is disabled: api.servicePassword is not set")
@@ -253,7 +272,8 @@ class Api:
         foreign = shown is not None and tags is None and "00080018" in shown.json
         out["tagsLimits"] = list(shown.cut_by) if shown is not None and not foreign else []
         out["tagsTruncated"] = bool(out["tagsLimits"])
-        return await trio.to_thread.run_sync(ok, out)  # up to a few MB of JSON: off the loop
+        # up to a few MB of JSON: off the loop, sharing the detail reads' threads
+        return await trio.to_thread.run_sync(ok, out, limiter=detail_limiter())
 
     async def _item_action(self, item_id: str, action: str, target: str | None = None) -> Any:
         return await self.control.item_action(_item_id(item_id), action, target)

@@ -11,12 +11,15 @@ A write from a browser must come from the API's own origin: `same_origin` compar
 header's scheme, host and port with the API's (``http``, a loopback name, the port it listens
 on), so that a page served by another program on this machine cannot post to it.
 
-Password guessing is slowed per client address (`LoginThrottle`): after `FREE_FAILURES` wrong
-passwords in a row, each further attempt must wait, 1 s doubling up to `MAX_WAIT` (30 s), and one
-made earlier is answered 429 with Retry-After without looking at the password. Every loopback
-address counts as one client (a local user can connect from any of 127.0.0.0/8, so counting them
-apart would give a guesser 16 million fresh starts); the wait stays short because the operator
-shares that client with everyone on the machine (the bearer token is not throttled).
+Password and token guessing is slowed per client address (`LoginThrottle`): after
+`FREE_FAILURES` wrong passwords or bearer tokens in a row (counted together), each further
+attempt must wait, 1 s doubling up to `MAX_WAIT` (30 s), and one made earlier is answered 429
+with Retry-After without looking at the password or token (the right one too: a throttle that
+let it through would tell a guesser when it was right). Writes with a session cookie and no
+bearer token are not held back (a session id is random, 256 bits: not worth guessing). Every
+loopback address counts as one client (a local user can connect from any of 127.0.0.0/8, so
+counting them apart would give a guesser 16 million fresh starts); the wait stays short because
+the operator shares that client with everyone on the machine.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ MAX_CLIENTS = 4096
 
 
 class LoginThrottle:
-    """Failed logins per client address, and how long each client must wait before the next."""
+    """Wrong passwords and bearer tokens per client address, and how long each client must
+    wait before its next attempt."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
@@ -89,8 +93,8 @@ class LoginThrottle:
         delay = 0.0 if extra <= 0 else min(FIRST_WAIT * 2.0 ** min(extra - 1, 32), MAX_WAIT)
         if extra == 1:
             log.warning(
-                "login: %d wrong passwords in a row from %s; further attempts are slowed down "
-                "(up to %d s apart)", failures, client, MAX_WAIT,
+                "API: %d wrong passwords or tokens in a row from %s; further attempts are "
+                "slowed down (up to %d s apart)", failures, client, MAX_WAIT,
             )
         self._clients[client] = (failures, now + delay, now)
         while len(self._clients) > MAX_CLIENTS:
@@ -114,6 +118,16 @@ def same_origin(origin: str, port: int | None) -> bool:
         return False
     plain = not (url.path or url.query or url.fragment or url.username or url.password)
     return plain and url.scheme == "http" and url.hostname in LOOPBACK_NAMES and origin_port == port
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, exactly as sent after
+    "Bearer " (compared as it is with ``api.token``, which is kept exactly as configured); None
+    when there is no such header."""
+    if not authorization:
+        return None
+    scheme, sep, token = authorization.partition(" ")
+    return token if sep and scheme.lower() == "bearer" else None
 
 
 def _same(a: str, b: str) -> bool:
@@ -170,14 +184,24 @@ class Auth:
                 found = known
         return found
 
-    def allowed(self, authorization: str | None, cookie: str | None) -> bool:
-        """True when a write may proceed with these credentials."""
+    def token_wait(self, authorization: str | None, client: str) -> float:
+        """Seconds `client` must still wait before a bearer token it sends is looked at (0: go
+        ahead, or it sends none: a session cookie alone is not held back)."""
+        if not self.required or bearer_token(authorization) is None:
+            return 0.0
+        return self.throttle.wait(client)
+
+    def allowed(self, authorization: str | None, cookie: str | None, client: str = "") -> bool:
+        """True when a write may proceed with these credentials (`token_wait` first). A wrong
+        bearer token counts against `client` in the throttle, a right one clears its count."""
         if not self.required:
             return True
-        if authorization and self.config.token:
-            scheme, _, value = authorization.partition(" ")
-            if scheme.lower() == "bearer" and _same(value.strip(), self.config.token):
+        token = bearer_token(authorization)
+        if token is not None and self.config.token:
+            if _same(token, self.config.token):
+                self.throttle.succeeded(client)
                 return True
+            self.throttle.failed(client)
         match = self._find(cookie)
         if match is not None:
             self._sessions[match] = self._now() + SESSION_TTL

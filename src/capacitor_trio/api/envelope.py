@@ -38,11 +38,20 @@ STATUS = {
 class ApiError(Exception):
     """An error answer: `code` is one of STATUS; `status` overrides the code's usual status."""
 
-    def __init__(self, code: str, message: str, *, status: int | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.status = status if status is not None else STATUS[code]
+        #: headers of the answer (Retry-After of a 429)
+        self.headers = headers
 
 
 def bad_request(message: str) -> ApiError:

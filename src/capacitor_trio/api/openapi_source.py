@@ -228,7 +228,7 @@ ERROR_TEXT = {
     409: "CONFLICT: the node or item is in a state that forbids it, or nodes.yml changed on disk",
     500: "INTERNAL: a file the change needed could not be written; nothing was changed",
     415: "BAD_REQUEST: a body whose Content-Type is not application/json",
-    429: "TOO_MANY_REQUESTS: too many wrong passwords from this address; wait Retry-After seconds",
+    429: "TOO_MANY_REQUESTS: too many wrong passwords or bearer tokens from this address; wait Retry-After seconds",
     503: "UNAVAILABLE: a node actor is restarting or did not answer in time",
 }
 
@@ -271,7 +271,7 @@ def op(
     responses: S = {}
     if data is not None:
         responses["200"] = {"description": "OK", "content": json_content(data if raw else envelope(data))}
-    codes = set(errors) | ({403} if write else set()) | ({400, 415} if body is not None else set())
+    codes = set(errors) | ({403, 429} if write else set()) | ({400, 415} if body is not None else set())
     for code in sorted(codes):
         responses[str(code)] = {"description": ERROR_TEXT[code], "content": json_content(ref("ErrorEnvelope"))}
     out: S = {"summary": summary + (" 🔒" if write else ""), "responses": responses}

@@ -87,7 +87,8 @@ def _endpoint(api: Api, handler: Handler, write: bool) -> Handler:
         except (trio.Cancelled, HTTPException):
             raise  # HTTPException (e.g. 413 from a body over MAX_CONTENT_LENGTH): http_error below
         except Exception as exc:
-            return error_response(translate(exc))
+            err = translate(exc)
+            return error_response(err, err.headers)
 
     return view
 

@@ -121,7 +121,8 @@ async def _serve(
 ) -> None:
     """hypercorn's Trio worker (`hypercorn.trio.run.worker_serve`) with our accept loop: the
     app's lifespan (startup, then shutdown when the listener ends), each connection a
-    `TCPServer`."""
+    `TCPServer`. These are hypercorn's internals: pyproject pins its minor version, and
+    tests/api/test_hypercorn_hooks.py checks the hooks used here."""
     state: LifespanState = {}
     lifespan = Lifespan(app, config, state)
     context = WorkerContext(None)

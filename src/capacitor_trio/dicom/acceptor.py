@@ -64,7 +64,7 @@ from .sink import AcceptorConfig, InstanceSink
 from .sink import CannotProcess as CannotProcess
 from .sink import OutOfResources as OutOfResources
 from .sink import ReceivedInstance as ReceivedInstance
-from .transport import PeerClosed, Transport, overdue, read_limit
+from .transport import BufferBudget, OverBudget, PeerClosed, Transport, overdue, read_limit
 
 log = logging.getLogger("capacitor_trio.dicom")
 
@@ -147,6 +147,9 @@ class _Association(_Receiver):
                     "DICOM association from %s closed by peer mid-dataset; partial file removed",
                     self.calling_ae or "?",
                 )
+        except OverBudget as exc:  # logged by the budget, once per burst
+            log.debug("DICOM association from %s: aborting: %s", self.calling_ae or "?", exc)
+            await self._send_abort(exc.abort_reason)
         except P.PduError as exc:
             log.warning(
                 "DICOM association from %s: protocol error: %s", self.calling_ae or "?", exc
@@ -367,12 +370,13 @@ async def handle_association(
     busy: bool = False,
     on_over: Callable[[], None] | None = None,
     admit: Callable[[], bool] | None = None,
+    budget: BufferBudget | None = None,
 ) -> None:
     """Serve one association on `stream` until it ends; never raises for peer misbehaviour.
     `admit` is asked once the request is acceptable whether it may take an association slot
     (`busy`: never); `on_over` is called as our last PDU goes out (release, reject), before the
-    wait for the peer to close."""
-    transport = Transport(stream)
+    wait for the peer to close; `budget`: the listener's, for the buffers of PDUs not whole yet."""
+    transport = Transport(stream, budget=budget)
     if admit is None:
         admit = (lambda: False) if busy else (lambda: True)
     association = _Association(transport, config, sink, on_over, admit)

@@ -22,6 +22,7 @@ from capacitor_trio.serving import serve_listeners
 
 from .acceptor import handle_association
 from .sink import AcceptorConfig, InstanceSink
+from .transport import BufferBudget
 
 log = logging.getLogger("capacitor_trio.dicom")
 
@@ -147,13 +148,19 @@ async def serve_acceptor(
     sink: InstanceSink,
     *,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    budget: BufferBudget | None = None,
 ) -> None:
-    """Listen on config.host:config.port and serve associations until cancelled."""
+    """Listen on config.host:config.port and serve associations until cancelled; `budget`
+    (tests: to watch it) is made from `config.max_buffered_bytes` when not given."""
     host = None if config.host in ("", "0.0.0.0", "*") else config.host
     listeners = await trio.open_tcp_listeners(config.port, host=host, backlog=128)
     port = listeners[0].socket.getsockname()[1]
     log.info("DICOM listening on %s:%s as %s", config.host, port, config.ae_title)
     connections = _Connections(config.max_clients, config.max_unassociated)
+    #: what all the connections hold in PDUs not received whole: with `max_clients` 0 nothing
+    #: else bounds it (each association may hold up to twice our maxPduSize for clientTimeout)
+    if budget is None:
+        budget = BufferBudget(config.max_buffered_bytes)
 
     async def handler(stream: trio.SocketStream) -> None:
         associated = False
@@ -176,7 +183,9 @@ async def serve_acceptor(
                 with trio.move_on_after(config.artim_timeout):  # the wait for a turn
                     turn = await connections.reading_turn(scope)
                 if turn:
-                    await handle_association(stream, config, sink, admit=admit, on_over=over)
+                    await handle_association(
+                        stream, config, sink, admit=admit, on_over=over, budget=budget
+                    )
                 else:
                     await trio.aclose_forcefully(stream)  # closed unread
             except Exception:

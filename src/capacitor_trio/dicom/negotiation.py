@@ -21,6 +21,8 @@ from pydicom.uid import UID
 from pynetdicom.service_class import ServiceClass, StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
+from capacitor_trio.limiter import run_var_limiter
+
 from . import dimse
 from . import pdu as P
 
@@ -147,9 +149,7 @@ def _describe(r: Refused) -> str:
     return f"{r.context.context_id} {named} ({r.reason})"
 
 
-_DECODE_LIMITER: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar(
-    "capacitor_trio_associate_rq_decoder"
-)
+_decode_limiter = run_var_limiter("capacitor_trio_associate_rq_decoder", 1)
 
 
 async def decode_associate_rq(body: bytes | bytearray, items: int) -> P.AssociateRequest:
@@ -160,12 +160,7 @@ async def decode_associate_rq(body: bytes | bytearray, items: int) -> P.Associat
     raw = P.PDU_HEADER.pack(P.A_ASSOCIATE_RQ, 0, len(body)) + bytes(body)
     if items <= DECODE_ON_LOOP_ITEMS:
         return P.decode_associate_rq(raw)
-    try:
-        limiter = _DECODE_LIMITER.get()
-    except LookupError:
-        limiter = trio.CapacityLimiter(1)
-        _DECODE_LIMITER.set(limiter)
-    return await trio.to_thread.run_sync(P.decode_associate_rq, raw, limiter=limiter)
+    return await trio.to_thread.run_sync(P.decode_associate_rq, raw, limiter=_decode_limiter())
 
 
 _UID_CHARS = frozenset("0123456789.")

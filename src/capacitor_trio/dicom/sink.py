@@ -27,6 +27,11 @@ class AcceptorConfig:
     #: connections reading their A-ASSOCIATE-RQ at once (more wait their turn, unread), and
     #: connections waiting for the peer to close after our last PDU (see listener.py's `_Connections`)
     max_unassociated: int = 64
+    #: bytes held, over all the listener's connections, in buffers of PDUs not received whole
+    #: yet (0: no limit); a connection whose PDU would take more is aborted (transport.py's
+    #: `BufferBudget`). 128 MiB: with the router's own ~90 MB, under the 300 MB that hostile
+    #: peers may take (docs/reliability.md), and room for 64 associations mid-PDU at 1 MiB
+    max_buffered_bytes: int = 128 << 20
     client_timeout: float = 600.0  # idle association
     artim_timeout: float = 30.0
     reject_abstract_syntaxes: frozenset[str] = frozenset()

@@ -17,6 +17,7 @@ peer cannot starve the other tasks.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket as _stdsocket
 from collections.abc import Callable
@@ -41,9 +42,54 @@ PDU_COST = 4096
 GROW_BYTES = 64 << 10
 _TCP_QUICKACK = getattr(_stdsocket, "TCP_QUICKACK", None)
 
+log = logging.getLogger("capacitor_trio.dicom")
+
 
 class PeerClosed(Exception):
     """The peer closed the connection (or it broke)."""
+
+
+class OverBudget(PduError):
+    """A PDU's buffer would take the listener's `BufferBudget` over its limit: the connection
+    is aborted (the budget logs it, once per burst)."""
+
+
+class BufferBudget:
+    """The bytes held in buffers of PDUs not received whole yet, over all the connections of a
+    listener, up to `limit` (0: no limit). A transport charges its buffer as it grows (a few
+    times per large PDU, never per receive) and releases it when the PDU is whole or the read
+    ends: a peer that sends all of a PDU but its last byte and waits holds the buffer, and many
+    such peers are refused beyond the limit instead of taking the process's memory.
+
+    The first `GROW_BYTES` of each buffer are not charged: PDUs of up to 64 KiB (storescu's
+    are 16 KiB) are never refused, however full the budget, and what they hold is bounded by
+    the number of connections the process can have open (64 KiB each)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.refused = 0
+        self._warned = False  # a refusal has been logged (once until the buffers ease)
+
+    def charge(self, n: int) -> None:
+        """Take `n` more bytes, or raise OverBudget (nothing taken)."""
+        if self.limit and self.held + n > self.limit:
+            self.refused += 1
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "DICOM: %d MiB held in PDUs not received whole yet (the limit is %d MiB): "
+                    "aborting the associations that ask for more (logged once until it eases)",
+                    self.held >> 20,
+                    self.limit >> 20,
+                )
+            raise OverBudget(f"PDU buffers over the listener's limit of {self.limit} bytes")
+        self.held += n
+
+    def release(self, n: int) -> None:
+        self.held -= n
+        if self.held <= self.limit // 2:
+            self._warned = False
 
 
 async def overdue(started: Callable[[], float | None], limit: float) -> float:
@@ -84,8 +130,16 @@ def tune_socket(sock: trio.socket.SocketType) -> None:
 
 
 class Transport:
-    def __init__(self, stream: trio.abc.Stream, *, receive_size: int = RECEIVE_SIZE) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        receive_size: int = RECEIVE_SIZE,
+        budget: BufferBudget | None = None,
+    ) -> None:
         self.stream = stream
+        #: what the buffers of PDUs not received whole are charged to (None: nothing)
+        self._budget = budget
         self._sock: trio.socket.SocketType | None = (
             stream.socket if isinstance(stream, trio.SocketStream) else None
         )
@@ -177,7 +231,9 @@ class Transport:
         Memory follows the bytes that arrived, not the length field: a PDU that is not in the
         buffer yet is received into a buffer that starts at what is there (at least
         `GROW_BYTES`) and doubles as it fills, so a peer that claims 2 MiB and sends 6 bytes
-        holds 64 KiB, and one that sends half a PDU holds at most what it sent, twice over. A
+        holds 64 KiB, and one that sends half a PDU holds at most what it sent, twice over. That
+        buffer is charged to the transport's `BufferBudget` as it grows beyond `GROW_BYTES`, and
+        released when the PDU is whole or the read ends (OverBudget beyond its limit). A
         PDU taken whole from the buffer costs `PDU_COST` towards the next yield: a stream of
         tiny PDUs received in one go cannot keep the other tasks waiting either."""
         buf = self._buf
@@ -201,13 +257,27 @@ class Transport:
         # The rest of a PDU: received straight into the buffer that becomes its body.
         del buf[:6]  # O(1) at the start of a bytearray
         big, self._buf = buf, bytearray()
+        return pdu_type, await self._receive_rest(big, length)
+
+    async def _receive_rest(self, big: bytearray, length: int) -> bytearray:
+        """`big` (the start of a PDU body of `length` bytes) with the rest received into it."""
         have = len(big)
-        while have < length:
-            if have == len(big):  # full: grow (no view of it may be alive)
-                big += bytes(min(length, max(2 * have, GROW_BYTES)) - have)
-            with memoryview(big) as mv:
-                have += await self._receive_into(mv[have:])
-        return pdu_type, big
+        budget = self._budget
+        charged = 0
+        try:
+            while have < length:
+                if have == len(big):  # full: grow (no view of it may be alive)
+                    grown = min(length, max(2 * have, GROW_BYTES))
+                    if budget is not None and grown > GROW_BYTES:
+                        budget.charge(grown - GROW_BYTES - charged)
+                        charged = grown - GROW_BYTES
+                    big += bytes(grown - have)
+                with memoryview(big) as mv:
+                    have += await self._receive_into(mv[have:])
+        finally:
+            if charged:
+                budget.release(charged)  # type: ignore[union-attr]
+        return big
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send `data`, whole PDUs (callers never split one over two calls)."""

@@ -22,6 +22,7 @@ import trio
 from pydicom.filereader import read_dataset
 
 from capacitor_trio.domain.instance import InstanceHeader
+from capacitor_trio.limiter import run_var_limiter
 
 from .part10 import (
     _ITEM,
@@ -309,7 +310,7 @@ def _pydicom_prefix(fp: BinaryIO, transfer_syntax_uid: str) -> InstanceHeader:
 
 #: header walks that run at once in worker threads (each holds at most a few hundred KiB)
 _HEADER_THREADS = 2
-_header_limiter: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("header_limiter")
+_header_limiter = run_var_limiter("capacitor_trio_header_walk", _HEADER_THREADS)
 #: a data set up to this size (not deflated) is walked on the loop: even read by pydicom, a few
 #: hundred elements at most (≈ 25 ms), less than a worker thread's hand-over for most
 ON_LOOP_BYTES = 4096
@@ -322,11 +323,6 @@ async def read_header_off_loop(
     worker thread (at most `_HEADER_THREADS` at once), since up to its limits it is costly."""
     if size <= ON_LOOP_BYTES and transfer_syntax != DEFLATED_EXPLICIT_VR_LE:
         return read_header(source, transfer_syntax, limits)
-    try:
-        limiter = _header_limiter.get()
-    except LookupError:
-        limiter = trio.CapacityLimiter(_HEADER_THREADS)
-        _header_limiter.set(limiter)
     return await trio.to_thread.run_sync(
-        read_header, source, transfer_syntax, limits, limiter=limiter
+        read_header, source, transfer_syntax, limits, limiter=_header_limiter()
     )
