@@ -83,12 +83,15 @@ class Sizes:
     api_flood: int = 1100
     bomb: int = 2 << 30
     attack_limit: float = 240.0
+    #: the stall target (a wall-clock figure) is held only in the long run, on a machine left
+    #: to it; the short run in the suite reports stalls without failing on them
+    stall_target: bool = False
 
     @classmethod
     def pick(cls, soak: bool) -> Sizes:
         if soak:
             return cls(hold=20.0, claimed_pdata=400, held_pdata=400, items=2_000_000, big_rqs=60,
-                       empty_pdv_pdus=20, attack_limit=600.0)
+                       empty_pdv_pdus=20, attack_limit=600.0, stall_target=True)
         return cls(hold=5.0)
 
 
@@ -207,7 +210,7 @@ async def run_phase(h: Harness, phase: Phase) -> Row:
         after = None
     else:
         after = await h.loop_metrics()
-    _stalls(row, before, after, lines, killed=rss.blown, target=phase.stall_target)
+    _stalls(row, before, after, lines, killed=rss.blown, target=phase.stall_target and h.sizes.stall_target)
     _storescu(row, sender, phase)
     await _delivery(row, h, warm.acked + sender.acked)
     if row.rss_peak * MB >= RSS_TARGET:
