@@ -152,12 +152,7 @@ class _Receiver:
         """The temporary file cannot be written (ENOSPC, EIO…): drop it, keep reading the data
         set, and answer 0xA700 (Out of Resources) at its end."""
         log.warning("C-STORE from %s refused: cannot write %s: %s", self.calling_ae, inc.path, exc)
-        if inc.fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(inc.fd)
-            inc.fd = None
-        _unlink(inc.path)
-        inc.path = None
+        _drop_file(inc)
         inc.refusal = (S.OUT_OF_RESOURCES, f"cannot store the data set: {exc.strerror or exc}")
 
     async def _data_fragment(self, fragment: DataFragment) -> None:
@@ -280,13 +275,18 @@ class _Receiver:
         self.incoming = None
         if inc is None:
             return
-        if inc.fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(inc.fd)
-            inc.fd = None
-        _unlink(inc.path)
-        inc.path = None
+        _drop_file(inc)
         inc.mem = None
+
+
+def _drop_file(inc: _Incoming) -> None:
+    """Close and remove the temporary file a data set was being written to, if any."""
+    if inc.fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(inc.fd)
+        inc.fd = None
+    _unlink(inc.path)
+    inc.path = None
 
 
 def _write_fd(fd: int, data: bytes | bytearray | memoryview) -> None:
