@@ -38,7 +38,7 @@ from capacitor_trio.dicom.listener import serve_acceptor
 from capacitor_trio.dicom.sender_process import SenderProcess
 from capacitor_trio.logs import RingBufferHandler
 from capacitor_trio.loopwatch import LoopLag
-from capacitor_trio.store import StoreInUse, open_store
+from capacitor_trio.store import Store, StoreInUse, open_store
 
 log = logging.getLogger("capacitor_trio")
 
@@ -57,7 +57,7 @@ class Router:
     #: the configuration and nodes in force (replaced whole by a node edit or a reload; tasks
     #: may wait on it). Pass Settings or an AsyncValue of them.
     in_force: AsyncValue[Settings] = attrs.field(converter=_in_force)
-    store: Any
+    store: Store
     supervisor: Supervisor
     receiver: Receiver
     service: ServiceFlags

@@ -39,6 +39,7 @@ from capacitor_trio.actors.messages import (
     NodeUnavailable,
     Resume,
     UpdateNode,
+    required_state,
 )
 from capacitor_trio.actors.reload import ReloadReport, reload_configuration
 from capacitor_trio.config.load import check_node_set
@@ -179,7 +180,7 @@ class Control:
             return await store.delete(item_id)
         if action == "retry":
             return await store.retry(item_id)
-        return await store.move(item_id, {"fail": FAILED, "reject": REJECTED}.get(action, target))
+        return await store.move(item_id, required_state({"fail": FAILED, "reject": REJECTED}.get(action, target), action))
 
     async def bulk(self, command: BulkCommand) -> int:
         """`command` in every node actor concerned, and here for destinations without an actor;
@@ -211,9 +212,9 @@ class Control:
                 continue
             g = attrs.evolve(f, destination=dest.ae_title, role=dest.role)
             if command.action == "move":
-                total += await store.move_where(g, command.target_state)
+                total += await store.move_where(g, required_state(command.target_state, command.action))
             elif command.action == "retry":
-                total += await store.retry_where(g, command.from_state)
+                total += await store.retry_where(g, required_state(command.from_state, command.action))
             else:
                 total += await store.delete_where(g)
         return total
@@ -247,3 +248,4 @@ class Control:
 
     async def reload(self) -> ReloadReport:
         return await reload_configuration(self.router)
+

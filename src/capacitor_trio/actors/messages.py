@@ -8,7 +8,7 @@ import attrs
 import trio
 
 from capacitor_trio.config.models import Node
-from capacitor_trio.store.model import Counts
+from capacitor_trio.store.model import Counts, ItemFilter
 
 
 class NodeUnavailable(Exception):
@@ -17,6 +17,14 @@ class NodeUnavailable(Exception):
 
 class CommandRefused(Exception):
     """The actor refused the command in its current state (API: 409)."""
+
+
+def required_state(state: str | None, action: str) -> str:
+    """The state an item or bulk command names; one that needs a state and names none is
+    refused."""
+    if state is None:
+        raise CommandRefused(f"{action} needs a state")
+    return state
 
 
 @attrs.frozen
@@ -81,10 +89,10 @@ class ItemCommand:
 class BulkCommand:
     """An operator action on every item of this node matching a filter: move, retry, delete.
 
-    `filter` is a store ItemFilter; the actor narrows it to its own destination."""
+    The actor narrows `filter` to its own destination."""
 
     action: str
-    filter: Any
+    filter: ItemFilter
     target_state: str | None = None
     from_state: str | None = None
 

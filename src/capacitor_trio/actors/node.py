@@ -60,6 +60,7 @@ from capacitor_trio.actors.messages import (
     Resume,
     SetOverride,
     UpdateNode,
+    required_state,
 )
 from capacitor_trio.actors.prepare import NodePreparer
 from capacitor_trio.actors.sending import RECORD_IDLE as RECORD_IDLE
@@ -324,7 +325,7 @@ class NodeActor:
             result = await store.retry(cmd.item_id)
         elif cmd.action in ("fail", "reject", "move"):
             target = {"fail": FAILED, "reject": REJECTED}.get(cmd.action, cmd.target_state)
-            result = await store.move(cmd.item_id, _state_given(target, cmd.action))
+            result = await store.move(cmd.item_id, required_state(target, cmd.action))
         else:
             raise CommandRefused(f"unknown item action {cmd.action}")
         self._after_operator_change(cmd.action == "retry" or _is_new(cmd.target_state))
@@ -334,9 +335,9 @@ class NodeActor:
         store = self.ctx.store
         f = attrs.evolve(cmd.filter, destination=self.node.ae_title, role=self.node.role)
         if cmd.action == "move":
-            n = await store.move_where(f, _state_given(cmd.target_state, cmd.action))
+            n = await store.move_where(f, required_state(cmd.target_state, cmd.action))
         elif cmd.action == "retry":
-            n = await store.retry_where(f, _state_given(cmd.from_state, cmd.action))
+            n = await store.retry_where(f, required_state(cmd.from_state, cmd.action))
         elif cmd.action == "delete":
             n = await store.delete_where(f)
         else:
@@ -463,12 +464,6 @@ class NodeActor:
 def _parsed_schedule(windows: tuple[str, ...]) -> Schedule:
     return parse_schedule(windows)
 
-
-def _state_given(state: str | None, action: str) -> str:
-    """The state a command names; a command that needs one and names none is refused."""
-    if state is None:
-        raise CommandRefused(f"{action} needs a state")
-    return state
 
 
 def _is_new(state: object) -> bool:
