@@ -46,9 +46,11 @@ from capacitor_trio.config.load import check_node_set
 from capacitor_trio.config.models import Node
 from capacitor_trio.config.nodes_file import PlannedEdit, plan_edit
 from capacitor_trio.dicom.requestor import EchoResult, Peer
+from capacitor_trio.domain.instance import Destination
 from capacitor_trio.domain.states import FAILED, REJECTED
 
 if TYPE_CHECKING:
+    from capacitor_trio.actors.supervisor import Supervisor
     from capacitor_trio.runtime import Router
 
 log = logging.getLogger("capacitor_trio.control")
@@ -76,12 +78,19 @@ class Control:
         self.router = router
 
     @property
-    def _supervisor(self) -> Any:
+    def _supervisor(self) -> Supervisor:
         return self.router.supervisor
 
     def handle(self, node: Node) -> NodeHandle | None:
-        handle: NodeHandle | None = self._supervisor.handle(node.ae_title, node.role)
-        return handle
+        return self._supervisor.handle(node.ae_title, node.role)
+
+    async def _destinations_without_actor(self, only: str | None = None) -> list[Destination]:
+        """Destinations with items but no node actor (a node removed from nodes.yml, a role
+        without a queue): their items are changed here, since nothing can be sending them."""
+        return [
+            d for d in await self.router.store.destinations()
+            if self._supervisor.handle(d.ae_title, d.role) is None and only in (None, d.ae_title)
+        ]
 
     def _need_handle(self, node: Node) -> NodeHandle:
         handle = self.handle(node)
@@ -194,22 +203,18 @@ class Control:
                 total += int(await handle.call(command, timeout=BULK_TIMEOUT))
             except NodeUnavailable:
                 unavailable.append(handle.ae_title)
-        total += await self._bulk_without_actor(command, {h.destination for h in handles})
+        total += await self._bulk_without_actor(command)
         if unavailable:
             raise PartlyDone(
                 f"changed {total} item(s), but node(s) {', '.join(unavailable)} did not answer; try again"
             )
         return total
 
-    async def _bulk_without_actor(self, command: BulkCommand, with_actor: set[Any]) -> int:
+    async def _bulk_without_actor(self, command: BulkCommand) -> int:
         store = self.router.store
         f = command.filter
         total = 0
-        for dest in await store.destinations():
-            if dest in with_actor or self._supervisor.handle(dest.ae_title, dest.role) is not None:
-                continue
-            if f.destination not in (None, dest.ae_title):
-                continue
+        for dest in await self._destinations_without_actor(f.destination):
             g = attrs.evolve(f, destination=dest.ae_title, role=dest.role)
             if command.action == "move":
                 total += await store.move_where(g, required_state(command.target_state, command.action))
@@ -223,21 +228,17 @@ class Control:
         """expiryThreshold: every node actor expires its own old items; items of destinations
         without an actor are expired here. A node that does not answer is left for next time."""
         total = 0
-        handles = self._supervisor.handles
-        for handle in handles:
+        for handle in self._supervisor.handles:
             with contextlib.suppress(NodeUnavailable):
                 total += int(await handle.call(Expire(threshold_seconds), timeout=BULK_TIMEOUT))
-        store = self.router.store
-        with_actor = {h.destination for h in handles}
-        for dest in await store.destinations():
-            if dest not in with_actor:
-                moved = await store.expire(self.router.clock(), threshold_seconds, dest)
-                if moved:
-                    log.warning(
-                        "%d item(s) for %s (no such node now) older than expiryThreshold (%d s) "
-                        "moved to expired", moved, dest.ae_title, threshold_seconds,
-                    )
-                total += moved
+        for dest in await self._destinations_without_actor():
+            moved = await self.router.store.expire(self.router.clock(), threshold_seconds, dest)
+            if moved:
+                log.warning(
+                    "%d item(s) for %s (no such node now) older than expiryThreshold (%d s) "
+                    "moved to expired", moved, dest.ae_title, threshold_seconds,
+                )
+            total += moved
         return total
 
     # ---- service ------------------------------------------------------------------------------

@@ -55,8 +55,8 @@ def processing_status(
     nodes: Sequence[NodeProcessing],
 ) -> ProcessingStatus:
     """The status from its inputs: `checked_out` items in flight, `preparing` preparation
-    passes running, `ripe_unprepared` whether an item waits ripe for the preparer (only with
-    prepare on), and every node actor."""
+    passes running, `ripe_unprepared` whether an item waits ripe for its node's prepare stage
+    (only with prepare on), and every node actor."""
     active = sum(n.sends_in_progress for n in nodes) + preparing
     ready = ripe_unprepared or any(n.ready for n in nodes)
     return ProcessingStatus(
