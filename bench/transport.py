@@ -2,6 +2,12 @@
 """DICOM transport benchmark: our Trio upper layer against DCMTK, measured in the same run.
 
 Usage:  .venv/bin/python bench/transport.py [--rounds 3] [--corpus L,S] [--skip-pynetdicom]
+                                           [--compare-src TREE]
+
+With --compare-src TREE (the root of another checkout, e.g. a git worktree of an older commit),
+every scenario that runs our code runs a second time from that tree's bench/transport.py and src/,
+interleaved in the same round, and the table gives its rows marked [before] and the ratio of ours
+to it.
 
 Scenarios (images/s and MB/s, median of interleaved rounds, ratio to the reference; each after an
 `os.sync()`, untimed, so that none runs while the kernel writes back what the one before wrote,
@@ -280,10 +286,27 @@ def run_storescu(port: int, d: Path, *, nodelay: bool, aec: str) -> float:
     return elapsed
 
 
+# The checkout whose acceptor and requestor the current scenario runs (--compare-src): None is
+# this one. Set by main() around each scenario; the child processes read nothing else from it.
+_tree: Path | None = None
+
+
+def our_script() -> tuple[list[str], dict[str, str]]:
+    """The command prefix and extra environment that start our code from the current tree."""
+    if _tree is None:
+        return [PY, __file__], {}
+    return [PY, str(_tree / "bench" / "transport.py")], {"PYTHONPATH": str(_tree / "src")}
+
+
 class Server:
-    def __init__(self, argv: list[str], port: int, nodelay: bool = True) -> None:
+    def __init__(
+        self, argv: list[str], port: int, nodelay: bool = True, extra: dict[str, str] | None = None
+    ) -> None:
         self.proc = subprocess.Popen(
-            argv, env=env(nodelay), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            argv,
+            env=env(nodelay) | (extra or {}),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         self.port = port
         wait_listening(port, self.proc)
@@ -304,18 +327,25 @@ def storescp(out: Path, nodelay: bool = True) -> Server:
 
 def our_acceptor(out: Path, durable: bool, store: bool = False, steady: bool = False) -> Server:
     port = free_port()
+    script, extra = our_script()
     argv = (
-        [PY, __file__, "--serve-acceptor", str(port), str(out)]
+        script
+        + ["--serve-acceptor", str(port), str(out)]
         + (["--durable"] if durable else [])
         + (["--store"] if store else [])
         + (["--steady"] if steady else [])
     )
-    return Server(argv, port)
+    return Server(argv, port, extra=extra)
 
 
 def run_requestor(port: int, d: Path, ae: str = "STORESCP") -> float:
+    script, extra = our_script()
     r = subprocess.run(
-        [PY, __file__, "--send", str(port), str(d), ae], capture_output=True, check=False, text=True
+        [*script, "--send", str(port), str(d), ae],
+        capture_output=True,
+        check=False,
+        text=True,
+        env=dict(os.environ) | extra,
     )
     if r.returncode != 0:
         raise RuntimeError(f"requestor failed: {r.stderr[-1500:]}")
@@ -435,6 +465,9 @@ SCENARIOS = {
     "req-nagle": ("our requestor -> storescp (Nagle on)", sc_req_nagle),
     "pyn": ("pynetdicom SCU -> pynetdicom SCP", sc_pyn),
 }
+
+# the scenarios that run our acceptor or requestor (the ones --compare-src runs twice)
+OURS = {"acc", "acc-dur", "acc-store", "acc-steady", "req", "acc-nagle", "req-nagle"}
 
 
 # ----------------------------------------------------------------------------- child processes
@@ -632,6 +665,11 @@ def main() -> None:
     ap.add_argument("--corpus", default="L,S")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--skip-pynetdicom", action="store_true")
+    ap.add_argument(
+        "--compare-src",
+        type=Path,
+        help="also run our scenarios from this checkout's bench/ and src/, interleaved",
+    )
     ap.add_argument("--serve-acceptor", nargs=2, metavar=("PORT", "OUT"))
     ap.add_argument("--durable", action="store_true")
     ap.add_argument(
@@ -667,23 +705,53 @@ def main() -> None:
     before = calibrate(OUT.parent)  # untimed; printed with the figures
     print(before, file=sys.stderr)
     warm_up(next(iter(corpora.values())))
+    global _tree
+    trees: list[Path | None] = [None]
+    if args.compare_src:
+        trees.append(args.compare_src.resolve())
+    runs = [(n, t) for n in names for t in (trees if n in OURS else [None])]
     times: dict[tuple[str, str], list[float]] = {}
     for rnd in range(args.rounds):
         for cname, d in corpora.items():
-            for name in names:
+            # the two trees swap places every other round, so that neither always runs first
+            order = runs if rnd % 2 == 0 else _swap_trees(runs)
+            for name, tree in order:
                 settle()
+                _tree = tree
                 t = SCENARIOS[name][1](d)
-                times.setdefault((cname, name), []).append(t)
+                _tree = None
+                label = name + (" [before]" if tree else "")
+                times.setdefault((cname, label), []).append(t)
                 print(
-                    f"round {rnd + 1} {cname} {name:10s} {len(corpus_files(d)) / t:8.1f} img/s",
+                    f"round {rnd + 1} {cname} {label:19s} {len(corpus_files(d)) / t:8.1f} img/s",
                     file=sys.stderr,
                 )
     print(
         f"\n{args.rounds} interleaved rounds, medians; ratio = to the DCMTK reference in this run\n"
     )
     print(f"before the runs, {before}\nafter the runs, {calibrate(OUT.parent)}\n")
-    print("| scenario | corpus | img/s | MB/s | ratio to ref | ratio to fsync loop |")
-    print("|---|---|---|---|---|---|")
+    print_table(corpora, runs, times)
+
+
+def _swap_trees(runs: list[tuple[str, Path | None]]) -> list[tuple[str, Path | None]]:
+    """The same runs with each scenario's two trees in the other order."""
+    out = list(runs)
+    for i in range(len(out) - 1):
+        if out[i][0] == out[i + 1][0]:
+            out[i], out[i + 1] = out[i + 1], out[i]
+    return out
+
+
+def print_table(
+    corpora: dict[str, Path],
+    runs: list[tuple[str, Path | None]],
+    times: dict[tuple[str, str], list[float]],
+) -> None:
+    print(
+        "| scenario | corpus | img/s | MB/s | ratio to ref | ratio to fsync loop "
+        "| ratio to [before] |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for cname, d in corpora.items():
         n = len(corpus_files(d))
         mb = corpus_bytes(d) / 1e6
@@ -693,12 +761,17 @@ def main() -> None:
             if (cname, "fsync-loop") in times
             else None
         )
-        for name in names:
-            t = statistics.median(times[(cname, name)])
+        for name, tree in runs:
+            label = name + (" [before]" if tree else "")
+            t = statistics.median(times[(cname, label)])
             durable = name in ("acc-dur", "acc-store", "acc-steady")
             vs_loop = f"{loop / t:.2f}x" if loop and durable else ""
+            other = times.get((cname, name + " [before]"))
+            vs_before = f"{statistics.median(other) / t:.3f}x" if other and not tree else ""
+            title = SCENARIOS[name][0] + (" [before]" if tree else "")
             print(
-                f"| {SCENARIOS[name][0]} | {cname} | {n / t:.0f} | {mb / t:.1f} | {ref / t:.2f}x | {vs_loop} |"
+                f"| {title} | {cname} | {n / t:.0f} | {mb / t:.1f} | {ref / t:.2f}x | {vs_loop} "
+                f"| {vs_before} |"
             )
 
 
