@@ -289,6 +289,10 @@ def run_storescu(port: int, d: Path, *, nodelay: bool, aec: str) -> float:
 # The checkout whose acceptor and requestor the current scenario runs (--compare-src): None is
 # this one. Set by main() around each scenario; the child processes read nothing else from it.
 _tree: Path | None = None
+# CPU seconds (user + system) our acceptor or requestor process used in the current scenario:
+# with --compare-src, a before/after figure far less sensitive to the machine's noise than
+# throughput. Reset by main() before each scenario.
+_our_cpu = 0.0
 
 
 def our_script() -> tuple[list[str], dict[str, str]]:
@@ -310,6 +314,13 @@ class Server:
         )
         self.port = port
         wait_listening(port, self.proc)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU the server process has used so far."""
+        import psutil
+
+        t = psutil.Process(self.proc.pid).cpu_times()
+        return t.user + t.system
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -339,7 +350,11 @@ def our_acceptor(out: Path, durable: bool, store: bool = False, steady: bool = F
 
 
 def run_requestor(port: int, d: Path, ae: str = "STORESCP") -> float:
+    global _our_cpu
+    import resource
+
     script, extra = our_script()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = subprocess.run(
         [*script, "--send", str(port), str(d), ae],
         capture_output=True,
@@ -347,6 +362,8 @@ def run_requestor(port: int, d: Path, ae: str = "STORESCP") -> float:
         text=True,
         env=dict(os.environ) | extra,
     )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    _our_cpu += (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if r.returncode != 0:
         raise RuntimeError(f"requestor failed: {r.stderr[-1500:]}")
     return float(r.stdout.strip().splitlines()[-1])
@@ -367,10 +384,13 @@ def sc_ref(d: Path) -> float:
 def _acc(
     d: Path, *, durable: bool, nodelay: bool, store: bool = False, steady: bool = False
 ) -> float:
+    global _our_cpu
     out = fresh_dir("acc")
     srv = our_acceptor(out, durable, store, steady)
     try:
-        return run_storescu(srv.port, d, nodelay=nodelay, aec="CAPACITOR")
+        elapsed = run_storescu(srv.port, d, nodelay=nodelay, aec="CAPACITOR")
+        _our_cpu += srv.cpu_seconds()
+        return elapsed
     finally:
         srv.stop()
 
@@ -705,23 +725,25 @@ def main() -> None:
     before = calibrate(OUT.parent)  # untimed; printed with the figures
     print(before, file=sys.stderr)
     warm_up(next(iter(corpora.values())))
-    global _tree
+    global _tree, _our_cpu
     trees: list[Path | None] = [None]
     if args.compare_src:
         trees.append(args.compare_src.resolve())
     runs = [(n, t) for n in names for t in (trees if n in OURS else [None])]
     times: dict[tuple[str, str], list[float]] = {}
+    cpus: dict[tuple[str, str], list[float]] = {}
     for rnd in range(args.rounds):
         for cname, d in corpora.items():
             # the two trees swap places every other round, so that neither always runs first
             order = runs if rnd % 2 == 0 else _swap_trees(runs)
             for name, tree in order:
                 settle()
-                _tree = tree
+                _tree, _our_cpu = tree, 0.0
                 t = SCENARIOS[name][1](d)
                 _tree = None
                 label = name + (" [before]" if tree else "")
                 times.setdefault((cname, label), []).append(t)
+                cpus.setdefault((cname, label), []).append(_our_cpu)
                 print(
                     f"round {rnd + 1} {cname} {label:19s} {len(corpus_files(d)) / t:8.1f} img/s",
                     file=sys.stderr,
@@ -731,6 +753,38 @@ def main() -> None:
     )
     print(f"before the runs, {before}\nafter the runs, {calibrate(OUT.parent)}\n")
     print_table(corpora, runs, times)
+    if len(trees) > 1:
+        print_comparison(corpora, runs, times, cpus)
+
+
+def print_comparison(
+    corpora: dict[str, Path],
+    runs: list[tuple[str, Path | None]],
+    times: dict[tuple[str, str], list[float]],
+    cpus: dict[tuple[str, str], list[float]],
+) -> None:
+    """This tree against --compare-src's, scenario by scenario: the median and spread of the
+    per-round throughput ratios (the two runs of a round are neighbours in time, so they met
+    the same machine), and our process's CPU per image in each."""
+    print(
+        "\n| scenario | corpus | throughput ratio to [before], per round: median (min-max) "
+        "| our CPU/img | [before] CPU/img | CPU ratio |"
+    )
+    print("|---|---|---|---|---|---|")
+    for cname, d in corpora.items():
+        n = len(corpus_files(d))
+        for name, tree in runs:
+            if tree is not None or (cname, name + " [before]") not in times:
+                continue
+            ours, theirs = times[(cname, name)], times[(cname, name + " [before]")]
+            ratios = [b / a for a, b in zip(ours, theirs, strict=True)]
+            cpu = statistics.median(cpus[(cname, name)]) / n
+            cpu_before = statistics.median(cpus[(cname, name + " [before]")]) / n
+            print(
+                f"| {SCENARIOS[name][0]} | {cname} | {statistics.median(ratios):.3f}x "
+                f"({min(ratios):.2f}-{max(ratios):.2f}) | {1000 * cpu:.3f} ms "
+                f"| {1000 * cpu_before:.3f} ms | {cpu_before / cpu:.3f}x |"
+            )
 
 
 def _swap_trees(runs: list[tuple[str, Path | None]]) -> list[tuple[str, Path | None]]:

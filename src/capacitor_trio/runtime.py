@@ -18,7 +18,6 @@ import resource
 import signal
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import attrs
 import trio
@@ -26,7 +25,7 @@ from trio_util import AsyncValue
 
 from capacitor_trio import gctune
 from capacitor_trio.actors.control import Control
-from capacitor_trio.actors.node import NodeContext
+from capacitor_trio.actors.node import NodeContext, Sender
 from capacitor_trio.actors.receiver import Receiver
 from capacitor_trio.actors.service import ServiceFlags
 from capacitor_trio.actors.supervisor import Supervisor
@@ -90,7 +89,7 @@ async def run_router(
     *,
     clock: Callable[[], float] = time.time,
     ring: RingBufferHandler | None = None,
-    sender: Any = None,
+    sender: Sender | None = None,
     settle_gc: bool = False,
     watch_loop: bool = False,
     task_status: trio.TaskStatus[Router] = trio.TASK_STATUS_IGNORED,

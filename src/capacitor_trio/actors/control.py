@@ -31,6 +31,7 @@ import trio
 from capacitor_trio.actors.handle import NodeHandle
 from capacitor_trio.actors.messages import (
     BulkCommand,
+    Command,
     CommandRefused,
     Echo,
     Expire,
@@ -48,6 +49,7 @@ from capacitor_trio.config.nodes_file import PlannedEdit, plan_edit
 from capacitor_trio.dicom.requestor import EchoResult, Peer
 from capacitor_trio.domain.instance import Destination
 from capacitor_trio.domain.states import FAILED, REJECTED
+from capacitor_trio.store.model import Item
 
 if TYPE_CHECKING:
     from capacitor_trio.actors.supervisor import Supervisor
@@ -100,10 +102,9 @@ class Control:
 
     # ---- nodes --------------------------------------------------------------------------------
 
-    async def node_command(self, node: Node, command: object) -> NodeStatus:
+    async def node_command(self, node: Node, command: Command[NodeStatus]) -> NodeStatus:
         """Pause, SetOverride, GetStatus: answered by the node's actor."""
-        status: NodeStatus = await self._need_handle(node).call(command)
-        return status
+        return await self._need_handle(node).call(command)
 
     async def resume(self, node: Node) -> NodeStatus:
         """Resume; a failed node is restarted first (the operator's explicit restart)."""
@@ -119,13 +120,13 @@ class Control:
 
     async def echo(self, node: Node) -> EchoResult:
         handle = self.handle(node)
+        result: EchoResult | None = None
         if handle is not None:
             result = await handle.call(Echo(timeout=ECHO_TIMEOUT), timeout=ECHO_TIMEOUT + 2)
         else:  # a node without a queue (QueryRetrieve, …): echoed from here
             sender = self._supervisor.ctx.sender
             peer = Peer(node.ae_title, node.host_name, node.port)
             my_ae = self.router.settings.config.my_ae_title
-            result = None
             with trio.move_on_after(ECHO_TIMEOUT + 1):
                 result = await sender.echo(peer, my_ae, timeout=ECHO_TIMEOUT)
             if result is None:
@@ -178,7 +179,7 @@ class Control:
 
     # ---- items --------------------------------------------------------------------------------
 
-    async def item_action(self, item_id: int, action: str, target: str | None = None) -> Any:
+    async def item_action(self, item_id: int, action: str, target: str | None = None) -> Item | None:
         """fail, reject, retry, move or delete one item, by the actor that owns it."""
         store = self.router.store
         item = await store.get_item(item_id)
@@ -186,7 +187,8 @@ class Control:
         if handle is not None:
             return await handle.call(ItemCommand(action, item_id, target))
         if action == "delete":
-            return await store.delete(item_id)
+            await store.delete(item_id)
+            return None
         if action == "retry":
             return await store.retry(item_id)
         return await store.move(item_id, required_state({"fail": FAILED, "reject": REJECTED}.get(action, target), action))

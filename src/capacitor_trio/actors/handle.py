@@ -8,18 +8,20 @@ deadline; a node that is restarting or failed refuses at once instead of hanging
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import trio
 from trio_util import AsyncValue
 
-from capacitor_trio.actors.messages import Call, NodeUnavailable, Reply
+from capacitor_trio.actors.messages import Call, Command, NodeUnavailable, Reply
 from capacitor_trio.actors.wakeup import Wakeup
 from capacitor_trio.config.models import Node
 from capacitor_trio.domain.instance import Destination
 
 if TYPE_CHECKING:
     from capacitor_trio.actors.prepare import NodePreparer
+
+R = TypeVar("R")
 
 #: Default time a caller waits for an actor's reply.
 REPLY_TIMEOUT = 5.0
@@ -63,7 +65,7 @@ class NodeHandle:
         """Forget earlier wake-ups (the actor is about to look at its queue)."""
         self._wake.clear()
 
-    async def call(self, command: Any, *, timeout: float = REPLY_TIMEOUT) -> Any:  # noqa: ASYNC109 (a reply deadline is the caller's choice)
+    async def call(self, command: Command[R], *, timeout: float = REPLY_TIMEOUT) -> R:  # noqa: ASYNC109 (a reply deadline is the caller's choice)
         """Send `command`, wait for the reply; raise what the actor raised, or NodeUnavailable."""
         status = self.status.value
         if status != "running":
@@ -79,10 +81,11 @@ class NodeHandle:
             raise NodeUnavailable(f"node {self.ae_title} did not answer within {timeout:g} s")
         if reply.error is not None:
             raise reply.error
-        return reply.value
+        # the actor answers each command with its own reply type (actors/node.py)
+        return cast(R, reply.value)
 
 
-def answer(call: Call, value: Any = None, error: BaseException | None = None) -> None:
+def answer(call: Call, value: object = None, error: BaseException | None = None) -> None:
     """Reply to a call; a caller that has gone away is ignored."""
     with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
         call.reply_to.send_nowait(Reply(value, error))

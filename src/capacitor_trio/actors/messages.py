@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Generic, TypeVar
 
 import attrs
 import trio
 
 from capacitor_trio.config.models import Node
-from capacitor_trio.store.model import Counts, ItemFilter
+from capacitor_trio.dicom.verification import EchoResult
+from capacitor_trio.store.model import Counts, Item, ItemFilter
+
+#: what a command's reply carries
+R_co = TypeVar("R_co", covariant=True)
 
 
 class NodeUnavailable(Exception):
@@ -27,58 +31,66 @@ def required_state(state: str | None, action: str) -> str:
     return state
 
 
-@attrs.frozen
-class Call:
-    """A command with the channel its single reply goes to."""
+class Command(Generic[R_co]):
+    """A command to a node actor whose reply value is an `R_co` (what `NodeHandle.call`
+    returns)."""
 
-    command: Any
-    reply_to: trio.MemorySendChannel[Any]
+    __slots__ = ()
 
 
 @attrs.frozen
 class Reply:
-    value: Any = None
+    value: object = None
     error: BaseException | None = None
+
+
+@attrs.frozen
+class Call:
+    """A command with the channel its single reply goes to."""
+
+    command: Command[object]
+    reply_to: trio.MemorySendChannel[Reply]
 
 
 # ---- node commands ---------------------------------------------------------------------------
 
 
 @attrs.frozen
-class GetStatus:
+class GetStatus(Command["NodeStatus"]):
     pass
 
 
 @attrs.frozen
-class Pause:
+class Pause(Command["NodeStatus"]):
     pass
 
 
 @attrs.frozen
-class Resume:
+class Resume(Command["NodeStatus"]):
     pass
 
 
 @attrs.frozen
-class SetOverride:
+class SetOverride(Command["NodeStatus"]):
     on: bool
 
 
 @attrs.frozen
-class Echo:
+class Echo(Command[EchoResult]):
     timeout: float = 10.0
 
 
 @attrs.frozen
-class UpdateNode:
+class UpdateNode(Command["NodeStatus"]):
     """Replace the node's settings; refused unless paused with nothing checked out."""
 
     node: Node
 
 
 @attrs.frozen
-class ItemCommand:
-    """An operator action on one item the node owns: fail, reject, retry, move, delete."""
+class ItemCommand(Command[Item | None]):
+    """An operator action on one item the node owns: fail, reject, retry, move, delete; the
+    reply is the item after it (None after delete)."""
 
     action: str
     item_id: int
@@ -86,7 +98,7 @@ class ItemCommand:
 
 
 @attrs.frozen
-class BulkCommand:
+class BulkCommand(Command[int]):
     """An operator action on every item of this node matching a filter: move, retry, delete.
 
     The actor narrows `filter` to its own destination."""
@@ -98,7 +110,7 @@ class BulkCommand:
 
 
 @attrs.frozen
-class Expire:
+class Expire(Command[int]):
     """Move this node's queued items (new, prepared, failed) received more than
     `threshold_seconds` ago to expired (`expiryThreshold`); the answer is how many."""
 

@@ -81,6 +81,7 @@ from capacitor_trio.domain.outcomes import Outcome
 from capacitor_trio.domain.schedule import Schedule, parse_schedule, schedule_gate
 from capacitor_trio.domain.states import FAILED, NEW, REJECTED
 from capacitor_trio.store import Counts, QueuePort
+from capacitor_trio.store.model import Item
 
 log = logging.getLogger("capacitor_trio.node")
 
@@ -259,7 +260,7 @@ class NodeActor:
         try:
             if isinstance(cmd, Expire):
                 answer(call, await self._expire(cmd))
-            else:
+            elif isinstance(cmd, BulkCommand):
                 answer(call, await self._bulk_command(cmd))
         except Exception as exc:  # the caller gets the error; the lane carries on
             answer(call, error=exc)
@@ -316,8 +317,9 @@ class NodeActor:
         self.handle.node = node
         log.info("node %s: settings updated", node.ae_title)
 
-    async def _item_command(self, cmd: ItemCommand) -> Any:
+    async def _item_command(self, cmd: ItemCommand) -> Item | None:
         store = self.ctx.store
+        result: Item | None
         if cmd.action == "delete":
             await store.delete(cmd.item_id)
             result = None
