@@ -46,13 +46,20 @@ def test_login_see_counts_change_and_pause_a_node(router: Router, page: Page) ->
     expect(fact(page, "DEAD", "lastError")).not_to_have_text("none")
     assert page.evaluate("performance.getEntriesByType('navigation').length") == 1  # no reload
 
+    # only the buttons that apply are shown (a running, unpaused node: no Resume, no Restart)
+    expect(card(page, "STORESCP").get_by_role("button", name="Resume")).to_be_hidden()
+    expect(card(page, "STORESCP").get_by_role("button", name="Restart")).to_be_hidden()
     # pause a node from its card: the API reports it paused
     card(page, "STORESCP").get_by_role("button", name="Pause").click()
     expect(fact(page, "STORESCP", "paused")).to_have_text("yes")
     assert router.get("/api/nodes/STORESCP")["paused"] is True
-    card(page, "STORESCP").get_by_role("button", name="Resume").click()
+    # with the keyboard: the card's Resume button is a real button, focusable and pressable
+    card(page, "STORESCP").get_by_role("button", name="Resume").focus()
+    page.keyboard.press("Enter")
     expect(fact(page, "STORESCP", "paused")).to_have_text("no")
     assert router.get("/api/nodes/STORESCP")["paused"] is False
+    # readable at 1280 x 800: nothing wider than the window
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280
 
 
 def test_retry_a_failed_item_from_the_queue_page(router: Router, page: Page) -> None:
@@ -63,6 +70,7 @@ def test_retry_a_failed_item_from_the_queue_page(router: Router, page: Page) -> 
     page.get_by_role("button", name="Apply").click()
     row = page.locator("#items tr").first
     expect(row).to_contain_text("failed")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 1280
     router.post("/api/nodes/DEAD/pause")  # so that the retried item waits instead of failing again
     item_id = int(row.get_attribute("data-item") or "0")
     row.get_by_role("button", name=f"Retry item {item_id}").click()
