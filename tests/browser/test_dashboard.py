@@ -123,6 +123,17 @@ def test_no_patient_name_without_login_and_log_out(router: Router, page: Page) -
     page.wait_for_url(lambda url: url == f"{router.base}/")
     page.goto(f"{router.base}/queue?dest=DEAD")
     expect(page.locator("#items tr").first.locator("td.patient")).to_contain_text("DOE JANE")
+    # Settings: the configuration with secrets redacted, nodes.yml, the filter files' placeholder
+    page.get_by_role("link", name="Settings").click()
+    expect(page.locator("#nodes-yml")).to_contain_text("AeTitle: STORESCP")
+    expect(page.get_by_role("row", name=re.compile(r"^api\.token"))).to_contain_text("<redacted>")
+    expect(page.locator("#filter-files")).to_contain_text("No filter files")
+    assert "browser-password" not in page.content()
+    # Logs: recent records with a level filter
+    page.get_by_role("link", name="Logs").click()
+    expect(page.locator("#log-lines")).to_contain_text("router ready")
+    page.get_by_label("Level at least").select_option("ERROR")
+    expect(page.locator("#log-lines")).not_to_contain_text("router ready")
     page.get_by_role("button", name="Log out").click()
     expect(page.get_by_role("link", name="Log in")).to_be_visible()
     page.goto(f"{router.base}/queue?dest=DEAD")
