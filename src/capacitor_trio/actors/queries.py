@@ -120,7 +120,7 @@ class StoreReads(Protocol):
 
     async def counts_by_destination(self) -> dict[Destination, Counts]: ...
 
-    async def oldest_waiting_by_destination(self) -> dict[Destination, float]: ...
+    async def oldest_waiting(self, destinations: list[Destination]) -> dict[Destination, float]: ...
 
     async def list_items(
         self, f: ItemFilter, *, skip: int = 0, limit: int = 100, newest_first: bool = False
@@ -175,7 +175,8 @@ class RouterReads:
 
     async def oldest_waiting_by_node(self) -> dict[NodeKey, float]:
         """When each node's oldest item waiting to be delivered arrived (wall time)."""
-        by_dest = await self._store.oldest_waiting_by_destination()
+        destinations = [Destination(n.ae_title, n.role) for n in self.router.nodes]
+        by_dest = await self._store.oldest_waiting(destinations)
         return {(d.ae_title, d.role): at for d, at in by_dest.items()}
 
     def now(self) -> float:

@@ -126,17 +126,27 @@ class Queries(StoreCore):
 
         return await self._read(q)
 
-    async def oldest_waiting_by_destination(self) -> dict[Destination, float]:
+    async def oldest_waiting(self, destinations: list[Destination]) -> dict[Destination, float]:
         """When the oldest item waiting to be delivered (new, prepared or failed: `QUEUED`) of
-        each destination that has one arrived."""
-        states = ", ".join(f"'{s.value}'" for s in QUEUED)
+        each of `destinations` that has one arrived. One index seek per destination, state and
+        checkout flag (the queue index ends in created_at), not a scan: the dashboard asks often."""
 
         def q(conn: sqlite3.Connection) -> dict[Destination, float]:
-            rows = conn.execute(
-                "SELECT destination_ae, destination_role, MIN(created_at) FROM items "
-                f"WHERE state IN ({states}) GROUP BY destination_ae, destination_role"
-            )
-            return {Destination(ae, role): float(at) for ae, role, at in rows if at is not None}
+            out: dict[Destination, float] = {}
+            for dest in destinations:
+                found = [
+                    conn.execute(
+                        "SELECT MIN(created_at) FROM items WHERE destination_ae = ? AND "
+                        "destination_role = ? AND state = ? AND checked_out = ?",
+                        (dest.ae_title, dest.role, state.value, checked_out),
+                    ).fetchone()[0]
+                    for state in QUEUED
+                    for checked_out in (0, 1)
+                ]
+                times = [float(t) for t in found if t is not None]
+                if times:
+                    out[dest] = min(times)
+            return out
 
         return await self._read(q)
 
