@@ -46,32 +46,63 @@ async def test_cookie_after_login_and_logout(start_router: StartRouter, scp: Sto
     assert "capacitor_session" not in r.client.cookies
 
     resp = await r.client.post("/api/auth/login", json={"password": PASSWORD})
-    assert data(resp) == {"authenticated": True}
+    session = data(resp)
+    assert session["authenticated"] is True
+    csrf = {"X-CSRF-Token": session["csrfToken"]}
     cookie = resp.headers["set-cookie"]
     sid = r.client.cookies["capacitor_session"]
-    assert PASSWORD not in cookie and len(sid) >= 32
+    assert PASSWORD not in cookie and len(sid) >= 32 and len(csrf["X-CSRF-Token"]) >= 32
+    assert sid != csrf["X-CSRF-Token"]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/" in cookie
-    data(await r.client.post("/api/nodes/PACS/pause"))  # the cookie is enough
+    data(await r.client.post("/api/nodes/PACS/pause", headers=csrf))  # the cookie and its token
 
     # another login gets another random session id
     other = httpx.AsyncClient(base_url=str(r.client.base_url))
     async with other:
-        await other.post("/api/auth/login", json={"password": PASSWORD})
-        assert other.cookies["capacitor_session"] != sid
+        other_csrf = data(await other.post("/api/auth/login", json={"password": PASSWORD}))["csrfToken"]
+        assert other.cookies["capacitor_session"] != sid and other_csrf != csrf["X-CSRF-Token"]
+        # another session's token is not this one's
+        error(await other.post("/api/nodes/PACS/resume", headers=csrf), "FORBIDDEN", 403)
         data(await other.post("/api/auth/logout"))
-        error(await other.post("/api/nodes/PACS/resume"), "FORBIDDEN", 403)
+        error(await other.post("/api/nodes/PACS/resume", headers={"X-CSRF-Token": other_csrf}), "FORBIDDEN", 403)
 
     # a forged cookie is refused
     forged = httpx.AsyncClient(base_url=str(r.client.base_url), cookies={"capacitor_session": sid[:-1] + ("B" if sid.endswith("A") else "A")})
     async with forged:
         error(await forged.post("/api/nodes/PACS/resume"), "FORBIDDEN", 403)
 
-    data(await r.client.post("/api/nodes/PACS/resume"))
+    data(await r.client.post("/api/nodes/PACS/resume", headers=csrf))
     resp = await r.client.post("/api/auth/logout")
     assert data(resp) == {"authenticated": False}
     stale = httpx.AsyncClient(base_url=str(r.client.base_url), cookies={"capacitor_session": sid})
     async with stale:
-        error(await stale.post("/api/nodes/PACS/pause"), "FORBIDDEN", 403)
+        error(await stale.post("/api/nodes/PACS/pause", headers=csrf), "FORBIDDEN", 403)
+
+
+async def test_cookie_write_needs_its_csrf_token(start_router: StartRouter, scp: StorageScp) -> None:
+    """issue 23: a write with the session cookie alone (a browser that sent neither an Origin nor
+    honoured SameSite) is refused; the session's token in X-CSRF-Token lets it through; reads and
+    bearer-token writes need none. GET /api/auth/session tells the page its token."""
+    r = await start_router((pacs(scp),))
+    assert data(await r.client.get("/api/auth/session")) == {
+        "authenticated": False, "loginEnabled": True, "authRequired": True, "csrfToken": None,
+    }
+    token = data(await r.client.post("/api/auth/login", json={"password": PASSWORD}))["csrfToken"]
+    assert data(await r.client.get("/api/auth/session"))["csrfToken"] == token
+    for headers in ({}, {"X-CSRF-Token": ""}, {"X-CSRF-Token": token + "x"}, {"X-CSRF-Token": token[:-1]}):
+        message = error(await r.client.post("/api/nodes/PACS/pause", headers=headers), "FORBIDDEN", 403)
+        assert "X-CSRF-Token" in message
+    assert not data(await r.client.get("/api/nodes/PACS"))["paused"]
+    data(await r.client.post("/api/nodes/PACS/pause", headers={"X-CSRF-Token": token}))
+    data(await r.client.get("/api/config"))  # a credentialed read: the cookie alone
+    data(await r.client.post("/api/nodes/PACS/resume", headers=AUTH))  # the token needs none
+    # a cross-site form post with the cookie: refused by the Origin check (and the missing token)
+    resp = await r.client.post(
+        "/api/nodes/PACS/pause", content=b"x=1",
+        headers={"Origin": "http://127.0.0.1:1", "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    error(resp, "FORBIDDEN", 403)
+    assert not data(await r.client.get("/api/nodes/PACS"))["paused"]
 
 
 async def test_token_only_disables_login(start_router: StartRouter, scp: StorageScp) -> None:
@@ -84,8 +115,8 @@ async def test_token_only_disables_login(start_router: StartRouter, scp: Storage
 async def test_password_only(start_router: StartRouter, scp: StorageScp) -> None:
     r = await start_router((pacs(scp),), token="")
     error(await r.client.post("/api/nodes/PACS/pause", headers={"Authorization": "Bearer"}), "FORBIDDEN", 403)
-    data(await r.client.post("/api/auth/login", json={"password": PASSWORD}))
-    data(await r.client.post("/api/nodes/PACS/pause"))
+    token = data(await r.client.post("/api/auth/login", json={"password": PASSWORD}))["csrfToken"]
+    data(await r.client.post("/api/nodes/PACS/pause", headers={"X-CSRF-Token": token}))
 
 
 async def test_open_when_nothing_is_configured(start_router: StartRouter, scp: StorageScp) -> None:
@@ -184,7 +215,7 @@ async def test_repeated_wrong_tokens_are_slowed_down(start_router: StartRouter, 
     r = await start_router((pacs(scp),))
     browser = httpx.AsyncClient(base_url=str(r.client.base_url))
     async with browser:
-        data(await browser.post("/api/auth/login", json={"password": PASSWORD}))
+        csrf = {"X-CSRF-Token": data(await browser.post("/api/auth/login", json={"password": PASSWORD}))["csrfToken"]}
         for _ in range(FREE_FAILURES + 1):
             resp = await r.client.post("/api/nodes/PACS/pause", headers={"Authorization": "Bearer guess"})
             error(resp, "FORBIDDEN", 403)
@@ -194,7 +225,7 @@ async def test_repeated_wrong_tokens_are_slowed_down(start_router: StartRouter, 
             assert resp.headers["Retry-After"] == "1"
         resp = await r.client.post("/api/auth/login", json={"password": PASSWORD})
         error(resp, "TOO_MANY_REQUESTS", 429)
-        data(await browser.post("/api/nodes/PACS/pause"))  # the session cookie alone
+        data(await browser.post("/api/nodes/PACS/pause", headers=csrf))  # the session cookie alone
     assert any("wrong passwords or tokens" in e.message for e in r.ring.recent())
 
 

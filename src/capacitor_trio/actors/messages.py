@@ -136,3 +136,7 @@ class NodeStatus:
     restarts: int
     queue: Counts = attrs.field(factory=Counts)
     sends_in_progress: int = 0
+    #: instances delivered per second over the last minute
+    send_rate: float = 0.0
+    #: when the oldest item waiting to be delivered (new, prepared, failed) arrived (wall time)
+    oldest_waiting_at: float | None = None

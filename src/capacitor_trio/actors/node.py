@@ -31,6 +31,7 @@ produce duplicates at the destination.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -111,6 +112,12 @@ class Sender(Protocol):
     async def echo(self, peer: Peer, calling_ae: str, *, timeout: float = 10) -> EchoResult: ...  # noqa: ASYNC109
 
 
+#: The window a node's send rate is measured over (seconds).
+RATE_WINDOW = 60.0
+#: Most sends remembered for it (a bound, whatever the rate).
+MAX_RATE_RECORDS = 4096
+
+
 @attrs.define
 class NodeState:
     """A node's in-memory facts, kept by the supervisor across actor restarts."""
@@ -132,6 +139,22 @@ class NodeState:
     #: SOP Instance UIDs a crash or kill left in flight (released by the next incarnation, or
     #: cut short): the only ones a restart can send twice
     in_flight_at_restart: set[str] = attrs.field(factory=set)
+    #: (wall time, instances delivered) of the sends within the last RATE_WINDOW seconds
+    deliveries: collections.deque[tuple[float, int]] = attrs.field(factory=collections.deque)
+
+    def record_delivered(self, now: float, count: int) -> None:
+        self.last_delivered_at = now
+        self.deliveries.append((now, count))
+        self._forget_deliveries(now)
+
+    def send_rate(self, now: float) -> float:
+        """Instances delivered per second over the last RATE_WINDOW seconds."""
+        self._forget_deliveries(now)
+        return sum(n for _, n in self.deliveries) / RATE_WINDOW
+
+    def _forget_deliveries(self, now: float) -> None:
+        while self.deliveries and (self.deliveries[0][0] <= now - RATE_WINDOW or len(self.deliveries) > MAX_RATE_RECORDS):
+            self.deliveries.popleft()
 
 
 @attrs.define(eq=False)
@@ -497,6 +520,7 @@ def make_status(
         in_window=node_schedule_gate(handle.node, ctx, ctx.clock())[0],
         last_error=state.last_error,
         last_delivered_at=state.last_delivered_at,
+        send_rate=state.send_rate(ctx.clock()),
         restarts=state.restarts,
         queue=queue,
         sends_in_progress=state.sends_in_progress,

@@ -13,6 +13,7 @@ goes to the owner of the fact, as `actors/control.py` does for writes:
 | preparing, ripe for preparing               | each node actor's prepare stage, the store |
 | service flags                               | `ServiceFlags`                             |
 | loop stalls, recent log lines               | `LoopLag`, the log ring buffer             |
+| the configuration shown (secrets redacted)  | `Router.settings`, nodes.yml and the filter files via `config/show.py` |
 
 Whether the router is idle is decided by `domain.processing` from these inputs; the API only
 formats the snapshot it gets.
@@ -30,6 +31,7 @@ import trio
 
 from capacitor_trio.actors.messages import NodeStatus
 from capacitor_trio.config.models import Node
+from capacitor_trio.config.show import effective_config, settings_files
 from capacitor_trio.domain.instance import Destination
 from capacitor_trio.domain.processing import (
     NodeProcessing,
@@ -61,6 +63,16 @@ class SystemInfo:
     uptime_seconds: int
 
 
+@attrs.frozen
+class SettingsView:
+    """The configuration in force (config.yml's keys, secrets redacted), nodes.yml's text and
+    the filter files' (name, text): read-only, for the Settings page."""
+
+    config: dict[str, Any]
+    nodes_yml: str | None
+    filter_files: list[tuple[str, str | None]]
+
+
 class ReadPort(Protocol):
     """What the API reads of the running router (never a change)."""
 
@@ -74,7 +86,13 @@ class ReadPort(Protocol):
 
     async def counts_by_node(self) -> dict[NodeKey, Counts]: ...
 
-    async def list_items(self, f: ItemFilter, *, skip: int, limit: int) -> tuple[list[Item], int]: ...
+    async def oldest_waiting_by_node(self) -> dict[NodeKey, float]: ...
+
+    def now(self) -> float: ...
+
+    async def list_items(
+        self, f: ItemFilter, *, skip: int, limit: int, newest_first: bool = False
+    ) -> tuple[list[Item], int]: ...
 
     async def get_item(self, item_id: int, *, with_data: bool = False) -> Item: ...
 
@@ -92,6 +110,8 @@ class ReadPort(Protocol):
 
     def system(self) -> SystemInfo: ...
 
+    async def settings(self) -> SettingsView: ...
+
 
 class StoreReads(Protocol):
     """The store's read-only queries the read port uses."""
@@ -100,7 +120,11 @@ class StoreReads(Protocol):
 
     async def counts_by_destination(self) -> dict[Destination, Counts]: ...
 
-    async def list_items(self, f: ItemFilter, *, skip: int = 0, limit: int = 100) -> tuple[list[Item], int]: ...
+    async def oldest_waiting(self, destinations: list[Destination]) -> dict[Destination, float]: ...
+
+    async def list_items(
+        self, f: ItemFilter, *, skip: int = 0, limit: int = 100, newest_first: bool = False
+    ) -> tuple[list[Item], int]: ...
 
     async def get_item(self, item_id: int, *, with_data: bool = False) -> Item: ...
 
@@ -149,8 +173,20 @@ class RouterReads:
         by_dest = await self._store.counts_by_destination()
         return {(d.ae_title, d.role): c for d, c in by_dest.items()}
 
-    async def list_items(self, f: ItemFilter, *, skip: int, limit: int) -> tuple[list[Item], int]:
-        return await self._store.list_items(f, skip=skip, limit=limit)
+    async def oldest_waiting_by_node(self) -> dict[NodeKey, float]:
+        """When each node's oldest item waiting to be delivered arrived (wall time)."""
+        destinations = [Destination(n.ae_title, n.role) for n in self.router.nodes]
+        by_dest = await self._store.oldest_waiting(destinations)
+        return {(d.ae_title, d.role): at for d, at in by_dest.items()}
+
+    def now(self) -> float:
+        """The router's wall clock (what items' times are measured on)."""
+        return self.router.clock()
+
+    async def list_items(
+        self, f: ItemFilter, *, skip: int, limit: int, newest_first: bool = False
+    ) -> tuple[list[Item], int]:
+        return await self._store.list_items(f, skip=skip, limit=limit, newest_first=newest_first)
 
     async def get_item(self, item_id: int, *, with_data: bool = False) -> Item:
         """One item (ItemNotFound if there is none); `with_data`: with the bytes of an instance
@@ -232,6 +268,11 @@ class RouterReads:
         router = self.router
         uptime = max(0, int(router.clock() - router.started_at))
         return SystemInfo(router.settings.config.my_ae_title, router.started_at, uptime)
+
+    async def settings(self) -> SettingsView:
+        config = self.router.settings.config
+        nodes_yml, filters = await trio.to_thread.run_sync(settings_files, config.data_dir)
+        return SettingsView(effective_config(config), nodes_yml, filters)
 
 
 def _may_send(delivery: bool, snap: NodeStatus) -> bool:

@@ -244,7 +244,7 @@ class BatchSend:
         )
         if delivered:
             ctx.delivered_count.value += len(delivered)
-            state.last_delivered_at = now
+            state.record_delivered(now, len(delivered))
             state.consecutive_failures = 0
             state.backoff_until = 0.0
             for item in delivered:

@@ -14,6 +14,7 @@ import math
 from importlib import resources
 from typing import TYPE_CHECKING, Any
 
+import attrs
 import trio
 from quart import Response, request
 
@@ -21,6 +22,7 @@ import capacitor_trio
 from capacitor_trio.actors.control import Control
 from capacitor_trio.actors.messages import (
     BulkCommand,
+    NodeStatus,
     Pause,
     SetOverride,
 )
@@ -30,7 +32,7 @@ from capacitor_trio.domain.states import FAILED, REJECTED
 from capacitor_trio.logs import LEVELS, parse_level
 from capacitor_trio.store import STATES, Counts, ItemFilter
 
-from .auth import COOKIE, SESSION_TTL, Auth
+from .auth import COOKIE, CSRF_HEADER, SESSION_TTL, Auth
 from .envelope import (
     ApiError,
     bad_request,
@@ -43,7 +45,7 @@ from .envelope import (
 )
 from .parse import _int_arg, _item_id, _json_body, _role, _role_arg, _state, _str_arg
 from .queries import Recent
-from .views import item_json, node_json, read_tags
+from .views import item_json, node_json, read_tags, without_names
 
 if TYPE_CHECKING:
     from capacitor_trio.runtime import Router
@@ -100,13 +102,15 @@ class Api:
         #: aggregate counts, recomputed in the background (see queries.Recent)
         self.totals = Recent(lambda: self.reads.counts())
         self.per_destination = Recent(lambda: self.reads.counts_by_node())
+        self.oldest_waiting = Recent(lambda: self.reads.oldest_waiting_by_node())
 
     def set_background_nursery(self, nursery: trio.Nursery) -> None:
-        self.totals.nursery = self.per_destination.nursery = nursery
+        self.totals.nursery = self.per_destination.nursery = self.oldest_waiting.nursery = nursery
 
     def invalidate(self) -> None:
         self.totals.invalidate()
         self.per_destination.invalidate()
+        self.oldest_waiting.invalidate()
 
     # ---- lookups -----------------------------------------------------------------------------
 
@@ -128,8 +132,33 @@ class Api:
         wait = self.auth.token_wait(authorization, client)
         if wait > 0:  # too many wrong tokens or passwords from this address: not looked at
             raise _too_many(wait)
-        if not self.auth.allowed(authorization, request.cookies.get(COOKIE), client):
+        cookie = request.cookies.get(COOKIE)
+        kind = self.auth.credential(authorization, cookie, client)
+        if kind is None:
             raise ApiError("FORBIDDEN", "missing or wrong credentials")
+        writing = request.method not in ("GET", "HEAD")
+        if kind == "session" and writing and not self.auth.csrf_ok(cookie, request.headers.get(CSRF_HEADER)):
+            raise ApiError("FORBIDDEN", f"a write with the session cookie needs its {CSRF_HEADER} header")
+
+    def may_see_names(self) -> bool:
+        """True when this read may show patient names: a credential (the bearer token or a
+        session), or none configured. A bearer token is checked (and throttled) as a write's."""
+        authorization = request.headers.get("Authorization")
+        client = _client()
+        if self.auth.token_wait(authorization, client) > 0:
+            return False  # too many wrong tokens from this address: not looked at
+        return self.auth.credential(authorization, request.cookies.get(COOKIE), client) is not None
+
+    async def session(self) -> Response:
+        """Whether this browser has a live session, and its CSRF token (a cross-site page cannot
+        read this answer: no CORS headers are ever sent)."""
+        csrf = self.auth.csrf_token(request.cookies.get(COOKIE))
+        return ok({
+            "authenticated": csrf is not None,
+            "loginEnabled": self.auth.login_enabled,
+            "authRequired": self.auth.required,
+            "csrfToken": csrf,
+        })
 
     async def login(self) -> Response:
         body = await _json_body({"password": str}, required=("password",))
@@ -143,7 +172,7 @@ class Api:
             raise ApiError("FORBIDDEN", "wrong password" if self.auth.login_enabled else "login is disabled: api.servicePassword is not set")
         self.auth.throttle.succeeded(client)
         sid = self.auth.new_session()
-        response = ok({"authenticated": True})
+        response = ok({"authenticated": True, "csrfToken": self.auth.csrf_token(sid)})
         response.set_cookie(
             COOKIE, sid, max_age=int(SESSION_TTL), httponly=True, samesite="Strict", path="/"
         )
@@ -170,21 +199,36 @@ class Api:
             }
         )
 
+    async def settings(self) -> Response:
+        view = await self.reads.settings()
+        return ok({
+            "config": view.config,
+            "nodesYml": view.nodes_yml,
+            "filterFiles": [{"name": name, "text": text} for name, text in view.filter_files],
+        })
+
     async def openapi(self) -> Response:
         return Response(_openapi_text(), content_type="application/json")
 
     # ---- nodes -------------------------------------------------------------------------------
 
+    async def _node_json(self, node: Node, status: NodeStatus | None) -> dict[str, Any]:
+        """`node_json` with the age of the node's oldest waiting item."""
+        oldest = (await self.oldest_waiting.get()).get(node.key)
+        if status is not None:
+            status = attrs.evolve(status, oldest_waiting_at=oldest)
+        return node_json(node, status, now=self.reads.now())
+
     async def list_nodes(self) -> Response:
         by_dest = await self.per_destination.get()
         out = []
         for node in self.reads.nodes():
-            out.append(node_json(node, self.reads.node_status(node, by_dest.get(node.key, Counts()))))
+            out.append(await self._node_json(node, self.reads.node_status(node, by_dest.get(node.key, Counts()))))
         return ok(out)
 
     async def get_node(self, ae: str) -> Response:
         node = self.find_node(ae, _role_arg())
-        return ok(node_json(node, await self.reads.node_status_now(node)))
+        return ok(await self._node_json(node, await self.reads.node_status_now(node)))
 
     async def put_node(self, ae: str) -> Response:
         allowed: dict[str, Any] = {
@@ -216,18 +260,18 @@ class Api:
         changes = {PUT_FIELDS[name]: value for name, value in body.items()}
         changes["role"] = role
         updated, status = await self.control.edit_node(current, changes)
-        return ok(node_json(updated, status))
+        return ok(await self._node_json(updated, status))
 
     async def _node_command(self, ae: str, command: Any) -> Response:
         node = self.find_node(ae, _role_arg())
-        return ok(node_json(node, await self.control.node_command(node, command)))
+        return ok(await self._node_json(node, await self.control.node_command(node, command)))
 
     async def pause_node(self, ae: str) -> Response:
         return await self._node_command(ae, Pause())
 
     async def resume_node(self, ae: str) -> Response:
         node = self.find_node(ae, _role_arg())
-        return ok(node_json(node, await self.control.resume(node)))
+        return ok(await self._node_json(node, await self.control.resume(node)))
 
     async def override_on(self, ae: str) -> Response:
         return await self._node_command(ae, SetOverride(True))
@@ -255,17 +299,24 @@ class Api:
         f = self._list_filter()
         skip = _int_arg("skip", 0, 0, 2**62)
         limit = _int_arg("limit", 100, 1, MAX_LIMIT)
-        items, total = await self.reads.list_items(f, skip=skip, limit=limit)
-        return ok({"items": [item_json(i) for i in items], "total": total, "skip": skip, "limit": limit})
+        order = _str_arg("order") or "oldest"
+        if order not in ("oldest", "newest"):
+            raise bad_request(f"order must be oldest or newest, not {order!r}")
+        items, total = await self.reads.list_items(f, skip=skip, limit=limit, newest_first=order == "newest")
+        names = self.may_see_names()
+        return ok({"items": [item_json(i, names=names) for i in items], "total": total, "skip": skip, "limit": limit})
 
     async def get_item(self, item_id: str) -> Response:
         item = await self.reads.get_item(_item_id(item_id), with_data=True)
-        out = item_json(item)
+        names = self.may_see_names()
+        out = item_json(item, names=names)
         # None: unreadable, or the item went away while it was read (read_stored)
         shown = await self.reads.read_stored(item, read_tags)
         tags = shown.json if shown is not None else None
         if tags is not None and tags.get("00080018", {}).get("Value") != [item.sop_instance_uid]:
             tags = None  # not this instance's file (gone and its name reused): never show it
+        if tags is not None and not names:
+            tags = without_names(tags)
         out["tags"] = tags
         # what the header shown leaves out beyond bulk data (views.read_tags's limits)
         # (also when the cut left out the SOP Instance UID, so that nothing could be shown)

@@ -7,6 +7,11 @@ random session id, never the password. When neither secret is configured, writes
 sessions are looked up by comparing against each live session id, not by a dict lookup on the
 attacker's string.
 
+A write with the session cookie (and no bearer token) must also carry the session's CSRF token in
+the ``X-CSRF-Token`` header (`CSRF_HEADER`): login answers it, the dashboard's pages carry it.
+The cookie is SameSite=Strict and the Origin is checked; the token is defence in depth for a
+browser that sends neither an Origin nor honours SameSite. Bearer-token writes need none.
+
 A write from a browser must come from the API's own origin: `same_origin` compares an Origin
 header's scheme, host and port with the API's (``http``, a loopback name, the port it listens
 on), so that a page served by another program on this machine cannot post to it.
@@ -33,11 +38,15 @@ import urllib.parse
 from collections import OrderedDict
 from collections.abc import Callable
 
+import attrs
+
 from capacitor_trio.config.models import ApiConfig
 
 log = logging.getLogger("capacitor_trio.api")
 
 COOKIE = "capacitor_session"
+#: The header a cookie-authenticated write carries its session's CSRF token in.
+CSRF_HEADER = "X-CSRF-Token"
 #: How long a browser session lasts without being used (seconds).
 SESSION_TTL = 12 * 3600.0
 #: Most sessions kept at once; the oldest is dropped beyond that.
@@ -134,12 +143,18 @@ def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
 
 
+@attrs.define
+class Session:
+    expires: float  # monotonic seconds
+    csrf: str  # the token a write with this session's cookie must carry (CSRF_HEADER)
+
+
 class Auth:
     def __init__(self, config: ApiConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._clock = clock
-        #: session id -> expiry (monotonic seconds)
-        self._sessions: OrderedDict[str, float] = OrderedDict()
+        #: session id -> its expiry and CSRF token
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
         self.throttle = LoginThrottle(clock)
 
     @property
@@ -159,7 +174,7 @@ class Auth:
     def new_session(self) -> str:
         self._expire()
         sid = secrets.token_urlsafe(32)
-        self._sessions[sid] = self._now() + SESSION_TTL
+        self._sessions[sid] = Session(self._now() + SESSION_TTL, secrets.token_urlsafe(32))
         while len(self._sessions) > MAX_SESSIONS:
             self._sessions.popitem(last=False)
         return sid
@@ -171,7 +186,7 @@ class Auth:
 
     def _expire(self) -> None:
         now = self._now()
-        for sid in [s for s, until in self._sessions.items() if until <= now]:
+        for sid in [s for s, session in self._sessions.items() if session.expires <= now]:
             del self._sessions[sid]
 
     def _find(self, sid: str | None) -> str | None:
@@ -191,20 +206,31 @@ class Auth:
             return 0.0
         return self.throttle.wait(client)
 
-    def allowed(self, authorization: str | None, cookie: str | None, client: str = "") -> bool:
-        """True when a write may proceed with these credentials (`token_wait` first). A wrong
+    def csrf_token(self, cookie: str | None) -> str | None:
+        """The CSRF token of the live session `cookie` names; None without one."""
+        match = self._find(cookie)
+        return None if match is None else self._sessions[match].csrf
+
+    def credential(self, authorization: str | None, cookie: str | None, client: str = "") -> str | None:
+        """Which credential these are (`token_wait` first): "open" (none configured), "token"
+        (the right bearer token), "session" (a live session's cookie), None (neither). A wrong
         bearer token counts against `client` in the throttle, a right one clears its count."""
         if not self.required:
-            return True
+            return "open"
         token = bearer_token(authorization)
         if token is not None and self.config.token:
             if _same(token, self.config.token):
                 self.throttle.succeeded(client)
-                return True
+                return "token"
             self.throttle.failed(client)
         match = self._find(cookie)
         if match is not None:
-            self._sessions[match] = self._now() + SESSION_TTL
+            self._sessions[match].expires = self._now() + SESSION_TTL
             self._sessions.move_to_end(match)
-            return True
-        return False
+            return "session"
+        return None
+
+    def csrf_ok(self, cookie: str | None, sent: str | None) -> bool:
+        """True when `sent` is the CSRF token of the session `cookie` names."""
+        expected = self.csrf_token(cookie)
+        return expected is not None and sent is not None and _same(sent, expected)

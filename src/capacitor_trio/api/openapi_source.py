@@ -64,7 +64,7 @@ ITEM_PROPS: S = {
     "sopClassUid": STR,
     "modality": STR,
     "patientId": STR,
-    "patientName": STR,
+    "patientName": {**nullable(STR), "description": "null without a credential while one is configured"},
     "accessionNumber": STR,
     "transferSyntaxUid": STR,
     "sizeBytes": INT,
@@ -109,6 +109,9 @@ SCHEMAS: S = {
             "lastError": nullable(STR),
             "lastDeliveredAt": nullable(TIME),
             "restarts": {"type": "integer", "minimum": 0},
+            "sendRate": {"type": "number", "minimum": 0, "description": "instances delivered per second over the last minute"},
+            "oldestWaitingAt": {**nullable(TIME), "description": "arrival of the oldest item waiting (new, prepared, failed)"},
+            "oldestWaitingSeconds": {**nullable({"type": "integer", "minimum": 0}), "description": "its age"},
         }
     ),
     "NodeUpdate": {
@@ -216,7 +219,17 @@ SCHEMAS: S = {
         }
     ),
     "Login": obj({"password": STR}),
-    "Session": obj({"authenticated": BOOL}),
+    "Session": obj({"authenticated": BOOL, "csrfToken": STR}, required=["authenticated"]),
+    "SessionState": obj(
+        {"authenticated": BOOL, "loginEnabled": BOOL, "authRequired": BOOL, "csrfToken": nullable(STR)}
+    ),
+    "Settings": obj(
+        {
+            "config": {"type": "object", "description": "the configuration in force, config.yml's keys; secrets shown as \"<redacted>\""},
+            "nodesYml": nullable(STR),
+            "filterFiles": {"type": "array", "items": obj({"name": STR, "text": nullable(STR)})},
+        }
+    ),
     "QueueStats": obj({"total": INT, "byState": ref("ByState"), "checkedOut": INT}),
     "Health": obj({"status": {"const": "ok"}, "timestamp": TIME}),
 }
@@ -317,6 +330,14 @@ def _system_paths() -> S:
                        errors=(403, 429), body=ref("Login"), tag="Auth")
         },
         "/api/auth/logout": {"post": op("End the session of the capacitor_session cookie", ref("Session"), tag="Auth")},
+        "/api/auth/session": {
+            "get": op("Whether the capacitor_session cookie names a live session, and its CSRF token "
+                      "(X-CSRF-Token, needed by every write made with the cookie)", ref("SessionState"), tag="Auth")
+        },
+        "/api/config": {
+            "get": op("The configuration in force (secrets redacted), nodes.yml and the filter files, read-only",
+                      ref("Settings"), write=True, tag="System")
+        },
         "/api/system/info": {"get": op("Version, uptime, AE title and activation state", ref("SystemInfo"), tag="System")},
     }
 
@@ -362,6 +383,8 @@ def _queue_paths() -> S:
                     q("search", STR, "substring of UIDs, AE titles, accession number, patient ID"),
                     q("skip", {"type": "integer", "minimum": 0, "default": 0}),
                     q("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
+                    q("order", {"type": "string", "enum": ["oldest", "newest"], "default": "oldest"},
+                      "by arrival: oldest first (the default) or newest first"),
                 ],
                 tag="Queue",
             )
@@ -454,7 +477,8 @@ def build() -> S:
             "description": "DICOM Capacitor compatible HTTP API, served on 127.0.0.1 only. Every response "
             "but /api/queue/stats and /api/queue/health is an envelope {ok, data, error, timestamp}. "
             "Write endpoints (🔒) need a bearer token (api.token) or the capacitor_session cookie "
-            "from /api/auth/login, unless neither api.token nor api.servicePassword is set. Unknown "
+            "from /api/auth/login with its session's X-CSRF-Token header, unless neither api.token "
+            "nor api.servicePassword is set; reads without either show no patient names. Unknown "
             "paths answer 404 and unknown methods 405, in the envelope.",
         },
         "servers": [{"url": "http://127.0.0.1:1080"}],

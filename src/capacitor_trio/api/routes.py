@@ -1,6 +1,6 @@
 """The API's route table and the app: `create_app(router)` builds a Quart-Trio app serving every
 route of `ROUTES` with a handler of `Api` (app.py), wrapped by `_endpoint` (a credential for
-writes, the envelope for errors), behind the same-machine guard (a loopback Host, a same-origin
+writes, the envelope for errors), and the dashboard's pages (capacitor_trio/web), behind the same-machine guard (a loopback Host, a same-origin
 write) and the error handlers (nothing ever answers with a traceback).
 """
 
@@ -14,6 +14,8 @@ import trio
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
+
+from capacitor_trio import web
 
 from .app import Api
 from .auth import same_origin
@@ -40,6 +42,8 @@ ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("GET", "/api/openapi.json", "openapi", False),
     ("POST", "/api/auth/login", "login", False),
     ("POST", "/api/auth/logout", "logout", False),
+    ("GET", "/api/auth/session", "session", False),
+    ("GET", "/api/config", "settings", True),
     ("GET", "/api/system/info", "system_info", False),
     ("GET", "/api/nodes", "list_nodes", False),
     ("GET", "/api/nodes/<ae>", "get_node", False),
@@ -106,6 +110,7 @@ def create_app(router: Router) -> QuartTrio:
             path, endpoint=f"{method} {path}", view_func=view, methods=[method],
             provide_automatic_options=False,
         )
+    app.register_blueprint(web.blueprint)  # the dashboard's pages (capacitor_trio/web)
     _add_guards(app)
     _add_error_handlers(app)
     return app

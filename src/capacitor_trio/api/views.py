@@ -24,10 +24,11 @@ def queue_json(q: Any) -> dict[str, int]:
     return {**{s: getattr(q, s) for s in STATES}, "checkedOut": q.checked_out}
 
 
-def node_json(node: Node, status: NodeStatus | None) -> dict[str, Any]:
+def node_json(node: Node, status: NodeStatus | None, *, now: float | None = None) -> dict[str, Any]:
     """A node in camelCase. Override fields are the node's own values (null: inherits the global
     setting). Nodes without an actor (roles other than Storage) show an empty queue and status
-    "none"."""
+    "none". `now` (wall time) gives the oldest waiting item's age."""
+    oldest = status.oldest_waiting_at if status is not None else None
     return {
         "aeTitle": node.ae_title,
         "hostName": node.host_name,
@@ -52,10 +53,15 @@ def node_json(node: Node, status: NodeStatus | None) -> dict[str, Any]:
         "lastError": (status.last_error or None) if status is not None else None,
         "lastDeliveredAt": iso(status.last_delivered_at) if status is not None else None,
         "restarts": status.restarts if status is not None else 0,
+        "sendRate": round(status.send_rate, 3) if status is not None else 0.0,
+        "oldestWaitingAt": iso(oldest),
+        "oldestWaitingSeconds": None if oldest is None or now is None else max(0, int(now - oldest)),
     }
 
 
-def item_json(item: Item) -> dict[str, Any]:
+def item_json(item: Item, *, names: bool = True) -> dict[str, Any]:
+    """An item in camelCase; `names` False: without the patient's name (a read without a
+    credential while one is configured)."""
     return {
         "id": item.id,
         "state": item.state,
@@ -69,7 +75,7 @@ def item_json(item: Item) -> dict[str, Any]:
         "sopClassUid": item.sop_class_uid,
         "modality": item.modality,
         "patientId": item.patient_id,
-        "patientName": item.patient_name,
+        "patientName": item.patient_name if names else None,
         "accessionNumber": item.accession_number,
         "transferSyntaxUid": item.transfer_syntax_uid,
         "sizeBytes": item.size_bytes,
@@ -79,6 +85,18 @@ def item_json(item: Item) -> dict[str, Any]:
         "createdAt": iso(item.created_at),
         "updatedAt": iso(item.updated_at),
     }
+
+
+def without_names(tags: dict[str, Any]) -> dict[str, Any]:
+    """DICOM JSON `tags` without any person name (VR PN), in sequences too."""
+    out: dict[str, Any] = {}
+    for tag, elem in tags.items():
+        if elem.get("vr") == "PN":
+            continue
+        if elem.get("vr") == "SQ" and elem.get("Value"):
+            elem = {**elem, "Value": [without_names(child) for child in elem["Value"]]}
+        out[tag] = elem
+    return out
 
 
 def _is_bulk(vr: str) -> bool:

@@ -9,6 +9,7 @@ from typing import Any
 import attrs
 
 from ..domain.instance import Destination
+from ..domain.states import QUEUED
 from .connection import StoreCore
 from .errors import ItemNotFound
 from .model import STATES, Counts, Item, ItemFilter
@@ -19,10 +20,12 @@ class Queries(StoreCore):
     """Listing, counting and reading items (never a write)."""
 
     async def list_items(
-        self, f: ItemFilter, *, skip: int = 0, limit: int = 100
+        self, f: ItemFilter, *, skip: int = 0, limit: int = 100, newest_first: bool = False
     ) -> tuple[list[Item], int]:
-        """A page of matching items in id (arrival) order, and the total number matching."""
+        """A page of matching items in id (arrival) order, oldest first (or `newest_first`), and
+        the total number matching."""
         where, params = filter_clause(f)
+        direction = "DESC" if newest_first else "ASC"
 
         def q(conn: sqlite3.Connection) -> tuple[list[Item], int]:
             if f.search:
@@ -34,18 +37,18 @@ class Queries(StoreCore):
                     )
                 ]
                 total = len(ids)
-                ids.sort()
+                ids.sort(reverse=newest_first)
                 page = ids[max(0, skip) : max(0, skip) + max(0, limit)]
                 rows: list[sqlite3.Row] = []
                 for chunk in chunks(page):
                     rows += item_rows(
                         conn, f"{SELECT_ITEMS} WHERE i.id IN ({','.join('?' * len(chunk))})", chunk
                     )
-                rows.sort(key=lambda r: r["id"])
+                rows.sort(key=lambda r: r["id"], reverse=newest_first)
             else:
                 rows = item_rows(
                     conn,
-                    f"{SELECT_ITEMS} WHERE {where} ORDER BY i.id LIMIT ? OFFSET ?",
+                    f"{SELECT_ITEMS} WHERE {where} ORDER BY i.id {direction} LIMIT ? OFFSET ?",
                     (*params, max(0, limit), max(0, skip)),
                 )
                 total = conn.execute(
@@ -120,6 +123,30 @@ class Queries(StoreCore):
                 d: Counts(**states, checked_out=checked.get(d, 0), total=sum(states.values()))
                 for d, states in per.items()
             }
+
+        return await self._read(q)
+
+    async def oldest_waiting(self, destinations: list[Destination]) -> dict[Destination, float]:
+        """When the oldest item waiting to be delivered (new, prepared or failed: `QUEUED`) of
+        each of `destinations` that has one arrived. One index seek per destination, state and
+        checkout flag (the queue index ends in created_at), not a scan: the dashboard asks often."""
+
+        def q(conn: sqlite3.Connection) -> dict[Destination, float]:
+            out: dict[Destination, float] = {}
+            for dest in destinations:
+                found = [
+                    conn.execute(
+                        "SELECT MIN(created_at) FROM items WHERE destination_ae = ? AND "
+                        "destination_role = ? AND state = ? AND checked_out = ?",
+                        (dest.ae_title, dest.role, state.value, checked_out),
+                    ).fetchone()[0]
+                    for state in QUEUED
+                    for checked_out in (0, 1)
+                ]
+                times = [float(t) for t in found if t is not None]
+                if times:
+                    out[dest] = min(times)
+            return out
 
         return await self._read(q)
 
