@@ -63,7 +63,7 @@ async def test_cookie_after_login_and_logout(start_router: StartRouter, scp: Sto
         assert other.cookies["capacitor_session"] != sid and other_csrf != csrf["X-CSRF-Token"]
         # another session's token is not this one's
         error(await other.post("/api/nodes/PACS/resume", headers=csrf), "FORBIDDEN", 403)
-        data(await other.post("/api/auth/logout"))
+        data(await other.post("/api/auth/logout", headers={"X-CSRF-Token": other_csrf}))
         error(await other.post("/api/nodes/PACS/resume", headers={"X-CSRF-Token": other_csrf}), "FORBIDDEN", 403)
 
     # a forged cookie is refused
@@ -72,7 +72,7 @@ async def test_cookie_after_login_and_logout(start_router: StartRouter, scp: Sto
         error(await forged.post("/api/nodes/PACS/resume"), "FORBIDDEN", 403)
 
     data(await r.client.post("/api/nodes/PACS/resume", headers=csrf))
-    resp = await r.client.post("/api/auth/logout")
+    resp = await r.client.post("/api/auth/logout", headers=csrf)
     assert data(resp) == {"authenticated": False}
     stale = httpx.AsyncClient(base_url=str(r.client.base_url), cookies={"capacitor_session": sid})
     async with stale:

@@ -39,9 +39,9 @@ async def test_patient_names_only_with_a_credential(start_router: StartRouter) -
     assert name == detail_name == "DOE^JANE"
     assert tags["00100010"]["Value"] == [{"Alphabetic": "DOE^JANE"}]
     async with httpx.AsyncClient(base_url=str(r.client.base_url)) as browser:
-        await _login(browser)
+        csrf = await _login(browser)
         assert (await shown(browser, {}))[0] == "DOE^JANE"
-        data(await browser.post("/api/auth/logout"))
+        data(await browser.post("/api/auth/logout", headers=csrf))
         assert (await shown(browser, {}))[0] is None
 
 

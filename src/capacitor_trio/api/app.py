@@ -171,6 +171,9 @@ class Api:
             self.auth.throttle.failed(client)
             raise ApiError("FORBIDDEN", "wrong password" if self.auth.login_enabled else "login is disabled: api.servicePassword is not set")
         self.auth.throttle.succeeded(client)
+        # a fresh session id on every login, and the one this browser held (if any) ended: an id
+        # planted in the browser before login (session fixation) never becomes a logged-in one
+        self.auth.end_session(request.cookies.get(COOKIE))
         sid = self.auth.new_session()
         response = ok({"authenticated": True, "csrfToken": self.auth.csrf_token(sid)})
         response.set_cookie(
@@ -179,7 +182,13 @@ class Api:
         return response
 
     async def logout(self) -> Response:
-        self.auth.end_session(request.cookies.get(COOKIE))
+        # Ending a live session is a write: it needs the session's CSRF token, so that another
+        # page cannot log the operator out (logout CSRF). A cookie that names no live session
+        # is only cleared.
+        cookie = request.cookies.get(COOKIE)
+        if self.auth.csrf_token(cookie) is not None and not self.auth.csrf_ok(cookie, request.headers.get(CSRF_HEADER)):
+            raise ApiError("FORBIDDEN", f"logging out needs the session's {CSRF_HEADER} header")
+        self.auth.end_session(cookie)
         response = ok({"authenticated": False})
         response.delete_cookie(COOKIE, path="/", httponly=True, samesite="Strict")
         return response

@@ -329,7 +329,10 @@ def _system_paths() -> S:
             "post": op("Log in with api.servicePassword; sets the capacitor_session cookie", ref("Session"),
                        errors=(403, 429), body=ref("Login"), tag="Auth")
         },
-        "/api/auth/logout": {"post": op("End the session of the capacitor_session cookie", ref("Session"), tag="Auth")},
+        "/api/auth/logout": {
+            "post": op("End the session of the capacitor_session cookie (a live one only with its X-CSRF-Token)",
+                       ref("Session"), errors=(403,), tag="Auth")
+        },
         "/api/auth/session": {
             "get": op("Whether the capacitor_session cookie names a live session, and its CSRF token "
                       "(X-CSRF-Token, needed by every write made with the cookie)", ref("SessionState"), tag="Auth")

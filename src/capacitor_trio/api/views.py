@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import attrs
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 
@@ -87,11 +88,29 @@ def item_json(item: Item, *, names: bool = True) -> dict[str, Any]:
     }
 
 
+def _may_hold_a_name(tag: str, vr: Any) -> bool:
+    """True for an element that is or may be a person's name: VR PN as sent, a tag whose
+    dictionary VR is PN (a name sent under another VR, e.g. PatientName as LO in explicit VR),
+    and a private element (odd group: its meaning is the vendor's, it may hold anything)."""
+    if vr == "PN":
+        return True
+    try:
+        number = int(tag, 16)
+    except ValueError:
+        return True  # not a tag: shown to nobody without a credential
+    if (number >> 16) % 2 == 1:
+        return True
+    try:
+        return "PN" in dictionary_VR(number)
+    except KeyError:  # not in the dictionary (a retired or unknown public tag): shown
+        return False
+
+
 def without_names(tags: dict[str, Any]) -> dict[str, Any]:
-    """DICOM JSON `tags` without any person name (VR PN), in sequences too."""
+    """DICOM JSON `tags` without any person name (`_may_hold_a_name`), in sequences too."""
     out: dict[str, Any] = {}
     for tag, elem in tags.items():
-        if elem.get("vr") == "PN":
+        if _may_hold_a_name(tag, elem.get("vr")):
             continue
         if elem.get("vr") == "SQ" and elem.get("Value"):
             elem = {**elem, "Value": [without_names(child) for child in elem["Value"]]}

@@ -47,10 +47,24 @@ def _session() -> dict[str, Any]:
     }
 
 
+def safe_next(target: str | None) -> str:
+    r"""`target` when it is a path on this site, else "/" (no open redirect after login).
+
+    A browser reads "\" as "/" and drops tabs and newlines from a URL before it follows it, so
+    "/\evil", "/<tab>/evil" and "/<newline>/evil" all lead to "//evil" (another site): a target
+    that starts with two slashes or backslashes, or holds any control character, is refused."""
+    if not target or not target.startswith("/") or target[1:2] in ("/", "\\"):
+        return "/"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in target):
+        return "/"
+    return target
+
+
 async def _page(template: str, page: str, *, needs_login: bool = False, **context: Any) -> str:
     session = _session()
     if needs_login and not session["may_write"]:
-        return await render_template("login.html", page="login", next=request.full_path.rstrip("?"), **session)
+        here = safe_next(request.full_path.rstrip("?"))
+        return await render_template("login.html", page="login", next=here, **session)
     return await render_template(template, page=page, **session, **context)
 
 
@@ -94,7 +108,5 @@ async def node_edit(ae: str) -> str:
 
 @blueprint.get("/login")
 async def login() -> str:
-    next_page = request.args.get("next", "/")
-    if not next_page.startswith("/") or next_page[1:2] in ("/", "\\"):
-        next_page = "/"  # only a page of this site (no open redirect)
+    next_page = safe_next(request.args.get("next"))
     return await render_template("login.html", page="login", next=next_page, **_session())

@@ -365,7 +365,7 @@ async function loadItem() {
   const notes = [];
   if (!item.tags) notes.push("The stored file cannot be read.");
   if (item.tagsTruncated) notes.push("Cut short by: " + item.tagsLimits.join(", ") + ".");
-  if (document.body.dataset.mayWrite !== "yes") notes.push("Person names are shown after logging in.");
+  if (document.body.dataset.mayWrite !== "yes") notes.push("Person names and private tags are shown after logging in.");
   document.getElementById("tags-note").textContent = notes.join(" ");
   return item;
 }
@@ -559,8 +559,18 @@ async function initNodeEdit() {
 
 // ---- Login / logout ------------------------------------------------------------------------------------
 
+// Where to go after logging in: a page of this site only. The target is resolved by the URL parser
+// location.assign uses (which drops tabs and newlines and reads "\\" as "/": "/\t/evil" is
+// "//evil", another site) and kept only when it stays on this origin.
 function safeNext(next) {
-  return next && next.startsWith("/") && !next.startsWith("//") && !next.startsWith("/\\") ? next : "/";
+  if (!next || !next.startsWith("/")) return "/";
+  let url;
+  try {
+    url = new URL(next, location.origin);
+  } catch (e) {
+    return "/";
+  }
+  return url.origin === location.origin ? url.pathname + url.search + url.hash : "/";
 }
 
 function initLogin() {
