@@ -10,7 +10,9 @@ from pathlib import Path
 import httpx
 from pydicom.dataset import Dataset
 
+from capacitor_trio.api.auth import SESSION_TTL, Auth
 from capacitor_trio.api.views import read_tags, without_names
+from capacitor_trio.config.models import ApiConfig
 from tests.helpers.datasets import make_dataset, write_dataset
 
 from .conftest import AUTH, PASSWORD, TOKEN, StartRouter, StorageScp, pacs
@@ -140,3 +142,16 @@ def test_a_name_under_another_vr_or_in_a_private_tag_is_not_shown(tmp_path: Path
     shown = without_names(tags)
     assert "DOE^J" not in repr(shown)
     assert shown["00100020"]["Value"] == ["PID001"] and "00081111" in shown
+
+
+def test_a_session_ends_when_its_cookie_does_however_much_it_is_used() -> None:
+    """The cookie lives SESSION_TTL from login; the server ends the session then too, so that a
+    session id copied out of a browser cannot be kept alive by using it."""
+    now = [0.0]
+    auth = Auth(ApiConfig(enabled=True, service_password=PASSWORD), clock=lambda: now[0])
+    sid = auth.new_session()
+    while now[0] < SESSION_TTL - 3600:
+        now[0] += 3600
+        assert auth.credential(None, sid) == "session"
+    now[0] = SESSION_TTL
+    assert auth.credential(None, sid) is None and auth.csrf_token(sid) is None

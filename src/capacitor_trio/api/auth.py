@@ -47,7 +47,8 @@ log = logging.getLogger("capacitor_trio.api")
 COOKIE = "capacitor_session"
 #: The header a cookie-authenticated write carries its session's CSRF token in.
 CSRF_HEADER = "X-CSRF-Token"
-#: How long a browser session lasts without being used (seconds).
+#: How long a browser session lasts from login (seconds), used or not: the cookie's Max-Age, and
+#: the server ends it then too (a session id copied out of a browser is not kept alive by use).
 SESSION_TTL = 12 * 3600.0
 #: Most sessions kept at once; the oldest is dropped beyond that.
 MAX_SESSIONS = 256
@@ -225,8 +226,7 @@ class Auth:
             self.throttle.failed(client)
         match = self._find(cookie)
         if match is not None:
-            self._sessions[match].expires = self._now() + SESSION_TTL
-            self._sessions.move_to_end(match)
+            self._sessions.move_to_end(match)  # the most recently used is dropped last
             return "session"
         return None
 
