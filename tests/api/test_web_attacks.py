@@ -128,12 +128,16 @@ async def test_no_secret_in_pages_answers_or_logs(start_router: StartRouter, scp
 
 def test_a_name_under_another_vr_or_in_a_private_tag_is_not_shown(tmp_path: Path) -> None:
     """A hostile peer sends PatientName as LO (explicit VR: pydicom keeps the VR sent) and a name
-    in a private element: a read without a credential shows neither, nor any PN."""
+    in a private element: a read without a credential shows neither, nor any PN, nor the
+    patient's demographics; the patient ID (the item's identity) stays."""
     ds = make_dataset(seed=1, patient_name="", patient_id="PID001")
     del ds.PatientName
     ds.add_new(0x00100010, "LO", "DOE^JANE")
     ds.add_new(0x00090010, "LO", "ACME 1.0")
     ds.add_new(0x00091001, "LO", "DOE^JANE")
+    ds.PatientBirthDate = "19700101"
+    ds.PatientAddress = "1 Hostile Street"
+    ds.OtherPatientIDs = "OTHER-ID"
     seq_item = Dataset()
     seq_item.add_new(0x00081050, "LO", "DOE^JOHN")  # PerformingPhysicianName, as LO
     ds.add_new(0x00081111, "SQ", [seq_item])
@@ -141,6 +145,7 @@ def test_a_name_under_another_vr_or_in_a_private_tag_is_not_shown(tmp_path: Path
     assert tags["00100010"]["vr"] == "LO"  # what the attack relies on
     shown = without_names(tags)
     assert "DOE^J" not in repr(shown)
+    assert not {"00100030", "00101040", "00101000", "00091001"} & set(shown)  # demographics, private
     assert shown["00100020"]["Value"] == ["PID001"] and "00081111" in shown
 
 

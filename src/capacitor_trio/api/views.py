@@ -88,17 +88,24 @@ def item_json(item: Item, *, names: bool = True) -> dict[str, Any]:
     }
 
 
-def _may_hold_a_name(tag: str, vr: Any) -> bool:
-    """True for an element that is or may be a person's name: VR PN as sent, a tag whose
-    dictionary VR is PN (a name sent under another VR, e.g. PatientName as LO in explicit VR),
-    and a private element (odd group: its meaning is the vendor's, it may hold anything)."""
+#: The patient's identity shown without a credential (the item's patientId is shown too); the
+#: rest of the Patient group (0010: birth date, sex, address, other IDs, comments...) is not.
+PATIENT_IDENTITY = frozenset({0x00100020, 0x00100021})  # PatientID, IssuerOfPatientID
+
+
+def _personal(tag: str, vr: Any) -> bool:
+    """True for an element a read without a credential does not show: a person's name or what
+    may be one (VR PN as sent; a tag whose dictionary VR is PN, sent under another VR, e.g.
+    PatientName as LO in explicit VR), the patient's demographics (group 0010 but
+    `PATIENT_IDENTITY`), and a private element (its meaning is the vendor's: it may hold anything)."""
     if vr == "PN":
         return True
     try:
         number = int(tag, 16)
     except ValueError:
         return True  # not a tag: shown to nobody without a credential
-    if (number >> 16) % 2 == 1:
+    group = number >> 16
+    if group % 2 == 1 or (group == 0x0010 and number not in PATIENT_IDENTITY):
         return True
     try:
         return "PN" in dictionary_VR(number)
@@ -107,10 +114,11 @@ def _may_hold_a_name(tag: str, vr: Any) -> bool:
 
 
 def without_names(tags: dict[str, Any]) -> dict[str, Any]:
-    """DICOM JSON `tags` without any person name (`_may_hold_a_name`), in sequences too."""
+    """DICOM JSON `tags` without what a read without a credential does not show (`_personal`:
+    names, the patient's demographics, private elements), in sequences too."""
     out: dict[str, Any] = {}
     for tag, elem in tags.items():
-        if _may_hold_a_name(tag, elem.get("vr")):
+        if _personal(tag, elem.get("vr")):
             continue
         if elem.get("vr") == "SQ" and elem.get("Value"):
             elem = {**elem, "Value": [without_names(child) for child in elem["Value"]]}

@@ -365,7 +365,7 @@ async function loadItem() {
   const notes = [];
   if (!item.tags) notes.push("The stored file cannot be read.");
   if (item.tagsTruncated) notes.push("Cut short by: " + item.tagsLimits.join(", ") + ".");
-  if (document.body.dataset.mayWrite !== "yes") notes.push("Person names and private tags are shown after logging in.");
+  if (document.body.dataset.mayWrite !== "yes") notes.push("Names, the patient's other details and private tags are shown after logging in.");
   document.getElementById("tags-note").textContent = notes.join(" ");
   return item;
 }
