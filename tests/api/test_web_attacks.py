@@ -160,3 +160,13 @@ def test_a_session_ends_when_its_cookie_does_however_much_it_is_used() -> None:
         assert auth.credential(None, sid) == "session"
     now[0] = SESSION_TTL
     assert auth.credential(None, sid) is None and auth.csrf_token(sid) is None
+
+
+async def test_api_answers_are_not_stored_nor_sniffed(start_router: StartRouter, scp: StorageScp) -> None:
+    """The JSON answers carry patient names (with a credential): a browser keeps none of them on
+    disk and never reads one as HTML or script; errors too."""
+    r = await start_router((pacs(scp),))
+    for path in ("/api/queue/items", "/api/queue/items/1", "/api/nodes", "/api/logs/recent", "/api/no-such"):
+        resp = await r.client.get(path, headers=AUTH)
+        assert resp.headers["cache-control"] == "no-store", path
+        assert resp.headers["x-content-type-options"] == "nosniff", path

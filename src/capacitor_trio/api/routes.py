@@ -117,7 +117,8 @@ def create_app(router: Router) -> QuartTrio:
 
 
 def _add_guards(app: QuartTrio) -> None:
-    """Every request: from this machine only; every write: its unread body drained."""
+    """Every request: from this machine only; every answer: not stored by a browser; every
+    write: its unread body drained."""
 
     @app.after_request
     async def drain_unread_body(response: Response) -> Response:
@@ -128,6 +129,14 @@ def _add_guards(app: QuartTrio) -> None:
                 await request.get_data()
             except HTTPException:  # over MAX_CONTENT_LENGTH: cannot be drained, end the connection
                 response.headers["Connection"] = "close"
+        return response
+
+    @app.after_request
+    async def not_stored(response: Response) -> Response:
+        # Answers carry patient data (names with a credential): no browser keeps them on disk,
+        # and none reads one as anything but its declared type (JSON never runs as a script).
+        response.headers.setdefault("Cache-Control", "no-store")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
         return response
 
     @app.before_request
