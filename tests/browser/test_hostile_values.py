@@ -141,3 +141,26 @@ def test_login_returns_only_to_this_site(router: Router, page: Page, target: str
     page.get_by_label("Service password").fill("browser-password")
     page.get_by_role("button", name="Log in").click()
     page.wait_for_url(lambda url: url == f"{router.base}/")
+
+
+def test_a_page_of_another_origin_cannot_pause_a_node_through_the_edit_page(router: Router, page: Page) -> None:
+    """A page of another program on this machine is the same site: the session cookie goes along
+    when it sends the browser to a node's edit page. That page pauses the node as it opens only
+    when the operator came from this site (or typed it); from elsewhere it waits for the save."""
+    log_in(page, router.base)
+    port = int(router.base.rsplit(":", 1)[1])
+    evil = f"http://127.0.0.1:{port + 1 if port < 65535 else port - 1}/evil.html"  # same site, other origin
+    edit = f"{router.base}/nodes/STORESCP/edit?role=Storage"
+    page.route(evil, lambda route: route.fulfill(content_type="text/html", body=(
+        f'<a id="go" href="{edit}">x</a><script>document.getElementById("go").click()</script>'
+    )))
+    page.goto(evil)
+    page.wait_for_url(edit)
+    expect(page.locator("#edit-pause-note")).to_contain_text("not paused yet")
+    assert router.get("/api/nodes/STORESCP")["paused"] is False
+    # saving pauses it first, then saves
+    page.get_by_label("Priority").fill("1")
+    page.get_by_role("button", name="Save to nodes.yml").click()
+    expect(page.locator("#status")).to_contain_text("Saved STORESCP")
+    assert router.get("/api/nodes/STORESCP")["paused"] is True
+    router.post("/api/nodes/STORESCP/resume")

@@ -528,14 +528,21 @@ async function initNodeEdit() {
     return;
   }
   fillNodeForm(form, node);
-  if (node.status !== "none" && !node.paused) {
-    // as Capacitor's inline edit does: the node is paused before it can be edited
+  // as Capacitor's inline edit does: the node is paused before it is edited
+  const pauseFirst = async () => {
+    node = await api("POST", path + "/pause" + query);
+    note.textContent = `${node.aeTitle} has been paused for editing; resume it when done.`;
+  };
+  const running = () => node.status !== "none" && !node.paused;
+  if (running() && form.dataset.autoPause === "yes") {
     try {
-      node = await api("POST", path + "/pause" + query);
-      note.textContent = `${node.aeTitle} has been paused for editing; resume it when done.`;
+      await pauseFirst();
     } catch (e) {
       note.textContent = `Could not pause ${form.dataset.ae}: ${e.message}`;
     }
+  } else if (running()) {
+    // opened from another site's page: not paused until the operator saves
+    note.textContent = `${node.aeTitle} is not paused yet (this page was opened from another site); saving pauses it first.`;
   } else if (node.paused) {
     note.textContent = `${node.aeTitle} is paused.`;
   }
@@ -543,6 +550,7 @@ async function initNodeEdit() {
     ev.preventDefault();
     showFieldError(form, "");
     try {
+      if (running()) await pauseFirst();
       node = await api("PUT", path + query, nodeFormBody(form));
       fillNodeForm(form, node);
       say(`Saved ${node.aeTitle} to nodes.yml`);
