@@ -31,6 +31,7 @@ ACCESSION = "<b id=pwn>x</b>"
 SERIES = "</td><script>window.__pwned=3</script>"
 STUDY = "javascript:window.__pwned=4"
 PRIVATE = "<img src=x onerror=window.__pwned=5>"
+BIRTH_NAME = "Hostile^birthname"
 
 
 def _send_hostile(router: Router, called_ae: str) -> str:
@@ -46,6 +47,7 @@ def _send_hostile(router: Router, called_ae: str) -> str:
         ds.StudyDescription = STUDY
         ds.add_new(0x00090010, "LO", "EVIL")
         ds.add_new(0x00091001, "LO", PRIVATE)
+        ds.add_new(0x00101005, "CS", BIRTH_NAME)  # a name under a VR it does not fit
     ae = AE(ae_title=HOSTILE_AE)
     ae.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", router.scp_port, ae_title=called_ae)
@@ -118,12 +120,16 @@ def test_the_policy_alone_refuses_an_injected_inline_script(router: Router, page
 
 def test_no_patient_name_in_the_logs_page_or_without_login(router: Router, page: Page, hostile_item: int) -> None:
     """Without a session neither the queue, the item's tags (private ones included) nor the logs
-    show the hostile instance's name."""
+    show the hostile instance's names, also one sent under a VR it does not fit (pydicom quotes
+    such a value when it checks one: reading the header for the index and the detail must not)."""
+    router.get(f"/api/queue/items/{hostile_item}")  # read with the token: the header is parsed
     for path in ("/queue?dest=DEAD", f"/queue/{hostile_item}", "/logs"):
         page.goto(router.base + path)
         page.wait_for_load_state("networkidle")
         html = page.content()
         assert "alert(document.domain)" not in html and "__pwned=5" not in html, path
+        assert "birthname" not in html, path
+    assert not any("birthname" in line for line in router.lines)  # nor the log itself
     page.goto(f"{router.base}/queue/{hostile_item}")
     expect(page.locator("#tags")).to_contain_text(PATIENT_ID)  # the identity is shown
     assert page.evaluate("window.__pwned") is None
