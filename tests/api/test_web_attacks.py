@@ -170,3 +170,20 @@ async def test_api_answers_are_not_stored_nor_sniffed(start_router: StartRouter,
         resp = await r.client.get(path, headers=AUTH)
         assert resp.headers["cache-control"] == "no-store", path
         assert resp.headers["x-content-type-options"] == "nosniff", path
+
+
+async def test_values_in_a_pages_url_are_escaped(start_router: StartRouter, scp: StorageScp) -> None:
+    """What a page renders from its URL (the node edit page's AE title and role, the login's
+    next, the login link's return path) is escaped: no markup of it reaches the page."""
+    r = await start_router((pacs(scp),))
+    await _login(r.client)
+    hostile = '"><img src=x onerror=alert(1)><b x="'
+    pages = [
+        await r.client.get("/nodes/" + hostile + "/edit", params={"role": hostile}),
+        await r.client.get("/login", params={"next": "/" + hostile}),
+        await r.client.get("/queue", params={"state": hostile}),
+    ]
+    for resp in pages:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
+        assert "<img" not in resp.text and '<b x="' not in resp.text
+    assert "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in pages[0].text  # shown, as text
