@@ -15,7 +15,7 @@ from capacitor_trio.api.views import read_tags, without_names
 from capacitor_trio.config.models import ApiConfig
 from tests.helpers.datasets import make_dataset, write_dataset
 
-from .conftest import AUTH, PASSWORD, TOKEN, StartRouter, StorageScp, pacs
+from .conftest import AUTH, PASSWORD, TOKEN, StartRouter, StorageScp, dead_node, pacs
 from .test_endpoints import data, error
 
 COOKIE = "capacitor_session"
@@ -187,3 +187,21 @@ async def test_values_in_a_pages_url_are_escaped(start_router: StartRouter, scp:
         assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/html")
         assert "<img" not in resp.text and '<b x="' not in resp.text
     assert "&#34;&gt;&lt;img src=x onerror=alert(1)&gt;" in pages[0].text  # shown, as text
+
+
+async def test_no_endpoint_the_pages_read_shows_a_name_without_a_session(start_router: StartRouter) -> None:
+    """Every read the pages make, without a credential while one is configured: no patient name
+    anywhere (the item list and detail, the nodes, the service, the logs, the metrics)."""
+    r = await start_router((dead_node("DEAD"),))
+    await r.client.post("/api/nodes/DEAD/pause", headers=AUTH)
+    (item,) = await r.queue(1, dest="DEAD", state="failed")
+    assert "DOE" in (await r.client.get(f"/api/queue/items/{item}", headers=AUTH)).text  # there to find
+    reads = (
+        "/api/queue/items", f"/api/queue/items/{item}", "/api/queue/items?search=pid001", "/api/nodes",
+        "/api/nodes/DEAD", "/api/service/status", "/api/service/processing-status", "/api/metrics",
+        "/api/queue/stats", "/api/logs/recent?lines=1000&level=DEBUG", "/api/system/info", "/api/auth/session",
+    )
+    for path in reads:
+        text = (await r.client.get(path)).text
+        assert "DOE" not in text and "JANE" not in text, path
+    error(await r.client.get("/api/config"), "FORBIDDEN", 403)
