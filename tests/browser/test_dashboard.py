@@ -80,9 +80,11 @@ def test_retry_a_failed_item_from_the_queue_page(router: Router, page: Page) -> 
 
 
 def test_edit_a_node(router: Router, page: Page) -> None:
-    log_in(page, router.base, "/nodes/DEAD/edit?role=Storage")
-    # the node is paused before it can be edited
-    expect(page.locator("#edit-pause-note")).to_contain_text("paused")
+    log_in(page, router.base)
+    card(page, "DEAD").get_by_role("link", name="Edit…").click()
+    page.wait_for_url(f"{router.base}/nodes/DEAD/edit?role=Storage")
+    # opened from its card, the node is paused before it can be edited
+    expect(page.locator("#edit-pause-note")).to_contain_text("has been paused for editing")
     assert router.get("/api/nodes/DEAD")["paused"] is True
     before = (router.data / "nodes.yml").read_text()
     port = page.get_by_label("Port", exact=True)

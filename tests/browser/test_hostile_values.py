@@ -151,16 +151,26 @@ def test_login_returns_only_to_this_site(router: Router, page: Page, target: str
 
 def test_a_page_of_another_origin_cannot_pause_a_node_through_the_edit_page(router: Router, page: Page) -> None:
     """A page of another program on this machine is the same site: the session cookie goes along
-    when it sends the browser to a node's edit page. That page pauses the node as it opens only
-    when the operator came from this site (or typed it); from elsewhere it waits for the save."""
-    log_in(page, router.base)
+    when it sends the browser to a node's edit page, directly or through the login's next. The
+    edit page pauses the node as it opens only when opened from the node's card; otherwise the
+    node is paused when the edit is saved."""
     port = int(router.base.rsplit(":", 1)[1])
     evil = f"http://127.0.0.1:{port + 1 if port < 65535 else port - 1}/evil.html"  # same site, other origin
     edit = f"{router.base}/nodes/STORESCP/edit?role=Storage"
+    trampoline = f"{router.base}/login?next={urllib.parse.quote('/nodes/STORESCP/edit?role=Storage', safe='')}"
+    page.route(evil, lambda route: route.fulfill(content_type="text/html", body=(
+        f'<a id="go" href="{trampoline}">x</a><script>document.getElementById("go").click()</script>'
+    )))
+    page.goto(evil)  # through the login: the operator logs in, the page goes on to `edit`
+    page.get_by_label("Service password").fill("browser-password")
+    page.get_by_role("button", name="Log in").click()
+    page.wait_for_url(edit)
+    expect(page.locator("#edit-pause-note")).to_contain_text("not paused yet")
+    assert router.get("/api/nodes/STORESCP")["paused"] is False
     page.route(evil, lambda route: route.fulfill(content_type="text/html", body=(
         f'<a id="go" href="{edit}">x</a><script>document.getElementById("go").click()</script>'
     )))
-    page.goto(evil)
+    page.goto(evil)  # directly, logged in
     page.wait_for_url(edit)
     expect(page.locator("#edit-pause-note")).to_contain_text("not paused yet")
     assert router.get("/api/nodes/STORESCP")["paused"] is False

@@ -103,12 +103,7 @@ async def settings() -> str:
 @blueprint.get("/nodes/<ae>/edit")
 async def node_edit(ae: str) -> str:
     role = request.args.get("role", "Storage")
-    # The page pauses the node as it opens (as Capacitor's inline edit does) only when the
-    # operator opened it from this site or typed it (Sec-Fetch-Site): a page of another origin
-    # on this machine (same site: the session cookie goes along) that sends the browser here
-    # must not pause a destination. Otherwise the node is paused when the edit is saved.
-    auto_pause = request.headers.get("Sec-Fetch-Site") in ("same-origin", "none")
-    return await _page("node_edit.html", "node-edit", needs_login=True, ae=ae, role=role, auto_pause=auto_pause)
+    return await _page("node_edit.html", "node-edit", needs_login=True, ae=ae, role=role)
 
 
 @blueprint.get("/login")

@@ -96,6 +96,10 @@ function nodePath(node, suffix) {
 // ---- Dashboard ---------------------------------------------------------------------------------
 
 const STATES = ["new", "prepared", "failed", "rejected", "expired"];
+// Set by a card's Edit… link (this tab, this origin only): the edit page pauses the node as it
+// opens only then. Another site's page can send the browser to the edit page (directly or
+// through the login's next) with the session cookie, but cannot set this.
+const EDIT_INTENT = "capacitor-trio.edit";
 
 function nodeCard(node) {
   const key = node.aeTitle + "|" + node.role;
@@ -139,6 +143,7 @@ function nodeCard(node) {
     class: "button-link", "data-action": "edit", text: "Edit…",
     href: `/nodes/${encodeURIComponent(node.aeTitle)}/edit?role=${encodeURIComponent(node.role)}`,
   });
+  edit.addEventListener("click", () => sessionStorage.setItem(EDIT_INTENT, key));
   buttons.append(edit);
   card.append(el("h3", { id: id + "-h", text: `${node.aeTitle} ` }, el("small", { text: `${node.role} · ${node.hostName}:${node.port}` })), fields, buttons);
   card.reachable = "not checked (C-ECHO)";
@@ -534,15 +539,17 @@ async function initNodeEdit() {
     note.textContent = `${node.aeTitle} has been paused for editing; resume it when done.`;
   };
   const running = () => node.status !== "none" && !node.paused;
-  if (running() && form.dataset.autoPause === "yes") {
+  const intended = sessionStorage.getItem(EDIT_INTENT) === `${form.dataset.ae}|${form.dataset.role}`;
+  sessionStorage.removeItem(EDIT_INTENT);
+  if (running() && intended) {
     try {
       await pauseFirst();
     } catch (e) {
       note.textContent = `Could not pause ${form.dataset.ae}: ${e.message}`;
     }
   } else if (running()) {
-    // opened from another site's page: not paused until the operator saves
-    note.textContent = `${node.aeTitle} is not paused yet (this page was opened from another site); saving pauses it first.`;
+    // not opened from its card (typed, a link from elsewhere): not paused until the operator saves
+    note.textContent = `${node.aeTitle} is not paused yet (this page was not opened from its card); saving pauses it first.`;
   } else if (node.paused) {
     note.textContent = `${node.aeTitle} is paused.`;
   }
