@@ -205,3 +205,19 @@ async def test_no_endpoint_the_pages_read_shows_a_name_without_a_session(start_r
         text = (await r.client.get(path)).text
         assert "DOE" not in text and "JANE" not in text, path
     error(await r.client.get("/api/config"), "FORBIDDEN", 403)
+
+
+async def test_a_cookie_set_by_another_local_page_does_not_shadow_the_session(start_router: StartRouter, scp: StorageScp) -> None:
+    """Cookies do not keep to a port: another program's page on this machine can set its own
+    capacitor_session (Path=/api: the browser sends it first). The operator's session still
+    counts, and the bogus one is nobody's."""
+    r = await start_router((pacs(scp),))
+    csrf = await _login(r.client)
+    sid = r.client.cookies[COOKIE]
+    both = {"Cookie": f"{COOKIE}=tossed-by-another-page; {COOKIE}={sid}"}
+    async with httpx.AsyncClient(base_url=str(r.client.base_url)) as browser:
+        assert data(await browser.get("/api/auth/session", headers=both))["csrfToken"] == csrf["X-CSRF-Token"]
+        data(await browser.post("/api/nodes/PACS/pause", headers={**both, **csrf}))
+        assert f'content="{csrf["X-CSRF-Token"]}"' in (await browser.get("/", headers=both)).text
+        bogus = {"Cookie": f"{COOKIE}=tossed-by-another-page"}
+        error(await browser.post("/api/nodes/PACS/resume", headers={**bogus, **csrf}), "FORBIDDEN", 403)

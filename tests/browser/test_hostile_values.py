@@ -180,3 +180,25 @@ def test_a_page_of_another_origin_cannot_pause_a_node_through_the_edit_page(rout
     expect(page.locator("#status")).to_contain_text("Saved STORESCP")
     assert router.get("/api/nodes/STORESCP")["paused"] is True
     router.post("/api/nodes/STORESCP/resume")
+
+
+def test_a_cookie_tossed_by_another_local_page_does_not_log_the_operator_out(router: Router, page: Page) -> None:
+    """Cookies do not keep to a port: a page of another program on this machine sets its own
+    capacitor_session for /api, which the browser sends before the operator's. The dashboard
+    still works with the operator's session."""
+    log_in(page, router.base)
+    port = int(router.base.rsplit(":", 1)[1])
+    evil = f"http://127.0.0.1:{port + 1 if port < 65535 else port - 1}/evil.html"  # same host, other port
+    page.route(evil, lambda route: route.fulfill(content_type="text/html", body=(
+        '<script>document.cookie = "capacitor_session=tossed; Path=/api"</script><p id="done">set</p>'
+    )))
+    page.goto(evil)
+    expect(page.locator("#done")).to_be_visible()
+    held = [c["value"] for c in page.context.cookies(router.base + "/api/nodes") if c["name"] == "capacitor_session"]
+    assert len(held) == 2 and "tossed" in held  # the browser sends both to the API
+    page.goto(f"{router.base}/")
+    assert router.get("/api/nodes/STORESCP")["paused"] is False
+    page.locator('article[data-node="STORESCP|Storage"]').get_by_role("button", name="Pause", exact=True).click()
+    expect(page.locator("#status")).to_contain_text("Pause STORESCP: done")
+    assert router.get("/api/nodes/STORESCP")["paused"] is True
+    router.post("/api/nodes/STORESCP/resume")

@@ -126,13 +126,17 @@ class Api:
 
     # ---- auth --------------------------------------------------------------------------------
 
+    def _cookie(self) -> str | None:
+        """The request's session cookie (`Auth.session_cookie`)."""
+        return self.auth.session_cookie(request.cookies.getlist(COOKIE))
+
     def require_write(self) -> None:
         authorization = request.headers.get("Authorization")
         client = _client()
         wait = self.auth.token_wait(authorization, client)
         if wait > 0:  # too many wrong tokens or passwords from this address: not looked at
             raise _too_many(wait)
-        cookie = request.cookies.get(COOKIE)
+        cookie = self._cookie()
         kind = self.auth.credential(authorization, cookie, client)
         if kind is None:
             raise ApiError("FORBIDDEN", "missing or wrong credentials")
@@ -147,12 +151,12 @@ class Api:
         client = _client()
         if self.auth.token_wait(authorization, client) > 0:
             return False  # too many wrong tokens from this address: not looked at
-        return self.auth.credential(authorization, request.cookies.get(COOKIE), client) is not None
+        return self.auth.credential(authorization, self._cookie(), client) is not None
 
     async def session(self) -> Response:
         """Whether this browser has a live session, and its CSRF token (a cross-site page cannot
         read this answer: no CORS headers are ever sent)."""
-        csrf = self.auth.csrf_token(request.cookies.get(COOKIE))
+        csrf = self.auth.csrf_token(self._cookie())
         return ok({
             "authenticated": csrf is not None,
             "loginEnabled": self.auth.login_enabled,
@@ -173,7 +177,7 @@ class Api:
         self.auth.throttle.succeeded(client)
         # a fresh session id on every login, and the one this browser held (if any) ended: an id
         # planted in the browser before login (session fixation) never becomes a logged-in one
-        self.auth.end_session(request.cookies.get(COOKIE))
+        self.auth.end_session(self._cookie())
         sid = self.auth.new_session()
         response = ok({"authenticated": True, "csrfToken": self.auth.csrf_token(sid)})
         response.set_cookie(
@@ -185,7 +189,7 @@ class Api:
         # Ending a live session is a write: it needs the session's CSRF token, so that another
         # page cannot log the operator out (logout CSRF). A cookie that names no live session
         # is only cleared.
-        cookie = request.cookies.get(COOKIE)
+        cookie = self._cookie()
         if self.auth.csrf_token(cookie) is not None and not self.auth.csrf_ok(cookie, request.headers.get(CSRF_HEADER)):
             raise ApiError("FORBIDDEN", f"logging out needs the session's {CSRF_HEADER} header")
         self.auth.end_session(cookie)

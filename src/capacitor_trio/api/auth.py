@@ -200,6 +200,16 @@ class Auth:
                 found = known
         return found
 
+    def session_cookie(self, values: list[str]) -> str | None:
+        """Of the ``capacitor_session`` cookies a request carries, the first that names a live
+        session (else the first, or None). Cookies do not keep to a port: a page of another
+        program on this machine can set one of the same name with a longer Path, which the
+        browser sends first; taken alone it would shadow the operator's session."""
+        for value in values:
+            if self._find(value) is not None:
+                return value
+        return values[0] if values else None
+
     def token_wait(self, authorization: str | None, client: str) -> float:
         """Seconds `client` must still wait before a bearer token it sends is looked at (0: go
         ahead, or it sends none: a session cookie alone is not held back)."""

@@ -36,7 +36,7 @@ SECURITY_HEADERS = {
 def _session() -> dict[str, Any]:
     """What the page needs to know of the browser's credential."""
     auth = current_app.extensions["capacitor_api"].auth
-    csrf = auth.csrf_token(request.cookies.get(COOKIE))
+    csrf = auth.csrf_token(auth.session_cookie(request.cookies.getlist(COOKIE)))
     return {
         "csrf": csrf or "",
         "logged_in": csrf is not None,
