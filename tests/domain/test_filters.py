@@ -199,6 +199,20 @@ def test_drop_unfiltered_instances() -> None:
     assert run_chain(chain(RouteFilter(ROUTES, (mr_route,)), sort, drop_unfiltered=True), instance(), CTX, Effects()).keep
 
 
+def test_an_item_a_route_added_skips_route_and_counts_as_filtered(fake_mutate: list[MutateContext]) -> None:
+    """Two routes adding each other's destination cannot loop: the copy does not pass route."""
+    loop = (
+        route(RouteAction(RouteActionType.ADD_DESTINATION, "B"), ae_titles=("PACS",)),
+        route(RouteAction(RouteActionType.ADD_DESTINATION, "PACS"), ae_titles=("B",), index=1),
+    )
+    added = ChainContext("MODALITY", "B", CTX.now, None, added_by_route=True)
+    c = chain(RouteFilter(ROUTES, loop), MutateFilter(Path("m"), (mutation(),)), drop_unfiltered=True)
+    out = run_chain(c, instance(), added, Effects())
+    assert out.keep and out.add_destinations == ()
+    assert len(fake_mutate) == 1 and fake_mutate[0].destination_ae == "B"
+    assert run_chain(c, instance(), CTX, Effects()).add_destinations == ("B",)
+
+
 def test_decisions_at_info_carry_no_patient_data() -> None:
     steps = RouteFilter(ROUTES, (route(RouteAction(RouteActionType.DROP), conditions=when("10,10", "^Doe")),))
     out = run_chain(chain(steps), instance(), CTX, Effects())
