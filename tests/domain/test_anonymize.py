@@ -71,7 +71,7 @@ def test_the_basic_profile() -> None:
     assert (ds.Manufacturer, ds.SliceThickness, ds.Modality, ds.SOPClassUID) == ("ACME", 1.25, "CT", make_dataset().SOPClassUID)
     assert ds.PatientID == "ANON1" and str(ds.PatientName) == "ANON1"
     # private attributes, curves, overlay comments removed; other overlay attributes kept
-    assert all(tag.group % 2 == 0 for tag in ds.keys())
+    assert all(tag.group % 2 == 0 for tag in list(ds.keys()))
     assert 0x50000010 not in ds and 0x60004000 not in ds and 0x60000010 in ds
     # UIDs
     assert ds.SOPInstanceUID == replace_uid(SECRET, sop) != sop

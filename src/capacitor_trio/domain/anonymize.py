@@ -165,11 +165,16 @@ def apply_profile(ds: Dataset, secret: bytes) -> list[int]:
         if action == _X:
             del ds[tag]
             changed.append(int(tag))
-        elif action is not None and _replace(element, action, secret):
-            changed.append(int(tag))
-        elif action is None and element.VR == "SQ" and _items(element, secret):
+        elif _changes(element, action, secret):
             changed.append(int(tag))
     return changed
+
+
+def _changes(element: DataElement, action: str | None, secret: bytes) -> bool:
+    """Z, D or U on `element`, or the table on the items of a sequence it does not name."""
+    if action is None:
+        return element.VR == "SQ" and _items(element, secret)
+    return _replace(element, action, secret)
 
 
 def _items(element: DataElement, secret: bytes) -> bool:
@@ -186,10 +191,9 @@ def _replace(element: DataElement, action: str, secret: bytes) -> bool:
         return _items(element, secret)
     if action == _U and element.VR == "UI":
         values = [before] if isinstance(before, str) else list(before or [])
-        element.value = [replace_uid(secret, str(v)) for v in values] if len(values) > 1 else (
-            replace_uid(secret, str(values[0])) if values else before
-        )
-    elif action == _Z or action == _U:
+        replaced = [replace_uid(secret, str(v)) if str(v).strip() else "" for v in values]
+        element.value = replaced[0] if len(replaced) == 1 else replaced
+    elif action in (_Z, _U):
         element.value = None if element.VR in _NUMBER_VRS else ""
     else:
         element.value = 0 if element.VR in _NUMBER_VRS else _DUMMY.get(element.VR, _DUMMY_TEXT)

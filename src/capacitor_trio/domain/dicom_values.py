@@ -17,8 +17,10 @@ from pydicom.valuerep import validate_value
 __all__ = [
     "NOT_TEXT",
     "destination_vr",
+    "is_text",
     "keyword_for_tag",
     "make_element",
+    "single_vr",
     "tag_name",
     "value_text",
 ]
@@ -54,6 +56,19 @@ def value_text(element: DataElement) -> str:
     return str(value)
 
 
+def is_text(element: DataElement) -> bool:
+    """Whether an element's value reads as text (not binary, not a sequence)."""
+    return not (
+        set(str(element.VR).split(" or ")) & NOT_TEXT
+        or isinstance(element.value, bytes | bytearray)
+    )
+
+
+def single_vr(vr: str) -> str:
+    """One VR for an ambiguous one (`US or SS` -> `US`): the first, as pydicom writes it."""
+    return str(vr).split(" or ")[0]
+
+
 def destination_vr(tag: int) -> str:
     """The VR a new attribute gets: the dictionary's (the first of an ambiguous `US or SS`).
     ValueError for a tag outside the dictionary or one whose value is not text."""
@@ -61,10 +76,9 @@ def destination_vr(tag: int) -> str:
         vr = dictionary_VR(tag)
     except KeyError:
         raise ValueError(f"{tag_name(tag)} is not in the DICOM dictionary (its VR is unknown)") from None
-    vr = vr.split(" or ")[0]
-    if vr in NOT_TEXT:
+    if set(vr.split(" or ")) & NOT_TEXT:
         raise ValueError(f"{tag_name(tag)} has VR {vr}: only text and number values can be set")
-    return vr
+    return single_vr(vr)
 
 
 def make_element(tag: int, vr: str, text: str, ds: Dataset) -> DataElement:
