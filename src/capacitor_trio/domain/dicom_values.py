@@ -87,16 +87,17 @@ def make_element(tag: int, vr: str, text: str, ds: Dataset) -> DataElement:
     the data set's character set. ValueError says why it does not fit, without the value."""
     if vr in NOT_TEXT:
         raise ValueError(f"{tag_name(tag)} has VR {vr}: only text and number values can be set")
-    parts = [text] if vr in _ONE_VALUE or text == "" else text.split("\\")
+    if text == "":
+        return DataElement(tag, vr, None if vr in _INTEGER | _FLOAT else "")
+    if vr in _CHARSET_VRS:
+        _check_charset(tag, text, ds)
+    elif not text.isascii():  # the other VRs take the default repertoire only
+        raise ValueError(f"the value for {tag_name(tag)} (VR {vr}) holds characters outside ASCII")
+    parts = [text] if vr in _ONE_VALUE else text.split("\\")
     values = [_convert(vr, part, tag) for part in parts]
     for part in values:
         _check(vr, part, tag)
-    if vr in _CHARSET_VRS:
-        _check_charset(tag, text, ds)
-    value: object = values[0] if len(values) == 1 else values
-    if text == "":
-        value = None if vr in _INTEGER | _FLOAT else ""
-    return DataElement(tag, vr, value)
+    return DataElement(tag, vr, values[0] if len(values) == 1 else values)
 
 
 def _convert(vr: str, part: str, tag: int) -> object:
