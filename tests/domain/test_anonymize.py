@@ -145,3 +145,39 @@ def test_memory_pseudonyms_are_stable_per_mapping() -> None:
     assert store.pseudonym("a.csv", key) != store.pseudonym("a.csv", PatientKey("P2", ""))
     assert len(store.secret("a.csv")) == 32 and store.secret("a.csv") == store.secret("a.csv")
     assert re.fullmatch(r"ANON[A-Z2-7]{16}", new_pseudonym())
+
+
+MARK = "ZZSECRETZZ"
+# identifying attributes the profile removes, empties or replaces, with a text VR each
+IDENTIFYING = {
+    "PatientName": "PN", "PatientID": "LO", "IssuerOfPatientID": "LO", "OtherPatientIDs": "LO",
+    "OtherPatientNames": "PN", "PatientBirthName": "PN", "PatientMotherBirthName": "PN",
+    "PatientAddress": "LO", "PatientTelephoneNumbers": "SH", "MilitaryRank": "LO",
+    "InstitutionName": "LO", "InstitutionAddress": "ST", "InstitutionalDepartmentName": "LO",
+    "ReferringPhysicianName": "PN", "PerformingPhysicianName": "PN", "OperatorsName": "PN",
+    "NameOfPhysiciansReadingStudy": "PN", "PhysiciansOfRecord": "PN", "StationName": "SH",
+    "StudyDescription": "LO", "SeriesDescription": "LO", "AccessionNumber": "SH", "StudyID": "SH",
+    "DeviceSerialNumber": "LO", "ProtocolName": "LO", "ImageComments": "LT",
+    "AdditionalPatientHistory": "LT", "PatientComments": "LT", "RequestingPhysician": "PN",
+    "ScheduledPerformingPhysicianName": "PN", "PerformedProcedureStepDescription": "LO",
+    "RequestedProcedureDescription": "LO", "ContentCreatorName": "PN", "PersonName": "PN",
+}  # fmt: skip
+
+
+def test_no_identifying_text_survives_anywhere() -> None:
+    ds = make_dataset(patient_id=MARK, patient_name=MARK)
+    for keyword, vr in IDENTIFYING.items():
+        ds.add_new(keyword, vr, MARK)
+    nested = Dataset()
+    for keyword, vr in IDENTIFYING.items():
+        nested.add_new(keyword, vr, MARK)
+    ds.RequestAttributesSequence = Sequence([nested])  # removed whole
+    kept = Dataset()
+    kept.ReferencedSOPInstanceUID = "1.2.3"
+    for keyword, vr in IDENTIFYING.items():
+        kept.add_new(keyword, vr, MARK)
+    ds.ReferencedImageSequence = Sequence([kept])  # kept: the table applies inside
+    ds.add_new(0x00110010, "LO", "PRIVATE CREATOR")
+    ds.add_new(0x00111001, "LO", MARK)
+    deidentify(ds, "ANON1", SECRET)
+    assert MARK.encode() not in to_part10_bytes(ds)
