@@ -157,6 +157,8 @@ def test_a_yaml_number_value_keeps_its_text() -> None:
         ([{"Destination": {"Tag": "8,50", "Value": ":hash(10,20,53):"}}], "Actions[0].Destination.Value", "1 to 52"),
         ([{"Destination": {"Tag": "8,50", "Value": True}}], "Actions[0].Destination.Value", "must be text"),
         ([{"Type": "remove"}], "Actions[0].Destination.Tag", "required"),
+        ([{"Destination": {"Tag": "8,50", "Value": None}}], "Actions[0].Destination.Value", "is empty"),
+        ([{"Type": None, "Tag": "8,50"}], "Actions[0].Type", "is empty"),
         ([{"Type": "remove", "Tag": "8,50", "Destination": {"Tag": "8,51"}}], "Actions[0].Tag", "given twice"),
         ([{"Type": "remove", "Destination": {"Tag": "8,50", "Value": "x"}}], "Actions[0].Destination.Value", "remove takes no"),
         ([{"Type": "anonymize"}], "Actions[0].Destination.Value", "mapping file"),
@@ -187,3 +189,7 @@ def test_the_documented_examples_load() -> None:
     for block in blocks:
         for entry in yaml.load(block, Loader=_Loader):
             assert parse_actions(entry["Actions"])
+
+
+def test_an_empty_description_is_none_given() -> None:
+    assert parse_actions([{"Type": "remove", "Tag": "8,50", "Description": None}]) == (Remove(0x00080050),)

@@ -6,15 +6,18 @@ import datetime
 import io
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from capacitor_trio.config.mutations import parse_actions
+from capacitor_trio.config.values import _Loader
 from capacitor_trio.domain.anonymize import MemoryPseudonyms, PatientKey
 from capacitor_trio.domain.filtering import FilterFailure, TagChange
 from capacitor_trio.domain.mutate import MutateContext, MutateResult, apply_actions
@@ -322,3 +325,18 @@ def test_anonymize_of_a_data_set_read_from_a_file_reports_only_real_changes() ->
     changed = {c.keyword for c in result.changes}
     assert "Rows" not in changed and "PixelData" not in changed and "Modality" not in changed
     assert {"PatientID", "PatientName", "SOPInstanceUID", "StudyDate"} <= changed
+
+
+def test_the_documented_example_on_an_instance() -> None:
+    """configuration.md's mutations.yml, on a CT instance: both entries' actions."""
+    doc = (Path(__file__).parents[2] / "docs" / "configuration.md").read_text()
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", doc, re.S) if "Type: anonymize" in b)
+    fix, research = yaml.load(block, Loader=_Loader)
+    ds = make_dataset(patient_name="DOE^JANE", accession="12345-X")
+    ds.InstitutionName = "General"
+    result = apply_actions(parse_actions(fix["Actions"]), ds, ctx())
+    assert result.failure is None
+    assert (str(ds.PatientName), ds.StationName, ds.StudyID) == ("JANE DOE", "CT1_20260304", "ACC12345")
+    assert "InstitutionName" not in ds
+    result = apply_actions(parse_actions(research["Actions"]), ds, ctx(MemoryPseudonyms()))
+    assert result.failure is None and ds.PatientIdentityRemoved == "YES"
