@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from capacitor_trio.config.filter_errors import FilterEntryError
+from capacitor_trio.domain.dicom_values import destination_vr
 from capacitor_trio.domain.filtering import OnError
 from capacitor_trio.domain.mutate import (
     DEFAULT_ON_ERROR,
@@ -72,7 +73,7 @@ def _action(raw: object, key: str) -> MutationAction:
         raise FilterEntryError(f"{key}.Type", f"{kind!r} is not one of {', '.join(_TYPES)}")
     if "OnError" in raw and kind not in ("add_or_update", "query"):
         raise FilterEntryError(f"{key}.OnError", f"only add_or_update and query take OnError, not {kind}")
-    description = _text(raw.get("Description", ""), f"{key}.Description")
+    description = _text(raw.get("Description") or "", f"{key}.Description")
     return _BUILDERS[kind](raw, fields, key, description)
 
 
@@ -102,6 +103,10 @@ def _fields(raw: Mapping[Any, Any], key: str) -> dict[str, Any]:
 def _add_or_update(raw: Mapping[Any, Any], fields: dict[str, Any], key: str, description: str) -> MutationAction:
     destination = _required_tag(fields, "Destination.Tag", key)
     _refuse_private(destination, f"{key}.Destination.Tag")
+    try:
+        destination_vr(destination)
+    except ValueError as e:
+        raise FilterEntryError(f"{key}.Destination.Tag", str(e)) from None
     on_error = _on_error(raw, key)
     source = fields.get("Source.Tag")
     if source is None:
@@ -247,4 +252,6 @@ def _text(raw: object, key: str) -> str:
         return raw
     if isinstance(raw, int | float) and not isinstance(raw, bool):
         return str(getattr(raw, "text", raw))
+    if raw is None:
+        raise FilterEntryError(key, "is empty (quote '' for an empty text)")
     raise FilterEntryError(key, f"must be text, not {type(raw).__name__}")
