@@ -4,15 +4,17 @@ missing file (filter off, one warning), an invalid one (one line: file, entry, k
 
 from __future__ import annotations
 
+import datetime
 import logging
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
 
 from capacitor_trio.config import ConfigError, load_settings
 from capacitor_trio.config.filters import load_filters
 from capacitor_trio.domain.conditions import PatternKind
-from capacitor_trio.domain.filters import MutateFilter, RouteFilter, SortFilter
+from capacitor_trio.domain.filters import ChainContext, MutateFilter, RouteFilter, SortFilter, run_chain
 from capacitor_trio.domain.route import Placeholder, RouteActionType
 from capacitor_trio.domain.sort import SortDirection, SortType
 from tests.config.test_load import run_cli, write
@@ -221,3 +223,80 @@ def test_invalid_file_stops_start_up_exit_2(tmp_path: Path) -> None:
         assert r.returncode == 2, r.stderr
         (line,) = r.stderr.strip().splitlines()
         assert f"{tmp_path / 'routings.yml'}: entry 2 (dose): Actions[0].Type: 'copy' is not one of" in line, line
+
+
+# ---- the documented files, loaded and run on instances ----
+
+README_ROUTINGS = """\
+- Description: no scouts in the archive
+  AeTitles: [ARCHIVE]
+  Conditions:
+    - Tag: 0008,103E
+      MatchExpression: (?i)scout|localizer
+  Actions:
+    - Type: drop
+- Description: MR copies on disk, by patient and month
+  Conditions:
+    - Tag: 8,60
+      MatchExpression: MR
+  Actions:
+    - Type: save_file
+      Target: /srv/dicom/#{10,20}/#{8,20:0000-00}/
+"""
+
+README_MUTATIONS = """\
+- Description: Fix what CT1 gets wrong
+  Conditions:
+    - {Tag: '0008,0060', MatchExpression: CT}
+  Actions:
+    - Source: {Tag: '0010,0010', Expression: '^(.+)\\^(.+)$'}
+      Destination: {Tag: '0010,0010', Value: '$2 $1'}
+      OnError: skip_action
+    - Type: remove
+      Destination: {Tag: '0008,0080'}
+"""
+
+
+class _Saved:
+    def __init__(self) -> None:
+        self.paths: list[Path] = []
+
+    def save_file(self, target: Path, ds: Dataset) -> None:
+        self.paths.append(target)
+
+
+def _ct(description: str, number: str, modality: str = "CT") -> Dataset:
+    ds = Dataset()
+    ds.SOPInstanceUID = "1.2.3.4." + number
+    ds.Modality = modality
+    ds.PatientName = "Doe^John"
+    ds.PatientID = "P1"
+    ds.StudyDate = "20240131"
+    ds.InstitutionName = "General Hospital"
+    ds.SeriesDescription = description
+    ds.InstanceNumber = number
+    return ds
+
+
+def test_documented_files_run_in_the_chain(tmp_path: Path) -> None:
+    files(tmp_path, routings=README_ROUTINGS, mutations=README_MUTATIONS, sortings=SORTINGS)
+    chain = load_filters(tmp_path, ("route", "mutate", "sort"))
+    now = datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC)
+    effects = _Saved()
+
+    axial = _ct("AXIAL", "5")
+    out = run_chain(chain, axial, ChainContext("CT1", "VIEWER", now), effects)
+    assert out.keep and out.failure is None
+    assert str(axial.PatientName) == "John Doe" and "InstitutionName" not in axial
+    assert [c.keyword for c in out.changes] == ["PatientName", "InstitutionName"]
+    assert out.sort_key is not None and out.sort_key.value == "AXIAL"  # the last action: SeriesDescription
+
+    scout = _ct("Scout AP", "1")
+    out = run_chain(chain, scout, ChainContext("CT1", "ARCHIVE", now), effects)
+    assert not out.keep and out.changes == ()  # dropped before mutate
+    assert str(scout.PatientName) == "Doe^John"
+
+    mr = _ct("T1", "2", modality="MR")
+    out = run_chain(chain, mr, ChainContext("MR1", "PACS", now), effects)
+    assert out.keep and out.changes == () and out.sort_key is None
+    assert effects.paths == [Path("/srv/dicom/P1/2024-01/1.2.3.4.2.dcm")]
