@@ -14,7 +14,13 @@ from pydicom.dataset import Dataset
 from capacitor_trio.config import ConfigError, load_settings
 from capacitor_trio.config.filters import load_filters
 from capacitor_trio.domain.conditions import PatternKind
-from capacitor_trio.domain.filters import ChainContext, MutateFilter, RouteFilter, SortFilter, run_chain
+from capacitor_trio.domain.filters import (
+    ChainContext,
+    MutateFilter,
+    RouteFilter,
+    SortFilter,
+    run_chain,
+)
 from capacitor_trio.domain.route import Placeholder, RouteActionType
 from capacitor_trio.domain.sort import SortDirection, SortType
 from tests.config.test_load import run_cli, write
