@@ -306,3 +306,12 @@ def test_documented_files_run_in_the_chain(tmp_path: Path) -> None:
     out = run_chain(chain, mr, ChainContext("MR1", "PACS", now), effects)
     assert out.keep and out.changes == () and out.sort_key is None
     assert effects.paths == [Path("/srv/dicom/P1/2024-01/1.2.3.4.2.dcm")]
+
+
+def test_check_config_accepts_valid_filters_and_warns_once_per_missing_file(tmp_path: Path) -> None:
+    write(tmp_path, "filters: route, mutate, sort\n", NODES)
+    files(tmp_path, routings=ROUTINGS, sortings=SORTINGS)
+    r = run_cli("check-config", "--path", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert '"filters": [\n' in r.stdout or '"filters": ["route", "mutate", "sort"]' in r.stdout, r.stdout
+    assert r.stderr.count("mutations.yml does not exist: the mutate filter is off") == 1, r.stderr
