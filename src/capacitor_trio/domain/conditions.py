@@ -214,6 +214,8 @@ def element_texts(elem: DataElement) -> list[str]:
     """The texts a pattern is tried on: each value, and the whole `\\`-joined value when there
     are several."""
     value = elem.value
+    if type(value) is str:  # the common case: one text value
+        return [value]
     if elem.VR in _BINARY_VRS or value is None:
         return [""]
     if isinstance(value, MultiValue | list | tuple):
