@@ -161,6 +161,17 @@ def test_unused_file_is_named(tmp_path: Path) -> None:
     assert len(unused) == 2 and any("routings.yml" in w for w in unused) and any("lua.yml" in w for w in unused)
 
 
+def test_ae_titles_naming_no_storage_node_warn(tmp_path: Path) -> None:
+    write(tmp_path, "filters: route\n", "- AeTitle: PACS\n- AeTitle: DOSE\n- AeTitle: ARCHVE\n  NodeRole: QueryRetrieve\n")
+    files(tmp_path, routings="- Description: typo\n  AeTitles: [PACS, ARCHIVE]\n  Actions:\n    - Type: drop\n")
+    s = load_settings(tmp_path, environ={})
+    (line,) = [w for w in s.warnings if "AeTitles" in w]
+    assert line == (
+        f"{tmp_path / 'routings.yml'}: entry 1 (typo): AeTitles names ARCHIVE, which no Storage node of "
+        "nodes.yml has: the entry does not apply to it"
+    )
+
+
 def test_empty_file_is_a_chain_with_no_entry(tmp_path: Path) -> None:
     chain = load_filters(files(tmp_path, routings=""), ("route",))
     assert chain.filters[0].entries == () and chain.off == ()
