@@ -38,7 +38,6 @@ from capacitor_trio.domain.mutate import MutateContext, MutationAction, apply_ac
 from capacitor_trio.domain.route import Route, RouteAction, RouteActionType, decide_routes
 from capacitor_trio.domain.sort import SortEntry, SortKey, rule_for, sort_key
 
-SUPPORTED = ("route", "mutate", "sort")
 STORAGE = "storage"
 _SOP_INSTANCE_UID = 0x00080018
 
