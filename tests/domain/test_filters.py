@@ -231,7 +231,7 @@ def test_describe_is_json() -> None:
     d = json.loads(json.dumps(describe(c)))
     assert d["filters"] == ["route", "mutate", "sort"] and d["dropUnfilteredInstances"] is True
     route_entry = d["files"][0]["entries"][0]
-    assert route_entry["conditions"] == [{"tag": "0008,103E", "matchExpression": "(?i)scout", "kind": "regex"}]
+    assert route_entry["conditions"] == [{"tag": "0008,103E", "log": "info", "matchExpression": "(?i)scout", "kind": "regex"}]
     assert route_entry["actions"][0]["type"] == "drop"
     assert d["files"][2]["entries"][0]["actions"][0]["sortTag"] == "0020,0013"
 

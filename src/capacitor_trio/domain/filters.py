@@ -274,7 +274,7 @@ def _describe_route_action(action: RouteAction) -> dict[str, Any]:
 
 
 def describe_condition(condition: Condition) -> dict[str, Any]:
-    out: dict[str, Any] = {"tag": tag_text(condition.tag)}
+    out: dict[str, Any] = {"tag": tag_text(condition.tag), "log": logging.getLevelName(condition.log_level).lower()}
     if condition.pattern is not None:
         out["matchExpression"] = condition.pattern.text
         out["kind"] = condition.pattern.kind.value
