@@ -5,6 +5,7 @@ missing file (filter off, one warning), an invalid one (one line: file, entry, k
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from capacitor_trio.domain.filters import (
     MutateFilter,
     RouteFilter,
     SortFilter,
+    describe,
     run_chain,
 )
 from capacitor_trio.domain.route import Placeholder, RouteActionType
@@ -326,3 +328,15 @@ def test_check_config_accepts_valid_filters_and_warns_once_per_missing_file(tmp_
     assert r.returncode == 0, r.stderr
     assert '"filters": [\n' in r.stdout or '"filters": ["route", "mutate", "sort"]' in r.stdout, r.stdout
     assert r.stderr.count("mutations.yml does not exist: the mutate filter is off") == 1, r.stderr
+
+
+def test_describe_a_loaded_chain(tmp_path: Path) -> None:
+    files(tmp_path, routings=README_ROUTINGS, mutations=README_MUTATIONS, sortings=SORTINGS)
+    d = json.loads(json.dumps(describe(load_filters(tmp_path, ("route", "mutate", "sort")))))
+    fix = d["files"][1]["entries"][0]
+    assert fix["description"] == "Fix what CT1 gets wrong"
+    assert fix["actions"][0] == {
+        "type": "add_or_update", "destination": "0010,0010", "value": "$2 $1", "source": "0010,0010",
+        "expression": "^(.+)\\^(.+)$", "onError": "skip_action", "description": "",
+    }
+    assert d["files"][0]["entries"][1]["actions"][0]["target"] == "/srv/dicom/#{10,20}/#{8,20:0000-00}/"

@@ -234,6 +234,7 @@ def test_describe_is_json() -> None:
     assert route_entry["conditions"] == [{"tag": "0008,103E", "log": "info", "matchExpression": "(?i)scout", "kind": "regex"}]
     assert route_entry["actions"][0]["type"] == "drop"
     assert d["files"][2]["entries"][0]["actions"][0]["sortTag"] == "0020,0013"
+    assert d["files"][1]["entries"][0]["actions"] == [{"type": "remove", "tag": "0010,0010", "description": ""}]
 
 
 # ---- property: no matching entry, no change ----
