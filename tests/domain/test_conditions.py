@@ -177,6 +177,19 @@ def test_search_anywhere_including_sequences() -> None:
     assert not matches(cond("8,50", "NONE", search=True), ds)
 
 
+def test_search_depth_is_bounded() -> None:
+    """A hostile data set nesting sequences far deeper than any real one: Search looks 64
+    levels down and does not exhaust the stack."""
+    ds = innermost = ds_with(AccessionNumber="TOP")
+    for depth in range(1, 200):
+        item = ds_with(AccessionNumber=f"D{depth}")
+        innermost.ReferencedStudySequence = Sequence([item])
+        innermost = item
+    assert matches(cond("8,50", "D64", search=True), ds)
+    assert not matches(cond("8,50", "D65", search=True), ds)
+    assert not matches(cond("8,50", "D199", search=True), ds)
+
+
 def test_sequence_items_any_item_all_conditions_on_one_item() -> None:
     a = ds_with(ScheduledProcedureStepStartDate="20230101", Modality="MR")
     b = ds_with(ScheduledProcedureStepStartDate="20240202", Modality="CT")

@@ -199,15 +199,23 @@ def private_tag(ds: pydicom.Dataset, tag: int, creator: str) -> int | None:
     return None
 
 
-def _occurrences(condition: Condition, ds: pydicom.Dataset) -> Iterator[DataElement]:
-    """The element in `ds` and in every item of its sequences, at any depth, top level first."""
+#: How deep `Search` looks into nested sequences: real data sets nest a few levels; a hostile
+#: one nesting thousands must not exhaust the stack (deeper occurrences are not seen).
+SEARCH_DEPTH = 64
+
+
+def _occurrences(condition: Condition, ds: pydicom.Dataset, depth: int = 0) -> Iterator[DataElement]:
+    """The element in `ds` and in every item of its sequences, top level first, down to
+    SEARCH_DEPTH sequence levels."""
     elem = _find(condition, ds)
     if elem is not None:
         yield elem
+    if depth >= SEARCH_DEPTH:
+        return
     for child in ds:
         if child.VR == "SQ" and child.value:
             for item in child.value:
-                yield from _occurrences(condition, item)
+                yield from _occurrences(condition, item, depth + 1)
 
 
 def element_texts(elem: DataElement) -> list[str]:
