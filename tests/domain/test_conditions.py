@@ -64,6 +64,8 @@ def test_bad_tags(text: str) -> None:
     ("CHEST?", PatternKind.WILDCARD),
     ("*VASCULAR*", PatternKind.WILDCARD),
     ("A.B", PatternKind.WILDCARD),  # dotted, not numeric: a wildcard without wildcards
+    ("CHEST$", PatternKind.LITERAL),  # `$` alone makes no regex (§5's list)
+    ("", PatternKind.LITERAL),
 ])
 def test_classification_in_order(pattern: str, kind: PatternKind) -> None:
     assert classify(pattern) is kind
