@@ -31,6 +31,7 @@ from capacitor_trio.domain.filters import (
     SortFilter,
     describe,
     run_chain,
+    summary,
 )
 from capacitor_trio.domain.mutate import MutateContext, MutateResult, MutationAction, Remove
 from capacitor_trio.domain.route import Route, RouteAction, RouteActionType, parse_template
@@ -269,3 +270,10 @@ def test_no_matching_entry_leaves_the_bytes_untouched(entry_conditions: list[tup
     out = run_chain(chain(*steps), ds, CTX, Effects())
     assert out.keep and out.changes == () and out.add_destinations == () and out.sort_key is None
     assert part10(ds) == before == original
+
+
+def test_summary_line() -> None:
+    sort = SortFilter(Path("s"), (SortEntry(0, "", (), (), (BY_NUMBER,)),))
+    c = FilterChain(("route", "mutate", "sort"), (RouteFilter(ROUTES, ()), sort), ("mutate",), True)
+    assert summary(c) == "filters: route (0 entries), mutate (off: no file), sort (1 entries); dropUnfilteredInstances"
+    assert summary(FilterChain()) == "filters: none"

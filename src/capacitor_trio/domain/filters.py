@@ -227,6 +227,16 @@ def _entry_name(kind: str, index: int, description: str) -> str:
     return f"{kind} {index + 1} ({description})" if description else f"{kind} {index + 1}"
 
 
+def summary(chain: FilterChain) -> str:
+    """One line for the start-up log: the chain in order, each filter's entries, what is off."""
+    if not chain.names:
+        return "filters: none"
+    counts = {f.name: len(f.entries) for f in chain.filters}
+    parts = [f"{name} ({counts[name]} entries)" if name in counts else f"{name} (off: no file)" for name in chain.names]
+    drop = "; dropUnfilteredInstances" if chain.drop_unfiltered else ""
+    return "filters: " + ", ".join(parts) + drop
+
+
 # ---------------------------------------------------------------------------------------------
 # describe: the loaded chain as JSON-able values (GET /api/filters)
 
