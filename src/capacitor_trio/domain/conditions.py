@@ -107,14 +107,17 @@ def compile_pattern(text: str) -> Pattern:
     run as .NET would."""
     kind = classify(text)
     if kind is PatternKind.REGEX:
-        return Pattern(text, kind, _compile_regex(text))
+        return Pattern(text, kind, compile_regex(text))
     if kind is PatternKind.WILDCARD:
         body = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in text)
         return Pattern(text, kind, re.compile(body, re.DOTALL))
     return Pattern(text, kind, re.compile(re.escape(text)))
 
 
-def _compile_regex(text: str) -> re.Pattern[str]:
+def compile_regex(text: str) -> re.Pattern[str]:
+    """A regular expression from a filter file, compiled; ValueError (one line) for one Python
+    would run with another meaning than .NET (Capacitor's dialect) or cannot compile. Every
+    regex a filter file holds should come through here."""
     for mark, why in _DOTNET_ONLY:
         if mark.search(text):
             raise ValueError(f"regular expression {text!r}: {why}")
