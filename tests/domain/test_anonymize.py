@@ -181,3 +181,17 @@ def test_no_identifying_text_survives_anywhere() -> None:
     ds.add_new(0x00111001, "LO", MARK)
     deidentify(ds, "ANON1", SECRET)
     assert MARK.encode() not in to_part10_bytes(ds)
+
+
+def test_sequences_nested_too_deep_fail_before_any_change() -> None:
+    ds = make_dataset(patient_id="P1")
+    inner = ds
+    for _ in range(80):
+        item = Dataset()
+        item.ReferencedSOPInstanceUID = "1.2.3"
+        inner.ReferencedImageSequence = Sequence([item])
+        inner = item
+    before = to_part10_bytes(ds)
+    with pytest.raises(ValueError, match="nested deeper than 64"):
+        deidentify(ds, "ANON1", SECRET)
+    assert to_part10_bytes(ds) == before

@@ -340,3 +340,10 @@ def test_the_documented_example_on_an_instance() -> None:
     assert "InstitutionName" not in ds
     result = apply_actions(parse_actions(research["Actions"]), ds, ctx(MemoryPseudonyms()))
     assert result.failure is None and ds.PatientIdentityRemoved == "YES"
+
+
+def test_a_new_sop_instance_uid_is_repeated_in_the_file_meta() -> None:
+    ds = make_dataset()
+    run([set_value("8,18", ":uid:")], ds)
+    assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+    assert dcmread(io.BytesIO(to_part10_bytes(ds))).file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID

@@ -227,7 +227,19 @@ def _add_or_update(action: AddOrUpdate, ds: Dataset, ctx: MutateContext) -> list
     if current is not None and current.VR != "UN" and after == current_text:
         return []
     ds[action.destination] = element
+    _follow_in_file_meta(ds, action.destination, element.value)
     return [TagChange(action.destination, keyword_for_tag(action.destination), current_text, after)]
+
+
+# SOP Class and Instance UIDs the file meta repeats: a Part 10 file must say the same in both
+_IN_FILE_META = {0x00080016: "MediaStorageSOPClassUID", 0x00080018: "MediaStorageSOPInstanceUID"}
+
+
+def _follow_in_file_meta(ds: Dataset, tag: int, value: object) -> None:
+    meta = getattr(ds, "file_meta", None)
+    keyword = _IN_FILE_META.get(tag)
+    if keyword is not None and meta is not None and keyword in meta:
+        setattr(meta, keyword, value)
 
 
 def _groups(action: AddOrUpdate, ds: Dataset) -> list[str]:
