@@ -174,6 +174,13 @@ def test_ae_titles_naming_no_storage_node_warn(tmp_path: Path) -> None:
     )
 
 
+def test_condition_log_is_debug_or_else_info(tmp_path: Path) -> None:
+    text = "- Conditions:\n" + "".join(f"    - Tag: 8,60\n      Log: {v}\n" for v in ("debug", "Debug", "info", "verbose")) + "  Actions:\n    - Type: drop\n"
+    chain = load_filters(files(tmp_path, routings=text), ("route",))
+    levels = [c.log_level for c in chain.filters[0].entries[0].conditions]
+    assert levels == [logging.DEBUG, logging.DEBUG, logging.INFO, logging.INFO]
+
+
 def test_empty_file_is_a_chain_with_no_entry(tmp_path: Path) -> None:
     chain = load_filters(files(tmp_path, routings=""), ("route",))
     assert chain.filters[0].entries == () and chain.off == ()
