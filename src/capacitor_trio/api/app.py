@@ -25,9 +25,11 @@ from capacitor_trio.actors.messages import (
     SetOverride,
 )
 from capacitor_trio.actors.queries import ReadPort, RouterReads, detail_limiter
+from capacitor_trio.audit import OPERATOR
 from capacitor_trio.config.models import Node
 from capacitor_trio.domain.states import FAILED, REJECTED
 from capacitor_trio.logs import LEVELS, parse_level
+from capacitor_trio.metrics import CONTENT_TYPE
 from capacitor_trio.store import STATES, Counts, ItemFilter
 
 from .auth import COOKIE, SESSION_TTL, Auth
@@ -128,8 +130,11 @@ class Api:
         wait = self.auth.token_wait(authorization, client)
         if wait > 0:  # too many wrong tokens or passwords from this address: not looked at
             raise _too_many(wait)
-        if not self.auth.allowed(authorization, request.cookies.get(COOKIE), client):
+        cookie = request.cookies.get(COOKIE)
+        if not self.auth.allowed(authorization, cookie, client):
             raise ApiError("FORBIDDEN", "missing or wrong credentials")
+        # who the control port's audit lines name for this request
+        OPERATOR.set(f"{self.auth.credential(authorization, cookie)}@{client}")
 
     async def login(self) -> Response:
         body = await _json_body({"password": str}, required=("password",))
@@ -339,7 +344,7 @@ class Api:
         return ok(self.reads.service_flags())
 
     async def service_pause(self) -> Response:
-        return ok(self.control.set_service(False))
+        return ok(await self.control.set_service(False))
 
     async def reload_config(self) -> Response:
         report = await self.control.reload()
@@ -352,7 +357,7 @@ class Api:
         })
 
     async def service_resume(self) -> Response:
-        return ok(self.control.set_service(True))
+        return ok(await self.control.set_service(True))
 
     async def processing_status(self) -> Response:
         st = await self.reads.processing_status()
@@ -381,6 +386,10 @@ class Api:
                 "loop": self.reads.loop_figures(),
             }
         )
+
+    async def prometheus(self) -> Response:
+        """The same counters in Prometheus's text exposition format (metrics.py)."""
+        return Response(await self.reads.metrics_text(), status=200, content_type=CONTENT_TYPE)
 
     async def logs_recent(self) -> Response:
         lines = _int_arg("lines", 100, 1, MAX_LOG_LINES, clamp_high=True)

@@ -24,6 +24,7 @@ the operator shares that client with everyone on the machine.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import logging
@@ -190,6 +191,20 @@ class Auth:
         if not self.required or bearer_token(authorization) is None:
             return 0.0
         return self.throttle.wait(client)
+
+    def credential(self, authorization: str | None, cookie: str | None) -> str:
+        """Which credential an allowed write came with, for the audit trail: "token",
+        "session:<first 8 hex digits of the session id's SHA-256>" or "open" (no credential
+        configured); never the secret itself."""
+        if not self.required:
+            return "open"
+        token = bearer_token(authorization)
+        if token is not None and self.config.token and _same(token, self.config.token):
+            return "token"
+        match = self._find(cookie)
+        if match is None:
+            return "unknown"
+        return "session:" + hashlib.sha256(match.encode()).hexdigest()[:8]
 
     def allowed(self, authorization: str | None, cookie: str | None, client: str = "") -> bool:
         """True when a write may proceed with these credentials (`token_wait` first). A wrong

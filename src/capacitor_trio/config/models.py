@@ -94,6 +94,13 @@ class Config:
     max_attempts: int = 0  # 0 = retry until expiry
     time_zone: str = ""  # IANA name; "" = the system's
     chaos: ChaosConfig = ChaosConfig()
+    #: the instance identity in main-log lines: `#{group,element}` placeholders (hex) for the
+    #: instance's tags (logs.py's `instance_identity`)
+    log_suffix: str = "#{2,2}-#{8,50}-#{10,20}"
+    #: calling AE titles whose associations are not logged (monitoring probes)
+    suppress_log_ae_titles: tuple[str, ...] = ("HEALTHCHECK",)
+    #: no API/web request log file
+    suppress_web_log: bool = False
 
 
 @attrs.frozen

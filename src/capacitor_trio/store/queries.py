@@ -11,7 +11,7 @@ import attrs
 from ..domain.instance import Destination
 from .connection import StoreCore
 from .errors import ItemNotFound
-from .model import STATES, Counts, Item, ItemFilter
+from .model import QUEUED_STATES, STATES, Counts, Item, ItemFilter
 from .rows import SELECT_ITEMS, blob, chunks, filter_clause, item_rows
 
 
@@ -120,6 +120,21 @@ class Queries(StoreCore):
                 d: Counts(**states, checked_out=checked.get(d, 0), total=sum(states.values()))
                 for d, states in per.items()
             }
+
+        return await self._read(q)
+
+    async def oldest_waiting_by_destination(self) -> dict[Destination, float]:
+        """When the oldest item still waiting for delivery (new, prepared or failed, checked out
+        or not) of each destination that has one was received."""
+
+        def q(conn: sqlite3.Connection) -> dict[Destination, float]:
+            rows = conn.execute(
+                "SELECT destination_ae, destination_role, MIN(created_at) FROM items "
+                f"WHERE state IN ({','.join('?' * len(QUEUED_STATES))}) "
+                "GROUP BY destination_ae, destination_role",
+                QUEUED_STATES,
+            )
+            return {Destination(a, r): float(t) for a, r, t in rows if t is not None}
 
         return await self._read(q)
 
