@@ -9,10 +9,12 @@ import gzip
 import json
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
+from capacitor_trio import audit
 from capacitor_trio.audit import (
     ARCHIVE_DIR,
     AUDIT_LOG,
@@ -144,3 +146,34 @@ async def test_audit_verify_command(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["audit-verify", "--path", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert f"{AUDIT_LOG}:3" in out and "item 3" in out
+
+
+class _FailingOnce:
+    """A file whose first write fails (a full disk), then writes through."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.failed = inner, False
+
+    def write(self, text: str) -> int:
+        if not self.failed:
+            self.failed = True
+            raise OSError(28, "No space left on device")
+        return int(self.inner.write(text))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_failed_write_is_retried_and_the_recorder_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit, "WRITE_RETRY", 0.01)
+    trail = AuditTrail(tmp_path, tmp_path / "log")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trail.run)
+        trail._file = _FailingOnce(trail._file)
+        await trail.record(OperatorAction("token@127.0.0.1", "pause", "PACS (Storage)"), written=True)
+        await trail.record(OperatorAction("token@127.0.0.1", "resume", "PACS (Storage)"), written=True)
+        nursery.cancel_scope.cancel()
+    assert verify(tmp_path, tmp_path / "log") == (2, None)  # written once the disk took it, chained
+    assert [json.loads(line)["action"] for line in lines(tmp_path)] == ["pause", "resume"]
