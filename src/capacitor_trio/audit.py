@@ -383,7 +383,7 @@ class AuditTrail:
         os.replace(self.log_dir / AUDIT_LOG, plain)
         self._file = _open_private(self.log_dir / AUDIT_LOG)
         packed = plain.with_name(plain.name + ".gz")
-        fd = os.open(packed, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(packed, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         with open(plain, "rb") as src, os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb") as gz:
             shutil.copyfileobj(src, gz)
         shutil.copystat(plain, packed)
