@@ -1,7 +1,8 @@
 """The router process: one Trio nursery tree.
 
-config -> store -> supervisor (+ node actors, each with its prepare stage) -> receiver -> DICOM
-listener -> API.
+config -> store -> audit trail -> supervisor (+ node actors, each with its prepare stage) ->
+receiver -> DICOM listener -> API. One `Metrics` (metrics.py) is shared by the node actors, the
+receiver and the acceptor.
 Shutdown: SIGINT/SIGTERM cancel the whole tree at once. Listeners stop accepting, associations
 in progress end without answering what was not yet committed, node actors abort their sends
 (A-ABORT; the outcomes already reported are recorded and the rest go back to the queue, shielded
