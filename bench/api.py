@@ -11,6 +11,14 @@ and measures from a separate client process the latency of
 Prints requests/s and p50/p99 per endpoint. Target: p99 <= 50 ms for each while receiving.
 
     .venv/bin/python bench/api.py [--items 100000] [--requests 2000] [--concurrency 4]
+
+`--scrape-compare ROUNDS` measures instead what monitoring costs intake and delivery: the same
+router, storescu sending all along, alternating windows of `--window` seconds without and with a
+separate process scraping `GET /metrics` every second (as Prometheus would); prints images
+received and delivered per second in each window, the mean per mode and their ratio. Target:
+within 3 %.
+
+    .venv/bin/python bench/api.py --scrape-compare 4 --window 15 --items 20000
 """
 
 from __future__ import annotations
@@ -88,6 +96,50 @@ def client_main(port: int, requests: int, concurrency: int, warmup: int) -> None
     print(json.dumps(results))
 
 
+def scrape_main(port: int, seconds: float) -> None:
+    """GET /metrics every second for `seconds` (the scraper process of --scrape-compare)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        t0 = time.monotonic()
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != 200:
+            sys.exit(f"GET /metrics: {resp.status}")
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))
+    conn.close()
+
+
+async def compare_scraping(router: Any, args: argparse.Namespace) -> None:
+    """Alternate windows without and with a /metrics scraper; print the rates and their ratio."""
+    import trio
+
+    ctx = router.supervisor.ctx
+    rates: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    print(f"\n{'window':<8} {'scraped':<8} {'received/s':>11} {'delivered/s':>12}")
+    for k in range(2 * args.scrape_compare):
+        scraped = k % 2 == 1
+        received0, delivered0, t0 = router.metrics.received(), ctx.delivered_count.value, time.perf_counter()
+        if scraped:
+            await trio.run_process(
+                [sys.executable, __file__, "--scrape", str(router.api_port), "--window", str(args.window)],
+                check=True,
+            )
+        else:
+            await trio.sleep(args.window)
+        elapsed = time.perf_counter() - t0
+        rate = ((router.metrics.received() - received0) / elapsed, (ctx.delivered_count.value - delivered0) / elapsed)
+        rates[scraped].append(rate)
+        print(f"{k + 1:<8} {'yes' if scraped else 'no':<8} {rate[0]:>11.0f} {rate[1]:>12.0f}")
+    without = [statistics.mean(r[i] for r in rates[False]) for i in (0, 1)]
+    scraped_ = [statistics.mean(r[i] for r in rates[True]) for i in (0, 1)]
+    print(f"\nmean without: received {without[0]:.0f}/s, delivered {without[1]:.0f}/s")
+    print(f"mean scraped: received {scraped_[0]:.0f}/s, delivered {scraped_[1]:.0f}/s")
+    print(f"scraped / without: received {scraped_[0] / without[0]:.3f}, delivered {scraped_[1] / without[1]:.3f}"
+          " (target: within 3 %)")
+
+
 # ---- the router side -------------------------------------------------------------------------
 
 
@@ -159,6 +211,12 @@ async def router_main(args: argparse.Namespace) -> None:
             if args.receive:
                 nursery.start_soon(send_forever)
                 await trio.sleep(1)
+            if args.scrape_compare:
+                await compare_scraping(router, args)
+                stop.set()
+                nursery.cancel_scope.cancel()
+                storescp.terminate()
+                return
             received_before = router.receiver.received
             t_start = time.perf_counter()
             proc = await trio.run_process(
@@ -199,8 +257,15 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4, help="client threads (keep-alive connections)")
     parser.add_argument("--no-durable", dest="durable", action="store_false")
     parser.add_argument("--no-receive", dest="receive", action="store_false")
+    parser.add_argument("--scrape-compare", type=int, default=0, metavar="ROUNDS",
+                        help="alternate ROUNDS windows without and with /metrics scraped every second")
+    parser.add_argument("--window", type=float, default=15.0, help="seconds per --scrape-compare window")
     parser.add_argument("--client", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--scrape", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.scrape:
+        scrape_main(args.scrape, args.window)
+        return
     if args.client:
         client_main(args.client, args.requests, args.concurrency, warmup=50)
         return

@@ -1,4 +1,5 @@
-"""The `capacitor-trio` command: run the daemon, check a configuration, print the version."""
+"""The `capacitor-trio` command: run the daemon, check a configuration, verify the audit trail,
+print the version."""
 
 from __future__ import annotations
 
@@ -33,7 +34,17 @@ def _parser() -> argparse.ArgumentParser:
             "--path", type=Path, default=Path("capacitor-data"),
             help="data directory holding config.yml and nodes.yml (default: ./capacitor-data)",
         )
+    verify = sub.add_parser(
+        "audit-verify",
+        help="check the audit trail's HMAC chain (rotated files too); print the first broken line",
+    )
+    verify.add_argument("--path", type=Path, default=Path("capacitor-data"), help="data directory (holds audit.key)")
+    verify.add_argument("--log", type=Path, default=None, metavar="DIR", help="log directory (default: log in the data directory)")
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument(
+        "--log", type=Path, default=None, metavar="DIR",
+        help="directory of the log files (default: log in the data directory)",
+    )
     return p
 
 
@@ -76,12 +87,31 @@ def _check_private(settings: Settings) -> None:
             )
 
 
+def audit_verify(data_dir: Path, log_dir: Path) -> int:
+    """`capacitor-trio audit-verify`: 0 and "ok, N lines", or 1 and the first broken line."""
+    from capacitor_trio.audit import verify
+
+    try:
+        count, broken = verify(data_dir, log_dir)
+    except (OSError, ValueError) as exc:
+        print(f"capacitor-trio: audit-verify: {exc}", file=sys.stderr)
+        return 1
+    if broken is not None:
+        print(f"broken at {broken.path}:{broken.line_number} ({broken.reason}), after {count} good line(s):")
+        print(broken.line)
+        return 1
+    print(f"ok, {count} lines")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         rest, overrides = split_overrides(argv)
         args = _parser().parse_args(rest)
         data_dir: Path = args.path.resolve()
+        if args.command == "audit-verify":
+            return audit_verify(data_dir, args.log.resolve() if args.log is not None else data_dir / "log")
         if args.command == "run" and ensure_data_dir(data_dir):
             print(f"INFO: created a default configuration in {data_dir}", file=sys.stderr)
         settings = load_settings(data_dir, overrides=overrides)
@@ -101,4 +131,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from capacitor_trio.runtime import run_daemon
 
-    return run_daemon(settings, log_level=args.log_level)
+    log_dir = args.log.resolve() if args.log is not None else None
+    return run_daemon(settings, log_level=args.log_level, log_dir=log_dir)

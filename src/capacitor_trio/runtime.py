@@ -1,7 +1,8 @@
 """The router process: one Trio nursery tree.
 
-config -> store -> supervisor (+ node actors, each with its prepare stage) -> receiver -> DICOM
-listener -> API.
+config -> store -> audit trail -> supervisor (+ node actors, each with its prepare stage) ->
+receiver -> DICOM listener -> API. One `Metrics` (metrics.py) is shared by the node actors, the
+receiver and the acceptor.
 Shutdown: SIGINT/SIGTERM cancel the whole tree at once. Listeners stop accepting, associations
 in progress end without answering what was not yet committed, node actors abort their sends
 (A-ABORT; the outcomes already reported are recorded and the rest go back to the queue, shielded
@@ -18,6 +19,7 @@ import resource
 import signal
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import attrs
 import trio
@@ -29,6 +31,7 @@ from capacitor_trio.actors.node import NodeContext, Sender
 from capacitor_trio.actors.receiver import Receiver
 from capacitor_trio.actors.service import ServiceFlags
 from capacitor_trio.actors.supervisor import Supervisor
+from capacitor_trio.audit import AuditTrail
 from capacitor_trio.config import Config, Settings
 from capacitor_trio.config.models import Node
 from capacitor_trio.dicom import requestor
@@ -37,6 +40,7 @@ from capacitor_trio.dicom.listener import serve_acceptor
 from capacitor_trio.dicom.sender_process import SenderProcess
 from capacitor_trio.logs import RingBufferHandler
 from capacitor_trio.loopwatch import LoopLag
+from capacitor_trio.metrics import Metrics
 from capacitor_trio.store import Store, StoreInUse, open_store
 
 log = logging.getLogger("capacitor_trio")
@@ -69,6 +73,11 @@ class Router:
     config_lock: trio.Lock = attrs.field(factory=trio.Lock)
     #: how late the event loop wakes a sleeping task (zeros unless `watch_loop`)
     loop: LoopLag = attrs.field(factory=LoopLag)
+    #: the router's counters (metrics.py): the node actors, the receiver and the acceptor write
+    #: them; `GET /api/metrics` and `GET /metrics` read them
+    metrics: Metrics = attrs.field(factory=Metrics)
+    #: the audit trail (audit.py): operator actions through the control port, deliveries
+    audit: AuditTrail | None = None
 
     @property
     def settings(self) -> Settings:
@@ -92,12 +101,14 @@ async def run_router(
     sender: Sender | None = None,
     settle_gc: bool = False,
     watch_loop: bool = False,
+    log_dir: Path | None = None,
     task_status: trio.TaskStatus[Router] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run every service of the router until cancelled; `task_status.started(router)` once all
     listeners serve. `settle_gc`: set the garbage collector for the long run then (`gctune`;
     the daemon does, tests running the router in their own process do not). `watch_loop`:
-    measure event-loop stalls (`loopwatch`; the daemon does, tests on virtual time must not)."""
+    measure event-loop stalls (`loopwatch`; the daemon does, tests on virtual time must not).
+    `log_dir`: where the audit trail is written (default: `log` in the data directory)."""
     config = settings.config
     for warning in settings.warnings:
         log.warning(warning)
@@ -109,17 +120,23 @@ async def run_router(
         cycle_rejected_on_startup=config.cycle_rejected_files_on_startup,
         clock=clock,
     ) as store, trio.open_nursery() as senders:
+        audit = AuditTrail(config.data_dir, log_dir or config.data_dir / "log")
+        await senders.start(audit.run)  # before everything that records, ended after them
         if sender is None and config.delivery_process:
             sender = SenderProcess()
             await senders.start(sender.run)
-        ctx = NodeContext(store=store, sender=sender or requestor, config=config, service=service, clock=clock)
+        metrics = Metrics()
+        ctx = NodeContext(
+            store=store, sender=sender or requestor, config=config, service=service, clock=clock,
+            metrics=metrics, audit=audit,
+        )
         supervisor = Supervisor(settings.nodes, ctx, chaos_every=config.chaos.kill_node_actors_every_seconds)
         in_force = AsyncValue(settings)
         receiver = Receiver(
             config, store, lambda: in_force.value.nodes, service, clock,
-            on_prepared=supervisor.wake_all, on_new_items=supervisor.items_arrived,
+            on_prepared=supervisor.wake_all, on_new_items=supervisor.items_arrived, metrics=metrics,
         )
-        router = Router(in_force, store, supervisor, receiver, service, clock, clock(), ring)
+        router = Router(in_force, store, supervisor, receiver, service, clock, clock(), ring, metrics=metrics, audit=audit)
         async with trio.open_nursery() as core:
             await core.start(supervisor.run)
             core.start_soon(_expire_forever, router)
@@ -129,7 +146,10 @@ async def run_router(
                 gctune.settle()
             async with trio.open_nursery() as edge:
                 if config.scp_port:
-                    acceptor = _acceptor_config(config, store.inline_max_bytes)
+                    acceptor = attrs.evolve(
+                        _acceptor_config(config, store.inline_max_bytes),
+                        on_accepted=metrics.association_accepted,
+                    )
                     router.dicom_port = await edge.start(serve_acceptor, acceptor, receiver)
                 if config.api.enabled:
                     router.api_port = await edge.start(run_api, router)
@@ -165,7 +185,7 @@ async def _expire_forever(router: Router) -> None:
         await trio.sleep(EXPIRY_INTERVAL)
 
 
-async def _main(settings: Settings, ring: RingBufferHandler) -> int:
+async def _main(settings: Settings, ring: RingBufferHandler, log_dir: Path | None = None) -> int:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             running: AsyncValue[Router | None] = AsyncValue(None)
@@ -184,7 +204,8 @@ async def _main(settings: Settings, ring: RingBufferHandler) -> int:
             nursery.start_soon(on_signals)
             running.value = await nursery.start(
                 lambda task_status: run_router(
-                    settings, ring=ring, settle_gc=True, watch_loop=True, task_status=task_status
+                    settings, ring=ring, settle_gc=True, watch_loop=True, log_dir=log_dir,
+                    task_status=task_status,
                 )
             )
     log.info("stopped")
@@ -218,14 +239,27 @@ def raise_fd_limit() -> int:
     return soft
 
 
-def run_daemon(settings: Settings, *, log_level: str = "INFO") -> int:
-    from capacitor_trio.logs import setup_logging
+def run_daemon(settings: Settings, *, log_level: str = "INFO", log_dir: Path | None = None) -> int:
+    """Run the router until a signal stops it. Logs go to stderr, the API's ring buffer and the
+    files in `log_dir` (default: `log` in the data directory; logs.py)."""
+    from capacitor_trio.logs import setup_file_logging, setup_logging
 
+    config = settings.config
     ring = RingBufferHandler()
-    setup_logging(log_level, ring)
+    setup_logging(log_level, ring, suppress_calling_aes=config.suppress_log_ae_titles)
+    log_dir = log_dir or config.data_dir / "log"
+    try:
+        setup_file_logging(
+            log_dir,
+            suppress_calling_aes=config.suppress_log_ae_titles,
+            web_log=not config.suppress_web_log,
+        )
+    except OSError as exc:
+        log.error("cannot start: cannot open the log files: %s", exc)
+        return 1
     log.debug("open-file limit: %d", raise_fd_limit())
     try:
-        return trio.run(_main, settings, ring)
+        return trio.run(_main, settings, ring, log_dir)
     except (OSError, StoreInUse, BaseExceptionGroup) as exc:  # e.g. the DICOM port is taken
         leaves = list(_leaves(exc))
         if not all(isinstance(e, (OSError, StoreInUse)) for e in leaves):

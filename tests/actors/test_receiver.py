@@ -127,3 +127,34 @@ async def test_back_pressure_bounds_commits_in_flight(autojump_clock: Any) -> No
         assert store.in_commit == 2  # the other three senders wait (their C-STORE is not answered)
         store.hold.set()
     assert len(store.items) == 5 and receiver.received == 5
+
+
+def _counted(receiver: Receiver, name: str, **labels: str) -> float | None:
+    return receiver.metrics.registry.get_sample_value(name, labels)
+
+
+async def test_intake_is_counted_and_refusals_by_reason(autojump_clock: Any) -> None:
+    """The router's counters (metrics.py): instances, bytes and commit latency of what was
+    committed; refusals by reason (free space at admission and at commit, a store error)."""
+    receiver, store, _, _ = make()
+    await receiver.instance_received(rx("PACS", 1))
+    await receiver.instance_received(rx("VNA", 2))
+    store.full = True
+    with pytest.raises(OutOfResources):
+        receiver.check_admission()
+    with pytest.raises(OutOfResources):
+        await receiver.instance_received(rx("PACS", 3))
+    store.full = False
+
+    async def broken(*_args: Any, **_kw: Any) -> list[int]:
+        raise StoreError("disk I/O error")
+
+    store.commit_instance = broken  # type: ignore[method-assign]
+    with pytest.raises(OutOfResources):
+        await receiver.instance_received(rx("PACS", 4))
+    assert receiver.received == 2
+    assert _counted(receiver, "capacitor_intake_instances_total") == 2
+    assert _counted(receiver, "capacitor_intake_bytes_total") == 200
+    assert _counted(receiver, "capacitor_intake_commit_duration_seconds_count") == 2
+    assert _counted(receiver, "capacitor_intake_admission_refusals_total", reason="free_space") == 2
+    assert _counted(receiver, "capacitor_intake_admission_refusals_total", reason="store_error") == 1

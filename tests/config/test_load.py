@@ -77,6 +77,9 @@ timeZone: Europe/Berlin
 defaultTransferSyntax: ""
 chaos:
   killNodeActorsEverySeconds: 3
+logSuffix: "#{8,50}"
+suppressLogAeTitles: [PROBE]
+suppressWebLog: true
 """
 
 
@@ -98,6 +101,7 @@ def test_every_implemented_key(tmp_path: Path) -> None:
     assert c.time_zone == "Europe/Berlin"
     assert c.filters == ("route", "sort") and c.drop_unfiltered_instances is False
     assert c.chaos.enabled and c.chaos.kill_node_actors_every_seconds == 3
+    assert (c.log_suffix, c.suppress_log_ae_titles, c.suppress_web_log) == ("#{8,50}", ("PROBE",), True)
     # every key in the table is exercised by EVERY_KEY
     for key in GLOBAL_KEYS:
         assert key.name.split(".")[-1] in EVERY_KEY, key.name

@@ -15,6 +15,10 @@ Items of a destination that has no actor (a node removed from nodes.yml, a role 
 queue) are changed here, in the store, since no actor can be sending them.
 
 Every change of the configuration in force (a node edit, a reload) holds `Router.config_lock`.
+
+Every change asked here is recorded in the audit trail (audit.py) once done or refused: who
+(`audit.OPERATOR`, which the API sets per request), what, which node or items; the caller waits
+until its line is written. Reads (a node's status) and expiry (the router's own) are not.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import contextlib
 import functools
 import logging
 import math
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -35,20 +40,25 @@ from capacitor_trio.actors.messages import (
     CommandRefused,
     Echo,
     Expire,
+    GetStatus,
     ItemCommand,
     NodeStatus,
     NodeUnavailable,
+    Pause,
     Resume,
+    SetOverride,
     UpdateNode,
     required_state,
 )
 from capacitor_trio.actors.reload import ReloadReport, reload_configuration
+from capacitor_trio.audit import OPERATOR, OperatorAction
 from capacitor_trio.config.load import check_node_set
 from capacitor_trio.config.models import Node
 from capacitor_trio.config.nodes_file import PlannedEdit, plan_edit
 from capacitor_trio.dicom.requestor import EchoResult, Peer
 from capacitor_trio.domain.instance import Destination
 from capacitor_trio.domain.states import FAILED, REJECTED
+from capacitor_trio.store import ItemFilter
 from capacitor_trio.store.model import Item
 
 if TYPE_CHECKING:
@@ -63,6 +73,22 @@ ECHO_TIMEOUT = 10.0
 BULK_TIMEOUT = 60.0
 #: How long a failed node may take to come back after an operator restart.
 RESTART_TIMEOUT = 5.0
+
+
+@attrs.define
+class _Note:
+    """What an audited action reports for its audit line."""
+
+    count: int | None = None
+
+
+def _node_target(node: Node) -> str:
+    return f"{node.ae_title} ({node.role})"
+
+
+def _filter_target(f: ItemFilter) -> str:
+    """The filter's criteria, e.g. "state=failed destination=PACS"."""
+    return " ".join(f"{k}={v}" for k, v in attrs.asdict(f).items() if v is not None) or "all items"
 
 
 class WriteFailed(Exception):
@@ -103,11 +129,20 @@ class Control:
     # ---- nodes --------------------------------------------------------------------------------
 
     async def node_command(self, node: Node, command: Command[NodeStatus]) -> NodeStatus:
-        """Pause, SetOverride, GetStatus: answered by the node's actor."""
-        return await self._need_handle(node).call(command)
+        """Pause, SetOverride, GetStatus: answered by the node's actor (the changes audited)."""
+        if isinstance(command, GetStatus):
+            return await self._need_handle(node).call(command)
+        on = isinstance(command, SetOverride) and command.on
+        action = "pause" if isinstance(command, Pause) else f"override-{'on' if on else 'off'}"
+        async with self._audited(action, _node_target(node)):
+            return await self._need_handle(node).call(command)
 
     async def resume(self, node: Node) -> NodeStatus:
         """Resume; a failed node is restarted first (the operator's explicit restart)."""
+        async with self._audited("resume", _node_target(node)):
+            return await self._resume(node)
+
+    async def _resume(self, node: Node) -> NodeStatus:
         handle = self._need_handle(node)
         if handle.status.value == "failed":
             self._supervisor.restart(handle)
@@ -119,6 +154,10 @@ class Control:
         return status
 
     async def echo(self, node: Node) -> EchoResult:
+        async with self._audited("echo", _node_target(node)):
+            return await self._echo(node)
+
+    async def _echo(self, node: Node) -> EchoResult:
         handle = self.handle(node)
         result: EchoResult | None = None
         if handle is not None:
@@ -141,7 +180,8 @@ class Control:
         first checked as it is on disk (config/nodes_file), then the node's actor takes the new
         settings (it refuses unless paused with nothing checked out), then the file is written;
         a failed write puts the actor back as it was."""
-        async with self.router.config_lock:
+        action = "edit-node " + ",".join(sorted(changes))
+        async with self._audited(action, _node_target(current)), self.router.config_lock:
             return await self._edit_node(current, changes)
 
     async def _edit_node(self, current: Node, changes: dict[str, Any]) -> tuple[Node, NodeStatus | None]:
@@ -181,6 +221,11 @@ class Control:
 
     async def item_action(self, item_id: int, action: str, target: str | None = None) -> Item | None:
         """fail, reject, retry, move or delete one item, by the actor that owns it."""
+        name = f"item-{action}" + (f" to {target}" if target else "")
+        async with self._audited(name, f"item {item_id}", items=(item_id,)):
+            return await self._item_action(item_id, action, target)
+
+    async def _item_action(self, item_id: int, action: str, target: str | None) -> Any:
         store = self.router.store
         item = await store.get_item(item_id)
         handle = self._supervisor.handle(item.destination_ae, item.destination_role)
@@ -196,6 +241,13 @@ class Control:
     async def bulk(self, command: BulkCommand) -> int:
         """`command` in every node actor concerned, and here for destinations without an actor;
         the number of items changed. Raises PartlyDone when an actor did not answer."""
+        state = command.target_state or command.from_state
+        name = f"bulk-{command.action}" + (f" {state}" if state else "")
+        async with self._audited(name, _filter_target(command.filter)) as note:
+            note.count = await self._bulk(command)
+            return note.count
+
+    async def _bulk(self, command: BulkCommand) -> int:
         f = command.filter
         handles = [h for h in self._supervisor.handles if f.destination in (None, h.ae_title)]
         total = 0
@@ -245,10 +297,37 @@ class Control:
 
     # ---- service ------------------------------------------------------------------------------
 
-    def set_service(self, enabled: bool) -> dict[str, bool]:
-        self.router.service.set_all(enabled)
+    async def set_service(self, enabled: bool) -> dict[str, bool]:
+        async with self._audited("service-resume" if enabled else "service-pause", "service"):
+            self.router.service.set_all(enabled)
         return self.router.service.as_dict()
 
     async def reload(self) -> ReloadReport:
-        return await reload_configuration(self.router)
+        async with self._audited("reload", "config.yml, nodes.yml"):
+            return await reload_configuration(self.router)
+
+    # ---- the audit trail ----------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _audited(
+        self, action: str, target: str, *, items: tuple[int, ...] = ()
+    ) -> AsyncIterator[_Note]:
+        """Record the action in the audit trail once it is done or refused (who: the API's
+        `OPERATOR`); the caller waits until the line is written (audit.py)."""
+        note = _Note()
+        outcome = "ok"
+        try:
+            yield note
+        except Exception as exc:
+            outcome = f"refused: {exc}"
+            raise
+        except BaseException:
+            outcome = "cancelled"
+            raise
+        finally:
+            trail = self.router.audit
+            if trail is not None:
+                event = OperatorAction(OPERATOR.get(), action, target, items, note.count, outcome)
+                with trio.CancelScope(shield=True):
+                    await trail.record(event, written=True)
 

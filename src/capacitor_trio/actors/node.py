@@ -69,6 +69,7 @@ from capacitor_trio.actors.sending import SERIES_BATCH_CAP, BatchSend
 from capacitor_trio.actors.sending import TOP_UP_FEW as TOP_UP_FEW
 from capacitor_trio.actors.sending import TOP_UP_GATHER as TOP_UP_GATHER
 from capacitor_trio.actors.service import ServiceFlags
+from capacitor_trio.audit import AuditPort
 from capacitor_trio.config.models import Config, Node, effective, effective_schedule
 from capacitor_trio.dicom.requestor import (
     EchoResult,
@@ -81,6 +82,7 @@ from capacitor_trio.domain.gate import SEND, Send, Wait, decide, next_look
 from capacitor_trio.domain.outcomes import Outcome
 from capacitor_trio.domain.schedule import Schedule, parse_schedule, schedule_gate
 from capacitor_trio.domain.states import FAILED, NEW, REJECTED
+from capacitor_trio.metrics import Metrics, NodeMetrics
 from capacitor_trio.store import Counts, QueuePort
 from capacitor_trio.store.model import Item
 
@@ -174,6 +176,10 @@ class NodeContext:
     delivered_count: AsyncValue[int] = attrs.field(factory=lambda: AsyncValue(0))
     #: associations sending right now, across all nodes
     sending: AsyncValue[int] = attrs.field(factory=lambda: AsyncValue(0))
+    #: the router's counters (the runtime passes its own; each context has one otherwise)
+    metrics: Metrics = attrs.field(factory=Metrics)
+    #: the audit trail every recorded outcome batch is written to (None: none)
+    audit: AuditPort | None = None
 
     @property
     def tz(self) -> tzinfo:
@@ -199,6 +205,12 @@ class NodeActor:
     @property
     def node(self) -> Node:
         return self.handle.node
+
+    @property
+    def metrics(self) -> NodeMetrics:
+        """This node's series in the router's counters."""
+        dest = self.handle.destination
+        return self.ctx.metrics.node(dest.ae_title, dest.role)
 
     def _schedule_gate(self, now: float) -> tuple[bool, float | None]:
         return node_schedule_gate(self.node, self.ctx, now)

@@ -9,7 +9,7 @@ goes to the owner of the fact, as `actors/control.py` does for writes:
 | a node's status (pause, override, activity) | the supervisor's snapshot (works while the actor restarts) |
 | item listings, one item, counts             | the store's read-only queries (a snapshot on a reader connection) |
 | an item's stored bytes (the item detail's tags) | its spool file or the index, checked against reuse |
-| received                                    | the receiver                               |
+| received, the metrics' counters             | the router's `Metrics` (metrics.py)        |
 | preparing, ripe for preparing               | each node actor's prepare stage, the store |
 | service flags                               | `ServiceFlags`                             |
 | loop stalls, recent log lines               | `LoopLag`, the log ring buffer             |
@@ -41,7 +41,8 @@ from capacitor_trio.domain.processing import (
 )
 from capacitor_trio.limiter import run_var_limiter
 from capacitor_trio.logs import LogEntry
-from capacitor_trio.store import Counts, Item, ItemFilter, ItemNotFound
+from capacitor_trio.metrics import NodeFigures, Snapshot
+from capacitor_trio.store import STATES, Counts, Item, ItemFilter, ItemNotFound
 
 if TYPE_CHECKING:
     from capacitor_trio.runtime import Router
@@ -102,6 +103,8 @@ class ReadPort(Protocol):
 
     def received(self) -> int: ...
 
+    async def metrics_text(self) -> bytes: ...
+
     def service_flags(self) -> dict[str, bool]: ...
 
     def loop_figures(self) -> dict[str, Any]: ...
@@ -131,6 +134,7 @@ class StoreReads(Protocol):
     async def next_eligible_at(self, destination: Destination, now: float) -> float | None: ...
 
     async def oldest_new(self, destination: Destination | None = None) -> float | None: ...
+
 
 
 class RouterReads:
@@ -252,7 +256,36 @@ class RouterReads:
 
     def received(self) -> int:
         """Instances received (and committed) since start."""
-        return self.router.receiver.received
+        return self.router.receiver.received  # the router's counter (the receiver writes it)
+
+    async def metrics_text(self) -> bytes:
+        """The router's counters and the owners' gauges in Prometheus's text format."""
+        return self.router.metrics.render(await self.metrics_snapshot())
+
+    async def metrics_snapshot(self) -> Snapshot:
+        """What `GET /metrics` reads of the owners: each node's queue counts and oldest waiting
+        item (the store's read-only queries), its pause, window and restarts (the supervisor's
+        snapshot), free space (the store: one statvfs, as admission does)."""
+        router = self.router
+        by_dest = await self._store.counts_by_destination()
+        oldest = await self._store.oldest_waiting(
+            [h.destination for h in router.supervisor.handles]
+        )
+        now = router.clock()
+        figures = []
+        for handle in router.supervisor.handles:
+            dest = handle.destination
+            counts = by_dest.get(dest, Counts())
+            snap = router.supervisor.snapshot(handle, counts)
+            since = oldest.get(dest)
+            figures.append(NodeFigures(
+                dest.ae_title, dest.role, {s: getattr(counts, s) for s in STATES}, counts.checked_out,
+                0.0 if since is None else max(0.0, now - since),
+                snap.paused, snap.in_window, snap.restarts,
+            ))
+        return Snapshot(
+            tuple(figures), router.store.free_space_percent(), float(router.settings.config.min_free_space)
+        )
 
     def service_flags(self) -> dict[str, bool]:
         return self.router.service.as_dict()

@@ -25,6 +25,8 @@ from capacitor_trio.config.models import Config, Node, called_aes
 from capacitor_trio.dicom.acceptor import CannotProcess, OutOfResources, ReceivedInstance
 from capacitor_trio.domain.instance import Destination
 from capacitor_trio.domain.states import NEW, PREPARED
+from capacitor_trio.logs import instance_identity
+from capacitor_trio.metrics import Metrics
 from capacitor_trio.store import StoreError, StoreFull, StorePort
 
 log = logging.getLogger("capacitor_trio.receiver")
@@ -55,6 +57,7 @@ class Receiver:
         *,
         on_new_items: Callable[[Sequence[Destination]], None] = lambda destinations: None,
         max_in_flight: int = 64,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -67,7 +70,13 @@ class Receiver:
         self._routes: dict[str, Destination] = {}
         self._folded: dict[str, str] = {}  # upper-cased called AE -> the title as configured
         self.refresh_routes()
-        self.received = 0
+        #: the router's counters: instances, bytes, commit latency, admission refusals
+        self.metrics = metrics if metrics is not None else Metrics()
+
+    @property
+    def received(self) -> int:
+        """Instances received and committed since start."""
+        return self.metrics.received()
 
     def refresh_routes(self) -> None:
         """Rebuild the called-AE table (after a node edit)."""
@@ -100,6 +109,7 @@ class Receiver:
         try:
             self.store.check_admission()
         except StoreFull as exc:
+            self.metrics.admission_refusals.labels("free_space").inc()
             raise OutOfResources(str(exc)) from exc
 
     async def instance_received(self, rx: ReceivedInstance) -> None:
@@ -108,20 +118,37 @@ class Receiver:
             raise CannotProcess(f"no destination node for called AE {rx.called_ae.strip()!r}")
         # with minimumAge 0 an item is ripe at once: commit it prepared (no preparer round trip)
         ripe = self.config.minimum_age <= 0 and self.service.prepare
+        counters = self.metrics
         async with self._limiter:
+            started = trio.current_time()
             try:
                 await self.store.commit_instance(
                     rx.path, rx.header, rx.calling_ae.strip(), destinations, data=rx.data,
                     state=PREPARED if ripe else NEW, sync=rx.sync,
                 )
             except StoreFull as exc:
-                log.warning("refusing %s from %s: %s", rx.header.sop_instance_uid, rx.calling_ae, exc)
+                counters.admission_refusals.labels("free_space").inc()
+                log.warning(
+                    "refusing %s from %s: %s [%s]", rx.header.sop_instance_uid, rx.calling_ae, exc,
+                    instance_identity(self.config.log_suffix, rx.header),
+                )
                 raise OutOfResources(str(exc)) from exc
             except StoreError as exc:
                 # not acknowledged, so nothing is lost: the sender is told to try again later
-                log.error("store failed to queue %s from %s: %r", rx.header.sop_instance_uid, rx.calling_ae, exc)
+                counters.admission_refusals.labels("store_error").inc()
+                log.error(
+                    "store failed to queue %s from %s: %r [%s]", rx.header.sop_instance_uid, rx.calling_ae,
+                    exc, instance_identity(self.config.log_suffix, rx.header),
+                )
                 raise OutOfResources(f"store error: {exc}") from exc
-        self.received += 1
+            counters.commit_seconds.observe(trio.current_time() - started)
+        counters.intake_instances.inc()
+        counters.intake_bytes.inc(rx.size_bytes)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "received %s from %s for %s [%s]", rx.header.sop_instance_uid, rx.calling_ae.strip(),
+                ", ".join(d.ae_title for d in destinations), instance_identity(self.config.log_suffix, rx.header),
+            )
         if ripe:
             self._on_prepared()
         else:

@@ -29,10 +29,12 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from capacitor_trio.audit import Delivery
 from capacitor_trio.config.models import effective
 from capacitor_trio.dicom.requestor import OutgoingInstance, Peer, SendOptions
 from capacitor_trio.domain.backoff import next_attempt, retry_delay
 from capacitor_trio.domain.outcomes import Delivered, Outcome, Rejected, RetryLater
+from capacitor_trio.logs import instance_identity
 
 if TYPE_CHECKING:
     from capacitor_trio.actors.node import NodeActor
@@ -73,6 +75,14 @@ class _Association:
     #: the last top-up brought fewer than TOP_UP_FEW items: let arrivals gather before the next
     few: bool = False
     outcomes: dict[int, Outcome] = attrs.field(factory=dict)
+    #: why the association failed, from the first outcome that names a kind ("": it did not)
+    error_kind: str = ""
+
+    def on_outcome(self, index: int, outcome: Outcome) -> None:
+        self.outcomes[index] = outcome
+        kind = getattr(outcome, "kind", "")
+        if kind and not self.error_kind:
+            self.error_kind = kind
 
 
 @attrs.define(eq=False)
@@ -146,15 +156,21 @@ class BatchSend:
         self, peer: Peer, options: SendOptions, assoc: _Association, instances: list[OutgoingInstance]
     ) -> None:
         """One association: the requestor sends, `_more` tops it up; the outcomes that came
-        back are recorded at the end, even when cancelled (shielded, with a deadline)."""
+        back are recorded at the end, even when cancelled (shielded, with a deadline). Its
+        duration and, when it failed, its error kind are counted in the metrics."""
+        started = trio.current_time()
         try:
             with trio.CancelScope() as self.scope:
                 await self.actor.ctx.sender.send_batch(
-                    peer, instances, options, assoc.outcomes.__setitem__,
+                    peer, instances, options, assoc.on_outcome,
                     more=functools.partial(self._more, assoc),
                 )
         finally:
             self.scope = None
+            counters = self.actor.metrics
+            counters.send_seconds.observe(trio.current_time() - started)
+            if assoc.error_kind:
+                counters.association_error(assoc.error_kind)
             with trio.CancelScope(shield=True), trio.move_on_after(RECORD_GRACE):
                 await self._flush(assoc)
 
@@ -222,11 +238,16 @@ class BatchSend:
         delivered = [item for item, o in batch if isinstance(o, Delivered)]
         failed: list[tuple[int, str, float | None]] = []
         rejected: list[tuple[int, str]] = []
+        counters = self.actor.metrics
         for item, outcome in batch:
+            counters.failure(outcome)
             if isinstance(outcome, Rejected):
                 rejected.append((item.id, outcome.reason))
                 state.last_error = outcome.reason
-                log.warning("node %s rejected %s: %s", node.ae_title, item.sop_instance_uid, outcome.reason)
+                log.warning(
+                    "node %s rejected %s: %s [%s]", node.ae_title, item.sop_instance_uid, outcome.reason,
+                    instance_identity(ctx.config.log_suffix, item),
+                )
             elif isinstance(outcome, RetryLater):
                 attempt = item.attempt_count + 1
                 at = next_attempt(
@@ -242,7 +263,11 @@ class BatchSend:
         await ctx.store.record_outcomes(
             delivered=[i.id for i in delivered], failed=failed, rejected=rejected, durable=durable
         )
+        if ctx.audit is not None:
+            await ctx.audit.record(_delivery(self.actor, batch))
         if delivered:
+            counters.delivered.inc(len(delivered))
+            counters.delivered_bytes.inc(sum(getattr(i, "size_bytes", 0) for i in delivered))
             ctx.delivered_count.value += len(delivered)
             state.record_delivered(now, len(delivered))
             state.consecutive_failures = 0
@@ -266,6 +291,15 @@ class BatchSend:
             )
         elif delivered:
             log.info("node %s: delivered %d instance(s)", node.ae_title, len(delivered))
+
+
+def _delivery(actor: NodeActor, batch: list[tuple[Any, Outcome]]) -> Delivery:
+    """The audit line of one outcome batch."""
+    def uids(kind: type) -> tuple[str, ...]:
+        return tuple(item.sop_instance_uid for item, o in batch if isinstance(o, kind))
+
+    dest = actor.handle.destination
+    return Delivery(dest.ae_title, dest.role, uids(Delivered), uids(RetryLater), uids(Rejected))
 
 
 def _outgoing(item: Any) -> OutgoingInstance:

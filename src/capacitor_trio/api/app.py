@@ -27,9 +27,11 @@ from capacitor_trio.actors.messages import (
     SetOverride,
 )
 from capacitor_trio.actors.queries import ReadPort, RouterReads, detail_limiter
+from capacitor_trio.audit import OPERATOR
 from capacitor_trio.config.models import Node
 from capacitor_trio.domain.states import FAILED, REJECTED
 from capacitor_trio.logs import LEVELS, parse_level
+from capacitor_trio.metrics import CONTENT_TYPE
 from capacitor_trio.store import STATES, Counts, ItemFilter
 
 from .auth import COOKIE, CSRF_HEADER, SESSION_TTL, Auth
@@ -143,6 +145,8 @@ class Api:
         writing = request.method not in ("GET", "HEAD")
         if kind == "session" and writing and not self.auth.csrf_ok(cookie, request.headers.get(CSRF_HEADER)):
             raise ApiError("FORBIDDEN", f"a write with the session cookie needs its {CSRF_HEADER} header")
+        # who the control port's audit lines name for this request
+        OPERATOR.set(f"{self.auth.audit_name(authorization, cookie)}@{client}")
 
     def may_see_names(self) -> bool:
         """True when this read may show patient names: a credential (the bearer token or a
@@ -403,7 +407,7 @@ class Api:
         return ok(self.reads.service_flags())
 
     async def service_pause(self) -> Response:
-        return ok(self.control.set_service(False))
+        return ok(await self.control.set_service(False))
 
     async def reload_config(self) -> Response:
         report = await self.control.reload()
@@ -416,7 +420,7 @@ class Api:
         })
 
     async def service_resume(self) -> Response:
-        return ok(self.control.set_service(True))
+        return ok(await self.control.set_service(True))
 
     async def processing_status(self) -> Response:
         st = await self.reads.processing_status()
@@ -445,6 +449,10 @@ class Api:
                 "loop": self.reads.loop_figures(),
             }
         )
+
+    async def prometheus(self) -> Response:
+        """The same counters in Prometheus's text exposition format (metrics.py)."""
+        return Response(await self.reads.metrics_text(), status=200, content_type=CONTENT_TYPE)
 
     async def logs_recent(self) -> Response:
         lines = _int_arg("lines", 100, 1, MAX_LOG_LINES, clamp_high=True)

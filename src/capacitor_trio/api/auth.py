@@ -29,6 +29,7 @@ the operator shares that client with everyone on the machine.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import logging
@@ -216,6 +217,20 @@ class Auth:
         if not self.required or bearer_token(authorization) is None:
             return 0.0
         return self.throttle.wait(client)
+
+    def audit_name(self, authorization: str | None, cookie: str | None) -> str:
+        """Which credential an allowed write came with, for the audit trail: "token",
+        "session:<first 8 hex digits of the session id's SHA-256>" or "open" (no credential
+        configured); never the secret itself."""
+        if not self.required:
+            return "open"
+        token = bearer_token(authorization)
+        if token is not None and self.config.token and _same(token, self.config.token):
+            return "token"
+        match = self._find(cookie)
+        if match is None:
+            return "unknown"
+        return "session:" + hashlib.sha256(match.encode()).hexdigest()[:8]
 
     def csrf_token(self, cookie: str | None) -> str | None:
         """The CSRF token of the live session `cookie` names; None without one."""

@@ -435,6 +435,13 @@ def _service_paths() -> S:
         "/api/config/reload": {"post": op("Re-read config.yml and nodes.yml; apply node additions, removals and edits and the reloadable keys, or change nothing", ref("ReloadReport"), errors=(400, 409), write=True, tag="Service")},
         "/api/service/processing-status": {"get": op("Pause state, checked-out items, active jobs, idle", ref("ProcessingStatus"), tag="Service")},
         "/api/metrics": {"get": op("Aggregate queue statistics and service status", ref("Metrics"), tag="Metrics")},
+        "/metrics": {
+            "get": {
+                "summary": "The same counters in the Prometheus text exposition format (docs/operations.md)",
+                "tags": ["Metrics"],
+                "responses": {"200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+            }
+        },
         "/api/logs/recent": {
             "get": op(
                 "Recent log entries (oldest first)", {"type": "array", "items": ref("LogEntry")}, errors=(400,),

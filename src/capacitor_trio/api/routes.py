@@ -71,6 +71,7 @@ ROUTES: tuple[tuple[str, str, str, bool], ...] = (
     ("GET", "/api/service/processing-status", "processing_status", False),
     ("POST", "/api/config/reload", "reload_config", True),
     ("GET", "/api/metrics", "metrics", False),
+    ("GET", "/metrics", "prometheus", False),
     ("GET", "/api/logs/recent", "logs_recent", False),
     ("GET", "/api/queue/stats", "queue_stats", False),
     ("GET", "/api/queue/health", "queue_health", False),

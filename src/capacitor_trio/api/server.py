@@ -37,6 +37,8 @@ from .routes import create_app
 if TYPE_CHECKING:
     from capacitor_trio.runtime import Router
 
+from capacitor_trio.logs import ACCESS_LOGGER
+
 log = logging.getLogger("capacitor_trio.api")
 
 LOOPBACK = "127.0.0.1"
@@ -104,6 +106,11 @@ async def run_api(router: Router, *, task_status: trio.TaskStatus[int] = trio.TA
     sock = bind_loopback(api.port)
     port = sock.getsockname()[1]
     config = hypercorn_config()
+    if not router.settings.config.suppress_web_log:
+        # the request lines go to their own file (logs.setup_file_logging), never to stderr
+        access = logging.getLogger(ACCESS_LOGGER)
+        access.propagate = False
+        config.accesslog = access
     quart_app = create_app(router)
     app = wrap_app(quart_app, config.wsgi_max_body_size, "asgi")
     try:

@@ -83,6 +83,9 @@ GLOBAL_KEYS: tuple[Key, ...] = (
     Key("filters", "filters", check_filter_names),
     Key("dropUnfilteredInstances", "drop_unfiltered_instances", _bool),
     Key("chaos.killNodeActorsEverySeconds", "chaos.kill_node_actors_every_seconds", _float(0)),
+    Key("logSuffix", "log_suffix", _str),
+    Key("suppressLogAeTitles", "suppress_log_ae_titles", _list(_str)),
+    Key("suppressWebLog", "suppress_web_log", _bool),
 )
 _KEYS_BY_NAME = {k.name: k for k in GLOBAL_KEYS}
 
@@ -91,7 +94,7 @@ LEGACY_ALIASES = {"aeTitle": "myAeTitle"}
 
 # Keys DICOM Capacitor documents that capacitor-trio does not implement yet: accepted, warned about.
 NOT_IMPLEMENTED_KEYS = frozenset(
-    ["activationCode", "autoAdjustLineSpeed", "autoSaveLineSpeed", "ctoConvert", "ctoExpiryMinutes", "ctoOnExpire", "daysToKeepLogs", "duplicateBehavior", "duplicateThreshold", "echoInterval", "findScpPort", "holdIncomingStorageAssociations", "limitMaxCMoveResponseRemainingCount", "logSuffix", "maxDataBuffer", "maxEnumeratedFiles", "maxEnumeratedItems", "maxPDVsPerPDU", "moveRejectedCachedFiles", "prefetchConcurrency", "prefetchQueueSize", "queryRetrieveScpPort", "redactedCFindLogging", "redactedCFindLoggingExtraTags", "removeOrphanedIncomingFiles", "sendAbandonGraceSeconds", "storageAssociationHoldExpectedTtlSeconds", "storageCommitAeTitle", "storageCommitPendingNEventReportRequestExpiry", "storageCommitScpPort", "storageCommitSendTimeout", "storageReceiptExpiryHours", "storageTimeoutFloorSeconds", "supervisionFloorMinutes", "suppressLogAeTitles", "suppressWebLog", "worklistAutomationEnabled", "worklistDays", "worklistFilterStored", "worklistInterval", "studyThreshold", "prefetchEnabled"]
+    ["activationCode", "autoAdjustLineSpeed", "autoSaveLineSpeed", "ctoConvert", "ctoExpiryMinutes", "ctoOnExpire", "daysToKeepLogs", "duplicateBehavior", "duplicateThreshold", "echoInterval", "findScpPort", "holdIncomingStorageAssociations", "limitMaxCMoveResponseRemainingCount", "maxDataBuffer", "maxEnumeratedFiles", "maxEnumeratedItems", "maxPDVsPerPDU", "moveRejectedCachedFiles", "prefetchConcurrency", "prefetchQueueSize", "queryRetrieveScpPort", "redactedCFindLogging", "redactedCFindLoggingExtraTags", "removeOrphanedIncomingFiles", "sendAbandonGraceSeconds", "storageAssociationHoldExpectedTtlSeconds", "storageCommitAeTitle", "storageCommitPendingNEventReportRequestExpiry", "storageCommitScpPort", "storageCommitSendTimeout", "storageReceiptExpiryHours", "storageTimeoutFloorSeconds", "supervisionFloorMinutes", "worklistAutomationEnabled", "worklistDays", "worklistFilterStored", "worklistInterval", "studyThreshold", "prefetchEnabled"]
 )
 
 NODE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {

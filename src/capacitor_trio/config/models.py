@@ -101,6 +101,13 @@ class Config:
     #: the filter chain `filters` names, its files read (config/filters.py): the prepare stage
     #: runs it; a reload of the filters replaces it (with `attrs.evolve`)
     filter_chain: FilterChain = NO_FILTERS
+    #: the instance identity in main-log lines: `#{group,element}` placeholders (hex) for the
+    #: instance's tags (logs.py's `instance_identity`)
+    log_suffix: str = "#{2,2}-#{8,50}-#{10,20}"
+    #: calling AE titles whose associations are not logged (monitoring probes)
+    suppress_log_ae_titles: tuple[str, ...] = ("HEALTHCHECK",)
+    #: no API/web request log file
+    suppress_web_log: bool = False
 
 
 @attrs.frozen

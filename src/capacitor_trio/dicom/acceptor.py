@@ -48,6 +48,8 @@ from collections.abc import Callable
 
 import trio
 
+from capacitor_trio.logs import CALLING_AE
+
 from . import dimse
 from . import pdu as P
 from . import status as S
@@ -190,6 +192,7 @@ class _Association(_Receiver):
         if len(body) < 68:
             raise P.PduError("A-ASSOCIATE-RQ too short")
         self.calling_ae, self.called_ae = P.associate_rq_titles(body)
+        CALLING_AE.set(self.calling_ae.strip())  # suppressLogAeTitles mutes this task's lines
         if not (body[1] & 0x01):
             log.warning("A-ASSOCIATE-RJ to %s: protocol version not supported", self.calling_ae)
             await self._reject(P.RJ_PERMANENT, P.RJ_SOURCE_ACSE, 2)
@@ -247,6 +250,8 @@ class _Association(_Receiver):
         self.contexts = {r.context_id: r for r in results if r.result == P.PC_ACCEPTANCE}
         self.max_pdu_peer = rq.max_pdu
         await self.t.send_all(P.encode_associate_ac(rq, results, self.config.max_pdu_size))
+        if self.config.on_accepted is not None:
+            self.config.on_accepted(rq.calling_ae, rq.called_ae)
         log.debug(
             "DICOM association %s -> %s accepted (%d of %d contexts)",
             rq.calling_ae,

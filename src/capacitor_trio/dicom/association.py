@@ -49,11 +49,11 @@ async def _connect(peer: Peer, seconds: float) -> Transport:
             stream = await _open_stream(peer.host, peer.port)
     except trio.TooSlowError:
         raise _Failed(
-            RetryLater(f"connect to {peer.host}:{peer.port} timed out"), abort=False
+            RetryLater(f"connect to {peer.host}:{peer.port} timed out", kind="connect"), abort=False
         ) from None
     except OSError as exc:
         raise _Failed(
-            RetryLater(f"cannot connect to {peer.host}:{peer.port}: {exc.strerror or exc}"),
+            RetryLater(f"cannot connect to {peer.host}:{peer.port}: {exc.strerror or exc}", kind="connect"),
             abort=False,
         ) from None
     return Transport(stream)
@@ -72,30 +72,32 @@ async def _associate(
             await t.send_all(P.encode_associate_rq(calling_ae, peer.ae_title, contexts, max_pdu))
             pdu_type, body = await t.read_pdu(1 << 20)
     except trio.TooSlowError:
-        raise _Failed(RetryLater("association negotiation timed out")) from None
+        raise _Failed(RetryLater("association negotiation timed out", kind="timeout")) from None
     except PeerClosed as exc:
         raise _Failed(
-            RetryLater(f"connection closed during association: {exc}"), abort=False
+            RetryLater(f"connection closed during association: {exc}", kind="connection_lost"), abort=False
         ) from None
     except P.PduError as exc:
-        raise _Failed(RetryLater(f"protocol error from peer: {exc}")) from None
+        raise _Failed(RetryLater(f"protocol error from peer: {exc}", kind="protocol")) from None
     if pdu_type == P.A_ASSOCIATE_AC:
         try:
             return P.decode_associate_ac(
                 P.PDU_HEADER.pack(pdu_type, 0, len(body)) + bytes(body), contexts
             )
         except P.PduError as exc:
-            raise _Failed(RetryLater(str(exc))) from None
+            raise _Failed(RetryLater(str(exc), kind="protocol")) from None
     if pdu_type == P.A_ASSOCIATE_RJ:
         rj = P.decode_associate_rj(body)
         log.warning("%s by %s (%s:%s)", rj.describe(), peer.ae_title, peer.host, peer.port)
         outcome: Outcome = (
-            Rejected(rj.describe(), association=True) if rj.permanent else RetryLater(rj.describe())
+            Rejected(rj.describe(), association=True, kind="rejected")
+            if rj.permanent
+            else RetryLater(rj.describe(), kind="rejected")
         )
         raise _Failed(outcome, abort=False)
     if pdu_type == P.A_ABORT:
-        raise _Failed(RetryLater("association aborted by peer during negotiation"), abort=False)
-    raise _Failed(RetryLater(f"unexpected PDU 0x{pdu_type:02X} during negotiation"))
+        raise _Failed(RetryLater("association aborted by peer during negotiation", kind="aborted"), abort=False)
+    raise _Failed(RetryLater(f"unexpected PDU 0x{pdu_type:02X} during negotiation", kind="protocol"))
 
 
 async def _send_abort(t: Transport) -> None:

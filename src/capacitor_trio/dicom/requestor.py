@@ -154,7 +154,7 @@ class _Session:
                 self.failure = self.failure or f
             except PeerClosed as exc:
                 self.failure = self.failure or _Failed(
-                    RetryLater(f"connection lost: {exc}"), abort=False
+                    RetryLater(f"connection lost: {exc}", kind="connection_lost"), abort=False
                 )
             if self.failure is not None:
                 log.warning(
@@ -214,7 +214,7 @@ class _Session:
             except _Failed as f:
                 self.fail(f)
             except PeerClosed as exc:
-                self.fail(_Failed(RetryLater(f"connection lost: {exc}"), abort=False))
+                self.fail(_Failed(RetryLater(f"connection lost: {exc}", kind="connection_lost"), abort=False))
             nursery.cancel_scope.cancel()
 
     async def _send_all_items(
@@ -386,7 +386,8 @@ class _Session:
                     self.fail(
                         _Failed(
                             RetryLater(
-                                f"association aborted by peer (source {source}, reason {reason})"
+                                f"association aborted by peer (source {source}, reason {reason})",
+                                kind="aborted",
                             ),
                             abort=False,
                         )
@@ -395,9 +396,9 @@ class _Session:
                 else:
                     raise P.PduError(f"unexpected PDU 0x{pdu_type:02X}")
         except PeerClosed as exc:
-            self.fail(_Failed(RetryLater(f"connection lost: {exc}"), abort=False))
+            self.fail(_Failed(RetryLater(f"connection lost: {exc}", kind="connection_lost"), abort=False))
         except (P.PduError, dimse.CommandDecodeError) as exc:
-            self.fail(_Failed(RetryLater(f"protocol error from peer: {exc}")))
+            self.fail(_Failed(RetryLater(f"protocol error from peer: {exc}", kind="protocol")))
 
     async def _response_watchdog(self) -> None:
         """Fail the association once a C-STORE-RSP is `dimse_timeout` seconds overdue, counted
@@ -407,7 +408,7 @@ class _Session:
             await overdue(lambda: self.response_since, timeout)
             assert self.responses is not None
             if self.responses.statistics().tasks_waiting_receive:
-                self.fail(_Failed(RetryLater(f"no C-STORE response within {timeout}s")))
+                self.fail(_Failed(RetryLater(f"no C-STORE response within {timeout}s", kind="timeout")))
                 return
             # the reader has just handed the response over, in this same scheduler pass:
             # `_store` takes it (as a cancel scope around its wait let such a response
@@ -418,7 +419,7 @@ class _Session:
         assert self.t is not None
         transport, threshold = self.t, self.options.stall_threshold
         await overdue(lambda: transport.last_activity, threshold)
-        self.fail(_Failed(RetryLater(f"stalled: no bytes either way for {threshold}s")))
+        self.fail(_Failed(RetryLater(f"stalled: no bytes either way for {threshold}s", kind="stalled")))
 
     def _sending_totals(self) -> tuple[float, int]:
         """(seconds spent in sends, bytes sent in them) since the last line-speed check."""
@@ -456,7 +457,8 @@ class _Session:
                     _Failed(
                         RetryLater(
                             f"line speed {rate / 1024:.1f} KB/s below minimum "
-                            f"{self.options.minimum_line_speed_kbps} KB/s"
+                            f"{self.options.minimum_line_speed_kbps} KB/s",
+                            kind="stalled",
                         )
                     )
                 )

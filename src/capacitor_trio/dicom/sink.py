@@ -7,6 +7,7 @@ instance), `ReceivedInstance`, and the two exceptions a sink raises to refuse an
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,6 +43,8 @@ class AcceptorConfig:
     memory_max_bytes: int = 32 * 1024
     #: how far a data set is walked for its header when its first 64 KiB do not settle it
     header_limits: HeaderLimits = attrs.field(factory=HeaderLimits)
+    #: called with (calling AE, called AE) as each association is accepted (the metrics)
+    on_accepted: Callable[[str, str], None] | None = attrs.field(default=None, eq=False)
 
 
 @attrs.frozen

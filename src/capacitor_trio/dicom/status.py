@@ -44,21 +44,21 @@ def store_status_outcome(status: int, error_comment: str | None = None) -> Outco
         log.warning("C-STORE %s", text)
         return Delivered(warning=text)
     if 0xA700 <= status <= 0xA7FF:
-        return RetryLater(f"out of resources (0x{status:04X}){detail}")
+        return RetryLater(f"out of resources (0x{status:04X}){detail}", status_class="out_of_resources")
     if 0xA900 <= status <= 0xA9FF:
-        return Rejected(f"data set does not match SOP class (0x{status:04X}){detail}")
+        return Rejected(f"data set does not match SOP class (0x{status:04X}){detail}", status_class="dataset_mismatch")
     if 0xC000 <= status <= 0xCFFF:
-        return Rejected(f"cannot understand (0x{status:04X}){detail}")
+        return Rejected(f"cannot understand (0x{status:04X}){detail}", status_class="cannot_understand")
     if status == SOP_CLASS_NOT_SUPPORTED:
-        return Rejected(f"SOP class not supported (0x0122){detail}")
+        return Rejected(f"SOP class not supported (0x0122){detail}", status_class="sop_class_not_supported")
     if status == RESOURCE_LIMITATION:
         # a failure by class, but a transient one (the peer is short of memory, disk…)
-        return RetryLater(f"resource limitation (0x0213){detail}")
+        return RetryLater(f"resource limitation (0x0213){detail}", status_class="resource_limitation")
     if status == 0xFE00:
-        return RetryLater(f"cancelled by peer (0xFE00){detail}")
+        return RetryLater(f"cancelled by peer (0xFE00){detail}", status_class="cancel")
     if 0xB000 <= status <= 0xBFFF:
         # other warnings: the instance was stored
         text = f"warning 0x{status:04X}{detail}"
         log.warning("C-STORE %s", text)
         return Delivered(warning=text)
-    return Rejected(f"failure status 0x{status:04X}{detail}")
+    return Rejected(f"failure status 0x{status:04X}{detail}", status_class="other")
