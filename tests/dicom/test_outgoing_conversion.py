@@ -310,3 +310,39 @@ async def test_a_pynetdicom_destination_taking_only_implicit_le_gets_every_insta
             assert ds.PixelData == original.PixelData and ds.PatientName == original.PatientName
     finally:
         await trio.to_thread.run_sync(dest.stop)
+
+
+async def test_compressed_instances_are_decoded_for_an_implicit_le_only_destination(tmp_path: Path, scratch: Path) -> None:
+    """With the default converter (the transcode package's codecs, in a worker thread): RLE,
+    JPEG Lossless and JPEG 2000 Lossless instances reach a pynetdicom destination that takes
+    only Implicit VR LE, pixel for pixel."""
+    import numpy as np
+
+    from capacitor_trio.transcode import codec
+
+    plain = write_corpus(tmp_path / "plain", 2)
+    files = write_corpus(tmp_path / "rle", 1, transfer_syntax=RLELossless)
+    for name, uid in (("jpegll", "1.2.840.10008.1.2.4.70"), ("j2k", JPEG2000Lossless)):
+        dst = tmp_path / f"{name}.dcm"
+        codec.convert_file(plain[0] if name == "jpegll" else plain[1], dst, uid)
+        files.append(dst)
+    dest = PynetdicomDestination(syntaxes=[ImplicitVRLittleEndian])
+    port = await trio.to_thread.run_sync(dest.start)
+    try:
+        got, cb = collect()
+        await send_batch(
+            Peer("PYDEST", "127.0.0.1", port), [outgoing(f) for f in files],
+            SendOptions("ROUTER", scratch_dir=str(scratch)), cb,
+        )
+        assert got == {i: Delivered() for i in range(len(files))}
+        for f in files:
+            original = pydicom.dcmread(f)
+            uid = str(original.SOPInstanceUID)
+            assert dest.syntax_of[uid] == ImplicitVRLittleEndian
+            ds = pydicom.dcmread(io.BytesIO(dest.received[uid]), force=True)
+            ds.file_meta = pydicom.dataset.FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+            assert np.array_equal(ds.pixel_array, original.pixel_array)
+        assert os.listdir(scratch) == []
+    finally:
+        await trio.to_thread.run_sync(dest.stop)

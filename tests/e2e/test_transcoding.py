@@ -1,0 +1,93 @@
+"""End to end with real peers through `capacitor-trio run` (issue 22): instances reach a
+destination in a syntax it accepts, whatever syntax they arrived in.
+
+- a node with blank TransferSyntax behind DCMTK `storescp +xi` (Implicit VR Little Endian only)
+  gets instances that arrived as Explicit VR LE, RLE and JPEG Lossless: all delivered (converted
+  on the way out), none rejected.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import trio
+from pydicom.uid import ImplicitVRLittleEndian, JPEGLosslessSV1, RLELossless
+
+from tests.helpers.datasets import write_corpus
+from tests.helpers.peers import (
+    Counter,
+    RouterProcess,
+    StorescpInetd,
+    free_port,
+    needs_dcmtk,
+    path_uid,
+    pynetdicom_send,
+)
+
+from .test_router_process import write_config
+
+pytestmark = [
+    needs_dcmtk,
+    pytest.mark.timeout(180),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
+
+
+class CountingStorescp(StorescpInetd):
+    def __init__(self, out: Path, accept: str) -> None:
+        super().__init__(out, accept=accept)
+        self.count = Counter()
+
+    async def _run_one(self, conn: trio.socket.SocketType) -> None:
+        await super()._run_one(conn)
+        self.count.add(len(list(self.out.iterdir())) - self.count.value)
+
+
+def jpeg_lossless_corpus(directory: Path, n: int) -> list[Path]:
+    """Instances in JPEG Lossless SV1, made by DCMTK's dcmcjpeg (its default: lossless SV1)."""
+    plain = write_corpus(directory / "plain", n)
+    out = []
+    for p in plain:
+        dst = directory / f"{p.stem}-jpegll.dcm"
+        subprocess.run(["dcmcjpeg", str(p), str(dst)], check=True, capture_output=True)
+        out.append(dst)
+    return out
+
+
+def pixels(path: Path) -> np.ndarray:
+    return pydicom.dcmread(path).pixel_array
+
+
+@pytest.mark.skipif(shutil.which("dcmcjpeg") is None, reason="DCMTK dcmcjpeg not on PATH")
+async def test_an_implicit_le_only_destination_gets_everything(tmp_path: Path, nursery: trio.Nursery) -> None:
+    storescp = CountingStorescp(tmp_path / "storescp", accept="+xi")
+    port = await nursery.start(storescp.serve)
+    router = RouterProcess(tmp_path / "data")
+    try:
+        scp_port = free_port()
+        write_config(tmp_path / "data", scp_port, f"- AeTitle: STORESCP\n  Port: {port}\n")
+        await router.start(nursery)
+        sent = (
+            write_corpus(tmp_path / "explicit", 3)
+            + write_corpus(tmp_path / "rle", 3, transfer_syntax=RLELossless)
+            + jpeg_lossless_corpus(tmp_path / "jpeg", 3)
+        )
+        assert {str(pydicom.dcmread(p).file_meta.TransferSyntaxUID) for p in sent} >= {RLELossless, JPEGLosslessSV1}
+        acked: list[str] = []
+        await trio.to_thread.run_sync(pynetdicom_send, scp_port, "STORESCP", sent, acked)
+        assert len(acked) == len(sent)
+        with trio.fail_after(60):
+            await storescp.count.wait_for(len(sent))
+        stored = storescp.stored()
+        for path in sent:
+            got = stored[path_uid(path)]
+            assert str(pydicom.dcmread(got).file_meta.TransferSyntaxUID) == ImplicitVRLittleEndian
+            assert np.array_equal(pixels(got), pixels(path))  # lossless all the way
+        assert "STORESCP rejected" not in router.log()
+    finally:
+        await router.aclose()
