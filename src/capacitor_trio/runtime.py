@@ -34,11 +34,13 @@ from capacitor_trio.config import Config, Settings
 from capacitor_trio.config.models import Node
 from capacitor_trio.dicom import requestor
 from capacitor_trio.dicom.acceptor import AcceptorConfig
+from capacitor_trio.dicom.conversion import PoolConverter
 from capacitor_trio.dicom.listener import serve_acceptor
 from capacitor_trio.dicom.sender_process import SenderProcess
 from capacitor_trio.logs import RingBufferHandler
 from capacitor_trio.loopwatch import LoopLag
 from capacitor_trio.store import Store, StoreInUse, open_store
+from capacitor_trio.transcode.pool import TranscodePool
 
 log = logging.getLogger("capacitor_trio")
 
@@ -110,10 +112,19 @@ async def run_router(
         cycle_rejected_on_startup=config.cycle_rejected_files_on_startup,
         clock=clock,
     ) as store, trio.open_nursery() as senders:
-        if sender is None and config.delivery_process:
-            sender = SenderProcess()
-            await senders.start(sender.run)
-        ctx = NodeContext(store=store, sender=sender or requestor, config=config, service=service, clock=clock)
+        # worker processes for transcoding (started when first used): prepared copies in a
+        # node's syntax, and conversions on the way out of sends run in this process
+        transcoder = await senders.start(TranscodePool().run)
+        if sender is None:
+            local = requestor.LocalSender(PoolConverter(transcoder))
+            if config.delivery_process:
+                sender = SenderProcess(converter=local.converter)
+                await senders.start(sender.run)
+            else:
+                sender = local
+        ctx = NodeContext(
+            store=store, sender=sender, config=config, service=service, clock=clock, transcoder=transcoder
+        )
         supervisor = Supervisor(settings.nodes, ctx, chaos_every=config.chaos.kill_node_actors_every_seconds)
         in_force = AsyncValue(settings)
         receiver = Receiver(

@@ -346,3 +346,14 @@ async def test_compressed_instances_are_decoded_for_an_implicit_le_only_destinat
         assert os.listdir(scratch) == []
     finally:
         await trio.to_thread.run_sync(dest.stop)
+
+
+async def test_the_pool_converter_reports_a_refusal_as_a_failed_conversion(tmp_path: Path) -> None:
+    from capacitor_trio.transcode.codec import TranscodeError
+
+    class RefusingPool:
+        async def convert(self, src: Path, dst: Path, target_uid: str) -> Made:
+            raise TranscodeError("16-bit data in an 8-bit syntax")
+
+    with pytest.raises(ConversionFailed, match="16-bit data"):
+        await conversion.PoolConverter(RefusingPool()).convert(tmp_path / "a", tmp_path / "b", JPEGBaseline8Bit)

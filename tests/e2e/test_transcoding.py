@@ -64,13 +64,21 @@ def pixels(path: Path) -> np.ndarray:
 
 
 @pytest.mark.skipif(shutil.which("dcmcjpeg") is None, reason="DCMTK dcmcjpeg not on PATH")
-async def test_an_implicit_le_only_destination_gets_everything(tmp_path: Path, nursery: trio.Nursery) -> None:
+@pytest.mark.parametrize("delivery_process", [True, False])
+async def test_an_implicit_le_only_destination_gets_everything(
+    tmp_path: Path, nursery: trio.Nursery, delivery_process: bool
+) -> None:
+    """Converted on the way out in the sender process (a worker thread there), or with
+    deliveryProcess off in the router's transcode worker processes."""
     storescp = CountingStorescp(tmp_path / "storescp", accept="+xi")
     port = await nursery.start(storescp.serve)
     router = RouterProcess(tmp_path / "data")
     try:
         scp_port = free_port()
-        write_config(tmp_path / "data", scp_port, f"- AeTitle: STORESCP\n  Port: {port}\n")
+        write_config(
+            tmp_path / "data", scp_port, f"- AeTitle: STORESCP\n  Port: {port}\n",
+            f"deliveryProcess: {str(delivery_process).lower()}\n",
+        )
         await router.start(nursery)
         sent = (
             write_corpus(tmp_path / "explicit", 3)

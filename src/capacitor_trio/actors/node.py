@@ -69,6 +69,7 @@ from capacitor_trio.actors.sending import TOP_UP_FEW as TOP_UP_FEW
 from capacitor_trio.actors.sending import TOP_UP_GATHER as TOP_UP_GATHER
 from capacitor_trio.actors.service import ServiceFlags
 from capacitor_trio.config.models import Config, Node, effective, effective_schedule
+from capacitor_trio.dicom.conversion import Transcoder
 from capacitor_trio.dicom.requestor import (
     EchoResult,
     MoreInstances,
@@ -150,6 +151,9 @@ class NodeContext:
     delivered_count: AsyncValue[int] = attrs.field(factory=lambda: AsyncValue(0))
     #: associations sending right now, across all nodes
     sending: AsyncValue[int] = attrs.field(factory=lambda: AsyncValue(0))
+    #: the router's transcode worker processes (prepared copies in a node's TransferSyntax);
+    #: None: this router converts nothing ahead (tests; delivery still converts on the way out)
+    transcoder: Transcoder | None = None
 
     @property
     def tz(self) -> tzinfo:

@@ -95,6 +95,36 @@ class ThreadConverter:
             raise
 
 
+class Transcoder(Protocol):
+    """The router's transcode pool (transcode/pool.py's `TranscodePool`): worker processes."""
+
+    async def convert(self, src: Path, dst: Path, target_uid: str) -> ConvertedFile: ...
+
+
+class PoolConverter:
+    """`Converter` with the router's transcode pool (worker processes), for sends that run in
+    the router process (`deliveryProcess: false`, or while the sender process cannot start):
+    there a thread would take the interpreter lock from receiving."""
+
+    def __init__(self, pool: Transcoder) -> None:
+        self.pool = pool
+
+    def can_convert(self, from_uid: str, to_uid: str) -> bool:
+        from capacitor_trio.transcode import codec
+
+        return codec.can_convert(from_uid, to_uid)
+
+    async def convert(self, src: Path, dst: Path, target_uid: str) -> ConvertedFile:
+        from capacitor_trio.transcode import codec
+
+        try:
+            return await self.pool.convert(src, dst, target_uid)
+        except codec.TranscodeError as exc:
+            raise ConversionFailed(str(exc)) from None
+        except MemoryError:
+            raise OSError(errno.ENOMEM, "out of memory while converting") from None
+
+
 _swept: set[Path] = set()
 
 

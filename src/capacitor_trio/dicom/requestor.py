@@ -562,9 +562,32 @@ async def send_batch(
     await _Session(peer, instances, options, on_outcome, more, converter).run()
 
 
+@attrs.frozen
+class LocalSender:
+    """A node actor's `Sender` in this process (`deliveryProcess: false`): `send_batch`, with
+    conversions on the way out done by `converter`."""
+
+    converter: Converter
+
+    async def send_batch(
+        self,
+        peer: Peer,
+        instances: Sequence[OutgoingInstance],
+        options: SendOptions,
+        on_outcome: Callable[[int, Outcome], None],
+        *,
+        more: MoreInstances | None = None,
+    ) -> None:
+        await send_batch(peer, instances, options, on_outcome, more=more, converter=self.converter)
+
+    async def echo(self, peer: Peer, calling_ae: str, *, timeout: float = 10) -> EchoResult:  # noqa: ASYNC109
+        return await echo(peer, calling_ae, timeout=timeout)
+
+
 __all__ = [
     "Delivered",
     "EchoResult",
+    "LocalSender",
     "MoreInstances",
     "OutgoingInstance",
     "Peer",
