@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from capacitor_trio.config.filter_errors import FilterEntryError
+from capacitor_trio.domain.dicom_values import destination_vr
 from capacitor_trio.domain.filtering import OnError
 from capacitor_trio.domain.mutate import (
     DEFAULT_ON_ERROR,
@@ -102,6 +103,10 @@ def _fields(raw: Mapping[Any, Any], key: str) -> dict[str, Any]:
 def _add_or_update(raw: Mapping[Any, Any], fields: dict[str, Any], key: str, description: str) -> MutationAction:
     destination = _required_tag(fields, "Destination.Tag", key)
     _refuse_private(destination, f"{key}.Destination.Tag")
+    try:
+        destination_vr(destination)
+    except ValueError as e:
+        raise FilterEntryError(f"{key}.Destination.Tag", str(e)) from None
     on_error = _on_error(raw, key)
     source = fields.get("Source.Tag")
     if source is None:
