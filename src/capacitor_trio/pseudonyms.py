@@ -83,14 +83,14 @@ class _MappingFile:
         if size <= self._offset:
             return
         data = os.pread(fd, size - self._offset, self._offset)
-        complete = data[: data.rfind(b"\n") + 1]  # a torn last line (a crash) is not read
+        complete = data[: data.rfind(b"\n") + 1]  # a line being written is read once it is whole
         rows = list(csv.reader(io.StringIO(complete.decode("utf-8"), newline="")))
         if self._offset == 0 and rows:
             if tuple(rows[0]) != HEADER:
                 raise ValueError(f"{self.path} is not a pseudonym mapping (its header is not {_HEADER_LINE.strip()})")
             rows = rows[1:]
         for row in rows:
-            if len(row) == 3:
+            if len(row) == 3 and row[2]:
                 self._table.setdefault(PatientKey(row[0], row[1]), row[2])
         self._offset += len(complete)
 
@@ -106,6 +106,7 @@ class _locked:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX)
+            _end_last_line(self.fd)
             if os.fstat(self.fd).st_size == 0:
                 _append(self.fd, _HEADER_LINE.encode("utf-8"))
                 _fsync_dir(self.path.parent)
@@ -124,11 +125,19 @@ def _line(*fields: str) -> bytes:
     return out.getvalue().encode("utf-8")
 
 
-def _append(fd: int, data: bytes) -> None:
-    """Append `data` durably; a torn last line left by a crash is ended first."""
+def _end_last_line(fd: int) -> None:
+    """End a last line written without its newline (by an editor, or a crash mid-write), so that
+    it is read like the others and the next line does not join it; a header cut short by a
+    crash is dropped (and written again)."""
     size = os.fstat(fd).st_size
-    if size and os.pread(fd, 1, size - 1) != b"\n":
-        data = b"\n" + data
+    if size and size < len(_HEADER_LINE) and _HEADER_LINE.encode("utf-8").startswith(os.pread(fd, size, 0)):
+        os.ftruncate(fd, 0)
+    elif size and os.pread(fd, 1, size - 1) != b"\n":
+        _append(fd, b"\n")
+
+
+def _append(fd: int, data: bytes) -> None:
+    """Append `data` durably."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]

@@ -73,7 +73,7 @@ def _action(raw: object, key: str) -> MutationAction:
         raise FilterEntryError(f"{key}.Type", f"{kind!r} is not one of {', '.join(_TYPES)}")
     if "OnError" in raw and kind not in ("add_or_update", "query"):
         raise FilterEntryError(f"{key}.OnError", f"only add_or_update and query take OnError, not {kind}")
-    description = _text(raw.get("Description", ""), f"{key}.Description")
+    description = _text(raw.get("Description") or "", f"{key}.Description")
     return _BUILDERS[kind](raw, fields, key, description)
 
 
@@ -252,4 +252,6 @@ def _text(raw: object, key: str) -> str:
         return raw
     if isinstance(raw, int | float) and not isinstance(raw, bool):
         return str(getattr(raw, "text", raw))
+    if raw is None:
+        raise FilterEntryError(key, "is empty (quote '' for an empty text)")
     raise FilterEntryError(key, f"must be text, not {type(raw).__name__}")

@@ -155,7 +155,10 @@ def _action_for(tag: int) -> str | None:
     return PROFILE.get(tag)
 
 
-def apply_profile(ds: Dataset, secret: bytes) -> list[int]:
+MAX_DEPTH = 64  # sequences nested deeper fail the item (no real instance comes near)
+
+
+def apply_profile(ds: Dataset, secret: bytes, depth: int = 0) -> list[int]:
     """Apply the table to `ds` and, recursively, to the items of the sequences it keeps;
     returns the top-level tags changed (in data set order)."""
     changed: list[int] = []
@@ -165,31 +168,47 @@ def apply_profile(ds: Dataset, secret: bytes) -> list[int]:
         if action == _X:
             del ds[tag]
             changed.append(int(tag))
-        elif action is not None and _replace(element, action, secret):
-            changed.append(int(tag))
-        elif action is None and element.VR == "SQ" and _items(element, secret):
+        elif _changes(element, action, secret, depth):
             changed.append(int(tag))
     return changed
 
 
-def _items(element: DataElement, secret: bytes) -> bool:
-    return any([bool(apply_profile(item, secret)) for item in element.value])
+def _changes(element: DataElement, action: str | None, secret: bytes, depth: int) -> bool:
+    """Z, D or U on `element`, or the table on the items of a sequence it does not name."""
+    if action is None:
+        return element.VR == "SQ" and _items(element, secret, depth)
+    return _replace(element, action, secret, depth)
 
 
-def _replace(element: DataElement, action: str, secret: bytes) -> bool:
+def _too_deep(ds: Dataset, depth: int) -> bool:
+    for tag in list(ds.keys()):
+        element = ds[tag]
+        if element.VR == "SQ" and element.value and (
+            depth >= MAX_DEPTH or any(_too_deep(item, depth + 1) for item in element.value)
+        ):
+            return True
+    return False
+
+
+def _items(element: DataElement, secret: bytes, depth: int) -> bool:
+    if depth >= MAX_DEPTH:
+        raise ValueError(f"sequences nested deeper than {MAX_DEPTH}")
+    return any([bool(apply_profile(item, secret, depth + 1)) for item in element.value])
+
+
+def _replace(element: DataElement, action: str, secret: bytes, depth: int) -> bool:
     """Z, D or U on one element, in place; whether its value changed."""
     before = element.value
     if element.VR == "SQ":
         if action == _Z:
             element.value = []
             return bool(before)
-        return _items(element, secret)
+        return _items(element, secret, depth)
     if action == _U and element.VR == "UI":
         values = [before] if isinstance(before, str) else list(before or [])
-        element.value = [replace_uid(secret, str(v)) for v in values] if len(values) > 1 else (
-            replace_uid(secret, str(values[0])) if values else before
-        )
-    elif action == _Z or action == _U:
+        replaced = [replace_uid(secret, str(v)) if str(v).strip() else "" for v in values]
+        element.value = replaced[0] if len(replaced) == 1 else replaced
+    elif action in (_Z, _U):
         element.value = None if element.VR in _NUMBER_VRS else ""
     else:
         element.value = 0 if element.VR in _NUMBER_VRS else _DUMMY.get(element.VR, _DUMMY_TEXT)
@@ -216,12 +235,15 @@ def deidentify(ds: Dataset, pseudonym: str, secret: bytes) -> set[int]:
     record what was done (Patient Identity Removed, De-identification Method and its code,
     Longitudinal Temporal Information Modified). The file meta's Media Storage SOP Instance
     UID follows the new SOP Instance UID. Returns the top-level tags whose items changed
-    (sequences). ValueError, before any change, for pixel data with burned-in annotation."""
+    (sequences). ValueError, before any change, for pixel data with burned-in annotation and
+    for sequences nested deeper than MAX_DEPTH."""
     if str(ds.get("BurnedInAnnotation", "")).upper() == "YES":
         raise ValueError(
             "BurnedInAnnotation is YES: the pixel data may identify the patient, and anonymize "
             "does not clean pixel data"
         )
+    if _too_deep(ds, 0):
+        raise ValueError(f"sequences nested deeper than {MAX_DEPTH}")
     changed = set(apply_profile(ds, secret))
     ds.PatientID = pseudonym
     ds.PatientName = pseudonym

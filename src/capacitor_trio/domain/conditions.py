@@ -87,7 +87,9 @@ class Pattern:
     def matches(self, value: str) -> bool:
         if self.kind is PatternKind.REGEX:
             return self.regex.search(value) is not None
-        return self.regex.fullmatch(value) is not None
+        if self.kind is PatternKind.WILDCARD:
+            return self.regex.fullmatch(value) is not None
+        return value == self.text  # literal, dotted number
 
 
 def classify(text: str) -> PatternKind:
@@ -166,9 +168,10 @@ def _element_matches(condition: Condition, elem: DataElement) -> bool:
         if elem.VR != "SQ" or not elem.value:
             return False
         return any(matches_all(condition.sequence_items, item) for item in elem.value)
-    if condition.pattern is None:
+    pattern = condition.pattern
+    if pattern is None:
         return True
-    return any(condition.pattern.matches(text) for text in element_texts(elem))
+    return any(pattern.matches(text) for text in element_texts(elem))
 
 
 def _find(condition: Condition, ds: pydicom.Dataset) -> DataElement | None:
@@ -235,8 +238,11 @@ def _one_text(value: Any, vr: str) -> str:
 
 def value_text(ds: pydicom.Dataset, tag: int) -> str | None:
     """The attribute's whole value as text (several values `\\`-joined), None when absent."""
-    meta = getattr(ds, "file_meta", None)
-    elem = (meta.get(tag) if meta is not None else None) if tag >> 16 == FILE_META_GROUP else ds.get(tag)
+    if tag >> 16 == FILE_META_GROUP:
+        meta = getattr(ds, "file_meta", None)
+        elem = meta.get(tag) if meta is not None else None
+    else:
+        elem = ds.get(tag)
     if elem is None:
         return None
     return element_texts(elem)[-1]

@@ -17,8 +17,10 @@ from pydicom.valuerep import validate_value
 __all__ = [
     "NOT_TEXT",
     "destination_vr",
+    "is_text",
     "keyword_for_tag",
     "make_element",
+    "single_vr",
     "tag_name",
     "value_text",
 ]
@@ -54,6 +56,19 @@ def value_text(element: DataElement) -> str:
     return str(value)
 
 
+def is_text(element: DataElement) -> bool:
+    """Whether an element's value reads as text (not binary, not a sequence)."""
+    return not (
+        set(str(element.VR).split(" or ")) & NOT_TEXT
+        or isinstance(element.value, bytes | bytearray)
+    )
+
+
+def single_vr(vr: str) -> str:
+    """One VR for an ambiguous one (`US or SS` -> `US`): the first, as pydicom writes it."""
+    return str(vr).split(" or ")[0]
+
+
 def destination_vr(tag: int) -> str:
     """The VR a new attribute gets: the dictionary's (the first of an ambiguous `US or SS`).
     ValueError for a tag outside the dictionary or one whose value is not text."""
@@ -61,10 +76,9 @@ def destination_vr(tag: int) -> str:
         vr = dictionary_VR(tag)
     except KeyError:
         raise ValueError(f"{tag_name(tag)} is not in the DICOM dictionary (its VR is unknown)") from None
-    vr = vr.split(" or ")[0]
-    if vr in NOT_TEXT:
+    if set(vr.split(" or ")) & NOT_TEXT:
         raise ValueError(f"{tag_name(tag)} has VR {vr}: only text and number values can be set")
-    return vr
+    return single_vr(vr)
 
 
 def make_element(tag: int, vr: str, text: str, ds: Dataset) -> DataElement:
@@ -73,16 +87,17 @@ def make_element(tag: int, vr: str, text: str, ds: Dataset) -> DataElement:
     the data set's character set. ValueError says why it does not fit, without the value."""
     if vr in NOT_TEXT:
         raise ValueError(f"{tag_name(tag)} has VR {vr}: only text and number values can be set")
-    parts = [text] if vr in _ONE_VALUE or text == "" else text.split("\\")
+    if text == "":
+        return DataElement(tag, vr, None if vr in _INTEGER | _FLOAT else "")
+    if vr in _CHARSET_VRS:
+        _check_charset(tag, text, ds)
+    elif not text.isascii():  # the other VRs take the default repertoire only
+        raise ValueError(f"the value for {tag_name(tag)} (VR {vr}) holds characters outside ASCII")
+    parts = [text] if vr in _ONE_VALUE else text.split("\\")
     values = [_convert(vr, part, tag) for part in parts]
     for part in values:
         _check(vr, part, tag)
-    if vr in _CHARSET_VRS:
-        _check_charset(tag, text, ds)
-    value: object = values[0] if len(values) == 1 else values
-    if text == "":
-        value = None if vr in _INTEGER | _FLOAT else ""
-    return DataElement(tag, vr, value)
+    return DataElement(tag, vr, values[0] if len(values) == 1 else values)
 
 
 def _convert(vr: str, part: str, tag: int) -> object:

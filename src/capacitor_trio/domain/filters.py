@@ -14,6 +14,7 @@ port, so everything else is a pure decision.
   stops and `failure` says what to do with the item; the caller drops `ds` (it may be changed in
   part) and whatever else the outcome says.
 - sort: the key is computed where `sort` stands in the chain (after a mutate before it).
+- an item a route added (`ChainContext.added_by_route`) skips the route filter.
 - `dropUnfilteredInstances`: an item that no entry of any filter in the chain applied to (no
   route, mutation with `storage` among its Affects, or sort entry whose AeTitles and Conditions
   matched it) is removed.
@@ -102,10 +103,16 @@ NO_FILTERS = FilterChain()
 
 @attrs.frozen
 class ChainContext:
+    """The item the chain runs on, besides its data set. `added_by_route`: the item is a copy a
+    route's add_destination made; it does not pass the route filter again (so two routes that
+    add each other's destination cannot loop) and counts as filtered for
+    dropUnfilteredInstances; mutate and sort run on it for its own destination."""
+
     source_ae: str
     destination_ae: str
     now: datetime.datetime
     pseudonyms: PseudonymStore | None = None
+    added_by_route: bool = False
 
 
 class ChainEffects(Protocol):
@@ -149,9 +156,11 @@ def identity(ds: Dataset, ctx: ChainContext) -> str:
 
 
 def run_chain(chain: FilterChain, ds: Dataset, ctx: ChainContext, effects: ChainEffects) -> ChainOutcome:
-    run = _Run(identity(ds, ctx))
+    run = _Run(identity(ds, ctx), matched=ctx.added_by_route)
     for step in chain.filters:
         if isinstance(step, RouteFilter):
+            if ctx.added_by_route:
+                continue
             stop = _route(step, ds, ctx, effects, run)
         elif isinstance(step, MutateFilter):
             stop = _mutate(step, ds, ctx, run)

@@ -20,10 +20,11 @@ from pydicom.uid import generate_uid
 
 from capacitor_trio.domain.anonymize import PseudonymStore, deidentify, patient_key
 from capacitor_trio.domain.dicom_values import (
-    NOT_TEXT,
     destination_vr,
+    is_text,
     keyword_for_tag,
     make_element,
+    single_vr,
     tag_name,
     value_text,
 )
@@ -215,15 +216,30 @@ def _add_or_update(action: AddOrUpdate, ds: Dataset, ctx: MutateContext) -> list
 
     text = expand(action.value, groups, token)
     try:
-        vr = current.VR if current is not None and current.VR != "UN" else destination_vr(action.destination)
+        if current is not None and current.VR != "UN":
+            vr = single_vr(current.VR)
+        else:
+            vr = destination_vr(action.destination)
         element = make_element(action.destination, vr, text, ds)
     except ValueError as e:
         raise ActionError(str(e)) from None
     after = value_text(element)
-    if current is not None and current.VR == vr and current_text == after:
+    if current is not None and current.VR != "UN" and after == current_text:
         return []
     ds[action.destination] = element
+    _follow_in_file_meta(ds, action.destination, element.value)
     return [TagChange(action.destination, keyword_for_tag(action.destination), current_text, after)]
+
+
+# SOP Class and Instance UIDs the file meta repeats: a Part 10 file must say the same in both
+_IN_FILE_META = {0x00080016: "MediaStorageSOPClassUID", 0x00080018: "MediaStorageSOPInstanceUID"}
+
+
+def _follow_in_file_meta(ds: Dataset, tag: int, value: object) -> None:
+    meta = getattr(ds, "file_meta", None)
+    keyword = _IN_FILE_META.get(tag)
+    if keyword is not None and meta is not None and keyword in meta:
+        setattr(meta, keyword, value)
 
 
 def _groups(action: AddOrUpdate, ds: Dataset) -> list[str]:
@@ -242,7 +258,7 @@ def _source_text(ds: Dataset, tag: int, role: str) -> str:
     element = ds.get(tag)
     if element is None:
         raise ActionError(f"{role} {tag_name(tag)} is absent")
-    if element.VR in NOT_TEXT:
+    if not is_text(element):
         raise ActionError(f"{role} {tag_name(tag)} has VR {element.VR}, not a text value")
     return value_text(element)
 
@@ -271,14 +287,19 @@ def _anonymize(action: Anonymize, ds: Dataset, ctx: MutateContext) -> list[TagCh
         raise _RetryLater(f"the pseudonym mapping file cannot be used: {e.strerror or e}") from None
     except ValueError as e:
         raise ActionError(str(e)) from None
-    before = {int(tag): value_text(element) for tag, element in ds.items()}
+    before = _texts(ds)
     try:
         sequences = deidentify(ds, pseudonym, secret)
     except ValueError as e:
         raise ActionError(str(e)) from None
-    after = {int(tag): value_text(element) for tag, element in ds.items()}
+    after = _texts(ds)
     return [
         TagChange(tag, keyword_for_tag(tag), before.get(tag), after.get(tag))
         for tag in sorted(before.keys() | after.keys())
         if before.get(tag) != after.get(tag) or tag in sequences
     ]
+
+
+def _texts(ds: Dataset) -> dict[int, str]:
+    """Each top-level attribute's value as text (`ds[tag]`: an element not read yet is read)."""
+    return {int(tag): value_text(ds[tag]) for tag in list(ds.keys())}

@@ -10,7 +10,7 @@ OR-ed; `drop` always removes). The route decides; writing a `save_file` copy is 
 optional), `#{g,e:MASK}` the value through a mask (`render_mask`). A tag that is absent gives
 its keyword (`PatientName`; `gggg,eeee` for a tag pydicom does not know). A value's characters
 that could leave the directory the template names (`/`, `\\`, NUL and other control
-characters) become `_`, and a value that is `.` or `..` becomes `_`. A target ending in `/` is a
+characters) become `_`, and a value that is empty, `.` or `..` is `_`. A target ending in `/` is a
 directory: the copy is named `<SOPInstanceUID>.dcm` in it.
 """
 
@@ -125,7 +125,7 @@ def render_mask(value: str, mask: str) -> str:
 
 def _safe(text: str) -> str:
     text = _UNSAFE.sub("_", text)
-    return "_" if text in (".", "..") else text
+    return "_" if text in ("", ".", "..") else text
 
 
 def _tag_name(tag: int) -> str:

@@ -19,6 +19,7 @@ prepare stage stores with the item; delivering a series, the node orders its ite
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Sequence
 
 import attrs
@@ -69,6 +70,27 @@ class SortKey:
     rule: SortRule
     missing: bool
     value: int | str
+
+    def to_text(self) -> str:
+        """The key as one line of JSON, for the store (`from_text` reads it back)."""
+        r = self.rule
+        return json.dumps(
+            {"tag": r.tag, "type": r.type.value, "direction": r.direction.value, "missing": self.missing, "value": self.value},
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_text(cls, text: str) -> SortKey:
+        """ValueError when `text` is not what `to_text` wrote."""
+        try:
+            d = json.loads(text)
+            rule = SortRule(int(d["tag"]), SortType(d["type"]), SortDirection(d["direction"]))
+            value = d["value"]
+            if not isinstance(value, int | str) or isinstance(value, bool):
+                raise ValueError(value)
+            return cls(rule, bool(d["missing"]), value)
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"not a sort key: {text!r}") from e
 
 
 def rule_for(entries: Sequence[SortEntry], ds: pydicom.Dataset, destination_ae: str) -> tuple[SortEntry, SortRule] | None:
