@@ -126,6 +126,8 @@ async def run_router(
             store=store, sender=sender, config=config, service=service, clock=clock, transcoder=transcoder
         )
         supervisor = Supervisor(settings.nodes, ctx, chaos_every=config.chaos.kill_node_actors_every_seconds)
+        ctx.resolve_destination = supervisor.storage_destination
+        ctx.items_added = supervisor.items_arrived
         in_force = AsyncValue(settings)
         receiver = Receiver(
             config, store, lambda: in_force.value.nodes, service, clock,

@@ -71,6 +71,8 @@ maxPduSize: 65536
 retryDelaySeconds: 10
 retryMaxDelaySeconds: 600
 maxAttempts: 5
+filters: route, sort
+dropUnfilteredInstances: false
 timeZone: Europe/Berlin
 defaultTransferSyntax: ""
 chaos:
@@ -94,6 +96,7 @@ def test_every_implemented_key(tmp_path: Path) -> None:
     assert (c.durable_writes, c.delivery_process, c.max_pdu_size) == (False, False, 65536)
     assert (c.retry_delay_seconds, c.retry_max_delay_seconds, c.max_attempts) == (10, 600, 5)
     assert c.time_zone == "Europe/Berlin"
+    assert c.filters == ("route", "sort") and c.drop_unfiltered_instances is False
     assert c.chaos.enabled and c.chaos.kill_node_actors_every_seconds == 3
     # every key in the table is exercised by EVERY_KEY
     for key in GLOBAL_KEYS:
@@ -359,10 +362,12 @@ BAD = [
     # issue 19 #9: a secret's value is never echoed (redacted as check-config does)
     ("api:\n  servicePassword: [hunter2-secret]\n", "[]", "api.servicePassword = <redacted>", "must be a string"),
     ("api:\n  token: {a: hunter2-secret}\n", "[]", "api.token = <redacted>", "must be a string"),
-    # issue 19 #14: a filter capacitor-trio does not run yet stops start-up
-    ("filters: route\n", "[]", "config.yml: filters = 'route'", "the route filter is not supported yet"),
-    ("filters: route, lua, mutate\n", "[]", "filters = 'route, lua, mutate'", "the filters route, lua, mutate are not supported yet"),
-    ("filters: [sort]\n", "[]", "filters = ['sort']", "the sort filter is not supported yet"),
+    # issue 21: a filter capacitor-trio does not run yet stops start-up (it would send unfiltered)
+    ("filters: route, lua, mutate\n", "[]", "config.yml: filters = 'route, lua, mutate'", "the lua filter is not supported yet"),
+    ("filters: [sort, siemens_cto_converter]\n", "[]", "filters = ['sort', 'siemens_cto_converter']", "the siemens_cto_converter filter is not supported yet"),
+    ("filters: route, rout\n", "[]", "filters = 'route, rout'", "'rout' is not a filter"),
+    ("filters: sort, sort\n", "[]", "filters = 'sort, sort'", "sort is named twice"),
+    ("dropUnfilteredInstances: true\n", "[]", "config.yml: dropUnfilteredInstances = True", "would drop every instance"),
     ("", "- HostName: x\n", "nodes.yml: node 1: AeTitle", "required"),
     # issue 22: an unknown syntax name stays a one-line error naming the known ones
     ("defaultTransferSyntax: JPEG2001\n", "[]", "config.yml: defaultTransferSyntax = 'JPEG2001'",
@@ -392,29 +397,18 @@ def test_bad_config_one_line_exit_2(tmp_path: Path, config: str, nodes: str, whe
     assert "hunter2" not in r.stderr
 
 
-@pytest.mark.parametrize(("file_name", "filter_name"), [
-    ("routings.yml", "route"), ("mutations.yml", "mutate"), ("sortings.yml", "sort"), ("lua.yml", "lua"),
-])
-def test_filter_file_stops_start_up(tmp_path: Path, file_name: str, filter_name: str) -> None:
-    """issue 19 #14: a Capacitor filter file in the data directory stops `run` and `check-config`
-    (it was one warning, and instances went out unfiltered)."""
+def test_filters_from_env_or_cli(tmp_path: Path) -> None:
+    """issue 21: `filters` is read from every source like any key; an unsupported filter stops
+    start-up naming its source."""
     write(tmp_path)
-    (tmp_path / file_name).write_text("[]\n")
-    for command in ("check-config", "run"):
-        r = run_cli(command, "--path", str(tmp_path), "--config.scpPort=0")
-        assert r.returncode == 2, r.stderr
-        (line,) = r.stderr.strip().splitlines()
-        assert f"{tmp_path / file_name}: file: the {filter_name} filter is not supported yet" in line, line
-
-
-def test_filters_from_env_or_cli_stop_start_up(tmp_path: Path) -> None:
-    write(tmp_path)
-    r = run_cli("check-config", "--path", str(tmp_path), env={"CAPACITOR_FILTERS": "route"})
-    assert r.returncode == 2 and "environment CAPACITOR_FILTERS: filters = 'route': the route filter" in r.stderr
-    r = run_cli("check-config", "--path", str(tmp_path), "--config.filters=mutate")
-    assert r.returncode == 2 and "command line --config.filters: filters = 'mutate': the mutate filter" in r.stderr
+    r = run_cli("check-config", "--path", str(tmp_path), env={"CAPACITOR_FILTERS": "route, lua"})
+    assert r.returncode == 2 and "environment CAPACITOR_FILTERS: filters = ['route', 'lua']: the lua filter" in r.stderr
+    r = run_cli("check-config", "--path", str(tmp_path), "--config.filters=mutate,hologic_sco_converter")
+    assert r.returncode == 2 and "command line --config.filters" in r.stderr and "hologic_sco_converter filter is not supported" in r.stderr
     r = run_cli("check-config", "--path", str(tmp_path), "--config.filters=")  # blank: no filter
     assert r.returncode == 0, r.stderr
+    s = load_settings(tmp_path, environ={"CAPACITOR_FILTERS": "sort, route"})
+    assert s.config.filters == ("sort", "route")
 
 
 def test_called_ae_check_follows_ae_title_prefix(tmp_path: Path) -> None:

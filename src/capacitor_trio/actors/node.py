@@ -63,6 +63,7 @@ from capacitor_trio.actors.messages import (
     required_state,
 )
 from capacitor_trio.actors.prepare import NodePreparer
+from capacitor_trio.actors.prepare_steps import steps_for
 from capacitor_trio.actors.sending import RECORD_IDLE as RECORD_IDLE
 from capacitor_trio.actors.sending import SERIES_BATCH_CAP, BatchSend
 from capacitor_trio.actors.sending import TOP_UP_FEW as TOP_UP_FEW
@@ -78,6 +79,7 @@ from capacitor_trio.dicom.requestor import (
     SendOptions,
 )
 from capacitor_trio.domain.gate import SEND, Send, Wait, decide, next_look
+from capacitor_trio.domain.instance import Destination
 from capacitor_trio.domain.outcomes import Outcome
 from capacitor_trio.domain.schedule import Schedule, parse_schedule, schedule_gate
 from capacitor_trio.domain.states import FAILED, NEW, REJECTED
@@ -154,6 +156,12 @@ class NodeContext:
     #: the router's transcode worker processes (prepared copies in a node's TransferSyntax);
     #: None: this router converts nothing ahead (tests; delivery still converts on the way out)
     transcoder: Transcoder | None = None
+    #: an add_destination's AE title -> the Storage node it names, None if none (the runtime
+    #: asks the supervisor; tests take any AE title as a node)
+    resolve_destination: Callable[[str], Destination | None] = Destination
+    #: a prepare stage added items for these destinations (add_destination): their prepare
+    #: stages look (the runtime tells the supervisor)
+    items_added: Callable[[Sequence[Destination]], None] = lambda _d: None
 
     @property
     def tz(self) -> tzinfo:
@@ -171,7 +179,10 @@ class NodeActor:
         self._bulk, self._bulk_calls = trio.open_memory_channel[Call](BULK_QUEUE)
         #: this node's prepare stage (new -> prepared), run in the actor's nursery
         self.preparer = NodePreparer(
-            handle.destination, ctx.store, lambda: ctx.config, ctx.service, ctx.clock, handle.wake
+            handle.destination, ctx.store, lambda: ctx.config, ctx.service, ctx.clock, handle.wake,
+            steps=lambda: steps_for(self.node, ctx.config),
+            resolve=lambda ae: ctx.resolve_destination(ae),
+            on_added=lambda dests: ctx.items_added(dests),
         )
 
     # ---- derived settings (re-read each time: a node edit replaces handle.node) --------------

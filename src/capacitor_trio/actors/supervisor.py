@@ -122,6 +122,12 @@ class Supervisor:
         for slot in self._slots.values():
             slot.handle.wake()
 
+    def storage_destination(self, ae_title: str) -> Destination | None:
+        """The Storage node an add_destination's AE title names (exactly, blanks stripped), or
+        None if no node with an actor has that title."""
+        key = (ae_title.strip(), "Storage")
+        return Destination(*key) if key in self._slots else None
+
     def items_arrived(self, destinations: Sequence[Destination]) -> None:
         """New items were committed `new` for these destinations: their prepare stages look."""
         for d in destinations:

@@ -1,6 +1,6 @@
 """The key tables: every config.yml key (Capacitor's spelling, our attribute, its checker), the
 nodes.yml keys, the legacy names still accepted, the keys accepted but not implemented yet, and
-the filter files that stop the router. config/load.py reads with them; nothing else spells them.
+the filter files. config/load.py reads with them; nothing else spells them.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from capacitor_trio.config.values import (
     _transfer_syntax,
     _uid,
     check_ae_title,
+    check_filter_names,
     check_schedule,
 )
 
@@ -79,6 +80,8 @@ GLOBAL_KEYS: tuple[Key, ...] = (
     Key("retryMaxDelaySeconds", "retry_max_delay_seconds", _int(1)),
     Key("maxAttempts", "max_attempts", _int(0)),
     Key("timeZone", "time_zone", _time_zone),
+    Key("filters", "filters", check_filter_names),
+    Key("dropUnfilteredInstances", "drop_unfiltered_instances", _bool),
     Key("chaos.killNodeActorsEverySeconds", "chaos.kill_node_actors_every_seconds", _float(0)),
 )
 _KEYS_BY_NAME = {k.name: k for k in GLOBAL_KEYS}
@@ -88,7 +91,7 @@ LEGACY_ALIASES = {"aeTitle": "myAeTitle"}
 
 # Keys DICOM Capacitor documents that capacitor-trio does not implement yet: accepted, warned about.
 NOT_IMPLEMENTED_KEYS = frozenset(
-    ["activationCode", "autoAdjustLineSpeed", "autoSaveLineSpeed", "ctoConvert", "ctoExpiryMinutes", "ctoOnExpire", "daysToKeepLogs", "dropUnfilteredInstances", "duplicateBehavior", "duplicateThreshold", "echoInterval", "filters", "findScpPort", "holdIncomingStorageAssociations", "limitMaxCMoveResponseRemainingCount", "logSuffix", "maxDataBuffer", "maxEnumeratedFiles", "maxEnumeratedItems", "maxPDVsPerPDU", "moveRejectedCachedFiles", "prefetchConcurrency", "prefetchQueueSize", "queryRetrieveScpPort", "redactedCFindLogging", "redactedCFindLoggingExtraTags", "removeOrphanedIncomingFiles", "sendAbandonGraceSeconds", "storageAssociationHoldExpectedTtlSeconds", "storageCommitAeTitle", "storageCommitPendingNEventReportRequestExpiry", "storageCommitScpPort", "storageCommitSendTimeout", "storageReceiptExpiryHours", "storageTimeoutFloorSeconds", "supervisionFloorMinutes", "suppressLogAeTitles", "suppressWebLog", "worklistAutomationEnabled", "worklistDays", "worklistFilterStored", "worklistInterval", "studyThreshold", "prefetchEnabled"]
+    ["activationCode", "autoAdjustLineSpeed", "autoSaveLineSpeed", "ctoConvert", "ctoExpiryMinutes", "ctoOnExpire", "daysToKeepLogs", "duplicateBehavior", "duplicateThreshold", "echoInterval", "findScpPort", "holdIncomingStorageAssociations", "limitMaxCMoveResponseRemainingCount", "logSuffix", "maxDataBuffer", "maxEnumeratedFiles", "maxEnumeratedItems", "maxPDVsPerPDU", "moveRejectedCachedFiles", "prefetchConcurrency", "prefetchQueueSize", "queryRetrieveScpPort", "redactedCFindLogging", "redactedCFindLoggingExtraTags", "removeOrphanedIncomingFiles", "sendAbandonGraceSeconds", "storageAssociationHoldExpectedTtlSeconds", "storageCommitAeTitle", "storageCommitPendingNEventReportRequestExpiry", "storageCommitScpPort", "storageCommitSendTimeout", "storageReceiptExpiryHours", "storageTimeoutFloorSeconds", "supervisionFloorMinutes", "suppressLogAeTitles", "suppressWebLog", "worklistAutomationEnabled", "worklistDays", "worklistFilterStored", "worklistInterval", "studyThreshold", "prefetchEnabled"]
 )
 
 NODE_KEYS: dict[str, tuple[str, Callable[[Any], Any]]] = {
@@ -112,7 +115,6 @@ NODE_NOT_IMPLEMENTED = frozenset({"ProcessNetworks", "CFindFailureBehavior"})
 # Fields whose blank value means "inherit the global value" (kept as None on the Node).
 _NODE_NULLABLE = {"process_delay", "batch_size", "minimum_line_speed", "stall_threshold", "sop_class_priorities"}
 
-# Filters Capacitor runs on every instance before it is sent (`filters:` names them, each has
-# its file in the data directory). None is implemented: running without them would send what
-# a site drops or pseudonymises as it arrived, so their presence stops the router.
+# The filters' files in the data directory, by the name `filters:` gives the filter
+# (config/filters.py reads them; lua is refused by `filters:`, see values.check_filter_names).
 FILTER_FILES = {"routings.yml": "route", "mutations.yml": "mutate", "sortings.yml": "sort", "lua.yml": "lua"}

@@ -19,12 +19,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import yaml
 
 from capacitor_trio.config.keys import (
     _KEYS_BY_NAME,
     _NODE_NULLABLE,
-    FILTER_FILES,
     GLOBAL_KEYS,
     LEGACY_ALIASES,
     NODE_KEY_ALIASES,
@@ -88,10 +88,10 @@ def _read_yaml(path: Path) -> Any:
     return parse_yaml(text, str(path))
 
 
-def parse_yaml(text: str, source: str) -> Any:
+def parse_yaml(text: str, source: str, loader: type[_Loader] = _Loader) -> Any:
     """YAML text as the loader reads it (numbers keep their text: `values._Loader`)."""
     try:
-        return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
+        return yaml.load(text, Loader=loader)  # _Loader is a SafeLoader
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "YAML"
@@ -151,29 +151,6 @@ def _unquote(text: str) -> str:
     return text
 
 
-def _refuse_filters(source: str, name: str, value: Any) -> None:
-    """`filters` set to any filter (from any source) is a config error naming them."""
-    items = value if isinstance(value, list) else [] if value is None else str(value).split(",")
-    names = [str(item).strip() for item in items if str(item).strip()]
-    if names:
-        which = f"the {names[0]} filter is" if len(names) == 1 else f"the filters {', '.join(names)} are"
-        raise ConfigError(
-            source, name, value,
-            f"{which} not supported yet (instances would be sent unfiltered); remove the setting to run without filters",
-        )
-
-
-def _refuse_filter_files(data_dir: Path) -> None:
-    for file_name, filter_name in FILTER_FILES.items():
-        path = data_dir / file_name
-        if os.path.lexists(path):
-            raise ConfigError(
-                str(path), "file", _MISSING,
-                f"the {filter_name} filter is not supported yet (instances would be sent unfiltered); "
-                "move the file out of the data directory to run without it",
-            )
-
-
 def _read_config_file(config_file: Path, warnings: list[str]) -> dict[str, Any]:
     """config.yml as a flat mapping of dotted keys, legacy names renamed."""
     raw = _read_yaml(config_file)
@@ -199,15 +176,13 @@ def _collect_values(
 ) -> dict[str, tuple[str, Any]]:
     """key name -> (source, value) from the file, then the environment, then the command line
     (later sources win). A key not implemented yet gets the same treatment from every source:
-    one warning per source naming it (`filters` set to a filter is refused instead)."""
+    one warning per source naming it."""
     values: dict[str, tuple[str, Any]] = {}
     unknown: list[str] = []
     unimplemented: dict[str, list[str]] = {str(config_file): [], "environment": [], "command line": []}
     for name, value in flat.items():
         if name in _KEYS_BY_NAME:
             values[name] = (str(config_file), value)
-        elif name == "filters":
-            _refuse_filters(str(config_file), name, value)
         elif name in NOT_IMPLEMENTED_KEYS:
             unimplemented[str(config_file)].append(name)
         else:
@@ -218,13 +193,9 @@ def _collect_values(
     for name in sorted(NOT_IMPLEMENTED_KEYS):
         env = "CAPACITOR_" + env_name(name)
         if env in environ:
-            if name == "filters":
-                _refuse_filters(f"environment {env}", name, environ[env])
             unimplemented["environment"].append(env)
     for name, raw_value in overrides.items():
         name = LEGACY_ALIASES.get(name, name)
-        if name == "filters":
-            _refuse_filters(f"command line --config.{name}", name, raw_value)
         if name in NOT_IMPLEMENTED_KEYS:
             unimplemented["command line"].append(f"--config.{name}")
             continue
@@ -280,7 +251,6 @@ def load_settings(
     flat = _read_config_file(config_file, warnings)
     values = _collect_values(flat, config_file, environ, overrides or {}, warnings)
     config = _build_config(data_dir, values)
-    _refuse_filter_files(data_dir)
     if config.retry_max_delay_seconds < config.retry_delay_seconds:
         raise ConfigError(
             str(config_file), "retryMaxDelaySeconds", config.retry_max_delay_seconds,
@@ -292,7 +262,15 @@ def load_settings(
             "open to anyone who can reach it"
         )
     nodes = load_nodes(data_dir / "nodes.yml", warnings, prefix=config.ae_title_prefix)
+    config = _with_filters(config, nodes, warnings)
     return Settings(config=config, nodes=nodes, warnings=tuple(warnings), overrides=dict(overrides or {}))
+
+
+def _with_filters(config: Config, nodes: Sequence[Node], warnings: list[str]) -> Config:
+    from capacitor_trio.config.filters import load_chain  # config/filters.py imports this module
+
+    storage = frozenset(n.ae_title for n in nodes if n.role == "Storage")
+    return attrs.evolve(config, filter_chain=load_chain(config, storage, warnings))
 
 
 def parse_node(entry: Any, source: str, index: int, warnings: list[str] | None = None) -> Node:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import attrs
 
+from capacitor_trio.domain.filters import NO_FILTERS, FilterChain
+
 #: aeTitlePrefix's default: node PACS also answers to called AE DCP_PACS.
 DEFAULT_PREFIX = "DCP_"
 
@@ -90,6 +92,8 @@ class Config:
     max_clients_per_server: int = 0  # 0 = unlimited
     cycle_rejected_files_on_startup: bool = True
     default_transfer_syntax: str = ""
+    filters: tuple[str, ...] = ()  # the chain as config.yml names it
+    drop_unfiltered_instances: bool = False
     api: ApiConfig = ApiConfig()
     # capacitor-trio's own keys
     durable_writes: bool = True
@@ -101,6 +105,9 @@ class Config:
     max_attempts: int = 0  # 0 = retry until expiry
     time_zone: str = ""  # IANA name; "" = the system's
     chaos: ChaosConfig = ChaosConfig()
+    #: the filter chain `filters` names, its files read (config/filters.py): the prepare stage
+    #: runs it; a reload of the filters replaces it (with `attrs.evolve`)
+    filter_chain: FilterChain = NO_FILTERS
 
 
 @attrs.frozen

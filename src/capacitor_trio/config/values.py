@@ -94,6 +94,34 @@ def _bool(v: Any) -> bool:
     return v
 
 
+#: The filters `filters:` may name that capacitor-trio runs, and those it refuses (Capacitor's
+#: other filters): a chain naming one of those would send instances unfiltered.
+SUPPORTED_FILTERS = ("route", "mutate", "sort")
+UNSUPPORTED_FILTERS = (
+    "lua", "siemens_cto_converter", "hologic_sco_converter", "siemens_breast_density", "siemens_bonsai",
+    "siemens_scorecard", "siemens_histogram", "siemens_positioner_angle", "siemens_distance_source_to_patient",
+)
+
+
+def check_filter_names(v: Any) -> tuple[str, ...]:
+    """`filters`: a comma-separated string (Capacitor's form; a YAML list is read too) of
+    supported filter names, each at most once, order kept."""
+    items = v if isinstance(v, list) else str(_as_written(v)).split(",")
+    names = [str(_as_written(item)).strip() for item in items]
+    names = [name for name in names if name]
+    for name in names:
+        if name in UNSUPPORTED_FILTERS:
+            raise ValueError(
+                f"the {name} filter is not supported yet (instances would be sent unfiltered); "
+                f"capacitor-trio runs {', '.join(SUPPORTED_FILTERS)}"
+            )
+        if name not in SUPPORTED_FILTERS:
+            raise ValueError(f"{name!r} is not a filter; the filters are {', '.join(SUPPORTED_FILTERS)}")
+        if names.count(name) > 1:
+            raise ValueError(f"{name} is named twice")
+    return tuple(names)
+
+
 def _str(v: Any) -> str:
     v = _as_written(v)
     if isinstance(v, bool) or not isinstance(v, str | int | float):
