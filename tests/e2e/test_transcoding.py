@@ -8,6 +8,7 @@ destination in a syntax it accepts, whatever syntax they arrived in.
 
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,13 +17,15 @@ import numpy as np
 import pydicom
 import pytest
 import trio
-from pydicom.uid import ImplicitVRLittleEndian, JPEGLosslessSV1, RLELossless
+from pydicom.uid import ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1, RLELossless
 
 from tests.helpers.datasets import write_corpus
 from tests.helpers.peers import (
     Counter,
+    PynetdicomDestination,
     RouterProcess,
     StorescpInetd,
+    dataset_bytes,
     free_port,
     needs_dcmtk,
     path_uid,
@@ -98,4 +101,38 @@ async def test_an_implicit_le_only_destination_gets_everything(
             assert np.array_equal(pixels(got), pixels(path))  # lossless all the way
         assert "STORESCP rejected" not in router.log()
     finally:
+        await router.aclose()
+
+
+async def test_a_node_with_transfer_syntax_gets_its_prepared_copies(tmp_path: Path, nursery: trio.Nursery) -> None:
+    j2k, plain = PynetdicomDestination("J2KDEST"), PynetdicomDestination("PLAIN")
+    j2k_port, plain_port = j2k.start(), plain.start()
+    router = RouterProcess(tmp_path / "data")
+    try:
+        scp_port = free_port()
+        write_config(
+            tmp_path / "data", scp_port,
+            f"- AeTitle: J2KDEST\n  Port: {j2k_port}\n  TransferSyntax: JPEG2000Lossless\n"
+            f"- AeTitle: PLAIN\n  Port: {plain_port}\n",
+        )
+        await router.start(nursery)
+        sent = write_corpus(tmp_path / "in", 6, rows=128)
+        acked: list[str] = []
+        await trio.to_thread.run_sync(pynetdicom_send, scp_port, "J2KDEST", sent, acked)
+        await trio.to_thread.run_sync(pynetdicom_send, scp_port, "PLAIN", sent, acked)
+        assert len(acked) == 2 * len(sent)
+        with trio.fail_after(60):
+            await j2k.count.wait_for(len(sent))
+            await plain.count.wait_for(len(sent))
+        for path in sent:
+            uid = path_uid(path)
+            assert j2k.syntax_of[uid] == JPEG2000Lossless
+            ds = pydicom.dcmread(io.BytesIO(j2k.received[uid]), force=True)
+            ds.file_meta = pydicom.dataset.FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
+            assert np.array_equal(ds.pixel_array, pixels(path))
+            assert plain.received[uid] == dataset_bytes(path)  # the other node: as received
+    finally:
+        j2k.stop()
+        plain.stop()
         await router.aclose()

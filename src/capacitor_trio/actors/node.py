@@ -69,6 +69,7 @@ from capacitor_trio.actors.sending import SERIES_BATCH_CAP, BatchSend
 from capacitor_trio.actors.sending import TOP_UP_FEW as TOP_UP_FEW
 from capacitor_trio.actors.sending import TOP_UP_GATHER as TOP_UP_GATHER
 from capacitor_trio.actors.service import ServiceFlags
+from capacitor_trio.actors.transcoding import ConversionStats, TranscodeContext
 from capacitor_trio.config.models import Config, Node, effective, effective_schedule
 from capacitor_trio.dicom.conversion import Transcoder
 from capacitor_trio.dicom.requestor import (
@@ -134,6 +135,8 @@ class NodeState:
     #: SOP Instance UIDs a crash or kill left in flight (released by the next incarnation, or
     #: cut short): the only ones a restart can send twice
     in_flight_at_restart: set[str] = attrs.field(factory=set)
+    #: the node's conversions into its TransferSyntax (the prepare stage's transcoding step)
+    conversions: ConversionStats = attrs.field(factory=ConversionStats)
 
 
 @attrs.define(eq=False)
@@ -180,12 +183,19 @@ class NodeActor:
         #: this node's prepare stage (new -> prepared), run in the actor's nursery
         self.preparer = NodePreparer(
             handle.destination, ctx.store, lambda: ctx.config, ctx.service, ctx.clock, handle.wake,
-            steps=lambda: steps_for(self.node, ctx.config),
+            steps=lambda: steps_for(self.node, ctx.config, self._transcoding()),
             resolve=lambda ae: ctx.resolve_destination(ae),
             on_added=lambda dests: ctx.items_added(dests),
         )
 
     # ---- derived settings (re-read each time: a node edit replaces handle.node) --------------
+
+    def _transcoding(self) -> TranscodeContext | None:
+        """What the node's transcoding step needs; None without a transcode pool (tests)."""
+        transcoder = self.ctx.transcoder
+        if transcoder is None:
+            return None
+        return TranscodeContext(transcoder, self.ctx.config.cache_path / "transcode", self.state.conversions)
 
     @property
     def node(self) -> Node:

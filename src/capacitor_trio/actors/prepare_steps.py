@@ -34,16 +34,19 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import attrs
 import trio
 from pydicom.dataset import Dataset
 
-from capacitor_trio.config.models import Config, Node
+from capacitor_trio.config.models import Config, Node, effective
 from capacitor_trio.domain.filtering import Decision
 from capacitor_trio.domain.instance import Destination
 from capacitor_trio.limiter import run_var_limiter
+
+if TYPE_CHECKING:
+    from capacitor_trio.actors.transcoding import TranscodeContext
 
 T = TypeVar("T")
 
@@ -196,20 +199,29 @@ async def run_steps(
     return combine(results, ds, follow_adds=not subject.added)
 
 
-def steps_for(node: Node, config: Config) -> tuple[PrepareStep, ...]:
+def steps_for(
+    node: Node, config: Config, transcoding: TranscodeContext | None = None
+) -> tuple[PrepareStep, ...]:
     """The steps `node`'s prepare stage runs under `config`, in order; empty when none applies
     (then the stage keeps its one-statement fast path: ripe items become prepared in place).
-    The filter chain comes first, transcoding after it."""
+    The filter chain comes first, transcoding after it (with `transcoding`: the router's
+    transcode pool and the node's counts; without, none)."""
     from capacitor_trio.actors.filter_step import filter_step  # imports the filters' modules
+    from capacitor_trio.actors.transcoding import transcode_step
 
     steps: list[PrepareStep] = []
     filters = filter_step(config)
     if filters is not None:
         steps.append(filters)
+    if transcoding is not None:
+        transcode = transcode_step(node, config, transcoding)
+        if transcode is not None:
+            steps.append(transcode)
     return tuple(steps)
 
 
 def has_steps(node: Node, config: Config) -> bool:
     """Does `node`'s prepare stage run item by item under `config`? (the receiver then commits
-    its items `new` even with minimumAge 0, so that they pass the steps)"""
-    return bool(steps_for(node, config))
+    its items `new` even with minimumAge 0, so that they pass the steps): a filter chain, or a
+    TransferSyntax (the node's, else defaultTransferSyntax)."""
+    return bool(steps_for(node, config)) or bool(effective(node, config).transfer_syntax)
