@@ -24,6 +24,7 @@ from capacitor_trio.actors.prepare import NodePreparer
 from capacitor_trio.actors.prepare_steps import PrepareSubject, Verdict, has_steps, steps_for
 from capacitor_trio.actors.service import ServiceFlags
 from capacitor_trio.actors.transcoding import ConversionStats, TranscodeContext, TranscodeStep
+from capacitor_trio.api.views import item_json
 from capacitor_trio.config.models import Node
 from capacitor_trio.domain.instance import Destination
 from capacitor_trio.transcode import codec
@@ -115,6 +116,8 @@ async def test_the_node_gets_a_copy_in_its_syntax_and_the_received_instance_stay
     assert store.items[theirs.id].state == "new" and store.blobs[theirs.instance_id] == data
     assert (stats.conversions, stats.failed) == (1, 0)
     assert os.listdir(tmp_path / "transcode") == []
+    view = item_json(item)  # the API's item view: both syntaxes
+    assert (view["transferSyntaxUid"], view["receivedTransferSyntaxUid"]) == (RLELossless, ExplicitVRLittleEndian)
 
 
 async def test_an_instance_already_in_the_syntax_is_not_converted(tmp_path: Path, autojump_clock: Any) -> None:

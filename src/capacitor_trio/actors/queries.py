@@ -88,6 +88,8 @@ class ReadPort(Protocol):
 
     def loop_figures(self) -> dict[str, Any]: ...
 
+    def conversions(self) -> dict[str, dict[str, float | int]]: ...
+
     def recent_logs(self, lines: int, level: str | None) -> list[LogEntry]: ...
 
     def system(self) -> SystemInfo: ...
@@ -223,6 +225,10 @@ class RouterReads:
 
     def loop_figures(self) -> dict[str, Any]:
         return self.router.loop.to_json()
+
+    def conversions(self) -> dict[str, dict[str, float | int]]:
+        """Each Storage node's conversions (count, failures, seconds), from the supervisor."""
+        return self.router.supervisor.conversions()
 
     def recent_logs(self, lines: int, level: str | None) -> list[LogEntry]:
         ring = self.router.ring

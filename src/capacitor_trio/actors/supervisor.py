@@ -135,6 +135,11 @@ class Supervisor:
             if slot is not None:
                 slot.handle.items_arrived()
 
+    def conversions(self) -> dict[str, dict[str, float | int]]:
+        """Each Storage node's conversions into its TransferSyntax since the router started
+        (its prepare stage's counts, kept across actor restarts), by AE title."""
+        return {key[0]: slot.state.conversions.as_json() for key, slot in self._slots.items()}
+
     def snapshot(self, handle: NodeHandle, counts: Counts | None = None) -> NodeStatus:
         """A status snapshot that does not need the actor (works while it restarts)."""
         return make_status(handle, self._slots[handle.node.key].state, self.ctx, counts)

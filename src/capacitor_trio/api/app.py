@@ -379,6 +379,7 @@ class Api:
                 "received": self.reads.received(),
                 "service": self.reads.service_flags(),
                 "loop": self.reads.loop_figures(),
+                "transcoding": self.reads.conversions(),
             }
         )
 

@@ -66,7 +66,8 @@ ITEM_PROPS: S = {
     "patientId": STR,
     "patientName": STR,
     "accessionNumber": STR,
-    "transferSyntaxUid": STR,
+    "transferSyntaxUid": {"type": "string", "description": "the syntax the item is sent in (its prepared copy's when it has one)"},
+    "receivedTransferSyntaxUid": {"type": "string", "description": "the syntax the instance was received in"},
     "sizeBytes": INT,
     "attemptCount": INT,
     "lastError": nullable(STR),
@@ -196,6 +197,18 @@ SCHEMAS: S = {
             "received": INT,
             "service": ref("ServiceFlags"),
             "loop": ref("LoopLag"),
+            "transcoding": {
+                "type": "object",
+                "description": "per Storage node (by AE title): its prepared copies converted into its TransferSyntax since the router started",
+                "additionalProperties": ref("Conversions"),
+            },
+        }
+    ),
+    "Conversions": obj(
+        {
+            "conversions": INT,
+            "failed": {"type": "integer", "minimum": 0, "description": "instances that could not be converted (sent as received)"},
+            "seconds": {"type": "number", "minimum": 0, "description": "time the conversions took (write, convert, read back)"},
         }
     ),
     "LoopLag": obj(
