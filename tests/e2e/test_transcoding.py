@@ -9,6 +9,9 @@ destination in a syntax it accepts, whatever syntax they arrived in.
 from __future__ import annotations
 
 import io
+import json
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -136,3 +139,65 @@ async def test_a_node_with_transfer_syntax_gets_its_prepared_copies(tmp_path: Pa
         j2k.stop()
         plain.stop()
         await router.aclose()
+
+
+ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.path.exists("/usr/sbin/Orthanc") else None)
+
+
+@pytest.mark.orthanc
+@pytest.mark.skipif(ORTHANC is None, reason="Orthanc binary not installed")
+async def test_orthanc_gets_rle_from_a_node_with_transfer_syntax_rle(tmp_path: Path, nursery: trio.Nursery) -> None:
+    assert ORTHANC is not None
+    dicom_port, http_port = free_port(), free_port()
+    (tmp_path / "orthanc.json").write_text(json.dumps({
+        "Name": "capacitor-test", "StorageDirectory": str(tmp_path / "storage"),
+        "IndexDirectory": str(tmp_path / "index"), "DicomAet": "ORTHANC", "DicomPort": dicom_port,
+        "HttpPort": http_port, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+        "DicomCheckCalledAet": False, "Plugins": [], "StorageCompression": False,
+    }))
+    orthanc = await trio.lowlevel.open_process(
+        [ORTHANC, str(tmp_path / "orthanc.json")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=dict(os.environ, TCP_NODELAY="1"),
+    )
+    router = RouterProcess(tmp_path / "data")
+    try:
+        assert orthanc.stdout is not None
+        seen = b""
+        with trio.fail_after(30):
+            while b"Orthanc has started" not in seen:
+                chunk = await orthanc.stdout.receive_some(65536)
+                assert chunk, seen.decode(errors="replace")
+                seen = seen[-4096:] + chunk
+        scp_port = free_port()
+        write_config(
+            tmp_path / "data", scp_port,
+            f"- AeTitle: ORTHANC\n  Port: {dicom_port}\n  TransferSyntax: RLELossless\n",
+        )
+        await router.start(nursery)
+        sent = write_corpus(tmp_path / "in", 4, rows=128)
+        acked: list[str] = []
+        await trio.to_thread.run_sync(pynetdicom_send, scp_port, "ORTHANC", sent, acked)
+        assert len(acked) == len(sent)
+
+        def all_delivered(_line: str) -> bool:
+            found = (re.search(r"node ORTHANC: delivered (\d+)", line) for line in router.lines)
+            return sum(int(m.group(1)) for m in found if m) >= len(sent)
+
+        with trio.fail_after(60):
+            await router.wait_for_line(all_delivered)
+        stored = _orthanc_files(tmp_path / "storage")
+        for path in sent:
+            got = stored[path_uid(path)]
+            assert str(pydicom.dcmread(got).file_meta.TransferSyntaxUID) == RLELossless
+            assert np.array_equal(pixels(got), pixels(path))
+    finally:
+        await router.aclose()
+        orthanc.terminate()
+        await orthanc.wait()
+        if orthanc.stdout is not None:
+            await orthanc.stdout.aclose()
+
+
+def _orthanc_files(storage: Path) -> dict[str, Path]:
+    files = [p for p in storage.rglob("*") if p.is_file() and p.suffix == ""] if storage.exists() else []
+    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in files}
