@@ -42,8 +42,11 @@ LOSSY = {
 NATIVE = {IMPLICIT_LE, EXPLICIT_LE, EXPLICIT_BE}
 # Least PSNR (dB) for the lossy syntaxes (JPEG-LS is held to its NEAR bound instead).
 MIN_PSNR = {
-    "1.2.840.10008.1.2.4.91": J2K_PSNR - 5,
-    "1.2.840.10008.1.2.4.50": 35.0,
+    # OpenJPEG aims at 55 dB per component; RGB through the irreversible colour transform
+    # and back loses a little more in rounding.
+    "1.2.840.10008.1.2.4.91": J2K_PSNR - 8,
+    # colour is stored as YCbCr with 2x2 chroma subsampling: sharp colour edges lose most
+    "1.2.840.10008.1.2.4.50": 32.0,
     "1.2.840.10008.1.2.4.51": 35.0,
 }
 
@@ -73,6 +76,9 @@ def second_decode(path: Path, uid: str, tmp: Path) -> Path:
         if shutil.which("gdcmconv") is None:
             pytest.skip("gdcmconv (Debian libgdcm-tools) is not installed")
         cmd = ["gdcmconv", "--raw", str(path), str(out)]
+    elif uid in ("1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"):
+        # +cn: lossless data is compared as stored (DCMTK would turn YBR_FULL into RGB)
+        cmd = ["dcmdjpeg", "+cn", str(path), str(out)]
     else:
         cmd = ["dcmdjpeg", str(path), str(out)]
     subprocess.run(cmd, check=True, capture_output=True, timeout=60)
