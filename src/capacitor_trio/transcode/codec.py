@@ -1,7 +1,7 @@
 """Converting one Part-10 file into another transfer syntax: pure, synchronous, for a worker process.
 
-`convert_file(src, dst, target_uid)` reads `src` and writes a complete Part-10 file at `dst` (the
-caller hands a temporary path and renames it when this returns). The pixel data is converted one
+`convert_file(src, dst, target_uid)` reads `src` and writes a complete Part-10 file at `dst`,
+fsync'd (the caller hands a temporary path and renames it when this returns). The pixel data is converted one
 frame at a time: frames are decoded from the file as they are needed (pydicom's `iter_array` over
 the open file, not the whole Pixel Data), encoded (`encoders.py`) and written out, so a large
 multi-frame instance is never held whole, decoded or encoded, except where a lossy output's
@@ -28,6 +28,7 @@ file) propagates as it is: it is not the instance's fault.
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 from collections.abc import Iterable, Iterator
@@ -139,6 +140,8 @@ def _convert(src: Path, dst: Path, target: str) -> Converted:
         raise TranscodeError("the file has no Transfer Syntax UID in its meta information")
     if source == target:
         shutil.copyfile(src, dst)
+        with dst.open("rb+") as f:
+            os.fsync(f.fileno())
         return Converted(target, dst.stat().st_size, False, str(header.SOPInstanceUID))
     if not can_decode(source):
         raise TranscodeError(f"no installed codec decodes {_name(source)}")
@@ -330,6 +333,8 @@ def _write_part10(
         write_dataset(fp, body)
         if pixel is not None:
             pixel(raw, implicit, little)
+        raw.flush()
+        os.fsync(raw.fileno())  # on disk before the caller renames it into place
 
 
 def _swap_words(ds: Dataset, *, from_little: bool) -> None:
