@@ -112,3 +112,31 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+async def test_stopping_the_pool_lets_a_running_conversion_finish(tmp_path: Path) -> None:
+    """The pool stopping on its own is not the instance's fault: a running conversion ends as
+    it would have (its caller, cancelled by the same shutdown, would kill it instead); a
+    conversion asked afterwards is told the pool is not running."""
+    log = tmp_path / "log"
+    log.touch()
+    dst = tmp_path / "out.dcm"
+    outcome: list[object] = []
+
+    async def convert(pool: TranscodePool) -> None:
+        try:
+            outcome.append(await pool._call(workers.slow_write, log, dst, "1"))
+        except BaseException as exc:
+            outcome.append(exc)
+            raise
+
+    async with trio.open_nursery() as outer, trio.open_nursery() as pool_nursery:
+        pool = await _started(pool_nursery, 1)
+        outer.start_soon(convert, pool)
+        with trio.fail_after(30):
+            while not dst.exists():  # noqa: ASYNC110 (another process's doing)
+                await trio.sleep(0.02)
+        pool_nursery.cancel_scope.cancel()
+    assert len(outcome) == 1 and not isinstance(outcome[0], BaseException)
+    with pytest.raises(RuntimeError, match="not running"):
+        await pool.convert(dst, tmp_path / "again.dcm", "1.2.840.10008.1.2")

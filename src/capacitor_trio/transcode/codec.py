@@ -1,7 +1,7 @@
 """Converting one Part-10 file into another transfer syntax: pure, synchronous, for a worker process.
 
-`convert_file(src, dst, target_uid)` reads `src` and writes a complete Part-10 file at `dst` (the
-caller hands a temporary path and renames it when this returns). The pixel data is converted one
+`convert_file(src, dst, target_uid)` reads `src` and writes a complete Part-10 file at `dst`,
+fsync'd (the caller hands a temporary path and renames it when this returns). The pixel data is converted one
 frame at a time: frames are decoded from the file as they are needed (pydicom's `iter_array` over
 the open file, not the whole Pixel Data), encoded (`encoders.py`) and written out, so a large
 multi-frame instance is never held whole, decoded or encoded, except where a lossy output's
@@ -21,12 +21,14 @@ What is kept and what changes:
 
 A conversion the data cannot take (a lossy JPEG of 16-bit data, colour in JPEG 12-bit, an
 instance without Pixel Data into a compressed syntax, a syntax with no installed codec) raises
-`TranscodeError` with a one-line reason. OSError (a full disk, an unreadable file) propagates
-as it is: it is not the instance's fault.
+`TranscodeError` with a one-line reason, and so does running out of memory (a frame is at most
+1 GiB decoded, checked from the header before decoding). OSError (a full disk, an unreadable
+file) propagates as it is: it is not the instance's fault.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
 from collections.abc import Iterable, Iterator
@@ -64,6 +66,8 @@ LOSSY_SOURCES = frozenset(
     }
 )
 _MAX_ENCAPSULATED = 2**32 - 1
+# One decoded frame at most (a header claiming more is refused before anything is decoded).
+MAX_FRAME_BYTES = 1 << 30
 # Raw values whose bytes are words of this size: swapped when the byte order changes.
 _SWAP_SIZES = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
 
@@ -111,7 +115,9 @@ def convert_file(src: Path, dst: Path, target_uid: str) -> Converted:
         return _convert(Path(src), Path(dst), target_uid)
     except BaseException as exc:
         Path(dst).unlink(missing_ok=True)
-        if isinstance(exc, TranscodeError | OSError | MemoryError) or not isinstance(exc, Exception):
+        if isinstance(exc, MemoryError):
+            raise TranscodeError("the conversion ran out of memory") from None
+        if isinstance(exc, TranscodeError | OSError) or not isinstance(exc, Exception):
             raise
         # the libraries' many exception types: one clear reason
         raise TranscodeError(_one_line(exc)) from exc
@@ -134,6 +140,8 @@ def _convert(src: Path, dst: Path, target: str) -> Converted:
         raise TranscodeError("the file has no Transfer Syntax UID in its meta information")
     if source == target:
         shutil.copyfile(src, dst)
+        with dst.open("rb+") as f:
+            os.fsync(f.fileno())
         return Converted(target, dst.stat().st_size, False, str(header.SOPInstanceUID))
     if not can_decode(source):
         raise TranscodeError(f"no installed codec decodes {_name(source)}")
@@ -188,6 +196,13 @@ def _frames(src: Path, source: str, raw: bool) -> Iterator[tuple[np.ndarray, dic
 
 
 def _convert_pixels(src: Path, dst: Path, header: Dataset, source: str, target: str) -> Converted:
+    declared = int(header.Rows) * int(header.Columns) * int(header.get("SamplesPerPixel", 1))
+    if declared * int(header.BitsAllocated) // 8 > MAX_FRAME_BYTES:
+        raise TranscodeError(
+            f"a frame of {header.Rows} x {header.Columns} x {header.get('SamplesPerPixel', 1)} "
+            f"samples of {header.BitsAllocated} bits exceeds the {MAX_FRAME_BYTES >> 20} MiB a "
+            "frame may take decoded"
+        )
     # Lossless sources are decoded raw (YBR_FULL stays YBR_FULL: converting it to RGB would
     # round); lossy JPEG sources are converted to RGB, as DCMTK's dcmdjpeg does.
     frames = _frames(src, source, raw=source not in LOSSY_SOURCES)
@@ -318,6 +333,8 @@ def _write_part10(
         write_dataset(fp, body)
         if pixel is not None:
             pixel(raw, implicit, little)
+        raw.flush()
+        os.fsync(raw.fileno())  # on disk before the caller renames it into place
 
 
 def _swap_words(ds: Dataset, *, from_little: bool) -> None:

@@ -177,10 +177,14 @@ def _gdcm_jpeg(src: bytes, spec: FrameSpec, uid: str, quality: int | None) -> by
     pi = gdcm.PhotometricInterpretation.GetPIType(spec.photometric)
     image.SetPhotometricInterpretation(gdcm.PhotometricInterpretation(pi))
     image.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.ImplicitVRLittleEndian))
+    # GDCM picks its 8/12/16-bit IJG library by Bits Allocated; lossy JPEG allows only 8 or 12
+    # bits of precision, so 12-bit data in 16-bit words is described as 12 allocated (the buffer
+    # stays in 16-bit words, which is what the 12-bit library reads).
+    allocated = 12 if quality is not None and spec.bits_stored == 12 else spec.bits_allocated
     image.SetPixelFormat(
         gdcm.PixelFormat(
             spec.samples_per_pixel,
-            spec.bits_allocated,
+            allocated,
             spec.bits_stored,
             spec.bits_stored - 1,
             spec.pixel_representation,
@@ -209,7 +213,9 @@ def _gdcm_jpeg(src: bytes, spec: FrameSpec, uid: str, quality: int | None) -> by
 
 
 def _jpeg_lossy_photometric(photometric: str) -> str:
-    return photometric
+    """GDCM's lossy JPEG stores RGB as YCbCr with the chroma subsampled (components 1, 2, 3,
+    2x2 / 1x1 / 1x1): PS3.5 §8.2.1's YBR_FULL_422."""
+    return "YBR_FULL_422" if photometric == "RGB" else photometric
 
 
 # ---------------------------------------------------------------- the table

@@ -9,7 +9,9 @@ Cancellation kills the worker (`kill_on_cancel`): a conversion that is no longer
 a shutdown, a deadline) does not run on. Whatever way a conversion ends other than success
 (cancelled, refused, the worker killed or crashed), the partial file at `dst` is removed: only a
 complete file is left for the caller to rename. A worker that dies (a codec crashing on the data)
-gives `TranscodeError`, never a hang; the next conversion gets a new worker.
+gives `TranscodeError`, never a hang; the next conversion gets a new worker. Stopping the pool
+(cancelling `run`) lets a running conversion finish (in a shutdown its caller is cancelled too,
+which kills it); a conversion asked of a stopped pool gets RuntimeError, not the instance's fault.
 
 A worker whose peak memory has grown past `retire_rss_mb` (a very large multi-frame) is retired
 after that conversion, so the memory goes back to the system.
@@ -107,8 +109,10 @@ class TranscodePool:
             return await context.run_sync(
                 fn, src, dst, target_uid, kill_on_cancel=True, limiter=self._limiter
             )
-        except trio_parallel.BrokenWorkerError as exc:
+        except (trio_parallel.BrokenWorkerError, trio.ClosedResourceError) as exc:
             _remove(dst)
+            if self._context is not context:  # the pool is stopping: not the instance's fault
+                raise RuntimeError("the transcode pool stopped during the conversion") from exc
             raise TranscodeError(f"the conversion's worker process died: {exc}") from None
         except BaseException:
             _remove(dst)
