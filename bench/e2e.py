@@ -3,6 +3,12 @@
 
 Usage:  .venv/bin/python bench/e2e.py [--rounds 3] [--corpus L,S] [--batch-size 0]
                                       [--durable true,false] [--profile DIR] [--compare-src DIR]
+        .venv/bin/python bench/e2e.py --transcode 40 [--rounds 2]
+
+`--transcode N` (issue 22) runs another comparison instead: N 0.5 MB CT images (bench/
+transcode.py's corpus) through a node with TransferSyntax JPEG2000Lossless (storescu -> router
+-> storescp +xa, durable writes), against gdcmconv --j2k converting the same files one after
+another pinned to one core; the target is >= 0.8x the tool's rate.
 
 Scenarios, every one once per round (interleaved, so all saw the same machine noise; the router
 scenarios in reverse order every other round; each after an `os.sync()`, untimed, so that none
@@ -73,6 +79,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import calibrate
 from transport import (
     OUT,
+    Server,
     corpus_files,
     env,
     free_port,
@@ -137,6 +144,7 @@ class Router:
         batch_size: int,
         profile: Path | None,
         src: Path | None = None,
+        transfer_syntax: str = "",
     ) -> None:
         self.port = free_port()
         data.mkdir(parents=True, exist_ok=True)
@@ -148,6 +156,7 @@ class Router:
         )
         (data / "nodes.yml").write_text(
             f"- AeTitle: STORESCP\n  HostName: 127.0.0.1\n  Port: {dest_port}\n  NodeRole: Storage\n"
+            + (f"  TransferSyntax: {transfer_syntax}\n" if transfer_syntax else "")
         )
         argv = [str(CLI), "run", "--path", str(data)]
         self.profiling = profile is not None
@@ -305,6 +314,82 @@ class Scenario:
         )
 
 
+# ------------------------------------------------------------------ --transcode (issue 22)
+
+
+def tool_j2k_one_core(files: list[Path]) -> float:
+    """gdcmconv --j2k on each file in turn, pinned to one core: the C++ tool alone converting
+    the corpus. Seconds from the first start to the last exit."""
+    out = fresh_dir("j2k-tool")
+    pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
+    t0 = time.perf_counter()
+    for i, f in enumerate(files):
+        subprocess.run([*pin, "gdcmconv", "--j2k", str(f), str(out / f"{i}.dcm")], check=True)
+    return time.perf_counter() - t0
+
+
+def router_j2k(files: list[Path]) -> float:
+    """storescu -> `capacitor-trio run` with a node whose TransferSyntax is JPEG2000Lossless
+    -> storescp (+xa: it accepts J2K). Seconds from storescu's start to the router's log of
+    the last delivery."""
+    out, data = fresh_dir("j2k-dest"), fresh_dir("j2k-router")
+    port = free_port()
+    dest = Server(["storescp", "-od", str(out), "-pdu", "131072", "+B", "+xa", str(port)], port)
+    try:
+        router = Router(
+            data, port, durable=True, batch_size=0, profile=None, transfer_syntax="JPEG2000Lossless"
+        )
+        try:
+            router.target = len(files)
+            t0 = time.perf_counter()
+            subprocess.run(
+                ["storescu", "-aet", "BENCH", "-aec", "STORESCP", "-pdu", "131072", "127.0.0.1",
+                 str(router.port), *map(str, files)],
+                check=True, env=env(True), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            if not router.done.wait(600):
+                raise RuntimeError(f"only {router.total}/{len(files)} delivered: " + "".join(router.errors[-5:]))
+            assert router.done_at is not None
+            elapsed = router.done_at - t0
+        finally:
+            router.stop()
+    finally:
+        dest.stop()
+    import pydicom
+
+    syntaxes = {str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID) for p in out.iterdir()}
+    if syntaxes != {"1.2.840.10008.1.2.4.90"} or sum(1 for _ in out.iterdir()) != len(files):
+        raise RuntimeError(f"the destination did not get every image in J2K: {syntaxes}")
+    return elapsed
+
+
+def transcode_bench(count: int, rounds: int) -> None:
+    """A node with TransferSyntax JPEG2000Lossless delivering, against gdcmconv --j2k alone on
+    one core converting the same files (bench/transcode.py's 0.5 MB CT corpus), interleaved."""
+    from transcode import make_corpus as ct_corpus
+
+    files = ct_corpus(count)
+    start_outputs()
+    print(calibrate(OUT.parent), file=sys.stderr)
+    tool, ours = [], []
+    for rnd in range(rounds):
+        for name in (("tool", "router") if rnd % 2 == 0 else ("router", "tool")):
+            settle()
+            t = tool_j2k_one_core(files) if name == "tool" else router_j2k(files)
+            (tool if name == "tool" else ours).append(t)
+            print(f"round {rnd + 1} {name:6s} {count / t:6.2f} img/s", file=sys.stderr, flush=True)
+    mb = sum(f.stat().st_size for f in files) / 1e6
+    t_tool, t_ours = statistics.median(tool), statistics.median(ours)
+    print(f"\n{rounds} interleaved rounds, {count} CT images (0.5 MB), medians\n")
+    print("| scenario | img/s | MB/s | ratio to the tool | target |")
+    print("|---|---|---|---|---|")
+    print(f"| gdcmconv --j2k, one process per file, one core | {count / t_tool:.2f} | {mb / t_tool:.1f} | 1.00x | |")
+    print(
+        f"| storescu -> capacitor-trio (node TransferSyntax JPEG2000Lossless) -> storescp +xa "
+        f"| {count / t_ours:.2f} | {mb / t_ours:.1f} | {t_tool / t_ours:.2f}x | >= 0.8x |"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -322,9 +407,17 @@ def main() -> None:
         help="also run the router from this src/ directory (e.g. of a git worktree of an "
         "older commit), interleaved, for before/after ratios from the same run",
     )
+    ap.add_argument(
+        "--transcode", type=int, metavar="N",
+        help="instead: N 0.5 MB CT images through a node with TransferSyntax JPEG2000Lossless, "
+        "against gdcmconv --j2k converting them on one core",
+    )
     args = ap.parse_args()
     if not CLI.exists():
         raise SystemExit(f"{CLI} not found: install the project into this venv")
+    if args.transcode:
+        transcode_bench(args.transcode, args.rounds)
+        return
     corpora = {c: make_corpus(c) for c in args.corpus.split(",")}
     start_outputs()
     before = calibrate(OUT.parent)  # untimed; printed with the figures
