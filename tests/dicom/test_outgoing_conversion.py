@@ -357,3 +357,19 @@ async def test_the_pool_converter_reports_a_refusal_as_a_failed_conversion(tmp_p
 
     with pytest.raises(ConversionFailed, match="16-bit data"):
         await conversion.PoolConverter(RefusingPool()).convert(tmp_path / "a", tmp_path / "b", JPEGBaseline8Bit)
+
+
+def test_an_instance_without_room_for_its_fallback_retries_rather_than_being_rejected() -> None:
+    """A batch of 128 classes leaves no room for the uncompressed contexts: an instance whose
+    own syntax is refused then retries (on a smaller association it has its fallback) instead
+    of being rejected for a context that was never proposed."""
+    from capacitor_trio.dicom.requestor import OutgoingInstance, _no_way
+
+    pairs = [(f"1.2.3.{i}", RLELossless) for i in range(128)]
+    p = propose(pairs, 128)
+    answer = _answer(p.contexts, {})
+    inst = OutgoingInstance(Path("x"), "1.2.3.5", "1.2.3.5.1", RLELossless)
+    assert isinstance(_no_way(inst, p, answer), RetryLater)
+    small = propose(pairs[:1], 128)
+    first = OutgoingInstance(Path("x"), "1.2.3.0", "1.2.3.0.1", RLELossless)
+    assert isinstance(_no_way(first, small, _answer(small.contexts, {})), Rejected)
