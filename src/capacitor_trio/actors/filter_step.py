@@ -90,12 +90,15 @@ class FilterStep:
     name: str = "filters"
 
     async def run(self, subject: PrepareSubject, ds: Dataset) -> StepResult:
+        return await in_worker(self.run_sync, subject, ds)
+
+    def run_sync(self, subject: PrepareSubject, ds: Dataset) -> StepResult:
+        """The chain on one item, in the calling thread (CPU, and save_file's writes)."""
         ctx = ChainContext(
             subject.source_ae, subject.destination.ae_title, self.now(), self.pseudonyms,
             added_by_route=subject.added,
         )
-        outcome = await in_worker(run_chain, self.chain, ds, ctx, self.effects)
-        return step_result(outcome)
+        return step_result(run_chain(self.chain, ds, ctx, self.effects))
 
 
 #: one pseudonym store per directory of mapping files, shared by every node's step (it keeps
