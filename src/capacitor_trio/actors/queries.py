@@ -114,7 +114,7 @@ class StoreReads(Protocol):
 
     async def next_eligible_at(self, destination: Destination, now: float) -> float | None: ...
 
-    async def oldest_new(self, destination: Destination | None = None) -> float | None: ...
+    async def next_ripe_at(self, destination: Destination, minimum_age: float) -> float | None: ...
 
 
 class RouterReads:
@@ -214,11 +214,12 @@ class RouterReads:
         )
 
     async def _ripe_unprepared(self, now: float) -> bool:
-        """Has a node with an actor a new item old enough for its prepare stage?"""
+        """Has a node with an actor a new item old enough for its prepare stage (and not held
+        back by a step's retry until later, like a failed item waiting for its next attempt)?"""
         minimum_age = self.router.settings.config.minimum_age
         for handle in self.router.supervisor.handles:
-            oldest = await self._store.oldest_new(handle.destination)
-            if oldest is not None and oldest <= now - minimum_age:
+            ripe_at = await self._store.next_ripe_at(handle.destination, minimum_age)
+            if ripe_at is not None and ripe_at <= now:
                 return True
         return False
 
