@@ -3,6 +3,7 @@
 
 Usage:  .venv/bin/python bench/e2e.py [--rounds 3] [--corpus L,S] [--batch-size 0]
                                       [--durable true,false] [--profile DIR] [--compare-src DIR]
+                                      [--filters routes,mutate]
         .venv/bin/python bench/e2e.py --transcode 40 [--rounds 2]
 
 `--transcode N` (issue 22) runs another comparison instead: N 0.5 MB CT images (bench/
@@ -17,6 +18,12 @@ dropped from the page cache; outputs are deleted only at the end, and an untimed
 the machine up first: see transport.fresh_dir, settle and warm_up), medians:
   direct        storescu -> storescp                          (the reference)
   router        storescu -> `capacitor-trio run` -> storescp  (durableWrites false, and true)
+  filtered      the same with a filter chain (`--filters`): `routes` = 10 routes whose conditions
+                match every instance (their add_destination names the node itself, which adds
+                nothing: the conditions and the per-item prepare stage are what is measured);
+                `mutate` = those and 10 mutations changing 10 attributes of every instance (a
+                prepared copy per instance). Their ratio to the unfiltered router of the same
+                durableWrites and batchSize is printed as well (targets 0.8x and 0.5x).
 Both DCMTK ends run with TCP_NODELAY=1 and `-pdu 131072`; storescp writes the files (`-od`, `+B`).
 Ratios are to the direct DCMTK figure of the same run.
 
@@ -96,6 +103,48 @@ ROOT = Path(__file__).resolve().parent.parent
 CLI = Path(sys.executable).parent / "capacitor-trio"
 DELIVERED = re.compile(r"delivered (\d+) instance")
 TARGETS = {("L", False): 0.5, ("S", False): 0.5, ("L", True): 0.25, ("S", True): 0.4}
+#: the filtered router against the unfiltered one of the same run (issue 21)
+FILTER_TARGETS = {"routes": 0.8, "mutate": 0.5}
+
+ROUTE = """\
+- Description: bench route {k}
+  Conditions:
+    - Tag: 8,16
+      MatchExpression: ^1\\.2\\..*$
+    - Tag: 10,20
+      MatchExpression: ^.+$
+  Actions:
+    - Type: add_destination
+      Target: STORESCP
+"""
+MUTATION_TAGS = ["8,80", "8,1010", "8,1030", "8,103e", "8,1070", "8,90", "10,1000", "18,1000", "20,4000", "32,1060"]
+MUTATION = """\
+- Description: bench mutation {k}
+  Conditions:
+    - Tag: 8,16
+      MatchExpression: ^1\\.2\\..*$
+  Actions:
+    - Type: add_or_update
+      Source:
+        Tag: 10,20
+        Expression: ^(.*)$
+      Destination:
+        Tag: {tag}
+        Value: BENCH $1
+"""
+
+
+def write_filters(data: Path, filters: str) -> str:
+    """The filter files of a `--filters` profile in `data`; the `filters:` line for config.yml."""
+    if not filters:
+        return ""
+    (data / "routings.yml").write_text("".join(ROUTE.format(k=k) for k in range(10)))
+    if filters == "routes":
+        return "filters: route\n"
+    (data / "mutations.yml").write_text(
+        "".join(MUTATION.format(k=k, tag=tag) for k, tag in enumerate(MUTATION_TAGS))
+    )
+    return "filters: route, mutate\n"
 
 
 #: (end-to-end seconds, intake seconds, router CPU seconds (router process, sender process),
@@ -144,6 +193,7 @@ class Router:
         batch_size: int,
         profile: Path | None,
         src: Path | None = None,
+        filters: str = "",
         transfer_syntax: str = "",
     ) -> None:
         self.port = free_port()
@@ -152,7 +202,7 @@ class Router:
             f"myAeTitle: CAPACITOR\nscpPort: {self.port}\n"
             f"cachePath: {data / 'cache'}\ndurableWrites: {'true' if durable else 'false'}\n"
             f"minimumAge: 0\nstorageInterval: 0\nbatchSize: {batch_size}\nminFreeSpace: 0\n"
-            "api:\n  enabled: false\n"
+            "api:\n  enabled: false\n" + write_filters(data, filters)
         )
         (data / "nodes.yml").write_text(
             f"- AeTitle: STORESCP\n  HostName: 127.0.0.1\n  Port: {dest_port}\n  NodeRole: Storage\n"
@@ -251,7 +301,8 @@ def _children(pid: int) -> list[str]:
 
 
 def sc_router(
-    d: Path, *, durable: bool, batch_size: int, profile: Path | None = None, src: Path | None = None
+    d: Path, *, durable: bool, batch_size: int, profile: Path | None = None, src: Path | None = None,
+    filters: str = "",
 ) -> Times:
     """(end-to-end seconds, intake seconds, router CPU seconds: (router process, sender process),
     CPU seconds of storescu and storescp)."""
@@ -261,7 +312,8 @@ def sc_router(
     dest = storescp(out)
     try:
         router = Router(
-            data, dest.port, durable=durable, batch_size=batch_size, profile=profile, src=src
+            data, dest.port, durable=durable, batch_size=batch_size, profile=profile, src=src,
+            filters=filters,
         )
         try:
             router.target = n
@@ -295,22 +347,25 @@ class Scenario:
     durable: bool | None = None
     batch_size: int = 0
     src: Path | None = None  # router from another source tree (--compare-src)
+    filters: str = ""  # "", "routes" or "mutate" (--filters)
 
     @property
     def label(self) -> str:
         if self.kind == "direct":
             return "direct"
         tree = f" [{self.src.name}]" if self.src else ""
-        return f"router dur={self.durable} batch={self.batch_size}{tree}"
+        chain = f" filters={self.filters}" if self.filters else ""
+        return f"router dur={self.durable} batch={self.batch_size}{tree}{chain}"
 
     @property
     def title(self) -> str:
         if self.kind == "direct":
             return "DCMTK storescu -> storescp (reference)"
         tree = f" [{self.src}]" if self.src else ""
+        chain = {"": "", "routes": ", 10 routes", "mutate": ", 10 routes + 10 mutations"}[self.filters]
         return (
             f"storescu -> capacitor-trio{tree} (durableWrites {str(self.durable).lower()}, "
-            f"batchSize {self.batch_size}) -> storescp"
+            f"batchSize {self.batch_size}{chain}) -> storescp"
         )
 
 
@@ -408,6 +463,10 @@ def main() -> None:
         "older commit), interleaved, for before/after ratios from the same run",
     )
     ap.add_argument(
+        "--filters", default="",
+        help="also run the router with these filter chains, interleaved: routes, mutate",
+    )
+    ap.add_argument(
         "--transcode", type=int, metavar="N",
         help="instead: N 0.5 MB CT images through a node with TransferSyntax JPEG2000Lossless, "
         "against gdcmconv --j2k converting them on one core",
@@ -432,6 +491,8 @@ def main() -> None:
     scenarios += [
         Scenario("router", dur, b, tree) for dur in durables for b in batches for tree in trees
     ]
+    chains = [f.strip() for f in args.filters.split(",") if f.strip()]
+    scenarios += [Scenario("router", dur, b, None, chain) for dur in durables for b in batches for chain in chains]
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     times: dict[tuple[str, str], list[Times]] = {}
@@ -450,12 +511,14 @@ def main() -> None:
                     assert sc.durable is not None
                     prof = (
                         args.profile / f"{cname}-dur{int(sc.durable)}-b{sc.batch_size}"
-                        f"{'-cmp' if sc.src else ''}-r{rnd + 1}.folded"
+                        f"{'-cmp' if sc.src else ''}{'-' + sc.filters if sc.filters else ''}"
+                        f"-r{rnd + 1}.folded"
                         if args.profile
                         else None
                     )
                     t = sc_router(
-                        d, durable=sc.durable, batch_size=sc.batch_size, profile=prof, src=sc.src
+                        d, durable=sc.durable, batch_size=sc.batch_size, profile=prof, src=sc.src,
+                        filters=sc.filters,
                     )
                 times.setdefault((cname, sc.label), []).append(t)
                 print(
@@ -507,6 +570,7 @@ def main() -> None:
                 f"| {sc.title} | {cname} | {n / t:.0f} | {mb / t:.1f} | {ref / t:.2f}x | {target} "
                 f"| {n / intake:.0f} | {cpu_text} |"
             )
+    _filter_ratios(corpora, scenarios, times)
     print(
         f"\nrouter CPU budget at the target: the CPU per image that would keep all {cores} cores "
         "busy at the target's pace, less what storescu and storescp took per image in the same "
@@ -514,6 +578,26 @@ def main() -> None:
         "perfectly with storescu's; storescu sends one image at a time and waits for its "
         "response, so the router's latency per image counts too."
     )
+
+
+def _filter_ratios(
+    corpora: dict[str, Path], scenarios: list[Scenario], times: dict[tuple[str, str], list[Times]]
+) -> None:
+    """The filtered routers against the unfiltered one of the same durableWrites and batchSize."""
+    filtered = [sc for sc in scenarios if sc.filters]
+    if not filtered:
+        return
+    print("\n| filter chain | corpus | durableWrites | batchSize | ratio to the unfiltered router | target |")
+    print("|---|---|---|---|---|---|")
+    for cname in corpora:
+        for sc in filtered:
+            plain = Scenario("router", sc.durable, sc.batch_size)
+            base = statistics.median(r[0] for r in times[(cname, plain.label)])
+            t = statistics.median(r[0] for r in times[(cname, sc.label)])
+            print(
+                f"| {sc.filters} | {cname} | {str(sc.durable).lower()} | {sc.batch_size} "
+                f"| {base / t:.2f}x | >= {FILTER_TARGETS[sc.filters]}x |"
+            )
 
 
 if __name__ == "__main__":

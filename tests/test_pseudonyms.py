@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import stat
 import threading
@@ -118,3 +119,22 @@ def test_concurrent_threads_give_one_patient_one_pseudonym(tmp_path: Path) -> No
     assert len(set(results)) == 3
     assert len((tmp_path / "map.csv").read_text().splitlines()) == 1 + 3
     assert os.path.getsize(tmp_path / "map.csv") > 0
+
+
+def _assign(root: str, ids: list[str], out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    store = CsvPseudonyms(Path(root))
+    out.put({i: store.pseudonym("map.csv", PatientKey(i, "")) for i in ids})
+
+
+def test_two_processes_give_one_patient_one_pseudonym(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    ids = [f"P{i}" for i in range(40)]
+    procs = [ctx.Process(target=_assign, args=(str(tmp_path), ids[::step], out)) for step in (1, -1)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert all(results[0][i] == results[1][i] for i in ids)
+    assert len((tmp_path / "map.csv").read_text().splitlines()) == 1 + len(ids)

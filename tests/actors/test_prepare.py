@@ -265,3 +265,32 @@ async def test_an_item_with_its_own_copy_put_back_to_new_is_not_filtered_twice(a
     store._set(item.id, prepared_copy=True, sort_key=b"\x05")
     await settle(preparer)
     assert step.seen == [] and store.items[item.id].state == "prepared" and store.items[item.id].sort_key == b"\x05"
+
+
+@attrs.define
+class CpuOnly:
+    """A CPU-only step: the preparer runs it in the thread that read the item."""
+
+    decide: Callable[[Dataset], StepResult]
+    name: str = "cpu"
+
+    async def run(self, subject: PrepareSubject, ds: Dataset) -> StepResult:
+        raise AssertionError("a CPU-only step is run with run_sync")
+
+    def run_sync(self, subject: PrepareSubject, ds: Dataset) -> StepResult:
+        return self.decide(ds)
+
+
+async def test_cpu_only_steps_run_in_the_thread_that_read_the_item(autojump_clock: Any) -> None:
+    def rename(ds: Dataset) -> StepResult:
+        if ds.InstanceNumber == 2:
+            raise ValueError("no")
+        ds.PatientName = "ANON"
+        return StepResult(Verdict.CHANGED)
+
+    preparer, store, _, _ = make_with(Step(lambda ds: StepResult()))
+    preparer._steps = lambda: (CpuOnly(rename),)
+    good, bad = store.add(state="new", data=instance()), store.add(state="new", data=instance(seed=1))
+    await settle(preparer)
+    assert store.items[good.id].patient_name == "ANON" and store.items[good.id].prepared_copy
+    assert (store.items[bad.id].state, store.items[bad.id].last_error) == ("failed", "prepare step cpu failed: no")

@@ -4,15 +4,25 @@ missing file (filter off, one warning), an invalid one (one line: file, entry, k
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
 
 from capacitor_trio.config import ConfigError, load_settings
 from capacitor_trio.config.filters import load_filters
 from capacitor_trio.domain.conditions import PatternKind
-from capacitor_trio.domain.filters import MutateFilter, RouteFilter, SortFilter
+from capacitor_trio.domain.filters import (
+    ChainContext,
+    MutateFilter,
+    RouteFilter,
+    SortFilter,
+    describe,
+    run_chain,
+)
 from capacitor_trio.domain.route import Placeholder, RouteActionType
 from capacitor_trio.domain.sort import SortDirection, SortType
 from tests.config.test_load import run_cli, write
@@ -153,6 +163,24 @@ def test_unused_file_is_named(tmp_path: Path) -> None:
     assert len(unused) == 2 and any("routings.yml" in w for w in unused) and any("lua.yml" in w for w in unused)
 
 
+def test_ae_titles_naming_no_storage_node_warn(tmp_path: Path) -> None:
+    write(tmp_path, "filters: route\n", "- AeTitle: PACS\n- AeTitle: DOSE\n- AeTitle: ARCHVE\n  NodeRole: QueryRetrieve\n")
+    files(tmp_path, routings="- Description: typo\n  AeTitles: [PACS, ARCHIVE]\n  Actions:\n    - Type: drop\n")
+    s = load_settings(tmp_path, environ={})
+    (line,) = [w for w in s.warnings if "AeTitles" in w]
+    assert line == (
+        f"{tmp_path / 'routings.yml'}: entry 1 (typo): AeTitles names ARCHIVE, which no Storage node of "
+        "nodes.yml has: the entry does not apply to it"
+    )
+
+
+def test_condition_log_is_debug_or_else_info(tmp_path: Path) -> None:
+    text = "- Conditions:\n" + "".join(f"    - Tag: 8,60\n      Log: {v}\n" for v in ("debug", "Debug", "info", "verbose")) + "  Actions:\n    - Type: drop\n"
+    chain = load_filters(files(tmp_path, routings=text), ("route",))
+    levels = [c.log_level for c in chain.filters[0].entries[0].conditions]
+    assert levels == [logging.DEBUG, logging.DEBUG, logging.INFO, logging.INFO]
+
+
 def test_empty_file_is_a_chain_with_no_entry(tmp_path: Path) -> None:
     chain = load_filters(files(tmp_path, routings=""), ("route",))
     assert chain.filters[0].entries == () and chain.off == ()
@@ -221,3 +249,101 @@ def test_invalid_file_stops_start_up_exit_2(tmp_path: Path) -> None:
         assert r.returncode == 2, r.stderr
         (line,) = r.stderr.strip().splitlines()
         assert f"{tmp_path / 'routings.yml'}: entry 2 (dose): Actions[0].Type: 'copy' is not one of" in line, line
+
+
+# ---- the documented files, loaded and run on instances ----
+
+README_ROUTINGS = """\
+- Description: no scouts in the archive
+  AeTitles: [ARCHIVE]
+  Conditions:
+    - Tag: 0008,103E
+      MatchExpression: (?i)scout|localizer
+  Actions:
+    - Type: drop
+- Description: MR copies on disk, by patient and month
+  Conditions:
+    - Tag: 8,60
+      MatchExpression: MR
+  Actions:
+    - Type: save_file
+      Target: /srv/dicom/#{10,20}/#{8,20:0000-00}/
+"""
+
+README_MUTATIONS = """\
+- Description: Fix what CT1 gets wrong
+  Conditions:
+    - {Tag: '0008,0060', MatchExpression: CT}
+  Actions:
+    - Source: {Tag: '0010,0010', Expression: '^(.+)\\^(.+)$'}
+      Destination: {Tag: '0010,0010', Value: '$2 $1'}
+      OnError: skip_action
+    - Type: remove
+      Destination: {Tag: '0008,0080'}
+"""
+
+
+class _Saved:
+    def __init__(self) -> None:
+        self.paths: list[Path] = []
+
+    def save_file(self, target: Path, ds: Dataset) -> None:
+        self.paths.append(target)
+
+
+def _ct(description: str, number: str, modality: str = "CT") -> Dataset:
+    ds = Dataset()
+    ds.SOPInstanceUID = "1.2.3.4." + number
+    ds.Modality = modality
+    ds.PatientName = "Doe^John"
+    ds.PatientID = "P1"
+    ds.StudyDate = "20240131"
+    ds.InstitutionName = "General Hospital"
+    ds.SeriesDescription = description
+    ds.InstanceNumber = number
+    return ds
+
+
+def test_documented_files_run_in_the_chain(tmp_path: Path) -> None:
+    files(tmp_path, routings=README_ROUTINGS, mutations=README_MUTATIONS, sortings=SORTINGS)
+    chain = load_filters(tmp_path, ("route", "mutate", "sort"))
+    now = datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC)
+    effects = _Saved()
+
+    axial = _ct("AXIAL", "5")
+    out = run_chain(chain, axial, ChainContext("CT1", "VIEWER", now), effects)
+    assert out.keep and out.failure is None
+    assert str(axial.PatientName) == "John Doe" and "InstitutionName" not in axial
+    assert [c.keyword for c in out.changes] == ["PatientName", "InstitutionName"]
+    assert out.sort_key is not None and out.sort_key.value == "AXIAL"  # the last action: SeriesDescription
+
+    scout = _ct("Scout AP", "1")
+    out = run_chain(chain, scout, ChainContext("CT1", "ARCHIVE", now), effects)
+    assert not out.keep and out.changes == ()  # dropped before mutate
+    assert str(scout.PatientName) == "Doe^John"
+
+    mr = _ct("T1", "2", modality="MR")
+    out = run_chain(chain, mr, ChainContext("MR1", "PACS", now), effects)
+    assert out.keep and out.changes == () and out.sort_key is None
+    assert effects.paths == [Path("/srv/dicom/P1/2024-01/1.2.3.4.2.dcm")]
+
+
+def test_check_config_accepts_valid_filters_and_warns_once_per_missing_file(tmp_path: Path) -> None:
+    write(tmp_path, "filters: route, mutate, sort\n", NODES)
+    files(tmp_path, routings=ROUTINGS, sortings=SORTINGS)
+    r = run_cli("check-config", "--path", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert '"filters": [\n' in r.stdout or '"filters": ["route", "mutate", "sort"]' in r.stdout, r.stdout
+    assert r.stderr.count("mutations.yml does not exist: the mutate filter is off") == 1, r.stderr
+
+
+def test_describe_a_loaded_chain(tmp_path: Path) -> None:
+    files(tmp_path, routings=README_ROUTINGS, mutations=README_MUTATIONS, sortings=SORTINGS)
+    d = json.loads(json.dumps(describe(load_filters(tmp_path, ("route", "mutate", "sort")))))
+    fix = d["files"][1]["entries"][0]
+    assert fix["description"] == "Fix what CT1 gets wrong"
+    assert fix["actions"][0] == {
+        "type": "add_or_update", "destination": "0010,0010", "value": "$2 $1", "source": "0010,0010",
+        "expression": "^(.+)\\^(.+)$", "onError": "skip_action", "description": "",
+    }
+    assert d["files"][0]["entries"][1]["actions"][0]["target"] == "/srv/dicom/#{10,20}/#{8,20:0000-00}/"

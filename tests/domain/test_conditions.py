@@ -64,6 +64,8 @@ def test_bad_tags(text: str) -> None:
     ("CHEST?", PatternKind.WILDCARD),
     ("*VASCULAR*", PatternKind.WILDCARD),
     ("A.B", PatternKind.WILDCARD),  # dotted, not numeric: a wildcard without wildcards
+    ("CHEST$", PatternKind.LITERAL),  # `$` alone makes no regex (§5's list)
+    ("", PatternKind.LITERAL),
 ])
 def test_classification_in_order(pattern: str, kind: PatternKind) -> None:
     assert classify(pattern) is kind
@@ -175,6 +177,19 @@ def test_search_anywhere_including_sequences() -> None:
     assert matches(cond("8,50", "^ACC123$", search=True), ds)
     assert matches(cond("8,50", "OTHER", search=True), ds)
     assert not matches(cond("8,50", "NONE", search=True), ds)
+
+
+def test_search_depth_is_bounded() -> None:
+    """A hostile data set nesting sequences far deeper than any real one: Search looks 64
+    levels down and does not exhaust the stack."""
+    ds = innermost = ds_with(AccessionNumber="TOP")
+    for depth in range(1, 200):
+        item = ds_with(AccessionNumber=f"D{depth}")
+        innermost.ReferencedStudySequence = Sequence([item])
+        innermost = item
+    assert matches(cond("8,50", "D64", search=True), ds)
+    assert not matches(cond("8,50", "D65", search=True), ds)
+    assert not matches(cond("8,50", "D199", search=True), ds)
 
 
 def test_sequence_items_any_item_all_conditions_on_one_item() -> None:

@@ -31,6 +31,7 @@ from capacitor_trio.domain.filters import (
     SortFilter,
     describe,
     run_chain,
+    summary,
 )
 from capacitor_trio.domain.mutate import MutateContext, MutateResult, MutationAction, Remove
 from capacitor_trio.domain.route import Route, RouteAction, RouteActionType, parse_template
@@ -231,9 +232,10 @@ def test_describe_is_json() -> None:
     d = json.loads(json.dumps(describe(c)))
     assert d["filters"] == ["route", "mutate", "sort"] and d["dropUnfilteredInstances"] is True
     route_entry = d["files"][0]["entries"][0]
-    assert route_entry["conditions"] == [{"tag": "0008,103E", "matchExpression": "(?i)scout", "kind": "regex"}]
+    assert route_entry["conditions"] == [{"tag": "0008,103E", "log": "info", "matchExpression": "(?i)scout", "kind": "regex"}]
     assert route_entry["actions"][0]["type"] == "drop"
     assert d["files"][2]["entries"][0]["actions"][0]["sortTag"] == "0020,0013"
+    assert d["files"][1]["entries"][0]["actions"] == [{"type": "remove", "tag": "0010,0010", "description": ""}]
 
 
 # ---- property: no matching entry, no change ----
@@ -268,3 +270,10 @@ def test_no_matching_entry_leaves_the_bytes_untouched(entry_conditions: list[tup
     out = run_chain(chain(*steps), ds, CTX, Effects())
     assert out.keep and out.changes == () and out.add_destinations == () and out.sort_key is None
     assert part10(ds) == before == original
+
+
+def test_summary_line() -> None:
+    sort = SortFilter(Path("s"), (SortEntry(0, "", (), (), (BY_NUMBER,)),))
+    c = FilterChain(("route", "mutate", "sort"), (RouteFilter(ROUTES, ()), sort), ("mutate",), True)
+    assert summary(c) == "filters: route (0 entries), mutate (off: no file), sort (1 entries); dropUnfilteredInstances"
+    assert summary(FilterChain()) == "filters: none"

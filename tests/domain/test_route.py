@@ -96,7 +96,14 @@ def test_values_cannot_leave_the_directory(evil: str) -> None:
     assert ".." not in path.parts and "\x00" not in str(path)
 
 
-@given(st.text(max_size=20))
+def test_a_long_value_gives_64_characters() -> None:
+    ds = ct()
+    ds.StudyComments = "x" * 10000  # LT
+    path = render(parse_template("/out/#{32,4000}/"), ds)
+    assert path.parent.name == "x" * 64
+
+
+@given(st.text(max_size=80))
 def test_any_value_stays_one_component(value: str) -> None:
     ds = ct()
     set_patient_id(ds, value)

@@ -41,7 +41,7 @@ from capacitor_trio.actors.messages import (
     UpdateNode,
     required_state,
 )
-from capacitor_trio.actors.reload import ReloadReport, reload_configuration
+from capacitor_trio.actors.reload import ReloadReport, reload_configuration, reload_filters
 from capacitor_trio.config.load import check_node_set
 from capacitor_trio.config.models import Node
 from capacitor_trio.config.nodes_file import PlannedEdit, plan_edit
@@ -249,4 +249,9 @@ class Control:
 
     async def reload(self) -> ReloadReport:
         return await reload_configuration(self.router)
+
+    async def reload_filters(self) -> dict[str, Any]:
+        """Re-read the filter files; the new chain in force, or a ConfigError and the old one
+        stays (actors/reload.py)."""
+        return await reload_filters(self.router)
 

@@ -27,13 +27,7 @@ from capacitor_trio.actors.prepare_steps import PrepareSubject, StepResult, Verd
 from capacitor_trio.config.models import Config
 from capacitor_trio.domain.anonymize import MemoryPseudonyms, PseudonymStore
 from capacitor_trio.domain.filtering import TagChange
-from capacitor_trio.domain.filters import (
-    NO_FILTERS,
-    ChainContext,
-    ChainOutcome,
-    FilterChain,
-    run_chain,
-)
+from capacitor_trio.domain.filters import ChainContext, ChainOutcome, FilterChain, run_chain
 from capacitor_trio.domain.prepare import sort_bytes
 from capacitor_trio.domain.sort import SortDirection, SortKey
 from capacitor_trio.pseudonyms import CsvPseudonyms
@@ -96,9 +90,15 @@ class FilterStep:
     name: str = "filters"
 
     async def run(self, subject: PrepareSubject, ds: Dataset) -> StepResult:
-        ctx = ChainContext(subject.source_ae, subject.destination.ae_title, self.now(), self.pseudonyms)
-        outcome = await in_worker(run_chain, self.chain, ds, ctx, self.effects)
-        return step_result(outcome)
+        return await in_worker(self.run_sync, subject, ds)
+
+    def run_sync(self, subject: PrepareSubject, ds: Dataset) -> StepResult:
+        """The chain on one item, in the calling thread (CPU, and save_file's writes)."""
+        ctx = ChainContext(
+            subject.source_ae, subject.destination.ae_title, self.now(), self.pseudonyms,
+            added_by_route=subject.added,
+        )
+        return step_result(run_chain(self.chain, ds, ctx, self.effects))
 
 
 #: one pseudonym store per directory of mapping files, shared by every node's step (it keeps
@@ -108,8 +108,7 @@ _pseudonyms: dict[Path, CsvPseudonyms] = {}
 
 def chain_of(config: Config) -> FilterChain:
     """The filter chain in force with `config` (config/ loaded it with the configuration)."""
-    chain: FilterChain = getattr(config, "filter_chain", NO_FILTERS)
-    return chain
+    return config.filter_chain
 
 
 def filter_step(config: Config) -> FilterStep | None:
@@ -184,8 +183,8 @@ def try_chain(
     now: datetime.datetime,
 ) -> list[DestinationTrial]:
     """Run `chain` on the Part 10 `data` for `destination_ae` as the router would, then for each
-    destination it adds (whose items pass the chain for their own destination, without following
-    their add_destination actions). Nothing is written: save_file targets are reported, and
+    destination it adds (whose items pass the chain for their own destination, the route filter
+    left out, as the router prepares them). Nothing is written: save_file targets are reported, and
     anonymize uses a throwaway pseudonym mapping (the pseudonyms shown are not the ones the
     router assigns; its mapping files are left alone). Raises ValueError for bytes pydicom cannot
     read."""
@@ -206,7 +205,8 @@ def _trial(
     except Exception as exc:
         raise ValueError(f"not a DICOM file pydicom can read: {exc}") from exc
     saves = DryRunSaves(root)
-    outcome = run_chain(chain, ds, ChainContext(source_ae, destination_ae, now, pseudonyms), saves)
+    ctx = ChainContext(source_ae, destination_ae, now, pseudonyms, added_by_route=not follow)
+    outcome = run_chain(chain, ds, ctx, saves)
     result = step_result(outcome)
     output = None
     if result.verdict is Verdict.KEEP:

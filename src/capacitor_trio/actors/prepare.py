@@ -10,9 +10,11 @@ node. It has two ways of working, chosen at every look from the steps that apply
   what is ripe in one store statement (the items keep the received instance), or waits until
   the oldest item is ripe or until it is woken;
 * with steps: item by item. It lists up to PREPARE_BATCH ripe items (`ripe_new`), and for each
-  parses the instance (in a worker thread), runs the steps in order (`run_steps`), writes the
-  prepared copy's bytes if a step changed the data set (in a worker thread), and applies the
-  whole batch in one store transaction (`apply_preparations`); then it looks again. When no
+  parses the instance, runs the steps in order (`run_steps`) and writes the prepared copy's
+  bytes if a step changed the data set, off the event loop: all three in one worker thread call
+  when every step is CPU-only (`CpuStep`, e.g. the filter chain), else reading and writing in
+  worker threads and each step doing its own work; it applies the whole batch in one store
+  transaction (`apply_preparations`); then it looks again. When no
   item is ripe it waits until the next one ripens (`next_ripe_at`: a retry may hold one back)
   or until woken.
 
@@ -30,18 +32,21 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+import attrs
 import pydicom
 import trio
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from capacitor_trio.actors.prepare_steps import (
+    CpuStep,
     ItemPlan,
     PrepareStep,
     PrepareSubject,
     Verdict,
     in_worker,
     run_steps,
+    run_steps_sync,
 )
 from capacitor_trio.actors.service import ServiceFlags
 from capacitor_trio.actors.wakeup import Wakeup
@@ -206,10 +211,10 @@ class NodePreparer:
             self._on_added(list(dict.fromkeys(d for _, d in report.added)))
 
     async def _prepare_item(self, steps: Sequence[PrepareStep], item: Item) -> Preparation:
-        """Parse, run the steps, and turn the plan into the store's `Preparation`. An item sent
-        as a copy of its own (put back to `new` by an operator) is prepared as it is: its steps
-        ran on the received instance already, and running them on the copy would apply them
-        twice."""
+        """Read, run the steps, write a changed data set's copy, and turn the plan into the
+        store's `Preparation`. An item sent as a copy of its own (put back to `new` by an
+        operator) is prepared as it is: its steps ran on the received instance already, and
+        running them on the copy would apply them twice."""
         if item.prepared_copy:
             return Preparation(item.id, PrepOutcome.PREPARED, sort_key=item.sort_key)
         subject = PrepareSubject(
@@ -217,19 +222,22 @@ class NodePreparer:
             item.received_syntax or item.transfer_syntax_uid, added=item.added_by is not None,
             received_path=None if item.inline else item.path,
         )
-        try:
-            ds = await in_worker(_read_dataset, item)
-        except Exception as exc:  # unreadable bytes: this item fails, the others go on
-            message = f"cannot read the instance to prepare it: {exc}"
-            log.warning("prepare %s for %s: %s", item.sop_instance_uid, self.destination.ae_title, message)
-            return Preparation(item.id, PrepOutcome.FAILED, last_error=message)
-        plan = await run_steps(steps, subject, ds)
-        for decision in plan.decisions:
-            log.log(decision.level, "%s", decision.text)
-        return await self._preparation(item, plan)
-
-    async def _preparation(self, item: Item, plan: ItemPlan) -> Preparation:
+        cpu = [s for s in steps if isinstance(s, CpuStep)]
+        if len(cpu) == len(steps):  # one worker thread call for the whole item
+            worked = await in_worker(_work_in_thread, cpu, [s.name for s in steps], subject, item)
+        else:
+            worked = await _work(steps, subject, item)
         where = f"prepare {item.sop_instance_uid} for {self.destination.ae_title}"
+        if worked.plan is None:
+            log.warning("%s: failed: %s", where, worked.error)
+            return Preparation(item.id, PrepOutcome.FAILED, last_error=worked.error)
+        for decision in worked.plan.decisions:
+            log.log(decision.level, "%s", decision.text)
+        return self._preparation(item, worked, where)
+
+    def _preparation(self, item: Item, worked: _Worked, where: str) -> Preparation:
+        plan = worked.plan
+        assert plan is not None
         if plan.verdict is Verdict.RETRY:
             log.info("%s: retry in %g s: %s", where, RETRY_DELAY, plan.message)
             return Preparation(
@@ -250,18 +258,53 @@ class NodePreparer:
                 added.append(dest)
         if plan.verdict is Verdict.DROP:
             return Preparation(item.id, PrepOutcome.REMOVED, add_destinations=tuple(added))
-        copy = None
-        if plan.verdict is Verdict.CHANGED and plan.dataset is not None:
-            try:
-                copy = await in_worker(_write_copy, plan.dataset, plan.transfer_syntax)
-            except Exception as exc:
-                message = f"cannot write the prepared copy: {exc}"
-                log.warning("%s: failed: %s", where, message)
-                return Preparation(item.id, PrepOutcome.FAILED, last_error=message)
         return Preparation(
-            item.id, PrepOutcome.PREPARED, copy=copy, add_destinations=tuple(added),
+            item.id, PrepOutcome.PREPARED, copy=worked.copy, add_destinations=tuple(added),
             sort_key=plan.sort_key,
         )
+
+
+@attrs.frozen
+class _Worked:
+    """An item's steps run: their plan and a changed data set's copy; no plan when the item
+    could not be read or its copy not written (`error`: its lastError)."""
+
+    plan: ItemPlan | None
+    copy: PreparedCopy | None = None
+    error: str = ""
+
+
+def _work_in_thread(
+    steps: Sequence[CpuStep], names: Sequence[str], subject: PrepareSubject, item: Item
+) -> _Worked:
+    """Read the item, run its CPU-only steps and write the copy, all in this worker thread."""
+    try:
+        ds = _read_dataset(item)
+    except Exception as exc:  # unreadable bytes: this item fails, the others go on
+        return _Worked(None, error=f"cannot read the instance to prepare it: {exc}")
+    return _with_copy(run_steps_sync(steps, names, subject, ds))
+
+
+async def _work(steps: Sequence[PrepareStep], subject: PrepareSubject, item: Item) -> _Worked:
+    """Read the item and write the copy in worker threads; the steps do their own work."""
+    try:
+        ds = await in_worker(_read_dataset, item)
+    except Exception as exc:  # unreadable bytes: this item fails, the others go on
+        return _Worked(None, error=f"cannot read the instance to prepare it: {exc}")
+    plan = await run_steps(steps, subject, ds)
+    if plan.verdict is not Verdict.CHANGED:
+        return _Worked(plan)
+    return await in_worker(_with_copy, plan)
+
+
+def _with_copy(plan: ItemPlan) -> _Worked:
+    """`plan` with its prepared copy written when the data set changed."""
+    if plan.verdict is not Verdict.CHANGED or plan.dataset is None:
+        return _Worked(plan)
+    try:
+        return _Worked(plan, _write_copy(plan.dataset, plan.transfer_syntax))
+    except Exception as exc:
+        return _Worked(None, error=f"cannot write the prepared copy: {exc}")
 
 
 def _read_dataset(item: Item) -> Dataset:

@@ -86,7 +86,27 @@ def load_chain(config: Config, storage_aes: frozenset[str], warnings: list[str] 
     check_targets(chain, storage_aes)
     if warnings is not None:
         warnings.extend(chain_warnings(config.data_dir, chain))
+        warnings.extend(unknown_ae_titles(chain, storage_aes))
     return chain
+
+
+def unknown_ae_titles(chain: FilterChain, storage_aes: frozenset[str]) -> list[str]:
+    """One line per entry whose AeTitles name a title no Storage node has (a typo there makes
+    the entry apply to nothing, silently)."""
+    lines = []
+    for step in chain.filters:
+        for entry in step.entries:
+            unknown = [t for t in entry.ae_titles if t not in storage_aes]
+            if unknown:
+                lines.append(
+                    f"{_where(step.file, entry.index, entry.description)}: AeTitles names {', '.join(unknown)}, "
+                    "which no Storage node of nodes.yml has: the entry does not apply to it"
+                )
+    return lines
+
+
+def _where(file: Path, index: int, description: str) -> str:
+    return f"{file}: entry {index + 1}" + (f" ({_short(description)})" if description else "")
 
 
 def chain_warnings(data_dir: Path, chain: FilterChain) -> list[str]:
@@ -143,9 +163,8 @@ def check_targets(chain: FilterChain, storage_aes: frozenset[str]) -> None:
         for route in step.entries:
             for i, action in enumerate(route.actions):
                 if action.type is RouteActionType.ADD_DESTINATION and action.target not in storage_aes:
-                    where = f"{step.file}: entry {route.index + 1}" + (f" ({_short(route.description)})" if route.description else "")
                     raise ConfigError(
-                        where, f"Actions[{i}].Target", action.target,
+                        _where(step.file, route.index, route.description), f"Actions[{i}].Target", action.target,
                         "names no Storage node in nodes.yml (add_destination queues a copy for a Storage node)",
                     )
 

@@ -36,11 +36,13 @@ class PseudonymStore(Protocol):
 
     def pseudonym(self, mapping: str, key: PatientKey) -> str:
         """The key's pseudonym in `mapping`, made and recorded durably if it has none yet.
-        Raises OSError when the mapping cannot be read or written."""
+        Raises OSError when the mapping cannot be read or written (the item is retried),
+        ValueError when the file is not a mapping (the item fails)."""
         ...
 
     def secret(self, mapping: str) -> bytes:
-        """The mapping's secret (32 bytes), made and recorded durably on first use."""
+        """The mapping's secret (32 bytes), made and recorded durably on first use; the same
+        errors."""
         ...
 
 

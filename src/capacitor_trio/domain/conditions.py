@@ -107,14 +107,17 @@ def compile_pattern(text: str) -> Pattern:
     run as .NET would."""
     kind = classify(text)
     if kind is PatternKind.REGEX:
-        return Pattern(text, kind, _compile_regex(text))
+        return Pattern(text, kind, compile_regex(text))
     if kind is PatternKind.WILDCARD:
         body = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in text)
         return Pattern(text, kind, re.compile(body, re.DOTALL))
     return Pattern(text, kind, re.compile(re.escape(text)))
 
 
-def _compile_regex(text: str) -> re.Pattern[str]:
+def compile_regex(text: str) -> re.Pattern[str]:
+    """A regular expression from a filter file, compiled; ValueError (one line) for one Python
+    would run with another meaning than .NET (Capacitor's dialect) or cannot compile. Every
+    regex a filter file holds should come through here."""
     for mark, why in _DOTNET_ONLY:
         if mark.search(text):
             raise ValueError(f"regular expression {text!r}: {why}")
@@ -199,21 +202,31 @@ def private_tag(ds: pydicom.Dataset, tag: int, creator: str) -> int | None:
     return None
 
 
-def _occurrences(condition: Condition, ds: pydicom.Dataset) -> Iterator[DataElement]:
-    """The element in `ds` and in every item of its sequences, at any depth, top level first."""
+#: How deep `Search` looks into nested sequences: real data sets nest a few levels; a hostile
+#: one nesting thousands must not exhaust the stack (deeper occurrences are not seen).
+SEARCH_DEPTH = 64
+
+
+def _occurrences(condition: Condition, ds: pydicom.Dataset, depth: int = 0) -> Iterator[DataElement]:
+    """The element in `ds` and in every item of its sequences, top level first, down to
+    SEARCH_DEPTH sequence levels."""
     elem = _find(condition, ds)
     if elem is not None:
         yield elem
+    if depth >= SEARCH_DEPTH:
+        return
     for child in ds:
         if child.VR == "SQ" and child.value:
             for item in child.value:
-                yield from _occurrences(condition, item)
+                yield from _occurrences(condition, item, depth + 1)
 
 
 def element_texts(elem: DataElement) -> list[str]:
     """The texts a pattern is tried on: each value, and the whole `\\`-joined value when there
     are several."""
     value = elem.value
+    if type(value) is str:  # the common case: one text value
+        return [value]
     if elem.VR in _BINARY_VRS or value is None:
         return [""]
     if isinstance(value, MultiValue | list | tuple):

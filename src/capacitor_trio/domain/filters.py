@@ -23,7 +23,9 @@ port, so everything else is a pure decision.
 from __future__ import annotations
 
 import datetime
+import enum
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,7 +40,6 @@ from capacitor_trio.domain.mutate import MutateContext, MutationAction, apply_ac
 from capacitor_trio.domain.route import Route, RouteAction, RouteActionType, decide_routes
 from capacitor_trio.domain.sort import SortEntry, SortKey, rule_for, sort_key
 
-SUPPORTED = ("route", "mutate", "sort")
 STORAGE = "storage"
 _SOP_INSTANCE_UID = 0x00080018
 
@@ -226,6 +227,16 @@ def _entry_name(kind: str, index: int, description: str) -> str:
     return f"{kind} {index + 1} ({description})" if description else f"{kind} {index + 1}"
 
 
+def summary(chain: FilterChain) -> str:
+    """One line for the start-up log: the chain in order, each filter's entries, what is off."""
+    if not chain.names:
+        return "filters: none"
+    counts = {f.name: len(f.entries) for f in chain.filters}
+    parts = [f"{name} ({counts[name]} entries)" if name in counts else f"{name} (off: no file)" for name in chain.names]
+    drop = "; dropUnfilteredInstances" if chain.drop_unfiltered else ""
+    return "filters: " + ", ".join(parts) + drop
+
+
 # ---------------------------------------------------------------------------------------------
 # describe: the loaded chain as JSON-able values (GET /api/filters)
 
@@ -255,7 +266,7 @@ def _describe_entry(entry: Route | Mutation | SortEntry) -> dict[str, Any]:
         out["actions"] = [_describe_route_action(a) for a in entry.actions]
     elif isinstance(entry, Mutation):
         out["affects"] = list(entry.affects)
-        out["actions"] = [{"type": type(a).__name__, "description": a.description} for a in entry.actions]
+        out["actions"] = [_describe_mutation_action(a) for a in entry.actions]
     else:
         out["actions"] = [
             {"sortTag": tag_text(a.tag), "sortType": a.type.value, "sortDirection": a.direction.value, "description": a.description}
@@ -274,8 +285,44 @@ def _describe_route_action(action: RouteAction) -> dict[str, Any]:
     }
 
 
+_ACTION_TYPES = {"AddOrUpdate": "add_or_update", "Remove": "remove", "Anonymize": "anonymize", "Query": "query", "ExcludeResult": "exclude_result"}
+_TAG_FIELDS = frozenset({"tag", "source", "destination"})
+
+
+def _describe_mutation_action(action: MutationAction) -> dict[str, Any]:
+    """A mutate action's fields, camelCase, tags as gggg,eeee, patterns and templates as written."""
+    out: dict[str, Any] = {"type": _ACTION_TYPES.get(type(action).__name__, type(action).__name__)}
+    for field in attrs.fields(type(action)):
+        out[_camel(field.name)] = _json_value(field.name, getattr(action, field.name))
+    return out
+
+
+def _json_value(name: str, value: Any) -> Any:
+    if value is None or isinstance(value, bool | str | float):
+        return value
+    if isinstance(value, int):
+        return tag_text(value) if name in _TAG_FIELDS else value
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, re.Pattern):
+        return value.pattern
+    if isinstance(value, tuple | list):
+        return [_json_value(name, v) for v in value]
+    if attrs.has(type(value)):
+        text = getattr(value, "text", None)  # a ValueTemplate: as written
+        if isinstance(text, str):
+            return text
+        return {_camel(f.name): _json_value(f.name, getattr(value, f.name)) for f in attrs.fields(type(value))}
+    return str(value)
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
 def describe_condition(condition: Condition) -> dict[str, Any]:
-    out: dict[str, Any] = {"tag": tag_text(condition.tag)}
+    out: dict[str, Any] = {"tag": tag_text(condition.tag), "log": logging.getLevelName(condition.log_level).lower()}
     if condition.pattern is not None:
         out["matchExpression"] = condition.pattern.text
         out["kind"] = condition.pattern.kind.value

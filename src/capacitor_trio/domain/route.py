@@ -10,7 +10,8 @@ OR-ed; `drop` always removes). The route decides; writing a `save_file` copy is 
 optional), `#{g,e:MASK}` the value through a mask (`render_mask`). A tag that is absent gives
 its keyword (`PatientName`; `gggg,eeee` for a tag pydicom does not know). A value's characters
 that could leave the directory the template names (`/`, `\\`, NUL and other control
-characters) become `_`, and a value that is empty, `.` or `..` is `_`. A target ending in `/` is a
+characters) become `_`, a value that is empty, `.` or `..` is `_`, and a value gives at most
+its first 64 characters. A target ending in `/` is a
 directory: the copy is named `<SOPInstanceUID>.dcm` in it.
 """
 
@@ -123,8 +124,13 @@ def render_mask(value: str, mask: str) -> str:
     return "".join(out)
 
 
+#: The most characters one value puts into a path (a UID's, an LO's length): a long text
+#: value (LT, UT) must not make a file name longer than the file system allows.
+VALUE_MAX = 64
+
+
 def _safe(text: str) -> str:
-    text = _UNSAFE.sub("_", text)
+    text = _UNSAFE.sub("_", text[:VALUE_MAX])
     return "_" if text in ("", ".", "..") else text
 
 
