@@ -184,3 +184,26 @@ async def test_the_real_pool_makes_a_jpeg_2000_lossless_copy(tmp_path: Path) -> 
     assert result.verdict is Verdict.CHANGED and result.transfer_syntax == JPEG2000Lossless
     assert result.dataset is not None and np.array_equal(result.dataset.pixel_array, ds.pixel_array)
     assert stats.conversions == 1 and stats.seconds > 0
+
+
+async def test_with_no_step_before_it_a_spool_file_is_converted_as_it_lies(tmp_path: Path) -> None:
+    """The first step on a received instance kept in a spool file converts that file: the data
+    set the preparer parsed is not written out again (a 300 MB multi-frame is not copied first)."""
+    received = tmp_path / "received.dcm"
+    received.write_bytes(instance())
+    ds = pydicom.dcmread(received, defer_size="256 KB")
+    seen: list[Path] = []
+
+    class Recording(InlinePool):
+        async def convert(self, src: Path, dst: Path, target_uid: str) -> codec.Converted:
+            seen.append(src)
+            return await super().convert(src, dst, target_uid)
+
+    stats = ConversionStats()
+    subject = PrepareSubject(1, Destination("PACS"), "CT", str(ds.SOPInstanceUID), ExplicitVRLittleEndian, received_path=received)
+    for first, expected in ((True, received), (False, None)):
+        step = TranscodeStep(RLELossless, Recording(), tmp_path / "scratch", stats, first)
+        result = await step.run(subject, ds)
+        assert result.verdict is Verdict.CHANGED and result.transfer_syntax == RLELossless
+        assert (seen[-1] == received) is (expected is not None)
+    assert pydicom.dcmread(received).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian  # untouched

@@ -248,7 +248,7 @@ def steps_for(
     if filters is not None:
         steps.append(filters)
     if transcoding is not None:
-        transcode = transcode_step(node, config, transcoding)
+        transcode = transcode_step(node, config, transcoding, first=not steps)
         if transcode is not None:
             steps.append(transcode)
     return tuple(steps)

@@ -2,7 +2,8 @@
 own, else `defaultTransferSyntax`) gets a prepared copy of each instance in that syntax.
 
 The step runs after the filter chain (actors/prepare_steps.py, `steps_for`). It writes the data
-set as the earlier steps left it to a scratch file (a worker thread), converts it in the router's
+set as the earlier steps left it to a scratch file (a worker thread; with no step before it, a
+received instance in a spool file is converted from there), converts it in the router's
 transcode worker processes (transcode/pool.py: bounded, cancellable; receiving never waits for
 them), reads the converted file back (a worker thread) and hands it to the preparer as the item's
 changed data set in the target syntax; the preparer writes the prepared copy through the store,
@@ -57,6 +58,9 @@ class TranscodeStep:
     transcoder: Transcoder
     scratch_dir: Path
     stats: ConversionStats
+    #: no step runs before this one: the data set is the received instance, so a spool file is
+    #: converted as it lies (not written out again first)
+    first: bool = False
     name: str = "transcode"
 
     async def run(self, subject: PrepareSubject, ds: Dataset) -> StepResult:
@@ -69,7 +73,10 @@ class TranscodeStep:
             return self._as_received(subject, source, "no installed codec converts between them")
         started = time.perf_counter()
         with scratch_file(self.scratch_dir) as src, scratch_file(self.scratch_dir) as dst:
-            await in_worker(_write, ds, src)
+            if self.first and subject.received_path is not None:
+                src = subject.received_path
+            else:
+                await in_worker(_write, ds, src)
             try:
                 done = await self.transcoder.convert(src, dst, self.target)
             except codec.TranscodeError as exc:
@@ -98,13 +105,16 @@ class TranscodeContext:
     stats: ConversionStats
 
 
-def transcode_step(node: Node, config: Config, context: TranscodeContext) -> TranscodeStep | None:
+def transcode_step(
+    node: Node, config: Config, context: TranscodeContext, *, first: bool = False
+) -> TranscodeStep | None:
     """The node's transcoding step under `config`: None when its TransferSyntax (its own, else
-    defaultTransferSyntax) is blank (instances keep the syntax they arrived in)."""
+    defaultTransferSyntax) is blank (instances keep the syntax they arrived in). `first`: no
+    step runs before it."""
     target = effective(node, config).transfer_syntax
     if not target:
         return None
-    return TranscodeStep(target, context.transcoder, context.scratch_dir, context.stats)
+    return TranscodeStep(target, context.transcoder, context.scratch_dir, context.stats, first)
 
 
 def _write(ds: Dataset, path: Path) -> None:
