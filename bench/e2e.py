@@ -3,6 +3,13 @@
 
 Usage:  .venv/bin/python bench/e2e.py [--rounds 3] [--corpus L,S] [--batch-size 0]
                                       [--durable true,false] [--profile DIR] [--compare-src DIR]
+                                      [--filters routes,mutate]
+        .venv/bin/python bench/e2e.py --transcode 40 [--rounds 2]
+
+`--transcode N` (issue 22) runs another comparison instead: N 0.5 MB CT images (bench/
+transcode.py's corpus) through a node with TransferSyntax JPEG2000Lossless (storescu -> router
+-> storescp +xa, durable writes), against gdcmconv --j2k converting the same files one after
+another pinned to one core; the target is >= 0.8x the tool's rate.
 
 Scenarios, every one once per round (interleaved, so all saw the same machine noise; the router
 scenarios in reverse order every other round; each after an `os.sync()`, untimed, so that none
@@ -11,6 +18,12 @@ dropped from the page cache; outputs are deleted only at the end, and an untimed
 the machine up first: see transport.fresh_dir, settle and warm_up), medians:
   direct        storescu -> storescp                          (the reference)
   router        storescu -> `capacitor-trio run` -> storescp  (durableWrites false, and true)
+  filtered      the same with a filter chain (`--filters`): `routes` = 10 routes whose conditions
+                match every instance (their add_destination names the node itself, which adds
+                nothing: the conditions and the per-item prepare stage are what is measured);
+                `mutate` = those and 10 mutations changing 10 attributes of every instance (a
+                prepared copy per instance). Their ratio to the unfiltered router of the same
+                durableWrites and batchSize is printed as well (targets 0.8x and 0.5x).
 Both DCMTK ends run with TCP_NODELAY=1 and `-pdu 131072`; storescp writes the files (`-od`, `+B`).
 Ratios are to the direct DCMTK figure of the same run.
 
@@ -73,6 +86,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import calibrate
 from transport import (
     OUT,
+    Server,
     corpus_files,
     env,
     free_port,
@@ -89,6 +103,48 @@ ROOT = Path(__file__).resolve().parent.parent
 CLI = Path(sys.executable).parent / "capacitor-trio"
 DELIVERED = re.compile(r"delivered (\d+) instance")
 TARGETS = {("L", False): 0.5, ("S", False): 0.5, ("L", True): 0.25, ("S", True): 0.4}
+#: the filtered router against the unfiltered one of the same run (issue 21)
+FILTER_TARGETS = {"routes": 0.8, "mutate": 0.5}
+
+ROUTE = """\
+- Description: bench route {k}
+  Conditions:
+    - Tag: 8,16
+      MatchExpression: ^1\\.2\\..*$
+    - Tag: 10,20
+      MatchExpression: ^.+$
+  Actions:
+    - Type: add_destination
+      Target: STORESCP
+"""
+MUTATION_TAGS = ["8,80", "8,1010", "8,1030", "8,103e", "8,1070", "8,90", "10,1000", "18,1000", "20,4000", "32,1060"]
+MUTATION = """\
+- Description: bench mutation {k}
+  Conditions:
+    - Tag: 8,16
+      MatchExpression: ^1\\.2\\..*$
+  Actions:
+    - Type: add_or_update
+      Source:
+        Tag: 10,20
+        Expression: ^(.*)$
+      Destination:
+        Tag: {tag}
+        Value: BENCH $1
+"""
+
+
+def write_filters(data: Path, filters: str) -> str:
+    """The filter files of a `--filters` profile in `data`; the `filters:` line for config.yml."""
+    if not filters:
+        return ""
+    (data / "routings.yml").write_text("".join(ROUTE.format(k=k) for k in range(10)))
+    if filters == "routes":
+        return "filters: route\n"
+    (data / "mutations.yml").write_text(
+        "".join(MUTATION.format(k=k, tag=tag) for k, tag in enumerate(MUTATION_TAGS))
+    )
+    return "filters: route, mutate\n"
 
 
 #: (end-to-end seconds, intake seconds, router CPU seconds (router process, sender process),
@@ -137,6 +193,8 @@ class Router:
         batch_size: int,
         profile: Path | None,
         src: Path | None = None,
+        filters: str = "",
+        transfer_syntax: str = "",
     ) -> None:
         self.port = free_port()
         data.mkdir(parents=True, exist_ok=True)
@@ -144,10 +202,11 @@ class Router:
             f"myAeTitle: CAPACITOR\nscpPort: {self.port}\n"
             f"cachePath: {data / 'cache'}\ndurableWrites: {'true' if durable else 'false'}\n"
             f"minimumAge: 0\nstorageInterval: 0\nbatchSize: {batch_size}\nminFreeSpace: 0\n"
-            "api:\n  enabled: false\n"
+            "api:\n  enabled: false\n" + write_filters(data, filters)
         )
         (data / "nodes.yml").write_text(
             f"- AeTitle: STORESCP\n  HostName: 127.0.0.1\n  Port: {dest_port}\n  NodeRole: Storage\n"
+            + (f"  TransferSyntax: {transfer_syntax}\n" if transfer_syntax else "")
         )
         argv = [str(CLI), "run", "--path", str(data)]
         self.profiling = profile is not None
@@ -242,7 +301,8 @@ def _children(pid: int) -> list[str]:
 
 
 def sc_router(
-    d: Path, *, durable: bool, batch_size: int, profile: Path | None = None, src: Path | None = None
+    d: Path, *, durable: bool, batch_size: int, profile: Path | None = None, src: Path | None = None,
+    filters: str = "",
 ) -> Times:
     """(end-to-end seconds, intake seconds, router CPU seconds: (router process, sender process),
     CPU seconds of storescu and storescp)."""
@@ -252,7 +312,8 @@ def sc_router(
     dest = storescp(out)
     try:
         router = Router(
-            data, dest.port, durable=durable, batch_size=batch_size, profile=profile, src=src
+            data, dest.port, durable=durable, batch_size=batch_size, profile=profile, src=src,
+            filters=filters,
         )
         try:
             router.target = n
@@ -286,23 +347,102 @@ class Scenario:
     durable: bool | None = None
     batch_size: int = 0
     src: Path | None = None  # router from another source tree (--compare-src)
+    filters: str = ""  # "", "routes" or "mutate" (--filters)
 
     @property
     def label(self) -> str:
         if self.kind == "direct":
             return "direct"
         tree = f" [{self.src.name}]" if self.src else ""
-        return f"router dur={self.durable} batch={self.batch_size}{tree}"
+        chain = f" filters={self.filters}" if self.filters else ""
+        return f"router dur={self.durable} batch={self.batch_size}{tree}{chain}"
 
     @property
     def title(self) -> str:
         if self.kind == "direct":
             return "DCMTK storescu -> storescp (reference)"
         tree = f" [{self.src}]" if self.src else ""
+        chain = {"": "", "routes": ", 10 routes", "mutate": ", 10 routes + 10 mutations"}[self.filters]
         return (
             f"storescu -> capacitor-trio{tree} (durableWrites {str(self.durable).lower()}, "
-            f"batchSize {self.batch_size}) -> storescp"
+            f"batchSize {self.batch_size}{chain}) -> storescp"
         )
+
+
+# ------------------------------------------------------------------ --transcode (issue 22)
+
+
+def tool_j2k_one_core(files: list[Path]) -> float:
+    """gdcmconv --j2k on each file in turn, pinned to one core: the C++ tool alone converting
+    the corpus. Seconds from the first start to the last exit."""
+    out = fresh_dir("j2k-tool")
+    pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
+    t0 = time.perf_counter()
+    for i, f in enumerate(files):
+        subprocess.run([*pin, "gdcmconv", "--j2k", str(f), str(out / f"{i}.dcm")], check=True)
+    return time.perf_counter() - t0
+
+
+def router_j2k(files: list[Path]) -> float:
+    """storescu -> `capacitor-trio run` with a node whose TransferSyntax is JPEG2000Lossless
+    -> storescp (+xa: it accepts J2K). Seconds from storescu's start to the router's log of
+    the last delivery."""
+    out, data = fresh_dir("j2k-dest"), fresh_dir("j2k-router")
+    port = free_port()
+    dest = Server(["storescp", "-od", str(out), "-pdu", "131072", "+B", "+xa", str(port)], port)
+    try:
+        router = Router(
+            data, port, durable=True, batch_size=0, profile=None, transfer_syntax="JPEG2000Lossless"
+        )
+        try:
+            router.target = len(files)
+            t0 = time.perf_counter()
+            subprocess.run(
+                ["storescu", "-aet", "BENCH", "-aec", "STORESCP", "-pdu", "131072", "127.0.0.1",
+                 str(router.port), *map(str, files)],
+                check=True, env=env(True), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            if not router.done.wait(600):
+                raise RuntimeError(f"only {router.total}/{len(files)} delivered: " + "".join(router.errors[-5:]))
+            assert router.done_at is not None
+            elapsed = router.done_at - t0
+        finally:
+            router.stop()
+    finally:
+        dest.stop()
+    import pydicom
+
+    syntaxes = {str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID) for p in out.iterdir()}
+    if syntaxes != {"1.2.840.10008.1.2.4.90"} or sum(1 for _ in out.iterdir()) != len(files):
+        raise RuntimeError(f"the destination did not get every image in J2K: {syntaxes}")
+    return elapsed
+
+
+def transcode_bench(count: int, rounds: int) -> None:
+    """A node with TransferSyntax JPEG2000Lossless delivering, against gdcmconv --j2k alone on
+    one core converting the same files (bench/transcode.py's 0.5 MB CT corpus), interleaved."""
+    from transcode import make_corpus as ct_corpus
+
+    files = ct_corpus(count)
+    start_outputs()
+    print(calibrate(OUT.parent), file=sys.stderr)
+    tool, ours = [], []
+    for rnd in range(rounds):
+        for name in (("tool", "router") if rnd % 2 == 0 else ("router", "tool")):
+            settle()
+            t = tool_j2k_one_core(files) if name == "tool" else router_j2k(files)
+            (tool if name == "tool" else ours).append(t)
+            print(f"round {rnd + 1} {name:6s} {count / t:6.2f} img/s", file=sys.stderr, flush=True)
+    mb = sum(f.stat().st_size for f in files) / 1e6
+    t_tool, t_ours = statistics.median(tool), statistics.median(ours)
+    print(f"\n{rounds} interleaved rounds, {count} CT images (0.5 MB), medians\n")
+    print("| scenario | img/s | MB/s | ratio to the tool | target |")
+    print("|---|---|---|---|---|")
+    print(f"| gdcmconv --j2k, one process per file, one core | {count / t_tool:.2f} | {mb / t_tool:.1f} | 1.00x | |")
+    print(
+        f"| storescu -> capacitor-trio (node TransferSyntax JPEG2000Lossless) -> storescp +xa "
+        f"| {count / t_ours:.2f} | {mb / t_ours:.1f} | {t_tool / t_ours:.2f}x | >= 0.8x |"
+    )
 
 
 def main() -> None:
@@ -322,9 +462,21 @@ def main() -> None:
         help="also run the router from this src/ directory (e.g. of a git worktree of an "
         "older commit), interleaved, for before/after ratios from the same run",
     )
+    ap.add_argument(
+        "--filters", default="",
+        help="also run the router with these filter chains, interleaved: routes, mutate",
+    )
+    ap.add_argument(
+        "--transcode", type=int, metavar="N",
+        help="instead: N 0.5 MB CT images through a node with TransferSyntax JPEG2000Lossless, "
+        "against gdcmconv --j2k converting them on one core",
+    )
     args = ap.parse_args()
     if not CLI.exists():
         raise SystemExit(f"{CLI} not found: install the project into this venv")
+    if args.transcode:
+        transcode_bench(args.transcode, args.rounds)
+        return
     corpora = {c: make_corpus(c) for c in args.corpus.split(",")}
     start_outputs()
     before = calibrate(OUT.parent)  # untimed; printed with the figures
@@ -339,6 +491,8 @@ def main() -> None:
     scenarios += [
         Scenario("router", dur, b, tree) for dur in durables for b in batches for tree in trees
     ]
+    chains = [f.strip() for f in args.filters.split(",") if f.strip()]
+    scenarios += [Scenario("router", dur, b, None, chain) for dur in durables for b in batches for chain in chains]
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
     times: dict[tuple[str, str], list[Times]] = {}
@@ -357,12 +511,14 @@ def main() -> None:
                     assert sc.durable is not None
                     prof = (
                         args.profile / f"{cname}-dur{int(sc.durable)}-b{sc.batch_size}"
-                        f"{'-cmp' if sc.src else ''}-r{rnd + 1}.folded"
+                        f"{'-cmp' if sc.src else ''}{'-' + sc.filters if sc.filters else ''}"
+                        f"-r{rnd + 1}.folded"
                         if args.profile
                         else None
                     )
                     t = sc_router(
-                        d, durable=sc.durable, batch_size=sc.batch_size, profile=prof, src=sc.src
+                        d, durable=sc.durable, batch_size=sc.batch_size, profile=prof, src=sc.src,
+                        filters=sc.filters,
                     )
                 times.setdefault((cname, sc.label), []).append(t)
                 print(
@@ -414,6 +570,7 @@ def main() -> None:
                 f"| {sc.title} | {cname} | {n / t:.0f} | {mb / t:.1f} | {ref / t:.2f}x | {target} "
                 f"| {n / intake:.0f} | {cpu_text} |"
             )
+    _filter_ratios(corpora, scenarios, times)
     print(
         f"\nrouter CPU budget at the target: the CPU per image that would keep all {cores} cores "
         "busy at the target's pace, less what storescu and storescp took per image in the same "
@@ -421,6 +578,26 @@ def main() -> None:
         "perfectly with storescu's; storescu sends one image at a time and waits for its "
         "response, so the router's latency per image counts too."
     )
+
+
+def _filter_ratios(
+    corpora: dict[str, Path], scenarios: list[Scenario], times: dict[tuple[str, str], list[Times]]
+) -> None:
+    """The filtered routers against the unfiltered one of the same durableWrites and batchSize."""
+    filtered = [sc for sc in scenarios if sc.filters]
+    if not filtered:
+        return
+    print("\n| filter chain | corpus | durableWrites | batchSize | ratio to the unfiltered router | target |")
+    print("|---|---|---|---|---|---|")
+    for cname in corpora:
+        for sc in filtered:
+            plain = Scenario("router", sc.durable, sc.batch_size)
+            base = statistics.median(r[0] for r in times[(cname, plain.label)])
+            t = statistics.median(r[0] for r in times[(cname, sc.label)])
+            print(
+                f"| {sc.filters} | {cname} | {str(sc.durable).lower()} | {sc.batch_size} "
+                f"| {base / t:.2f}x | >= {FILTER_TARGETS[sc.filters]}x |"
+            )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""The `capacitor-trio` command: run the daemon, check a configuration, verify the audit trail,
-print the version."""
+"""The `capacitor-trio` command: run the daemon, check a configuration, try the filter chain on a
+file, verify the audit trail, print the version."""
 
 from __future__ import annotations
 
@@ -29,7 +29,19 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the router in the foreground until SIGINT/SIGTERM")
     check = sub.add_parser("check-config", help="validate the configuration and print the effective settings")
-    for sp in (run, check):
+    ftest = sub.add_parser(
+        "filter-test",
+        help="run the configured filter chain on a DICOM file offline and print what it decides",
+        description="Runs the filters config.yml names on FILE as the router would for an item for "
+        "--dest (and for each destination a route adds), and prints: kept or dropped, added "
+        "destinations, files save_file would write (none is written), each attribute changed "
+        "(before -> after). Capacitor's `--mutate SRC_AE DST_AE IN OUT` is accepted too.",
+    )
+    ftest.add_argument("--source", default="", help="the calling AE title the file came from")
+    ftest.add_argument("--dest", required=True, help="the destination node's AE title")
+    ftest.add_argument("file", type=Path, metavar="FILE.dcm")
+    ftest.add_argument("-o", "--output", type=Path, metavar="OUT.dcm", help="write what --dest would get")
+    for sp in (run, check, ftest):
         sp.add_argument(
             "--path", type=Path, default=Path("capacitor-data"),
             help="data directory holding config.yml and nodes.yml (default: ./capacitor-data)",
@@ -104,8 +116,46 @@ def audit_verify(data_dir: Path, log_dir: Path) -> int:
     return 0
 
 
+def mutate_alias(argv: Sequence[str]) -> list[str]:
+    """Capacitor's `--mutate SRC_AE DST_AE IN OUT` as `filter-test` arguments (the other
+    arguments, e.g. --path, kept); other command lines unchanged."""
+    args = list(argv)
+    if "--mutate" not in args:
+        return args
+    k = args.index("--mutate")
+    if len(args) < k + 5:
+        return args  # argparse explains what is missing
+    src, dst, source_file, out = args[k + 1 : k + 5]
+    rest = args[:k] + args[k + 5 :]
+    return ["filter-test", *rest, "--source", src, "--dest", dst, source_file, "-o", out]
+
+
+def _filter_test(settings: Settings, args: argparse.Namespace) -> int:
+    import datetime
+
+    from capacitor_trio.actors.filter_step import chain_of, trial_text, try_chain
+
+    try:
+        data = args.file.read_bytes()
+        trials = try_chain(
+            chain_of(settings.config), data, source_ae=args.source, destination_ae=args.dest,
+            root=settings.config.data_dir, now=datetime.datetime.now().astimezone(),
+        )
+    except (OSError, ValueError) as e:
+        print(f"capacitor-trio: filter-test: {e}", file=sys.stderr)
+        return 1
+    print(trial_text(trials))
+    if args.output is not None:
+        out = trials[0].output
+        if out is None:
+            print(f"capacitor-trio: filter-test: {args.dest} gets nothing: {args.output} not written", file=sys.stderr)
+            return 0
+        args.output.write_bytes(out)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = mutate_alias(sys.argv[1:] if argv is None else argv)
     try:
         rest, overrides = split_overrides(argv)
         args = _parser().parse_args(rest)
@@ -123,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UnsafePath as e:
         print(f"capacitor-trio: cannot start: {e.strerror}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.command == "filter-test":
+        return _filter_test(settings, args)
     if args.command == "check-config":
         for w in settings.warnings:
             print(f"WARNING: {w}", file=sys.stderr)

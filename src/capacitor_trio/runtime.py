@@ -36,12 +36,14 @@ from capacitor_trio.config import Config, Settings
 from capacitor_trio.config.models import Node
 from capacitor_trio.dicom import requestor
 from capacitor_trio.dicom.acceptor import AcceptorConfig
+from capacitor_trio.dicom.conversion import PoolConverter
 from capacitor_trio.dicom.listener import serve_acceptor
 from capacitor_trio.dicom.sender_process import SenderProcess
 from capacitor_trio.logs import RingBufferHandler
 from capacitor_trio.loopwatch import LoopLag
 from capacitor_trio.metrics import Metrics
 from capacitor_trio.store import Store, StoreInUse, open_store
+from capacitor_trio.transcode.pool import TranscodePool
 
 log = logging.getLogger("capacitor_trio")
 
@@ -122,15 +124,24 @@ async def run_router(
     ) as store, trio.open_nursery() as senders:
         audit = AuditTrail(config.data_dir, log_dir or config.data_dir / "log")
         await senders.start(audit.run)  # before everything that records, ended after them
-        if sender is None and config.delivery_process:
-            sender = SenderProcess()
-            await senders.start(sender.run)
+        # worker processes for transcoding (started when first used): prepared copies in a
+        # node's syntax, and conversions on the way out of sends run in this process
+        transcoder = await senders.start(TranscodePool().run)
+        if sender is None:
+            local = requestor.LocalSender(PoolConverter(transcoder))
+            if config.delivery_process:
+                sender = SenderProcess(converter=local.converter)
+                await senders.start(sender.run)
+            else:
+                sender = local
         metrics = Metrics()
         ctx = NodeContext(
-            store=store, sender=sender or requestor, config=config, service=service, clock=clock,
-            metrics=metrics, audit=audit,
+            store=store, sender=sender, config=config, service=service, clock=clock,
+            metrics=metrics, audit=audit, transcoder=transcoder,
         )
         supervisor = Supervisor(settings.nodes, ctx, chaos_every=config.chaos.kill_node_actors_every_seconds)
+        ctx.resolve_destination = supervisor.storage_destination
+        ctx.items_added = supervisor.items_arrived
         in_force = AsyncValue(settings)
         receiver = Receiver(
             config, store, lambda: in_force.value.nodes, service, clock,

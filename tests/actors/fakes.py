@@ -40,6 +40,7 @@ from capacitor_trio.store import (
     StoreFull,
     TransitionError,
 )
+from capacitor_trio.store.model import Preparation, PrepareReport, PrepOutcome
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -56,12 +57,16 @@ class FakeStore:
         self.records: list[tuple[float, int]] = []
         #: (virtual time, number of items) of every checkout_batch call
         self.checkouts: list[tuple[float, int]] = []
+        #: instance id -> bytes of the instances kept "in the index"
+        self.blobs: dict[int, bytes] = {}
 
     def add(
         self, dest: str = "PACS", *, study: str = "1.2.3", series: str = "1.2.3.1", sop_class: str = CT,
         state: str = PREPARED, source: str = "MODALITY", created_at: float | None = None,
-        role: str = "Storage", sop: str | None = None,
+        role: str = "Storage", sop: str | None = None, data: bytes | None = None,
     ) -> Item:
+        """An item of its own instance; with `data`, an instance kept in the index (its bytes
+        are what the prepare stage reads)."""
         i = next(self._ids)
         now = self.clock() if created_at is None else created_at
         item = Item(
@@ -70,9 +75,12 @@ class FakeStore:
             sop_instance_uid=sop or f"1.2.826.0.1.{i}", sop_class_uid=sop_class, modality="CT", patient_id="P",
             patient_name="N", accession_number="A", transfer_syntax_uid="1.2.840.10008.1.2.1",
             size_bytes=100, attempt_count=0, last_error="", next_attempt_at=None, created_at=now,
-            updated_at=now, path=Path(f"/spool/{i}.dcm"),
+            updated_at=now, path=Path(f"/spool/{i}.dcm"), instance_id=i, inline=data is not None,
+            received_syntax="1.2.840.10008.1.2.1",
         )
         self.items[i] = item
+        if data is not None:
+            self.blobs[i] = data
         return item
 
     def _set(self, i: int, **changes: Any) -> Item:
@@ -113,13 +121,27 @@ class FakeStore:
                 last[i.study_instance_uid] = max(last.get(i.study_instance_uid, 0.0), i.created_at)
             items = [i for i in items if i.study_instance_uid in exempt_studies or last[i.study_instance_uid] <= study_quiet_before]
         items.sort(key=lambda i: (rank(i.sop_class_uid), i.created_at, i.id))
+        in_order = lambda i: (rank(i.sop_class_uid), i.sort_key is None, i.sort_key or b"", i.created_at, i.id)  # noqa: E731
         if series_uid is not None:
-            items = [i for i in items if i.series_instance_uid == series_uid]
+            items = sorted((i for i in items if i.series_instance_uid == series_uid), key=in_order)
         if by_series and items:
-            items = [i for i in items if i.series_instance_uid == items[0].series_instance_uid]
+            items = sorted((i for i in items if i.series_instance_uid == items[0].series_instance_uid), key=in_order)
         batch = items[:limit]
+        if series_uid is None and not by_series and any(i.sort_key is not None for i in batch):
+            places: dict[str, list[int]] = {}
+            for k, i in enumerate(batch):
+                places.setdefault(i.series_instance_uid, []).append(k)
+            ordered = list(batch)
+            for ks in places.values():
+                key = lambda i: (i.sort_key is None, i.sort_key or b"", i.created_at, i.id)  # noqa: E731
+                for k, i in zip(ks, sorted((batch[k] for k in ks), key=key), strict=True):
+                    ordered[k] = i
+            batch = ordered
         self.checkouts.append((trio.current_time(), len(batch)))
-        return [self._set(i.id, checked_out=True) for i in batch]
+        return [self._with_data(self._set(i.id, checked_out=True)) for i in batch]
+
+    def _with_data(self, item: Item) -> Item:
+        return attrs.evolve(item, data=self.blobs.get(item.instance_id)) if item.inline else item
 
     async def delivered(self, ids: Iterable[int]) -> None:
         await trio.lowlevel.checkpoint()
@@ -296,6 +318,84 @@ class FakeStore:
             self._set(i, state=EXPIRED.value, next_attempt_at=None)
         return len(old)
 
+    def _ripe(self, destination: Destination, now: float, minimum_age: float) -> list[Item]:
+        return [
+            i for i in self._new(destination)
+            if i.created_at <= now - minimum_age and (i.next_attempt_at is None or i.next_attempt_at <= now)
+        ]
+
+    async def ripe_new(
+        self, destination: Destination, now: float, minimum_age: float, limit: int
+    ) -> list[Item]:
+        await trio.lowlevel.checkpoint()
+        ripe = sorted(self._ripe(destination, now, minimum_age), key=lambda i: (i.created_at, i.id))
+        return [self._with_data(i) for i in ripe[:limit]]
+
+    async def next_ripe_at(self, destination: Destination, minimum_age: float) -> float | None:
+        await trio.lowlevel.checkpoint()
+        return min(
+            (max(i.created_at + minimum_age, i.next_attempt_at or 0.0) for i in self._new(destination)),
+            default=None,
+        )
+
+    async def apply_preparations(self, preparations: Sequence[Preparation]) -> PrepareReport:
+        await trio.lowlevel.checkpoint()
+        out: dict[PrepOutcome, list[int]] = {o: [] for o in PrepOutcome}
+        added: list[tuple[int, Destination]] = []
+        skipped: list[int] = []
+        for prep in preparations:
+            item = self.items.get(prep.item_id)
+            if item is None or item.state != NEW or item.checked_out:
+                skipped.append(prep.item_id)
+                continue
+            if prep.outcome in (PrepOutcome.PREPARED, PrepOutcome.REMOVED):
+                added += self._add_destinations(item, prep.add_destinations)
+            self._apply(item, prep)
+            out[prep.outcome].append(prep.item_id)
+        return PrepareReport(
+            prepared=tuple(out[PrepOutcome.PREPARED]), removed=tuple(out[PrepOutcome.REMOVED]),
+            retried=tuple(out[PrepOutcome.RETRY]), failed=tuple(out[PrepOutcome.FAILED]),
+            added=tuple(added), skipped=tuple(skipped),
+        )
+
+    def _add_destinations(self, item: Item, dests: Sequence[Destination]) -> list[tuple[int, Destination]]:
+        added = []
+        for d in dests:
+            if any(
+                (i.instance_id, i.destination_ae, i.destination_role) == (item.instance_id, d.ae_title, d.role)
+                for i in self.items.values()
+            ):
+                continue
+            n = next(self._ids)
+            self.items[n] = attrs.evolve(
+                item, id=n, state=NEW.value, destination_ae=d.ae_title, destination_role=d.role,
+                added_by=item.id, updated_at=self.clock(), data=None, prepared_copy=False,
+            )
+            added.append((n, d))
+        return added
+
+    def _apply(self, item: Item, prep: Preparation) -> None:
+        if prep.outcome is PrepOutcome.REMOVED:
+            del self.items[item.id]
+        elif prep.outcome is PrepOutcome.RETRY:
+            self._set(item.id, last_error=prep.last_error, next_attempt_at=prep.not_before)
+        elif prep.outcome is PrepOutcome.FAILED:
+            self._set(item.id, state=FAILED.value, last_error=prep.last_error, next_attempt_at=None)
+        elif prep.copy is None:
+            self._set(item.id, state=PREPARED.value, sort_key=prep.sort_key, last_error="", next_attempt_at=None)
+        else:
+            h, instance = prep.copy.header, next(self._ids)
+            self.blobs[instance] = prep.copy.data
+            self._set(
+                item.id, state=PREPARED.value, sort_key=prep.sort_key, last_error="", next_attempt_at=None,
+                instance_id=instance, inline=True, size_bytes=len(prep.copy.data),
+                sop_instance_uid=h.sop_instance_uid, sop_class_uid=h.sop_class_uid,
+                study_instance_uid=h.study_instance_uid, series_instance_uid=h.series_instance_uid,
+                transfer_syntax_uid=h.transfer_syntax_uid, patient_id=h.patient_id,
+                patient_name=h.patient_name, accession_number=h.accession_number, modality=h.modality,
+                prepared_copy=True,
+            )
+
     def _new(self, destination: Destination | None) -> list[Item]:
         return [
             i for i in self.items.values()
@@ -400,7 +500,7 @@ class IntakeStore(FakeStore):
             return [
                 self.add(d.ae_title, study=header.study_instance_uid, series=header.series_instance_uid,
                          sop_class=header.sop_class_uid, sop=header.sop_instance_uid, state=state,
-                         source=source_ae, role=d.role).id
+                         source=source_ae, role=d.role, data=data).id
                 for d in dict.fromkeys(destinations)
             ]
         finally:

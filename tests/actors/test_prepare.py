@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
 from typing import Any
 
+import attrs
+import pydicom
+import pytest
 import trio
+from pydicom.dataset import Dataset
 
-from capacitor_trio.actors.prepare import NodePreparer
+from capacitor_trio.actors.prepare import RETRY_DELAY, NodePreparer
+from capacitor_trio.actors.prepare_steps import PrepareSubject, StepResult, Verdict
 from capacitor_trio.actors.service import ServiceFlags
 from capacitor_trio.domain.instance import Destination
+from tests.helpers.datasets import make_dataset, to_part10_bytes
 
 from .fakes import FakeStore
 from .test_node import BASE, config
@@ -99,3 +107,190 @@ async def test_an_arrival_when_idle_is_looked_at_at_once(autojump_clock: Any) ->
         await trio.testing.wait_all_tasks_blocked()
         assert prepared_at == [10.0]
         nursery.cancel_scope.cancel()
+
+
+# ---- the per-item path (a node whose prepare stage has steps) ---------------------------------
+
+
+@attrs.define
+class Step:
+    """A scripted step: `decide(ds)` changes the data set if it likes and answers."""
+
+    decide: Callable[[Dataset], StepResult]
+    name: str = "scripted"
+    seen: list[int] = attrs.field(factory=list)
+
+    async def run(self, subject: PrepareSubject, ds: Dataset) -> StepResult:
+        self.seen.append(subject.item_id)
+        return self.decide(ds)
+
+
+async def _inline(fn: Callable[..., Any], *args: Any) -> Any:
+    await trio.lowlevel.checkpoint()
+    return fn(*args)
+
+
+@pytest.fixture(autouse=True)
+def _worker_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU work on the loop, so virtual time stays exact (threads would let the clock jump)."""
+    monkeypatch.setattr("capacitor_trio.actors.prepare.in_worker", _inline)
+
+
+def make_with(
+    step: Step, minimum_age: float = 0, nodes: tuple[str, ...] = ("PACS", "VNA")
+) -> tuple[NodePreparer, FakeStore, list[float], list[list[Destination]]]:
+    clock = lambda: BASE + trio.current_time()  # noqa: E731
+    store = FakeStore(clock)
+    prepared_at: list[float] = []
+    added: list[list[Destination]] = []
+    cfg = config(minimum_age=minimum_age)
+    preparer = NodePreparer(
+        Destination("PACS"), store, lambda: cfg, ServiceFlags(), clock,
+        lambda: prepared_at.append(trio.current_time()),
+        steps=lambda: (step,),
+        resolve=lambda ae: Destination(ae) if ae in nodes else None,
+        on_added=lambda dests: added.append(list(dests)),
+    )
+    return preparer, store, prepared_at, added
+
+
+def instance(**kw: Any) -> bytes:
+    return to_part10_bytes(make_dataset(rows=4, columns=4, **kw))
+
+
+async def settle(preparer: NodePreparer, seconds: float = 0) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(preparer.run)
+        await trio.sleep(seconds)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_changed_data_set_becomes_the_items_own_copy(autojump_clock: Any) -> None:
+    def rename(ds: Dataset) -> StepResult:
+        ds.PatientName = "ANON"
+        return StepResult(Verdict.CHANGED, sort_key=b"\x07")
+
+    preparer, store, prepared_at, _ = make_with(Step(rename))
+    data = instance()
+    mine = store.add(state="new", data=data)
+    theirs = store.add("VNA", state="new", data=data)
+    await settle(preparer)
+    item = store.items[mine.id]
+    assert (item.state, item.sort_key, item.patient_name) == ("prepared", b"\x07", "ANON")
+    copy = pydicom.dcmread(io.BytesIO(store.blobs[item.instance_id]))
+    assert copy.PatientName == "ANON" and copy.PixelData == pydicom.dcmread(io.BytesIO(data)).PixelData
+    assert store.items[theirs.id].state == "new" and store.blobs[theirs.instance_id] == data
+    assert prepared_at == [0.0]
+
+
+async def test_keep_shares_the_received_instance_and_drop_removes_the_item(autojump_clock: Any) -> None:
+    verdicts = iter([StepResult(), StepResult(Verdict.DROP)])
+    preparer, store, _, _ = make_with(Step(lambda ds: next(verdicts)))
+    kept, dropped = store.add(state="new", data=instance()), store.add(state="new", data=instance())
+    await settle(preparer)
+    assert store.items[kept.id].state == "prepared" and store.items[kept.id].instance_id == kept.instance_id
+    assert dropped.id not in store.items
+
+
+async def test_added_destinations_get_items_their_own_stage_prepares(autojump_clock: Any) -> None:
+    preparer, store, _, added = make_with(Step(lambda ds: StepResult(add_destinations=("VNA", "PACS"))))
+    item = store.add(state="new", data=instance())
+    await settle(preparer)
+    [vna] = [i for i in store.items.values() if i.destination_ae == "VNA"]
+    assert (vna.state, vna.added_by, vna.instance_id) == ("new", item.id, item.instance_id)
+    assert added == [[Destination("VNA")]]  # its own destination is not added again
+
+
+async def test_an_added_destination_naming_no_storage_node_fails_the_item(autojump_clock: Any) -> None:
+    preparer, store, _, added = make_with(Step(lambda ds: StepResult(add_destinations=("NOPE",))))
+    item = store.add(state="new", data=instance())
+    await settle(preparer)
+    failed = store.items[item.id]
+    assert failed.state == "failed" and "NOPE" in failed.last_error and added == []
+
+
+async def test_an_item_added_by_a_route_follows_no_add_destination(autojump_clock: Any) -> None:
+    preparer, store, _, added = make_with(Step(lambda ds: StepResult(add_destinations=("VNA",))))
+    item = store.add(state="new", data=instance())
+    store._set(item.id, added_by=999)
+    await settle(preparer)
+    assert store.items[item.id].state == "prepared" and added == [] and len(store.items) == 1
+
+
+async def test_retry_keeps_the_item_new_until_later_and_fail_records_why(autojump_clock: Any) -> None:
+    answers = iter([StepResult(Verdict.RETRY, message="busy"), StepResult(Verdict.FAIL, message="bad")])
+    step = Step(lambda ds: next(answers))
+    preparer, store, _, _ = make_with(step)
+    item = store.add(state="new", data=instance())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(preparer.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert (store.items[item.id].state, store.items[item.id].last_error) == ("new", "busy")
+        await trio.sleep(RETRY_DELAY - 1)
+        assert step.seen == [item.id]
+        await trio.sleep(1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert step.seen == [item.id, item.id]
+        assert (store.items[item.id].state, store.items[item.id].last_error) == ("failed", "bad")
+        nursery.cancel_scope.cancel()
+
+
+async def test_unreadable_bytes_fail_that_item_alone(autojump_clock: Any) -> None:
+    preparer, store, _, _ = make_with(Step(lambda ds: StepResult()))
+    bad, good = store.add(state="new", data=b"\x00" * 7), store.add(state="new", data=instance())
+    await settle(preparer)
+    assert store.items[bad.id].state == "failed" and "cannot read" in store.items[bad.id].last_error
+    assert store.items[good.id].state == "prepared"
+
+
+async def test_items_ripen_after_minimum_age_and_arrivals_wake_it(autojump_clock: Any) -> None:
+    step = Step(lambda ds: StepResult())
+    preparer, store, prepared_at, _ = make_with(step, minimum_age=2)
+    store.add(state="new", data=instance())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(preparer.run)
+        await trio.sleep(10)
+        store.add(state="new", data=instance())
+        preparer.arrived()
+        await trio.sleep(5)
+        assert prepared_at == [2.0, 12.0]
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_item_with_its_own_copy_put_back_to_new_is_not_filtered_twice(autojump_clock: Any) -> None:
+    step = Step(lambda ds: StepResult(Verdict.CHANGED))
+    preparer, store, _, _ = make_with(step)
+    item = store.add(state="new", data=instance())
+    store._set(item.id, prepared_copy=True, sort_key=b"\x05")
+    await settle(preparer)
+    assert step.seen == [] and store.items[item.id].state == "prepared" and store.items[item.id].sort_key == b"\x05"
+
+
+@attrs.define
+class CpuOnly:
+    """A CPU-only step: the preparer runs it in the thread that read the item."""
+
+    decide: Callable[[Dataset], StepResult]
+    name: str = "cpu"
+
+    async def run(self, subject: PrepareSubject, ds: Dataset) -> StepResult:
+        raise AssertionError("a CPU-only step is run with run_sync")
+
+    def run_sync(self, subject: PrepareSubject, ds: Dataset) -> StepResult:
+        return self.decide(ds)
+
+
+async def test_cpu_only_steps_run_in_the_thread_that_read_the_item(autojump_clock: Any) -> None:
+    def rename(ds: Dataset) -> StepResult:
+        if ds.InstanceNumber == 2:
+            raise ValueError("no")
+        ds.PatientName = "ANON"
+        return StepResult(Verdict.CHANGED)
+
+    preparer, store, _, _ = make_with(Step(lambda ds: StepResult()))
+    preparer._steps = lambda: (CpuOnly(rename),)
+    good, bad = store.add(state="new", data=instance()), store.add(state="new", data=instance(seed=1))
+    await settle(preparer)
+    assert store.items[good.id].patient_name == "ANON" and store.items[good.id].prepared_copy
+    assert (store.items[bad.id].state, store.items[bad.id].last_error) == ("failed", "prepare step cpu failed: no")

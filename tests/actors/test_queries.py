@@ -122,3 +122,12 @@ async def test_read_stored_only_while_the_item_is_there(make_world: Any, autojum
     assert await reads.read_stored(spooled, delivered_while_read) is None
     del world.store.items[inline.id]  # bytes from the index are the instance's own, whatever follows
     assert await reads.read_stored(inline, read) == b"in the index"
+
+
+async def test_an_item_a_filter_holds_back_until_later_is_not_ripe(make_world: Any, autojump_clock: Any) -> None:
+    reads, world, _receiver = await reads_for(make_world, minimum_age=0)
+    clock = world.store.clock
+    item = world.store.add("PACS", state="new")
+    world.store._set(item.id, next_attempt_at=clock() + 60)  # a step's retry
+    assert not await reads._ripe_unprepared(clock())
+    assert await reads._ripe_unprepared(clock() + 60)

@@ -261,6 +261,25 @@ def test_nodes_and_inheritance(tmp_path: Path) -> None:
     assert s.storage_nodes() == (pacs, numeric)
 
 
+def test_transfer_syntax_is_in_force_without_a_warning(tmp_path: Path) -> None:
+    """issue 22: the node's TransferSyntax, else defaultTransferSyntax, is the UID its prepared
+    copies are in (a name or a UID of the table); blank everywhere keeps the received syntax.
+    Neither key warns any more."""
+    nodes = (
+        "- AeTitle: J2K\n  TransferSyntax: JPEG2000Lossless\n"
+        "- AeTitle: BYUID\n  TransferSyntax: 1.2.840.10008.1.2\n"
+        "- AeTitle: INHERIT\n  TransferSyntax: ''\n"
+    )
+    s = load_settings(write(tmp_path, "defaultTransferSyntax: RLELossless\n", nodes), environ={})
+    assert s.warnings == ()
+    j2k, by_uid, inherit = (effective(n, s.config).transfer_syntax for n in s.nodes)
+    assert (j2k, by_uid, inherit) == ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2", "1.2.840.10008.1.2.5")
+    s = load_settings(write(tmp_path, "", nodes), environ={})
+    assert effective(s.nodes[2], s.config).transfer_syntax == ""  # keep the received syntax
+    assert effective(s.nodes[0], s.config).transfer_syntax == "1.2.840.10008.1.2.4.90"
+    assert node_to_yaml(s.nodes[0])["TransferSyntax"] == "JPEG2000Lossless"  # written as given
+
+
 def test_precedence_cli_over_env_over_file(tmp_path: Path) -> None:
     d = write(tmp_path, "scpPort: 2000\napi:\n  port: 3000\nmyAeTitle: FILE\n")
     env = {"CAPACITOR_SCP_PORT": "2001", "CAPACITOR_API_PORT": "3001"}
@@ -354,6 +373,11 @@ BAD = [
     ("filters: sort, sort\n", "[]", "filters = 'sort, sort'", "sort is named twice"),
     ("dropUnfilteredInstances: true\n", "[]", "config.yml: dropUnfilteredInstances = True", "would drop every instance"),
     ("", "- HostName: x\n", "nodes.yml: node 1: AeTitle", "required"),
+    # issue 22: an unknown syntax name stays a one-line error naming the known ones
+    ("defaultTransferSyntax: JPEG2001\n", "[]", "config.yml: defaultTransferSyntax = 'JPEG2001'",
+     "unknown transfer syntax; use one of ImplicitVRLittleEndian"),
+    ("", "- AeTitle: PACS\n  TransferSyntax: Deflate\n", "nodes.yml: node PACS: TransferSyntax = 'Deflate'",
+     "unknown transfer syntax"),
     ("", "PACS: 1\n", "nodes.yml: file", "list"),
 ]
 

@@ -11,7 +11,7 @@ import attrs
 import pytest
 import trio
 import trio.testing
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from capacitor_trio.dicom import (
     AcceptorConfig,
@@ -134,6 +134,12 @@ async def test_instance_held_in_memory_is_sent_like_its_file(
         assert_same_instance(f, fake_network.sink.out / f"{rx.header.sop_instance_uid}.dcm")
 
 
+def _mr_image(tmp_path: Path) -> Path:
+    from tests.helpers.datasets import make_dataset, write_dataset
+
+    return write_dataset(tmp_path / "mr.dcm", make_dataset(sop_class_uid="1.2.840.10008.5.1.4.1.1.4", modality="MR"))
+
+
 async def test_more_tops_up_the_same_association(
     fake_network,
     tmp_path: Path,
@@ -149,9 +155,9 @@ async def test_more_tops_up_the_same_association(
 
     monkeypatch.setattr(association, "_open_stream", counting)
     files = write_corpus(tmp_path / "in", 5)
-    implicit = write_corpus(tmp_path / "imp", 1, transfer_syntax=ImplicitVRLittleEndian)
+    other = [_mr_image(tmp_path)]  # a SOP class the association proposed nothing for
     queue = [[outgoing(files[1]), outgoing(files[2])], [outgoing(files[3])]]
-    queue.append([outgoing(files[4]), outgoing(implicit[0])])  # no context for the last
+    queue.append([outgoing(files[4]), outgoing(other[0])])  # no context for the last
     asked: list[int] = []
     got, cb = collect()
 
@@ -161,7 +167,7 @@ async def test_more_tops_up_the_same_association(
 
     await send_batch(PEER, [outgoing(files[0])], SendOptions("ROUTER"), cb, more=more)
     assert asked == [1, 3, 4]  # the association ended after the instance it had no context for
-    assert got == {i: Delivered() for i in range(5)}  # index 5 (implicit VR) left unreported
+    assert got == {i: Delivered() for i in range(5)}  # index 5 (MR) left unreported
     assert len(fake_network.sink.received) == 5
     assert len(opened) == 1
 
@@ -172,9 +178,8 @@ async def test_top_up_outcomes_stay_aligned_with_the_callers_instances(
     """A top-up instance the association has no context for sits *between* two that fit: it is
     left unreported, and the outcomes of the others land on their own indices."""
     files = write_corpus(tmp_path / "in", 3)
-    implicit = write_corpus(tmp_path / "imp", 1, transfer_syntax=ImplicitVRLittleEndian)
     sent = [outgoing(files[0])]
-    queue = [[outgoing(files[1]), outgoing(implicit[0]), outgoing(files[2])]]
+    queue = [[outgoing(files[1]), outgoing(_mr_image(tmp_path)), outgoing(files[2])]]
     got, cb = collect()
 
     async def more() -> list[requestor.OutgoingInstance]:
@@ -183,7 +188,7 @@ async def test_top_up_outcomes_stay_aligned_with_the_callers_instances(
         return batch
 
     await send_batch(PEER, [sent[0]], SendOptions("ROUTER"), cb, more=more)
-    assert got == {0: Delivered(), 1: Delivered(), 3: Delivered()}  # 2 (implicit VR) unreported
+    assert got == {0: Delivered(), 1: Delivered(), 3: Delivered()}  # 2 (MR) unreported
     received = {r.header.sop_instance_uid for r in fake_network.sink.received}
     assert received == {sent[i].sop_instance_uid for i in got}
     assert sent[2].sop_instance_uid not in received
@@ -498,10 +503,13 @@ class AcceptingPeer:
     its A-ASSOCIATE-AC."""
 
     def __init__(
-        self, max_pdu: int, give_up: int = 1000, after_accept: bytes = b"", status: int = 0
+        self, max_pdu: int, give_up: int = 1000, after_accept: bytes = b"", status: int = 0,
+        only: str | None = None,
     ) -> None:
         self.max_pdu, self.give_up, self.after_accept = max_pdu, give_up, after_accept
         self.status = status
+        #: accept only contexts proposing this transfer syntax (in it); None: every context
+        self.only = only
         self.seen: list[tuple[int, int]] = []
         self.associate_rq = b""
         self.commands: list[bytes] = []
@@ -512,7 +520,7 @@ class AcceptingPeer:
         kind, body = await t.read_pdu()
         self.associate_rq = P.PDU_HEADER.pack(kind, 0, len(body)) + bytes(body)
         rq = P.decode_associate_rq(self.associate_rq)
-        results = [P.ContextResult(c.context_id, 0, c.transfer_syntaxes[0]) for c in rq.contexts]
+        results = [self.answer(c) for c in rq.contexts]
         await t.send_all(P.encode_associate_ac(rq, results, self.max_pdu) + self.after_accept)
         command = bytearray()
         with contextlib.suppress(PeerClosed):
@@ -539,6 +547,13 @@ class AcceptingPeer:
                         await t.send_all(P.encode_command_pdus(ctx, rsp, 16384))
         await t.aclose()
         self.done.set()
+
+    def answer(self, c: P.ProposedContext) -> P.ContextResult:
+        if self.only is None:
+            return P.ContextResult(c.context_id, 0, c.transfer_syntaxes[0])
+        if self.only in c.transfer_syntaxes:
+            return P.ContextResult(c.context_id, 0, self.only)
+        return P.ContextResult(c.context_id, P.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED, "")
 
     def install(self, monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery) -> None:
         async def open_stream(host: str, port: int) -> trio.abc.Stream:
@@ -973,6 +988,13 @@ class EndlessCommandPeer:
             while True:
                 kind, _ = await t.read_pdu()
                 self.seen.append(kind)
+
+    def answer(self, c: P.ProposedContext) -> P.ContextResult:
+        if self.only is None:
+            return P.ContextResult(c.context_id, 0, c.transfer_syntaxes[0])
+        if self.only in c.transfer_syntaxes:
+            return P.ContextResult(c.context_id, 0, self.only)
+        return P.ContextResult(c.context_id, P.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED, "")
 
     def install(self, monkeypatch: pytest.MonkeyPatch, nursery: trio.Nursery) -> None:
         async def open_stream(host: str, port: int) -> trio.abc.Stream:

@@ -104,9 +104,13 @@ class Counter:
 class PynetdicomDestination:
     """A pynetdicom Storage SCP in its own threads, keeping each dataset's raw bytes."""
 
-    def __init__(self, ae_title: str = "PYDEST", port: int = 0) -> None:
+    def __init__(self, ae_title: str = "PYDEST", port: int = 0, syntaxes: Sequence[str] = ALL_SYNTAXES) -> None:
         self.ae_title = ae_title
         self.port = port
+        #: the transfer syntaxes it accepts (each storage class in any of them)
+        self.syntaxes = list(syntaxes)
+        #: SOP Instance UID -> the transfer syntax it arrived in
+        self.syntax_of: dict[str, str] = {}
         self.received: dict[str, bytes] = {}
         self.count = Counter()
         self._server: Any = None
@@ -119,7 +123,7 @@ class PynetdicomDestination:
         ae = AE(ae_title=self.ae_title)
         ae.maximum_associations = 50
         for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_SYNTAXES)
+            ae.add_supported_context(cx.abstract_syntax, self.syntaxes)
         ae.add_supported_context(Verification)
         self._server = ae.start_server(
             ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
@@ -142,6 +146,7 @@ class PynetdicomDestination:
         if not new:
             self.duplicates += 1
         # stored before the count changes: a waiter re-checks `received` as soon as it does
+        self.syntax_of[uid] = str(event.context.transfer_syntax)
         self.received[uid] = raw
         if new:
             self.count.add_from_thread()  # counts distinct instances
@@ -312,10 +317,14 @@ class StorescpInetd:
     without polling, and each association gets its own storescp process.
     """
 
-    def __init__(self, out: Path, *, nodelay: bool = True, extra: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, out: Path, *, nodelay: bool = True, extra: tuple[str, ...] = (), accept: str = "+xa"
+    ) -> None:
         self.out = out
         self.nodelay = nodelay
         self.extra = extra
+        #: the transfer syntaxes storescp accepts: "+xa" all, "+xi" Implicit VR LE only, ...
+        self.accept = accept
         self.port = 0
         self.results: list[trio.CompletedProcess] = []  # type: ignore[type-arg]
 
@@ -342,7 +351,7 @@ class StorescpInetd:
                     "-od",
                     str(self.out),
                     "+B",
-                    "+xa",
+                    self.accept,
                     "-pdu",
                     "131072",
                     *self.extra,

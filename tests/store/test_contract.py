@@ -26,6 +26,7 @@ from capacitor_trio.store import (
     TransitionError,
     open_store,
 )
+from capacitor_trio.store.model import Preparation, PreparedCopy, PrepOutcome
 from tests.actors.fakes import FakeSender, FakeStore, IntakeStore
 
 from .util import CT, MR, SR, FakeClock, header
@@ -297,3 +298,100 @@ async def test_pause_flags(h: Harness) -> None:
     await h.port.set_paused(AI, True)
     await h.port.set_paused(AI, False)
     assert await h.port.get_paused() == {("PACS", "Storage")}
+
+
+# ---- the per-item prepare stage ---------------------------------------------------------------
+
+
+async def test_ripe_new_lists_ripe_items_with_their_bytes_and_when_the_next_ripens(h: Harness) -> None:
+    assert await h.port.next_ripe_at(PACS, 5) is None
+    start = h.clock()
+    (old,) = await h.commit(state=NEW)
+    h.clock.advance(10)
+    (young,) = await h.commit(state=NEW)
+    await h.commit([AI], state=NEW)
+    ripe = await h.port.ripe_new(PACS, h.clock(), 5, 10)
+    assert [i.id for i in ripe] == [old] and ripe[0].data == b"DICM" * 64
+    assert ripe[0].received_syntax == ripe[0].transfer_syntax_uid != ""
+    assert await h.port.next_ripe_at(PACS, 5) == start + 5
+    assert [i.id for i in await h.port.ripe_new(PACS, h.clock(), 0, 1)] == [old]
+    assert [i.id for i in await h.port.ripe_new(PACS, h.clock(), 0, 10)] == [old, young]
+
+
+async def test_prepared_unchanged_keeps_the_received_instance_and_the_sort_key(h: Harness) -> None:
+    (a,) = await h.commit(state=NEW)
+    report = await h.port.apply_preparations([Preparation(a, PrepOutcome.PREPARED, sort_key=b"\x01")])
+    assert report.prepared == (a,)
+    item = (await h.items())[a]
+    assert (item.state, item.sort_key, item.data) == ("prepared", b"\x01", None)
+    [out] = await h.port.checkout_batch(PACS, now=h.clock(), limit=10)
+    assert out.data == b"DICM" * 64
+
+
+async def test_a_prepared_copy_is_sent_for_its_item_alone(h: Harness) -> None:
+    a, b = await h.commit([PACS, AI], state=NEW)
+    copy_header = attrs.evolve(header(), sop_instance_uid="9.9.9", transfer_syntax_uid="1.2.840.10008.1.2")
+    copy = PreparedCopy(copy_header, b"COPY" * 10)
+    await h.port.apply_preparations([Preparation(a, PrepOutcome.PREPARED, copy=copy)])
+    [mine] = await h.port.checkout_batch(PACS, now=h.clock(), limit=10)
+    assert (mine.data, mine.sop_instance_uid, mine.transfer_syntax_uid) == (b"COPY" * 10, "9.9.9", "1.2.840.10008.1.2")
+    assert mine.received_syntax == header().transfer_syntax_uid and mine.size_bytes == 40
+    assert mine.prepared_copy
+    [theirs] = await h.port.ripe_new(AI, h.clock(), 0, 10)
+    assert theirs.id == b and theirs.data == b"DICM" * 64 and theirs.sop_instance_uid != "9.9.9"
+    assert not theirs.prepared_copy
+
+
+async def test_removed_retried_and_failed_items(h: Harness) -> None:
+    a, b, c = [(await h.commit(state=NEW))[0] for _ in range(3)]
+    later = h.clock() + 30
+    report = await h.port.apply_preparations([
+        Preparation(a, PrepOutcome.REMOVED),
+        Preparation(b, PrepOutcome.RETRY, last_error="pseudonyms busy", not_before=later),
+        Preparation(c, PrepOutcome.FAILED, last_error="mutation failed"),
+    ])
+    assert (report.removed, report.retried, report.failed) == ((a,), (b,), (c,))
+    items = await h.items()
+    assert set(items) == {b, c}
+    assert (items[b].state, items[b].last_error, items[b].next_attempt_at) == ("new", "pseudonyms busy", later)
+    assert (items[c].state, items[c].last_error, items[c].next_attempt_at) == ("failed", "mutation failed", None)
+    assert await h.port.ripe_new(PACS, h.clock(), 0, 10) == []
+    assert await h.port.next_ripe_at(PACS, 0) == later
+    h.clock.advance(30)
+    assert [i.id for i in await h.port.ripe_new(PACS, h.clock(), 0, 10)] == [b]
+
+
+async def test_added_destinations_share_the_received_instance_once(h: Harness) -> None:
+    (a,) = await h.commit(state=NEW)
+    dose = Destination("DOSE")
+    report = await h.port.apply_preparations([Preparation(a, PrepOutcome.REMOVED, add_destinations=(dose, AI))])
+    assert [d for _, d in report.added] == [dose, AI] and report.removed == (a,)
+    [added] = await h.port.ripe_new(dose, h.clock(), 0, 10)
+    assert (added.added_by, added.state, added.data, added.source_ae) == (a, "new", b"DICM" * 64, "CT01")
+    # the same instance is never added twice for one destination
+    report = await h.port.apply_preparations([Preparation(added.id, PrepOutcome.PREPARED, add_destinations=(AI,))])
+    assert report.added == () and report.prepared == (added.id,)
+
+
+async def test_an_item_changed_meanwhile_is_skipped(h: Harness) -> None:
+    a, b = [(await h.commit(state=NEW))[0] for _ in range(2)]
+    await h.port.delete(a)
+    await h.port.move(b, FAILED)
+    report = await h.port.apply_preparations([Preparation(a, PrepOutcome.PREPARED), Preparation(b, PrepOutcome.REMOVED)])
+    assert report.skipped == (a, b) and set(await h.items()) == {b}
+
+
+async def test_a_series_is_checked_out_in_its_sort_order(h: Harness) -> None:
+    ids = [(await h.commit(series="A", state=NEW))[0] for _ in range(3)]
+    other = (await h.commit(series="B", state=NEW))[0]
+    keys = {ids[0]: b"\x03", ids[1]: b"\x01", ids[2]: b"\x02"}
+    await h.port.apply_preparations(
+        [Preparation(i, PrepOutcome.PREPARED, sort_key=keys.get(i)) for i in [*ids, other]]
+    )
+    in_order = [ids[1], ids[2], ids[0]]
+    assert await h.checkout(by_series=True) == in_order  # batchSize 0: one series, sorted
+    await h.port.release_all_checked_out()
+    assert await h.checkout(series_uid="A", limit=2) == in_order[:2]
+    await h.port.release_all_checked_out()
+    # a batch of several series: each series in its order, in the places its items had
+    assert await h.checkout() == [*in_order, other]

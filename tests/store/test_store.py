@@ -524,8 +524,10 @@ async def test_index_of_version_1_is_migrated(tmp_path: Path) -> None:
     async with open_store(tmp_path, durable=False, inline_max_bytes=0) as store:
         [a] = await commit(store)
     conn = sqlite3.connect(tmp_path / "index.db")
-    with conn:  # what version 1 wrote: no blobs table
+    with conn:  # what version 1 wrote: no blobs table (nor version 3's columns)
         conn.execute("DROP TABLE blobs")
+        for column in ("received_syntax", "sort_key", "added_by", "prepared_copy"):
+            conn.execute(f"ALTER TABLE items DROP COLUMN {column}")
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     conn.close()
     async with open_store(tmp_path, durable=False) as store:

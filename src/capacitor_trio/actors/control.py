@@ -50,7 +50,7 @@ from capacitor_trio.actors.messages import (
     UpdateNode,
     required_state,
 )
-from capacitor_trio.actors.reload import ReloadReport, reload_configuration
+from capacitor_trio.actors.reload import ReloadReport, reload_configuration, reload_filters
 from capacitor_trio.audit import OPERATOR, OperatorAction
 from capacitor_trio.config.load import check_node_set
 from capacitor_trio.config.models import Node
@@ -330,4 +330,9 @@ class Control:
                 event = OperatorAction(OPERATOR.get(), action, target, items, note.count, outcome)
                 with trio.CancelScope(shield=True):
                     await trail.record(event, written=True)
+
+    async def reload_filters(self) -> dict[str, Any]:
+        """Re-read the filter files; the new chain in force, or a ConfigError and the old one
+        stays (actors/reload.py)."""
+        return await reload_filters(self.router)
 

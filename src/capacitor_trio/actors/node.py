@@ -64,13 +64,16 @@ from capacitor_trio.actors.messages import (
     required_state,
 )
 from capacitor_trio.actors.prepare import NodePreparer
+from capacitor_trio.actors.prepare_steps import steps_for
 from capacitor_trio.actors.sending import RECORD_IDLE as RECORD_IDLE
 from capacitor_trio.actors.sending import SERIES_BATCH_CAP, BatchSend
 from capacitor_trio.actors.sending import TOP_UP_FEW as TOP_UP_FEW
 from capacitor_trio.actors.sending import TOP_UP_GATHER as TOP_UP_GATHER
 from capacitor_trio.actors.service import ServiceFlags
+from capacitor_trio.actors.transcoding import ConversionStats, TranscodeContext
 from capacitor_trio.audit import AuditPort
 from capacitor_trio.config.models import Config, Node, effective, effective_schedule
+from capacitor_trio.dicom.conversion import Transcoder
 from capacitor_trio.dicom.requestor import (
     EchoResult,
     MoreInstances,
@@ -79,6 +82,7 @@ from capacitor_trio.dicom.requestor import (
     SendOptions,
 )
 from capacitor_trio.domain.gate import SEND, Send, Wait, decide, next_look
+from capacitor_trio.domain.instance import Destination
 from capacitor_trio.domain.outcomes import Outcome
 from capacitor_trio.domain.schedule import Schedule, parse_schedule, schedule_gate
 from capacitor_trio.domain.states import FAILED, NEW, REJECTED
@@ -157,6 +161,8 @@ class NodeState:
     def _forget_deliveries(self, now: float) -> None:
         while self.deliveries and (self.deliveries[0][0] <= now - RATE_WINDOW or len(self.deliveries) > MAX_RATE_RECORDS):
             self.deliveries.popleft()
+    #: the node's conversions into its TransferSyntax (the prepare stage's transcoding step)
+    conversions: ConversionStats = attrs.field(factory=ConversionStats)
 
 
 @attrs.define(eq=False)
@@ -180,6 +186,15 @@ class NodeContext:
     metrics: Metrics = attrs.field(factory=Metrics)
     #: the audit trail every recorded outcome batch is written to (None: none)
     audit: AuditPort | None = None
+    #: the router's transcode worker processes (prepared copies in a node's TransferSyntax);
+    #: None: this router converts nothing ahead (tests; delivery still converts on the way out)
+    transcoder: Transcoder | None = None
+    #: an add_destination's AE title -> the Storage node it names, None if none (the runtime
+    #: asks the supervisor; tests take any AE title as a node)
+    resolve_destination: Callable[[str], Destination | None] = Destination
+    #: a prepare stage added items for these destinations (add_destination): their prepare
+    #: stages look (the runtime tells the supervisor)
+    items_added: Callable[[Sequence[Destination]], None] = lambda _d: None
 
     @property
     def tz(self) -> tzinfo:
@@ -197,10 +212,20 @@ class NodeActor:
         self._bulk, self._bulk_calls = trio.open_memory_channel[Call](BULK_QUEUE)
         #: this node's prepare stage (new -> prepared), run in the actor's nursery
         self.preparer = NodePreparer(
-            handle.destination, ctx.store, lambda: ctx.config, ctx.service, ctx.clock, handle.wake
+            handle.destination, ctx.store, lambda: ctx.config, ctx.service, ctx.clock, handle.wake,
+            steps=lambda: steps_for(self.node, ctx.config, self._transcoding()),
+            resolve=lambda ae: ctx.resolve_destination(ae),
+            on_added=lambda dests: ctx.items_added(dests),
         )
 
     # ---- derived settings (re-read each time: a node edit replaces handle.node) --------------
+
+    def _transcoding(self) -> TranscodeContext | None:
+        """What the node's transcoding step needs; None without a transcode pool (tests)."""
+        transcoder = self.ctx.transcoder
+        if transcoder is None:
+            return None
+        return TranscodeContext(transcoder, self.ctx.config.cache_path / "transcode", self.state.conversions)
 
     @property
     def node(self) -> Node:

@@ -14,6 +14,7 @@ goes to the owner of the fact, as `actors/control.py` does for writes:
 | service flags                               | `ServiceFlags`                             |
 | loop stalls, recent log lines               | `LoopLag`, the log ring buffer             |
 | the configuration shown (secrets redacted)  | `Router.settings`, nodes.yml and the filter files via `config/show.py` |
+| the filter chain in force, a trial run of it | the configuration in force (`Router.settings`) |
 
 Whether the router is idle is decided by `domain.processing` from these inputs; the API only
 formats the snapshot it gets.
@@ -21,6 +22,7 @@ formats the snapshot it gets.
 
 from __future__ import annotations
 
+import datetime
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -29,9 +31,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Protocol, TypeVar
 import attrs
 import trio
 
+from capacitor_trio.actors.filter_step import DestinationTrial, chain_of, try_chain
 from capacitor_trio.actors.messages import NodeStatus
 from capacitor_trio.config.models import Node
 from capacitor_trio.config.show import effective_config, settings_files
+from capacitor_trio.domain.filters import describe
 from capacitor_trio.domain.instance import Destination
 from capacitor_trio.domain.processing import (
     NodeProcessing,
@@ -109,11 +113,16 @@ class ReadPort(Protocol):
 
     def loop_figures(self) -> dict[str, Any]: ...
 
+    def conversions(self) -> dict[str, dict[str, float | int]]: ...
+
     def recent_logs(self, lines: int, level: str | None) -> list[LogEntry]: ...
 
     def system(self) -> SystemInfo: ...
 
     async def settings(self) -> SettingsView: ...
+    def filters(self) -> dict[str, Any]: ...
+
+    async def try_filters(self, data: bytes, source_ae: str, destination_ae: str) -> list[DestinationTrial]: ...
 
 
 class StoreReads(Protocol):
@@ -133,7 +142,7 @@ class StoreReads(Protocol):
 
     async def next_eligible_at(self, destination: Destination, now: float) -> float | None: ...
 
-    async def oldest_new(self, destination: Destination | None = None) -> float | None: ...
+    async def next_ripe_at(self, destination: Destination, minimum_age: float) -> float | None: ...
 
 
 
@@ -246,11 +255,12 @@ class RouterReads:
         )
 
     async def _ripe_unprepared(self, now: float) -> bool:
-        """Has a node with an actor a new item old enough for its prepare stage?"""
+        """Has a node with an actor a new item old enough for its prepare stage (and not held
+        back by a step's retry until later, like a failed item waiting for its next attempt)?"""
         minimum_age = self.router.settings.config.minimum_age
         for handle in self.router.supervisor.handles:
-            oldest = await self._store.oldest_new(handle.destination)
-            if oldest is not None and oldest <= now - minimum_age:
+            ripe_at = await self._store.next_ripe_at(handle.destination, minimum_age)
+            if ripe_at is not None and ripe_at <= now:
                 return True
         return False
 
@@ -293,6 +303,10 @@ class RouterReads:
     def loop_figures(self) -> dict[str, Any]:
         return self.router.loop.to_json()
 
+    def conversions(self) -> dict[str, dict[str, float | int]]:
+        """Each Storage node's conversions (count, failures, seconds), from the supervisor."""
+        return self.router.supervisor.conversions()
+
     def recent_logs(self, lines: int, level: str | None) -> list[LogEntry]:
         ring = self.router.ring
         return ring.recent(lines, level) if ring is not None else []
@@ -306,6 +320,26 @@ class RouterReads:
         config = self.router.settings.config
         nodes_yml, filters = await trio.to_thread.run_sync(settings_files, config.data_dir)
         return SettingsView(effective_config(config), nodes_yml, filters)
+    # ---- filters ------------------------------------------------------------------------------
+
+    def filters(self) -> dict[str, Any]:
+        """The filter chain in force and each file's entries (`domain.filters.describe`)."""
+        return describe(chain_of(self.router.settings.config))
+
+    async def try_filters(self, data: bytes, source_ae: str, destination_ae: str) -> list[DestinationTrial]:
+        """The chain in force run on `data` as the filter-test tool runs it (nothing written),
+        in a worker thread under the item detail's limiter (CPU work, like a detail's parse).
+        ValueError for bytes that are no DICOM file."""
+        config = self.router.settings.config
+        now = datetime.datetime.fromtimestamp(self.router.clock()).astimezone()
+
+        def run() -> list[DestinationTrial]:
+            return try_chain(
+                chain_of(config), data, source_ae=source_ae, destination_ae=destination_ae,
+                root=config.data_dir, now=now,
+            )
+
+        return await trio.to_thread.run_sync(run, limiter=detail_limiter())
 
 
 def _may_send(delivery: bool, snap: NodeStatus) -> bool:

@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from capacitor_trio.actors.prepare_steps import has_steps
 from capacitor_trio.actors.service import ServiceFlags
 from capacitor_trio.config.models import Config, Node, called_aes
 from capacitor_trio.dicom.acceptor import CannotProcess, OutOfResources, ReceivedInstance
@@ -69,6 +70,7 @@ class Receiver:
         self._limiter = trio.CapacityLimiter(max_in_flight)
         self._routes: dict[str, Destination] = {}
         self._folded: dict[str, str] = {}  # upper-cased called AE -> the title as configured
+        self._by_key: dict[tuple[str, str], Node] = {}
         self.refresh_routes()
         #: the router's counters: instances, bytes, commit latency, admission refusals
         self.metrics = metrics if metrics is not None else Metrics()
@@ -80,8 +82,14 @@ class Receiver:
 
     def refresh_routes(self) -> None:
         """Rebuild the called-AE table (after a node edit)."""
-        self._routes = called_ae_routes(self._nodes(), self.config.ae_title_prefix)
+        nodes = self._nodes()
+        self._by_key = {node.key: node for node in nodes}
+        self._routes = called_ae_routes(nodes, self.config.ae_title_prefix)
         self._folded = {title.upper(): title for title in (self.config.my_ae_title, *self._routes)}
+
+    def _has_steps(self, destinations: Sequence[Destination]) -> bool:
+        nodes = (self._by_key.get((d.ae_title, d.role)) for d in destinations)
+        return any(node is not None and has_steps(node, self.config) for node in nodes)
 
     # ---- InstanceSink ------------------------------------------------------------------------
 
@@ -116,8 +124,9 @@ class Receiver:
         destinations = self.destinations_for(rx.called_ae)
         if not destinations:
             raise CannotProcess(f"no destination node for called AE {rx.called_ae.strip()!r}")
-        # with minimumAge 0 an item is ripe at once: commit it prepared (no preparer round trip)
-        ripe = self.config.minimum_age <= 0 and self.service.prepare
+        # with minimumAge 0 an item is ripe at once: commit it prepared (no preparer round
+        # trip), unless a destination's prepare stage has steps (filters, transcoding) to run
+        ripe = self.config.minimum_age <= 0 and self.service.prepare and not self._has_steps(destinations)
         counters = self.metrics
         async with self._limiter:
             started = trio.current_time()

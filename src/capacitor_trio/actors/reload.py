@@ -24,8 +24,10 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import trio
 
+from capacitor_trio.config.filters import load_chain
 from capacitor_trio.config.load import GLOBAL_KEYS, load_settings
 from capacitor_trio.config.models import Config, Node
+from capacitor_trio.domain.filters import describe
 from capacitor_trio.domain.instance import Destination
 
 if TYPE_CHECKING:
@@ -206,3 +208,29 @@ def _summary(report: ReloadReport) -> str:
     ]
     return "; ".join(parts) or "no change"
 
+
+
+async def reload_filters(router: Router) -> dict[str, Any]:
+    """`POST /api/filters/reload`: read the filter files config.yml's `filters` names again,
+    check them all (and their add_destination targets against the Storage nodes in force), and
+    only then put the new chain in force; a ConfigError (the first error, one line) leaves the
+    chain in force untouched. Returns the new chain as `GET /api/filters` shows it."""
+    async with router.config_lock:
+        old = router.settings
+        storage = frozenset(n.ae_title for n in old.nodes if n.role == "Storage")
+        warnings: list[str] = []
+        try:
+            chain = await trio.to_thread.run_sync(lambda: load_chain(old.config, storage, warnings))
+        except Exception as exc:
+            log.error("filters reload refused, the filters in force stay: %s", exc)
+            raise
+        config = attrs.evolve(old.config, filter_chain=chain)
+        router.settings = attrs.evolve(old, config=config)
+        router.supervisor.ctx.config = config
+        router.receiver.config = config
+        for handle in router.supervisor.handles:  # items waiting may pass other steps now
+            handle.wake_preparer()
+    for warning in warnings:
+        log.warning("%s", warning)
+    log.info("filters reloaded: %s", ", ".join(f.name for f in chain.filters) or "no filter on")
+    return describe(chain)

@@ -150,6 +150,7 @@ class BatchSend:
             stall_threshold=float(eff.stall_threshold),
             minimum_line_speed_kbps=float(eff.minimum_line_speed),
             max_pdu_size=config.max_pdu_size,
+            scratch_dir=str(config.cache_path / "outgoing"),
         )
 
     async def _associate(

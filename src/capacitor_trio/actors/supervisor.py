@@ -122,12 +122,23 @@ class Supervisor:
         for slot in self._slots.values():
             slot.handle.wake()
 
+    def storage_destination(self, ae_title: str) -> Destination | None:
+        """The Storage node an add_destination's AE title names (exactly, blanks stripped), or
+        None if no node with an actor has that title."""
+        key = (ae_title.strip(), "Storage")
+        return Destination(*key) if key in self._slots else None
+
     def items_arrived(self, destinations: Sequence[Destination]) -> None:
         """New items were committed `new` for these destinations: their prepare stages look."""
         for d in destinations:
             slot = self._slots.get((d.ae_title, d.role))
             if slot is not None:
                 slot.handle.items_arrived()
+
+    def conversions(self) -> dict[str, dict[str, float | int]]:
+        """Each Storage node's conversions into its TransferSyntax since the router started
+        (its prepare stage's counts, kept across actor restarts), by AE title."""
+        return {key[0]: slot.state.conversions.as_json() for key, slot in self._slots.items()}
 
     def snapshot(self, handle: NodeHandle, counts: Counts | None = None) -> NodeStatus:
         """A status snapshot that does not need the actor (works while it restarts)."""

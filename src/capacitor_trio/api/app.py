@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     from capacitor_trio.runtime import Router
 
 MAX_LIMIT = 1000
+#: the largest DICOM file POST /api/filters/test takes (other writes: 1 MiB, routes.py)
+FILTER_TEST_MAX_BYTES = 64 * 1024 * 1024
 MAX_LOG_LINES = 1000
 
 
@@ -419,6 +421,29 @@ class Api:
             "needsRestart": list(report.needs_restart),
         })
 
+    # ---- filters -----------------------------------------------------------------------------
+
+    async def get_filters(self) -> Response:
+        return ok(self.reads.filters())
+
+    async def test_filters(self) -> Response:
+        """The chain in force run on the DICOM file in the body for ?dest= (from ?source=)."""
+        dest = _str_arg("dest")
+        if dest is None:
+            raise bad_request("dest is required: the destination node's AE title")
+        request.max_content_length = FILTER_TEST_MAX_BYTES
+        data = await request.get_data(as_text=False)
+        if not isinstance(data, bytes) or not data:
+            raise bad_request("the body must be a DICOM file (Part 10)")
+        try:
+            trials = await self.reads.try_filters(data, _str_arg("source") or "", dest)
+        except ValueError as exc:
+            raise bad_request(str(exc)) from exc
+        return ok({"destinations": [t.as_json() for t in trials]})
+
+    async def reload_filters(self) -> Response:
+        return ok(await self.control.reload_filters())
+
     async def service_resume(self) -> Response:
         return ok(await self.control.set_service(True))
 
@@ -447,6 +472,7 @@ class Api:
                 "received": self.reads.received(),
                 "service": self.reads.service_flags(),
                 "loop": self.reads.loop_figures(),
+                "transcoding": self.reads.conversions(),
             }
         )
 

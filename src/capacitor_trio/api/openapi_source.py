@@ -66,7 +66,8 @@ ITEM_PROPS: S = {
     "patientId": STR,
     "patientName": {**nullable(STR), "description": "null without a credential while one is configured"},
     "accessionNumber": STR,
-    "transferSyntaxUid": STR,
+    "transferSyntaxUid": {"type": "string", "description": "the syntax the item is sent in (its prepared copy's when it has one)"},
+    "receivedTransferSyntaxUid": {"type": "string", "description": "the syntax the instance was received in"},
     "sizeBytes": INT,
     "attemptCount": INT,
     "lastError": nullable(STR),
@@ -170,6 +171,23 @@ SCHEMAS: S = {
     "BulkFilter": obj(
         {"source": nullable(STR), "destination": nullable(STR), "modality": nullable(STR)}, required=[]
     ),
+    "Filters": obj({
+        "filters": {"type": "array", "items": STR, "description": "the chain as config.yml's filters names it"},
+        "dropUnfilteredInstances": BOOL,
+        "off": {"type": "array", "items": STR, "description": "filters named whose file is missing"},
+        "files": {"type": "array", "items": {"type": "object"}, "description": "each filter on: its file and entries"},
+    }),
+    "FilterTest": obj({"destinations": {"type": "array", "items": ref("FilterTrial")}}),
+    "FilterTrial": obj({
+        "destination": STR,
+        "verdict": {"type": "string", "enum": ["kept", "changed", "dropped", "retry", "failed"]},
+        "addDestinations": {"type": "array", "items": STR},
+        "savedFiles": {"type": "array", "items": STR},
+        "changes": {"type": "array", "items": obj({"tag": STR, "keyword": STR, "before": nullable(STR), "after": nullable(STR)})},
+        "sortKey": nullable(STR),
+        "message": STR,
+        "decisions": {"type": "array", "items": STR},
+    }),
     "ReloadReport": obj({
         "added": {"type": "array", "items": STR},
         "removed": {"type": "array", "items": STR},
@@ -199,6 +217,18 @@ SCHEMAS: S = {
             "received": INT,
             "service": ref("ServiceFlags"),
             "loop": ref("LoopLag"),
+            "transcoding": {
+                "type": "object",
+                "description": "per Storage node (by AE title): its prepared copies converted into its TransferSyntax since the router started",
+                "additionalProperties": ref("Conversions"),
+            },
+        }
+    ),
+    "Conversions": obj(
+        {
+            "conversions": INT,
+            "failed": {"type": "integer", "minimum": 0, "description": "instances that could not be converted (sent as received)"},
+            "seconds": {"type": "number", "minimum": 0, "description": "time the conversions took (write, convert, read back)"},
         }
     ),
     "LoopLag": obj(
@@ -432,6 +462,7 @@ def _service_paths() -> S:
         "/api/service/status": {"get": op("Processing flags", ref("ServiceFlags"), tag="Service")},
         "/api/service/pause": {"post": op("Disable all processing (receiving continues)", ref("ServiceFlags"), write=True, tag="Service")},
         "/api/service/resume": {"post": op("Re-enable all processing", ref("ServiceFlags"), write=True, tag="Service")},
+        **_filter_paths(),
         "/api/config/reload": {"post": op("Re-read config.yml and nodes.yml; apply node additions, removals and edits and the reloadable keys, or change nothing", ref("ReloadReport"), errors=(400, 409), write=True, tag="Service")},
         "/api/service/processing-status": {"get": op("Pause state, checked-out items, active jobs, idle", ref("ProcessingStatus"), tag="Service")},
         "/api/metrics": {"get": op("Aggregate queue statistics and service status", ref("Metrics"), tag="Metrics")},
@@ -450,6 +481,33 @@ def _service_paths() -> S:
                     q("level", {"type": "string", "enum": ["DEBUG", "INFO", "WARN", "WARNING", "ERROR"]}, "this level and above; any case"),
                 ],
                 tag="Logs",
+            )
+        },
+    }
+
+
+def _filter_paths() -> S:
+    """The filter chain: what is loaded, a trial run on a file, a reload of the files."""
+    trial = op(
+        "Run the filter chain in force on a DICOM file for ?dest= (and each destination a route adds); "
+        "nothing is written (save_file targets are reported, anonymize uses a throwaway mapping)",
+        ref("FilterTest"), errors=(400,), write=True, tag="Filters",
+        params=[
+            {"name": "dest", "in": "query", "required": True, "schema": STR, "description": "the destination node's AE title"},
+            q("source", STR, "the calling AE title the file came from"),
+        ],
+    )
+    trial["requestBody"] = {
+        "required": True,
+        "content": {"application/dicom": {"schema": {"type": "string", "format": "binary"}}},
+    }
+    return {
+        "/api/filters": {"get": op("The filter chain in force and each filter file's entries (read-only)", ref("Filters"), tag="Filters")},
+        "/api/filters/test": {"post": trial},
+        "/api/filters/reload": {
+            "post": op(
+                "Re-read the filter files; all are checked before the new chain is put in force, else 400 with the "
+                "first error and the chain in force stays", ref("Filters"), errors=(400,), write=True, tag="Filters",
             )
         },
     }

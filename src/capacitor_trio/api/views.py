@@ -79,6 +79,7 @@ def item_json(item: Item, *, names: bool = True) -> dict[str, Any]:
         "patientName": item.patient_name if names else None,
         "accessionNumber": item.accession_number,
         "transferSyntaxUid": item.transfer_syntax_uid,
+        "receivedTransferSyntaxUid": item.received_syntax or item.transfer_syntax_uid,
         "sizeBytes": item.size_bytes,
         "attemptCount": item.attempt_count,
         "lastError": item.last_error or None,

@@ -256,11 +256,6 @@ def load_settings(
             str(config_file), "retryMaxDelaySeconds", config.retry_max_delay_seconds,
             "must not be smaller than retryDelaySeconds",
         )
-    if config.default_transfer_syntax:
-        warnings.append(
-            "defaultTransferSyntax is accepted but transcoding is not implemented yet: "
-            "instances are sent in the syntax they were received in"
-        )
     if config.api.enabled and not config.api.auth_required:
         warnings.append(
             "api: neither api.token nor api.servicePassword is set: the API's write endpoints are "
@@ -314,8 +309,6 @@ def parse_node(entry: Any, source: str, index: int, warnings: list[str] | None =
             warnings.append(f"{where}: keys accepted but not implemented yet (ignored): {', '.join(sorted(known))}")
         if other:
             warnings.append(f"{where}: unknown keys (ignored): {', '.join(sorted(other))}")
-    if fields.get("transfer_syntax") and warnings is not None:
-        warnings.append(f"{where}: TransferSyntax is accepted but transcoding is not implemented yet")
     return Node(**fields)
 
 

@@ -36,6 +36,13 @@ TRANSFER_SYNTAX_NAMES = {
 }
 
 
+def transfer_syntax_uid(value: str) -> str:
+    """The UID a `TransferSyntax` / `defaultTransferSyntax` value names: one of the names of
+    TRANSFER_SYNTAX_NAMES, or one of their UIDs as it is; "" (blank) stays "" (keep the syntax
+    each instance was received in)."""
+    return TRANSFER_SYNTAX_NAMES.get(value, value)
+
+
 @attrs.frozen
 class ApiConfig:
     enabled: bool = False
@@ -169,6 +176,8 @@ class NodeSettings:
     minimum_line_speed: int
     stall_threshold: int
     process_schedule: tuple[str, ...]
+    #: the UID of the syntax the node's prepared copies are in: the node's `TransferSyntax`,
+    #: else `defaultTransferSyntax`; "" keeps the syntax each instance was received in
     transfer_syntax: str
 
 
@@ -188,7 +197,7 @@ def effective(node: Node, config: Config) -> NodeSettings:
         minimum_line_speed=pick(node.minimum_line_speed, config.minimum_line_speed),
         stall_threshold=pick(node.stall_threshold, config.stall_threshold_seconds),
         process_schedule=effective_schedule(node, config),
-        transfer_syntax=node.transfer_syntax or config.default_transfer_syntax,
+        transfer_syntax=transfer_syntax_uid(node.transfer_syntax or config.default_transfer_syntax),
     )
 
 

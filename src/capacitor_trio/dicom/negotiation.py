@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -168,3 +169,155 @@ _UID_CHARS = frozenset("0123456789.")
 
 def valid_uid(uid: str | None) -> bool:
     return bool(uid) and len(uid) <= 64 and set(uid) <= _UID_CHARS  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------
+# The requestor's side: what delivery proposes, and which accepted context carries an instance
+
+IMPLICIT_VR_LE = "1.2.840.10008.1.2"
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
+#: proposed for every SOP class of a batch after its instances' own syntaxes, in one context, in
+#: this order of preference: any destination takes one of them (PS3.5 makes Implicit VR Little
+#: Endian the default every implementation supports)
+UNCOMPRESSED = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
+#: syntaxes an instance may be converted into on the way out besides UNCOMPRESSED, when the
+#: destination accepted one for its class (another instance's): lossless ones only. Lossy output
+#: is made only where a node's TransferSyntax asks for it, never chosen by a destination.
+LOSSLESS = frozenset({
+    IMPLICIT_VR_LE, EXPLICIT_VR_LE,
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, process 14
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, process 14 SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+})
+
+
+@attrs.frozen
+class Proposal:
+    """The presentation contexts a delivery proposes (`propose`)."""
+
+    contexts: list[P.ProposedContext]
+    #: (SOP class, syntax) pairs left without a context: more than the limit
+    overflow: set[tuple[str, str]]
+    #: SOP classes with a context of UNCOMPRESSED syntaxes besides their own ones (all, unless
+    #: the limit left no room)
+    fallback: frozenset[str]
+
+
+def propose(pairs: list[tuple[str, str]], limit: int) -> Proposal:
+    """The presentation contexts that deliver `pairs` (SOP class, the instance's syntax). Each
+    pair has a context of its own syntax alone, in the order given, so the destination says yes
+    or no to exactly that syntax; then, while there is room (`limit` contexts), each SOP class
+    one context proposing the UNCOMPRESSED syntaxes its own contexts do not already propose, in
+    their order of preference."""
+    own = pairs[:limit]
+    contexts = [P.ProposedContext(2 * i + 1, sc, (ts,)) for i, (sc, ts) in enumerate(own)]
+    classes: dict[str, set[str]] = {}
+    for sc, ts in own:
+        classes.setdefault(sc, set()).add(ts)
+    fallback = set()
+    for sc, syntaxes in classes.items():
+        rest = tuple(ts for ts in UNCOMPRESSED if ts not in syntaxes)
+        if not rest:
+            fallback.add(sc)
+        elif len(contexts) < limit:
+            contexts.append(P.ProposedContext(2 * len(contexts) + 1, sc, rest))
+            fallback.add(sc)
+    return Proposal(contexts, set(pairs[limit:]), frozenset(fallback))
+
+
+_WHY = {
+    P.PC_USER_REJECTION: "user rejection",
+    P.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED: "abstract syntax not supported",
+    P.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED: "transfer syntax not supported",
+}
+
+
+@attrs.frozen
+class Accepted:
+    """What a destination answered to `propose`'s contexts."""
+
+    #: SOP class -> {accepted transfer syntax: context ID}, in the order proposed
+    by_class: dict[str, dict[str, int]]
+    #: (SOP class, syntax) proposed alone and refused -> why
+    refused: dict[tuple[str, str], str]
+
+
+def accepted(proposed: list[P.ProposedContext], accept: P.AssociateAccept) -> Accepted:
+    """Sort the destination's answers. The syntax of an accepted context is the one its answer
+    names, when we proposed it there; a context of one syntax is that syntax whatever the answer
+    says (some peers leave it blank); an answer naming a syntax we did not propose in a context
+    of several is taken as a refusal."""
+    results = {r.context_id: r for r in accept.contexts}
+    by_class: dict[str, dict[str, int]] = {}
+    refused: dict[tuple[str, str], str] = {}
+    for pc in proposed:
+        r = results.get(pc.context_id)
+        ts: str | None = None
+        if r is not None and r.result == P.PC_ACCEPTANCE:
+            if r.transfer_syntax in pc.transfer_syntaxes:
+                ts = r.transfer_syntax
+            elif len(pc.transfer_syntaxes) == 1:
+                ts = pc.transfer_syntaxes[0]
+        if ts is not None:
+            by_class.setdefault(pc.abstract_syntax, {}).setdefault(ts, pc.context_id)
+        elif len(pc.transfer_syntaxes) == 1:
+            why = _WHY.get(r.result if r is not None else -1, "no reason given")
+            if r is not None and r.result == P.PC_ACCEPTANCE:
+                why = f"accepted with a transfer syntax not proposed ({r.transfer_syntax[:64]!a})"
+            refused[(pc.abstract_syntax, pc.transfer_syntaxes[0])] = why
+    return Accepted(by_class, refused)
+
+
+@attrs.frozen
+class Route:
+    """How one instance goes: on `context_id`, in `transfer_syntax` (converted into it when that
+    is not the syntax it is stored in)."""
+
+    context_id: int
+    transfer_syntax: str
+
+
+def preference(stored: str, offered: dict[str, int]) -> list[str]:
+    """The accepted syntaxes an instance stored in `stored` may go in, best first: its own (sent
+    as stored), then the UNCOMPRESSED ones in their order, then other lossless ones the
+    destination accepted for its class, in the order proposed."""
+    order = [stored] if stored in offered else []
+    order += [ts for ts in UNCOMPRESSED if ts in offered and ts != stored]
+    order += [ts for ts in offered if ts in LOSSLESS and ts not in order]
+    return order
+
+
+def route(
+    sop_class: str, stored: str, answer: Accepted, can_convert: Callable[[str, str], bool]
+) -> Route | None:
+    """The context and syntax an instance of `sop_class` stored in `stored` goes in: the first
+    of `preference` that is its own syntax or one we can convert it into; None when there is
+    none."""
+    offered = answer.by_class.get(sop_class, {})
+    for ts in preference(stored, offered):
+        if ts == stored or can_convert(stored, ts):
+            return Route(offered[ts], ts)
+    return None
+
+
+def no_route_reason(sop_class: str, stored: str, answer: Accepted) -> str:
+    """The lastError of an instance `route` found no way for: the syntaxes the destination
+    accepted for its class (or that it accepted none), and why it refused the instance's own."""
+    offered = list(answer.by_class.get(sop_class, {}))
+    own = answer.refused.get((sop_class, stored), "not proposed")
+    if not offered:
+        return f"presentation context for {sop_class} / {stored} refused: {own}; the destination accepted no transfer syntax for this SOP class"
+    names = ", ".join(_ts_name(ts) for ts in offered)
+    return (
+        f"presentation context for {sop_class} / {stored} refused: {own}; the destination accepted "
+        f"only {names} for this SOP class, and this instance cannot be converted into any of them"
+    )
+
+
+def _ts_name(uid: str) -> str:
+    name = UID(uid).name
+    return f"{name} ({uid})" if name != uid else uid

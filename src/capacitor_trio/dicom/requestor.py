@@ -1,7 +1,12 @@
 """The requestor: C-STORE and C-ECHO SCU on Trio, used by node actors and the API's echo.
 
 Theory of operation. `send_batch` opens one association for a batch, proposing one presentation
-context per (SOP class, stored transfer syntax) pair. Each C-STORE streams the spool file's
+context per (SOP class, stored transfer syntax) pair, and for each SOP class one more with the
+uncompressed syntaxes (negotiation.py's `propose`). Each instance goes in its stored syntax when
+the destination accepted it, else in the best accepted syntax we can convert it into
+(negotiation.py's `route`: Explicit VR Little Endian, then Implicit VR Little Endian, then another
+lossless one), converted just before it is sent (conversion.py); an instance with no such syntax
+is Rejected, naming the syntaxes the destination accepted. Each C-STORE streams the spool file's
 dataset bytes (everything after the file meta) in P-DATA-TF PDUs sized to the peer's maximum
 (ours when it has none; one below `MIN_PEER_PDU` fails the association), with the command set
 in front of the first fragment so a small instance is one `send`. Exactly
@@ -21,12 +26,16 @@ was full), no A-ABORT can follow (the peer would read it as the rest of that PDU
 is closed instead (`Transport.cut`), which the peer sees as a network failure.
 
 The rooms next door: association.py (connect, A-ASSOCIATE-RQ and its answer, A-ABORT; `Peer`),
-source.py (an instance's stored bytes, read at offsets), verification.py (`echo`).
+negotiation.py (the contexts proposed, the route of each instance), conversion.py (converting an
+instance on the way out), source.py (an instance's stored bytes, read at offsets),
+verification.py (`echo`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -39,6 +48,8 @@ from . import dimse
 from . import pdu as P
 from .assembler import CommandSet, MessageAssembler
 from .association import Peer, _associate, _connect, _Failed, _send_abort
+from .conversion import ConversionFailed, Converter, ThreadConverter, scratch_file
+from .negotiation import Accepted, Proposal, Route, accepted, no_route_reason, propose, route
 from .part10 import HeaderError
 from .source import _Source
 from .status import store_status_outcome
@@ -67,6 +78,8 @@ class SendOptions:
     stall_threshold: float = 90.0  # 0 = off
     minimum_line_speed_kbps: float = 0.0  # 0 = off
     max_pdu_size: int = 1_048_576
+    #: where copies converted on the way out are written ("": the system's temporary directory)
+    scratch_dir: str = ""
 
 
 @attrs.frozen
@@ -92,8 +105,12 @@ class _Session:
         options: SendOptions,
         on_outcome: Callable[[int, Outcome], None],
         more: MoreInstances | None = None,
+        converter: Converter | None = None,
     ) -> None:
         self.peer = peer
+        self.converter = converter or ThreadConverter()
+        #: an instance is being converted: the stall watchdog does not count that time
+        self.converting = False
         self.instances = list(instances)
         self.more = more
         self.options = options
@@ -135,9 +152,7 @@ class _Session:
             key = (inst.sop_class_uid, inst.transfer_syntax_uid)
             if key not in pairs:
                 pairs.append(key)
-        overflow = pairs[_MAX_CONTEXTS:]
-        pairs = pairs[:_MAX_CONTEXTS]
-        proposed = [P.ProposedContext(2 * i + 1, sc, (ts,)) for i, (sc, ts) in enumerate(pairs)]
+        proposal = propose(pairs, _MAX_CONTEXTS)
         try:
             try:
                 self.t = await _connect(self.peer, self.options.connect_timeout)
@@ -145,11 +160,11 @@ class _Session:
                     self.t,
                     self.peer,
                     self.options.calling_ae,
-                    proposed,
+                    proposal.contexts,
                     self.options.max_pdu_size,
                     self.options.connect_timeout,
                 )
-                await self._session(accept, proposed, set(overflow))
+                await self._session(accept, proposal)
             except _Failed as f:
                 self.failure = self.failure or f
             except PeerClosed as exc:
@@ -176,28 +191,9 @@ class _Session:
             if self.t is not None:
                 await self.t.aclose()
 
-    async def _session(
-        self,
-        accept: P.AssociateAccept,
-        proposed: list[P.ProposedContext],
-        overflow: set[tuple[str, str]],
-    ) -> None:
+    async def _session(self, accept: P.AssociateAccept, proposal: Proposal) -> None:
         assert self.t is not None
-        by_pair: dict[tuple[str, str], int] = {}
-        refused: dict[tuple[str, str], str] = {}
-        results = {r.context_id: r for r in accept.contexts}
-        for pc in proposed:
-            pair = (pc.abstract_syntax, pc.transfer_syntaxes[0])
-            r = results.get(pc.context_id)
-            if r is not None and r.result == P.PC_ACCEPTANCE:
-                by_pair[pair] = pc.context_id
-            else:
-                why = {
-                    P.PC_USER_REJECTION: "user rejection",
-                    P.PC_ABSTRACT_SYNTAX_NOT_SUPPORTED: "abstract syntax not supported",
-                    P.PC_TRANSFER_SYNTAXES_NOT_SUPPORTED: "transfer syntax not supported",
-                }.get(r.result if r is not None else -1, "no reason given")
-                refused[pair] = why
+        answer = accepted(proposal.contexts, accept)
         fragment = _fragment_size(accept.max_pdu, self.options.max_pdu_size)
         send_rsp, recv_rsp = trio.open_memory_channel[dimse.Command](4)
         self.responses = recv_rsp
@@ -210,7 +206,7 @@ class _Session:
             if self.options.minimum_line_speed_kbps > 0:
                 nursery.start_soon(self._line_speed_watchdog)
             try:
-                await self._send_all_items(by_pair, refused, overflow, fragment, recv_rsp)
+                await self._send_all_items(proposal, answer, fragment, recv_rsp)
             except _Failed as f:
                 self.fail(f)
             except PeerClosed as exc:
@@ -219,13 +215,16 @@ class _Session:
 
     async def _send_all_items(
         self,
-        by_pair: dict[tuple[str, str], int],
-        refused: dict[tuple[str, str], str],
-        overflow: set[tuple[str, str]],
+        proposal: Proposal,
+        answer: Accepted,
         fragment: int,
         recv_rsp: trio.MemoryReceiveChannel[dimse.Command],
     ) -> None:
         assert self.t is not None
+        # the (class, syntax) pairs some context proposed: their instances are sent here (or
+        # reported); a top-up instance of another pair waits for an association that proposes it
+        own = {(pc.abstract_syntax, ts) for pc in proposal.contexts for ts in pc.transfer_syntaxes}
+        own |= proposal.overflow
         index = 0
         topping_up = self.more is not None
         while True:
@@ -237,9 +236,10 @@ class _Session:
                 if not extra:
                     break
                 # every instance joins the list, so that outcome indices stay the caller's; one
-                # this association has no context for is skipped below, unreported (the caller
-                # gives it back to its queue), and no more are asked for after these
-                if any((i.sop_class_uid, i.transfer_syntax_uid) not in by_pair for i in extra):
+                # whose (class, syntax) this association did not propose is skipped below,
+                # unreported (the caller gives it back to its queue), and no more are asked for
+                # after these
+                if any((i.sop_class_uid, i.transfer_syntax_uid) not in own for i in extra):
                     topping_up = False
                 self.instances.extend(extra)
             inst = self.instances[index]
@@ -247,22 +247,15 @@ class _Session:
                 self.instances[index] = attrs.evolve(inst, data=None)
             index += 1
             pair = (inst.sop_class_uid, inst.transfer_syntax_uid)
-            if pair not in by_pair and pair not in refused and pair not in overflow:
+            if pair not in own:
                 continue  # never proposed on this association (a top-up): left unreported
-            if pair in overflow:
-                self.report(index - 1, RetryLater("too many presentation contexts in one batch"))
+            way = None
+            if pair not in proposal.overflow:
+                way = route(*pair, answer, self.converter.can_convert)
+            if way is None:
+                self.report(index - 1, _no_way(inst, proposal, answer))
                 continue
-            ctx = by_pair.get(pair)
-            if ctx is None:
-                self.report(
-                    index - 1,
-                    Rejected(
-                        f"presentation context for {inst.sop_class_uid} / "
-                        f"{inst.transfer_syntax_uid} refused: {refused.get(pair, '?')}"
-                    ),
-                )
-                continue
-            outcome = await self._store(inst, ctx, fragment, recv_rsp)
+            outcome = await self._store(inst, way, fragment, recv_rsp)
             self.report(index - 1, outcome)
         # A-RELEASE
         try:
@@ -274,6 +267,54 @@ class _Session:
                 await self.released.wait()
 
     async def _store(
+        self,
+        inst: OutgoingInstance,
+        way: Route,
+        fragment: int,
+        recv_rsp: trio.MemoryReceiveChannel[dimse.Command],
+    ) -> Outcome:
+        if way.transfer_syntax == inst.transfer_syntax_uid:
+            return await self._store_as_is(inst, way.context_id, fragment, recv_rsp)
+        scratch = Path(self.options.scratch_dir or Path(tempfile.gettempdir()) / "capacitor-trio-outgoing")
+        with contextlib.ExitStack() as stack:
+            try:
+                converted = await self._convert(inst, way.transfer_syntax, scratch, stack)
+            except FileNotFoundError as exc:
+                return Rejected(f"spool file missing: {inst.path}: {exc.strerror or exc}")
+            except OSError as exc:  # disk full, EIO…: perhaps not for ever
+                return RetryLater(f"cannot convert {inst.path} for this destination: {exc.strerror or exc}")
+            except ConversionFailed as exc:
+                return Rejected(
+                    f"the destination accepted {inst.sop_class_uid} only in {way.transfer_syntax}, "
+                    f"and this instance ({inst.transfer_syntax_uid}) cannot be converted into it: {exc}"
+                )
+            return await self._store_as_is(converted, way.context_id, fragment, recv_rsp)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _convert(
+        self, inst: OutgoingInstance, target: str, scratch: Path, stack: contextlib.ExitStack
+    ) -> OutgoingInstance:
+        """`inst` converted into `target`, in a scratch file that `stack` removes. The
+        association sends nothing meanwhile: the stall watchdog waits for the conversion."""
+        src = inst.path
+        if inst.data is not None:  # a small instance kept in the index: converted from a file
+            src = stack.enter_context(scratch_file(scratch))
+            src.write_bytes(inst.data)
+        dst = stack.enter_context(scratch_file(scratch))
+        self.converting = True
+        try:
+            done = await self.converter.convert(src, dst, target)
+        finally:
+            self.converting = False
+            if self.t is not None:
+                self.t.last_activity = trio.current_time()
+        log.info(
+            "converted %s from %s to %s for %s, which accepts no other syntax we can send it in",
+            inst.sop_instance_uid, inst.transfer_syntax_uid, target, self.peer.ae_title,
+        )
+        return OutgoingInstance(dst, inst.sop_class_uid, done.sop_instance_uid, done.transfer_syntax_uid)
+
+    async def _store_as_is(
         self,
         inst: OutgoingInstance,
         ctx: int,
@@ -418,7 +459,7 @@ class _Session:
     async def _stall_watchdog(self) -> None:
         assert self.t is not None
         transport, threshold = self.t, self.options.stall_threshold
-        await overdue(lambda: transport.last_activity, threshold)
+        await overdue(lambda: None if self.converting else transport.last_activity, threshold)
         self.fail(_Failed(RetryLater(f"stalled: no bytes either way for {threshold}s", kind="stalled")))
 
     def _sending_totals(self) -> tuple[float, int]:
@@ -468,6 +509,16 @@ class _Session:
             self.send_bytes -= sent
 
 
+def _no_way(inst: OutgoingInstance, proposal: Proposal, answer: Accepted) -> Outcome:
+    """The outcome of an instance that has no accepted context it can go on: RetryLater when
+    contexts it would have had did not fit in this association, else Rejected, naming what
+    the destination accepted for its class."""
+    pair = (inst.sop_class_uid, inst.transfer_syntax_uid)
+    if pair in proposal.overflow or inst.sop_class_uid not in proposal.fallback:
+        return RetryLater("too many presentation contexts in one batch")
+    return Rejected(no_route_reason(*pair, answer))
+
+
 def _fragment_size(peer_max: int, our_max: int) -> int:
     """The P-DATA-TF length (its variable field) to send in, within the peer's maximum and ours.
     A peer maximum of 0 means "no maximum" (PS3.8 D.1): ours then, at most DEFAULT_FRAGMENT. One
@@ -493,8 +544,11 @@ async def send_batch(
     on_outcome: Callable[[int, Outcome], None],
     *,
     more: MoreInstances | None = None,
+    converter: Converter | None = None,
 ) -> None:
     """Send `instances` over one association; `on_outcome(index, outcome)` as each is known.
+    An instance the destination accepts only in another syntax is converted by `converter`
+    (default: `ThreadConverter`, a worker thread of this process).
 
     `more`, if given, is awaited each time every instance so far has been answered; the
     instances it returns are sent on the same association, their indices following on from the
@@ -507,12 +561,35 @@ async def send_batch(
     """
     if not instances:
         return
-    await _Session(peer, instances, options, on_outcome, more).run()
+    await _Session(peer, instances, options, on_outcome, more, converter).run()
+
+
+@attrs.frozen
+class LocalSender:
+    """A node actor's `Sender` in this process (`deliveryProcess: false`): `send_batch`, with
+    conversions on the way out done by `converter`."""
+
+    converter: Converter
+
+    async def send_batch(
+        self,
+        peer: Peer,
+        instances: Sequence[OutgoingInstance],
+        options: SendOptions,
+        on_outcome: Callable[[int, Outcome], None],
+        *,
+        more: MoreInstances | None = None,
+    ) -> None:
+        await send_batch(peer, instances, options, on_outcome, more=more, converter=self.converter)
+
+    async def echo(self, peer: Peer, calling_ae: str, *, timeout: float = 10) -> EchoResult:  # noqa: ASYNC109
+        return await echo(peer, calling_ae, timeout=timeout)
 
 
 __all__ = [
     "Delivered",
     "EchoResult",
+    "LocalSender",
     "MoreInstances",
     "OutgoingInstance",
     "Peer",

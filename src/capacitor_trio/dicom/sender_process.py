@@ -39,6 +39,7 @@ import capacitor_trio
 from capacitor_trio.domain.outcomes import Outcome, RetryLater
 
 from . import requestor
+from .conversion import Converter
 from .requestor import EchoResult, MoreInstances, OutgoingInstance, Peer, SendOptions
 from .sender_pipe import (
     BatchDone,
@@ -167,8 +168,11 @@ class _RemoteBatch:
 class SenderProcess:
     """A `Sender` whose associations run in a child process; `run` keeps the child going."""
 
-    def __init__(self, *, argv: Sequence[str] | None = None) -> None:
+    def __init__(self, *, argv: Sequence[str] | None = None, converter: Converter | None = None) -> None:
         self._argv = list(argv or worker_argv())
+        #: conversions on the way out of the batches sent in this process while the child
+        #: cannot start (the child converts its own in a thread: dicom/conversion.py)
+        self._converter = converter
         self._ids = itertools.count(1)
         self._batches: dict[int, trio.MemorySendChannel[FromChild | _Died]] = {}
         #: messages for the running child; one task writes them, so a cancelled caller can
@@ -281,7 +285,9 @@ class SenderProcess:
         """`requestor.send_batch`, run by the child process."""
         while self._out is None:
             if self.start_error is not None:
-                await requestor.send_batch(peer, instances, options, on_outcome, more=more)
+                await requestor.send_batch(
+                    peer, instances, options, on_outcome, more=more, converter=self._converter
+                )
                 return
             await self._changed.wait()
         bid = next(self._ids)

@@ -11,6 +11,8 @@ Layout::
     cache/incoming/<uuid>.part      temporary files being received (owned by the acceptor)
     cache/incoming/spare-<uuid>.part  empty files made ahead for them (`spares.py`)
     cache/spool/<bucket>/<uuid>.dcm one file per larger instance, shared by all its items
+    cache/spool/<bucket>/<uuid>.prep.dcm  a larger prepared copy (a filter or transcoding
+                                    changed it for one item; `preparation.py`)
     cache/orphans/                  spool files recovery found without any item
 
 Who owns what
@@ -66,7 +68,8 @@ Crash
 Every step above is either atomic (rename, COMMIT) or repaired on the next open (`recovery.py`):
 checked-out items are released (delivery is at-least-once), temporary files in ``incoming`` are
 removed, trash is emptied, a spool file without an instance row (renamed, never committed: its
-sender got no success) moves to ``orphans/`` with a warning, and an instance whose file is missing
+sender got no success) moves to ``orphans/`` with a warning (a prepared copy's file,
+``*.prep.dcm``, is removed instead: its item is still `new` and is prepared again), and an instance whose file is missing
 marks its items failed with a clear ``last_error`` (so does a small instance whose bytes are
 not in the index, which only a damaged index can show). Recovery is idempotent.
 

@@ -72,6 +72,7 @@ def _item_values(
         now,
         now,
         _search_text(header, source_ae, d),
+        header.transfer_syntax_uid,
     )
 
 
@@ -97,8 +98,8 @@ def _insert_job(
                 "INSERT INTO items(instance_id, state, source_ae, destination_ae, "
                 "destination_role, study_uid, series_uid, sop_instance_uid, sop_class_uid, "
                 "modality, patient_id, patient_name, accession_number, "
-                "transfer_syntax_uid, created_at, updated_at, search_text, size_bytes) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "transfer_syntax_uid, created_at, updated_at, search_text, received_syntax, "
+                "size_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (instance_id, *row, size),
             )
             ids.append(int(cur.lastrowid or 0))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 
 import attrs
 
+from ..domain.instance import Destination, InstanceHeader
 from ..domain.states import ALL_STATES, QUEUED
 
 #: The item states' stored spellings, in the order of `domain.states.ItemState`.
@@ -50,6 +52,16 @@ class Item:
     inline: bool = False
     #: the Part 10 bytes of an inline instance, filled in by a checkout only
     data: bytes | None = attrs.field(default=None, repr=False)
+    #: the transfer syntax the instance was received in (`transfer_syntax_uid` is the one it
+    #: is sent in: a prepared copy's may differ); "" when not read
+    received_syntax: str = ""
+    #: its place in its series' delivery order (the sort filter), smaller first; None: none
+    sort_key: bytes | None = None
+    #: the item whose route added this one (add_destination), None for a received item
+    added_by: int | None = None
+    #: the item is sent as a prepared copy of its own (a filter or transcoding made it): put
+    #: back to `new` (an operator's retry), it is prepared as it is, its steps are not run again
+    prepared_copy: bool = False
 
 
 @attrs.frozen
@@ -91,3 +103,53 @@ class RecoveryReport:
     orphans: tuple[str, ...] = ()
     missing: tuple[str, ...] = ()
     rejected_cycled: int = 0
+
+
+class PrepOutcome(enum.Enum):
+    """What the prepare stage did with one `new` item (`Preparation`)."""
+
+    PREPARED = "prepared"  # prepared: the received instance, or a copy of its own
+    REMOVED = "removed"  # dropped by a filter: the item goes
+    RETRY = "retry"  # stays new, prepared again after `not_before`, with a lastError
+    FAILED = "failed"  # failed, with a lastError (no automatic retry)
+
+
+@attrs.frozen
+class PreparedCopy:
+    """The Part 10 bytes of an item's prepared copy and the identity read from them (what the
+    item is sent as: its UIDs and transfer syntax may differ from the received instance's)."""
+
+    header: InstanceHeader
+    data: bytes = attrs.field(repr=False)
+
+
+@attrs.frozen
+class Preparation:
+    """The prepare stage's decision for one `new` item, applied by the store in one
+    transaction (`apply_preparations`)."""
+
+    item_id: int
+    outcome: PrepOutcome
+    #: PREPARED with a copy of its own; None: the item keeps the received instance
+    copy: PreparedCopy | None = None
+    #: PREPARED or REMOVED: further destinations that get the received instance, as `new`
+    #: items of their own (skipped where that instance already has an item for one)
+    add_destinations: tuple[Destination, ...] = ()
+    sort_key: bytes | None = None
+    #: RETRY / FAILED: the item's lastError
+    last_error: str = ""
+    #: RETRY: not prepared again before this time
+    not_before: float | None = None
+
+
+@attrs.frozen
+class PrepareReport:
+    """What `apply_preparations` did: item ids per outcome, the new items added, and the items
+    it skipped (gone, no longer new, or checked out: an operator changed them meanwhile)."""
+
+    prepared: tuple[int, ...] = ()
+    removed: tuple[int, ...] = ()
+    retried: tuple[int, ...] = ()
+    failed: tuple[int, ...] = ()
+    added: tuple[tuple[int, Destination], ...] = ()
+    skipped: tuple[int, ...] = ()

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from ..domain.instance import Destination, InstanceHeader
 from ..domain.states import NEW
-from .model import Counts, Item, ItemFilter
+from .model import Counts, Item, ItemFilter, Preparation, PrepareReport
 
 
 class QueuePort(Protocol):
@@ -59,6 +59,14 @@ class QueuePort(Protocol):
     ) -> int: ...
 
     async def oldest_new(self, destination: Destination | None = None) -> float | None: ...
+
+    async def ripe_new(
+        self, destination: Destination, now: float, minimum_age: float, limit: int
+    ) -> list[Item]: ...
+
+    async def next_ripe_at(self, destination: Destination, minimum_age: float) -> float | None: ...
+
+    async def apply_preparations(self, preparations: Sequence[Preparation]) -> PrepareReport: ...
 
     async def expire(
         self, now: float, threshold_seconds: float, destination: Destination | None = None

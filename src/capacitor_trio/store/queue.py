@@ -117,13 +117,17 @@ class _BatchQuery:
     limit: int
     failed_due: bool
 
-    def fetch(self, extra: str, extra_params: list[Any], n: int) -> list[sqlite3.Row]:
-        """The first `n` eligible items matching `extra`, oldest first."""
+    def fetch(
+        self, extra: str, extra_params: list[Any], n: int, *, sorted_series: bool = False
+    ) -> list[sqlite3.Row]:
+        """The first `n` eligible items matching `extra`, oldest first; within one series
+        (`sorted_series`) in its sort order first (the sort filter's keys)."""
         base, base_params = self.base
+        order = _SERIES_ORDER if sorted_series else "i.created_at, i.id"
         prepared = item_rows(
             self.conn,
             f"{SELECT_ITEMS} WHERE {base} AND i.state = '{PREPARED}' AND {extra} "
-            "ORDER BY i.created_at, i.id LIMIT ?",
+            f"ORDER BY {order} LIMIT ?",
             (*base_params, *extra_params, n),
         )
         if not self.failed_due:
@@ -132,21 +136,55 @@ class _BatchQuery:
             self.conn,
             f"{SELECT_QUEUE} WHERE {base} AND i.state = '{FAILED}' "
             "AND i.next_attempt_at IS NOT NULL AND i.next_attempt_at <= ? AND "
-            f"{extra} ORDER BY i.created_at, i.id LIMIT ?",
+            f"{extra} ORDER BY {order} LIMIT ?",
             (*base_params, self.now, *extra_params, n),
         )
-        both = sorted(prepared + failed, key=lambda r: (r["created_at"], r["id"]))
+        key = _series_key if sorted_series else _arrival_key
+        both = sorted(prepared + failed, key=key)
         return both[:n]
 
     def collect(self, series_clause: str, series_params: list[Any]) -> list[sqlite3.Row]:
-        """Up to `limit` items, class group by class group (within one series if given)."""
+        """Up to `limit` items, class group by class group (within one series if given, in
+        its sort order)."""
         out: list[sqlite3.Row] = []
         for extra, extra_params in self.groups:
             if len(out) >= self.limit:
                 break
             clause = extra if not series_clause else f"{extra} AND {series_clause}"
-            out += self.fetch(clause, extra_params + series_params, self.limit - len(out))
+            out += self.fetch(
+                clause, extra_params + series_params, self.limit - len(out),
+                sorted_series=bool(series_clause),
+            )
         return out
+
+
+#: a series' items in their sort order (the sort filter's keys; items without one last), then
+#: in arrival order
+_SERIES_ORDER = "i.sort_key IS NULL, i.sort_key, i.created_at, i.id"
+
+
+def _arrival_key(r: sqlite3.Row) -> tuple[Any, ...]:
+    return (r["created_at"], r["id"])
+
+
+def _series_key(r: sqlite3.Row) -> tuple[Any, ...]:
+    key = r["sort_key"]
+    return (key is None, b"" if key is None else bytes(key), r["created_at"], r["id"])
+
+
+def _sorted_within_series(rows: list[sqlite3.Row]) -> list[sqlite3.Row]:
+    """A batch of several series with each series' items in its sort order, in the places the
+    series' items had (the order of the series among themselves kept)."""
+    if all(r["sort_key"] is None for r in rows):
+        return rows
+    places: dict[str, list[int]] = {}
+    for k, r in enumerate(rows):
+        places.setdefault(r["series_uid"], []).append(k)
+    out = list(rows)
+    for positions in places.values():
+        for k, r in zip(positions, sorted((rows[p] for p in positions), key=_series_key), strict=True):
+            out[k] = r
+    return out
 
 
 def _within_inline_budget(rows: list[sqlite3.Row]) -> list[sqlite3.Row]:
@@ -286,6 +324,8 @@ class Queue(StoreCore):
             rows = query.collect("", [])
         if by_series and rows and series_uid is None:
             rows = query.collect("i.series_uid = ?", [rows[0]["series_uid"]])
+        elif series_uid is None:
+            rows = _sorted_within_series(rows)
         if not rows:
             return []
         rows = _within_inline_budget(rows)

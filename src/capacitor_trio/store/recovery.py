@@ -15,7 +15,7 @@ from pathlib import Path
 from ..domain.states import FAILED, NEW, REJECTED
 from .fsops import FileOps
 from .model import RecoveryReport
-from .schema import INLINE_PREFIX
+from .schema import INLINE_PREFIX, PREPARED_SUFFIX
 from .spares import is_unused_spare
 
 log = logging.getLogger("capacitor_trio.store")
@@ -55,7 +55,9 @@ def recover(
                 (f"{INLINE_PREFIX}%",),
             )
         }
-        orphans = sorted(on_disk - set(known))
+        unknown = sorted(on_disk - set(known))
+        _remove_unrecorded_copies(root, [r for r in unknown if r.endswith(PREPARED_SUFFIX)], ops)
+        orphans = [r for r in unknown if not r.endswith(PREPARED_SUFFIX)]
         _move_orphans(root, orphans_dir, orphans, ops)
         missing = _mark_missing(conn, known, sorted(set(known) - on_disk), now)
         # 5. operator option: rejected items get another chance
@@ -67,7 +69,7 @@ def recover(
                 (now,),
             ).rowcount
         # 6. tidy: empty bucket directories
-        _tidy(spool, orphans_dir if orphans else None, synced_spool=bool(orphans or trash), ops=ops)
+        _tidy(spool, orphans_dir if orphans else None, synced_spool=bool(unknown or trash), ops=ops)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -116,6 +118,14 @@ def _spool_on_disk(spool: Path) -> set[str]:
         else:
             on_disk.add(f"spool/{bucket.name}")
     return on_disk
+
+
+def _remove_unrecorded_copies(root: Path, copies: list[str], ops: FileOps) -> None:
+    """Prepared copies written but never recorded (the process died before the transaction
+    that names them): their items are still `new` and are prepared again, so they go."""
+    for rel in copies:
+        log.info("store recovery: prepared copy %s was never recorded; removed", rel)
+        ops.unlink(root / rel)
 
 
 def _move_orphans(root: Path, orphans_dir: Path, orphans: list[str], ops: FileOps) -> None:

@@ -17,7 +17,8 @@ ITEM_COLUMNS = (
     "i.id, i.state, i.checked_out, i.source_ae, i.destination_ae, i.destination_role, "
     "i.study_uid, i.series_uid, i.sop_instance_uid, i.sop_class_uid, i.modality, i.patient_id, "
     "i.patient_name, i.accession_number, i.transfer_syntax_uid, i.size_bytes, i.attempt_count, "
-    "i.last_error, i.next_attempt_at, i.created_at, i.updated_at, n.rel_path, i.instance_id"
+    "i.last_error, i.next_attempt_at, i.created_at, i.updated_at, n.rel_path, i.instance_id, "
+    "i.received_syntax, i.sort_key, i.added_by, i.prepared_copy"
 )
 SELECT_ITEMS = f"SELECT {ITEM_COLUMNS} FROM items i JOIN instances n ON n.id = i.instance_id"
 SELECT_QUEUE = (
@@ -72,6 +73,10 @@ def to_item(root: Path, r: sqlite3.Row, **override: Any) -> Item:
         path=root / r["rel_path"],
         instance_id=r["instance_id"],
         inline=r["rel_path"].startswith(INLINE_PREFIX),
+        received_syntax=r["received_syntax"],
+        sort_key=None if r["sort_key"] is None else bytes(r["sort_key"]),
+        added_by=r["added_by"],
+        prepared_copy=bool(r["prepared_copy"]),
     )
     fields.update(override)
     return Item(**fields)
@@ -129,16 +134,24 @@ def remove_items(conn: sqlite3.Connection, root: Path, ids: Sequence[int]) -> li
         conn.execute(f"DELETE FROM items WHERE id IN ({m})", chunk)
     paths: list[Path] = []
     for iid in sorted(instance_ids):
-        if conn.execute("SELECT 1 FROM items WHERE instance_id = ? LIMIT 1", (iid,)).fetchone():
-            continue
-        row = conn.execute("SELECT rel_path FROM instances WHERE id = ?", (iid,)).fetchone()
-        if row is None:  # pragma: no cover - index corrupted by hand
-            continue
-        conn.execute("DELETE FROM instances WHERE id = ?", (iid,))
-        if row[0].startswith(INLINE_PREFIX):
-            conn.execute("DELETE FROM blobs WHERE instance_id = ?", (iid,))
-            continue
-        conn.execute("INSERT OR IGNORE INTO trash(rel_path) VALUES (?)", (row[0],))
-        paths.append(root / row[0])
+        path = forget_unreferenced(conn, root, iid)
+        if path is not None:
+            paths.append(path)
     return paths
+
+
+def forget_unreferenced(conn: sqlite3.Connection, root: Path, instance_id: int) -> Path | None:
+    """Delete an instance no item refers to any more: a small one's bytes go with its row, a
+    larger one's file goes to the trash; returns that file, to unlink after the commit."""
+    if conn.execute("SELECT 1 FROM items WHERE instance_id = ? LIMIT 1", (instance_id,)).fetchone():
+        return None
+    row = conn.execute("SELECT rel_path FROM instances WHERE id = ?", (instance_id,)).fetchone()
+    if row is None:  # pragma: no cover - index corrupted by hand
+        return None
+    conn.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
+    if row[0].startswith(INLINE_PREFIX):
+        conn.execute("DELETE FROM blobs WHERE instance_id = ?", (instance_id,))
+        return None
+    conn.execute("INSERT OR IGNORE INTO trash(rel_path) VALUES (?)", (row[0],))
+    return root / row[0]
 

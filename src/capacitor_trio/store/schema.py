@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from .errors import StoreError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _V1 = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -86,11 +86,34 @@ def _to_v2(conn: sqlite3.Connection) -> None:
     conn.execute(_V2)
 
 
+#: Version 3: the per-item prepare stage (filters, transcoding). `received_syntax` is the
+#: transfer syntax the instance came in (`transfer_syntax_uid` is the one the item is sent in,
+#: a prepared copy's); `sort_key` orders a series' items for delivery (the sort filter);
+#: `added_by` names the item whose route added this one; `prepared_copy` is 1 when the item is
+#: sent as a prepared copy of its own (its steps ran already). A `new` item's `next_attempt_at` is
+#: the time before which it is not prepared again (a filter asked to retry later).
+_V3 = (
+    "ALTER TABLE items ADD COLUMN received_syntax TEXT NOT NULL DEFAULT ''",
+    "UPDATE items SET received_syntax = transfer_syntax_uid",
+    "ALTER TABLE items ADD COLUMN sort_key BLOB",
+    "ALTER TABLE items ADD COLUMN added_by INTEGER",
+    "ALTER TABLE items ADD COLUMN prepared_copy INTEGER NOT NULL DEFAULT 0",
+)
+
+
+def _to_v3(conn: sqlite3.Connection) -> None:
+    for statement in _V3:
+        conn.execute(statement)
+
+
 #: MIGRATIONS[n] takes the index from version n to n + 1.
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _to_v1, 1: _to_v2}
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {0: _to_v1, 1: _to_v2, 2: _to_v3}
 
 #: `instances.rel_path` prefix of an instance kept in the index (table `blobs`), not in a file
 INLINE_PREFIX = "inline/"
+#: the name ending of a prepared copy's spool file: recovery removes such a file that no
+#: instance row names (written, never recorded: its item is still `new` and is prepared again)
+PREPARED_SUFFIX = ".prep.dcm"
 
 
 def current_version(conn: sqlite3.Connection) -> int:

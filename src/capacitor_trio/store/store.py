@@ -9,7 +9,9 @@
   ProcessDelay), outcomes, releases, when to look next;
 * `operator.Operator` — the operator's transitions (move, retry, delete, bulk, expiry);
 * `queries.Queries` — read-only listings and counts;
-* `flags.Flags` — pause flags.
+* `flags.Flags` — pause flags;
+* `preparation.Preparing` — the per-item prepare stage: ripe items, prepared copies, drops,
+  added destinations, retries.
 
 Rows are mapped into `Item` by column name in `rows.py`.
 """
@@ -28,6 +30,7 @@ from .flags import Flags
 from .fsops import FileOps
 from .ingest import Ingest
 from .operator import Operator
+from .preparation import Preparing
 from .queries import Queries
 from .queue import CHECKOUT_INLINE_BYTES, Queue
 
@@ -41,7 +44,7 @@ __all__ = [
 ]
 
 
-class Store(Ingest, Queue, Operator, Queries, Flags):
+class Store(Ingest, Queue, Operator, Queries, Flags, Preparing):
     """Handle on an open store; make one with `open_store`."""
 
 
