@@ -256,7 +256,7 @@ _conditions = st.lists(
 )
 
 
-@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(_conditions, min_size=1, max_size=4), st.booleans())
 def test_no_matching_entry_leaves_the_bytes_untouched(entry_conditions: list[tuple[Condition, ...]], through_file: bool) -> None:
     original = part10(instance())

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom import config as pydicom_config
 from pydicom.dataelem import DataElement
@@ -103,6 +103,7 @@ def test_a_long_value_gives_64_characters() -> None:
     assert path.parent.name == "x" * 64
 
 
+@settings(deadline=None)
 @given(st.text(max_size=80))
 def test_any_value_stays_one_component(value: str) -> None:
     ds = ct()
