@@ -39,6 +39,7 @@ from capacitor_trio.dicom.acceptor import AcceptorConfig
 from capacitor_trio.dicom.conversion import PoolConverter
 from capacitor_trio.dicom.listener import serve_acceptor
 from capacitor_trio.dicom.sender_process import SenderProcess
+from capacitor_trio.domain.filters import summary
 from capacitor_trio.logs import RingBufferHandler
 from capacitor_trio.loopwatch import LoopLag
 from capacitor_trio.metrics import Metrics
@@ -166,6 +167,8 @@ async def run_router(
                     router.api_port = await edge.start(run_api, router)
                 if watch_loop:  # after start-up's one-off costs (gctune.settle, first imports)
                     core.start_soon(router.loop.watch)
+                if config.filter_chain.names:  # each node's prepare stage runs it item by item
+                    log.info("%s", summary(config.filter_chain))
                 log.info(
                     "router ready: %d Storage node(s), spool %s, durable writes %s",
                     len(supervisor.handles), config.cache_path, "on" if config.durable_writes else "off",

@@ -27,7 +27,7 @@ import trio
 from capacitor_trio.config.filters import load_chain
 from capacitor_trio.config.load import GLOBAL_KEYS, load_settings
 from capacitor_trio.config.models import Config, Node
-from capacitor_trio.domain.filters import describe
+from capacitor_trio.domain.filters import describe, summary
 from capacitor_trio.domain.instance import Destination
 
 if TYPE_CHECKING:
@@ -232,5 +232,5 @@ async def reload_filters(router: Router) -> dict[str, Any]:
             handle.wake_preparer()
     for warning in warnings:
         log.warning("%s", warning)
-    log.info("filters reloaded: %s", ", ".join(f.name for f in chain.filters) or "no filter on")
+    log.info("filters reloaded: %s", summary(chain))
     return describe(chain)
