@@ -283,13 +283,13 @@ class AuditTrail:
         body = event_json(event)
         body["time"] = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         if not self._running:
-            self._write([body])
+            self._write_alone([body])
             return
         done = trio.Event() if written else None
         try:
             await self._send.send((body, done))
         except trio.BrokenResourceError:  # the writer ended while this waited for room
-            self._write([body])
+            self._write_alone([body])
             return
         if done is not None:
             await done.wait()
@@ -353,6 +353,14 @@ class AuditTrail:
             if self._file is not None:
                 self._file.close()
                 self._file = None
+
+    def _write_alone(self, bodies: list[dict[str, Any]]) -> None:
+        """Write while no writer runs (recorded before it started or after it ended): the file
+        is closed again at once, since no writer's end will close it."""
+        try:
+            self._write(bodies)
+        finally:
+            self.close()
 
     def _write(self, bodies: list[dict[str, Any]]) -> None:
         if not bodies:
