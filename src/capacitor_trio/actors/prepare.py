@@ -226,9 +226,9 @@ class NodePreparer:
         self, steps: Sequence[PrepareStep], item: Item
     ) -> tuple[Preparation, tuple[AuditEvent, ...]]:
         """Read, run the steps, write a changed data set's copy, and turn the plan into the
-        store's `Preparation` and the audit lines it makes once applied. An item sent as a copy of its own (put back to `new` by an
-        operator) is prepared as it is: its steps ran on the received instance already, and
-        running them on the copy would apply them twice."""
+        store's `Preparation` and the audit lines it makes once applied. An item sent as a copy
+        of its own (put back to `new` by an operator) is prepared as it is: its steps ran on the
+        received instance already, and running them on the copy would apply them twice."""
         if item.prepared_copy:
             return Preparation(item.id, PrepOutcome.PREPARED, sort_key=item.sort_key), ()
         subject = PrepareSubject(
