@@ -7,8 +7,10 @@ What is recorded (`AuditEvent`):
   API's credential: a bearer token, a session, or an open API, with the client's address; the
   `OPERATOR` context variable the API sets for the request), what, which items or node;
 - `Delivery`: every recorded send outcome, one line per outcome batch of a node (actors/sending.py);
-- `RoutingDecision`, `TagMutation`: the filters' entry points (issue 21: the prepare stage calls
-  `AuditPort.record` with them; nothing produces them yet).
+- `RoutingDecision`, `TagMutation`: what the filter chain decided for an item, once its node's
+  prepare stage has applied it (actors/prepare.py): kept or dropped, the destinations it goes
+  to, the files saved; and each attribute the chain changed, before and after. These lines hold
+  patient data (the values a mutation changed): the trail's files are the service user's only.
 
 The chain. A line is its event's JSON object (keys sorted, no spaces) with a last member
 ``"mac"``: HMAC-SHA256 under the key, over the previous line's MAC (hex, "" for the first line
@@ -112,12 +114,18 @@ class Delivery:
 
 @attrs.frozen
 class RoutingDecision:
-    """A filter's routing of one instance (issue 21): where it goes, and by which rule."""
+    """The filter chain's routing of one instance for one node (issue 21): where it goes (the
+    node itself unless dropped, and the destinations a route added), and the files it saved."""
 
     sop_instance_uid: str
     source_ae: str
     destinations: tuple[str, ...]
     rule: str = ""
+    #: the node whose item the chain ran on
+    node: str = ""
+    #: "kept", "changed" (kept, with a prepared copy of its own) or "dropped"
+    verdict: str = ""
+    saved_files: tuple[str, ...] = ()
 
 
 @attrs.frozen

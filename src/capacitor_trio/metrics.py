@@ -5,7 +5,7 @@ Who writes what:
 
 | series                                  | written by                                          |
 |-----------------------------------------|-----------------------------------------------------|
-| delivered instances and bytes, failures by outcome and DIMSE status class | the node actor as it records outcomes (`actors/sending.py`) |
+| delivered instances and bytes, failures by outcome and DIMSE status class, conversions on the way out | the node actor as it records outcomes (`actors/sending.py`) |
 | association errors by kind, send duration | the node actor, once per association it opened     |
 | intake associations                     | the DICOM acceptor, once per association it accepts |
 | intake instances and bytes, commit latency, admission refusals | the receiver (`actors/receiver.py`) |
@@ -39,7 +39,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from capacitor_trio.domain.outcomes import Outcome, Rejected, RetryLater
+from capacitor_trio.domain.outcomes import Outcome, Rejected, RetryLater, send_conversion
 
 #: the content type of the text exposition format
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -77,6 +77,12 @@ class NodeMetrics:
 
     def association_error(self, kind: str) -> None:
         self.metrics.association_errors.labels(self.node, self.role, kind).inc()
+
+    def send_conversion(self, outcome: Outcome) -> None:
+        """Count an instance converted on the way out, by result (`send_conversion`)."""
+        result = send_conversion(outcome)
+        if result is not None:
+            self.metrics.send_conversions.labels(self.node, self.role, result).inc()
 
 
 @attrs.frozen
@@ -130,6 +136,12 @@ class Metrics:
             "capacitor_node_failures",
             "Instances whose send failed, by outcome (retry_later, rejected) and DIMSE status class",
             (*NODE_LABELS, "outcome", "status_class"), registry=r,
+        )
+        self.send_conversions = Counter(
+            "capacitor_node_send_conversions",
+            "Instances converted on the way out into a syntax the destination accepts, by result "
+            "(converted: delivered so; failed: rejected, the conversion failed)",
+            (*NODE_LABELS, "result"), registry=r,
         )
         self.association_errors = Counter(
             "capacitor_node_association_errors", "Associations to the destination that failed, by kind",

@@ -40,3 +40,22 @@ async def test_node_counters(make_world: Any, autojump_clock: Any) -> None:  # n
     assert sample(w, "capacitor_node_failures_total", outcome="rejected", status_class="cannot_understand") == 1
     assert sample(w, "capacitor_node_association_errors_total", kind="connect") == 1  # none more
     assert sample(w, "capacitor_node_send_duration_seconds_count") == 2
+
+
+async def test_conversions_on_the_way_out_are_counted_from_the_outcomes(make_world: Any, autojump_clock: Any) -> None:  # noqa: F811
+    implicit = "1.2.840.10008.1.2"
+    answers = iter([
+        Delivered(converted_to=implicit), Delivered(), Delivered(converted_to=implicit),
+        Rejected("cannot be converted into it: pixel data cut short", unconvertible=True),
+        Rejected("no way", status_class=""),
+    ])
+    sender = FakeSender(lambda _i: next(answers))
+    w = await make_world((Node("PACS", batch_size=10),), sender=sender)
+    for _ in range(5):
+        w.store.add()
+    w.sup.wake_all()
+    await trio.sleep(5)
+    assert sample(w, "capacitor_node_send_conversions_total", result="converted") == 2
+    assert sample(w, "capacitor_node_send_conversions_total", result="failed") == 1
+    stats = w.sup.conversions()["PACS"]  # GET /api/metrics' transcoding block
+    assert (stats["onSend"], stats["onSendFailed"], stats["conversions"]) == (2, 1, 0)

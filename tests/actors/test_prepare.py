@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 import io
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -12,9 +15,13 @@ import pytest
 import trio
 from pydicom.dataset import Dataset
 
+from capacitor_trio.actors.filter_step import FilterStep, SaveFiles
 from capacitor_trio.actors.prepare import RETRY_DELAY, NodePreparer
 from capacitor_trio.actors.prepare_steps import PrepareSubject, StepResult, Verdict
 from capacitor_trio.actors.service import ServiceFlags
+from capacitor_trio.audit import AUDIT_LOG, AuditTrail, verify
+from capacitor_trio.config.filters import load_filters
+from capacitor_trio.domain.anonymize import MemoryPseudonyms
 from capacitor_trio.domain.instance import Destination
 from tests.helpers.datasets import make_dataset, to_part10_bytes
 
@@ -294,3 +301,91 @@ async def test_cpu_only_steps_run_in_the_thread_that_read_the_item(autojump_cloc
     await settle(preparer)
     assert store.items[good.id].patient_name == "ANON" and store.items[good.id].prepared_copy
     assert (store.items[bad.id].state, store.items[bad.id].last_error) == ("failed", "prepare step cpu failed: no")
+
+
+# ---- the audit trail: what the filter chain decided, once applied ------------------------------
+
+AUDITED_ROUTINGS = """\
+- Description: CT also goes to the VNA
+  AeTitles: [PACS]
+  Conditions:
+    - Tag: 8,60
+      MatchExpression: CT
+  Actions:
+    - Type: add_destination
+      Target: VNA
+- Description: no scouts
+  AeTitles: [PACS]
+  Conditions:
+    - Tag: 8,103e
+      MatchExpression: ^SCOUT$
+  Actions:
+    - Type: drop
+"""
+
+AUDITED_MUTATIONS = """\
+- Description: family name last
+  AeTitles: [PACS]
+  Conditions:
+    - Tag: 8,60
+      MatchExpression: CT
+  Actions:
+    - Type: add_or_update
+      Source:
+        Tag: 10,10
+        Expression: ^(\\w+)\\^(\\w+)$
+      Destination:
+        Tag: 10,10
+        Value: $2 $1
+"""
+
+
+def audited_preparer(tmp_path: Path) -> tuple[NodePreparer, FakeStore, AuditTrail]:
+    (tmp_path / "routings.yml").write_text(AUDITED_ROUTINGS)
+    (tmp_path / "mutations.yml").write_text(AUDITED_MUTATIONS)
+    chain = load_filters(tmp_path, ["route", "mutate"])
+    step = FilterStep(chain, MemoryPseudonyms(), lambda: datetime.datetime(2026, 1, 1), SaveFiles(tmp_path))
+    trail = AuditTrail(tmp_path, tmp_path / "log")  # not running: each record is written at once
+    preparer, store, _, _ = make_with(Step(lambda ds: StepResult()))
+    preparer._steps = lambda: (step,)
+    preparer._audit = trail
+    return preparer, store, trail
+
+
+async def test_the_chains_routing_and_tag_changes_are_audited_once_applied(
+    autojump_clock: Any, tmp_path: Path
+) -> None:
+    preparer, store, trail = audited_preparer(tmp_path)
+    routed = store.add(state="new", data=instance(), sop="1.2.3.1")
+    scout_ds = make_dataset(rows=4, columns=4, seed=1)
+    scout_ds.SeriesDescription = "SCOUT"
+    scout = store.add(state="new", data=to_part10_bytes(scout_ds), sop="1.2.3.2")
+    await settle(preparer)
+    trail.close()
+    lines = [json.loads(line) for line in (tmp_path / "log" / AUDIT_LOG).read_text().splitlines()]
+    assert verify(tmp_path, tmp_path / "log") == (3, None)  # two routing lines, one mutation
+    by_kind = {(line["event"], line["sop_instance_uid"]): line for line in lines}
+    kept = by_kind["routing", routed.sop_instance_uid]
+    assert (kept["verdict"], kept["node"], kept["destinations"]) == ("changed", "PACS", ["PACS", "VNA"])
+    assert by_kind["mutation", routed.sop_instance_uid]["changes"] == [
+        {"tag": "(0010,0010)", "keyword": "PatientName", "before": "DOE^JANE", "after": "JANE DOE"}
+    ]
+    dropped = by_kind["routing", scout.sop_instance_uid]
+    assert (dropped["verdict"], dropped["destinations"]) == ("dropped", ["VNA"])  # a CT: VNA still
+    assert ("mutation", scout.sop_instance_uid) not in by_kind  # dropped: its changes go nowhere
+    assert (tmp_path / "log" / AUDIT_LOG).stat().st_mode & 0o777 == 0o600
+
+
+async def test_a_retried_or_skipped_preparation_is_not_audited(autojump_clock: Any, tmp_path: Path) -> None:
+    preparer, store, trail = audited_preparer(tmp_path)
+    item = store.add(state="new", data=instance())
+    real = store.apply_preparations
+
+    async def operator_deleted_it(preparations: Any) -> Any:
+        del store.items[item.id]  # gone meanwhile: the store skips its preparation
+        return await real(preparations)
+
+    store.apply_preparations = operator_deleted_it  # type: ignore[method-assign]
+    await settle(preparer)
+    trail.close()
+    assert not (tmp_path / "log" / AUDIT_LOG).exists()

@@ -119,7 +119,9 @@ async def test_metrics_stats_and_health(start_router: StartRouter) -> None:
     assert m["checkedOut"] == 0
     assert m["service"] == {"storageScu": True, "worklistScu": True, "storageCommitScu": True, "prepare": True}
     assert m["loop"] == {"maxStallMs": 0.0, "stallsOver100ms": 0}  # only the daemon watches the loop
-    assert m["transcoding"] == {"DEAD": {"conversions": 0, "failed": 0, "seconds": 0.0}}
+    assert m["transcoding"] == {
+        "DEAD": {"conversions": 0, "failed": 0, "seconds": 0.0, "onSend": 0, "onSendFailed": 0}
+    }
 
     resp = await r.client.get("/api/queue/stats")
     assert resp.status_code == 200

@@ -127,7 +127,7 @@ async def test_metrics_after_sends_failures_and_refusals(
     # /api/metrics reads the same counter, its shape unchanged
     data = (await r.client.get("/api/metrics")).json()["data"]
     assert data["received"] == 12
-    assert set(data) == {"totalItems", "byState", "checkedOut", "received", "service", "loop"}
+    assert set(data) == {"totalItems", "byState", "checkedOut", "received", "service", "loop", "transcoding"}
 
 
 def _python_info(m: Samples) -> dict[str, str]:

@@ -16,6 +16,7 @@ from capacitor_trio.domain.instance import Destination
 
 from .conftest import AUTH, PASSWORD, TOKEN, Running, StartRouter, dead_node
 from .test_endpoints import data, error
+from .test_filters import ROUTINGS
 
 
 def write_config(r: Running, **extra: object) -> None:
@@ -188,3 +189,23 @@ async def test_expiry_asks_each_node_and_expires_items_of_nodes_gone_itself(star
     await trio.sleep(0.01)
     assert await Control(r.router).expire(0.005) == 3
     assert (await r.store.counts()).expired == 3
+
+
+async def test_reload_reads_the_filter_chain_again_and_keeps_it_on_an_error(start_router: StartRouter) -> None:
+    r = await start_router((dead_node("PACS"), dead_node("VNA")))
+    (r.data_dir / "routings.yml").write_text(ROUTINGS)
+    write_config(r, filters=["route"])
+    assert (await reload(r))["configChanged"] == ["filters"]  # the chain named in config.yml
+    assert r.router.supervisor.ctx.config.filter_chain.names == ("route",)
+    assert r.router.receiver.config.filter_chain == r.router.settings.config.filter_chain
+    (r.data_dir / "routings.yml").write_text(ROUTINGS.replace("CT also to the VNA", "renamed"))
+    assert (await reload(r))["configChanged"] == ["filters"]  # only a filter file changed
+    shown = data(await r.client.get("/api/filters"))
+    assert shown["files"][0]["entries"][0]["description"] == "renamed"
+    (r.data_dir / "routings.yml").write_text("- Actions:\n    - Type: teleport\n")
+    message = error(await r.client.post("/api/config/reload", headers=AUTH), "BAD_REQUEST", 400)
+    assert "routings.yml" in message
+    (r.data_dir / "routings.yml").write_text(ROUTINGS.replace("Target: VNA", "Target: NOWHERE"))
+    error(await r.client.post("/api/config/reload", headers=AUTH), "BAD_REQUEST", 400)
+    shown = data(await r.client.get("/api/filters"))
+    assert shown["files"][0]["entries"][0]["description"] == "renamed"  # the old chain stays

@@ -161,7 +161,8 @@ async def test_instances_go_in_implicit_le_to_a_destination_that_takes_nothing_e
     converter = UncompressedConverter()
     got, cb = collect()
     await send_batch(PEER, [outgoing(files[0]), inline], SendOptions("ROUTER", scratch_dir=str(scratch)), cb, converter=converter)
-    assert got == {0: Delivered(), 1: Delivered()}
+    converted = Delivered(converted_to=ImplicitVRLittleEndian)  # what the node counts
+    assert got == {0: converted, 1: converted}
     assert converter.done == [(ExplicitVRLittleEndian, ImplicitVRLittleEndian)] * 2
     assert os.listdir(scratch) == []  # the converted copies are gone
 
@@ -179,7 +180,8 @@ async def test_no_way_is_rejected_naming_the_syntaxes_accepted(
     plain = write_corpus(tmp_path / "plain", 1)[0]
     got, cb = collect()
     await send_batch(PEER, [outgoing(rle), outgoing(plain)], SendOptions("ROUTER", scratch_dir=str(scratch)), cb, converter=UncompressedConverter())
-    assert isinstance(got[0], Rejected) and got[1] == Delivered()
+    assert isinstance(got[0], Rejected) and got[1] == Delivered(converted_to=ImplicitVRLittleEndian)
+    assert not got[0].unconvertible  # no conversion was tried
     assert "accepted only Implicit VR Little Endian" in got[0].reason and RLELossless in got[0].reason
 
 
@@ -204,7 +206,8 @@ async def test_a_conversion_that_fails(
         converter=UncompressedConverter(fail=fail),
     )
     assert isinstance(got[0], kind) and words in got[0].reason, got[0]
-    assert got[1] == Delivered()
+    assert getattr(got[0], "unconvertible", False) is (kind is Rejected)  # counted as a failed conversion
+    assert got[1] == Delivered()  # already in Implicit VR LE: sent as stored
 
 
 async def test_the_stall_watchdog_waits_for_a_conversion(
@@ -217,7 +220,7 @@ async def test_the_stall_watchdog_waits_for_a_conversion(
     got, cb = collect()
     options = SendOptions("ROUTER", stall_threshold=90, scratch_dir=str(scratch))
     await send_batch(PEER, [outgoing(write_corpus(tmp_path / "in", 1)[0])], options, cb, converter=UncompressedConverter(seconds=200))
-    assert got == {0: Delivered()}
+    assert got == {0: Delivered(converted_to=ImplicitVRLittleEndian)}
 
 
 async def test_a_send_cancelled_during_a_conversion_aborts_at_once(
@@ -299,7 +302,8 @@ async def test_a_pynetdicom_destination_taking_only_implicit_le_gets_every_insta
             Peer("PYDEST", "127.0.0.1", port), [outgoing(f) for f in files],
             SendOptions("ROUTER", scratch_dir=str(scratch)), cb, converter=UncompressedConverter(),
         )
-        assert got == {0: Delivered(), 1: Delivered(), 2: Delivered()}
+        converted = Delivered(converted_to=ImplicitVRLittleEndian)
+        assert got == {0: converted, 1: converted, 2: Delivered()}
         for f in files:
             original = pydicom.dcmread(f)
             uid = str(original.SOPInstanceUID)
@@ -334,7 +338,7 @@ async def test_compressed_instances_are_decoded_for_an_implicit_le_only_destinat
             Peer("PYDEST", "127.0.0.1", port), [outgoing(f) for f in files],
             SendOptions("ROUTER", scratch_dir=str(scratch)), cb,
         )
-        assert got == {i: Delivered() for i in range(len(files))}
+        assert got == {i: Delivered(converted_to=ImplicitVRLittleEndian) for i in range(len(files))}
         for f in files:
             original = pydicom.dcmread(f)
             uid = str(original.SOPInstanceUID)

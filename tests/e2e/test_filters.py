@@ -8,16 +8,19 @@ being prepared have routers of their own."""
 from __future__ import annotations
 
 import io
+import json
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
 import trio
 from pydicom.dataset import Dataset
 
+from capacitor_trio.audit import AUDIT_LOG, verify
 from tests.helpers.datasets import make_dataset, write_dataset
 from tests.helpers.peers import (
     PynetdicomDestination,
@@ -175,10 +178,32 @@ async def test_route_drop_save_mutate_and_sort(tmp_path: Path, nursery: trio.Nur
         router.signal(signal.SIGTERM)
         assert await router.wait() == 0
         assert not any("Traceback" in line for line in router.lines)
+        check_audit(data, ct, scouts, mr)
     finally:
         await router.aclose()
         pacs.stop()
         vna.stop()
+
+
+def check_audit(data: Path, ct: list[Path], scouts: list[Path], mr: list[Path]) -> None:
+    """The audit trail verifies, and holds the chain's decision for every instance PACS got:
+    CT routed to VNA too, scouts dropped, MR changed (with their PatientName change) and saved."""
+    assert verify(data, data / "log") == (len(read_trail(data)), None)
+    routing = {e["sop_instance_uid"]: e for e in read_trail(data) if e["event"] == "routing" and e["node"] == "PACS"}
+    mutation = {e["sop_instance_uid"]: e for e in read_trail(data) if e["event"] == "mutation"}
+    for path in ct:
+        assert routing[path_uid(path)]["destinations"] == ["PACS", "VNA"]
+    for path in scouts:
+        assert (routing[path_uid(path)]["verdict"], routing[path_uid(path)]["destinations"]) == ("dropped", [])
+    for path in mr:
+        uid = path_uid(path)
+        assert routing[uid]["verdict"] == "changed" and len(routing[uid]["saved_files"]) == 1
+        changes = {c["keyword"]: (c["before"], c["after"]) for c in mutation[uid]["changes"]}
+        assert changes["PatientName"] == ("DOE^JANE", "JANE DOE") and changes["AccessionNumber"][1] is None
+
+
+def read_trail(data: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (data / "log" / AUDIT_LOG).read_text().splitlines()]
 
 
 def test_an_invalid_filter_file_refuses_start_up(tmp_path: Path) -> None:

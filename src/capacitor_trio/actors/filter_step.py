@@ -69,6 +69,9 @@ def step_result(outcome: ChainOutcome) -> StepResult:
         add_destinations=outcome.add_destinations,
         sort_key=key_bytes(outcome.sort_key),
         decisions=outcome.decisions,
+        routes=True,
+        changes=outcome.changes,
+        saved_files=tuple(str(p) for p in outcome.saved),
     )
     if outcome.failure is not None:
         verdict = Verdict.RETRY if outcome.failure.retry else Verdict.FAIL

@@ -216,6 +216,7 @@ class NodeActor:
             steps=lambda: steps_for(self.node, ctx.config, self._transcoding()),
             resolve=lambda ae: ctx.resolve_destination(ae),
             on_added=lambda dests: ctx.items_added(dests),
+            audit=ctx.audit,
         )
 
     # ---- derived settings (re-read each time: a node edit replaces handle.node) --------------

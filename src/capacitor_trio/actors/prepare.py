@@ -23,6 +23,10 @@ to wait for, since a newer item cannot ripen first; with steps always, since a r
 wait longer than a new one), by items put back to `new`, by the service's `prepare` flag or by
 a reload (`wake`). After preparing anything it calls `on_prepared`, which wakes the node actor
 to send; items it added for other nodes (add_destination) are announced with `on_added`.
+
+What the filter chain decided for an item is recorded in the audit trail (`audit`) once the
+store has applied it (a preparation the store skipped, or a retry, records nothing): a
+`RoutingDecision` per item and a `TagMutation` per item whose attributes the chain changed.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from capacitor_trio.actors.prepare_steps import (
 )
 from capacitor_trio.actors.service import ServiceFlags
 from capacitor_trio.actors.wakeup import Wakeup
+from capacitor_trio.audit import AuditEvent, AuditPort, RoutingDecision, TagMutation
 from capacitor_trio.config.models import Config
 from capacitor_trio.domain.instance import Destination, InstanceHeader
 from capacitor_trio.domain.prepare import NothingToPrepare, PrepareAt, PrepareNow, prepare_decision
@@ -105,6 +110,7 @@ class NodePreparer:
         steps: Callable[[], Sequence[PrepareStep]] = _no_steps,
         resolve: Callable[[str], Destination | None] = _any_storage_node,
         on_added: Callable[[Sequence[Destination]], None] = lambda _d: None,
+        audit: AuditPort | None = None,
     ) -> None:
         self.destination = destination
         self._store = store
@@ -117,6 +123,7 @@ class NodePreparer:
         #: an add_destination's AE title -> the Storage node it names (None: no such node)
         self._resolve = resolve
         self._on_added = on_added
+        self._audit = audit
         self._wakeup = Wakeup()
         self._idle = False
         #: a preparation (a store write) in progress, for the processing status
@@ -184,9 +191,10 @@ class NodePreparer:
         self.preparing = True
         try:
             preparations: list[Preparation] = []
+            audited: dict[int, tuple[AuditEvent, ...]] = {}
             held = 0
             for item in items:
-                prep = await self._prepare_item(steps, item)
+                prep, audited[item.id] = await self._prepare_item(steps, item)
                 preparations.append(prep)
                 held += len(prep.copy.data) if prep.copy is not None else 0
                 if held >= PREPARE_COPY_BYTES:
@@ -201,22 +209,28 @@ class NodePreparer:
                 return STORE_ERROR_WAIT
         finally:
             self.preparing = False
-        self._after(report)
+        await self._after(report, audited)
         return None
 
-    def _after(self, report: PrepareReport) -> None:
+    async def _after(self, report: PrepareReport, audited: dict[int, tuple[AuditEvent, ...]]) -> None:
+        if self._audit is not None:
+            for item_id in (*report.prepared, *report.removed):
+                for event in audited.get(item_id, ()):
+                    await self._audit.record(event)
         if report.prepared:
             self._on_prepared()
         if report.added:
             self._on_added(list(dict.fromkeys(d for _, d in report.added)))
 
-    async def _prepare_item(self, steps: Sequence[PrepareStep], item: Item) -> Preparation:
+    async def _prepare_item(
+        self, steps: Sequence[PrepareStep], item: Item
+    ) -> tuple[Preparation, tuple[AuditEvent, ...]]:
         """Read, run the steps, write a changed data set's copy, and turn the plan into the
-        store's `Preparation`. An item sent as a copy of its own (put back to `new` by an
-        operator) is prepared as it is: its steps ran on the received instance already, and
-        running them on the copy would apply them twice."""
+        store's `Preparation` and the audit lines it makes once applied. An item sent as a copy
+        of its own (put back to `new` by an operator) is prepared as it is: its steps ran on the
+        received instance already, and running them on the copy would apply them twice."""
         if item.prepared_copy:
-            return Preparation(item.id, PrepOutcome.PREPARED, sort_key=item.sort_key)
+            return Preparation(item.id, PrepOutcome.PREPARED, sort_key=item.sort_key), ()
         subject = PrepareSubject(
             item.id, self.destination, item.source_ae, item.sop_instance_uid,
             item.received_syntax or item.transfer_syntax_uid, added=item.added_by is not None,
@@ -230,10 +244,27 @@ class NodePreparer:
         where = f"prepare {item.sop_instance_uid} for {self.destination.ae_title}"
         if worked.plan is None:
             log.warning("%s: failed: %s", where, worked.error)
-            return Preparation(item.id, PrepOutcome.FAILED, last_error=worked.error)
+            return Preparation(item.id, PrepOutcome.FAILED, last_error=worked.error), ()
         for decision in worked.plan.decisions:
             log.log(decision.level, "%s", decision.text)
-        return self._preparation(item, worked, where)
+        prep = self._preparation(item, worked, where)
+        return prep, self._audit_events(item, worked.plan, prep)
+
+    def _audit_events(self, item: Item, plan: ItemPlan, prep: Preparation) -> tuple[AuditEvent, ...]:
+        """The routing decision and the tag changes of a routing step's applied plan."""
+        if not plan.routed or prep.outcome not in (PrepOutcome.PREPARED, PrepOutcome.REMOVED):
+            return ()
+        node = self.destination.ae_title
+        dropped = prep.outcome is PrepOutcome.REMOVED
+        goes_to = ([] if dropped else [node]) + [d.ae_title for d in prep.add_destinations]
+        verdict = "dropped" if dropped else ("changed" if plan.verdict is Verdict.CHANGED else "kept")
+        events: list[AuditEvent] = [RoutingDecision(
+            item.sop_instance_uid, item.source_ae, tuple(goes_to), node=node, verdict=verdict,
+            saved_files=plan.saved_files,
+        )]
+        if plan.changes and not dropped:
+            events.append(TagMutation(item.sop_instance_uid, node, plan.changes))
+        return tuple(events)
 
     def _preparation(self, item: Item, worked: _Worked, where: str) -> Preparation:
         plan = worked.plan

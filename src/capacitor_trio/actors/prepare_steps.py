@@ -20,7 +20,9 @@ A DROP, RETRY or FAIL ends the item's run: later steps do not see it. `add_desti
 every step that ran are gathered (AE titles of other Storage nodes; they get items of their own,
 sharing the received instance, which go through their own node's prepare stage); the last
 `sort_key` given wins. `decisions` are the per-instance log lines (domain/filtering.py's
-`Decision`), logged by the preparer at their level.
+`Decision`), logged by the preparer at their level. A step that routes (`routes`: the filter
+chain) has its decision recorded in the audit trail once applied: the item kept or dropped, the
+destinations it added, the files it saved (`saved_files`) and its attribute changes (`changes`).
 
 Steps run their CPU work (parsing, filters, writing) off the event loop: in a worker thread
 under `CPU_LIMITER` (`in_worker`), or in worker processes (transcoding) behind the same `run`.
@@ -41,7 +43,7 @@ import trio
 from pydicom.dataset import Dataset
 
 from capacitor_trio.config.models import Config, Node, effective
-from capacitor_trio.domain.filtering import Decision
+from capacitor_trio.domain.filtering import Decision, TagChange
 from capacitor_trio.domain.instance import Destination
 from capacitor_trio.limiter import run_var_limiter
 
@@ -113,6 +115,12 @@ class StepResult:
     #: RETRY / FAIL: the item's lastError; DROP: why, for the log (no patient data)
     message: str = ""
     decisions: tuple[Decision, ...] = ()
+    #: this step routes (the filter chain): its decision goes to the audit trail
+    routes: bool = False
+    #: the attribute changes the step made, for the audit trail
+    changes: tuple[TagChange, ...] = ()
+    #: the copies the step saved (save_file), for the audit trail
+    saved_files: tuple[str, ...] = ()
 
 
 class PrepareStep(Protocol):
@@ -152,6 +160,10 @@ class ItemPlan:
     sort_key: bytes | None = None
     message: str = ""
     decisions: tuple[Decision, ...] = ()
+    #: a routing step ran (the audit trail records the plan), its changes and saved files
+    routed: bool = False
+    changes: tuple[TagChange, ...] = ()
+    saved_files: tuple[str, ...] = ()
 
 
 def combine(results: Sequence[StepResult], ds: Dataset, *, follow_adds: bool = True) -> ItemPlan:
@@ -162,6 +174,9 @@ def combine(results: Sequence[StepResult], ds: Dataset, *, follow_adds: bool = T
     adds: list[str] = []
     key: bytes | None = None
     decisions: list[Decision] = []
+    routed = False
+    changes: list[TagChange] = []
+    saved: list[str] = []
     for r in results:
         decisions += r.decisions
         if r.verdict in (Verdict.RETRY, Verdict.FAIL):
@@ -170,10 +185,12 @@ def combine(results: Sequence[StepResult], ds: Dataset, *, follow_adds: bool = T
             adds += [a for a in r.add_destinations if a not in adds]
         if r.sort_key is not None:
             key = r.sort_key
+        routed, changes, saved = routed or r.routes, changes + list(r.changes), saved + list(r.saved_files)
         if r.verdict is Verdict.DROP:
             return ItemPlan(
                 Verdict.DROP, add_destinations=tuple(adds), message=r.message,
-                decisions=tuple(decisions),
+                decisions=tuple(decisions), routed=routed, changes=tuple(changes),
+                saved_files=tuple(saved),
             )
         if r.verdict is Verdict.CHANGED:
             changed = True
@@ -186,6 +203,9 @@ def combine(results: Sequence[StepResult], ds: Dataset, *, follow_adds: bool = T
         add_destinations=tuple(adds),
         sort_key=key,
         decisions=tuple(decisions),
+        routed=routed,
+        changes=tuple(changes),
+        saved_files=tuple(saved),
     )
 
 

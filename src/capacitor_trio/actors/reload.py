@@ -11,6 +11,10 @@ What is applied:
   the called-AE routes are rebuilt.
 - config.yml: the keys in `RELOADABLE_KEYS`, which the node actors and the receiver read each
   time they use them. Any other key that changed is listed as needing a restart.
+- the filter chain: `filters` and `dropUnfilteredInstances`, and the filter files they name
+  (routings.yml, mutations.yml, sortings.yml), read again and checked against the new node set
+  with the rest (`load_settings`), as `POST /api/filters/reload` does; the prepare stages use
+  the new chain from their next look. A chain that changed is reported as `filters`.
 
 One configuration change at a time (`Router.config_lock`, which node edits through the API take
 too): two overlapping changes would each start from the same old state.
@@ -54,6 +58,8 @@ RELOADABLE_KEYS = (
     "retry_max_delay_seconds",
     "max_attempts",
     "time_zone",
+    "filters",
+    "drop_unfiltered_instances",
 )
 
 
@@ -152,13 +158,19 @@ async def _check_removals(router: Router, removed: tuple[Node, ...]) -> None:
 
 
 def _merge_config(old: Config, new: Config) -> tuple[Config, tuple[str, ...], tuple[str, ...]]:
-    """The config in force after a reload (`old` with the reloadable keys of `new`), the keys
-    applied and the keys that changed but wait for a restart, both in config.yml's spelling."""
+    """The config in force after a reload (`old` with the reloadable keys of `new` and its filter
+    chain), the keys applied ("filters" also when only a filter file changed) and the keys that
+    changed but wait for a restart, both in config.yml's spelling."""
     changed = [key for key in GLOBAL_KEYS if _value(old, key.field) != _value(new, key.field)]
     applied = [key for key in changed if key.field in RELOADABLE_KEYS]
-    merged = attrs.evolve(old, **{key.field: _value(new, key.field) for key in applied})
+    merged = attrs.evolve(
+        old, filter_chain=new.filter_chain, **{key.field: _value(new, key.field) for key in applied}
+    )
+    names = [key.name for key in applied]
+    if new.filter_chain != old.filter_chain and "filters" not in names:  # a filter file changed
+        names.append("filters")
     waiting = tuple(key.name for key in changed if key.field not in RELOADABLE_KEYS)
-    return merged, tuple(key.name for key in applied), waiting
+    return merged, tuple(names), waiting
 
 
 def _value(config: Config, field: str) -> Any:

@@ -242,6 +242,8 @@ class BatchSend:
         counters = self.actor.metrics
         for item, outcome in batch:
             counters.failure(outcome)
+            counters.send_conversion(outcome)
+            state.conversions.count_on_send(outcome)
             if isinstance(outcome, Rejected):
                 rejected.append((item.id, outcome.reason))
                 state.last_error = outcome.reason

@@ -32,22 +32,41 @@ from pydicom.dataset import Dataset
 from capacitor_trio.actors.prepare_steps import PrepareSubject, StepResult, Verdict, in_worker
 from capacitor_trio.config.models import Config, Node, effective
 from capacitor_trio.dicom.conversion import Transcoder, scratch_file
+from capacitor_trio.domain.outcomes import Outcome, send_conversion
 
 log = logging.getLogger("capacitor_trio.prepare")
 
 
 @attrs.define
 class ConversionStats:
-    """One node's conversions since the router started (kept across actor restarts)."""
+    """One node's conversions since the router started (kept across actor restarts): its
+    prepared copies' (this step), and those on the way out (counted from the send outcomes the
+    node records, actors/sending.py)."""
 
     conversions: int = 0
     #: instances that could not be converted (prepared as received)
     failed: int = 0
     #: seconds the conversions took, end to end (write, convert, read back)
     seconds: float = 0.0
+    #: instances delivered converted on the way out (the destination accepted none of the
+    #: syntaxes they were stored in)
+    on_send: int = 0
+    #: instances rejected because their conversion on the way out failed
+    on_send_failed: int = 0
 
     def as_json(self) -> dict[str, float | int]:
-        return {"conversions": self.conversions, "failed": self.failed, "seconds": round(self.seconds, 3)}
+        return {
+            "conversions": self.conversions, "failed": self.failed, "seconds": round(self.seconds, 3),
+            "onSend": self.on_send, "onSendFailed": self.on_send_failed,
+        }
+
+    def count_on_send(self, outcome: Outcome) -> None:
+        """Count a conversion on the way out that a recorded send outcome reports."""
+        result = send_conversion(outcome)
+        if result == "converted":
+            self.on_send += 1
+        elif result == "failed":
+            self.on_send_failed += 1
 
 
 @attrs.define(eq=False)

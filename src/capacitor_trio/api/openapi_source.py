@@ -219,7 +219,7 @@ SCHEMAS: S = {
             "loop": ref("LoopLag"),
             "transcoding": {
                 "type": "object",
-                "description": "per Storage node (by AE title): its prepared copies converted into its TransferSyntax since the router started",
+                "description": "per Storage node (by AE title), since the router started: its prepared copies converted into its TransferSyntax, and the instances converted on the way out (the destination accepted none of their stored syntaxes)",
                 "additionalProperties": ref("Conversions"),
             },
         }
@@ -229,6 +229,8 @@ SCHEMAS: S = {
             "conversions": INT,
             "failed": {"type": "integer", "minimum": 0, "description": "instances that could not be converted (sent as received)"},
             "seconds": {"type": "number", "minimum": 0, "description": "time the conversions took (write, convert, read back)"},
+            "onSend": {"type": "integer", "minimum": 0, "description": "instances delivered converted on the way out"},
+            "onSendFailed": {"type": "integer", "minimum": 0, "description": "instances rejected because their conversion on the way out failed"},
         }
     ),
     "LoopLag": obj(

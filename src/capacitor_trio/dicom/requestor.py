@@ -286,9 +286,13 @@ class _Session:
             except ConversionFailed as exc:
                 return Rejected(
                     f"the destination accepted {inst.sop_class_uid} only in {way.transfer_syntax}, "
-                    f"and this instance ({inst.transfer_syntax_uid}) cannot be converted into it: {exc}"
+                    f"and this instance ({inst.transfer_syntax_uid}) cannot be converted into it: {exc}",
+                    unconvertible=True,
                 )
-            return await self._store_as_is(converted, way.context_id, fragment, recv_rsp)
+            outcome = await self._store_as_is(converted, way.context_id, fragment, recv_rsp)
+            if isinstance(outcome, Delivered):  # the node counts its conversions on the way out
+                outcome = attrs.evolve(outcome, converted_to=converted.transfer_syntax_uid)
+            return outcome
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _convert(

@@ -7,6 +7,8 @@ its association error kind (`kind`: the association itself failed), for the metr
 
 from __future__ import annotations
 
+from typing import Literal
+
 import attrs
 
 
@@ -15,6 +17,9 @@ class Delivered:
     """The destination stored the instance (success, or a warning status that still stored it)."""
 
     warning: str = ""
+    #: the transfer syntax UID the instance was converted into on the way out, because the
+    #: destination accepted no syntax it was stored in ("": sent as stored)
+    converted_to: str = ""
 
 
 @attrs.frozen
@@ -30,6 +35,8 @@ class Rejected:
     status_class: str = ""
     #: the association error kind when the association failed (`ASSOCIATION_ERROR_KINDS`)
     kind: str = ""
+    #: refused because its conversion on the way out failed (the codec cannot convert it)
+    unconvertible: bool = False
 
 
 @attrs.frozen
@@ -61,3 +68,13 @@ ASSOCIATION_ERROR_KINDS: tuple[str, ...] = (
 
 
 Outcome = Delivered | Rejected | RetryLater
+
+
+def send_conversion(outcome: Outcome) -> Literal["converted", "failed"] | None:
+    """What an outcome says of a conversion on the way out: "converted" (delivered converted),
+    "failed" (rejected: it could not be converted), None (none was done)."""
+    if isinstance(outcome, Delivered) and outcome.converted_to:
+        return "converted"
+    if isinstance(outcome, Rejected) and outcome.unconvertible:
+        return "failed"
+    return None
