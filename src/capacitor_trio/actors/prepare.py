@@ -30,6 +30,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import attrs
@@ -44,7 +45,9 @@ from capacitor_trio.actors.prepare_steps import (
     PrepareStep,
     PrepareSubject,
     Verdict,
+    discard,
     in_worker,
+    remove_files,
     run_steps,
     run_steps_sync,
 )
@@ -183,14 +186,7 @@ class NodePreparer:
             return float("inf") if at is None else max(0.0, at - self._clock())
         self.preparing = True
         try:
-            preparations: list[Preparation] = []
-            held = 0
-            for item in items:
-                prep = await self._prepare_item(steps, item)
-                preparations.append(prep)
-                held += len(prep.copy.data) if prep.copy is not None else 0
-                if held >= PREPARE_COPY_BYTES:
-                    break  # the rest of the batch waits for the next look
+            preparations = await self._prepare_batch(steps, items)
             try:
                 report = await self._store.apply_preparations(preparations)
             except StoreError as exc:  # a full disk (the copies): the items stay new meanwhile
@@ -203,6 +199,24 @@ class NodePreparer:
             self.preparing = False
         self._after(report)
         return None
+
+    async def _prepare_batch(self, steps: Sequence[PrepareStep], items: Sequence[Item]) -> list[Preparation]:
+        """The preparations of `items`, up to PREPARE_COPY_BYTES of copies held in memory (the
+        rest waits for the next look; copies handed over as files count nothing). Cut short
+        (cancelled), the files of the copies made so far are removed."""
+        preparations: list[Preparation] = []
+        held = 0
+        try:
+            for item in items:
+                prep = await self._prepare_item(steps, item)
+                preparations.append(prep)
+                held += len(prep.copy.data) if prep.copy is not None else 0
+                if held >= PREPARE_COPY_BYTES:
+                    break
+        except BaseException:
+            await discard([p.copy.file for p in preparations if p.copy is not None and p.copy.file is not None])
+            raise
+        return preparations
 
     def _after(self, report: PrepareReport) -> None:
         if report.prepared:
@@ -233,7 +247,10 @@ class NodePreparer:
             return Preparation(item.id, PrepOutcome.FAILED, last_error=worked.error)
         for decision in worked.plan.decisions:
             log.log(decision.level, "%s", decision.text)
-        return self._preparation(item, worked, where)
+        prep = self._preparation(item, worked, where)
+        if worked.copy is not None and worked.copy.file is not None and prep.copy is None:
+            await discard([worked.copy.file])  # the item failed after all: its file is not kept
+        return prep
 
     def _preparation(self, item: Item, worked: _Worked, where: str) -> Preparation:
         plan = worked.plan
@@ -294,12 +311,26 @@ async def _work(steps: Sequence[PrepareStep], subject: PrepareSubject, item: Ite
     plan = await run_steps(steps, subject, ds)
     if plan.verdict is not Verdict.CHANGED:
         return _Worked(plan)
-    return await in_worker(_with_copy, plan)
+    try:
+        return await in_worker(_with_copy, plan)
+    except BaseException:
+        await discard([plan.file] if plan.file is not None else [])
+        raise
 
 
 def _with_copy(plan: ItemPlan) -> _Worked:
-    """`plan` with its prepared copy written when the data set changed."""
-    if plan.verdict is not Verdict.CHANGED or plan.dataset is None:
+    """`plan` with its prepared copy: the data set written when it changed, or the finished
+    file a step handed over with the identity read from its header (the file is removed when
+    that cannot be read)."""
+    if plan.verdict is not Verdict.CHANGED:
+        return _Worked(plan)
+    if plan.file is not None:
+        try:
+            return _Worked(plan, _file_copy(plan.file))
+        except Exception as exc:
+            remove_files([plan.file])
+            return _Worked(None, error=f"cannot read the prepared copy: {exc}")
+    if plan.dataset is None:
         return _Worked(plan)
     try:
         return _Worked(plan, _write_copy(plan.dataset, plan.transfer_syntax))
@@ -331,7 +362,19 @@ def _write_copy(ds: Dataset, transfer_syntax: str | None) -> PreparedCopy:
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     out = io.BytesIO()
     pydicom.dcmwrite(out, ds, enforce_file_format=True)
-    header = InstanceHeader(
+    return PreparedCopy(_header(ds), out.getvalue())
+
+
+def _file_copy(path: Path) -> PreparedCopy:
+    """A finished copy's file handed over as it is, with the identity its header gives (read
+    up to the pixel data, worker thread)."""
+    return PreparedCopy(_header(pydicom.dcmread(path, stop_before_pixels=True)), file=path)
+
+
+def _header(ds: Dataset) -> InstanceHeader:
+    """The identity the item is sent as, from its copy's data set and file meta."""
+    meta = ds.file_meta
+    return InstanceHeader(
         sop_class_uid=_text(ds, "SOPClassUID"),
         sop_instance_uid=_text(ds, "SOPInstanceUID"),
         transfer_syntax_uid=str(meta.TransferSyntaxUID),
@@ -342,5 +385,4 @@ def _write_copy(ds: Dataset, transfer_syntax: str | None) -> PreparedCopy:
         patient_name=_text(ds, "PatientName"),
         accession_number=_text(ds, "AccessionNumber"),
     )
-    return PreparedCopy(header, out.getvalue())
 
