@@ -186,6 +186,28 @@ async def test_copies_handed_over_before_a_kill_are_removed(tmp_path: Path, auto
     assert os.listdir(tmp_path / "transcode") == []
 
 
+async def test_converted_files_count_towards_the_bytes_a_batch_makes(
+    tmp_path: Path, autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copies handed over as files are applied once PREPARE_COPY_BYTES of them are made, like
+    copies in memory: a large conversion is sent without waiting for the rest of its batch."""
+    monkeypatch.setattr("capacitor_trio.actors.prepare.PREPARE_COPY_BYTES", 1)
+    preparer, store, _ = make(tmp_path, InlinePool())
+    for _ in range(3):
+        store.add(state="new", data=instance())
+    batches: list[int] = []
+    apply = store.apply_preparations
+
+    async def recording(preparations: Any) -> Any:
+        batches.append(len(preparations))
+        return await apply(preparations)
+
+    store.apply_preparations = recording  # type: ignore[method-assign]
+    await settle(preparer)
+    assert batches == [1, 1, 1]
+    assert {i.state for i in store.items.values()} == {"prepared"}
+
+
 def test_a_transfer_syntax_puts_the_node_on_the_per_item_path() -> None:
     """The receiver commits the items of such a node `new` even with minimumAge 0."""
     cfg = config(minimum_age=0)

@@ -63,7 +63,9 @@ log = logging.getLogger("capacitor_trio.prepare")
 
 #: Ripe items one look of the per-item path prepares (then it applies them and looks again).
 PREPARE_BATCH = 32
-#: ...and the bytes of prepared copies it holds before applying them (the rest waits).
+#: ...and the bytes of prepared copies it makes before applying them (the rest waits): held in
+#: memory, or handed over as files (a large conversion is applied, and sent, without waiting for
+#: the rest of the batch, and a kill loses little converted work).
 PREPARE_COPY_BYTES = 64 * 1024 * 1024
 #: How long an item a step asked to retry stays `new` before it is prepared again.
 RETRY_DELAY = 60.0
@@ -201,17 +203,16 @@ class NodePreparer:
         return None
 
     async def _prepare_batch(self, steps: Sequence[PrepareStep], items: Sequence[Item]) -> list[Preparation]:
-        """The preparations of `items`, up to PREPARE_COPY_BYTES of copies held in memory (the
-        rest waits for the next look; copies handed over as files count nothing). Cut short
-        (cancelled), the files of the copies made so far are removed."""
+        """The preparations of `items`, up to PREPARE_COPY_BYTES of copies (the rest waits for
+        the next look). Cut short (cancelled), the files of the copies made so far are removed."""
         preparations: list[Preparation] = []
-        held = 0
+        made = 0
         try:
             for item in items:
                 prep = await self._prepare_item(steps, item)
                 preparations.append(prep)
-                held += len(prep.copy.data) if prep.copy is not None else 0
-                if held >= PREPARE_COPY_BYTES:
+                made += prep.copy.size if prep.copy is not None else 0
+                if made >= PREPARE_COPY_BYTES:
                     break
         except BaseException:
             await discard([p.copy.file for p in preparations if p.copy is not None and p.copy.file is not None])
