@@ -11,7 +11,8 @@ node. It has two ways of working, chosen at every look from the steps that apply
   the oldest item is ripe or until it is woken;
 * with steps: item by item. It lists up to PREPARE_BATCH ripe items (`ripe_new`), and for each
   parses the instance, runs the steps in order (`run_steps`) and writes the prepared copy's
-  bytes if a step changed the data set, off the event loop: all three in one worker thread call
+  bytes if a step changed the data set (or takes the finished file a step handed over, whose
+  header it reads: a converted copy), off the event loop: all three in one worker thread call
   when every step is CPU-only (`CpuStep`, e.g. the filter chain), else reading and writing in
   worker threads and each step doing its own work; it applies the whole batch in one store
   transaction (`apply_preparations`); then it looks again. When no
