@@ -52,10 +52,12 @@ async def test_a_copy_handed_over_as_a_file_is_renamed_into_the_spool(store: Sto
     received = (await store.get_item(a)).path
     prep = handed(tmp_path)
     assert prep.file is not None
+    prep.file.chmod(0o644)  # as a worker process's umask may leave it
     inode = prep.file.stat().st_ino
     await store.apply_preparations([Preparation(a, PrepOutcome.PREPARED, copy=prep)])
     mine = await store.get_item(a)
     assert mine.path.name.endswith(PREPARED_SUFFIX) and mine.path.stat().st_ino == inode
+    assert mine.path.stat().st_mode & 0o777 == 0o600
     assert await content(store, mine) == b"FILE" * 100 and mine.size_bytes == 400
     assert (mine.sop_instance_uid, mine.prepared_copy) == ("9.9.8", True)
     assert not prep.file.exists() and (await store.get_item(b)).path == received

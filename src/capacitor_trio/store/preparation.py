@@ -37,7 +37,7 @@ import trio
 from ..domain.instance import Destination
 from ..domain.states import FAILED, NEW, PREPARED
 from .connection import StoreCore
-from .fsops import open_private
+from .fsops import make_private, open_private
 from .ingest import _search_text
 from .model import Item, Preparation, PreparedCopy, PrepareReport, PrepOutcome
 from .queue import _with_inline_bytes
@@ -76,10 +76,12 @@ def _write_durably(ops: Any, temp: Path, final: Path, data: bytes) -> None:
 
 
 def _adopt_durably(ops: Any, file: Path, temp: Path, final: Path) -> None:
-    """Make the finished `file` the spool file `final`: fsync'd, renamed (its directory is
-    fsync'd by the writer's group, before the COMMIT that names it); from another file system
-    copied to `temp` first, a block at a time, and the original removed."""
+    """Make the finished `file` the spool file `final`: the owner's only like every spool file,
+    fsync'd, renamed (its directory is fsync'd by the writer's group, before the COMMIT that
+    names it); from another file system copied to `temp` first, a block at a time, and the
+    original removed."""
     try:
+        make_private(file)
         ops.fsync_file(file)
         ops.rename(file, final)
         return
