@@ -3,7 +3,8 @@ destination in a syntax it accepts, whatever syntax they arrived in.
 
 - a node with blank TransferSyntax behind DCMTK `storescp +xi` (Implicit VR Little Endian only)
   gets instances that arrived as Explicit VR LE, RLE and JPEG Lossless: all delivered (converted
-  on the way out), none rejected.
+  on the way out), none rejected;
+- a node with TransferSyntax gets its prepared copies, also across a SIGKILL while it converts.
 """
 
 from __future__ import annotations
