@@ -20,6 +20,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import attrs
 import trio
@@ -33,7 +34,7 @@ from capacitor_trio.actors.service import ServiceFlags
 from capacitor_trio.actors.supervisor import Supervisor
 from capacitor_trio.audit import AuditTrail
 from capacitor_trio.config import Config, Settings
-from capacitor_trio.config.models import Node
+from capacitor_trio.config.models import Node, effective
 from capacitor_trio.dicom import requestor
 from capacitor_trio.dicom.acceptor import AcceptorConfig
 from capacitor_trio.dicom.conversion import PoolConverter
@@ -125,8 +126,9 @@ async def run_router(
     ) as store, trio.open_nursery() as senders:
         audit = AuditTrail(config.data_dir, log_dir or config.data_dir / "log")
         await senders.start(audit.run)  # before everything that records, ended after them
-        # worker processes for transcoding (started when first used): prepared copies in a
-        # node's syntax, and conversions on the way out of sends run in this process
+        # worker processes for transcoding (one started ahead while a node has a TransferSyntax:
+        # warm_transcoder): prepared copies in a node's syntax, and conversions on the way out
+        # of sends run in this process
         transcoder = await senders.start(TranscodePool().run)
         if sender is None:
             local = requestor.LocalSender(PoolConverter(transcoder))
@@ -152,6 +154,7 @@ async def run_router(
         async with trio.open_nursery() as core:
             await core.start(supervisor.run)
             core.start_soon(_expire_forever, router)
+            core.start_soon(warm_transcoder, in_force, transcoder)
             if config.api.enabled:
                 from capacitor_trio.api.server import run_api
             if settle_gc:  # before the listeners: no association waits for its collection
@@ -188,6 +191,29 @@ def _acceptor_config(config: Config, inline_max_bytes: int) -> AcceptorConfig:
         # what the store keeps in its index is received in memory, no more
         memory_max_bytes=inline_max_bytes,
     )
+
+
+def _transcodes(settings: Settings) -> bool:
+    """Does a Storage node in force convert into a TransferSyntax (its own or the default)?"""
+    return any(effective(n, settings.config).transfer_syntax for n in settings.storage_nodes())
+
+
+class Warmable(Protocol):
+    """What `warm_transcoder` needs of the transcode pool."""
+
+    async def warm(self) -> None: ...
+
+
+async def warm_transcoder(in_force: AsyncValue[Settings], pool: Warmable) -> None:
+    """Start a transcode worker ahead (`TranscodePool.warm`) whenever the settings in force have
+    a node with a TransferSyntax: at start-up, and after a reload or node edit that brings one,
+    so that its first conversion does not wait for the worker's start and imports. A worker
+    that cannot start is logged; its conversions report it in their turn."""
+    async for _ in in_force.eventual_values(_transcodes):
+        try:
+            await pool.warm()
+        except Exception as exc:
+            log.warning("the transcode worker could not be started ahead: %s", exc)
 
 
 async def _expire_forever(router: Router) -> None:

@@ -347,6 +347,8 @@ class FakeStore:
             item = self.items.get(prep.item_id)
             if item is None or item.state != NEW or item.checked_out:
                 skipped.append(prep.item_id)
+                if prep.copy is not None and prep.copy.file is not None:
+                    prep.copy.file.unlink(missing_ok=True)  # a handed-over file not kept
                 continue
             if prep.outcome in (PrepOutcome.PREPARED, PrepOutcome.REMOVED):
                 added += self._add_destinations(item, prep.add_destinations)
@@ -384,11 +386,14 @@ class FakeStore:
         elif prep.copy is None:
             self._set(item.id, state=PREPARED.value, sort_key=prep.sort_key, last_error="", next_attempt_at=None)
         else:
-            h, instance = prep.copy.header, next(self._ids)
-            self.blobs[instance] = prep.copy.data
+            h, instance, data = prep.copy.header, next(self._ids), prep.copy.data
+            if prep.copy.file is not None:  # a handed-over file: adopted (here into memory)
+                data = prep.copy.file.read_bytes()
+                prep.copy.file.unlink()
+            self.blobs[instance] = data
             self._set(
                 item.id, state=PREPARED.value, sort_key=prep.sort_key, last_error="", next_attempt_at=None,
-                instance_id=instance, inline=True, size_bytes=len(prep.copy.data),
+                instance_id=instance, inline=True, size_bytes=len(data),
                 sop_instance_uid=h.sop_instance_uid, sop_class_uid=h.sop_class_uid,
                 study_instance_uid=h.study_instance_uid, series_instance_uid=h.series_instance_uid,
                 transfer_syntax_uid=h.transfer_syntax_uid, patient_id=h.patient_id,

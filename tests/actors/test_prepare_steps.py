@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import attrs
 from hypothesis import given
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 
 from capacitor_trio.actors.prepare_steps import (
+    LATE_CHANGE,
     PrepareSubject,
     StepResult,
     Verdict,
@@ -109,6 +111,32 @@ async def test_a_step_may_hand_over_a_new_data_set() -> None:
     second = Scripted("two", StepResult())
     plan = await run_steps([first, second], SUBJECT, dataset())
     assert second.seen == ["C"] and plan.dataset is replacement and plan.transfer_syntax == "1.2"
+
+
+async def test_a_step_may_hand_over_its_finished_copy_as_a_file(tmp_path: Path) -> None:
+    """The plan keeps the file (no data set to write); later KEEPs do not undo it."""
+    file = tmp_path / "copy.part"
+    file.write_bytes(b"converted")
+    first = Scripted("filters", StepResult(Verdict.CHANGED), change="B")
+    second = Scripted("transcode", StepResult(Verdict.CHANGED, file=file, transfer_syntax="1.2.840.10008.1.2.5"))
+    third = Scripted("three", StepResult())
+    plan = await run_steps([first, second, third], SUBJECT, dataset())
+    assert plan.verdict is Verdict.CHANGED and plan.file == file and plan.dataset is None
+    assert plan.transfer_syntax == "1.2.840.10008.1.2.5" and file.exists()
+
+
+async def test_a_handed_over_file_the_plan_does_not_keep_is_removed(tmp_path: Path) -> None:
+    """A later step's FAIL, or a later change (the finished copy would be stale): the file goes."""
+    for later, message in (
+        (StepResult(Verdict.FAIL, message="no"), "no"),
+        (StepResult(Verdict.CHANGED), LATE_CHANGE),
+    ):
+        file = tmp_path / "copy.part"
+        file.write_bytes(b"converted")
+        first = Scripted("transcode", StepResult(Verdict.CHANGED, file=file))
+        plan = await run_steps([first, Scripted("later", later)], SUBJECT, dataset())
+        assert plan.verdict is Verdict.FAIL and plan.message == message and plan.file is None
+        assert not file.exists()
 
 
 @given(st.lists(st.integers(min_value=-(2**70), max_value=2**70), min_size=2), st.booleans())

@@ -162,6 +162,52 @@ async def test_a_conversion_interrupted_by_a_kill_is_done_again(tmp_path: Path, 
     assert pool.calls == 2 and stats.conversions == 1
 
 
+async def test_copies_handed_over_before_a_kill_are_removed(tmp_path: Path, autojump_clock: Any) -> None:
+    """The first item's converted file is handed over, the second's conversion is under way
+    when the actor is cancelled: neither item is prepared, and no file of either is left."""
+    pool = InlinePool()
+    preparer, store, _ = make(tmp_path, pool)
+    first, second = store.add(state="new", data=instance()), store.add(state="new", data=instance())
+    convert, second_started = pool.convert, trio.Event()
+
+    async def hold_the_second(src: Path, dst: Path, target_uid: str) -> codec.Converted:
+        pool.hold = pool.calls == 1
+        if pool.hold:
+            second_started.set()
+        return await convert(src, dst, target_uid)
+
+    pool.convert = hold_the_second  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(preparer.run)
+        await second_started.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert [store.items[i.id].state for i in (first, second)] == ["new", "new"]
+    assert os.listdir(tmp_path / "transcode") == []
+
+
+async def test_converted_files_count_towards_the_bytes_a_batch_makes(
+    tmp_path: Path, autojump_clock: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copies handed over as files are applied once PREPARE_COPY_BYTES of them are made, like
+    copies in memory: a large conversion is sent without waiting for the rest of its batch."""
+    monkeypatch.setattr("capacitor_trio.actors.prepare.PREPARE_COPY_BYTES", 1)
+    preparer, store, _ = make(tmp_path, InlinePool())
+    for _ in range(3):
+        store.add(state="new", data=instance())
+    batches: list[int] = []
+    apply = store.apply_preparations
+
+    async def recording(preparations: Any) -> Any:
+        batches.append(len(preparations))
+        return await apply(preparations)
+
+    store.apply_preparations = recording  # type: ignore[method-assign]
+    await settle(preparer)
+    assert batches == [1, 1, 1]
+    assert {i.state for i in store.items.values()} == {"prepared"}
+
+
 def test_a_transfer_syntax_puts_the_node_on_the_per_item_path() -> None:
     """The receiver commits the items of such a node `new` even with minimumAge 0."""
     cfg = config(minimum_age=0)
@@ -172,7 +218,7 @@ def test_a_transfer_syntax_puts_the_node_on_the_per_item_path() -> None:
 
 
 async def test_the_real_pool_makes_a_jpeg_2000_lossless_copy(tmp_path: Path) -> None:
-    """tx-codec's worker processes, real time: the step's data set comes back in J2K."""
+    """tx-codec's worker processes, real time: the step hands over the converted file in J2K."""
     ds = pydicom.dcmread(io.BytesIO(to_part10_bytes(make_dataset(rows=64, columns=64))))
     stats = ConversionStats()
     async with trio.open_nursery() as nursery:
@@ -182,7 +228,10 @@ async def test_the_real_pool_makes_a_jpeg_2000_lossless_copy(tmp_path: Path) -> 
         result = await step.run(subject, ds)
         nursery.cancel_scope.cancel()
     assert result.verdict is Verdict.CHANGED and result.transfer_syntax == JPEG2000Lossless
-    assert result.dataset is not None and np.array_equal(result.dataset.pixel_array, ds.pixel_array)
+    assert result.dataset is None and result.file is not None and result.file.parent == tmp_path
+    converted = pydicom.dcmread(result.file)
+    assert converted.file_meta.TransferSyntaxUID == JPEG2000Lossless
+    assert np.array_equal(converted.pixel_array, ds.pixel_array)
     assert stats.conversions == 1 and stats.seconds > 0
 
 

@@ -3,7 +3,8 @@ destination in a syntax it accepts, whatever syntax they arrived in.
 
 - a node with blank TransferSyntax behind DCMTK `storescp +xi` (Implicit VR Little Endian only)
   gets instances that arrived as Explicit VR LE, RLE and JPEG Lossless: all delivered (converted
-  on the way out), none rejected.
+  on the way out), none rejected;
+- a node with TransferSyntax gets its prepared copies, also across a SIGKILL while it converts.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -201,3 +203,41 @@ async def test_orthanc_gets_rle_from_a_node_with_transfer_syntax_rle(tmp_path: P
 def _orthanc_files(storage: Path) -> dict[str, Path]:
     files = [p for p in storage.rglob("*") if p.is_file() and p.suffix == ""] if storage.exists() else []
     return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in files}
+
+
+async def test_sigkill_while_converting_loses_nothing(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """Killed while its prepare stage converts (the worker's files handed to the store and
+    renamed into the spool), the router delivers every acknowledged instance after a restart,
+    each a whole RLE copy with the sent pixels, and leaves no scratch file behind."""
+    pacs = PynetdicomDestination("PACS")
+    pacs_port = pacs.start()
+    data = tmp_path / "data"
+    router = RouterProcess(data)
+    try:
+        scp_port = free_port()
+        write_config(data, scp_port, f"- AeTitle: PACS\n  Port: {pacs_port}\n  TransferSyntax: RLELossless\n")
+        sent = write_corpus(tmp_path / "in", 120, rows=192)  # 72 KB: copies are spool files
+        await router.start(nursery)
+        acked: list[str] = []
+        async with trio.open_nursery() as inner:
+            inner.start_soon(trio.to_thread.run_sync, pynetdicom_send, scp_port, "PACS", sent, acked, 3.0)
+            with trio.fail_after(60):
+                await pacs.count.wait_for(10)
+            router.signal(signal.SIGKILL)
+            await router.wait()
+        assert len(acked) >= 10
+        await router.start(nursery)
+        with trio.move_on_after(90):
+            await pacs.count.wait_until(lambda: set(acked) <= set(pacs.received))
+        assert set(acked) <= set(pacs.received), router.log()
+        by_uid = {path_uid(p): p for p in sent}
+        for uid in acked:
+            assert pacs.syntax_of[uid] == RLELossless
+            ds = pydicom.dcmread(io.BytesIO(pacs.received[uid]), force=True)
+            ds.file_meta = pydicom.dataset.FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = RLELossless
+            assert np.array_equal(ds.pixel_array, pixels(by_uid[uid]))
+    finally:
+        await router.aclose()
+        pacs.stop()
+    assert [p for d in data.rglob("transcode") for p in d.iterdir()] == []

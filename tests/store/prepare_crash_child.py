@@ -7,11 +7,14 @@ Usage: python prepare_crash_child.py CACHE SEED
 Prints ``ready`` once the store is open, ``ok <sop> <PACS item>,<AI item>`` for every commit
 that returned, and ``prep <item ids>`` once a batch of preparations was applied; each line
 flushed. A received instance's bytes are its SOP Instance UID padded with zeros; a copy's are
-``copy:`` and the UID padded with ones.
+``copy:`` and the UID padded with ones. Every other copy is handed over as a finished file
+(written and fsync'd in CACHE/../handed, as the transcoding step's converted files are), the
+others as bytes.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,6 +42,24 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
+def handed_file(root: Path, sop: str) -> Path:
+    """A copy's bytes as a finished, fsync'd file beside the cache (on its file system)."""
+    path = root.parent / "handed" / f"{sop}.part"
+    path.parent.mkdir(exist_ok=True)
+    with path.open("wb") as f:
+        f.write(copy_bytes(sop))
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def prepared_copy(root: Path, item_id: int, sop: str, sop_class: str) -> PreparedCopy:
+    header = InstanceHeader(sop_class, sop, "1.2.840.10008.1.2")
+    if item_id % 2:
+        return PreparedCopy(header, file=handed_file(root, sop))
+    return PreparedCopy(header, copy_bytes(sop))
+
+
 async def main(root: Path, seed: int) -> None:
     async with open_store(root, durable=True) as store:
         say("ready")
@@ -58,10 +79,7 @@ async def main(root: Path, seed: int) -> None:
                 preps = [
                     Preparation(
                         i.id, PrepOutcome.PREPARED,
-                        copy=PreparedCopy(
-                            InstanceHeader(i.sop_class_uid, i.sop_instance_uid, "1.2.840.10008.1.2"),
-                            copy_bytes(i.sop_instance_uid),
-                        ),
+                        copy=prepared_copy(root, i.id, i.sop_instance_uid, i.sop_class_uid),
                     )
                     for i in items
                 ]

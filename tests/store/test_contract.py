@@ -342,6 +342,23 @@ async def test_a_prepared_copy_is_sent_for_its_item_alone(h: Harness) -> None:
     assert not theirs.prepared_copy
 
 
+async def test_a_copy_handed_over_as_a_file_is_adopted(h: Harness, tmp_path: Path) -> None:
+    """The store takes the file (renamed into its spool, or read into its index) and the item is
+    sent as it; the file is the store's from then on."""
+    a, b = await h.commit([PACS, AI], state=NEW)
+    file = tmp_path / "converted.part"
+    file.write_bytes(b"FILE" * 20_000)  # larger than the index keeps
+    copy_header = attrs.evolve(header(), sop_instance_uid="9.9.8", transfer_syntax_uid="1.2.840.10008.1.2.5")
+    report = await h.port.apply_preparations([Preparation(a, PrepOutcome.PREPARED, copy=PreparedCopy(copy_header, file=file))])
+    assert report.prepared == (a,) and not file.exists()
+    [mine] = await h.port.checkout_batch(PACS, now=h.clock(), limit=10)
+    assert (mine.sop_instance_uid, mine.transfer_syntax_uid, mine.size_bytes) == ("9.9.8", "1.2.840.10008.1.2.5", 80_000)
+    data = mine.data if mine.data is not None else mine.path.read_bytes()
+    assert data == b"FILE" * 20_000 and mine.prepared_copy
+    [theirs] = await h.port.ripe_new(AI, h.clock(), 0, 10)
+    assert theirs.id == b and not theirs.prepared_copy
+
+
 async def test_removed_retried_and_failed_items(h: Harness) -> None:
     a, b, c = [(await h.commit(state=NEW))[0] for _ in range(3)]
     later = h.clock() + 30

@@ -3,8 +3,9 @@ prepared copies (spool files of their own) while it is SIGKILLed at random point
 
 After every kill the store is reopened (recovery runs) and checked: every acknowledged item is
 there; a PACS item is either still `new` on the received bytes or `prepared` on its whole copy
-(never on a part of one); an item whose preparation returned is prepared; AI's item always keeps
-the received bytes; no copy's file is left without its row."""
+(never on a part of one, whether the copy was written from bytes or handed over as a finished
+file); an item whose preparation returned is prepared; AI's item always keeps the received
+bytes; no copy's file is left without its row."""
 
 from __future__ import annotations
 

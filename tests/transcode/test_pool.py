@@ -140,3 +140,16 @@ async def test_stopping_the_pool_lets_a_running_conversion_finish(tmp_path: Path
     assert len(outcome) == 1 and not isinstance(outcome[0], BaseException)
     with pytest.raises(RuntimeError, match="not running"):
         await pool.convert(dst, tmp_path / "again.dcm", "1.2.840.10008.1.2")
+
+
+async def test_warm_starts_a_worker_ahead_of_the_first_conversion(tmp_path: Path) -> None:
+    """Workers start when needed; `warm` has one started (its codecs imported) before any
+    conversion, so the first conversion does not wait for it."""
+    async with trio.open_nursery() as nursery:
+        pool = await _started(nursery, 1)
+        assert pool.live_workers == 0
+        await pool.warm()
+        assert pool.live_workers == 1 and pool.busy == 0
+        await pool.warm()  # an idle worker is reused, not another started
+        assert pool.live_workers == 1
+        nursery.cancel_scope.cancel()

@@ -11,7 +11,8 @@ node. It has two ways of working, chosen at every look from the steps that apply
   the oldest item is ripe or until it is woken;
 * with steps: item by item. It lists up to PREPARE_BATCH ripe items (`ripe_new`), and for each
   parses the instance, runs the steps in order (`run_steps`) and writes the prepared copy's
-  bytes if a step changed the data set, off the event loop: all three in one worker thread call
+  bytes if a step changed the data set (or takes the finished file a step handed over, whose
+  header it reads: a converted copy), off the event loop: all three in one worker thread call
   when every step is CPU-only (`CpuStep`, e.g. the filter chain), else reading and writing in
   worker threads and each step doing its own work; it applies the whole batch in one store
   transaction (`apply_preparations`); then it looks again. When no
@@ -34,6 +35,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import attrs
@@ -48,7 +50,9 @@ from capacitor_trio.actors.prepare_steps import (
     PrepareStep,
     PrepareSubject,
     Verdict,
+    discard,
     in_worker,
+    remove_files,
     run_steps,
     run_steps_sync,
 )
@@ -65,7 +69,9 @@ log = logging.getLogger("capacitor_trio.prepare")
 
 #: Ripe items one look of the per-item path prepares (then it applies them and looks again).
 PREPARE_BATCH = 32
-#: ...and the bytes of prepared copies it holds before applying them (the rest waits).
+#: ...and the bytes of prepared copies it makes before applying them (the rest waits): held in
+#: memory, or handed over as files (a large conversion is applied, and sent, without waiting for
+#: the rest of the batch, and a kill loses little converted work).
 PREPARE_COPY_BYTES = 64 * 1024 * 1024
 #: How long an item a step asked to retry stays `new` before it is prepared again.
 RETRY_DELAY = 60.0
@@ -190,15 +196,7 @@ class NodePreparer:
             return float("inf") if at is None else max(0.0, at - self._clock())
         self.preparing = True
         try:
-            preparations: list[Preparation] = []
-            audited: dict[int, tuple[AuditEvent, ...]] = {}
-            held = 0
-            for item in items:
-                prep, audited[item.id] = await self._prepare_item(steps, item)
-                preparations.append(prep)
-                held += len(prep.copy.data) if prep.copy is not None else 0
-                if held >= PREPARE_COPY_BYTES:
-                    break  # the rest of the batch waits for the next look
+            preparations, audited = await self._prepare_batch(steps, items)
             try:
                 report = await self._store.apply_preparations(preparations)
             except StoreError as exc:  # a full disk (the copies): the items stay new meanwhile
@@ -211,6 +209,27 @@ class NodePreparer:
             self.preparing = False
         await self._after(report, audited)
         return None
+
+    async def _prepare_batch(
+        self, steps: Sequence[PrepareStep], items: Sequence[Item]
+    ) -> tuple[list[Preparation], dict[int, tuple[AuditEvent, ...]]]:
+        """The preparations of `items`, up to PREPARE_COPY_BYTES of copies (the rest waits for
+        the next look), and the audit lines each makes once applied. Cut short (cancelled), the
+        files of the copies made so far are removed."""
+        preparations: list[Preparation] = []
+        audited: dict[int, tuple[AuditEvent, ...]] = {}
+        made = 0
+        try:
+            for item in items:
+                prep, audited[item.id] = await self._prepare_item(steps, item)
+                preparations.append(prep)
+                made += prep.copy.size if prep.copy is not None else 0
+                if made >= PREPARE_COPY_BYTES:
+                    break
+        except BaseException:
+            await discard([p.copy.file for p in preparations if p.copy is not None and p.copy.file is not None])
+            raise
+        return preparations, audited
 
     async def _after(self, report: PrepareReport, audited: dict[int, tuple[AuditEvent, ...]]) -> None:
         if self._audit is not None:
@@ -248,6 +267,8 @@ class NodePreparer:
         for decision in worked.plan.decisions:
             log.log(decision.level, "%s", decision.text)
         prep = self._preparation(item, worked, where)
+        if worked.copy is not None and worked.copy.file is not None and prep.copy is None:
+            await discard([worked.copy.file])  # the item failed after all: its file is not kept
         return prep, self._audit_events(item, worked.plan, prep)
 
     def _audit_events(self, item: Item, plan: ItemPlan, prep: Preparation) -> tuple[AuditEvent, ...]:
@@ -325,12 +346,26 @@ async def _work(steps: Sequence[PrepareStep], subject: PrepareSubject, item: Ite
     plan = await run_steps(steps, subject, ds)
     if plan.verdict is not Verdict.CHANGED:
         return _Worked(plan)
-    return await in_worker(_with_copy, plan)
+    try:
+        return await in_worker(_with_copy, plan)
+    except BaseException:
+        await discard([plan.file] if plan.file is not None else [])
+        raise
 
 
 def _with_copy(plan: ItemPlan) -> _Worked:
-    """`plan` with its prepared copy written when the data set changed."""
-    if plan.verdict is not Verdict.CHANGED or plan.dataset is None:
+    """`plan` with its prepared copy: the data set written when it changed, or the finished
+    file a step handed over with the identity read from its header (the file is removed when
+    that cannot be read)."""
+    if plan.verdict is not Verdict.CHANGED:
+        return _Worked(plan)
+    if plan.file is not None:
+        try:
+            return _Worked(plan, _file_copy(plan.file))
+        except Exception as exc:
+            remove_files([plan.file])
+            return _Worked(None, error=f"cannot read the prepared copy: {exc}")
+    if plan.dataset is None:
         return _Worked(plan)
     try:
         return _Worked(plan, _write_copy(plan.dataset, plan.transfer_syntax))
@@ -362,7 +397,19 @@ def _write_copy(ds: Dataset, transfer_syntax: str | None) -> PreparedCopy:
     meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     out = io.BytesIO()
     pydicom.dcmwrite(out, ds, enforce_file_format=True)
-    header = InstanceHeader(
+    return PreparedCopy(_header(ds), out.getvalue())
+
+
+def _file_copy(path: Path) -> PreparedCopy:
+    """A finished copy's file handed over as it is, with the identity its header gives (read
+    up to the pixel data, worker thread)."""
+    return PreparedCopy(_header(pydicom.dcmread(path, stop_before_pixels=True)), file=path)
+
+
+def _header(ds: Dataset) -> InstanceHeader:
+    """The identity the item is sent as, from its copy's data set and file meta."""
+    meta = ds.file_meta
+    return InstanceHeader(
         sop_class_uid=_text(ds, "SOPClassUID"),
         sop_instance_uid=_text(ds, "SOPInstanceUID"),
         transfer_syntax_uid=str(meta.TransferSyntaxUID),
@@ -373,5 +420,4 @@ def _write_copy(ds: Dataset, transfer_syntax: str | None) -> PreparedCopy:
         patient_name=_text(ds, "PatientName"),
         accession_number=_text(ds, "AccessionNumber"),
     )
-    return PreparedCopy(header, out.getvalue())
 

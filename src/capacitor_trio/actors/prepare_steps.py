@@ -7,9 +7,13 @@ the earlier steps left it. Each step says what it decided in a `StepResult`:
 
 * ``KEEP``: nothing to change (the item may still get added destinations and a sort key);
 * ``CHANGED``: the step changed the data set (in place, or returns a new one in `dataset`):
-  the item gets a prepared copy of its own, written in `transfer_syntax` if the step gives one
-  (a transcoding step), else in the data set's own syntax; the received instance stays as it
-  came for the other destinations;
+  the item gets a prepared copy of its own, written in `transfer_syntax` if the step gives one,
+  else in the data set's own syntax; the received instance stays as it came for the other
+  destinations. A step may instead hand over the finished copy as a file (`file`: a complete
+  Part 10 file in `transfer_syntax`, made off the event loop, e.g. by a worker process; a
+  converted 300 MB multi-frame is then never read into the router): the store adopts that file
+  as it is (store/preparation.py). Such a step must be the last that changes the instance (the
+  transcoding step is); a file no plan keeps is removed;
 * ``DROP``: the item goes (a route's drop or RemoveOriginal, dropUnfilteredInstances); the
   destinations it added are still added;
 * ``RETRY``: the item stays `new` with `message` as its lastError and is prepared again (from
@@ -77,6 +81,8 @@ class Verdict(enum.Enum):
 
 #: the verdicts that end an item's run
 FINAL = frozenset({Verdict.DROP, Verdict.RETRY, Verdict.FAIL})
+#: the lastError of an item whose instance a step changed after another finished its copy
+LATE_CHANGE = "a prepare step changed the instance after its copy was finished"
 
 
 @attrs.frozen
@@ -107,6 +113,8 @@ class StepResult:
     dataset: Dataset | None = attrs.field(default=None, eq=False, repr=False)
     #: CHANGED: the transfer syntax UID the prepared copy is written in (None: the data set's)
     transfer_syntax: str | None = None
+    #: CHANGED: the finished copy as a file (its ownership passes with the result; see above)
+    file: Path | None = None
     #: AE titles of further Storage nodes that get the instance
     add_destinations: tuple[str, ...] = ()
     #: the item's place in its series' delivery order (smaller first; bytes compare
@@ -153,9 +161,11 @@ class ItemPlan:
     """What the steps decided for one item, folded (`combine`)."""
 
     verdict: Verdict
-    #: CHANGED: the data set of the prepared copy, and the syntax to write it in
+    #: CHANGED: the data set of the prepared copy, and the syntax to write it in; or the
+    #: finished copy as a file (`file`, in `transfer_syntax`), which the store adopts
     dataset: Dataset | None = attrs.field(default=None, eq=False, repr=False)
     transfer_syntax: str | None = None
+    file: Path | None = None
     add_destinations: tuple[str, ...] = ()
     sort_key: bytes | None = None
     message: str = ""
@@ -170,7 +180,7 @@ def combine(results: Sequence[StepResult], ds: Dataset, *, follow_adds: bool = T
     """Fold the results of the steps that ran (in order; the run stops after a final verdict)
     into one plan. `ds` is the data set the first step was given; `follow_adds` False drops
     add_destinations (an item created by add_destination)."""
-    changed, current, syntax = False, ds, None
+    changed, current, syntax, file = False, ds, None, None
     adds: list[str] = []
     key: bytes | None = None
     decisions: list[Decision] = []
@@ -193,13 +203,16 @@ def combine(results: Sequence[StepResult], ds: Dataset, *, follow_adds: bool = T
                 saved_files=tuple(saved),
             )
         if r.verdict is Verdict.CHANGED:
-            changed = True
+            if file is not None:  # a step order no node has: the finished copy would be stale
+                return ItemPlan(Verdict.FAIL, message=LATE_CHANGE, decisions=tuple(decisions))
+            changed, file = True, r.file
             current = r.dataset if r.dataset is not None else current
             syntax = r.transfer_syntax or syntax
     return ItemPlan(
         Verdict.CHANGED if changed else Verdict.KEEP,
-        dataset=current if changed else None,
+        dataset=current if changed and file is None else None,
         transfer_syntax=syntax,
+        file=file,
         add_destinations=tuple(adds),
         sort_key=key,
         decisions=tuple(decisions),
@@ -216,15 +229,21 @@ async def run_steps(
     item with a lastError naming the step (the other items go on)."""
     results: list[StepResult] = []
     current = ds
-    for step in steps:
-        try:
-            result = await step.run(subject, current)
-        except Exception as exc:  # a step's bug or I/O error fails this item, not the node
-            result = _failed(step.name, exc)
-        current = _record(results, result, current)
-        if result.verdict in FINAL:
-            break
-    return combine(results, ds, follow_adds=not subject.added)
+    try:
+        for step in steps:
+            try:
+                result = await step.run(subject, current)
+            except Exception as exc:  # a step's bug or I/O error fails this item, not the node
+                result = _failed(step.name, exc)
+            current = _record(results, result, current)
+            if result.verdict in FINAL:
+                break
+        plan = combine(results, ds, follow_adds=not subject.added)
+    except BaseException:
+        await discard(_files(results))
+        raise
+    await discard(_files(results, plan))
+    return plan
 
 
 def run_steps_sync(steps: Sequence[CpuStep], names: Sequence[str], subject: PrepareSubject, ds: Dataset) -> ItemPlan:
@@ -240,7 +259,29 @@ def run_steps_sync(steps: Sequence[CpuStep], names: Sequence[str], subject: Prep
         current = _record(results, result, current)
         if result.verdict in FINAL:
             break
-    return combine(results, ds, follow_adds=not subject.added)
+    plan = combine(results, ds, follow_adds=not subject.added)
+    remove_files(_files(results, plan))
+    return plan
+
+
+def _files(results: Sequence[StepResult], plan: ItemPlan | None = None) -> list[Path]:
+    """The files steps handed over that `plan` does not keep (all of them without a plan)."""
+    keep = plan.file if plan is not None else None
+    return [r.file for r in results if r.file is not None and r.file != keep]
+
+
+def remove_files(paths: Sequence[Path]) -> None:
+    """Remove handed-over files no one keeps (those gone already are fine)."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+async def discard(paths: Sequence[Path]) -> None:
+    """`remove_files` in a worker thread (a large file's unlink takes a while), shielded: it
+    also runs on the way out of a cancelled item."""
+    if paths:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(remove_files, list(paths))
 
 
 def _failed(name: str, exc: Exception) -> StepResult:

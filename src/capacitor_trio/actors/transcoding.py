@@ -5,10 +5,13 @@ The step runs after the filter chain (actors/prepare_steps.py, `steps_for`). It 
 set as the earlier steps left it to a scratch file (a worker thread; with no step before it, a
 received instance in a spool file is converted from there), converts it in the router's
 transcode worker processes (transcode/pool.py: bounded, cancellable; receiving never waits for
-them), reads the converted file back (a worker thread) and hands it to the preparer as the item's
-changed data set in the target syntax; the preparer writes the prepared copy through the store,
-in the same transaction that marks the item prepared. Until then the item stays `new`: a copy in
-progress when the router is killed is made again on restart, and no half-made copy can be sent.
+them), and hands the converted file over as it is (`StepResult.file`: the step is the last that
+changes the instance): the store adopts it as the item's prepared copy (fsync'd, renamed into
+the spool) in the same transaction that marks the item prepared, so a large multi-frame is never
+read into the router, whole or in copies (the codec converts it a frame at a time). Until then
+the item stays `new`: a copy in progress when the router is killed is made again on restart, no
+half-made copy can be sent, and the scratch files of a process that no longer runs are removed
+(dicom/conversion.py's `scratch_file`).
 The received instance stays as it came; the node's other items, and other nodes, are untouched.
 
 An instance that cannot be converted into the node's syntax (no codec decodes its syntax, or
@@ -22,11 +25,11 @@ time are counted (`ConversionStats`, shown by `GET /api/metrics`).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
 import attrs
-import pydicom
 from pydicom.dataset import Dataset
 
 from capacitor_trio.actors.prepare_steps import PrepareSubject, StepResult, Verdict, in_worker
@@ -46,7 +49,7 @@ class ConversionStats:
     conversions: int = 0
     #: instances that could not be converted (prepared as received)
     failed: int = 0
-    #: seconds the conversions took, end to end (write, convert, read back)
+    #: seconds the conversions took, end to end (the data set written out if needed, converted)
     seconds: float = 0.0
     #: instances delivered converted on the way out (the destination accepted none of the
     #: syntaxes they were stored in)
@@ -100,10 +103,12 @@ class TranscodeStep:
                 done = await self.transcoder.convert(src, dst, self.target)
             except codec.TranscodeError as exc:
                 return self._as_received(subject, source, str(exc))
-            converted = await in_worker(pydicom.dcmread, dst)
+            # handed over: a name the scratch context leaves alone, still swept after a crash
+            handed = dst.with_name(f"{dst.stem}-copy.part")
+            os.rename(dst, handed)
         self.stats.conversions += 1
         self.stats.seconds += time.perf_counter() - started
-        return StepResult(Verdict.CHANGED, dataset=converted, transfer_syntax=done.transfer_syntax_uid)
+        return StepResult(Verdict.CHANGED, file=handed, transfer_syntax=done.transfer_syntax_uid)
 
     def _as_received(self, subject: PrepareSubject, source: str, why: str) -> StepResult:
         self.stats.failed += 1

@@ -116,11 +116,23 @@ class PrepOutcome(enum.Enum):
 
 @attrs.frozen
 class PreparedCopy:
-    """The Part 10 bytes of an item's prepared copy and the identity read from them (what the
-    item is sent as: its UIDs and transfer syntax may differ from the received instance's)."""
+    """An item's prepared copy, as Part 10 bytes (`data`) or as a finished file (`file`), and
+    the identity read from it (what the item is sent as: its UIDs and transfer syntax may
+    differ from the received instance's).
+
+    A `file` is handed over to the store: a complete Part 10 file on the store's file system
+    (a large converted instance, never held in memory), which `apply_preparations` adopts
+    (fsync'd, renamed into the spool, recorded in the item's transaction) or removes; the
+    caller does not use it afterwards."""
 
     header: InstanceHeader
-    data: bytes = attrs.field(repr=False)
+    data: bytes = attrs.field(default=b"", repr=False)
+    file: Path | None = None
+
+    @property
+    def size(self) -> int:
+        """The copy's size in bytes (a file's as it is now)."""
+        return self.file.stat().st_size if self.file is not None else len(self.data)
 
 
 @attrs.frozen

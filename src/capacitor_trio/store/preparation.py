@@ -11,11 +11,20 @@ stays for the other destinations' items and goes (trash) only when no item refer
 before the COMMIT leaves the item `new` (it is prepared again from the received bytes) and the
 copy's file without a row, which recovery removes (`recovery.py`); so a half-written or
 unrecorded copy is never delivered, and nothing acknowledged is lost.
+
+A copy handed over as a finished file (`PreparedCopy.file`: a converted large instance, never in
+memory) goes the same way without its bytes passing through the router: the file is fsync'd
+and renamed into the bucket as ``<uuid>.prep.dcm`` (copied there first when it lies on another
+file system), or, when small enough for the index, read into it and removed. The store owns a
+handed-over file from the call on: whatever happens (an item skipped, an error, a cancel), a
+file that was not recorded is removed.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import sqlite3
 import uuid
 from collections.abc import Sequence
@@ -28,7 +37,7 @@ import trio
 from ..domain.instance import Destination
 from ..domain.states import FAILED, NEW, PREPARED
 from .connection import StoreCore
-from .fsops import open_private
+from .fsops import make_private, open_private
 from .ingest import _search_text
 from .model import Item, Preparation, PreparedCopy, PrepareReport, PrepOutcome
 from .queue import _with_inline_bytes
@@ -64,6 +73,34 @@ def _write_durably(ops: Any, temp: Path, final: Path, data: bytes) -> None:
         f.write(data)
     ops.fsync_file(temp)
     ops.rename(temp, final)
+
+
+def _adopt_durably(ops: Any, file: Path, temp: Path, final: Path) -> None:
+    """Make the finished `file` the spool file `final`: the owner's only like every spool file,
+    fsync'd, renamed (its directory is fsync'd by the writer's group, before the COMMIT that
+    names it); from another file system copied to `temp` first, a block at a time, and the
+    original removed."""
+    try:
+        make_private(file)
+        ops.fsync_file(file)
+        ops.rename(file, final)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    fd = open_private(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    with open(fd, "wb") as out, open(file, "rb") as src:
+        shutil.copyfileobj(src, out, 1 << 20)
+    ops.fsync_file(temp)
+    ops.rename(temp, final)
+    ops.unlink(file)
+
+
+def _take_small(ops: Any, file: Path) -> bytes:
+    """A small handed-over file's bytes, for the index; the file is removed."""
+    data = file.read_bytes()
+    ops.unlink(file)
+    return data
 
 
 class Preparing(StoreCore):
@@ -134,30 +171,40 @@ class Preparing(StoreCore):
                 lambda conn: self._apply_job(conn, preparations, placed, now), dirs, durable=durable
             )
         except BaseException:
+            handed = [p.copy.file for p in preparations if p.copy is not None and p.copy.file is not None]
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._drop_files, list(placed.values()))
+                await trio.to_thread.run_sync(self._drop_files, list(placed.values()), handed)
             raise
         return report
 
     async def _place_copy(self, copy: PreparedCopy, dirs: set[Path]) -> _Placed:
-        if len(copy.data) <= self.inline_max_bytes:
-            return _Placed(f"{INLINE_PREFIX}{uuid.uuid4().hex}", len(copy.data), data=copy.data)
+        size = copy.size if copy.file is None else await trio.to_thread.run_sync(lambda: copy.size)
+        if size <= self.inline_max_bytes:
+            data = copy.data
+            if copy.file is not None:
+                data = await trio.to_thread.run_sync(_take_small, self._ops, copy.file)
+            return _Placed(f"{INLINE_PREFIX}{uuid.uuid4().hex}", len(data), data=data)
         bucket = await self._bucket_dir()
         final = bucket / f"{uuid.uuid4().hex}{PREPARED_SUFFIX}"
         temp = self._incoming / f"{uuid.uuid4().hex}.part"
         try:
-            await trio.to_thread.run_sync(_write_durably, self._ops, temp, final, copy.data)
+            if copy.file is not None:
+                await trio.to_thread.run_sync(_adopt_durably, self._ops, copy.file, temp, final)
+            else:
+                await trio.to_thread.run_sync(_write_durably, self._ops, temp, final, copy.data)
         except BaseException:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._ops.unlink, temp)
+                await trio.to_thread.run_sync(self._drop_files, [], [temp, final])
             raise
         dirs.add(bucket)
-        return _Placed(final.relative_to(self.root).as_posix(), len(copy.data), path=final)
+        return _Placed(final.relative_to(self.root).as_posix(), size, path=final)
 
-    def _drop_files(self, placed: list[_Placed]) -> None:
+    def _drop_files(self, placed: list[_Placed], others: Sequence[Path] = ()) -> None:
         for p in placed:
             if p.path is not None:
                 self._ops.unlink(p.path)
+        for path in others:
+            self._ops.unlink(path)
 
     def _apply_job(
         self,

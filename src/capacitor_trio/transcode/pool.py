@@ -15,6 +15,10 @@ which kills it); a conversion asked of a stopped pool gets RuntimeError, not the
 
 A worker whose peak memory has grown past `retire_rss_mb` (a very large multi-frame) is retired
 after that conversion, so the memory goes back to the system.
+
+Workers start when first needed; `warm` starts one ahead (a new worker imports the codecs, ≈ 0.6 s
+or more), which the runtime asks for whenever a node with a TransferSyntax is in force, so the
+first conversion does not pay for it. A worker idle for `idle_timeout` seconds exits.
 """
 
 from __future__ import annotations
@@ -61,6 +65,10 @@ def _warm_up() -> None:
     encoders.available(encoders.RLE)
 
 
+def _ready() -> None:
+    """The warm-up job: the worker's start (and `_warm_up`) is all it is for."""
+
+
 class TranscodePool:
     """Worker processes for `convert_file`, bounded and cancellable."""
 
@@ -76,6 +84,23 @@ class TranscodePool:
     def busy(self) -> int:
         """Conversions running now."""
         return int(self._limiter.borrowed_tokens)
+
+    @property
+    def live_workers(self) -> int:
+        """Worker processes started and not yet exited (idle or converting)."""
+        context = self._context
+        if context is None:
+            return 0
+        stats = context.statistics()
+        return int(stats.idle_workers + stats.running_workers)
+
+    async def warm(self) -> None:
+        """Have a worker process ready (started, the codecs imported): a no-op job, which starts
+        one when none is idle. Under the pool's bound, like a conversion."""
+        context = self._context
+        if context is None:
+            raise RuntimeError("the transcode pool is not running")
+        await context.run_sync(_ready, kill_on_cancel=True, limiter=self._limiter)
 
     async def run(
         self, *, task_status: trio.TaskStatus[TranscodePool] = trio.TASK_STATUS_IGNORED
