@@ -10,6 +10,7 @@ import pytest
 
 from capacitor_trio.cli import main, mutate_alias
 from tests.helpers.datasets import make_dataset, write_dataset
+from tests.helpers.router_files import REMOVE_ACCESSION_NUMBER, SWAP_PATIENT_NAME
 
 ROUTINGS = """\
 - Description: CT also to the VNA
@@ -30,21 +31,15 @@ ROUTINGS = """\
     - Type: drop
 """
 
-MUTATIONS = """\
+MUTATIONS = (
+    """\
 - Description: family name last, no accession
   AeTitles: [PACS]
   Actions:
-    - Type: add_or_update
-      Source:
-        Tag: 10,10
-        Expression: ^(\\w+)\\^(\\w+)$
-      Destination:
-        Tag: 10,10
-        Value: $2 $1
-    - Type: remove
-      Destination:
-        Tag: 8,50
 """
+    + SWAP_PATIENT_NAME
+    + REMOVE_ACCESSION_NUMBER
+)
 
 
 @pytest.fixture
