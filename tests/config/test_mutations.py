@@ -151,6 +151,8 @@ def test_a_yaml_number_value_keeps_its_text() -> None:
          "Actions[0].Source.Expression", "is not valid here"),
         ([{"Source": {"Tag": "8,50", "Expression": "(?<g>.)"}, "Destination": {"Tag": "8,50"}}],
          "Actions[0].Source.Expression", "write named groups as (?P<name>...)"),
+        ([{"Source": {"Tag": "8,50", "Expression": "^(.*)\\Z"}, "Destination": {"Tag": "8,50"}}],
+         "Actions[0].Source.Expression", "anchors differ between .NET and Python"),
         ([{"Source": {"Tag": "8,50", "Expression": "^(.)(.)"}, "Destination": {"Tag": "8,50", "Value": "$3"}}],
          "Actions[0].Destination.Value", "group 3 but the Expression has 2"),
         ([{"Source": {"Expression": "^(.)"}, "Destination": {"Tag": "8,50", "Value": "x"}}],
