@@ -29,6 +29,7 @@ from tests.helpers.peers import (
     storescu,
 )
 from tests.helpers.router_files import (
+    CT_ALSO_TO_VNA,
     REMOVE_ACCESSION_NUMBER,
     SWAP_PATIENT_NAME,
     write_router_files,
@@ -40,15 +41,13 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
 ]
 
-ROUTINGS = """\
+ROUTINGS = (
+    """\
 - Description: CT also goes to the VNA
   AeTitles: [PACS]
-  Conditions:
-    - Tag: 8,60
-      MatchExpression: CT
-  Actions:
-    - Type: add_destination
-      Target: VNA
+"""
+    + CT_ALSO_TO_VNA
+    + """\
 - Description: no scouts in the archive
   AeTitles: [PACS]
   Conditions:
@@ -66,6 +65,7 @@ ROUTINGS = """\
     - Type: save_file
       Target: saved/#{10,20:!!!000}/#{8,18}.dcm
 """
+)
 
 MUTATIONS = (
     """\

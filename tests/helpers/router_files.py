@@ -5,6 +5,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# The Conditions of a routing entry that match CT, and its Actions list, whose first action
+# adds the destination VNA (more items of the list may follow).
+CT_ALSO_TO_VNA = """\
+  Conditions:
+    - Tag: 8,60
+      MatchExpression: CT
+  Actions:
+    - Type: add_destination
+      Target: VNA
+"""
+
 # An item of a mutation entry's Actions list: PatientName "DOE^JANE" becomes "JANE DOE".
 SWAP_PATIENT_NAME = """\
     - Type: add_or_update
