@@ -10,16 +10,15 @@ import pytest
 
 from capacitor_trio.cli import main, mutate_alias
 from tests.helpers.datasets import make_dataset, write_dataset
+from tests.helpers.router_files import CT_ALSO_TO_VNA, REMOVE_ACCESSION_NUMBER, SWAP_PATIENT_NAME
 
-ROUTINGS = """\
+ROUTINGS = (
+    """\
 - Description: CT also to the VNA
   AeTitles: [PACS]
-  Conditions:
-    - Tag: 8,60
-      MatchExpression: CT
-  Actions:
-    - Type: add_destination
-      Target: VNA
+"""
+    + CT_ALSO_TO_VNA
+    + """\
     - Type: save_file
       Target: saved/#{10,20:!!!000}/
 - Description: no scouts
@@ -29,22 +28,17 @@ ROUTINGS = """\
   Actions:
     - Type: drop
 """
+)
 
-MUTATIONS = """\
+MUTATIONS = (
+    """\
 - Description: family name last, no accession
   AeTitles: [PACS]
   Actions:
-    - Type: add_or_update
-      Source:
-        Tag: 10,10
-        Expression: ^(\\w+)\\^(\\w+)$
-      Destination:
-        Tag: 10,10
-        Value: $2 $1
-    - Type: remove
-      Destination:
-        Tag: 8,50
 """
+    + SWAP_PATIENT_NAME
+    + REMOVE_ACCESSION_NUMBER
+)
 
 
 @pytest.fixture

@@ -7,34 +7,30 @@ from pathlib import Path
 
 from capacitor_trio.config.filters import load_filters
 from tests.helpers.datasets import make_dataset, to_part10_bytes
+from tests.helpers.router_files import CT_ALSO_TO_VNA, SWAP_PATIENT_NAME
 
 from .conftest import AUTH, StartRouter, dead_node
 from .test_endpoints import data, error
 
-ROUTINGS = """\
+ROUTINGS = (
+    """\
 - Description: CT also to the VNA
-  Conditions:
-    - Tag: 8,60
-      MatchExpression: CT
-  Actions:
-    - Type: add_destination
-      Target: VNA
+"""
+    + CT_ALSO_TO_VNA
+    + """\
     - Type: save_file
       Target: saved/#{8,18}.dcm
 """
+)
 
-MUTATIONS = """\
+MUTATIONS = (
+    """\
 - Description: family name last
   AeTitles: [PACS]
   Actions:
-    - Type: add_or_update
-      Source:
-        Tag: 10,10
-        Expression: ^(\\w+)\\^(\\w+)$
-      Destination:
-        Tag: 10,10
-        Value: $2 $1
 """
+    + SWAP_PATIENT_NAME
+)
 
 
 def write_filters(data_dir: Path) -> None:

@@ -31,6 +31,12 @@ from tests.helpers.peers import (
     pynetdicom_send,
     storescu,
 )
+from tests.helpers.router_files import (
+    CT_ALSO_TO_VNA,
+    REMOVE_ACCESSION_NUMBER,
+    SWAP_PATIENT_NAME,
+    write_router_files,
+)
 
 pytestmark = [
     needs_dcmtk,
@@ -38,15 +44,13 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
 ]
 
-ROUTINGS = """\
+ROUTINGS = (
+    """\
 - Description: CT also goes to the VNA
   AeTitles: [PACS]
-  Conditions:
-    - Tag: 8,60
-      MatchExpression: CT
-  Actions:
-    - Type: add_destination
-      Target: VNA
+"""
+    + CT_ALSO_TO_VNA
+    + """\
 - Description: no scouts in the archive
   AeTitles: [PACS]
   Conditions:
@@ -64,25 +68,20 @@ ROUTINGS = """\
     - Type: save_file
       Target: saved/#{10,20:!!!000}/#{8,18}.dcm
 """
+)
 
-MUTATIONS = """\
+MUTATIONS = (
+    """\
 - Description: family name last, no accession number
   AeTitles: [PACS]
   Conditions:
     - Tag: 8,60
       MatchExpression: MR
   Actions:
-    - Type: add_or_update
-      Source:
-        Tag: 10,10
-        Expression: ^(\\w+)\\^(\\w+)$
-      Destination:
-        Tag: 10,10
-        Value: $2 $1
-    - Type: remove
-      Destination:
-        Tag: 8,50
 """
+    + SWAP_PATIENT_NAME
+    + REMOVE_ACCESSION_NUMBER
+)
 
 SORTINGS = """\
 - Description: MR series in descending instance number
@@ -97,13 +96,11 @@ SORTINGS = """\
 """
 
 
-def write_router(data: Path, scp_port: int, nodes: str, *, extra: str = "", filters: str = "route, mutate, sort") -> None:
-    data.mkdir(parents=True, exist_ok=True)
-    (data / "config.yml").write_text(
-        f"myAeTitle: ROUTER\nscpPort: {scp_port}\nstorageInterval: 0\nretryDelaySeconds: 1\n"
-        f"retryMaxDelaySeconds: 2\napi:\n  enabled: false\nfilters: {filters}\n{extra}"
-    )
-    (data / "nodes.yml").write_text(nodes)
+def write_router(
+    data: Path, scp_port: int, nodes: str, *, minimum_age: int = 2, filters: str = "route, mutate, sort"
+) -> None:
+    """The router's files and the three filter files; `minimum_age` 2 s is the router's default."""
+    write_router_files(data, scp_port, nodes, minimum_age=minimum_age, extra=f"filters: {filters}\n")
     (data / "routings.yml").write_text(ROUTINGS)
     (data / "mutations.yml").write_text(MUTATIONS)
     (data / "sortings.yml").write_text(SORTINGS)
@@ -139,7 +136,7 @@ async def test_route_drop_save_mutate_and_sort(tmp_path: Path, nursery: trio.Nur
         data, scp_port,
         f"- AeTitle: PACS\n  Port: {pacs_port}\n  BatchSize: 0\n  ProcessDelay: 3000\n"
         f"- AeTitle: VNA\n  Port: {vna_port}\n",
-        extra="minimumAge: 1\n",
+        minimum_age=1,
     )
     router = RouterProcess(data)
     try:
@@ -226,7 +223,7 @@ async def test_sigkill_while_preparing_loses_nothing(tmp_path: Path, nursery: tr
     pacs_port = pacs.start()
     data = tmp_path / "data"
     scp_port = free_port()
-    write_router(data, scp_port, f"- AeTitle: PACS\n  Port: {pacs_port}\n", extra="minimumAge: 0\n", filters="mutate")
+    write_router(data, scp_port, f"- AeTitle: PACS\n  Port: {pacs_port}\n", minimum_age=0, filters="mutate")
     # 50 KB images: their copies are spool files of their own (*.prep.dcm), written and renamed
     # before the transaction that records them
     mr = instances(tmp_path / "mr", "MR", 150, rows=160)

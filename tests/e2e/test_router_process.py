@@ -13,10 +13,9 @@ import trio
 
 from tests.helpers.datasets import write_corpus
 from tests.helpers.peers import (
-    Counter,
+    CountingStorescp,
     PynetdicomDestination,
     RouterProcess,
-    StorescpInetd,
     dataset_bytes,
     free_port,
     needs_dcmtk,
@@ -24,6 +23,7 @@ from tests.helpers.peers import (
     pynetdicom_send,
     storescu,
 )
+from tests.helpers.router_files import write_router_files
 
 # pynetdicom leaves a socket behind when the router goes away under its association
 pytestmark = [
@@ -31,27 +31,6 @@ pytestmark = [
     pytest.mark.timeout(240),
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
 ]
-
-
-class CountingStorescp(StorescpInetd):
-    """storescp --inetd that counts the files on disk after each association."""
-
-    def __init__(self, out: Path) -> None:
-        super().__init__(out)
-        self.count = Counter()
-
-    async def _run_one(self, conn: trio.socket.SocketType) -> None:
-        await super()._run_one(conn)
-        self.count.add(len(list(self.out.iterdir())) - self.count.value)
-
-
-def write_config(data: Path, scp_port: int, nodes: str, extra: str = "") -> None:
-    data.mkdir(parents=True, exist_ok=True)
-    (data / "config.yml").write_text(
-        f"myAeTitle: ROUTER\nscpPort: {scp_port}\nminimumAge: 0\nstorageInterval: 0\n"
-        f"retryDelaySeconds: 1\nretryMaxDelaySeconds: 2\napi:\n  enabled: false\n{extra}"
-    )
-    (data / "nodes.yml").write_text(nodes)
 
 
 async def test_router_end_to_end(tmp_path: Path, nursery: trio.Nursery) -> None:
@@ -62,7 +41,7 @@ async def test_router_end_to_end(tmp_path: Path, nursery: trio.Nursery) -> None:
     router = RouterProcess(tmp_path / "data")
     try:
         scp_port = free_port()
-        write_config(
+        write_router_files(
             tmp_path / "data", scp_port,
             f"- AeTitle: STORESCP\n  Port: {dcmtk_port}\n  Aliases: [ARCHIVE]\n"
             f"- AeTitle: PYDEST\n  Port: {py_port}\n  BatchSize: 20\n",

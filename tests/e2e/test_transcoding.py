@@ -26,34 +26,22 @@ from pydicom.uid import ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV
 
 from tests.helpers.datasets import write_corpus
 from tests.helpers.peers import (
-    Counter,
+    CountingStorescp,
     PynetdicomDestination,
     RouterProcess,
-    StorescpInetd,
     dataset_bytes,
     free_port,
     needs_dcmtk,
     path_uid,
     pynetdicom_send,
 )
-
-from .test_router_process import write_config
+from tests.helpers.router_files import write_router_files
 
 pytestmark = [
     needs_dcmtk,
     pytest.mark.timeout(180),
     pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
 ]
-
-
-class CountingStorescp(StorescpInetd):
-    def __init__(self, out: Path, accept: str) -> None:
-        super().__init__(out, accept=accept)
-        self.count = Counter()
-
-    async def _run_one(self, conn: trio.socket.SocketType) -> None:
-        await super()._run_one(conn)
-        self.count.add(len(list(self.out.iterdir())) - self.count.value)
 
 
 def jpeg_lossless_corpus(directory: Path, n: int) -> list[Path]:
@@ -83,9 +71,9 @@ async def test_an_implicit_le_only_destination_gets_everything(
     router = RouterProcess(tmp_path / "data")
     try:
         scp_port = free_port()
-        write_config(
+        write_router_files(
             tmp_path / "data", scp_port, f"- AeTitle: STORESCP\n  Port: {port}\n",
-            f"deliveryProcess: {str(delivery_process).lower()}\n",
+            extra=f"deliveryProcess: {str(delivery_process).lower()}\n",
         )
         await router.start(nursery)
         sent = (
@@ -115,7 +103,7 @@ async def test_a_node_with_transfer_syntax_gets_its_prepared_copies(tmp_path: Pa
     router = RouterProcess(tmp_path / "data")
     try:
         scp_port = free_port()
-        write_config(
+        write_router_files(
             tmp_path / "data", scp_port,
             f"- AeTitle: J2KDEST\n  Port: {j2k_port}\n  TransferSyntax: JPEG2000Lossless\n"
             f"- AeTitle: PLAIN\n  Port: {plain_port}\n",
@@ -171,7 +159,7 @@ async def test_orthanc_gets_rle_from_a_node_with_transfer_syntax_rle(tmp_path: P
                 assert chunk, seen.decode(errors="replace")
                 seen = seen[-4096:] + chunk
         scp_port = free_port()
-        write_config(
+        write_router_files(
             tmp_path / "data", scp_port,
             f"- AeTitle: ORTHANC\n  Port: {dicom_port}\n  TransferSyntax: RLELossless\n",
         )

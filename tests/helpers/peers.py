@@ -371,3 +371,15 @@ class StorescpInetd:
             ds = pydicom.dcmread(p, stop_before_pixels=True)
             found[str(ds.SOPInstanceUID)] = p
         return found
+
+
+class CountingStorescp(StorescpInetd):
+    """storescp --inetd that counts the files on disk after each association (`count`)."""
+
+    def __init__(self, out: Path, *, accept: str = "+xa") -> None:
+        super().__init__(out, accept=accept)
+        self.count = Counter()
+
+    async def _run_one(self, conn: trio.socket.SocketType) -> None:
+        await super()._run_one(conn)
+        self.count.add(len(list(self.out.iterdir())) - self.count.value)

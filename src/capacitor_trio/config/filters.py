@@ -173,6 +173,11 @@ def check_targets(chain: FilterChain, storage_aes: frozenset[str]) -> None:
 # entries
 
 
+def _entry_header(raw: Mapping[str, Any]) -> tuple[str, tuple[str, ...], tuple[Condition, ...]]:
+    """Description, AeTitles and Conditions: read alike in every filter file's entries."""
+    return _description(raw, "Description"), _ae_titles(raw), conditions(raw.get("Conditions"), "Conditions")
+
+
 def _route_filter(path: Path, raw: list[Any]) -> RouteFilter:
     return RouteFilter(path, _entries(path, raw, functools.partial(_route, path.parent)))
 
@@ -182,9 +187,7 @@ def _route(data_dir: Path, index: int, raw: Mapping[str, Any]) -> Route:
     actions = _list(raw, "Actions", required=True)
     return Route(
         index,
-        _description(raw, "Description"),
-        _ae_titles(raw),
-        conditions(raw.get("Conditions"), "Conditions"),
+        *_entry_header(raw),
         tuple(_route_action(a, f"Actions[{i}]", data_dir) for i, a in enumerate(actions)),
     )
 
@@ -238,9 +241,7 @@ def _mutation(index: int, raw: Mapping[str, Any]) -> Mutation:
     _check_phases(affects, actions)
     return Mutation(
         index,
-        _description(raw, "Description"),
-        _ae_titles(raw),
-        conditions(raw.get("Conditions"), "Conditions"),
+        *_entry_header(raw),
         affects,
         actions,
     )
@@ -268,9 +269,7 @@ def _sort_entry(index: int, raw: Mapping[str, Any]) -> SortEntry:
     actions = _list(raw, "Actions", required=True)
     return SortEntry(
         index,
-        _description(raw, "Description"),
-        _ae_titles(raw),
-        conditions(raw.get("Conditions"), "Conditions"),
+        *_entry_header(raw),
         tuple(_sort_action(a, f"Actions[{i}]") for i, a in enumerate(actions)),
     )
 

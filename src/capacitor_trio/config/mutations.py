@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from capacitor_trio.config.filter_errors import FilterEntryError
+from capacitor_trio.domain.conditions import compile_regex, parse_tag
 from capacitor_trio.domain.dicom_values import destination_vr
 from capacitor_trio.domain.filtering import OnError
 from capacitor_trio.domain.mutate import (
@@ -49,7 +50,6 @@ _LEGACY = {  # legacy key -> (new section, key in it)
     "Tag": ("Destination", "Tag"),
     "DestinationValue": ("Destination", "Value"),
 }
-_TAG = re.compile(r"\(?\s*([0-9a-fA-F]{1,4})\s*,\s*([0-9a-fA-F]{1,4})\s*\)?")
 
 
 def parse_actions(raw: object) -> tuple[MutationAction, ...]:
@@ -214,11 +214,13 @@ def _required_tag(fields: dict[str, Any], name: str, key: str) -> int:
 
 
 def _tag(raw: object, key: str) -> int:
-    """`gggg,eeee` in hex, leading zeros optional (`8,60`), parentheses allowed."""
-    m = _TAG.fullmatch(str(raw).strip()) if isinstance(raw, str) else None
-    if m is None:
+    """A tag as the conditions read it (`parse_tag`: `gggg,eeee` in hex, `8,60`, `(0008,0060)`)."""
+    if not isinstance(raw, str):
         raise FilterEntryError(key, f"{raw!r} is not a tag (gggg,eeee in hex, e.g. 0010,0010 or 8,60)")
-    return (int(m[1], 16) << 16) | int(m[2], 16)
+    try:
+        return parse_tag(raw)
+    except ValueError as e:
+        raise FilterEntryError(key, str(e)) from None
 
 
 def _refuse_private(tag: int, key: str) -> None:
@@ -231,11 +233,11 @@ def _refuse_private(tag: int, key: str) -> None:
 
 
 def _regex(raw: object, key: str) -> re.Pattern[str]:
-    text = _text(raw, key)
+    """Compiled as a condition's regex is (`compile_regex`): .NET-only syntax is refused."""
     try:
-        return re.compile(text)
-    except re.error as e:
-        raise FilterEntryError(key, f"not a valid regular expression: {e}") from None
+        return compile_regex(_text(raw, key))
+    except ValueError as e:
+        raise FilterEntryError(key, str(e)) from None
 
 
 def _template(raw: object, key: str, *, references: bool) -> ValueTemplate:

@@ -40,7 +40,7 @@ from .connection import StoreCore
 from .fsops import make_private, open_private
 from .ingest import _search_text
 from .model import Item, Preparation, PreparedCopy, PrepareReport, PrepOutcome
-from .queue import _with_inline_bytes
+from .queue import _with_inline_bytes, _within_inline_budget
 from .rows import SELECT_QUEUE, forget_unreferenced, item_rows
 from .schema import INLINE_PREFIX, PREPARED_SUFFIX
 from .writer import unlinking
@@ -126,13 +126,7 @@ class Preparing(StoreCore):
                 "ORDER BY i.created_at, i.id LIMIT ?",
                 (destination.ae_title, destination.role, now - minimum_age, now, limit),
             )
-            budget, kept = RIPE_INLINE_BYTES, list[sqlite3.Row]()
-            for r in rows:
-                if r["rel_path"].startswith(INLINE_PREFIX):
-                    if kept and r["size_bytes"] > budget:
-                        break
-                    budget -= r["size_bytes"]
-                kept.append(r)
+            kept = _within_inline_budget(rows, RIPE_INLINE_BYTES)
             return _with_inline_bytes(conn, [self._item(r) for r in kept])
 
         return await self._read(q)

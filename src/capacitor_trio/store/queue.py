@@ -187,10 +187,10 @@ def _sorted_within_series(rows: list[sqlite3.Row]) -> list[sqlite3.Row]:
     return out
 
 
-def _within_inline_budget(rows: list[sqlite3.Row]) -> list[sqlite3.Row]:
-    """The bytes of small instances come with the batch: bound them (the rest waits for the
-    next checkout or top-up)."""
-    budget, kept = CHECKOUT_INLINE_BYTES, list[sqlite3.Row]()
+def _within_inline_budget(rows: list[sqlite3.Row], budget: int) -> list[sqlite3.Row]:
+    """The bytes of small instances come with the batch: the leading `rows` whose inline bytes
+    fit `budget` (at least one row; the rest waits for the next checkout or top-up)."""
+    kept = list[sqlite3.Row]()
     for r in rows:
         if r["rel_path"].startswith(INLINE_PREFIX):
             if kept and r["size_bytes"] > budget:
@@ -328,7 +328,7 @@ class Queue(StoreCore):
             rows = _sorted_within_series(rows)
         if not rows:
             return []
-        rows = _within_inline_budget(rows)
+        rows = _within_inline_budget(rows, CHECKOUT_INLINE_BYTES)
         _mark_checked_out(conn, [r["id"] for r in rows], now)
         items = [self._item(r, checked_out=True, updated_at=now) for r in rows]
         return _with_inline_bytes(conn, items)
