@@ -14,7 +14,8 @@ Prints requests/s and p50/p99 per endpoint. Target: p99 <= 50 ms for each while 
 
 `--scrape-compare ROUNDS` measures instead what monitoring costs intake and delivery: the same
 router, storescu sending all along, alternating windows of `--window` seconds without and with a
-separate process scraping `GET /metrics` every second (as Prometheus would); prints images
+separate process scraping `GET /metrics` every second (as Prometheus would) and refreshing the
+dashboard every 2 s (its page, then the JSON it asks for, as web/static/app.js does); prints images
 received and delivered per second in each window, the mean per mode and their ratio. Target:
 within 3 %.
 
@@ -96,17 +97,32 @@ def client_main(port: int, requests: int, concurrency: int, warmup: int) -> None
     print(json.dumps(results))
 
 
+#: what an open dashboard asks every 2 s (web/static/app.js, refreshDashboard)
+DASHBOARD_REFRESH = ("/api/nodes", "/api/service/status", "/api/service/processing-status")
+
+
 def scrape_main(port: int, seconds: float) -> None:
-    """GET /metrics every second for `seconds` (the scraper process of --scrape-compare)."""
+    """For `seconds`: GET /metrics every second (as Prometheus would) and, as an open dashboard
+    does, its page once and its refresh every 2 s (the scraper process of --scrape-compare)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        t0 = time.monotonic()
-        conn.request("GET", "/metrics")
+
+    def get(path: str) -> None:
+        conn.request("GET", path)
         resp = conn.getresponse()
         resp.read()
         if resp.status != 200:
-            sys.exit(f"GET /metrics: {resp.status}")
+            sys.exit(f"GET {path}: {resp.status}")
+
+    get("/")
+    end = time.monotonic() + seconds
+    tick = 0
+    while time.monotonic() < end:
+        t0 = time.monotonic()
+        get("/metrics")
+        if tick % 2 == 0:
+            for path in DASHBOARD_REFRESH:
+                get(path)
+        tick += 1
         time.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))
     conn.close()
 
