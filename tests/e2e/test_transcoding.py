@@ -203,7 +203,9 @@ async def test_sigkill_while_converting_loses_nothing(tmp_path: Path, nursery: t
     router = RouterProcess(data)
     try:
         scp_port = free_port()
-        write_config(data, scp_port, f"- AeTitle: PACS\n  Port: {pacs_port}\n  TransferSyntax: RLELossless\n")
+        write_router_files(
+            data, scp_port, f"- AeTitle: PACS\n  Port: {pacs_port}\n  TransferSyntax: RLELossless\n"
+        )
         sent = write_corpus(tmp_path / "in", 120, rows=192)  # 72 KB: copies are spool files
         await router.start(nursery)
         acked: list[str] = []
