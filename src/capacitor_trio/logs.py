@@ -235,6 +235,15 @@ def private_log_dir(path: Path) -> Path:
     return path
 
 
+def _remove_installed(logger: logging.Logger) -> None:
+    """Take the handlers an earlier setup installed off `logger` and close them (a file
+    handler's file is closed, not left to the garbage collector)."""
+    for handler in list(logger.handlers):
+        if getattr(handler, _INSTALLED, False):
+            logger.removeHandler(handler)
+            handler.close()
+
+
 def setup_file_logging(
     log_dir: Path,
     *,
@@ -256,9 +265,7 @@ def setup_file_logging(
     logging.getLogger().addHandler(main)
     access = logging.getLogger(ACCESS_LOGGER)
     access.propagate = False  # its own file, not the main log nor stderr
-    for old in list(access.handlers):
-        if getattr(old, _INSTALLED, False):
-            access.removeHandler(old)
+    _remove_installed(access)
     if web_log:
         web = PrivateRotatingFileHandler(log_dir / WEB_LOG, maxBytes=max_bytes, backupCount=backups)
         web.setFormatter(logging.Formatter("%(message)s"))
@@ -322,9 +329,7 @@ def setup_logging(
     else:
         levelno = level
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, _INSTALLED, False):
-            root.removeHandler(handler)
+    _remove_installed(root)
     console = logging.StreamHandler(stream if stream is not None else sys.stderr)
     console.setFormatter(_LevelFormatter())
     mute = SuppressCallingAes(suppress_calling_aes)

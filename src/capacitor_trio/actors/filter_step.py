@@ -114,8 +114,9 @@ def chain_of(config: Config) -> FilterChain:
     return config.filter_chain
 
 
-def filter_step(config: Config) -> FilterStep | None:
-    """The step that runs `config`'s filter chain; None when the chain is empty."""
+def filter_step(config: Config, clock: Callable[[], float]) -> FilterStep | None:
+    """The step that runs `config`'s filter chain, its `now` read from `clock` (wall seconds) in
+    the router's time zone; None when the chain is empty."""
     chain = chain_of(config)
     if chain.is_empty:
         return None
@@ -124,7 +125,8 @@ def filter_step(config: Config) -> FilterStep | None:
         _pseudonyms[root] = CsvPseudonyms(root)
     zone = ZoneInfo(config.time_zone) if config.time_zone else None
     return FilterStep(
-        chain, _pseudonyms[root], lambda: datetime.datetime.now(zone).astimezone(zone), SaveFiles(root)
+        chain, _pseudonyms[root], lambda: datetime.datetime.fromtimestamp(clock(), zone).astimezone(zone),
+        SaveFiles(root),
     )
 
 

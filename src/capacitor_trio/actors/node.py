@@ -213,7 +213,7 @@ class NodeActor:
         #: this node's prepare stage (new -> prepared), run in the actor's nursery
         self.preparer = NodePreparer(
             handle.destination, ctx.store, lambda: ctx.config, ctx.service, ctx.clock, handle.wake,
-            steps=lambda: steps_for(self.node, ctx.config, self._transcoding()),
+            steps=lambda: steps_for(self.node, ctx.config, self._transcoding(), ctx.clock),
             resolve=lambda ae: ctx.resolve_destination(ae),
             on_added=lambda dests: ctx.items_added(dests),
             audit=ctx.audit,

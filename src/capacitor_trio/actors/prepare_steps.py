@@ -38,6 +38,7 @@ transaction.
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
@@ -295,17 +296,21 @@ def _record(results: list[StepResult], result: StepResult, current: Dataset) -> 
 
 
 def steps_for(
-    node: Node, config: Config, transcoding: TranscodeContext | None = None
+    node: Node,
+    config: Config,
+    transcoding: TranscodeContext | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> tuple[PrepareStep, ...]:
     """The steps `node`'s prepare stage runs under `config`, in order; empty when none applies
     (then the stage keeps its one-statement fast path: ripe items become prepared in place).
-    The filter chain comes first, transcoding after it (with `transcoding`: the router's
-    transcode pool and the node's counts; without, none)."""
+    The filter chain comes first (its tokens' `now` from `clock`, the wall clock the actors are
+    given), transcoding after it (with `transcoding`: the router's transcode pool and the node's
+    counts; without, none)."""
     from capacitor_trio.actors.filter_step import filter_step  # imports the filters' modules
     from capacitor_trio.actors.transcoding import transcode_step
 
     steps: list[PrepareStep] = []
-    filters = filter_step(config)
+    filters = filter_step(config, clock)
     if filters is not None:
         steps.append(filters)
     if transcoding is not None:
@@ -319,4 +324,4 @@ def has_steps(node: Node, config: Config) -> bool:
     """Does `node`'s prepare stage run item by item under `config`? (the receiver then commits
     its items `new` even with minimumAge 0, so that they pass the steps): a filter chain, or a
     TransferSyntax (the node's, else defaultTransferSyntax)."""
-    return bool(steps_for(node, config)) or bool(effective(node, config).transfer_syntax)
+    return not config.filter_chain.is_empty or bool(effective(node, config).transfer_syntax)
