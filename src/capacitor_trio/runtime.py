@@ -126,17 +126,7 @@ async def run_router(
     ) as store, trio.open_nursery() as senders:
         audit = AuditTrail(config.data_dir, log_dir or config.data_dir / "log")
         await senders.start(audit.run)  # before everything that records, ended after them
-        # worker processes for transcoding (one started ahead while a node has a TransferSyntax:
-        # warm_transcoder): prepared copies in a node's syntax, and conversions on the way out
-        # of sends run in this process
-        transcoder = await senders.start(TranscodePool().run)
-        if sender is None:
-            local = requestor.LocalSender(PoolConverter(transcoder))
-            if config.delivery_process:
-                sender = SenderProcess(converter=local.converter)
-                await senders.start(sender.run)
-            else:
-                sender = local
+        transcoder, sender = await _start_delivery(senders, config, sender)
         metrics = Metrics()
         ctx = NodeContext(
             store=store, sender=sender, config=config, service=service, clock=clock,
@@ -177,6 +167,24 @@ async def run_router(
                     len(supervisor.handles), config.cache_path, "on" if config.durable_writes else "off",
                 )
                 task_status.started(router)
+
+
+async def _start_delivery(
+    nursery: trio.Nursery, config: Config, sender: Sender | None
+) -> tuple[TranscodePool, Sender]:
+    """The transcode worker processes (one started ahead while a node has a TransferSyntax:
+    `warm_transcoder`; prepared copies in a node's syntax, and conversions on the way out of
+    sends run in this process) and the sender: `sender` if given, else the sender process
+    (`deliveryProcess`) or this process's requestor, both converting through the pool."""
+    transcoder = await nursery.start(TranscodePool().run)
+    if sender is None:
+        local = requestor.LocalSender(PoolConverter(transcoder))
+        if config.delivery_process:
+            sender = SenderProcess(converter=local.converter)
+            await nursery.start(sender.run)
+        else:
+            sender = local
+    return transcoder, sender
 
 
 def _acceptor_config(config: Config, inline_max_bytes: int) -> AcceptorConfig:
