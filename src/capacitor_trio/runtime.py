@@ -128,16 +128,19 @@ async def run_router(
         await senders.start(audit.run)  # before everything that records, ended after them
         transcoder, sender = await _start_delivery(senders, config, sender)
         metrics = Metrics()
+        # the one owner of the configuration and node set in force: the rest reads them here
+        in_force = AsyncValue(settings)
         ctx = NodeContext(
-            store=store, sender=sender, config=config, service=service, clock=clock,
-            metrics=metrics, audit=audit, transcoder=transcoder,
+            store=store, sender=sender, config=lambda: in_force.value.config, service=service,
+            clock=clock, metrics=metrics, audit=audit, transcoder=transcoder,
         )
-        supervisor = Supervisor(settings.nodes, ctx, chaos_every=config.chaos.kill_node_actors_every_seconds)
+        supervisor = Supervisor(
+            lambda: in_force.value.nodes, ctx, chaos_every=config.chaos.kill_node_actors_every_seconds
+        )
         ctx.resolve_destination = supervisor.storage_destination
         ctx.items_added = supervisor.items_arrived
-        in_force = AsyncValue(settings)
         receiver = Receiver(
-            config, store, lambda: in_force.value.nodes, service, clock,
+            lambda: in_force.value.config, store, lambda: in_force.value.nodes, service, clock,
             on_prepared=supervisor.wake_all, on_new_items=supervisor.items_arrived, metrics=metrics,
         )
         router = Router(in_force, store, supervisor, receiver, service, clock, clock(), ring, metrics=metrics, audit=audit)

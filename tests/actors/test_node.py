@@ -15,6 +15,7 @@ import trio.testing
 
 from capacitor_trio.actors.handle import NodeHandle
 from capacitor_trio.actors.messages import (
+    ApproveEdit,
     BulkCommand,
     CommandRefused,
     Echo,
@@ -25,7 +26,6 @@ from capacitor_trio.actors.messages import (
     Pause,
     Resume,
     SetOverride,
-    UpdateNode,
 )
 from capacitor_trio.actors.node import NodeContext
 from capacitor_trio.actors.service import ServiceFlags
@@ -68,7 +68,7 @@ def world_factory(
     nursery: trio.Nursery,
 ) -> Callable[..., Any]:
     async def make(
-        nodes: tuple[Node, ...] = (Node("PACS"),),
+        nodes: tuple[Node, ...] = (Node("PACS"),),  # or how to read the node set in force
         *,
         base: int = BASE,
         sender: FakeSender | None = None,
@@ -406,17 +406,29 @@ async def test_service_pause_all_stops_delivery(make_world: Any, autojump_clock:
 async def test_node_edit_requires_pause_and_nothing_checked_out(make_world: Any, autojump_clock: Any) -> None:
     w = await make_world(sender=FakeSender(per_instance=10))
     with pytest.raises(CommandRefused, match="paused"):
-        await w.handle.call(UpdateNode(Node("PACS", port=11112)))
+        await w.handle.call(ApproveEdit(Node("PACS", port=11112)))
     await w.handle.call(Pause())
     held = w.store.add()
     w.store.items[held.id] = attrs.evolve(held, checked_out=True)  # a batch not yet put back
     with pytest.raises(CommandRefused, match="1 item\\(s\\) checked out"):
-        await w.handle.call(UpdateNode(Node("PACS", port=11112)))
+        await w.handle.call(ApproveEdit(Node("PACS", port=11112)))
     w.store.items[held.id] = held
-    await w.handle.call(UpdateNode(Node("PACS", port=11112)))
-    assert w.handle.node.port == 11112
+    await w.handle.call(ApproveEdit(Node("PACS", port=11112)))
+    assert w.handle.node.port == 104  # approved, not yet in force: the control port puts it there
     with pytest.raises(CommandRefused, match="AE title or role"):
-        await w.handle.call(UpdateNode(Node("OTHER")))
+        await w.handle.call(ApproveEdit(Node("OTHER")))
+
+
+async def test_handle_reads_the_node_set_in_force(make_world: Any, autojump_clock: Any) -> None:
+    """The node's settings have one owner, the node set in force: the handle looks its node up
+    there on each use, and keeps the last one seen once the node is gone from it."""
+    in_force: list[tuple[Node, ...]] = [(Node("PACS"),)]
+    w = await make_world(lambda: in_force[0])
+    assert w.handle.node.port == 104
+    in_force[0] = (Node("PACS", port=11112),)
+    assert w.handle.node.port == 11112
+    in_force[0] = ()
+    assert w.handle.node.port == 11112 and w.handle.ae_title == "PACS"
 
 
 async def test_in_window_is_current_while_paused(make_world: Any, autojump_clock: Any) -> None:

@@ -12,7 +12,7 @@ import trio.testing
 
 from capacitor_trio.actors.receiver import Receiver
 from capacitor_trio.actors.service import ServiceFlags
-from capacitor_trio.config.models import Node
+from capacitor_trio.config.models import Config, Node
 from capacitor_trio.dicom.acceptor import CannotProcess, OutOfResources, ReceivedInstance
 from capacitor_trio.domain.instance import Destination, InstanceHeader
 from capacitor_trio.store import StoreError
@@ -34,14 +34,20 @@ def rx(called: str, n: int = 0) -> ReceivedInstance:
 
 
 def make(
-    on_new_items: Callable[[Sequence[Destination]], None] = lambda destinations: None, **cfg: Any
+    on_new_items: Callable[[Sequence[Destination]], None] = lambda destinations: None,
+    in_force: list[Config] | None = None,
+    **cfg: Any,
 ) -> tuple[Receiver, IntakeStore, ServiceFlags, list[int]]:
+    """`in_force`: the configuration in force as a one-element list a test may replace."""
     clock = lambda: BASE + trio.current_time()  # noqa: E731
     store = IntakeStore(clock)
     service = ServiceFlags()
     woken: list[int] = []
+    if in_force is None:
+        in_force = [config(**cfg)]
+    current = in_force
     receiver = Receiver(
-        config(**cfg), store, lambda: NODES, service, clock, lambda: woken.append(1),
+        lambda: current[0], store, lambda: NODES, service, clock, lambda: woken.append(1),
         on_new_items=lambda destinations: on_new_items(list(destinations)), max_in_flight=2,
     )
     return receiver, store, service, woken
@@ -104,12 +110,13 @@ async def test_new_items_are_handed_to_their_nodes_and_ripe_ones_wake_them(autoj
     """Committed `new` (minimumAge > 0), the destinations are told (their nodes' prepare stage
     takes over); committed prepared (minimumAge 0), the nodes are woken to send."""
     arrived: list[list[Destination]] = []
-    receiver, store, service, woken = make(minimum_age=2, on_new_items=arrived.append)
+    in_force = [config(minimum_age=2)]
+    receiver, store, service, woken = make(on_new_items=arrived.append, in_force=in_force)
     await receiver.instance_received(rx("PACS", 1))
     await receiver.instance_received(rx("VNA", 2))
     assert arrived == [[Destination("PACS")], [Destination("VNA")]] and woken == []
     assert set(store.states().values()) == {"new"}
-    receiver.config = config(minimum_age=0)
+    in_force[0] = config(minimum_age=0)  # a reload
     await receiver.instance_received(rx("PACS", 3))
     assert len(arrived) == 2 and woken == [1] and sorted(store.states().values()) == ["new", "new", "prepared"]
     service.set_all(False)  # preparing off: committed new, for the node to prepare later

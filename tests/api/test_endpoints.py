@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 import yaml
 
+from capacitor_trio.config import nodes_file
 from capacitor_trio.config.models import Node
 from capacitor_trio.store import Item, ItemFilter, ItemNotFound, Store
 from tests.store.util import content
@@ -419,8 +422,46 @@ async def test_put_that_cannot_write_the_file_changes_nothing(
     monkeypatch.setattr("capacitor_trio.config.nodes_file.replace_file", disk_full)
     message = error(await r.client.put("/api/nodes/A", json={"role": "Storage", "priority": 2}, headers=AUTH), "INTERNAL", 500)
     assert message == "cannot write nodes.yml: No space left on device"
-    assert r.router.supervisor.handle("A").node.priority == 0  # the actor was put back
+    assert r.router.supervisor.handle("A").node.priority == 0  # never put in force
     assert (r.data_dir / "nodes.yml").read_text() == before
+
+
+async def test_a_resume_waits_for_an_edit_to_be_in_force(
+    start_router: StartRouter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node never resumes between its actor's approval of an edit and the edit being in force
+    (so it never sends with settings the file no longer has): the resume waits for the edit."""
+    r = await start_router((dead_node("A"),))
+    await r.client.post("/api/nodes/A/pause", headers=AUTH)
+    writing, release = threading.Event(), threading.Event()
+    write = nodes_file.replace_file
+
+    def slow_write(path: Any, text: str) -> None:
+        writing.set()
+        release.wait(10)
+        write(path, text)
+
+    monkeypatch.setattr("capacitor_trio.config.nodes_file.replace_file", slow_write)
+    seen: dict[str, Any] = {}
+    resumed = trio.Event()
+
+    async def edit() -> None:
+        seen["edit"] = await r.client.put("/api/nodes/A", json={"role": "Storage", "priority": 2}, headers=AUTH)
+
+    async def resume() -> None:
+        seen["resume"] = await r.client.post("/api/nodes/A/resume", headers=AUTH)
+        seen["priority at resume"] = r.router.supervisor.handle("A").node.priority
+        resumed.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(edit)
+        await trio.to_thread.run_sync(writing.wait, 10)  # approved, the file being written
+        nursery.start_soon(resume)
+        with trio.move_on_after(0.5):  # a resume that did not wait would be answered by now
+            await resumed.wait()
+        release.set()
+    assert seen["edit"].status_code == 200 and data(seen["resume"])["paused"] is False
+    assert seen["priority at resume"] == 2
 
 
 async def test_concurrent_node_edits_are_all_kept(start_router: StartRouter) -> None:

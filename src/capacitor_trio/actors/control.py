@@ -7,14 +7,16 @@ goes to the owner of the fact it changes, which decides and answers:
 |----------------------------------------|--------------------------------|
 | an item's state (one, or in bulk)      | its destination's node actor   |
 | a node's pause flag, schedule override | its node actor                 |
-| a node's settings                      | nodes.yml through `config/`, then its node actor |
+| a node's settings                      | nodes.yml through `config/`; in force: `Router.in_force`, replaced here once the node's actor approved the edit |
 | the node set, the called-AE routes     | a configuration reload (`actors/reload.py`) |
 | the service flags                      | `ServiceFlags`                 |
 
 Items of a destination that has no actor (a node removed from nodes.yml, a role without a
 queue) are changed here, in the store, since no actor can be sending them.
 
-Every change of the configuration in force (a node edit, a reload) holds `Router.config_lock`.
+Every change of the configuration in force (a node edit, a reload) holds `Router.config_lock`;
+so does a resume, so that a node never resumes between its actor's approval of an edit and the
+edit being in force.
 
 Every change asked here is recorded in the audit trail (audit.py) once done or refused: who
 (`audit.OPERATOR`, which the API sets per request), what, which node or items; the caller waits
@@ -35,6 +37,7 @@ import trio
 
 from capacitor_trio.actors.handle import NodeHandle
 from capacitor_trio.actors.messages import (
+    ApproveEdit,
     BulkCommand,
     Command,
     CommandRefused,
@@ -47,7 +50,6 @@ from capacitor_trio.actors.messages import (
     Pause,
     Resume,
     SetOverride,
-    UpdateNode,
     required_state,
 )
 from capacitor_trio.actors.reload import ReloadReport, reload_configuration, reload_filters
@@ -150,7 +152,8 @@ class Control:
                 await handle.status.wait_value("running")
             if handle.status.value != "running":
                 raise NodeUnavailable(f"node {node.ae_title} is {handle.status.value} after restart")
-        status: NodeStatus = await handle.call(Resume())
+        async with self.router.config_lock:
+            status: NodeStatus = await handle.call(Resume())
         return status
 
     async def echo(self, node: Node) -> EchoResult:
@@ -177,9 +180,9 @@ class Control:
 
     async def edit_node(self, current: Node, changes: dict[str, Any]) -> tuple[Node, NodeStatus | None]:
         """Edit one node (`changes`: Node attribute -> new value, None for blank): nodes.yml is
-        first checked as it is on disk (config/nodes_file), then the node's actor takes the new
-        settings (it refuses unless paused with nothing checked out), then the file is written;
-        a failed write puts the actor back as it was."""
+        first checked as it is on disk (config/nodes_file), then the node's actor approves (it
+        refuses unless paused with nothing checked out), then the file is written, and only then
+        is the edit put in force; a failed write changes nothing."""
         action = "edit-node " + ",".join(sorted(changes))
         async with self._audited(action, _node_target(current)), self.router.config_lock:
             return await self._edit_node(current, changes)
@@ -206,15 +209,16 @@ class Control:
         handle = self.handle(current)
         status: NodeStatus | None = None
         if handle is not None:
-            status = await handle.call(UpdateNode(planned.node))
+            status = await handle.call(ApproveEdit(planned.node))
         try:
             await trio.to_thread.run_sync(planned.write)
         except OSError as exc:
-            if handle is not None:  # put the running node back as it was
-                await handle.call(UpdateNode(current))
             raise WriteFailed(f"cannot write {planned.path.name}: {exc.strerror}") from None
         self.router.settings = attrs.evolve(self.router.settings, nodes=nodes)
-        self.router.receiver.refresh_routes()
+        log.info("node %s: settings updated", planned.node.ae_title)
+        if handle is not None:
+            self._supervisor.settings_changed(handle.key)
+            status = await handle.call(GetStatus())
         return status
 
     # ---- items --------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ deadline; a node that is restarting or failed refuses at once instead of hanging
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar, cast
 
 import trio
@@ -27,9 +28,16 @@ R = TypeVar("R")
 REPLY_TIMEOUT = 5.0
 
 
+#: the node's settings in force, by (AE title, role); None once the node was removed
+NodeLookup = Callable[[tuple[str, str]], "Node | None"]
+
+
 class NodeHandle:
-    def __init__(self, node: Node, inbox_size: int = 32) -> None:
-        self.node = node
+    def __init__(self, node: Node, lookup: NodeLookup | None = None, inbox_size: int = 32) -> None:
+        self.key = node.key
+        #: the node as last read from the settings in force (what a removed node keeps)
+        self._last = node
+        self._lookup = lookup
         self.destination = Destination(node.ae_title, node.role)
         self._send, self.inbox = trio.open_memory_channel[Call](inbox_size)
         #: "running", "restarting", "failed" or "stopped"; written only by the supervisor, and
@@ -41,8 +49,20 @@ class NodeHandle:
         self.preparer: NodePreparer | None = None
 
     @property
+    def node(self) -> Node:
+        """The node's settings in force, read where they are used: their one owner is the
+        router's configuration in force (`Router.in_force`), which a node edit or a reload
+        replaces; the handle only looks them up. A node a reload removed keeps the settings it
+        was last seen with while its actor stops."""
+        if self._lookup is not None:
+            found = self._lookup(self.key)
+            if found is not None:
+                self._last = found
+        return self._last
+
+    @property
     def ae_title(self) -> str:
-        return self.node.ae_title
+        return self.key[0]
 
     def wake(self) -> None:
         """Tell the actor to look at its queue again (never blocks)."""

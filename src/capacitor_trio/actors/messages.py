@@ -81,8 +81,10 @@ class Echo(Command[EchoResult]):
 
 
 @attrs.frozen
-class UpdateNode(Command["NodeStatus"]):
-    """Replace the node's settings; refused unless paused with nothing checked out."""
+class ApproveEdit(Command["NodeStatus"]):
+    """May the node's settings be replaced by `node` now? The actor answers (its status), or
+    refuses unless the node is paused with nothing checked out; the control port then puts the
+    edit in force (it owns the settings in force) and keeps a resume waiting until it has."""
 
     node: Node
 

@@ -48,6 +48,7 @@ from trio_util import AsyncValue
 
 from capacitor_trio.actors.handle import NodeHandle, answer
 from capacitor_trio.actors.messages import (
+    ApproveEdit,
     BulkCommand,
     Call,
     CommandRefused,
@@ -60,7 +61,6 @@ from capacitor_trio.actors.messages import (
     Pause,
     Resume,
     SetOverride,
-    UpdateNode,
     required_state,
 )
 from capacitor_trio.actors.prepare import NodePreparer
@@ -72,7 +72,14 @@ from capacitor_trio.actors.sending import TOP_UP_GATHER as TOP_UP_GATHER
 from capacitor_trio.actors.service import ServiceFlags
 from capacitor_trio.actors.transcoding import ConversionStats, TranscodeContext
 from capacitor_trio.audit import AuditPort
-from capacitor_trio.config.models import Config, Node, effective, effective_schedule
+from capacitor_trio.config.models import (
+    Config,
+    ConfigSource,
+    Node,
+    config_source,
+    effective,
+    effective_schedule,
+)
 from capacitor_trio.dicom.conversion import Transcoder
 from capacitor_trio.dicom.requestor import (
     EchoResult,
@@ -167,12 +174,12 @@ class NodeState:
 
 @attrs.define(eq=False)
 class NodeContext:
-    """What every node actor gets from the runtime. `config` is replaced as a whole by a
-    configuration reload (actors/reload.py), so actors read it where they use it."""
+    """What every node actor gets from the runtime. `config` is the configuration in force, read
+    from its one owner on each use (a reload replaces it whole); pass a Config or a source."""
 
     store: QueuePort
     sender: Sender
-    config: Config
+    config_source: ConfigSource = attrs.field(converter=config_source, alias="config")
     service: ServiceFlags
     clock: Callable[[], float]
     rng: random.Random = attrs.field(factory=random.Random)
@@ -197,6 +204,10 @@ class NodeContext:
     items_added: Callable[[Sequence[Destination]], None] = lambda _d: None
 
     @property
+    def config(self) -> Config:
+        return self.config_source()
+
+    @property
     def tz(self) -> tzinfo:
         """The zone schedules are read in: `timeZone`, else the system's."""
         return ZoneInfo(self.config.time_zone) if self.config.time_zone else system_time_zone()
@@ -219,7 +230,7 @@ class NodeActor:
             audit=ctx.audit,
         )
 
-    # ---- derived settings (re-read each time: a node edit replaces handle.node) --------------
+    # ---- derived settings (re-read each time: a node edit or a reload replaces them) ---------
 
     def _transcoding(self) -> TranscodeContext | None:
         """What the node's transcoding step needs; None without a transcode pool (tests)."""
@@ -282,8 +293,8 @@ class NodeActor:
                 answer(call, await self.status())
             elif isinstance(cmd, Echo):
                 nursery.start_soon(self._echo, call, cmd)
-            elif isinstance(cmd, UpdateNode):
-                await self._update_node(cmd.node)
+            elif isinstance(cmd, ApproveEdit):
+                await self._approve_edit(cmd.node)
                 answer(call, await self.status())
             elif isinstance(cmd, ItemCommand):
                 answer(call, await self._item_command(cmd))
@@ -365,7 +376,7 @@ class NodeActor:
         else:
             answer(call, result)
 
-    async def _update_node(self, node: Node) -> None:
+    async def _approve_edit(self, node: Node) -> None:
         if (node.ae_title, node.role) != (self.node.ae_title, self.node.role):
             raise CommandRefused("a node edit cannot change its AE title or role")
         if not self.state.paused:
@@ -375,8 +386,6 @@ class NodeActor:
             raise CommandRefused(
                 f"node {self.node.ae_title} still has {counts.checked_out} item(s) checked out"
             )
-        self.handle.node = node
-        log.info("node %s: settings updated", node.ae_title)
 
     async def _item_command(self, cmd: ItemCommand) -> Item | None:
         store = self.ctx.store

@@ -18,11 +18,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 
 from capacitor_trio.actors.prepare_steps import has_steps
 from capacitor_trio.actors.service import ServiceFlags
-from capacitor_trio.config.models import Config, Node, called_aes
+from capacitor_trio.config.models import Config, ConfigSource, Node, called_aes, config_source
 from capacitor_trio.dicom.acceptor import CannotProcess, OutOfResources, ReceivedInstance
 from capacitor_trio.domain.instance import Destination
 from capacitor_trio.domain.states import NEW, PREPARED
@@ -46,10 +47,32 @@ def called_ae_routes(nodes: Sequence[Node], prefix: str) -> dict[str, Destinatio
     return routes
 
 
+@attrs.frozen(eq=False)
+class _RouteTable:
+    """The called-AE table of one node set and configuration."""
+
+    nodes: Sequence[Node]
+    config: Config
+    routes: dict[str, Destination]
+    #: upper-cased called AE -> the title as configured
+    folded: dict[str, str]
+    by_key: dict[tuple[str, str], Node]
+
+    @classmethod
+    def of(cls, nodes: Sequence[Node], config: Config) -> _RouteTable:
+        routes = called_ae_routes(nodes, config.ae_title_prefix)
+        folded = {title.upper(): title for title in (config.my_ae_title, *routes)}
+        return cls(nodes, config, routes, folded, {node.key: node for node in nodes})
+
+
 class Receiver:
+    """`config` and `nodes`: the configuration and node set in force, read from their one owner
+    (the runtime's `in_force`) where they are used; the called-AE table is derived from them and
+    rebuilt when either is replaced (a node edit, a reload)."""
+
     def __init__(
         self,
-        config: Config,
+        config: Config | ConfigSource,
         store: StorePort,
         nodes: Callable[[], Sequence[Node]],
         service: ServiceFlags,
@@ -60,7 +83,7 @@ class Receiver:
         max_in_flight: int = 64,
         metrics: Metrics | None = None,
     ) -> None:
-        self.config = config
+        self._config = config_source(config)
         self.store = store
         self._nodes = nodes
         self.service = service
@@ -68,44 +91,46 @@ class Receiver:
         self._on_prepared = on_prepared
         self._on_new_items = on_new_items
         self._limiter = trio.CapacityLimiter(max_in_flight)
-        self._routes: dict[str, Destination] = {}
-        self._folded: dict[str, str] = {}  # upper-cased called AE -> the title as configured
-        self._by_key: dict[tuple[str, str], Node] = {}
-        self.refresh_routes()
+        self._table = _RouteTable.of(self._nodes(), self.config)
         #: the router's counters: instances, bytes, commit latency, admission refusals
         self.metrics = metrics if metrics is not None else Metrics()
+
+    @property
+    def config(self) -> Config:
+        return self._config()
 
     @property
     def received(self) -> int:
         """Instances received and committed since start."""
         return self.metrics.received()
 
-    def refresh_routes(self) -> None:
-        """Rebuild the called-AE table (after a node edit)."""
-        nodes = self._nodes()
-        self._by_key = {node.key: node for node in nodes}
-        self._routes = called_ae_routes(nodes, self.config.ae_title_prefix)
-        self._folded = {title.upper(): title for title in (self.config.my_ae_title, *self._routes)}
+    def _routes(self) -> _RouteTable:
+        """The called-AE table of the node set and configuration in force."""
+        nodes, config = self._nodes(), self.config
+        if nodes is not self._table.nodes or config is not self._table.config:
+            self._table = _RouteTable.of(nodes, config)
+        return self._table
 
     def _has_steps(self, destinations: Sequence[Destination]) -> bool:
-        nodes = (self._by_key.get((d.ae_title, d.role)) for d in destinations)
-        return any(node is not None and has_steps(node, self.config) for node in nodes)
+        table, config = self._routes(), self.config
+        nodes = (table.by_key.get((d.ae_title, d.role)) for d in destinations)
+        return any(node is not None and has_steps(node, config) for node in nodes)
 
     # ---- InstanceSink ------------------------------------------------------------------------
 
     def destinations_for(self, called_ae: str) -> list[Destination]:
-        dest = self._routes.get(called_ae.strip())
+        dest = self._routes().routes.get(called_ae.strip())
         return [dest] if dest else []
 
     def accepts_called_ae(self, called_ae: str) -> bool:
         """Exact match only (DICOM AE titles are case-sensitive)."""
         called = called_ae.strip()
-        return called == self.config.my_ae_title or called in self._routes
+        return called == self.config.my_ae_title or called in self._routes().routes
 
     def called_ae_hint(self, called_ae: str) -> str | None:
         """The title a refused called AE matches in another case: the operator's hint, since
         modalities are often configured by hand."""
-        return self._folded.get(called_ae.strip().upper())
+        return self._routes().folded.get(called_ae.strip().upper())
 
     def new_temp_path(self) -> Path:
         return self.store.new_incoming_path()

@@ -119,8 +119,6 @@ async def _reload(router: Router) -> ReloadReport:
     with trio.CancelScope(shield=True):
         try:
             router.settings = attrs.evolve(new, config=config)
-            router.supervisor.ctx.config = config
-            router.receiver.config = config
             await _apply_nodes(router, diff)
             for handle in router.supervisor.handles:  # minimumAge may have changed
                 handle.wake_preparer()
@@ -181,10 +179,9 @@ def _value(config: Config, field: str) -> Any:
 
 
 async def _apply_nodes(router: Router, diff: _NodeDiff) -> None:
-    """Routes first (from `router.settings`, already the new node set), so that nothing is
+    """The receiver routes by `router.settings`, already the new node set, so nothing more is
     queued for a node being removed; then the actors."""
     supervisor = router.supervisor
-    router.receiver.refresh_routes()
     for node in diff.removed:
         if node.role == "Storage":
             await supervisor.remove(node.key)
@@ -197,7 +194,7 @@ async def _apply_nodes(router: Router, diff: _NodeDiff) -> None:
                 )
     for node in diff.changed:
         if node.role == "Storage":
-            supervisor.reconfigure(node)
+            supervisor.settings_changed(node.key)
     for node in diff.added:
         if node.role == "Storage":
             await supervisor.add(node)
@@ -238,8 +235,6 @@ async def reload_filters(router: Router) -> dict[str, Any]:
             raise
         config = attrs.evolve(old.config, filter_chain=chain)
         router.settings = attrs.evolve(old, config=config)
-        router.supervisor.ctx.config = config
-        router.receiver.config = config
         for handle in router.supervisor.handles:  # items waiting may pass other steps now
             handle.wake_preparer()
     for warning in warnings:

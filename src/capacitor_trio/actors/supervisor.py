@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import attrs
 import trio
@@ -79,9 +79,12 @@ class _Serving:
 
 
 class Supervisor:
+    """`nodes`: the node set in force, or how to read it (the runtime passes `Router.in_force`'s
+    nodes, the one owner of node settings: handles look their node up there on each use)."""
+
     def __init__(
         self,
-        nodes: tuple[Node, ...],
+        nodes: Sequence[Node] | Callable[[], Sequence[Node]],
         ctx: NodeContext,
         *,
         policy: RestartPolicy = DEFAULT_RESTART_POLICY,
@@ -95,12 +98,24 @@ class Supervisor:
         self._chaos_rng = chaos_rng or random.Random()
         self._slots: dict[tuple[str, str], _Slot] = {}
         self._nursery: trio.Nursery | None = None
-        for node in nodes:
+        fixed = tuple(nodes) if not callable(nodes) else ()
+        self._in_force: Callable[[], Sequence[Node]] = nodes if callable(nodes) else (lambda: fixed)
+        self._by_key: dict[tuple[str, str], Node] = {}
+        self._by_key_of: Sequence[Node] | None = None
+        for node in self._in_force():
             if node.role == "Storage":
                 self._slots[node.key] = self._new_slot(node)
 
     def _new_slot(self, node: Node) -> _Slot:
-        return _Slot(NodeHandle(node), NodeState(), RestartTracker(self.policy))
+        return _Slot(NodeHandle(node, self._node_in_force), NodeState(), RestartTracker(self.policy))
+
+    def _node_in_force(self, key: tuple[str, str]) -> Node | None:
+        """A node's settings in force (the index is rebuilt when the node set is replaced)."""
+        nodes = self._in_force()
+        if nodes is not self._by_key_of:
+            self._by_key = {node.key: node for node in nodes}
+            self._by_key_of = nodes
+        return self._by_key.get(key)
 
     # ---- lookup ------------------------------------------------------------------------------
 
@@ -142,11 +157,11 @@ class Supervisor:
 
     def snapshot(self, handle: NodeHandle, counts: Counts | None = None) -> NodeStatus:
         """A status snapshot that does not need the actor (works while it restarts)."""
-        return make_status(handle, self._slots[handle.node.key].state, self.ctx, counts)
+        return make_status(handle, self._slots[handle.key].state, self.ctx, counts)
 
     def restart(self, handle: NodeHandle) -> bool:
         """Operator restart of a failed node. Returns False if the node was not failed."""
-        slot = self._slots[handle.node.key]
+        slot = self._slots[handle.key]
         if handle.status.value != "failed":
             return False
         slot.restart_requested.set()
@@ -178,11 +193,12 @@ class Supervisor:
             if released:
                 log.info("node %s: %d checked-out item(s) back to the queue", slot.handle.ae_title, len(released))
 
-    def reconfigure(self, node: Node) -> None:
-        """New settings for a running node (same AE title and role), used from its next batch."""
-        handle = self._slots[node.key].handle
-        handle.node = node
+    def settings_changed(self, key: tuple[str, str]) -> None:
+        """A running node's settings in force were replaced (an edit, a reload): its actor and
+        prepare stage look again, and use them from their next batch."""
+        handle = self._slots[key].handle
         handle.wake()
+        handle.wake_preparer()
 
     # ---- running -----------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ everything else in the router sees these values.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import attrs
@@ -115,6 +115,18 @@ class Config:
     suppress_log_ae_titles: tuple[str, ...] = ("HEALTHCHECK",)
     #: no API/web request log file
     suppress_web_log: bool = False
+
+
+#: how a running part of the router reads the configuration in force, where it uses it: the one
+#: owner is the router's `in_force` (runtime.py), which a reload replaces whole
+ConfigSource = Callable[[], Config]
+
+
+def config_source(value: Config | ConfigSource) -> ConfigSource:
+    """A source as given, or a fixed Config as one (tests and tools run on a fixed one)."""
+    if isinstance(value, Config):
+        return lambda: value
+    return value
 
 
 @attrs.frozen
