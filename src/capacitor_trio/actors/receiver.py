@@ -56,13 +56,17 @@ class _RouteTable:
     routes: dict[str, Destination]
     #: upper-cased called AE -> the title as configured
     folded: dict[str, str]
-    by_key: dict[tuple[str, str], Node]
+    #: the destinations whose prepare stage runs item by item (`has_steps`)
+    with_steps: frozenset[Destination]
 
     @classmethod
     def of(cls, nodes: Sequence[Node], config: Config) -> _RouteTable:
         routes = called_ae_routes(nodes, config.ae_title_prefix)
         folded = {title.upper(): title for title in (config.my_ae_title, *routes)}
-        return cls(nodes, config, routes, folded, {node.key: node for node in nodes})
+        with_steps = frozenset(
+            Destination(node.ae_title, node.role) for node in nodes if has_steps(node, config)
+        )
+        return cls(nodes, config, routes, folded, with_steps)
 
 
 class Receiver:
@@ -112,9 +116,8 @@ class Receiver:
         return self._table
 
     def _has_steps(self, destinations: Sequence[Destination]) -> bool:
-        table, config = self._routes(), self.config
-        nodes = (table.by_key.get((d.ae_title, d.role)) for d in destinations)
-        return any(node is not None and has_steps(node, config) for node in nodes)
+        with_steps = self._routes().with_steps
+        return any(d in with_steps for d in destinations)
 
     # ---- InstanceSink ------------------------------------------------------------------------
 
@@ -151,7 +154,8 @@ class Receiver:
             raise CannotProcess(f"no destination node for called AE {rx.called_ae.strip()!r}")
         # with minimumAge 0 an item is ripe at once: commit it prepared (no preparer round
         # trip), unless a destination's prepare stage has steps (filters, transcoding) to run
-        ripe = self.config.minimum_age <= 0 and self.service.prepare and not self._has_steps(destinations)
+        config = self.config
+        ripe = config.minimum_age <= 0 and self.service.prepare and not self._has_steps(destinations)
         counters = self.metrics
         async with self._limiter:
             started = trio.current_time()
@@ -164,7 +168,7 @@ class Receiver:
                 counters.admission_refusals.labels("free_space").inc()
                 log.warning(
                     "refusing %s from %s: %s [%s]", rx.header.sop_instance_uid, rx.calling_ae, exc,
-                    instance_identity(self.config.log_suffix, rx.header),
+                    instance_identity(config.log_suffix, rx.header),
                 )
                 raise OutOfResources(str(exc)) from exc
             except StoreError as exc:
@@ -172,7 +176,7 @@ class Receiver:
                 counters.admission_refusals.labels("store_error").inc()
                 log.error(
                     "store failed to queue %s from %s: %r [%s]", rx.header.sop_instance_uid, rx.calling_ae,
-                    exc, instance_identity(self.config.log_suffix, rx.header),
+                    exc, instance_identity(config.log_suffix, rx.header),
                 )
                 raise OutOfResources(f"store error: {exc}") from exc
             counters.commit_seconds.observe(trio.current_time() - started)
@@ -181,7 +185,7 @@ class Receiver:
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "received %s from %s for %s [%s]", rx.header.sop_instance_uid, rx.calling_ae.strip(),
-                ", ".join(d.ae_title for d in destinations), instance_identity(self.config.log_suffix, rx.header),
+                ", ".join(d.ae_title for d in destinations), instance_identity(config.log_suffix, rx.header),
             )
         if ripe:
             self._on_prepared()

@@ -19,7 +19,7 @@ from .errors import StoreInUse
 from .fsops import FileOps, check_private_dir, make_private, open_private
 from .model import Item, RecoveryReport
 from .recovery import recover, spool_buckets
-from .rows import to_item
+from .rows import ItemRow, to_item
 from .schema import migrate
 from .spares import SpareFiles
 from .writer import Writer, write_reserve
@@ -265,5 +265,5 @@ class StoreCore:
         if self._writer is not None:
             self._writer.forget_trash(path)
 
-    def _item(self, r: sqlite3.Row, **override: Any) -> Item:
+    def _item(self, r: ItemRow, **override: Any) -> Item:
         return to_item(self.root, r, **override)

@@ -12,14 +12,14 @@ from ..domain.states import EXPIRED, FAILED, NEW, RETRYABLE
 from .connection import StoreCore
 from .errors import ItemCheckedOut, ItemNotFound, TransitionError
 from .model import QUEUED_STATES, Item, ItemFilter
-from .rows import SELECT_ITEMS, filter_clause, item_rows, remove_items, stored_state
+from .rows import SELECT_ITEMS, ItemRow, filter_clause, item_rows, remove_items, stored_state
 from .writer import unlinking
 
 
 class Operator(StoreCore):
     """State changes an operator asks for."""
 
-    def _get_for_change(self, conn: sqlite3.Connection, item_id: int) -> sqlite3.Row:
+    def _get_for_change(self, conn: sqlite3.Connection, item_id: int) -> ItemRow:
         rows = item_rows(conn, f"{SELECT_ITEMS} WHERE i.id = ?", (item_id,))
         if not rows:
             raise ItemNotFound(f"no item {item_id}")

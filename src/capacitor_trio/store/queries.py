@@ -13,7 +13,7 @@ from ..domain.states import QUEUED
 from .connection import StoreCore
 from .errors import ItemNotFound
 from .model import STATES, Counts, Item, ItemFilter
-from .rows import SELECT_ITEMS, blob, chunks, filter_clause, item_rows
+from .rows import SELECT_ITEMS, ItemRow, blob, chunks, filter_clause, item_rows
 
 
 class Queries(StoreCore):
@@ -39,7 +39,7 @@ class Queries(StoreCore):
                 total = len(ids)
                 ids.sort(reverse=newest_first)
                 page = ids[max(0, skip) : max(0, skip) + max(0, limit)]
-                rows: list[sqlite3.Row] = []
+                rows: list[ItemRow] = []
                 for chunk in chunks(page):
                     rows += item_rows(
                         conn, f"{SELECT_ITEMS} WHERE i.id IN ({','.join('?' * len(chunk))})", chunk

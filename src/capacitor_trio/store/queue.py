@@ -19,7 +19,7 @@ from ..domain.states import FAILED, NEW, PREPARED, REJECTED
 from .connection import StoreCore
 from .errors import ItemNotFound
 from .model import Item
-from .rows import SELECT_ITEMS, SELECT_QUEUE, chunks, item_rows, marks, remove_items
+from .rows import SELECT_ITEMS, SELECT_QUEUE, ItemRow, chunks, item_rows, marks, remove_items
 from .schema import INLINE_PREFIX
 from .writer import unlinking
 
@@ -119,7 +119,7 @@ class _BatchQuery:
 
     def fetch(
         self, extra: str, extra_params: list[Any], n: int, *, sorted_series: bool = False
-    ) -> list[sqlite3.Row]:
+    ) -> list[ItemRow]:
         """The first `n` eligible items matching `extra`, oldest first; within one series
         (`sorted_series`) in its sort order first (the sort filter's keys)."""
         base, base_params = self.base
@@ -143,10 +143,10 @@ class _BatchQuery:
         both = sorted(prepared + failed, key=key)
         return both[:n]
 
-    def collect(self, series_clause: str, series_params: list[Any]) -> list[sqlite3.Row]:
+    def collect(self, series_clause: str, series_params: list[Any]) -> list[ItemRow]:
         """Up to `limit` items, class group by class group (within one series if given, in
         its sort order)."""
-        out: list[sqlite3.Row] = []
+        out: list[ItemRow] = []
         for extra, extra_params in self.groups:
             if len(out) >= self.limit:
                 break
@@ -163,16 +163,16 @@ class _BatchQuery:
 _SERIES_ORDER = "i.sort_key IS NULL, i.sort_key, i.created_at, i.id"
 
 
-def _arrival_key(r: sqlite3.Row) -> tuple[Any, ...]:
+def _arrival_key(r: ItemRow) -> tuple[Any, ...]:
     return (r["created_at"], r["id"])
 
 
-def _series_key(r: sqlite3.Row) -> tuple[Any, ...]:
+def _series_key(r: ItemRow) -> tuple[Any, ...]:
     key = r["sort_key"]
     return (key is None, b"" if key is None else bytes(key), r["created_at"], r["id"])
 
 
-def _sorted_within_series(rows: list[sqlite3.Row]) -> list[sqlite3.Row]:
+def _sorted_within_series(rows: list[ItemRow]) -> list[ItemRow]:
     """A batch of several series with each series' items in its sort order, in the places the
     series' items had (the order of the series among themselves kept)."""
     if all(r["sort_key"] is None for r in rows):
@@ -187,10 +187,10 @@ def _sorted_within_series(rows: list[sqlite3.Row]) -> list[sqlite3.Row]:
     return out
 
 
-def _within_inline_budget(rows: list[sqlite3.Row], budget: int) -> list[sqlite3.Row]:
+def _within_inline_budget(rows: list[ItemRow], budget: int) -> list[ItemRow]:
     """The bytes of small instances come with the batch: the leading `rows` whose inline bytes
     fit `budget` (at least one row; the rest waits for the next checkout or top-up)."""
-    kept = list[sqlite3.Row]()
+    kept = list[ItemRow]()
     for r in rows:
         if r["rel_path"].startswith(INLINE_PREFIX):
             if kept and r["size_bytes"] > budget:

@@ -20,6 +20,11 @@ ITEM_COLUMNS = (
     "i.last_error, i.next_attempt_at, i.created_at, i.updated_at, n.rel_path, i.instance_id, "
     "i.received_syntax, i.sort_key, i.added_by, i.prepared_copy"
 )
+#: the names of `ITEM_COLUMNS`, in order
+ITEM_FIELDS = tuple(column.split(".")[1] for column in ITEM_COLUMNS.split(", "))
+#: a row of an item query, by column name (a dict: `sqlite3.Row` finds a name by comparing it
+#: with each column's, case-insensitively, which made reading an item 5 times as slow)
+ItemRow = dict[str, Any]
 SELECT_ITEMS = f"SELECT {ITEM_COLUMNS} FROM items i JOIN instances n ON n.id = i.instance_id"
 SELECT_QUEUE = (
     f"SELECT {ITEM_COLUMNS} FROM items i INDEXED BY items_queue "
@@ -39,14 +44,18 @@ def marks(n: int) -> str:
     return ",".join("?" * n)
 
 
-def item_rows(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
+def _item_row(_cursor: sqlite3.Cursor, values: tuple[Any, ...]) -> ItemRow:
+    return dict(zip(ITEM_FIELDS, values, strict=True))
+
+
+def item_rows(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[ItemRow]:
     """The rows of an item query (`SELECT_ITEMS`, `SELECT_QUEUE`), read by column name."""
     cur = conn.cursor()
-    cur.row_factory = sqlite3.Row
+    cur.row_factory = _item_row
     return cur.execute(sql, params).fetchall()
 
 
-def to_item(root: Path, r: sqlite3.Row, **override: Any) -> Item:
+def to_item(root: Path, r: ItemRow, **override: Any) -> Item:
     """An `Item` from a row of `item_rows`, with `override` taking the place of columns."""
     fields = dict(
         id=r["id"],
