@@ -39,7 +39,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from capacitor_trio.domain.outcomes import Outcome, Rejected, RetryLater, send_conversion
+from capacitor_trio.domain.outcomes import Outcome, Rejected, RetryLater, SendConversion
 
 #: the content type of the text exposition format
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -78,11 +78,9 @@ class NodeMetrics:
     def association_error(self, kind: str) -> None:
         self.metrics.association_errors.labels(self.node, self.role, kind).inc()
 
-    def send_conversion(self, outcome: Outcome) -> None:
+    def send_conversion(self, result: SendConversion) -> None:
         """Count an instance converted on the way out, by result (`send_conversion`)."""
-        result = send_conversion(outcome)
-        if result is not None:
-            self.metrics.send_conversions.labels(self.node, self.role, result).inc()
+        self.metrics.send_conversions.labels(self.node, self.role, result).inc()
 
 
 @attrs.frozen

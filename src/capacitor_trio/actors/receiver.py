@@ -115,10 +115,6 @@ class Receiver:
             self._table = _RouteTable.of(nodes, config)
         return self._table
 
-    def _has_steps(self, destinations: Sequence[Destination]) -> bool:
-        with_steps = self._routes().with_steps
-        return any(d in with_steps for d in destinations)
-
     # ---- InstanceSink ------------------------------------------------------------------------
 
     def destinations_for(self, called_ae: str) -> list[Destination]:
@@ -149,13 +145,15 @@ class Receiver:
             raise OutOfResources(str(exc)) from exc
 
     async def instance_received(self, rx: ReceivedInstance) -> None:
-        destinations = self.destinations_for(rx.called_ae)
-        if not destinations:
+        table = self._routes()  # one look at what is in force serves the whole instance
+        dest = table.routes.get(rx.called_ae.strip())
+        if dest is None:
             raise CannotProcess(f"no destination node for called AE {rx.called_ae.strip()!r}")
+        destinations = [dest]
         # with minimumAge 0 an item is ripe at once: commit it prepared (no preparer round
-        # trip), unless a destination's prepare stage has steps (filters, transcoding) to run
-        config = self.config
-        ripe = config.minimum_age <= 0 and self.service.prepare and not self._has_steps(destinations)
+        # trip), unless the destination's prepare stage has steps (filters, transcoding) to run
+        config = table.config
+        ripe = config.minimum_age <= 0 and self.service.prepare and dest not in table.with_steps
         counters = self.metrics
         async with self._limiter:
             started = trio.current_time()

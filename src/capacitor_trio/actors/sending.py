@@ -33,7 +33,7 @@ from capacitor_trio.audit import Delivery
 from capacitor_trio.config.models import effective
 from capacitor_trio.dicom.requestor import OutgoingInstance, Peer, SendOptions
 from capacitor_trio.domain.backoff import next_attempt, retry_delay
-from capacitor_trio.domain.outcomes import Delivered, Outcome, Rejected, RetryLater
+from capacitor_trio.domain.outcomes import Delivered, Outcome, Rejected, RetryLater, send_conversion
 from capacitor_trio.logs import instance_identity
 
 if TYPE_CHECKING:
@@ -241,9 +241,13 @@ class BatchSend:
         rejected: list[tuple[int, str]] = []
         counters = self.actor.metrics
         for item, outcome in batch:
+            conversion = send_conversion(outcome)
+            if conversion is not None:
+                counters.send_conversion(conversion)
+                state.conversions.count_on_send(conversion)
+            if isinstance(outcome, Delivered):
+                continue
             counters.failure(outcome)
-            counters.send_conversion(outcome)
-            state.conversions.count_on_send(outcome)
             if isinstance(outcome, Rejected):
                 rejected.append((item.id, outcome.reason))
                 state.last_error = outcome.reason
@@ -312,4 +316,4 @@ def _outgoing(item: Any) -> OutgoingInstance:
 
 
 def _without_data(item: Any) -> Any:
-    return attrs.evolve(item, data=None) if getattr(item, "data", None) is not None else item
+    return item.without_data() if getattr(item, "data", None) is not None else item

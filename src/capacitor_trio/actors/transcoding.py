@@ -35,7 +35,7 @@ from pydicom.dataset import Dataset
 from capacitor_trio.actors.prepare_steps import PrepareSubject, StepResult, Verdict, in_worker
 from capacitor_trio.config.models import Config, Node, effective
 from capacitor_trio.dicom.conversion import Transcoder, scratch_file
-from capacitor_trio.domain.outcomes import Outcome, send_conversion
+from capacitor_trio.domain.outcomes import SendConversion
 
 log = logging.getLogger("capacitor_trio.prepare")
 
@@ -63,9 +63,8 @@ class ConversionStats:
             "onSend": self.on_send, "onSendFailed": self.on_send_failed,
         }
 
-    def count_on_send(self, outcome: Outcome) -> None:
+    def count_on_send(self, result: SendConversion) -> None:
         """Count a conversion on the way out that a recorded send outcome reports."""
-        result = send_conversion(outcome)
         if result == "converted":
             self.on_send += 1
         elif result == "failed":

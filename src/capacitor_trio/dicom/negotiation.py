@@ -298,6 +298,8 @@ def route(
     of `preference` that is its own syntax or one we can convert it into; None when there is
     none."""
     offered = answer.by_class.get(sop_class, {})
+    if stored in offered:  # its own syntax comes first: nearly every instance
+        return Route(offered[stored], stored)
     for ts in preference(stored, offered):
         if ts == stored or can_convert(stored, ts):
             return Route(offered[ts], ts)

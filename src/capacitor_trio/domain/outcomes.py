@@ -70,7 +70,11 @@ ASSOCIATION_ERROR_KINDS: tuple[str, ...] = (
 Outcome = Delivered | Rejected | RetryLater
 
 
-def send_conversion(outcome: Outcome) -> Literal["converted", "failed"] | None:
+#: what an outcome says of a conversion on the way out (`send_conversion`)
+SendConversion = Literal["converted", "failed"]
+
+
+def send_conversion(outcome: Outcome) -> SendConversion | None:
     """What an outcome says of a conversion on the way out: "converted" (delivered converted),
     "failed" (rejected: it could not be converted), None (none was done)."""
     if isinstance(outcome, Delivered) and outcome.converted_to:

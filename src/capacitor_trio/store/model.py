@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import operator
 from pathlib import Path
 
 import attrs
@@ -62,6 +63,19 @@ class Item:
     #: the item is sent as a prepared copy of its own (a filter or transcoding made it): put
     #: back to `new` (an operator's retry), it is prepared as it is, its steps are not run again
     prepared_copy: bool = False
+
+    def without_data(self) -> Item:
+        """This item without its bytes (`data`): what a send keeps while the requestor holds them."""
+        if self.data is None:
+            return self
+        values = list(_item_values(self))
+        values[_DATA_AT] = None
+        return Item(*values)
+
+
+# the fields in the order of Item's __init__, read at once (quicker than attrs.evolve)
+_item_values = operator.attrgetter(*(a.name for a in attrs.fields(Item)))
+_DATA_AT = [a.name for a in attrs.fields(Item)].index("data")
 
 
 @attrs.frozen

@@ -40,7 +40,7 @@ from .connection import StoreCore
 from .fsops import make_private, open_private
 from .ingest import _search_text
 from .model import Item, Preparation, PreparedCopy, PrepareReport, PrepOutcome
-from .queue import _with_inline_bytes, _within_inline_budget
+from .queue import _within_inline_budget, items_with_bytes
 from .rows import SELECT_QUEUE, forget_unreferenced, item_rows
 from .schema import INLINE_PREFIX, PREPARED_SUFFIX
 from .writer import unlinking
@@ -127,7 +127,7 @@ class Preparing(StoreCore):
                 (destination.ae_title, destination.role, now - minimum_age, now, limit),
             )
             kept = _within_inline_budget(rows, RIPE_INLINE_BYTES)
-            return _with_inline_bytes(conn, [self._item(r) for r in kept])
+            return items_with_bytes(conn, kept, self._item)
 
         return await self._read(q)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import sqlite3
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from functools import partial
 from typing import Any
 
@@ -208,11 +208,10 @@ def _mark_checked_out(conn: sqlite3.Connection, ids: list[int], now: float) -> N
         )
 
 
-def _with_inline_bytes(conn: sqlite3.Connection, items: list[Item]) -> list[Item]:
-    """`items` with the stored bytes of the small instances among them (`Item.data`)."""
-    inline_ids = [it.instance_id for it in items if it.inline]
-    if not inline_ids:
-        return items
+def _inline_bytes(conn: sqlite3.Connection, rows: list[ItemRow]) -> dict[int, bytes]:
+    """The stored bytes of the small instances among `rows` (kept in the index), by instance id."""
+    inline = [r for r in rows if r["rel_path"].startswith(INLINE_PREFIX)]
+    inline_ids = [r["instance_id"] for r in inline]
     data: dict[int, bytes] = {}
     for chunk in chunks(inline_ids):
         data.update(
@@ -221,11 +220,20 @@ def _with_inline_bytes(conn: sqlite3.Connection, items: list[Item]) -> list[Item
                 chunk,
             ).fetchall()
         )
-    for it in items:
-        if it.inline and it.instance_id not in data:
+    for r in inline:
+        if r["instance_id"] not in data:
             # the requestor then reports the instance as missing (rejected), with its name
-            log.error("store: the stored bytes of %s are missing", it.path.name)
-    return [attrs.evolve(it, data=data.get(it.instance_id)) if it.inline else it for it in items]
+            log.error("store: the stored bytes of %s are missing", r["rel_path"].rsplit("/", 1)[-1])
+    return data
+
+
+def items_with_bytes(
+    conn: sqlite3.Connection, rows: list[ItemRow], build: Callable[..., Item], **override: Any
+) -> list[Item]:
+    """`rows` as items, the small instances among them with their stored bytes (`Item.data`):
+    each item built once, with its bytes."""
+    data = _inline_bytes(conn, rows)
+    return [build(r, data=data.get(r["instance_id"]), **override) for r in rows]
 
 
 class Queue(StoreCore):
@@ -330,8 +338,7 @@ class Queue(StoreCore):
             return []
         rows = _within_inline_budget(rows, CHECKOUT_INLINE_BYTES)
         _mark_checked_out(conn, [r["id"] for r in rows], now)
-        items = [self._item(r, checked_out=True, updated_at=now) for r in rows]
-        return _with_inline_bytes(conn, items)
+        return items_with_bytes(conn, rows, self._item, checked_out=True, updated_at=now)
 
     async def delivered(self, ids: Iterable[int]) -> None:
         """Delivered items are removed; a file goes when its last item does."""
