@@ -12,7 +12,7 @@ transcode.py's corpus) through a node with TransferSyntax JPEG2000Lossless (stor
 another pinned to one core; the target is >= 0.8x the tool's rate.
 
 Scenarios, every one once per round (interleaved, so all saw the same machine noise; the router
-scenarios in reverse order every other round; each after an `os.sync()`, untimed, so that none
+scenarios rotated by one place each round; each after an `os.sync()`, untimed, so that none
 runs while the kernel writes back what the one before wrote; then the files written before are
 dropped from the page cache; outputs are deleted only at the end, and an untimed DCMTK run warms
 the machine up first: see transport.fresh_dir, settle and warm_up), medians:
@@ -499,10 +499,13 @@ def main() -> None:
     for rnd in range(args.rounds):
         for cname, d in corpora.items():
             n = len(corpus_files(d))
-            # the router scenarios in reverse order every other round: a run right after the
-            # direct one met the writeback of its files (and so on) before each scenario began
-            # with a sync; the order still alternates, so no tree or mode is always first
-            order = scenarios[:1] + (scenarios[1:] if rnd % 2 == 0 else scenarios[:0:-1])
+            # the router scenarios rotated by one place each round (a Latin square): a run's
+            # place in the round changes its speed (the one right after the direct run is the
+            # slowest), and with k router scenarios every k rounds each has run once in every
+            # place, so a paired ratio holds no place's bias (docs/performance.md)
+            routers = scenarios[1:]
+            turn = rnd % len(routers) if routers else 0
+            order = scenarios[:1] + routers[turn:] + routers[:turn]
             for sc in order:
                 settle()
                 if sc.kind == "direct":
