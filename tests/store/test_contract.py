@@ -328,6 +328,15 @@ async def test_prepared_unchanged_keeps_the_received_instance_and_the_sort_key(h
     assert out.data == b"DICM" * 64
 
 
+async def test_a_checked_out_item_without_its_bytes_is_the_same_item(h: Harness) -> None:
+    (a,) = await h.commit(state=PREPARED)
+    [out] = await h.port.checkout_batch(PACS, now=h.clock(), limit=10)
+    assert out.data == b"DICM" * 64
+    kept = out.without_data()
+    assert kept == attrs.evolve(out, data=None) and kept.data is None
+    assert kept.without_data() is kept
+
+
 async def test_a_prepared_copy_is_sent_for_its_item_alone(h: Harness) -> None:
     a, b = await h.commit([PACS, AI], state=NEW)
     copy_header = attrs.evolve(header(), sop_instance_uid="9.9.9", transfer_syntax_uid="1.2.840.10008.1.2")
