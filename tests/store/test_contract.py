@@ -331,7 +331,7 @@ async def test_prepared_unchanged_keeps_the_received_instance_and_the_sort_key(h
 async def test_a_checked_out_item_without_its_bytes_is_the_same_item(h: Harness) -> None:
     (a,) = await h.commit(state=PREPARED)
     [out] = await h.port.checkout_batch(PACS, now=h.clock(), limit=10)
-    assert out.data == b"DICM" * 64
+    assert out.id == a and out.data == b"DICM" * 64
     kept = out.without_data()
     assert kept == attrs.evolve(out, data=None) and kept.data is None
     assert kept.without_data() is kept
