@@ -68,6 +68,9 @@ class _RouteTable:
         )
         return cls(nodes, config, routes, folded, with_steps)
 
+    def destination(self, called_ae: str) -> Destination | None:
+        return self.routes.get(called_ae.strip())
+
 
 class Receiver:
     """`config` and `nodes`: the configuration and node set in force, read from their one owner
@@ -118,7 +121,7 @@ class Receiver:
     # ---- InstanceSink ------------------------------------------------------------------------
 
     def destinations_for(self, called_ae: str) -> list[Destination]:
-        dest = self._routes().routes.get(called_ae.strip())
+        dest = self._routes().destination(called_ae)
         return [dest] if dest else []
 
     def accepts_called_ae(self, called_ae: str) -> bool:
@@ -146,7 +149,7 @@ class Receiver:
 
     async def instance_received(self, rx: ReceivedInstance) -> None:
         table = self._routes()  # one look at what is in force serves the whole instance
-        dest = table.routes.get(rx.called_ae.strip())
+        dest = table.destination(rx.called_ae)
         if dest is None:
             raise CannotProcess(f"no destination node for called AE {rx.called_ae.strip()!r}")
         destinations = [dest]

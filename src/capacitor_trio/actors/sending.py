@@ -112,7 +112,7 @@ class BatchSend:
         # the bytes of small instances (kept in the index) go to the requestor only; what this
         # send keeps for its outcomes does not hold them for the whole association
         outgoing = {i.id: _outgoing(i) for i in items}
-        items = [_without_data(i) for i in items]
+        items = [i.without_data() for i in items]
         groups: dict[str, list[Any]] = {}
         for item in items:
             groups.setdefault(actor.calling_ae(item), []).append(item)
@@ -201,7 +201,7 @@ class BatchSend:
         if not extra:
             return []
         for item in extra:
-            self.pending[item.id] = _without_data(item)
+            self.pending[item.id] = item.without_data()
         fit = [i for i in extra if actor.calling_ae(i) == assoc.calling_ae]
         assoc.top_up = len(fit) == len(extra)  # the others need another association
         assoc.few = len(extra) < TOP_UP_FEW
@@ -314,6 +314,3 @@ def _outgoing(item: Any) -> OutgoingInstance:
         item.path, item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax_uid, item.data
     )
 
-
-def _without_data(item: Any) -> Any:
-    return item.without_data() if getattr(item, "data", None) is not None else item

@@ -19,8 +19,16 @@ from ..domain.states import FAILED, NEW, PREPARED, REJECTED
 from .connection import StoreCore
 from .errors import ItemNotFound
 from .model import Item
-from .rows import SELECT_ITEMS, SELECT_QUEUE, ItemRow, chunks, item_rows, marks, remove_items
-from .schema import INLINE_PREFIX
+from .rows import (
+    SELECT_ITEMS,
+    SELECT_QUEUE,
+    ItemRow,
+    chunks,
+    is_inline,
+    item_rows,
+    marks,
+    remove_items,
+)
 from .writer import unlinking
 
 log = logging.getLogger("capacitor_trio.store")
@@ -192,7 +200,7 @@ def _within_inline_budget(rows: list[ItemRow], budget: int) -> list[ItemRow]:
     fit `budget` (at least one row; the rest waits for the next checkout or top-up)."""
     kept = list[ItemRow]()
     for r in rows:
-        if r["rel_path"].startswith(INLINE_PREFIX):
+        if is_inline(r):
             if kept and r["size_bytes"] > budget:
                 break
             budget -= r["size_bytes"]
@@ -210,7 +218,7 @@ def _mark_checked_out(conn: sqlite3.Connection, ids: list[int], now: float) -> N
 
 def _inline_bytes(conn: sqlite3.Connection, rows: list[ItemRow]) -> dict[int, bytes]:
     """The stored bytes of the small instances among `rows` (kept in the index), by instance id."""
-    inline = [r for r in rows if r["rel_path"].startswith(INLINE_PREFIX)]
+    inline = [r for r in rows if is_inline(r)]
     inline_ids = [r["instance_id"] for r in inline]
     data: dict[int, bytes] = {}
     for chunk in chunks(inline_ids):

@@ -55,6 +55,11 @@ def item_rows(conn: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list
     return cur.execute(sql, params).fetchall()
 
 
+def is_inline(r: ItemRow) -> bool:
+    """The row's instance is kept in the index (its bytes in `blobs`), not in a spool file."""
+    return bool(r["rel_path"].startswith(INLINE_PREFIX))
+
+
 def to_item(root: Path, r: ItemRow, **override: Any) -> Item:
     """An `Item` from a row of `item_rows`, with `override` taking the place of columns."""
     fields = dict(
@@ -81,7 +86,7 @@ def to_item(root: Path, r: ItemRow, **override: Any) -> Item:
         updated_at=r["updated_at"],
         path=root / r["rel_path"],
         instance_id=r["instance_id"],
-        inline=r["rel_path"].startswith(INLINE_PREFIX),
+        inline=is_inline(r),
         received_syntax=r["received_syntax"],
         sort_key=None if r["sort_key"] is None else bytes(r["sort_key"]),
         added_by=r["added_by"],
