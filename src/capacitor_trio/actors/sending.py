@@ -237,32 +237,7 @@ class BatchSend:
         ctx, state, node = self.actor.ctx, self.actor.state, self.actor.node
         now = ctx.clock()
         delivered = [item for item, o in batch if isinstance(o, Delivered)]
-        failed: list[tuple[int, str, float | None]] = []
-        rejected: list[tuple[int, str]] = []
-        counters = self.actor.metrics
-        for item, outcome in batch:
-            conversion = send_conversion(outcome)
-            if conversion is not None:
-                counters.send_conversion(conversion)
-                state.conversions.count_on_send(conversion)
-            if isinstance(outcome, Delivered):
-                continue
-            counters.failure(outcome)
-            if isinstance(outcome, Rejected):
-                rejected.append((item.id, outcome.reason))
-                state.last_error = outcome.reason
-                log.warning(
-                    "node %s rejected %s: %s [%s]", node.ae_title, item.sop_instance_uid, outcome.reason,
-                    instance_identity(ctx.config.log_suffix, item),
-                )
-            elif isinstance(outcome, RetryLater):
-                attempt = item.attempt_count + 1
-                at = next_attempt(
-                    now, attempt, base=ctx.config.retry_delay_seconds, cap=ctx.config.retry_max_delay_seconds,
-                    jitter=ctx.retry_jitter, rng=ctx.rng, max_attempts=ctx.config.max_attempts,
-                )
-                failed.append((item.id, outcome.reason, at))
-                state.last_error = outcome.reason
+        failed, rejected = self._tally(batch, now)
         # losing these records in a power cut only repeats deliveries (at least once), unless a
         # spool file is removed with them: records of small instances kept in the index (no
         # file) skip their own WAL fsync; the next durable commit covers them
@@ -273,14 +248,7 @@ class BatchSend:
         if ctx.audit is not None:
             await ctx.audit.record(_delivery(self.actor, batch))
         if delivered:
-            counters.delivered.inc(len(delivered))
-            counters.delivered_bytes.inc(sum(getattr(i, "size_bytes", 0) for i in delivered))
-            ctx.delivered_count.value += len(delivered)
-            state.record_delivered(now, len(delivered))
-            state.consecutive_failures = 0
-            state.backoff_until = 0.0
-            for item in delivered:
-                state.recent_studies[item.study_instance_uid] = now
+            self._note_delivered(delivered, now)
         # an association refused for good: with Impersonate it names the source modality, which
         # the destination may not know while it knows the others, so the node goes on
         refused = not node.impersonate and any(isinstance(o, Rejected) and o.association for _, o in batch)
@@ -298,6 +266,50 @@ class BatchSend:
             )
         elif delivered:
             log.info("node %s: delivered %d instance(s)", node.ae_title, len(delivered))
+
+    def _tally(
+        self, batch: list[tuple[Any, Outcome]], now: float
+    ) -> tuple[list[tuple[int, str, float | None]], list[tuple[int, str]]]:
+        """The records of the failed (id, reason, next attempt) and rejected (id, reason) items
+        of `batch`, counting conversions and failures and noting the last error as it goes."""
+        ctx, state, node = self.actor.ctx, self.actor.state, self.actor.node
+        counters = self.actor.metrics
+        failed: list[tuple[int, str, float | None]] = []
+        rejected: list[tuple[int, str]] = []
+        for item, outcome in batch:
+            conversion = send_conversion(outcome)
+            if conversion is not None:
+                counters.send_conversion(conversion)
+                state.conversions.count_on_send(conversion)
+            if isinstance(outcome, Delivered):
+                continue
+            counters.failure(outcome)
+            state.last_error = outcome.reason
+            if isinstance(outcome, Rejected):
+                rejected.append((item.id, outcome.reason))
+                log.warning(
+                    "node %s rejected %s: %s [%s]", node.ae_title, item.sop_instance_uid, outcome.reason,
+                    instance_identity(ctx.config.log_suffix, item),
+                )
+            else:
+                at = next_attempt(
+                    now, item.attempt_count + 1, base=ctx.config.retry_delay_seconds,
+                    cap=ctx.config.retry_max_delay_seconds, jitter=ctx.retry_jitter, rng=ctx.rng,
+                    max_attempts=ctx.config.max_attempts,
+                )
+                failed.append((item.id, outcome.reason, at))
+        return failed, rejected
+
+    def _note_delivered(self, delivered: list[Any], now: float) -> None:
+        ctx, state = self.actor.ctx, self.actor.state
+        self.actor.metrics.delivered.inc(len(delivered))
+        self.actor.metrics.delivered_bytes.inc(sum(getattr(i, "size_bytes", 0) for i in delivered))
+        ctx.delivered_count.value += len(delivered)
+        state.record_delivered(now, len(delivered))
+        state.consecutive_failures = 0
+        state.backoff_until = 0.0
+        for item in delivered:
+            state.recent_studies[item.study_instance_uid] = now
 
 
 def _delivery(actor: NodeActor, batch: list[tuple[Any, Outcome]]) -> Delivery:
