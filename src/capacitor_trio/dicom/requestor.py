@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -82,9 +83,15 @@ class SendOptions:
     scratch_dir: str = ""
 
 
+def _path_text(path: str | os.PathLike[str]) -> str:
+    return os.fspath(path)
+
+
 @attrs.frozen
 class OutgoingInstance:
-    path: Path
+    #: the spool file, as a string: it crosses the pipe to the sender child with every
+    #: instance, and a string is quicker to pickle and unpickle than a Path
+    path: str = attrs.field(converter=_path_text)
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
@@ -300,7 +307,7 @@ class _Session:
     ) -> OutgoingInstance:
         """`inst` converted into `target`, in a scratch file that `stack` removes. The
         association sends nothing meanwhile: the stall watchdog waits for the conversion."""
-        src = inst.path
+        src = Path(inst.path)
         if inst.data is not None:  # a small instance kept in the index: converted from a file
             src = stack.enter_context(scratch_file(scratch))
             src.write_bytes(inst.data)

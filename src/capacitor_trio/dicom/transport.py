@@ -164,17 +164,14 @@ class Transport:
             except OSError:
                 self._quickack = False
 
-    async def _moved(self, n: int) -> None:
-        """After a system call that moved `n` bytes without waiting: yield now and then."""
-        self._unyielded += n
+    async def spend(self, cost: int) -> None:
+        """Count work (`cost`, in bytes' worth) towards the next yield, and yield once it adds
+        up to `YIELD_BYTES`: the bytes a system call moved without waiting, and the work done
+        on received bytes (what a PDU holds many small pieces of costs more than its bytes)."""
+        self._unyielded += cost
         if self._unyielded >= YIELD_BYTES:
             self._unyielded = 0
             await trio.lowlevel.cancel_shielded_checkpoint()
-
-    async def spend(self, cost: int) -> None:
-        """Count work done on received bytes (`cost`, in bytes' worth) towards the next yield:
-        what a PDU holds many small pieces of costs more than its bytes."""
-        await self._moved(cost)
 
     async def _receive(self, max_bytes: int) -> bytes | bytearray:
         data: bytes | bytearray
@@ -189,7 +186,7 @@ class Transport:
                         self._unyielded = 0
                         await trio.lowlevel.wait_readable(self._sock)
                 self._rearm()
-                await self._moved(len(data))
+                await self.spend(len(data))
             else:
                 data = await self.stream.receive_some(max_bytes)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -221,7 +218,7 @@ class Transport:
             raise PeerClosed("connection closed by peer")
         self.last_activity = trio.current_time()
         self.bytes_received += n
-        await self._moved(n)
+        await self.spend(n)
         return n
 
     async def read_pdu(self, max_length: int = 0) -> tuple[int, bytes | bytearray]:
@@ -252,7 +249,7 @@ class Transport:
                 body = bytes(mv[6:total])
             del buf[:total]
             if not received:
-                await self._moved(PDU_COST)
+                await self.spend(PDU_COST)
             return pdu_type, body
         # The rest of a PDU: received straight into the buffer that becomes its body.
         del buf[:6]  # O(1) at the start of a bytearray
@@ -306,7 +303,7 @@ class Transport:
                         self.last_activity = trio.current_time()
                 finally:
                     self.cut = 0 < off < total
-            await self._moved(total)
+            await self.spend(total)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerClosed(str(exc)) from exc
 

@@ -83,6 +83,7 @@ class StoreCore:
         self._bucket_lock = trio.Lock()
         self._bucket = 0
         self._bucket_used = BUCKET_SIZE  # forces a fresh bucket on the first commit
+        self._bucket_path = self._spool  # the bucket's directory, set with it
         self.recovery_report = RecoveryReport()
         self._lock_fd: int | None = None
 

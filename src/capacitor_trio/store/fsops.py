@@ -32,6 +32,16 @@ class UnsafePath(PermissionError):
     """A cache directory others could tamper with, or a symbolic link where a file should be."""
 
 
+def relative_name(root: Path, path: Path) -> str:
+    """`path` under `root` as the index names it: relative, '/'-separated (``spool/000001/x.dcm``).
+    A string operation on the two paths (`Path.relative_to` parses both again): it runs for
+    every instance stored and every file removed. ValueError when `path` is not under `root`."""
+    top, full = str(root), str(path)
+    if full.startswith(top) and full[len(top) : len(top) + 1] == "/":
+        return full[len(top) + 1 :]
+    return path.relative_to(root).as_posix()
+
+
 def check_private_dir(path: Path) -> None:
     """Refuse a directory that is not this user's or that others may write to; make one that
     others may read or enter the owner's only (0700), saying so."""

@@ -19,7 +19,7 @@ from ..domain.instance import Destination, InstanceHeader
 from ..domain.states import NEW
 from .connection import BUCKET_SIZE, StoreCore
 from .errors import StoreError, StoreFull
-from .fsops import open_private
+from .fsops import open_private, relative_name
 from .rows import stored_state
 from .schema import INLINE_PREFIX
 
@@ -136,7 +136,7 @@ class Ingest(StoreCore):
         still renames the file only once the fsync is done. None: nothing to start."""
         if size <= self.inline_max_bytes or self._writer is None:
             return None
-        return self._writer.start_sync(Path(temp_path))
+        return self._writer.start_sync(temp_path)
 
     async def discard_incoming(self, temp_path: Path) -> None:
         """Remove a temporary file the acceptor will not commit (association aborted, etc.)."""
@@ -185,9 +185,9 @@ class Ingest(StoreCore):
                     self._ops.fsync_dir(self._spool)
 
                 await trio.to_thread.run_sync(make)
-                self._bucket, self._bucket_used = nxt, 0
+                self._bucket, self._bucket_used, self._bucket_path = nxt, 0, path
             self._bucket_used += 1
-            return self._spool / f"{self._bucket:06d}"
+            return self._bucket_path
 
     async def commit_instance(
         self,
@@ -216,7 +216,6 @@ class Ingest(StoreCore):
         if not dests:
             raise ValueError("commit_instance needs at least one destination")
         state = stored_state(state)
-        temp_path = None if temp_path is None else Path(temp_path)
         final: Path | None = None
         committed = False
         try:
@@ -252,16 +251,14 @@ class Ingest(StoreCore):
         if inline:
             return _Placement(f"{INLINE_PREFIX}{uuid.uuid4().hex}", inline=True)
         assert temp_path is not None
-        if temp_path.parent.parent == self._spool:
+        if os.path.dirname(os.path.dirname(temp_path)) == str(self._spool):
             # a delivered instance's spool file, written over where it is (spares.py): its
             # name is durable already (no rename, no directory fsync); its trash row goes
             # in the same transaction as the new rows that name it
-            return _Placement(
-                temp_path.relative_to(self.root).as_posix(), final=temp_path, reused=True
-            )
+            return _Placement(relative_name(self.root, temp_path), final=temp_path, reused=True)
         bucket = await self._bucket_dir()
-        final = bucket / f"{uuid.uuid4().hex}.dcm"
-        return _Placement(final.relative_to(self.root).as_posix(), final=final, bucket=bucket)
+        name = f"{uuid.uuid4().hex}.dcm"
+        return _Placement(f"{relative_name(self.root, bucket)}/{name}", final=bucket / name, bucket=bucket)
 
     async def _run_commit(
         self,

@@ -37,7 +37,7 @@ import trio
 from ..domain.instance import Destination
 from ..domain.states import FAILED, NEW, PREPARED
 from .connection import StoreCore
-from .fsops import make_private, open_private
+from .fsops import make_private, open_private, relative_name
 from .ingest import _search_text
 from .model import Item, Preparation, PreparedCopy, PrepareReport, PrepOutcome
 from .queue import _within_inline_budget, items_with_bytes
@@ -191,7 +191,7 @@ class Preparing(StoreCore):
                 await trio.to_thread.run_sync(self._drop_files, [], [temp, final])
             raise
         dirs.add(bucket)
-        return _Placed(final.relative_to(self.root).as_posix(), size, path=final)
+        return _Placed(relative_name(self.root, final), size, path=final)
 
     def _drop_files(self, placed: list[_Placed], others: Sequence[Path] = ()) -> None:
         for p in placed:

@@ -32,7 +32,7 @@ import attrs
 import trio
 
 from .errors import StoreFull, translate
-from .fsops import FileOps, open_private
+from .fsops import FileOps, open_private, relative_name
 from .spares import SpareFiles
 
 log = logging.getLogger("capacitor_trio.store")
@@ -201,7 +201,7 @@ class Writer:
     def forget_trash(self, path: Path) -> None:
         """`path`, a spool file kept in place for reuse, is gone: its trash row can go (any
         thread; done in the next group)."""
-        self._forgotten.append(path.relative_to(self._root).as_posix())
+        self._forgotten.append(relative_name(self._root, path))
 
     def start_sync(self, path: Path) -> concurrent.futures.Future[None] | None:
         """fsync `path` on the pool now (see `Store.start_sync`); None without durable writes."""
@@ -457,7 +457,7 @@ class Writer:
                             continue  # still in the spool: its trash row stays
                     else:
                         self._ops.unlink(path)
-                    self._trash_done.append(path.relative_to(self._root).as_posix())
+                    self._trash_done.append(relative_name(self._root, path))
                 except OSError:
                     log.warning("store: could not remove %s; recovery will retry", path)
 
