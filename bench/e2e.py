@@ -12,7 +12,7 @@ transcode.py's corpus) through a node with TransferSyntax JPEG2000Lossless (stor
 another pinned to one core; the target is >= 0.8x the tool's rate.
 
 Scenarios, every one once per round (interleaved, so all saw the same machine noise; the router
-scenarios rotated by one place each round; each after an `os.sync()`, untimed, so that none
+scenarios in a balanced order, see balanced_order; each after an `os.sync()`, untimed, so that none
 runs while the kernel writes back what the one before wrote; then the files written before are
 dropped from the page cache; outputs are deleted only at the end, and an untimed DCMTK run warms
 the machine up first: see transport.fresh_dir, settle and warm_up), medians:
@@ -132,6 +132,22 @@ MUTATION = """\
         Tag: {tag}
         Value: BENCH $1
 """
+
+
+def balanced_order(k: int, rnd: int) -> list[int]:
+    """Round `rnd`'s order of k scenarios, a row of a Williams square: 0, 1, k-1, 2, k-2, ...
+    shifted by the round; for an odd k every other k rounds run it reversed."""
+    base, lo, hi = [0], 1, k - 1
+    while len(base) < k:
+        if len(base) % 2:
+            base.append(lo)
+            lo += 1
+        else:
+            base.append(hi)
+            hi -= 1
+    if k % 2 and (rnd // k) % 2:
+        base.reverse()
+    return [(i + rnd) % k for i in base]
 
 
 def write_filters(data: Path, filters: str) -> str:
@@ -499,13 +515,13 @@ def main() -> None:
     for rnd in range(args.rounds):
         for cname, d in corpora.items():
             n = len(corpus_files(d))
-            # the router scenarios rotated by one place each round (a Latin square): a run's
-            # place in the round changes its speed (the one right after the direct run is the
-            # slowest), and with k router scenarios every k rounds each has run once in every
-            # place, so a paired ratio holds no place's bias (docs/performance.md)
+            # the router scenarios in a balanced order (a Williams square): a run's place in
+            # the round and the run just before it change its speed (the one right after the
+            # direct run is the slowest), and over every k rounds (2k for an odd number k of
+            # router scenarios) each has run once in every place and right after each of the
+            # others, so a paired ratio holds neither bias (docs/performance.md)
             routers = scenarios[1:]
-            turn = rnd % len(routers) if routers else 0
-            order = scenarios[:1] + routers[turn:] + routers[:turn]
+            order = scenarios[:1] + [routers[i] for i in balanced_order(len(routers), rnd)]
             for sc in order:
                 settle()
                 if sc.kind == "direct":
